@@ -1,0 +1,324 @@
+"""Registry of SAE file formats, with detection, and the optional Hugging Face hub download.
+
+Formats (weights are converted to the layout of :class:`guardrails.sae.SAE`):
+
+- ``qwen-scope``: ``layer{n}.sae.pt``, a torch dict of ``W_enc`` [d_sae, d_model], ``W_dec``
+  [d_model, d_sae], ``b_enc`` [d_sae], ``b_dec`` [d_model]; TopK with no ReLU and no ``b_dec``
+  subtraction. ``k`` is not in the file: pass it (Qwen-Scope repos are ``...-L0_50`` / ``-L0_100``).
+- ``saelens``: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc`` [d_in, d_sae], ``W_dec``
+  [d_sae, d_in]; architecture ``standard`` (ReLU), ``jumprelu`` or ``topk``.
+- ``sparsify``: ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight`` [d_sae, d_in],
+  ``encoder.bias``, ``W_dec`` [d_sae, d_in], ``b_dec``; ReLU then TopK, ``b_dec`` subtracted first.
+- ``guardrails``: our own ``cfg.json`` (``"format": "sae-guardrails"``) + ``sae.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from guardrails.models import parse_dtype
+from guardrails.sae import SAE, SAEConfig, SAEError
+
+BUNDLED_SAE_DIR = Path(__file__).parent / "assets" / "sae"
+BUNDLED_SAES = {"layer15": "smollm2-135m-l15"}
+"""Short names of the SAEs shipped in the package, usable as ``bundled:<name>``."""
+
+
+@dataclass(frozen=True)
+class SAEFormat:
+    """A file format: a detector and a loader returning an SAE in float32 on the CPU."""
+
+    name: str
+    description: str
+    detect: Callable[[Path, int | None], bool]
+    load: Callable[..., SAE]
+
+
+_FORMATS: dict[str, SAEFormat] = {}
+
+
+def register_format(fmt: SAEFormat) -> None:
+    """Add a format to the registry; a second format with the same name is refused."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"SAE format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+
+
+def known_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SAEError(f"{path}: cannot read SAE config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SAEError(f"{path}: SAE config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SAEError(f"{path}: cannot read safetensors file: {exc}") from exc
+
+
+def _need(tensors: dict[str, Tensor], names: tuple[str, ...], path: Path) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SAEError(f"{path}: missing tensors {missing}; found {sorted(tensors)}; expected {list(names)}")
+
+
+def _qwen_file(path: Path, layer: int | None) -> Path | None:
+    if path.is_file() and path.name.endswith(".pt"):
+        return path
+    if path.is_dir() and layer is not None and (path / f"layer{layer}.sae.pt").is_file():
+        return path / f"layer{layer}.sae.pt"
+    return None
+
+
+def _layer_from_name(path: Path) -> int | None:
+    m = re.fullmatch(r"layer(\d+)\.sae\.pt", path.name)
+    return int(m.group(1)) if m else None
+
+
+# -- qwen-scope --------------------------------------------------------------------------------
+
+
+def _load_qwen_scope(path: Path, *, layer: int | None = None, k: int | None = None, **_: Any) -> SAE:
+    file = _qwen_file(path, layer)
+    if file is None:
+        listing = sorted(p.name for p in path.glob("layer*.sae.pt")) if path.is_dir() else []
+        raise SAEError(f"{path}: no Qwen-Scope file for layer={layer}; files here: {listing[:8]}")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors come in many types; none may run code (weights_only)
+        raise SAEError(
+            f"{file}: not a loadable Qwen-Scope .pt file (loaded with weights_only=True): {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise SAEError(f"{file}: expected a dict of tensors, got {type(data).__name__}")
+    _need(data, ("W_enc", "W_dec", "b_enc", "b_dec"), file)
+    if not all(isinstance(data[n], Tensor) for n in ("W_enc", "W_dec", "b_enc", "b_dec")):
+        raise SAEError(f"{file}: W_enc, W_dec, b_enc, b_dec must be tensors")
+    W_enc, W_dec = data["W_enc"], data["W_dec"]
+    if W_enc.ndim != 2 or W_dec.ndim != 2:
+        raise SAEError(f"{file}: W_enc {tuple(W_enc.shape)} and W_dec {tuple(W_dec.shape)} must be 2-D")
+    d_sae, d_model = W_enc.shape
+    if tuple(W_dec.shape) != (d_model, d_sae):
+        raise SAEError(
+            f"{file}: W_dec has shape {tuple(W_dec.shape)}; Qwen-Scope layout expects [d_model, d_sae] = "
+            f"{(d_model, d_sae)} given W_enc {tuple(W_enc.shape)}"
+        )
+    if k is None:
+        raise SAEError(f"{file}: Qwen-Scope files do not store k; pass k= (50 or 100, from the repo name L0_50/L0_100)")
+    cfg = SAEConfig(
+        d_model=d_model,
+        d_sae=d_sae,
+        architecture="topk",
+        k=k,
+        layer=layer if layer is not None else _layer_from_name(file),
+        source_format="qwen-scope",
+    )
+    return SAE(cfg, W_enc.float(), data["b_enc"].float(), W_dec.T.float(), data["b_dec"].float())
+
+
+# -- saelens -------------------------------------------------------------------------------------
+
+
+def _load_saelens(path: Path, *, k: int | None = None, layer: int | None = None, **_: Any) -> SAE:
+    cfg = _read_json(path / "cfg.json")
+    t = _read_safetensors(path / "sae_weights.safetensors")
+    _need(t, ("W_enc", "W_dec", "b_enc", "b_dec"), path / "sae_weights.safetensors")
+    arch = str(cfg.get("architecture", "standard"))
+    mapping = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+    if arch not in mapping:
+        raise SAEError(f"{path / 'cfg.json'}: unsupported SAELens architecture {arch!r}; valid: {', '.join(mapping)}")
+    W_enc = t["W_enc"]
+    d_model, d_sae = W_enc.shape
+    if arch == "topk":
+        k = k or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    hook_layer = cfg.get("hook_layer", layer)
+    conf = SAEConfig(
+        d_model=d_model,
+        d_sae=d_sae,
+        architecture=mapping[arch],  # type: ignore[arg-type]
+        k=int(k) if k else None,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)),
+        relu_after_topk=arch == "topk",
+        layer=layer if layer is not None else hook_layer,
+        model=cfg.get("model_name"),
+        source_format="saelens",
+    )
+    threshold = t.get("threshold")
+    return SAE(conf, W_enc.T.float(), t["b_enc"].float(), t["W_dec"].float(), t["b_dec"].float(),
+               threshold.float() if threshold is not None else None)
+
+
+# -- sparsify ----------------------------------------------------------------------------------
+
+
+def _load_sparsify(path: Path, *, k: int | None = None, layer: int | None = None, **_: Any) -> SAE:
+    cfg = _read_json(path / "cfg.json")
+    t = _read_safetensors(path / "sae.safetensors")
+    _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path / "sae.safetensors")
+    d_sae, d_model = t["encoder.weight"].shape
+    conf = SAEConfig(
+        d_model=d_model,
+        d_sae=d_sae,
+        architecture="topk",
+        k=int(k or cfg.get("k") or 0) or None,
+        apply_b_dec_to_input=True,
+        relu_after_topk=True,
+        layer=layer,
+        source_format="sparsify",
+    )
+    return SAE(conf, t["encoder.weight"].float(), t["encoder.bias"].float(), t["W_dec"].float(), t["b_dec"].float())
+
+
+# -- ours --------------------------------------------------------------------------------------------
+
+
+def _load_guardrails(path: Path, *, k: int | None = None, layer: int | None = None, **_: Any) -> SAE:
+    raw = _read_json(path / "cfg.json")
+    known = {f.name for f in fields(SAEConfig)}
+    kwargs = {key: value for key, value in raw.items() if key in known}
+    if k is not None:
+        kwargs["k"] = k
+    if layer is not None:
+        kwargs["layer"] = layer
+    try:
+        conf = SAEConfig(**kwargs)
+    except TypeError as exc:
+        raise SAEError(f"{path / 'cfg.json'}: {exc}") from exc
+    t = _read_safetensors(path / "sae.safetensors")
+    _need(t, ("W_enc", "W_dec", "b_enc", "b_dec"), path / "sae.safetensors")
+    thr = t.get("threshold")
+    return SAE(conf, t["W_enc"].float(), t["b_enc"].float(), t["W_dec"].float(), t["b_dec"].float(),
+               thr.float() if thr is not None else None)
+
+
+def _is_folder_with(path: Path, cfg_key: str | None, weights: str) -> bool:
+    if not (path.is_dir() and (path / "cfg.json").is_file() and (path / weights).is_file()):
+        return False
+    if cfg_key is None:
+        return True
+    try:
+        return cfg_key in json.loads((path / "cfg.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _is_ours(path: Path, _layer: int | None) -> bool:
+    return _is_folder_with(path, "format", "sae.safetensors") and (
+        json.loads((path / "cfg.json").read_text()).get("format") == "sae-guardrails"
+    )
+
+
+register_format(SAEFormat("guardrails", "cfg.json + sae.safetensors written by SAE.save()", _is_ours, _load_guardrails))
+register_format(SAEFormat(
+    "qwen-scope", "layer{n}.sae.pt torch dict (a file, or a folder plus layer=)",
+    lambda p, layer: _qwen_file(p, layer) is not None, _load_qwen_scope,
+))
+register_format(SAEFormat(
+    "saelens", "cfg.json + sae_weights.safetensors", lambda p, _l: _is_folder_with(p, None, "sae_weights.safetensors"),
+    _load_saelens,
+))
+register_format(SAEFormat(
+    "sparsify", "cfg.json + sae.safetensors with encoder.weight (EleutherAI)",
+    lambda p, layer: _is_folder_with(p, None, "sae.safetensors") and not _is_ours(p, layer), _load_sparsify,
+))
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def resolve_bundled(name: str) -> Path:
+    """Folder of a bundled SAE from ``bundled`` / ``bundled:layer15`` / ``bundled:smollm2-135m-l15``."""
+    key = name.split(":", 1)[1] if ":" in name else "layer15"
+    folder = BUNDLED_SAES.get(key, key)
+    path = BUNDLED_SAE_DIR / folder
+    if not (path / "cfg.json").is_file():
+        valid = [f"bundled:{n}" for n in BUNDLED_SAES]
+        raise SAEError(f"unknown bundled SAE {name!r}; valid: {', '.join(valid)}")
+    return path
+
+
+def load_sae(
+    path: str | os.PathLike[str],
+    *,
+    layer: int | None = None,
+    k: int | None = None,
+    format: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> SAE:
+    """Load an SAE from a file, folder, ``bundled[:name]`` or ``hf://org/repo`` (see :meth:`SAE.load`)."""
+    text = str(path)
+    if text == "bundled" or text.startswith("bundled:"):
+        p = resolve_bundled(text)
+    elif text.startswith("hf://"):
+        if layer is None:
+            raise SAEError(f"{text}: a hub SAE needs layer= (the file is layer{{n}}.sae.pt)")
+        return load_from_hub(text[5:], layer=layer, k=k, dtype=dtype, device=device)
+    else:
+        p = Path(text).expanduser()
+    if not p.exists():
+        raise SAEError(f"SAE path {str(p)!r} does not exist; give a file, folder, 'bundled' or 'hf://org/repo'")
+    if format is not None:
+        if format not in _FORMATS:
+            raise SAEError(f"unknown SAE format {format!r}; valid: {', '.join(_FORMATS)}")
+        fmt = _FORMATS[format]
+    else:
+        found = [f for f in _FORMATS.values() if f.detect(p, layer)]
+        if not found:
+            described = "; ".join(f"{f.name}: {f.description}" for f in _FORMATS.values())
+            raise SAEError(f"{p}: unrecognised SAE format; known formats: {described}")
+        fmt = found[0]
+    sae = fmt.load(p, layer=layer, k=k, **kwargs)
+    for name, tensor in sae.tensors().items():
+        if not torch.isfinite(tensor).all():
+            raise SAEError(f"{p}: tensor {name} contains NaN or inf values")
+    return sae.to_dtype(parse_dtype(dtype, where="SAE dtype"), device)
+
+
+def load_from_hub(
+    repo_id: str,
+    *,
+    layer: int,
+    k: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> SAE:
+    """Download one Qwen-Scope layer file (``layer{layer}.sae.pt``) with huggingface_hub and load it.
+
+    ``k`` defaults to the ``L0_{k}`` suffix of the repo name. Needs network access (or a warm cache).
+    """
+    from huggingface_hub import hf_hub_download
+
+    if k is None:
+        m = re.search(r"L0_(\d+)", repo_id)
+        if m is None:
+            raise SAEError(f"{repo_id}: pass k= (the repo name has no L0_<k> suffix)")
+        k = int(m.group(1))
+    file = hf_hub_download(repo_id, f"layer{layer}.sae.pt", revision=revision)
+    return load_sae(file, layer=layer, k=k, format="qwen-scope", dtype=dtype, device=device)
