@@ -16,7 +16,7 @@ from guardrails.sae import SAE, EncodeOutput, SAEConfig, SAEError
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-class GuardrailViolation(RuntimeError):  # noqa: N818 - public name fixed by the API
+class GuardrailViolation(RuntimeError):
     """Raised (when a policy says ``raise_on_block: true``) instead of returning a refusal."""
 
     def __init__(self, message: str, result: GenerationResult | TextScore | None = None) -> None:

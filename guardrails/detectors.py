@@ -45,6 +45,10 @@ class WatchedEncoder(torch.nn.Module):
         sae.check_features(features)
         idx = torch.tensor(features, dtype=torch.long, device=sae.device)
         self.arch = sae.cfg.architecture
+        self.W: Tensor
+        self.b: Tensor
+        self.b_dec_in: Tensor | None
+        self.threshold: Tensor | None
         self.register_buffer("W", sae.W_enc.data[idx].clone())
         self.register_buffer("b", sae.b_enc.data[idx].clone())
         self.register_buffer("b_dec_in", sae.b_dec.data.clone() if sae.cfg.apply_b_dec_to_input else None)
@@ -57,6 +61,7 @@ class WatchedEncoder(torch.nn.Module):
             x = x - self.b_dec_in
         pre = torch.nn.functional.linear(x, self.W, self.b)
         if self.arch == "jumprelu":
+            assert self.threshold is not None
             return pre * (pre > self.threshold)
         return torch.relu(pre)
 
@@ -113,7 +118,8 @@ class LayerScorer:
                     dirs = self.sae.W_dec.data[torch.tensor(sf)].float()
                     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     if r.steer.method == "subtract":
-                        sw = torch.tensor([f.weight for f in det.features]) if not r.steer.features else torch.ones(len(sf))
+                        weights = [1.0] * len(sf) if r.steer.features else [f.weight for f in det.features]
+                        sw = torch.tensor(weights)
                         v = (sw[:, None] * dirs).sum(0)
                         steer_dir = v / v.norm().clamp_min(1e-12)
                     else:

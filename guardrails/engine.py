@@ -146,7 +146,7 @@ class GuardRun:
             else:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
                 feats = None
-        except Exception as exc:  # noqa: BLE001 - every failure goes to the rules' on_error
+        except Exception as exc:
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:], None)
 
@@ -193,7 +193,7 @@ class GuardRun:
             action=action,
             rule=rule.id,
             score=score,
-            threshold=rule.threshold if action != "block" or rule.action != "steer" else float(rule.steer.block_above or rule.threshold),  # type: ignore[union-attr]
+            threshold=_threshold_of(rule, action),
             position=pos,
             scope="output" if out else "input",
             sequence=b,
@@ -273,3 +273,10 @@ class GuardRun:
                     d[int(p)] = float(s)
             out[rule_id] = d
         return out
+
+
+def _threshold_of(rule: Rule, action: str) -> float:
+    """The threshold that decided ``action`` (a steer rule's ``block_above`` when it blocked)."""
+    if action == "block" and rule.action == "steer" and rule.steer and rule.steer.block_above is not None:
+        return float(rule.steer.block_above)
+    return float(rule.threshold)

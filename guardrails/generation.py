@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +136,7 @@ class GuardedModel:
             tokenizer.pad_token = tokenizer.eos_token
         layers = decoder_layers(model)
         self.n_layers = len(layers)
-        hidden = int(getattr(model.config, "hidden_size", 0) or getattr(model.config.get_text_config(), "hidden_size"))
+        hidden = int(getattr(model.config, "hidden_size", 0) or model.config.get_text_config().hidden_size)
         self.saes = self._load_saes(saes or {}, hidden)
         self.policy.check_against(self.n_layers, {k: s.d_sae for k, s in self.saes.items()})
         linear = self._load_linear(hidden)
@@ -196,7 +196,9 @@ class GuardedModel:
                     f"SAE {sid!r} ({spec.path}) reads d_model={sae.d_model} but the model's hidden size is {hidden}"
                 )
             if sae.cfg.layer is not None and sae.cfg.layer != spec.layer:
-                logger.warning("SAE %r was trained at layer %s but the policy reads layer %s", sid, sae.cfg.layer, spec.layer)
+                logger.warning(
+                    "SAE %r was trained at layer %s but the policy reads layer %s", sid, sae.cfg.layer, spec.layer
+                )
             out[sid] = sae
         return out
 
@@ -211,7 +213,7 @@ class GuardedModel:
             path = self.policy.resolve(det.weights)
             try:
                 t = load_file(path)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise PolicyError(f"rules[{i}].detector.weights: cannot read {path!r}: {exc}") from exc
             w = t.get("weight")
             if w is None or tuple(w.shape) != (hidden,):
@@ -249,7 +251,7 @@ class GuardedModel:
         max_new_tokens: int,
         sampling: dict[str, Any],
         use_cache: bool = True,
-    ) -> Iterator[tuple[GuardRun, list[list[int]], bool]]:
+    ) -> Generator[tuple[GuardRun, list[list[int]], bool], None, None]:
         """Yield ``(run, released ids per sequence, done)`` after each step; hooks live for the whole loop."""
         tok = self.tokenizer
         old_side = tok.padding_side
@@ -363,15 +365,16 @@ class GuardedModel:
     ) -> GenerationResult | list[GenerationResult]:
         """Generate under the policy. A list of prompts is a batch (guarded per sequence)."""
         batch = _is_batch(prompt)
-        prompts = [self.format_prompt(p, chat) for p in (prompt if batch else [prompt])]  # type: ignore[union-attr]
+        items: list[Any] = list(prompt) if batch else [prompt]
+        prompts = [self.format_prompt(p, chat) for p in items]
         _check_generation_args(prompts, max_new_tokens, temperature, top_p, top_k)
         sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
-        run: GuardRun | None = None
-        released: list[list[int]] = []
+        last: tuple[GuardRun, list[list[int]], bool] | None = None
         with torch.inference_mode():
-            for run, released, _done in self._steps(prompts, max_new_tokens, sampling, use_cache=use_cache):
+            for last in self._steps(prompts, max_new_tokens, sampling, use_cache=use_cache):  # noqa: B007
                 pass
-        assert run is not None
+        assert last is not None
+        run, released, _ = last
         results = [self._result(run, b, prompts[b], released[b]) for b in range(len(prompts))]
         if self.audit is not None:
             for r in results:
@@ -399,7 +402,7 @@ class GuardedModel:
         tokens are scored by output rules.
         """
         items = [texts] if isinstance(texts, str) else list(texts)
-        resp = list(responses) if responses is not None else [None] * len(items)
+        resp: list[str | None] = list(responses) if responses is not None else [None] * len(items)
         if len(resp) != len(items):
             raise ValueError(f"responses has {len(resp)} items but texts has {len(items)}")
         out: list[TextScore] = []
@@ -554,7 +557,9 @@ def _check_messages(messages: Any) -> list[Message]:
     return out
 
 
-def _check_generation_args(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def _check_generation_args(
+    prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int
+) -> None:
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):

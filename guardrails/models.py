@@ -138,7 +138,7 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(f"could not load model {source!r}: {exc}") from exc
     if device is not None and "device_map" not in kwargs:
-        lm = lm.to(device)
+        lm.to(torch.device(device))  # type: ignore[arg-type]
     lm.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -69,7 +69,7 @@ def collect_activations(
     captured: dict[int, Tensor] = {}
     handles = []
 
-    def make_hook(layer: int):  # type: ignore[no-untyped-def]
+    def make_hook(layer: int) -> Any:
         def hook(_m: Any, _i: Any, output: Any) -> None:
             captured[layer] = output[0] if isinstance(output, tuple) else output
 

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--acts-cache", default=None)
+    ap.add_argument("--outlier-factor", type=float, default=5.0, help="drop activations above this x median norm")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -36,13 +37,20 @@ def main() -> None:
     else:
         model, tok = load_model(dtype="bf16")
         tok.padding_side = "right"
-        texts = [json.loads(line)["text"] for line in open(args.corpus)]
+        with open(args.corpus) as fh:
+            texts = [json.loads(line)["text"] for line in fh]
         # group similar lengths to waste less compute on padding
-        texts = [t for chunk in range(0, len(texts), 512) for t in sorted(texts[chunk : chunk + 512], key=len)]
+        texts = [t for c in range(0, len(texts), 512) for t in sorted(texts[c : c + 512], key=len)]
         acts = collect_activations(model, tok, texts, [args.layer], max_tokens=args.tokens)[args.layer]
         if args.acts_cache:
             torch.save(acts, args.acts_cache)
     t_collect = time.perf_counter() - t0
+    # Attention-sink tokens (norm ~25,000 vs a median ~175) are a few dozen per million but carry
+    # almost half the variance; they would dominate training. Leave them out, as scoring does.
+    norms = acts.float().norm(dim=1)
+    limit = float(args.outlier_factor * norms.median())
+    n_out = int((norms > limit).sum())
+    acts = acts[norms <= limit]
     print(f"collected {len(acts)} activations in {t_collect:.0f}s", flush=True)
     sae, report = train_topk_sae(
         acts, d_sae=args.width, k=args.k, epochs=args.epochs, layer=args.layer,
@@ -54,7 +62,8 @@ def main() -> None:
         "corpus": "scripts/build_sae_corpus.py: docstrings of installed packages + train-split chat prompts",
         "activation_dtype": "model in bfloat16, activations stored fp16, training fp32",
         "collect_seconds": t_collect,
-        "collected_tokens": len(acts),
+        "collected_tokens": len(acts) + n_out,
+        "dropped_outliers": f"{n_out} activations with norm > {limit:.0f} ({args.outlier_factor}x median)",
         "command": "python scripts/train_bundled_sae.py --corpus ... " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("corpus", "acts_cache")),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
