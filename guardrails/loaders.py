@@ -15,6 +15,7 @@ Formats (weights are converted to the layout of :class:`guardrails.sae.SAE`):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from guardrails.models import parse_dtype
 from guardrails.sae import SAE, SAEConfig, SAEError
+
+logger = logging.getLogger(__name__)
 
 BUNDLED_SAE_DIR = Path(__file__).parent / "assets" / "sae"
 BUNDLED_SAES = {"layer15": "smollm2-135m-l15"}
@@ -106,7 +109,9 @@ def _load_qwen_scope(path: Path, *, layer: int | None = None, k: int | None = No
     file = _qwen_file(path, layer)
     if file is None:
         listing = sorted(p.name for p in path.glob("layer*.sae.pt")) if path.is_dir() else []
-        raise SAEError(f"{path}: no Qwen-Scope file for layer={layer}; files here: {listing[:8]}")
+        if layer is None:
+            raise SAEError(f"{path}: a folder of Qwen-Scope files needs layer=; files here: {listing[:8]}")
+        raise SAEError(f"{path}: no layer{layer}.sae.pt for layer={layer}; files here: {listing[:8]}")
     try:
         data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # pickle errors come in many types; none may run code (weights_only)
@@ -144,27 +149,51 @@ def _load_qwen_scope(path: Path, *, layer: int | None = None, k: int | None = No
 
 
 def _load_saelens(path: Path, *, k: int | None = None, layer: int | None = None, **_: Any) -> SAE:
-    cfg = _read_json(path / "cfg.json")
+    cfg_path = path / "cfg.json"
+    cfg = _read_json(cfg_path)
+    raw_meta = cfg.get("meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}  # SAELens >= 6 nests these
     t = _read_safetensors(path / "sae_weights.safetensors")
     _need(t, ("W_enc", "W_dec", "b_enc", "b_dec"), path / "sae_weights.safetensors")
     arch = str(cfg.get("architecture", "standard"))
+    act_fn = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu")
+    if arch == "standard" and act_fn == "topk":  # SAELens 5: a standard SAE with a TopK activation
+        arch = "topk"
+    elif arch == "standard" and act_fn != "relu":
+        raise SAEError(f"{cfg_path}: unsupported activation_fn_str {act_fn!r} for a standard SAE; valid: relu, topk")
     mapping = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
     if arch not in mapping:
-        raise SAEError(f"{path / 'cfg.json'}: unsupported SAELens architecture {arch!r}; valid: {', '.join(mapping)}")
+        raise SAEError(f"{cfg_path}: unsupported SAELens architecture {arch!r}; valid: {', '.join(mapping)}")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm != "none":
+        raise SAEError(
+            f"{cfg_path}: normalize_activations={norm!r} is not supported (it changes the encoder input); "
+            "valid: none (fold the scaling into the weights first)"
+        )
     W_enc = t["W_enc"]
+    if W_enc.ndim != 2:
+        weights = path / "sae_weights.safetensors"
+        raise SAEError(f"{weights}: W_enc has shape {tuple(W_enc.shape)}; expected [d_in, d_sae]")
     d_model, d_sae = W_enc.shape
+    for key, size in (("d_in", d_model), ("d_sae", d_sae)):
+        if key in cfg and int(cfg[key]) != size:
+            raise SAEError(
+                f"{cfg_path}: {key}={cfg[key]} but W_enc has shape {tuple(W_enc.shape)} (SAELens layout [d_in, d_sae])"
+            )
     if arch == "topk":
         k = k or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    hook_layer = cfg.get("hook_layer", layer)
+        if not k:
+            raise SAEError(f"{cfg_path}: a topk SAE without 'k' in its config; pass k=")
+    hook_layer = cfg.get("hook_layer", meta.get("hook_layer"))
     conf = SAEConfig(
         d_model=d_model,
         d_sae=d_sae,
         architecture=mapping[arch],  # type: ignore[arg-type]
         k=int(k) if k else None,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),  # SAELens' default
         relu_after_topk=arch == "topk",
         layer=layer if layer is not None else hook_layer,
-        model=cfg.get("model_name"),
+        model=cfg.get("model_name", meta.get("model_name")),
         source_format="saelens",
     )
     threshold = t.get("threshold")
@@ -176,21 +205,36 @@ def _load_saelens(path: Path, *, k: int | None = None, layer: int | None = None,
 
 
 def _load_sparsify(path: Path, *, k: int | None = None, layer: int | None = None, **_: Any) -> SAE:
-    cfg = _read_json(path / "cfg.json")
+    cfg_path = path / "cfg.json"
+    cfg = _read_json(cfg_path)
     t = _read_safetensors(path / "sae.safetensors")
     _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path / "sae.safetensors")
-    d_sae, d_model = t["encoder.weight"].shape
+    activation = str(cfg.get("activation", "topk"))
+    if activation != "topk":
+        raise SAEError(f"{cfg_path}: unsupported sparsify activation {activation!r}; valid: topk")
+    if cfg.get("skip_connection"):
+        logger.warning("%s: the skip connection (W_skip) is ignored: encode is exact, decode omits x @ W_skip.T", path)
+    enc = t["encoder.weight"]
+    if enc.ndim != 2:
+        weights = path / "sae.safetensors"
+        raise SAEError(f"{weights}: encoder.weight has shape {tuple(enc.shape)}; expected [d_sae, d_in]")
+    d_sae, d_model = enc.shape
+    if "d_in" in cfg and int(cfg["d_in"]) != d_model:
+        raise SAEError(f"{cfg_path}: d_in={cfg['d_in']} but encoder.weight has shape {tuple(enc.shape)} [d_sae, d_in]")
+    k = k or cfg.get("k")
+    if not k:
+        raise SAEError(f"{cfg_path}: no 'k' in the sparsify config; pass k=")
     conf = SAEConfig(
         d_model=d_model,
         d_sae=d_sae,
         architecture="topk",
-        k=int(k or cfg.get("k") or 0) or None,
-        apply_b_dec_to_input=True,
+        k=int(k),
+        apply_b_dec_to_input=not cfg.get("transcode", False),  # sparsify subtracts b_dec unless transcoding
         relu_after_topk=True,
         layer=layer,
         source_format="sparsify",
     )
-    return SAE(conf, t["encoder.weight"].float(), t["encoder.bias"].float(), t["W_dec"].float(), t["b_dec"].float())
+    return SAE(conf, enc.float(), t["encoder.bias"].float(), t["W_dec"].float(), t["b_dec"].float())
 
 
 # -- ours --------------------------------------------------------------------------------------------
@@ -289,11 +333,18 @@ def load_sae(
         fmt = _FORMATS[format]
     else:
         found = [f for f in _FORMATS.values() if f.detect(p, layer)]
+        if not found and p.is_dir() and any(p.glob("layer*.sae.pt")):
+            found = [_FORMATS["qwen-scope"]]  # a Qwen-Scope folder: its loader names the layer files
         if not found:
             described = "; ".join(f"{f.name}: {f.description}" for f in _FORMATS.values())
             raise SAEError(f"{p}: unrecognised SAE format; known formats: {described}")
         fmt = found[0]
-    sae = fmt.load(p, layer=layer, k=k, **kwargs)
+    try:
+        sae = fmt.load(p, layer=layer, k=k, **kwargs)
+    except SAEError as exc:
+        if str(p) in str(exc):
+            raise
+        raise SAEError(f"{p} ({fmt.name} format): {exc}") from exc
     for name, tensor in sae.tensors().items():
         if not torch.isfinite(tensor).all():
             raise SAEError(f"{p}: tensor {name} contains NaN or inf values")

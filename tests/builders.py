@@ -62,3 +62,101 @@ def random_sae(d_model: int = HIDDEN, d_sae: int = 256, k: int = 8, layer: int |
     thr = torch.rand(d_sae, generator=g) if architecture == "jumprelu" else None
     return SAE(cfg, torch.randn(d_sae, d_model, generator=g) / d_model**0.5, torch.randn(d_sae, generator=g) * 0.1,
                torch.randn(d_sae, d_model, generator=g) / d_model**0.5, torch.randn(d_model, generator=g) * 0.1, thr)
+
+
+# -- tokenizer, generation-ready tiny models, multimodal Qwen3.5 --------------------------------------------
+
+TOKENIZER_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I bake bread at home? Mix flour, water, salt and yeast.",
+    "Tell me a story about a robot who learns to paint.",
+    "Hello world! This is a tiny tokenizer for unit tests.",
+    "What is the capital of France? Paris is the capital.",
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> Any:
+    """A byte-level BPE tokenizer trained in memory (no files, no network); eos = pad = ``<|endoftext|>``.
+
+    ``<|im_start|>`` and ``<|im_end|>`` are special tokens (ids 1 and 2), so tests can put special
+    tokens inside a text. It has no chat template: prompts go to the model as they are.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tk.train_from_iterator(list(TOKENIZER_CORPUS) * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0],
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+
+
+def tiny_lm(arch: str, tokenizer: Any, layers: int = 4, logit_scale: float = 20.0) -> Any:
+    """``tiny_model`` with the tokenizer's vocabulary and a sharpened ``lm_head``.
+
+    With the default init (std 0.02) logits are nearly flat and greedy decoding repeats one token;
+    scaling ``lm_head`` by ``logit_scale`` makes outputs vary and keeps argmax gaps large enough that
+    batched and single-sequence runs pick the same tokens.
+    """
+    model = tiny_model(arch, vocab_size=len(tokenizer), layers=layers)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def tiny_qwen3_5_multimodal(vocab_size: int = 512, layers: int = 4, hidden: int = HIDDEN) -> Any:
+    """``Qwen3_5ForConditionalGeneration`` (text layers under ``model.language_model.layers``), tiny vision."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, head_dim=16,
+        layer_types=_hybrid(layers), linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    )
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                  num_position_embeddings=64, patch_size=4)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    return Qwen3_5ForConditionalGeneration(cfg).eval()
+
+
+# -- SAE files in the real layouts of other libraries ----------------------------------------------------
+
+
+def qwen_scope_tensors(d_model: int = HIDDEN, d_sae: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 tensors in the Qwen-Scope layout: W_enc [d_sae, d_model], W_dec [d_model, d_sae]."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(d_sae, d_model, generator=g) / d_model**0.5,
+        "W_dec": torch.randn(d_model, d_sae, generator=g) / d_sae**0.5,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "b_dec": torch.randn(d_model, generator=g) * 0.1,
+    }
+
+
+def write_qwen_scope(folder: Any, layer: int, tensors: dict[str, torch.Tensor]) -> Any:
+    """Write ``layer{layer}.sae.pt`` as Qwen-Scope does (``torch.save`` of a plain dict); returns its path."""
+    from pathlib import Path
+
+    path = Path(folder) / f"layer{layer}.sae.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({n: t.contiguous() for n, t in tensors.items()}, path)
+    return path
+
+
+def qwen_scope_encode(x: torch.Tensor, tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """The Qwen-Scope encode, by hand: ``pre = x @ W_enc.T + b_enc``; keep the top k of ``pre``, no ReLU."""
+    pre = x.float() @ tensors["W_enc"].T + tensors["b_enc"]
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
