@@ -32,7 +32,7 @@ class HookError(RuntimeError):
     """A hook could not be placed (unknown model layout, layer out of range)."""
 
 
-class StopForward(Exception):  # noqa: N818 - control flow, not an error
+class StopForward(Exception):  # control flow, not an error
     """Raised by a stop hook to end a forward pass after the deepest layer a guard needs."""
 
 
@@ -124,6 +124,7 @@ def _wrap(layer: int, fn: OutputHook) -> Callable[[nn.Module, Any, Any], Any]:
         new = fn(layer, hidden_of(output))
         return None if new is None else replace_hidden(output, new)
 
+    hook._guardrails_hook = True  # type: ignore[attr-defined]  # lets hooks_on() tell ours from others
     return hook
 
 
@@ -179,8 +180,17 @@ def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
 
 
 def hooks_on(model: nn.Module) -> int:
-    """Number of forward hooks currently registered on the model's decoder blocks (for tests/audits)."""
-    return sum(len(block._forward_hooks) + len(block._forward_pre_hooks) for block in decoder_layers(model))
+    """Number of this library's hooks currently registered on the model's decoder blocks (tests, audits).
+
+    Hooks placed by others are not counted: transformers itself keeps output-capturing hooks on the
+    blocks once a model has been called with ``output_hidden_states=True``.
+    """
+    return sum(
+        1
+        for block in decoder_layers(model)
+        for fn in (*block._forward_hooks.values(), *block._forward_pre_hooks.values())
+        if getattr(fn, "_guardrails_hook", False)
+    )
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +76,7 @@ class LinearDetector(_Strict):
 
     kind: Literal["linear"] = Field(description="Detector kind")
     layer: int = Field(ge=0, description="Decoder block whose output is read")
-    weights: str = Field(description="safetensors file with 'weight' [d_model] and optional 'bias' []; relative to YAML")
+    weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' []; relative to YAML")
     method: Literal["probe", "diffmean"] = Field(default="probe", description="How the direction was fitted")
     window: int = Field(default=1, ge=1, le=4096, description="Tokens aggregated (the current and the previous ones)")
     aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
@@ -122,7 +123,9 @@ class Rule(_Strict):
         if self.action == "steer" and self.steer is None:
             object.__setattr__(self, "steer", Steer())
         if self.action != "steer" and self.steer is not None:
-            raise ValueError(f"'steer' settings given but action is {self.action!r}; set action: steer")
+            raise ValueError(
+                f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
+            )
         return self
 
 
@@ -277,7 +280,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err.get("type") == "extra_forbidden":
             parent = [p for p in loc[:-1] if isinstance(p, str) and p in _MODELS_BY_FIELD]
             model = _MODELS_BY_FIELD[parent[-1]] if parent else Policy
-            if parent and parent[-1] == "detector" and "LinearDetector" in loc:
+            if parent and parent[-1] == "detector" and ("linear" in loc or "LinearDetector" in loc):
                 model = LinearDetector
             msg = f"unknown key {loc[-1]!r}; valid: {', '.join(_field_names(model))}"
         elif err.get("type") == "literal_error":
@@ -285,6 +288,18 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = f"invalid value {err.get('input')!r}; valid: {expected}"
         elif err.get("type") == "union_tag_invalid":
             msg = f"unknown detector kind {(err.get('input') or {}).get('kind')!r}; valid: sae_features, linear"
+        elif err.get("type") == "missing":
+            msg = f"missing required key {loc[-1]!r}" if loc else "missing required key"
+        elif err.get("type") == "value_error":
+            # our validators say "<path relative to the model>: <problem>"
+            text = str(msg).removeprefix("Value error, ")
+            rel, sep, rest = text.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", rel):
+                where = rel if where == "(top level)" else f"{where}.{rel}"
+                text = rest
+            msg = text
+        elif "input" in err and not isinstance(err.get("input"), dict | list):
+            msg = f"{msg}; got {err.get('input')!r}"
         lines.append(f"{where}: {msg}")
     return f"{source}: invalid policy:\n  " + "\n  ".join(lines)
 
