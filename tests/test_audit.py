@@ -480,3 +480,80 @@ def test_real_generation_is_recorded(tmp_path: Path) -> None:
     assert "".join(rec["trace"]["tokens"]) == tokenizer.decode(
         tokenizer.convert_tokens_to_ids(result.tokens))  # display tokens join back to the text
     store.close()
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.db"
+    with AuditStore(path) as s:
+        s.record(make_result("one", action="flag"), FakeGuard(make_policy("p1")))
+        s.record(make_result("two"), FakeGuard(make_policy("p2")))
+        s.record(make_result("three", action="steer"), FakeGuard(make_policy("p1")))
+    return path
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from guardrails.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_list_json_and_filters(db: Path) -> None:
+    res = _cli("audit", "list", "--db", str(db), "--json")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [3, 2, 1] and verify_records(rows[::-1]).ok
+    res = _cli("audit", "list", "--db", str(db), "--json", "--policy", "p1", "--action", "steer")
+    assert [json.loads(x)["id"] for x in res.stdout.splitlines()] == [3]
+    res = _cli("audit", "list", "--db", str(db), "--json", "--since", "1h")
+    assert len(res.stdout.splitlines()) == 3
+    res = _cli("audit", "list", "--db", str(db), "--json", "--since", "2999-01-01")
+    assert res.exit_code == 0 and res.stdout == ""
+    res = _cli("audit", "list", "--db", str(db))
+    assert res.exit_code == 0 and "3 record(s) shown" in res.output
+
+
+def test_cli_show_export_verify(db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDRAILS_AUDIT_DB", str(db))
+    res = _cli("audit", "show", "2", "--json")
+    with AuditStore(db, readonly=True) as s:
+        assert json.loads(res.stdout) == s.get(2).to_dict()
+        head = s.verify().head
+    res = _cli("audit", "show", "2")
+    assert res.exit_code == 0 and "Tell me how two" in res.output and "harm" in res.output
+    out = tmp_path / "x.jsonl"
+    assert _cli("audit", "export", "--out", str(out)).exit_code == 0
+    assert verify_records(json.loads(x) for x in out.read_text().splitlines()).head == head
+    res = _cli("audit", "export")
+    assert res.stdout == out.read_text()
+    res = _cli("audit", "verify")
+    assert res.exit_code == 0 and "3 record(s) verified" in res.output and str(head) in res.output
+    _tamper(db, ("UPDATE records SET body = replace(body, 'two', 'TWO') WHERE id = 2", ()))
+    res = _cli("audit", "verify")
+    assert res.exit_code == 1 and "record 2" in res.output and "edited" in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["audit", "list", "--action", "blok"], "unknown --action 'blok'; valid: block, steer, flag, error, allow"),
+    (["audit", "list", "--since", "last week"], "valid: YYYY-MM-DD"),
+    (["audit", "show", "7"], "no audit record 7"),
+    (["audit", "show"], "Missing argument 'ID'"),
+])
+def test_cli_bad_input(db: Path, args: list[str], message: str) -> None:
+    res = _cli(*args, "--db", str(db))
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_cli_missing_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GUARDRAILS_AUDIT_DB", raising=False)
+    for cmd in (["audit", "list"], ["audit", "verify"], ["audit", "export"], ["audit", "show", "1"]):
+        res = _cli(*cmd)
+        assert res.exit_code == 2 and "guardrails-audit.db' not found" in res.output, cmd
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "guardrails-audit.db").exists()  # readers never create the database
