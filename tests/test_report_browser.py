@@ -2,7 +2,7 @@
 the flagged token is marked in the DOM and visible in a screenshot.
 
 Skipped when chromium is missing, except under ``CI=true`` where that is a failure (CI installs it:
-``apt-get install -y --no-install-recommends chromium``). ``GUARDRAILS_CHROMIUM`` overrides the binary.
+``apt-get install -y chromium``). ``GUARDRAILS_CHROMIUM`` overrides the binary.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _chromium() -> str:
         (p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
     if found:
         return found
-    msg = "chromium not found (install it: apt-get install -y --no-install-recommends chromium)"
+    msg = "chromium not found (install it: apt-get install -y chromium)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg + "; CI must run the browser test")
     pytest.skip(msg)
