@@ -457,6 +457,21 @@ class AuditStore:
         self.close()
 
     # -- writing -------------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Raise :class:`AuditError` unless a record could be written now (open, writable, lock obtainable).
+
+        For callers that release text before recording (streams): check first, record after.
+        """
+        if self.readonly:
+            raise AuditError(f"audit database {str(self.path)!r} is opened read-only")
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc, "write") from exc
+
     def record(self, result: Any, guard: Any) -> int:
         """Append a record of a guarded generation (a ``GenerationResult``); return its id.
 

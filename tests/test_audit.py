@@ -557,3 +557,14 @@ def test_cli_missing_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         assert res.exit_code == 2 and "guardrails-audit.db' not found" in res.output, cmd
         assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "guardrails-audit.db").exists()  # readers never create the database
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    s = AuditStore(path)
+    s.check_writable()
+    with AuditStore(path, readonly=True) as ro, pytest.raises(AuditError, match="read-only"):
+        ro.check_writable()
+    s.close()
+    with pytest.raises(AuditError, match="closed"):
+        s.check_writable()
