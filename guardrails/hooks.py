@@ -79,17 +79,29 @@ def replace_hidden(output: Any, hidden: Tensor) -> Any:
 
 
 class HookHandle:
-    """A group of registered hooks; ``remove()`` can be called any number of times."""
+    """A group of registered hooks; ``remove()`` can be called any number of times.
+
+    The hook dictionaries are held strongly: torch's ``RemovableHandle`` only keeps a weak reference,
+    and the garbage collector clears weak references held by unreachable objects before it runs
+    their finalizers, so a handle collected with an abandoned generator (a stream dropped midway)
+    would otherwise fail to remove its hooks.
+    """
 
     def __init__(self) -> None:
-        self._handles: list[Any] = []
+        self._handles: list[tuple[Any, list[dict[Any, Any]]]] = []
 
     def add(self, handle: Any) -> None:
-        self._handles.append(handle)
+        refs = [handle.hooks_dict_ref] if hasattr(handle, "hooks_dict_ref") else []
+        refs += list(getattr(handle, "extra_dict_ref", ()))
+        self._handles.append((handle, [d for d in (r() for r in refs) if d is not None]))
 
     def remove(self) -> None:
         while self._handles:
-            self._handles.pop().remove()
+            handle, dicts = self._handles.pop()
+            handle.remove()
+            hook_id = getattr(handle, "id", None)
+            for d in dicts:
+                d.pop(hook_id, None)
 
     @property
     def active(self) -> bool:

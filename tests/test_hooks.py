@@ -238,3 +238,27 @@ def test_hooks_on_counts_only_this_librarys_hooks(models: dict[str, Any]) -> Non
         assert hooks_on(model) == 0
     finally:
         foreign.remove()
+
+
+def test_hooks_removed_when_an_abandoned_generator_is_garbage_collected(models: dict[str, Any]) -> None:
+    """A suspended generator in a reference cycle (like a stream dropped midway) is freed by the cyclic
+    collector, which clears weak references held by the garbage before finalizers run."""
+    import gc
+
+    model = models["llama"]
+
+    class Holder:
+        it: Any = None
+
+    def steps(_holder: Holder) -> Any:
+        with output_hooks(model, {0: lambda _l, _h: None, 2: lambda _l, _h: None}):
+            yield 1
+            yield 2
+
+    holder = Holder()
+    holder.it = steps(holder)  # cycle: holder -> generator -> frame -> holder
+    next(holder.it)
+    assert hooks_on(model) == 2
+    del holder
+    gc.collect()
+    assert hooks_on(model) == 0
