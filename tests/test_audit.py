@@ -341,7 +341,9 @@ def test_guard_does_not_release_text_when_the_audit_write_fails(tmp_path: Path, 
     except AuditError as exc:
         assert "closed" in str(exc)
     else:
-        assert result.blocked and result.released_text == ""  # type: ignore[union-attr]
+        assert isinstance(result, GenerationResult)
+        assert result.blocked and result.text == policy.refusal  # the caller gets the refusal, not the output
+        assert any(d.action == "error" and "closed" in str(d.reason) for d in result.decisions)
 
 
 # -- concurrency ------------------------------------------------------------------------------------------------------
