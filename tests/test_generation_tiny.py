@@ -279,3 +279,37 @@ def test_hooks_removed_after_exception(lm: Any, tok: Any, sae_file: Any) -> None
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)  # the model behaves as if never wrapped
     assert guard.generate(PROMPTS[0], max_new_tokens=NEW, chat=False).output_ids == _greedy(model, tok, PROMPTS[0])
+
+
+@pytest.mark.xfail(
+    reason="lead: generation.py _steps keeps its hooks registered across yields, so while a stream is "
+    "suspended its hooks (here: steering) act on every other forward of the shared model on that thread "
+    "(the RLock is re-entered). Register the hooks around each forward step, or make them inert outside "
+    "their own run's forwards",
+    strict=True,
+)
+def test_suspended_stream_does_not_steer_other_calls(lm: Any, tok: Any, sae_file: Any) -> None:
+    model = lm("qwen3")
+    expected = _greedy(model, tok, PROMPTS[2])
+    steer = "    steer: {method: subtract, strength: 40}\n"
+    steering = GuardedModel(model, tok, _policy(sae_file[0], threshold=-1e9, action="steer", steer=steer))
+    it = iter(steering.stream(PROMPTS[1], max_new_tokens=NEW, chat=False))
+    next(it)  # the stream has tripped its steer rule and is now suspended
+    try:
+        assert _greedy(model, tok, PROMPTS[2]) == expected
+    finally:
+        it.close()  # type: ignore[attr-defined]
+    assert hooks_on(model) == 0
+
+
+def test_guard_checks_policy_against_model_and_sae(lm: Any, tok: Any, sae_file: Any) -> None:
+    from guardrails import PolicyError
+
+    model = lm("qwen3")
+    with pytest.raises(PolicyError, match=rf"rules\[0\]\.detector\.features\[1\]\.id: {D_SAE} out of range; "
+                                          rf"valid: 0\.\.{D_SAE - 1}"):
+        GuardedModel(model, tok, _policy(sae_file[0], features=[0, D_SAE]))
+    deep = Policy.from_yaml(_policy(sae_file[0]).to_yaml().replace(f"layer: {LAYER}", "layer: 9"))
+    with pytest.raises(PolicyError, match=r"saes\.main\.layer: 9 out of range; valid: 0\.\.3"):
+        GuardedModel(model, tok, deep)
+    assert hooks_on(model) == 0
