@@ -20,7 +20,10 @@ weighted ``sum``/``max``/``mean`` plus bias.
 jinja2 (chat template). It applies the same positions rules as :meth:`GuardedModel.score` (padding,
 position 0 and special tokens are not scored), scopes, windows, thresholds and actions, so its
 per-rule max scores and decisions match the torch text guard. Decisions carry no ``top_features``
-(the full SAE is not in the graph). Export code imports torch lazily, inside its functions.
+(the full SAE is not in the graph). Steer rules report their decisions but the graph does not steer:
+where a steer rule reads a shallower layer than other rules and fires, ``GuardedModel.score`` scores
+the deeper layers on steered activations and the ONNX guard on unsteered ones (the export warns).
+Export code imports torch lazily, inside its functions.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ class OnnxGuard:
               chat: bool | None = None, batch_size: int = 8) -> list[OnnxTextScore]:
         """Score texts like :meth:`GuardedModel.score`: prompts by input rules, responses by output rules."""
         items = [texts] if isinstance(texts, str) else list(texts)
-        resp = list(responses) if responses is not None else [None] * len(items)
+        resp: list[str | None] = list(responses) if responses is not None else [None] * len(items)
         if len(resp) != len(items):
             raise ValueError(f"responses has {len(resp)} items but texts has {len(items)}")
         out: list[OnnxTextScore] = []
@@ -288,7 +291,7 @@ class OnnxGuard:
         error: str | None = None
         try:
             raw = self.raw_scores(ids, mask)
-        except Exception as exc:  # noqa: BLE001 - a failure goes to the rules' on_error, never lets text through
+        except Exception as exc:  # a failure goes to the rules' on_error, never lets text through
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("ONNX guard could not score: %s", error)
             raw = np.full((*ids.shape, len(self.rules)), np.nan, dtype=np.float32)
@@ -419,9 +422,18 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     class LayerHead(nn.Module):
         """Scores of the rules reading one layer, ``[B, T, n_rules_here]``."""
 
+        W: Tensor
+        b: Tensor
+        cols: Tensor
+        b_dec: Tensor | None
+        thr: Tensor | None
+        lin_W: Tensor | None
+        lin_b: Tensor | None
+
         def __init__(self, scorer: Any, mode: str) -> None:
             super().__init__()
             self.arch: str | None = None
+            self.exact_topk = False
             self.k = 0
             self.relu_after_topk = False
             sae = scorer.sae
@@ -461,6 +473,7 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
                     acts = torch.where(sel >= kth, sel, torch.zeros_like(sel))
                     parts.append(torch.relu(acts) if self.relu_after_topk else acts)
                 elif self.arch == "jumprelu":
+                    assert self.thr is not None
                     parts.append(pre * (pre > self.thr).to(pre.dtype))
                 else:
                     parts.append(torch.relu(pre))
@@ -477,13 +490,16 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     class ScoringGraph(nn.Module):
         """Embeddings, decoder blocks 0..L, and the policy's heads."""
 
+        perm: Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.embed = base.embed_tokens
             self.rotary = base.rotary_emb
             self.blocks = nn.ModuleList(list(decoder_layers(model))[: guard.deepest + 1])
-            self.heads = nn.ModuleDict({str(layer): LayerHead(s, guard.score_mode) for layer, s in guard.scorers.items()})
-            order = [p for layer in sorted(guard.scorers) for p in self.heads[str(layer)].order]
+            heads = {str(layer): LayerHead(s, guard.score_mode) for layer, s in guard.scorers.items()}
+            self.heads = nn.ModuleDict(heads)
+            order = [p for layer in sorted(guard.scorers) for p in heads[str(layer)].order]
             self.register_buffer("perm", torch.tensor([order.index(i) for i in range(len(order))], dtype=torch.long))
 
         def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -503,10 +519,17 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     return ScoringGraph().eval()
 
 
-def _rules_manifest(guard: Any) -> tuple[list[dict[str, Any]], list[int]]:
+def _without_steering(pol: Any) -> Any:
+    """``pol`` with steer rules turned into flag rules: the same scores, no change to the activations."""
+    rules = [r.model_copy(update={"action": "flag", "steer": None}) if r.action == "steer" else r for r in pol.rules]
+    copy = pol.model_copy(update={"rules": rules})
+    object.__setattr__(copy, "base_dir", pol.base_dir)
+    return copy
+
+
+def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
     from guardrails.policy import LinearDetector
 
-    pol = guard.policy
     rules = []
     for rule in pol.rules:
         det = rule.detector
@@ -570,7 +593,12 @@ def export_onnx(
         raise ValueError("pass the tokenizer with the model")
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         raise OnnxGuardError("export a float32 model on the CPU (load_model(..., dtype='float32'))")
-    guard = GuardedModel(model, tokenizer, pol, saes=saes, score_mode=score_mode, chat=chat)
+    guard = GuardedModel(model, tokenizer, _without_steering(pol), saes=saes, score_mode=score_mode, chat=chat)
+    steer_layers = [r["layer"] for r in _rules_manifest(pol)[0] if r["action"] == "steer"]
+    if any(layer < guard.deepest for layer in steer_layers):
+        logger.warning("policy %r steers at layer(s) %s below layer %d: the ONNX guard does not steer, so its scores "
+                       "at deeper layers differ from GuardedModel.score once a steer rule fires", pol.name,
+                       steer_layers, guard.deepest)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     graph = build_scoring_graph(model, guard)
@@ -588,7 +616,7 @@ def export_onnx(
         )
         assert program is not None
         program.save(str(path))
-    rules, order = _rules_manifest(guard)
+    rules, order = _rules_manifest(pol)
     import onnx as onnx_pkg
     import transformers
 
@@ -627,7 +655,10 @@ def export_onnx(
 
 
 def check_parity(guard: Any, onnx_guard: OnnxGuard, items: tuple[tuple[str, str | None], ...] | list[Any]) -> float:
-    """Largest relative difference of windowed per-token scores between ``guard.score`` and the ONNX guard."""
+    """Largest relative difference of windowed per-token scores between ``guard.score`` and the ONNX guard.
+
+    ``guard`` should not steer (see the module docstring): export checks with steer rules made flags.
+    """
     texts = [t for t, _ in items]
     responses = [r for _, r in items]
     ref = guard.score(texts, responses=responses)
