@@ -150,6 +150,9 @@ class LayerScorer:
         if self.sae is not None and mode == "watched":
             self.encoder = WatchedEncoder(self.sae, self.features)
         self._feat_index = torch.tensor(self.features, dtype=torch.long)
+        self.top_n = 5
+        """Top features kept per scored token for audits (0 to skip)."""
+        self.last_top: tuple[Tensor, Tensor] | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> LayerScorer:
         """Move scoring tensors next to the layer they read."""
@@ -171,11 +174,20 @@ class LayerScorer:
     def feature_matrix(self, hidden: Tensor) -> Tensor:
         """Activations of the watched features (then linear detector outputs): ``[B, T, n_cols]``."""
         parts = []
+        self.last_top = None
         if self.sae is not None:
             if self.encoder is not None:
-                parts.append(self.encoder(hidden).float())
+                watched = self.encoder(hidden).float()
+                parts.append(watched)
+                if self.top_n and watched.shape[-1]:
+                    vals, cols = watched.topk(min(self.top_n, watched.shape[-1]), dim=-1)
+                    self.last_top = (vals, self._feat_index[cols])
             else:
-                parts.append(self.sae.encode(hidden).index_select(-1, self._feat_index).float())
+                dense = self.sae.encode(hidden)
+                parts.append(dense.index_select(-1, self._feat_index).float())
+                if self.top_n:
+                    vals, idx = dense.topk(self.top_n, dim=-1)
+                    self.last_top = (vals.float(), idx)
         if self.linear_W is not None and self.linear_b is not None:
             parts.append(torch.nn.functional.linear(hidden.float(), self.linear_W, self.linear_b))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

@@ -97,6 +97,9 @@ class GuardRun:
     trace_scores: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     states: dict[str, RuleState] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    seen_layers: set[int] = field(default_factory=set)
+    token_features: dict[int, dict[int, list[tuple[int, float]]]] = field(default_factory=dict)
+    """Per sequence, per position: top SAE features (id, activation) at the scored tokens."""
 
     def __post_init__(self) -> None:
         self.blocked_at = [None] * self.batch
@@ -126,6 +129,7 @@ class GuardRun:
         ctx = self.ctx
         if ctx is None:
             return None
+        self.seen_layers.add(layer)
         scorer = self.scorers[layer]
         B, T = hidden.shape[:2]
         dev = hidden.device
@@ -138,6 +142,8 @@ class GuardRun:
                 check_finite(sel, f"layer {layer} residual stream")
                 feats_sel = scorer.feature_matrix(sel)
                 check_finite(feats_sel, f"layer {layer} feature activations")
+                if self.record_trace and scorer.last_top is not None:
+                    self._keep_top(layer, positions, score_mask, *scorer.last_top)
                 scores_sel = scorer.rule_scores(feats_sel)  # [N, n_heads]
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
                 raw[score_mask] = scores_sel
@@ -168,6 +174,25 @@ class GuardRun:
                 pos = int(positions[b, t])
                 self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden)
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:], feats)
+
+    def _keep_top(self, layer: int, positions: Tensor, score_mask: Tensor, vals: Tensor, idx: Tensor) -> None:
+        rows = score_mask.nonzero().tolist()
+        v, i = vals.cpu().tolist(), idx.cpu().tolist()
+        for (b, t), vs, ids in zip(rows, v, i, strict=True):
+            pos = int(positions[b, t])
+            top = [(int(f), round(float(a), 3)) for a, f in zip(vs, ids, strict=True) if a > 0]
+            self.token_features.setdefault(b, {})[pos] = top
+
+    def check_all_scored(self) -> None:
+        """After a forward: a watched layer whose hook never ran could not score; apply on_error."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        for layer, scorer in self.scorers.items():
+            if layer not in self.seen_layers and bool(ctx.score_mask.any()):
+                exc = RuntimeError(f"the hook on layer {layer} did not run during the forward pass")
+                self._scoring_failed(scorer, ctx.positions, ctx.score_mask, ctx.is_output, exc)
+        self.seen_layers.clear()
 
     @staticmethod
     def _scope_mask(rule: Rule, is_output: Tensor) -> Tensor:

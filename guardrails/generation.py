@@ -59,6 +59,8 @@ class GenerationResult:
     """Policy name."""
     errors: list[str] = field(default_factory=list)
     """Scoring failures, if any (their decisions say what on_error did)."""
+    token_features: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    """Per scored position, its top SAE features (id, activation), for audits (watched ones in watched mode)."""
 
     @property
     def flagged(self) -> bool:
@@ -327,6 +329,7 @@ class GuardedModel:
                         pass
                 else:
                     logits = self.model(**kwargs).logits[:, -1, :]
+                run.check_all_scored()
                 # release the tokens this forward scored (those of rows still active)
                 if pending is not None:
                     for b in range(B):
@@ -376,11 +379,28 @@ class GuardedModel:
         assert last is not None
         run, released, _ = last
         results = [self._result(run, b, prompts[b], released[b]) for b in range(len(prompts))]
-        if self.audit is not None:
-            for r in results:
-                if r.decisions:
-                    self.audit.record(r, self)
+        results = [self._audit(r) for r in results]
         return results if batch else results[0]
+
+    def _audit(self, result: GenerationResult) -> GenerationResult:
+        """Write the audit record of a result with decisions; if that fails, apply on_error."""
+        if self.audit is None or not result.decisions:
+            return result
+        try:
+            self.audit.record(result, self)
+        except Exception as exc:
+            reason = f"audit record failed: {type(exc).__name__}: {exc}"
+            logger.error("%s", reason)
+            result.errors.append(reason)
+            if self.policy.on_error == "block":
+                result.blocked = True
+                result.text = self.policy.refusal
+                result.released_text = ""
+            result.decisions.append(Decision(
+                action="error", rule="(audit)", score=float("nan"), threshold=float("nan"),
+                position=-1, scope="output", reason=reason, resolution=self.policy.on_error,
+            ))
+        return result
 
     def stream(self, prompt: PromptLike, **kwargs: Any) -> GuardedStream:
         """Iterate over text pieces as tokens are released; ``.result`` holds the outcome afterwards."""
@@ -480,6 +500,7 @@ class GuardedModel:
             prompt_length=len(prompt_ids),
             policy=self.policy.name,
             errors=list(run.errors),
+            token_features=run.token_features.get(b, {}),
         )
 
 
@@ -496,6 +517,9 @@ class GuardedStream:
         _check_generation_args([self._prompt], max_new, kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0),
                                kwargs.get("top_k", 0))
         sampling = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, **kwargs}
+        check = getattr(guard.audit, "check_writable", None)
+        if check is not None:
+            check()  # a stream shows text before the record is written: fail before, not after
         self._it = self._pieces(max_new, sampling)
 
     def __iter__(self) -> Iterator[str]:
@@ -526,9 +550,7 @@ class GuardedStream:
         finally:
             steps.close()  # removes the hooks even if the caller stops early
         assert run is not None
-        self.result = self.guard._result(run, 0, self._prompt, released[0])
-        if self.guard.audit is not None and self.result.decisions:
-            self.guard.audit.record(self.result, self.guard)
+        self.result = self.guard._audit(self.guard._result(run, 0, self._prompt, released[0]))
         if self.result.blocked:
             yield ("\n" if sent else "") + self.result.text
 
