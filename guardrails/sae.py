@@ -8,7 +8,7 @@ Encode, for input ``x``::
 
     pre  = (x - b_dec if apply_b_dec_to_input else x) @ W_enc.T + b_enc
     topk:     keep the k largest of pre, zero the rest (Qwen-Scope: no ReLU); relu_after_topk clamps them at 0
-    jumprelu: pre * (pre > threshold)
+    jumprelu: relu(pre) * (pre > threshold)   (Gemma Scope, SAELens)
     relu:     max(pre, 0)
 
 Decode: ``acts @ W_dec + b_dec``.
@@ -169,7 +169,7 @@ class SAE(nn.Module):
             return torch.relu(pre)
         if arch == "jumprelu":
             assert self.threshold is not None
-            return pre * (pre > self.threshold)
+            return torch.relu(pre) * (pre > self.threshold)  # as SAELens / Gemma Scope: also 0 below 0
         assert self.cfg.k is not None
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         if self.cfg.relu_after_topk:

@@ -152,9 +152,9 @@ def test_no_rule_fires_output_equals_greedy(lm: Any, tok: Any, sae_file: Any, ar
 def test_uncached_qwen3_5_equals_greedy(lm: Any, tok: Any, sae_file: Any) -> None:
     model = lm("qwen3_5")
     guard = GuardedModel(model, tok, _policy(sae_file[0]))
-    for prompt in PROMPTS[:2]:
-        assert guard.generate(prompt, max_new_tokens=NEW, chat=False, use_cache=False).output_ids == _greedy(
-            model, tok, prompt)
+    prompt = PROMPTS[1]
+    got = guard.generate(prompt, max_new_tokens=5, chat=False, use_cache=False).output_ids
+    assert got == _greedy(model, tok, prompt, n=5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

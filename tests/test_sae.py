@@ -83,17 +83,19 @@ def test_sparsify_variant_subtracts_b_dec_and_applies_relu() -> None:
 # -- JumpReLU and ReLU ---------------------------------------------------------------------------------
 
 
-def test_jumprelu_keeps_values_above_threshold() -> None:
+def test_jumprelu_keeps_positive_values_above_threshold() -> None:
     w = _weights()
-    thr = torch.rand(D_SAE, generator=torch.Generator().manual_seed(5)) * 0.5
+    # some thresholds negative: Gemma Scope / SAELens still zero negative pre-activations
+    thr = torch.rand(D_SAE, generator=torch.Generator().manual_seed(5)) - 0.3
     sae = _sae(w, threshold=thr, architecture="jumprelu")
     x = _x(6)
     pre = x @ w["W_enc"].T + w["b_enc"]
-    expected = torch.where(pre > thr, pre, torch.zeros_like(pre))
+    expected = torch.where((pre > thr) & (pre > 0), pre, torch.zeros_like(pre))
     acts = sae.encode(x)
     torch.testing.assert_close(acts, expected)
     n_active = (acts != 0).sum()
     assert 0 < n_active < acts.numel()
+    assert ((pre > thr) & (pre < 0)).any(), "the test needs negative pre-activations above a negative threshold"
 
 
 def test_jumprelu_needs_a_threshold() -> None:
@@ -218,3 +220,33 @@ def test_constructor_names_the_tensor_with_a_wrong_shape() -> None:
     with pytest.raises(SAEError, match=rf"W_dec has shape \({D_MODEL}, {D_SAE}\); expected \({D_SAE}, {D_MODEL}\)"):
         SAE(SAEConfig(d_model=D_MODEL, d_sae=D_SAE, architecture="topk", k=K), w["W_enc"], w["b_enc"],
             w["W_dec"].T.contiguous(), w["b_dec"])
+
+
+# -- the "watched features only" encoder agrees with the full encode ------------------------------------------
+
+
+def test_watched_encoder_matches_sae_for_relu() -> None:
+    from guardrails.detectors import WatchedEncoder
+
+    w = _weights()
+    sae = _sae(w, architecture="relu", apply_b_dec_to_input=True)
+    feats = [0, 5, 17, 60]
+    x = _x(4, 3)
+    torch.testing.assert_close(WatchedEncoder(sae, feats)(x), sae.encode(x)[..., feats])
+
+
+@pytest.mark.xfail(
+    reason="lead: detectors.py WatchedEncoder.forward computes jumprelu as pre * (pre > threshold); "
+    "SAE.encode follows Gemma Scope / SAELens, relu(pre) * (pre > threshold): they differ where the "
+    "threshold is negative. Use torch.relu(pre) * (pre > self.threshold)",
+    strict=True,
+)
+def test_watched_encoder_matches_sae_for_jumprelu_with_negative_thresholds() -> None:
+    from guardrails.detectors import WatchedEncoder
+
+    w = _weights()
+    thr = torch.rand(D_SAE, generator=torch.Generator().manual_seed(5)) - 0.3
+    sae = _sae(w, threshold=thr, architecture="jumprelu")
+    feats = list(range(0, D_SAE, 3))
+    x = _x(6)
+    torch.testing.assert_close(WatchedEncoder(sae, feats)(x), sae.encode(x)[..., feats])
