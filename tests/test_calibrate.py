@@ -1,0 +1,248 @@
+"""Calibration: thresholds at a target FPR/recall, serving-exact scores, the activation cache, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from guardrails.calibrate import (
+    fit_sparse_weights,
+    fit_threshold,
+    load_labeled,
+    residuals,
+    text_scores,
+)
+from guardrails.generation import GuardedModel
+from guardrails.policy import Policy
+from tests.builders import random_sae, tiny_lm, tiny_tokenizer
+
+# -- thresholds -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.0, 0.01, 0.05, 0.1, 0.333])
+def test_threshold_hits_target_fpr(target: float) -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(300, int), np.ones(200, int)]
+    s = rng.normal(0, 1, 500) + 2 * y
+    t = fit_threshold(s, y, target_fpr=target)
+    neg = s[y == 0]
+    assert (neg >= t).mean() <= target  # the target holds
+    # and the threshold is as low as it can be: the next lower negative score would break the target
+    below = np.sort(neg[neg < t])[::-1]
+    if len(below):
+        assert (neg >= below[0]).mean() > target
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 1.0])
+def test_threshold_hits_target_recall(target: float) -> None:
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(50, int), np.ones(77, int)]
+    s = rng.normal(0, 1, 127) + y
+    t = fit_threshold(s, y, target_recall=target)
+    pos = s[y == 1]
+    assert (pos >= t).mean() >= target
+    above = np.sort(pos[pos > t])
+    if len(above):
+        assert (pos >= above[0]).mean() < target  # highest such threshold
+
+
+def test_threshold_arguments_checked() -> None:
+    from guardrails.calibrate import CalibrationError
+
+    with pytest.raises(CalibrationError, match="exactly one"):
+        fit_threshold(np.ones(3), np.array([0, 1, 0]))
+    with pytest.raises(CalibrationError, match="no negative"):
+        fit_threshold(np.ones(3), np.ones(3), target_fpr=0.1)
+
+
+def test_sparse_weights_find_planted_features() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    x = np.maximum(rng.normal(0, 1, (400, 50)), 0)
+    x[:, 7] += 3 * y
+    x[:, 21] += 1.5 * y
+    w = fit_sparse_weights(x, y, max_features=2)
+    assert set(w) == {7, 21}
+    assert w[7] == 1.0 and 0 < w[21] <= 1.0
+
+
+# -- serving-exact scores on a tiny model ----------------------------------------------------------------
+
+
+def _policy(sae_dir: Path, weights: Path | None = None, window: int = 2) -> Policy:
+    rules: list[dict[str, Any]] = [
+        {"id": "feat", "scope": "input", "threshold": 1e9, "action": "block",
+         "detector": {"sae": "main", "features": {3: 1.0, 5: 0.5, 40: 2.0}, "window": window}},
+        {"id": "out", "scope": "output", "threshold": 1e9, "action": "flag",
+         "detector": {"sae": "main", "features": [3, 11], "combine": "max", "window": 3, "aggregate": "max"}},
+    ]
+    if weights is not None:
+        rules.append({"id": "lin", "scope": "input", "threshold": 1e9, "action": "flag",
+                      "detector": {"kind": "linear", "layer": 2, "weights": str(weights), "window": window}})
+    return Policy.from_dict({"name": "t", "saes": {"main": {"path": str(sae_dir), "layer": 1}}, "rules": rules})
+
+
+@pytest.fixture()
+def tiny_setup(tmp_path: Path, tok, lm, monkeypatch) -> dict[str, Any]:
+    monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
+    sae_dir = random_sae(d_model=64, d_sae=64, k=16, layer=1).save(tmp_path / "sae")
+    from guardrails.baselines import save_linear
+
+    w = np.random.default_rng(0).normal(0, 1, 64).astype(np.float32)
+    lin = save_linear(tmp_path / "lin.safetensors", w, 0.3)
+    return {"model": lm("llama"), "tok": tok, "sae": sae_dir, "lin": lin, "tmp": tmp_path}
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TEXTS = [
+    "How do I bake bread at home?", "Tell me a story about a robot", "The quick brown fox", "Hello world!",
+    "What is the capital of France?", "Mix flour, water, salt and yeast.", "a robot who learns to paint", "lazy dog",
+]
+
+
+def test_engine_scores_equal_guarded_model_score(tiny_setup) -> None:
+    s = tiny_setup
+    pol = _policy(s["sae"], s["lin"])
+    guard = GuardedModel(s["model"], s["tok"], pol)
+    data_in = load_labeled(_write(s["tmp"] / "in.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]))
+    served = guard.score(data_in.texts)
+    for rule, layer in (("feat", 1), ("lin", 2)):
+        rows = residuals(s["model"], s["tok"], data_in, layer, "input", model_name="tiny", progress=False)
+        got = text_scores(guard, rule, rows)
+        want = np.array([t.scores[rule] for t in served])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # output rule: prompt/response rows, response tokens only
+    rows_pr = [{"prompt": t, "response": TEXTS[-1 - i], "label": i % 2} for i, t in enumerate(TEXTS)]
+    data_out = load_labeled(_write(s["tmp"] / "out.jsonl", rows_pr))
+    rows = residuals(s["model"], s["tok"], data_out, 1, "output", model_name="tiny", progress=False)
+    got = text_scores(guard, "out", rows)
+    want = np.array([t.scores["out"] for t in guard.score(data_out.texts, responses=data_out.responses)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_cache_round_trip(tiny_setup) -> None:
+    s = tiny_setup
+    data = load_labeled(_write(s["tmp"] / "d.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]))
+    first = residuals(s["model"], s["tok"], data, 1, "input", model_name="tiny", progress=False)
+    files = list((s["tmp"] / "cache" / "activations").glob("*.safetensors"))
+    assert len(files) == 1
+    again = residuals(s["model"], s["tok"], data, 1, "input", model_name="tiny", progress=False)
+    fresh = residuals(s["model"], s["tok"], data, 1, "input", model_name="tiny", progress=False, use_cache=False)
+    for a, b, c in zip(first, again, fresh, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+    # a different layer is a different key
+    residuals(s["model"], s["tok"], data, 2, "input", model_name="tiny", progress=False)
+    assert len(list((s["tmp"] / "cache" / "activations").glob("*.safetensors"))) == 2
+
+
+def test_load_labeled_errors(tmp_path: Path) -> None:
+    from guardrails.calibrate import CalibrationError
+
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:2: label must be 0 or 1"):
+        load_labeled(_write(tmp_path / "bad.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}]))
+    with pytest.raises(CalibrationError, match="mix"):
+        load_labeled(_write(tmp_path / "mix.jsonl", [{"text": "a", "label": 0},
+                                                     {"prompt": "b", "response": "c", "label": 1}]))
+
+
+# -- the CLI on a saved tiny model ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def saved_tiny(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
+    tk = tiny_tokenizer()
+    model = tiny_lm("llama", tk)
+    model.save_pretrained(tmp_path / "model")
+    tk.save_pretrained(tmp_path / "model")
+    sae_dir = random_sae(d_model=64, d_sae=64, k=16, layer=1).save(tmp_path / "sae")
+    words = ["bread", "robot", "fox", "paint", "flour", "dog", "world", "capital", "story", "yeast"]
+    rows = [{"text": f"{words[i % 10]} {words[(i // 10) % 10]} {words[(i * 7) % 10]}", "label": int(i % 3 == 0)}
+            for i in range(60)]
+    for split, part in (("train", rows[:30]), ("cal", rows[30:45]), ("test", rows[45:])):
+        _write(tmp_path / f"toy.{split}.jsonl", part)
+    pol = {"name": "toy", "saes": {"main": {"path": str(sae_dir), "layer": 1}},
+           "rules": [{"id": "r", "scope": "input", "threshold": 0.0, "action": "block",
+                      "detector": {"sae": "main", "features": [1, 2, 3], "window": 2}}]}
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(pol))
+    return {"tmp": tmp_path, "model": tmp_path / "model", "policy": tmp_path / "toy.yaml"}
+
+
+def _cli(args: list[str]) -> Any:
+    from typer.testing import CliRunner
+
+    from guardrails.cli import _register_extensions, app
+
+    _register_extensions()
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_calibrate_then_eval(saved_tiny) -> None:
+    t = saved_tiny
+    out = t["tmp"] / "toy.cal.yaml"
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1",
+                "--model", str(t["model"]), "--out", str(out), "--no-record", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    pol = Policy.from_path(out)
+    thr = pol.rules[0].threshold
+    assert rep["rules"]["r"]["threshold"] == thr
+    assert rep["rules"]["r"]["serving_check_max_rel_diff"] < 1e-3
+    # independent check through the serving path: FPR on the cal split at the written threshold <= 0.1
+    from guardrails.models import load_model
+
+    model, tk = load_model(str(t["model"]))
+    cal = load_labeled(t["tmp"] / "toy.cal.jsonl")
+    scores = np.array([s.scores["r"] for s in GuardedModel(model, tk, pol).score(cal.texts)])
+    assert (scores[cal.labels == 0] >= thr).mean() <= 0.1
+    assert pol.calibration is not None and pol.calibration["r"]["data_sha256"] == cal.sha256
+
+    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "toy.test.jsonl"), "--json", "--baselines",
+                "--model", str(t["model"])])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr"):
+        assert key in got
+    test = load_labeled(t["tmp"] / "toy.test.jsonl")
+    ts = np.array([s.scores["r"] for s in GuardedModel(model, tk, pol).score(test.texts)])
+    from sklearn.metrics import roc_auc_score
+
+    assert got["auroc"] == pytest.approx(roc_auc_score(test.labels, ts), abs=1e-4)
+    assert got["fpr"] == pytest.approx((ts[test.labels == 0] >= thr).mean(), abs=1e-4)
+    assert set(got["baselines"]) >= {"keyword"}
+    assert any(k.startswith("probe") for k in got["baselines"])
+
+
+def test_cli_discover_writes_draft(saved_tiny) -> None:
+    t = saved_tiny
+    out = t["tmp"] / "draft.yaml"
+    res = _cli(["discover", "--data", str(t["tmp"] / "toy"), "--layer", "1", "--sae", str(t["tmp"] / "sae"),
+                "--top", "5", "--model", str(t["model"]), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got["features"]) == 5
+    aucs = [f["auroc"] for f in got["features"]]
+    assert aucs == sorted(aucs, reverse=True)
+    Policy.from_path(out)  # a valid policy
+
+
+@pytest.mark.model
+def test_eval_json_shipped_harmful_requests() -> None:
+    root = Path(__file__).resolve().parent.parent
+    res = _cli(["eval", "--policy", "harmful-requests", "--data",
+                str(root / "calibration" / "data" / "harmful_requests.test.jsonl"), "--limit", "60", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr"} <= set(got)
+    assert got["auroc"] > 0.8
