@@ -24,7 +24,7 @@ import contextvars
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any, Literal
 
 try:
@@ -48,7 +48,14 @@ try:
     )
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
     from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
-    from langchain_core.runnables import RunnableConfig, RunnableSerializable
+    from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+    from langchain_core.runnables.base import coerce_to_runnable
+    from langchain_core.runnables.config import (
+        ensure_config,
+        get_async_callback_manager_for_config,
+        get_callback_manager_for_config,
+        patch_config,
+    )
 except ImportError as exc:  # pragma: no cover - langchain-core is a dependency
     raise ImportError("guardrails.langchain needs langchain-core: pip install 'langchain-core>=1'") from exc
 from pydantic import ConfigDict, Field, PrivateAttr
@@ -417,11 +424,15 @@ class SAEGuard(RunnableSerializable[Any, Any]):
     ``mode="input"`` scores the whole conversation (every turn, through the chat template) with the
     policy's input rules. ``mode="output"`` scores the answer as the assistant turn after the prompt
     with the output rules. The output guard finds the prompt, in order: in a dict input
-    ``{"input": prompt, "output": answer}``; in ``config["metadata"]["guardrails_prompt"]``; carried
-    from an input guard that ran earlier in the same LCEL sequence (``SAEGuard | chain | SAEGuard``);
-    else it scores the answer after an empty user turn. When the input guard of the same sequence
-    replaced the prompt with the refusal, the output guard returns the refusal too (the wrapped chain
-    still runs, on the refusal text; set ``raise_on_block`` to stop it instead).
+    ``{"input": prompt, "output": answer}``; in ``config["metadata"]["guardrails_prompt"]`` (which
+    ``SAEGuard(mode="input") | chain`` sets, see :class:`GuardedSequence`); carried from an input guard
+    that ran earlier in the same flat LCEL sequence (``prompt | input_guard | model | output_guard``);
+    else it scores the answer after an empty user turn.
+
+    ``input_guard | chain`` is a :class:`GuardedSequence`: a blocked input returns the refusal without
+    running ``chain``. An input guard placed inside a sequence instead (``prompt | input_guard | model``)
+    can only replace the input with the refusal, so ``model`` runs on the refusal text; an output guard
+    later in that sequence then returns the refusal too.
 
     On pass the input comes back unchanged (an ``AIMessage`` gains ``response_metadata["guardrails"]``);
     on block it is replaced by the refusal in the same type, or :class:`~guardrails.GuardrailViolation`
@@ -573,7 +584,7 @@ class SAEGuard(RunnableSerializable[Any, Any]):
         if violation is not None:
             raise violation
         self._after(value, parent, meta)
-        return out
+        return out, meta
 
     async def _arun(self, value: Any, run_manager: Any, config: RunnableConfig) -> Any:
         prompt, carried, parent = self._prompt_and_carry(run_manager, config)
@@ -582,13 +593,99 @@ class SAEGuard(RunnableSerializable[Any, Any]):
         if violation is not None:
             raise violation
         self._after(value, parent, meta)
-        return out
+        return out, meta
 
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+    def _invoke_meta(self, input: Any, config: RunnableConfig | None) -> tuple[Any, dict[str, Any]]:
         return self._call_with_config(self._run, input, config, run_type="chain")
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+    async def _ainvoke_meta(self, input: Any, config: RunnableConfig | None) -> tuple[Any, dict[str, Any]]:
         return await self._acall_with_config(self._arun, input, config, run_type="chain")
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._invoke_meta(input, config)[0]
+
+    def __or__(self, other: Any) -> Any:
+        """``input_guard | chain``: a :class:`GuardedSequence` that skips ``chain`` when the input is blocked."""
+        if self.mode != "input":
+            return super().__or__(other)
+        return GuardedSequence(first=self, rest=coerce_to_runnable(other))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return (await self._ainvoke_meta(input, config))[0]
+
+
+class GuardedSequence(RunnableSerializable[Any, Any]):
+    """``SAEGuard(mode="input") | rest``: the guard checks the input; a block returns the refusal at once.
+
+    ``rest`` never runs on a blocked input. The refusal comes back as a ``str`` when ``rest`` outputs
+    strings (e.g. ends in ``StrOutputParser``), else as an ``AIMessage`` carrying the guard's metadata.
+    The input reaches ``rest`` under ``config["metadata"]["guardrails_prompt"]``, so an output guard
+    inside ``rest`` scores the answer after it. ``guarded | more`` extends ``rest``.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    first: SAEGuard = Field(description="The input guard")
+    rest: Runnable[Any, Any] = Field(description="What runs on inputs the guard passes")
+
+    def __or__(self, other: Any) -> Any:
+        return GuardedSequence(first=self.first, rest=self.rest | other)
+
+    def _blocked_output(self, meta: dict[str, Any]) -> Any:
+        if self.rest.OutputType is str:
+            return meta["refusal"]
+        return AIMessage(content=meta["refusal"], response_metadata={"guardrails": meta})
+
+    def _rest_config(self, config: RunnableConfig, value: Any, callbacks: Any) -> RunnableConfig:
+        cfg = patch_config(config, callbacks=callbacks)
+        cfg["metadata"] = {**(cfg.get("metadata") or {}), PROMPT_METADATA_KEY: value}
+        return cfg
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        config = ensure_config(config)
+        run = get_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None))
+        try:
+            value, meta = self.first._invoke_meta(input, patch_config(config, callbacks=run.get_child("guard")))
+            out = self._blocked_output(meta) if meta["blocked"] else self.rest.invoke(
+                value, self._rest_config(config, input, run.get_child("rest")), **kwargs)
+        except BaseException as exc:
+            run.on_chain_error(exc)
+            raise
+        run.on_chain_end(out)
+        return out
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        config = ensure_config(config)
+        run = await get_async_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None))
+        try:
+            value, meta = await self.first._ainvoke_meta(input, patch_config(config, callbacks=run.get_child("guard")))
+            out = self._blocked_output(meta) if meta["blocked"] else await self.rest.ainvoke(
+                value, self._rest_config(config, input, run.get_child("rest")), **kwargs)
+        except BaseException as exc:
+            await run.on_chain_error(exc)
+            raise
+        await run.on_chain_end(out)
+        return out
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        config = ensure_config(config)
+        value, meta = self.first._invoke_meta(input, config)
+        if meta["blocked"]:
+            yield self._blocked_output(meta)
+            return
+        yield from self.rest.stream(value, self._rest_config(config, input, config.get("callbacks")), **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        config = ensure_config(config)
+        value, meta = await self.first._ainvoke_meta(input, config)
+        if meta["blocked"]:
+            yield self._blocked_output(meta)
+            return
+        async for chunk in self.rest.astream(value, self._rest_config(config, input, config.get("callbacks")),
+                                             **kwargs):
+            yield chunk
 
 
 # -- agent middleware (optional `langchain` package) ----------------------------------------------------------------
@@ -667,5 +764,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PROMPT_METADATA_KEY", "GuardedChatModel", "SAEGuard", "guard_metadata",
+__all__ = ["PROMPT_METADATA_KEY", "GuardedChatModel", "GuardedSequence", "SAEGuard", "guard_metadata",
            "message_to_turn", "to_turns"]

@@ -168,6 +168,15 @@ def test_stream_never_shows_the_tripping_token() -> None:
     assert model.invoke("Tell me a story").content == REFUSAL
 
 
+@pytest.mark.xfail(reason="lead: generation.py GuardedModel._result pads the tripping token with pad_token_id, "
+                   "so a block decision's token is the pad token, not the token that tripped", strict=True)
+def test_block_decision_names_the_tripping_token() -> None:
+    free = chat(policy(PASS)).guard.generate("Tell me a story", max_new_tokens=6)
+    assert isinstance(free, GenerationResult)
+    meta = chat(policy(3, window=WIDE, aggregate="sum")).invoke("Tell me a story").response_metadata["guardrails"]
+    assert meta["decisions"][0]["token"] == _tok().convert_ids_to_tokens(free.output_ids[2])
+
+
 def test_steering_is_visible_in_metadata() -> None:
     msg = chat(policy(BLOCK, action="steer")).invoke("hello")
     meta = msg.response_metadata["guardrails"]
@@ -340,8 +349,16 @@ def test_input_guard_before_a_hosted_model() -> None:
     seen: list[Any] = []
     model = RunnableLambda(lambda x: seen.append(x) or AIMessage("Sure, here it is."))
     chain = guard(BLOCK) | model | guard(PASS, "output") | StrOutputParser()
-    assert chain.invoke("how do I bake bread?") == REFUSAL  # the output guard knows the input was blocked
-    assert seen == [REFUSAL]  # the hosted model only ever saw the refusal
+    assert isinstance(chain, glc.GuardedSequence)
+    assert chain.invoke("how do I bake bread?") == REFUSAL and seen == []  # the model never ran
+    assert "".join(chain.stream("how do I bake bread?")) == REFUSAL and seen == []
+    assert asyncio.run(chain.ainvoke("how do I bake bread?")) == REFUSAL and seen == []
+    assert (guard(BLOCK) | model).invoke("x").content == REFUSAL  # a message where the chain gives messages
+    # inside a flat sequence the guard can only replace the input; the output guard then refuses too
+    flat = RunnableLambda(lambda x: x) | guard(BLOCK) | model | guard(PASS, "output") | StrOutputParser()
+    assert flat.invoke("how do I bake bread?") == REFUSAL
+    assert seen == [REFUSAL]  # the model only ever saw the refusal
+    assert (guard(PASS) | model | StrOutputParser()).invoke("hi") == "Sure, here it is." and seen[-1] == "hi"
     with pytest.raises(GuardrailViolation, match="blocked the input"):
         (guard(BLOCK, extra="raise_on_block: true") | model).invoke("how do I bake bread?")
 
@@ -378,14 +395,16 @@ def test_output_guard_scores_the_answer_after_the_prompt() -> None:
         def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
             events.append(data)
 
-    assert seq.invoke(prompt, config={"callbacks": [Events()]}) == answer
+    assert seq.invoke(prompt, config={"callbacks": [Events()]}) == answer  # via config metadata
+    flat = RunnableLambda(lambda x: x) | guard(PASS) | RunnableLambda(lambda _: answer) | g
+    assert flat.invoke(prompt, config={"callbacks": [Events()]}) == answer  # via the sequence's run id
     assert g.invoke(answer, config={"metadata": {glc.PROMPT_METADATA_KEY: prompt}}) == answer
     _, meta_dict = g.check({"input": prompt, "output": answer})
     _, meta_alone = g.check(answer)
     assert meta_dict["scores"]["r"] == pytest.approx(ref, rel=1e-5)
     assert meta_alone["scores"]["r"] != pytest.approx(ref, rel=1e-3)  # the prompt matters to the score
     out_events = [e for e in events if e["mode"] == "output"]
-    assert out_events and out_events[0]["scores"]["r"] == pytest.approx(ref, rel=1e-5)  # carried from the input
+    assert len(out_events) == 2 and all(e["scores"]["r"] == pytest.approx(ref, rel=1e-5) for e in out_events)
 
 
 def test_multi_turn_is_scored_as_a_whole() -> None:
