@@ -748,9 +748,11 @@ def _middleware_class() -> type:
                 return {"messages": [out["output"]], "jump_to": "end"}
             return {"messages": [out["output"]]} if meta["flagged"] else None
 
+        @hook_config(can_jump_to=["end"])
         async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
             return await asyncio.to_thread(self.before_model, state, runtime)
 
+        @hook_config(can_jump_to=["end"])
         async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
             return await asyncio.to_thread(self.after_model, state, runtime)
 
