@@ -76,8 +76,15 @@ class LabeledData:
         )
 
 
-def load_labeled(path: str | os.PathLike[str], *, limit: int | None = None) -> LabeledData:
-    """Read a labeled JSONL file; ``limit`` keeps a stratified head (every label kept in proportion)."""
+def load_labeled(
+    path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None
+) -> LabeledData:
+    """Read a labeled JSONL file.
+
+    ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
+    cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
+    hash covers the cut.
+    """
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"data file {str(p)!r} not found")
@@ -108,12 +115,18 @@ def load_labeled(path: str | os.PathLike[str], *, limit: int | None = None) -> L
         if label not in (0, 1, True, False):
             raise CalibrationError(f"{p}:{n}: label must be 0 or 1, got {label!r}")
         texts.append(text)
-        responses.append(str(row.get("response") or ""))
+        resp = str(row.get("response") or "")
+        if max_response_chars is not None and len(resp) > max_response_chars:
+            resp = resp[:max_response_chars].rsplit(" ", 1)[0]
+        responses.append(resp)
         labels.append(int(label))
         sources.append(str(row.get("source", "")))
     if not texts:
         raise CalibrationError(f"{p}: no rows")
-    data = LabeledData(str(p), hashlib.sha256(raw).hexdigest(), texts, responses if has_resp else None,
+    digest = hashlib.sha256(raw).hexdigest()
+    if max_response_chars is not None and has_resp:
+        digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
+    data = LabeledData(str(p), digest, texts, responses if has_resp else None,
                        np.asarray(labels, dtype=np.int64), sources)
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)

@@ -84,13 +84,13 @@ def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
 
 def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "bundled", *, top: int = 20,
                  scope: str | None = None, limit: int | None = None, n_examples: int = 3,
-                 target_fpr: float = 0.01) -> dict[str, Any]:
+                 target_fpr: float = 0.01, max_response_chars: int | None = None) -> dict[str, Any]:
     from guardrails.calibrate import fit_threshold, max_pooled_features
     from guardrails.discover import draft_rule, explain, rank_features, scored_tokens
     from guardrails.sae import SAE
 
     files = split_files(data_path)
-    data = load_labeled(files.get("train") or files["file"], limit=limit)
+    data = load_labeled(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
     sc = _scope_of_data(data, scope)
     sae = SAE.load(sae_ref, layer=layer)
     rows = session.rows(data, layer, sc)
@@ -119,7 +119,8 @@ def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "b
 def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_fpr: float | None = None,
                   target_recall: float | None = None, fit_weights: bool = False, rule_id: str | None = None,
                   out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
-                  limit: int | None = None, max_features: int = 16) -> dict[str, Any]:
+                  limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
+                  train_limit: int | None = None) -> dict[str, Any]:
     from guardrails.calibrate import (
         check_against_serving,
         fit_sparse_weights,
@@ -136,7 +137,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         target_fpr = 0.01
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
-    cal = load_labeled(files.get("cal") or files["file"], limit=limit)
+    cal = load_labeled(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
     rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]
     if not rules:
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
@@ -146,7 +147,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         det = rule.detector
         sc = rule_scope(rule)
         if fit_weights and isinstance(det, SAEFeaturesDetector):
-            train = load_labeled(files.get("train") or files["file"], limit=limit)
+            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+                                 max_response_chars=max_response_chars)
             guard0 = session.guard(policy)
             pooled = max_pooled_features(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
             weights = fit_sparse_weights(pooled, train.labels, max_features=max_features)
@@ -171,7 +173,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         rec_metrics: dict[str, Any] = {"cal": {**round_metrics(m_cal), "ci95": bootstrap_intervals(scores, cal.labels,
                                                                                                      thr)}}
         if "test" in files:
-            test = load_labeled(files["test"], limit=limit)
+            test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
             ts = text_scores(guard, rule.id, session.rows(test, layer, sc))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test.labels, thr)}
@@ -180,7 +182,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         record = make_record(policy=policy, data=cal, model_name=session.model_name, score_mode=guard.score_mode,
                              rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
                              metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
-                                                         "weights_fitted": bool(fit_weights)})
+                                                         "weights_fitted": bool(fit_weights),
+                                                         "max_response_chars": max_response_chars,
+                                                         "limit": limit, "train_limit": train_limit})
         report["rules"][rule.id] = record
     summary = {rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
                      "record": f"calibration/records/{policy.name}.json"} for rid, r in report["rules"].items()}
@@ -211,13 +215,14 @@ def _header(policy: Any) -> str:
 
 def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str | None = None,
              baselines: bool = False, train_path: str | None = None, limit: int | None = None,
-             intervals: bool = False) -> dict[str, Any]:
+             intervals: bool = False, max_response_chars: int | None = None,
+             train_limit: int | None = None) -> dict[str, Any]:
     from guardrails.calibrate import rule_scope
     from guardrails.evaluate import bootstrap_intervals, metrics, policy_row_scores, round_metrics
     from guardrails.policy import Policy
 
     policy = Policy.from_path(policy_path)
-    data = load_labeled(data_path, limit=limit)
+    data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     guard = session.guard(policy)
     rows: dict[str, list[Any]] = {
         rule_scope(r): session.rows(data, _layer(policy, r), rule_scope(r)) for r in policy.rules
@@ -230,7 +235,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
-        out["baselines"] = run_baselines(session, data, load_labeled(train) if train else None, _layer(policy, rule),
+        tr = load_labeled(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
+        out["baselines"] = run_baselines(session, data, tr, _layer(policy, rule),
                                          rule_scope(rule), window=rule.detector.window)
     return out
 
@@ -303,6 +309,7 @@ def register(app: typer.Typer) -> None:
         scope: Annotated[str | None, typer.Option(help="input or output (default: output if rows have responses)")]
         = None,
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     ) -> None:
         """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
@@ -311,7 +318,7 @@ def register(app: typer.Typer) -> None:
         from guardrails.cli import _run_safely, console
 
         res = _run_safely(lambda: run_discover(Session(model, progress=not as_json), data, layer, sae, top=top,
-                                               scope=scope, limit=limit))
+                                               scope=scope, limit=limit, max_response_chars=max_response_chars))
         if out is not None:
             out.write_text(yaml.safe_dump(res["policy"], sort_keys=False, allow_unicode=True), encoding="utf-8")
         if as_json:
@@ -342,6 +349,9 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
         no_record: Annotated[bool, typer.Option(help="Do not write calibration/records/<name>.json")] = False,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        train_limit: Annotated[int | None, typer.Option(help="Rows of the train/test splits (default: --limit)")]
+        = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
@@ -352,7 +362,8 @@ def register(app: typer.Typer) -> None:
         path = str(resolve_policy_path(policy))
         rep = _run_safely(lambda: run_calibrate(
             Session(model, progress=not as_json), path, data, target_fpr=target_fpr, target_recall=target_recall,
-            fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None if no_record else RECORDS))
+            fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None if no_record else RECORDS,
+            max_response_chars=max_response_chars, train_limit=train_limit))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return
@@ -376,13 +387,16 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
         intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
         from guardrails.cli import _run_safely, console, resolve_policy_path
 
         path = str(resolve_policy_path(policy))
         res = _run_safely(lambda: run_eval(Session(model, progress=not as_json), path, data, rule_id=rule,
-                                           baselines=baselines, train_path=train, limit=limit, intervals=intervals))
+                                           baselines=baselines, train_path=train, limit=limit, intervals=intervals,
+                                           max_response_chars=max_response_chars, train_limit=train_limit))
         if as_json:
             print(json.dumps(_json_safe(res), ensure_ascii=False))
             return
