@@ -54,10 +54,31 @@ def compliance_keyword_scores(responses: list[str]) -> np.ndarray:
     return -keyword_scores(responses, REFUSAL_KEYWORDS)
 
 
-def pooled(rows: list[Tensor]) -> np.ndarray:
-    """Mean residual per row ``[n_rows, d_model]`` (zeros for rows with no scored token)."""
+def shared_prefix(rows: list[Tensor], *, check: int = 64, rtol: float = 1e-3) -> int:
+    """Leading positions where every row's residual is the same (a chat template's system prompt).
+
+    Causal attention makes the residuals of a common prefix identical across texts, so they carry no
+    label information; pooling skips them.
+    """
+    sample = [r for r in rows if len(r)][:check]
+    if len(sample) < 2:
+        return 0
+    n = min(len(r) for r in sample) - 1  # keep at least one token per row
+    p = 0
+    while p < n and all(torch.allclose(sample[0][p], r[p], rtol=rtol, atol=rtol * float(r[p].abs().max()))
+                        for r in sample[1:]):
+        p += 1
+    return p
+
+
+def pooled(rows: list[Tensor], skip: int | None = None) -> np.ndarray:
+    """Mean residual per row ``[n_rows, d_model]`` over the tokens after the shared prefix (``skip``;
+    detected when None); zeros for rows with no scored token."""
     d = next(r.shape[-1] for r in rows if r.ndim == 2)
-    return np.stack([r.float().mean(0).numpy() if len(r) else np.zeros(d, np.float32) for r in rows])
+    p = shared_prefix(rows) if skip is None else skip
+    return np.stack([
+        (r[p:] if len(r) > p else r).float().mean(0).numpy() if len(r) else np.zeros(d, np.float32) for r in rows
+    ])
 
 
 def fit_probe(rows: list[Tensor], labels: np.ndarray, *, c: float = 0.05) -> tuple[np.ndarray, float]:

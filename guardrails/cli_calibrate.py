@@ -161,12 +161,23 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             new_rules[rule.id] = rule
             policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         layer = det.layer if not isinstance(det, SAEFeaturesDetector) else policy.saes[det.sae].layer
+        if fit_weights and not isinstance(det, SAEFeaturesDetector):
+            from guardrails.baselines import fit_diffmean, fit_probe, save_linear
+
+            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+                                 max_response_chars=max_response_chars)
+            fit = fit_probe if det.method == "probe" else fit_diffmean
+            w, b = fit(session.rows(train, layer, sc), train.labels)
+            save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
+                                                             "train": train.path, "train_sha256": train.sha256})
         guard = session.guard(policy)
         scores = text_scores(guard, rule.id, session.rows(cal, layer, sc))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
-        if rule.steer is not None and rule.steer.block_above is not None and rule.steer.block_above < thr:
-            upd["steer"] = rule.steer.model_copy(update={"block_above": thr})
+        if rule.steer is not None and rule.steer.block_above is not None:
+            # steer from the threshold; block above every label-0 row of the cal split (FPR 0 there)
+            above = round_up(max(thr, fit_threshold(scores, cal.labels, target_fpr=0.0)))
+            upd["steer"] = rule.steer.model_copy(update={"block_above": above})
         new_rules[rule.id] = rule.model_copy(update=upd)
         policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         m_cal = metrics(scores, cal.labels, thr)

@@ -62,7 +62,7 @@ class WatchedEncoder(torch.nn.Module):
         pre = torch.nn.functional.linear(x, self.W, self.b)
         if self.arch == "jumprelu":
             assert self.threshold is not None
-            return pre * (pre > self.threshold)
+            return torch.relu(pre) * (pre > self.threshold)
         return torch.relu(pre)
 
 
@@ -184,6 +184,7 @@ class LayerScorer:
                     self.last_top = (vals, self._feat_index[cols])
             else:
                 dense = self.sae.encode(hidden)
+                check_finite(dense, f"layer {self.layer} SAE activations")
                 parts.append(dense.index_select(-1, self._feat_index).float())
                 if self.top_n:
                     vals, idx = dense.topk(self.top_n, dim=-1)

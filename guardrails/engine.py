@@ -98,6 +98,8 @@ class GuardRun:
     states: dict[str, RuleState] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     seen_layers: set[int] = field(default_factory=set)
+    tripping_token: dict[int, int] = field(default_factory=dict)
+    """Per blocked sequence, the id of the withheld token that tripped the rule (for audits)."""
     token_features: dict[int, dict[int, list[tuple[int, float]]]] = field(default_factory=dict)
     """Per sequence, per position: top SAE features (id, activation) at the scored tokens."""
 

@@ -276,81 +276,89 @@ class GuardedModel:
         all_ids, all_mask, all_pos = ids, mask, positions
         is_output = torch.zeros_like(mask, dtype=torch.bool)
         past: Any = None
-        from transformers import DynamicCache
-
-        with self._lock, output_hooks(self.model, self._hooks(run)):
-            for step in range(max_new_tokens + 1):
-                last = step == max_new_tokens
-                if step == 0:
-                    cur_ids, cur_pos = ids, positions
-                    score = self._scorable(ids, mask, positions)
-                    past = DynamicCache() if use_cache else None
-                else:
-                    assert pending is not None
-                    new_pos = all_pos.max(1).values + 1
-                    all_ids = torch.cat([all_ids, pending[:, None]], 1)
-                    all_mask = torch.cat([all_mask, torch.ones_like(pending)[:, None]], 1)
-                    all_pos = torch.cat([all_pos, new_pos[:, None]], 1)
-                    is_output = torch.cat([is_output, torch.ones_like(pending, dtype=torch.bool)[:, None]], 1)
-                    active = ~finished & torch.tensor([run.active(b) for b in range(B)], device=device)
-                    new_score = self._scorable(pending[:, None], torch.ones_like(pending)[:, None], new_pos[:, None])
-                    new_score &= active[:, None]
-                    if use_cache:
-                        cur_ids, cur_pos = pending[:, None], new_pos[:, None]
-                        score = new_score
-                    else:
-                        cur_ids, cur_pos = all_ids, all_pos
-                        score = torch.cat([torch.zeros_like(all_mask[:, :-1], dtype=torch.bool), new_score], 1)
-                run.ctx = StepContext(
-                    positions=all_pos if not use_cache or step == 0 else cur_pos,
-                    score_mask=score,
-                    is_output=is_output[:, -cur_ids.shape[1] :],
-                    steer_mask=(all_mask if not use_cache or step == 0 else torch.ones_like(cur_ids)).bool(),
-                )
-                if step == 0 or not use_cache:
-                    run.ctx.positions = all_pos[:, -cur_ids.shape[1] :]
-                kwargs: dict[str, Any] = {
-                    "input_ids": cur_ids,
-                    "attention_mask": all_mask,
-                    "position_ids": cur_pos.clamp_min(0) if step == 0 or use_cache else all_pos.clamp_min(0),
-                    "use_cache": use_cache,
-                }
+        for step in range(max_new_tokens + 1):
+            last = step == max_new_tokens
+            if step == 0:
+                cur_ids, cur_pos = ids, positions
+                score = self._scorable(ids, mask, positions)
+                past = _new_cache(self.model) if use_cache else None
+            else:
+                assert pending is not None
+                new_pos = all_pos.max(1).values + 1
+                all_ids = torch.cat([all_ids, pending[:, None]], 1)
+                all_mask = torch.cat([all_mask, torch.ones_like(pending)[:, None]], 1)
+                all_pos = torch.cat([all_pos, new_pos[:, None]], 1)
+                is_output = torch.cat([is_output, torch.ones_like(pending, dtype=torch.bool)[:, None]], 1)
+                active = ~finished & torch.tensor([run.active(b) for b in range(B)], device=device)
+                new_score = self._scorable(pending[:, None], torch.ones_like(pending)[:, None], new_pos[:, None])
+                new_score &= active[:, None]
                 if use_cache:
-                    kwargs[self._cache_kw] = past
-                    kwargs["logits_to_keep"] = 1
-                if step == 0:
-                    kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)
-                logits = None
-                if last:
-                    try:
-                        with stop_after_layer(self.model, self.deepest):
-                            self.model(**kwargs)
-                    except StopForward:
-                        pass
+                    cur_ids, cur_pos = pending[:, None], new_pos[:, None]
+                    score = new_score
                 else:
-                    logits = self.model(**kwargs).logits[:, -1, :]
-                run.check_all_scored()
-                # release the tokens this forward scored (those of rows still active)
-                if pending is not None:
-                    for b in range(B):
-                        if not bool(finished[b]) and run.active(b):
-                            released[b].append(int(pending[b]))
-                # rows blocked now stop; their tripping token is withheld
+                    cur_ids, cur_pos = all_ids, all_pos
+                    score = torch.cat([torch.zeros_like(all_mask[:, :-1], dtype=torch.bool), new_score], 1)
+            run.ctx = StepContext(
+                positions=all_pos if not use_cache or step == 0 else cur_pos,
+                score_mask=score,
+                is_output=is_output[:, -cur_ids.shape[1] :],
+                steer_mask=(all_mask if not use_cache or step == 0 else torch.ones_like(cur_ids)).bool(),
+            )
+            if step == 0 or not use_cache:
+                run.ctx.positions = all_pos[:, -cur_ids.shape[1] :]
+            kwargs: dict[str, Any] = {
+                "input_ids": cur_ids,
+                "attention_mask": all_mask,
+                "position_ids": cur_pos.clamp_min(0) if step == 0 or use_cache else all_pos.clamp_min(0),
+                "use_cache": use_cache,
+            }
+            if use_cache:
+                kwargs[self._cache_kw] = past
+                kwargs["logits_to_keep"] = 1
+            if step == 0:
+                kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)
+            logits = self._forward(run, kwargs, truncated=last)
+            run.check_all_scored()
+            run.ctx = None
+            # release the tokens this forward scored (those of rows still active)
+            if pending is not None:
                 for b in range(B):
-                    if not run.active(b):
-                        finished[b] = True
-                if logits is None:
-                    yield run, released, True
-                    return
-                nxt = _next_token(logits.float(), sampling, gen)
-                nxt = torch.where(finished, torch.full_like(nxt, int(tok.pad_token_id)), nxt)
-                is_eos = torch.isin(nxt, self._eos.to(device)) & ~finished
-                finished |= is_eos
-                pending = nxt
-                done = bool(finished.all())
-                yield run, released, done
-                if done:
-                    return
+                    if not bool(finished[b]) and run.active(b):
+                        released[b].append(int(pending[b]))
+            # rows blocked now stop; their tripping token is withheld (kept for the audit trace only)
+            for b in range(B):
+                if not run.active(b) and not bool(finished[b]):
+                    finished[b] = True
+                    if pending is not None and run.blocked_at[b] == int(all_pos[b, -1]):
+                        run.tripping_token[b] = int(pending[b])
+            if logits is None:
+                yield run, released, True
+                return
+            nxt = _next_token(logits.float(), sampling, gen)
+            nxt = torch.where(finished, torch.full_like(nxt, int(tok.pad_token_id)), nxt)
+            is_eos = torch.isin(nxt, self._eos.to(device)) & ~finished
+            finished |= is_eos
+            pending = nxt
+            done = bool(finished.all())
+            yield run, released, done
+            if done:
+                return
+
+    def _forward(self, run: GuardRun, kwargs: dict[str, Any], *, truncated: bool) -> Tensor | None:
+        """One forward with this run's hooks, under the model's lock; hooks exist only for its duration.
+
+        Registering per step (microseconds) keeps a suspended stream from touching other calls of
+        the shared model, and lets threads interleave their steps.
+        """
+        with self._lock, output_hooks(self.model, self._hooks(run)):
+            if truncated:
+                try:
+                    with stop_after_layer(self.model, self.deepest):
+                        self.model(**kwargs)
+                except StopForward:
+                    pass
+                return None
+            return self.model(**kwargs).logits[:, -1, :]
 
     # -- public API -------------------------------------------------------------------------------------
     def generate(
@@ -479,7 +487,7 @@ class GuardedModel:
             at = int(run.blocked_at[b])  # type: ignore[arg-type]
             extra = at - len(all_ids) + 1
             if extra > 0:  # the tripping token itself, kept only for the audit trace
-                all_ids = all_ids + [tok.pad_token_id] * extra
+                all_ids = all_ids + [run.tripping_token.get(b, tok.pad_token_id)] * extra
         tokens = tok.convert_ids_to_tokens(all_ids)
         decisions = [
             Decision(**{**d.__dict__, "token": tokens[d.position] if 0 <= d.position < len(tokens) else None})
@@ -524,6 +532,16 @@ class GuardedStream:
 
     def __iter__(self) -> Iterator[str]:
         return self._it
+
+    def close(self) -> None:
+        """Stop generating (the KV cache and state are dropped; no hooks are left either way)."""
+        self._it.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> GuardedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __next__(self) -> str:
         return next(self._it)
@@ -622,3 +640,13 @@ def _next_token(logits: Tensor, sampling: dict[str, Any], gen: torch.Generator |
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
     return torch.multinomial(probs, 1, generator=gen).flatten().to(logits.device)
+
+
+def _new_cache(model: Any) -> Any:
+    """A fresh KV cache; hybrid models (Qwen3.5 linear attention) need the config to lay it out."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()

@@ -19,11 +19,6 @@ FEATURES = list(range(0, D_SAE, 2))
 PROMPTS = ["How do I bake bread?", "Tell me a story", "What is the capital"]
 REFUSAL = "Sorry, no."
 NEW = 8
-QWEN3_5_CACHE_BUG = pytest.mark.xfail(
-    reason="lead: generation.py _steps builds DynamicCache() without config; Qwen3.5 (linear attention) "
-    "needs DynamicCache(config=self.model.config) -> IndexError in get_conv_state",
-    strict=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +127,7 @@ def test_sae_width_mismatch_is_refused(lm: Any, tok: Any, tmp_path: Path) -> Non
 # -- generation ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", pytest.param("qwen3_5", marks=QWEN3_5_CACHE_BUG)])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_5"])
 def test_no_rule_fires_output_equals_greedy(lm: Any, tok: Any, sae_file: Any, arch: str) -> None:
     model = lm(arch)
     guard = GuardedModel(model, tok, _policy(sae_file[0]))
@@ -236,10 +231,10 @@ def test_hooks_removed_after_abandoned_stream(lm: Any, tok: Any, sae_file: Any) 
         got = piece
         break
     assert got is not None
-    assert hooks_on(model) > 0  # the suspended stream still holds its hooks ...
+    assert hooks_on(model) == 0  # hooks exist only during each forward step, not while suspended
     del stream
     gc.collect()
-    assert hooks_on(model) == 0  # ... until it is dropped
+    assert hooks_on(model) == 0
 
     it = iter(guard.stream(PROMPTS[1], max_new_tokens=NEW, chat=False))
     next(it)
@@ -281,13 +276,6 @@ def test_hooks_removed_after_exception(lm: Any, tok: Any, sae_file: Any) -> None
     assert guard.generate(PROMPTS[0], max_new_tokens=NEW, chat=False).output_ids == _greedy(model, tok, PROMPTS[0])
 
 
-@pytest.mark.xfail(
-    reason="lead: generation.py _steps keeps its hooks registered across yields, so while a stream is "
-    "suspended its hooks (here: steering) act on every other forward of the shared model on that thread "
-    "(the RLock is re-entered). Register the hooks around each forward step, or make them inert outside "
-    "their own run's forwards",
-    strict=True,
-)
 def test_suspended_stream_does_not_steer_other_calls(lm: Any, tok: Any, sae_file: Any) -> None:
     model = lm("qwen3")
     expected = _greedy(model, tok, PROMPTS[2])

@@ -168,8 +168,6 @@ def test_stream_never_shows_the_tripping_token() -> None:
     assert model.invoke("Tell me a story").content == REFUSAL
 
 
-@pytest.mark.xfail(reason="lead: generation.py GuardedModel._result pads the tripping token with pad_token_id, "
-                   "so a block decision's token is the pad token, not the token that tripped", strict=True)
 def test_block_decision_names_the_tripping_token() -> None:
     free = chat(policy(PASS)).guard.generate("Tell me a story", max_new_tokens=6)
     assert isinstance(free, GenerationResult)

@@ -250,9 +250,6 @@ def test_serving_module_runs_without_torch(watched: Path) -> None:
             assert (a[rid] is None or math.isnan(a[rid])) if math.isnan(v) else a[rid] == pytest.approx(v)
 
 
-@pytest.mark.xfail(reason="lead: guardrails/__init__.py imports engine/generation (torch) eagerly, so "
-                          "'import guardrails.onnx' loads torch; make the package exports lazy (PEP 562)",
-                   strict=True)
 def test_import_guardrails_onnx_does_not_load_torch() -> None:
     code = "import sys, guardrails.onnx; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,

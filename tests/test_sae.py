@@ -235,12 +235,6 @@ def test_watched_encoder_matches_sae_for_relu() -> None:
     torch.testing.assert_close(WatchedEncoder(sae, feats)(x), sae.encode(x)[..., feats])
 
 
-@pytest.mark.xfail(
-    reason="lead: detectors.py WatchedEncoder.forward computes jumprelu as pre * (pre > threshold); "
-    "SAE.encode follows Gemma Scope / SAELens, relu(pre) * (pre > threshold): they differ where the "
-    "threshold is negative. Use torch.relu(pre) * (pre > self.threshold)",
-    strict=True,
-)
 def test_watched_encoder_matches_sae_for_jumprelu_with_negative_thresholds() -> None:
     from guardrails.detectors import WatchedEncoder
 
