@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmarks: each runs as one command in --quick mode and ends with one JSON object.
+
+Only the shape of the JSON is checked (and the correctness checks the benchmarks make themselves,
+e.g. guarded output == unguarded output); never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(name: str, *args: str, timeout: int = 900) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--quick", "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    out = json.loads(last)
+    assert isinstance(out, dict)
+    assert out["quick"] is True and out["environment"]["threads"] == 1
+    return out
+
+
+def _numbers(row: dict[str, Any], keys: list[str]) -> None:
+    for k in keys:
+        assert isinstance(row[k], (int, float)) and row[k] >= 0, (k, row)
+
+
+def test_scaling_quick_json_shape(tmp_path: Path) -> None:
+    path = tmp_path / "scaling.json"
+    out = _run("scaling.py", "--no-model", "--shapes", "SmolLM2", "--lengths", "128", "--json-out", str(path))
+    assert out["benchmark"] == "scaling"
+    assert json.loads(path.read_text()) == out
+    rows = out["results"]
+    assert {(r["mode"], r["length"]) for r in rows} == {("exact", 128), ("watched", 128)}
+    for r in rows:
+        _numbers(r, ["us_per_token_median", "us_per_token_best", "prompt_ms", "ratio_to_forward_flops"])
+        assert r["width"] == r["d_sae"] // r["d_model"] == 16
+    exact = next(r for r in rows if r["mode"] == "exact")
+    watched = next(r for r in rows if r["mode"] == "watched")
+    # bytes follow from the shapes: the full encoder vs 10 rows, float32
+    assert exact["encoder_bytes"] == 9216 * 576 * 4 and watched["encoder_bytes"] == 10 * 576 * 4
+    assert exact["ratio_to_forward_flops"] == pytest.approx(576 * 9216 / 0.135e9)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_overhead_quick_json_shape() -> None:
+    out = _run("overhead.py")
+    assert out["benchmark"] == "overhead"
+    modes = {(r["batch"], r["mode"], r["features"]) for r in out["results"]}
+    assert modes == {(1, "none", 0), (1, "exact", 10), (1, "watched", 10)}
+    for r in out["results"]:
+        _numbers(r, ["tokens_per_s_median", "tokens_per_s_max", "ratio_median", "ratio_best", "tokens"])
+    base = next(r for r in out["results"] if r["mode"] == "none")
+    assert base["ratio_median"] == 1.0
+    assert {m["mode"] for m in out["memory"]} == {"exact", "watched"}
+    for m in out["memory"]:
+        _numbers(m, ["guard_tensor_bytes", "watched_rows_bytes"])
+    watched = next(m for m in out["memory"] if m["mode"] == "watched")
+    assert watched["watched_rows_bytes"] == 10 * 576 * 4 + 10 * 4  # 10 encoder rows + 10 biases, float32
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_peers_quick_json_shape() -> None:
+    out = _run("peers.py", "--no-onnx")
+    assert out["benchmark"] == "peers"
+    methods = {c["method"] for c in out["cost"]}
+    assert {"unguarded", "in-stream exact", "in-stream watched", "judge (post-hoc)",
+            "torch text guard (post-hoc)"} <= methods
+    for c in out["cost"]:
+        _numbers(c, ["cost_ratio_median", "cost_ratio_best"])
+    lat = out["latency"]
+    j = out["onset"]["output_index"]
+    for mode in ("exact", "watched"):
+        # by construction the rule first trips at output token j: the in-stream guard decides there
+        assert lat[f"in-stream {mode}"]["decided_at"] == j
+        assert lat[f"in-stream {mode}"]["latency_tokens"] == 1
+        assert lat[f"in-stream {mode}"]["shown_after_harm"] == 0
+    assert lat["torch-scan (post-hoc)"]["latency_tokens"] >= 1
