@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from guardrails.errors import GuardrailViolation
 
 if TYPE_CHECKING:
-    from guardrails.engine import Decision
+    from guardrails.decision import Decision
     from guardrails.generation import GenerationResult, GuardedModel, GuardedStream, TextScore
     from guardrails.policy import Policy, PolicyError
     from guardrails.sae import SAE, EncodeOutput, SAEConfig, SAEError
@@ -30,7 +30,7 @@ _LAZY = {
     "EncodeOutput": "guardrails.sae",
     "Policy": "guardrails.policy",
     "PolicyError": "guardrails.policy",
-    "Decision": "guardrails.engine",
+    "Decision": "guardrails.decision",
     "GenerationResult": "guardrails.generation",
     "GuardedModel": "guardrails.generation",
     "GuardedStream": "guardrails.generation",
