@@ -157,10 +157,45 @@ def cache_root() -> Path:
     return cache_dir() / "activations"
 
 
+class ResidualRows(list[Tensor]):
+    """Per-row residuals ``[n_scored_i, d_model]``, with each scored token's position in its sequence.
+
+    Positions matter for windows: in a prefill the engine's window spans positions, so an unscored
+    token (a special token, a prompt token for an output rule) inside a window leaves a gap.
+    """
+
+    positions: list[list[int]] | None = None
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> ResidualRows:
+        """The rows at ``idx``, positions kept."""
+        out = ResidualRows(self[int(i)] for i in idx)
+        out.positions = [self.positions[int(i)] for i in idx] if self.positions is not None else None
+        return out
+
+
+def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: Scope,
+                     chat: bool = True) -> list[list[int]]:
+    """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out = []
+    for i, text in enumerate(prompts):
+        prompt = text
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        resp = responses[i] if responses is not None else None
+        r_ids = list(tokenizer(resp, add_special_tokens=False)["input_ids"]) if resp else []
+        ids = (p_ids + r_ids)[:MAX_TOKENS]
+        out.append([j for j, t in enumerate(ids) if j > 0 and t not in special
+                    and ((j >= len(p_ids)) if scope == "output" else (j < len(p_ids)))])
+    return out
+
+
 def residuals(
     model: Any, tokenizer: Any, data: LabeledData, layer: int, scope: Scope, *, model_name: str,
     chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
-) -> list[Tensor]:
+) -> ResidualRows:
     """Per-row residuals ``[n_scored_i, d_model]`` at ``layer`` over the tokens ``scope`` rules score."""
     from safetensors.torch import load_file, save_file
 
@@ -169,19 +204,26 @@ def residuals(
         json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v1"]).encode()
     ).hexdigest()[:24]
     path = cache_root() / f"{key}.safetensors"
+    prompts, responses = rows_for_scope(data, scope)
     if use_cache and path.is_file():
         t = load_file(str(path))
         x, offsets = t["x"], t["offsets"].tolist()
-        return [x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    prompts, responses = rows_for_scope(data, scope)
-    res = collect_sorted(model, tokenizer, prompts, responses, layer, scope, chat, progress, batch_size)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ends = np.cumsum([0] + [len(r) for r in res])
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"x": torch.cat(res).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
-                  metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
-        tmp.replace(path)
+        res = ResidualRows(x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
+    else:
+        res = ResidualRows(collect_sorted(model, tokenizer, prompts, responses, layer, scope, chat, progress,
+                                          batch_size))
+        if use_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ends = np.cumsum([0] + [len(r) for r in res])
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"x": torch.cat(list(res)).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
+                      metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
+            tmp.replace(path)
+    pos = scored_positions(tokenizer, prompts, responses, scope, chat)
+    if [len(p) for p in pos] == [len(r) for r in res]:
+        res.positions = pos
+    else:
+        logger.warning("scored positions do not match the cached residuals of %s; windows assume no gaps", data.path)
     return res
 
 
@@ -218,8 +260,12 @@ def unthresholded(policy: Policy) -> Policy:
     return policy.model_copy(update={"rules": rules})
 
 
-def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: int = 64) -> list[np.ndarray]:
-    """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun)."""
+def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: int = 32) -> list[np.ndarray]:
+    """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun).
+
+    With :class:`ResidualRows` positions, each row is laid out at its positions in the sequence (gaps
+    unscored), exactly as a prefill presents it to the engine.
+    """
     from guardrails.engine import GuardRun, StepContext
 
     rule = next((r for r in guard.policy.rules if r.id == rule_id), None)
@@ -230,25 +276,28 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: in
     policy = unthresholded(guard.policy)
     scorers = _scorers_for(guard, policy)
     is_out = rule_scope(rule) == "output"
+    positions = getattr(rows, "positions", None) or [list(range(1, len(r) + 1)) for r in rows]
     out: list[np.ndarray] = []
     d = next((r.shape[-1] for r in rows if r.ndim == 2), 1)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        width = max(1, max(len(r) for r in chunk))
+        pchunk = positions[start : start + batch_size]
+        width = max(1, max((p[-1] + 1 if p else 1) for p in pchunk))
         hidden = torch.zeros(len(chunk), width, d)
         mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for b, r in enumerate(chunk):
+        for b, (r, p) in enumerate(zip(chunk, pchunk, strict=True)):
             if len(r):
-                hidden[b, : len(r)] = r.float()
-                mask[b, : len(r)] = True
-        positions = torch.arange(1, width + 1).expand(len(chunk), width).masked_fill(~mask, -1)
+                idx = torch.tensor(p)
+                hidden[b, idx] = r.float()
+                mask[b, idx] = True
+        pos = torch.arange(width).expand(len(chunk), width)
         run = GuardRun(policy, scorers, len(chunk), [0 if is_out else width + 1] * len(chunk))
-        run.ctx = StepContext(positions, mask, torch.full_like(mask, is_out), mask)
+        run.ctx = StepContext(pos, mask, torch.full_like(mask, is_out), torch.ones_like(mask))
         with torch.inference_mode():
             run.on_layer(layer, hidden)
         ts = run.trace_scores[rule_id][0][1]
-        for b, r in enumerate(chunk):
-            out.append(ts[b, : len(r)].numpy().astype(np.float64))
+        for b, p in enumerate(pchunk):
+            out.append(ts[b, torch.tensor(p, dtype=torch.long)].numpy().astype(np.float64) if p else np.zeros(0))
     return out
 
 

@@ -49,16 +49,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load_guard(policy: str | None, model: str | None, score_mode: str | None) -> Any:
+def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None) -> Any:
     from guardrails.generation import GuardedModel
     from guardrails.policy import Policy
 
     pol = Policy.from_path(resolve_policy_path(policy))
-    return GuardedModel.from_pretrained(model, policy=pol, score_mode=score_mode)
+    return GuardedModel.from_pretrained(model, policy=pol, score_mode=score_mode, audit=audit)
 
 
 def _run_safely(fn: Any) -> Any:
     """Turn library errors into one clear line and exit code 2 (no traceback from deep inside)."""
+    from guardrails.audit import AuditError
     from guardrails.hooks import HookError
     from guardrails.models import ModelLoadError
     from guardrails.policy import PolicyError
@@ -66,7 +67,7 @@ def _run_safely(fn: Any) -> Any:
 
     try:
         return fn()
-    except (PolicyError, SAEError, HookError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (PolicyError, SAEError, HookError, ModelLoadError, AuditError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -84,11 +85,14 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are released")] = False,
     score_mode: ModeOpt = None,
+    audit_db: Annotated[
+        str | None, typer.Option("--audit-db", envvar="GUARDRAILS_AUDIT_DB", help="Record decisions in this audit db")
+    ] = None,
 ) -> None:
     """Generate a reply to PROMPT under a policy and show what the guard decided."""
     if not prompt.strip():
         fail("PROMPT is empty")
-    guard = _run_safely(lambda: _load_guard(policy, model, score_mode))
+    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db))
     if stream and not as_json:
         s = guard.stream(prompt, max_new_tokens=max_new_tokens)
         for piece in s:

@@ -151,6 +151,8 @@ class LayerScorer:
             self.encoder = WatchedEncoder(self.sae, self.features)
         self._feat_index = torch.tensor(self.features, dtype=torch.long)
         self.top_n = 5
+        self.audit_sae: SAE | None = None
+        """An SAE declared at this layer that no rule reads: explains decisions of linear rules in audits."""
         """Top features kept per scored token for audits (0 to skip)."""
         self.last_top: tuple[Tensor, Tensor] | None = None
 
@@ -209,10 +211,11 @@ class LayerScorer:
 
     def top_features(self, hidden: Tensor, n: int = 5) -> list[tuple[int, float]]:
         """Top-``n`` SAE features of one hidden vector ``[d_model]`` (full encode), for audits."""
-        if self.sae is None:
+        sae = self.sae or self.audit_sae
+        if sae is None:
             return []
         with torch.inference_mode():
-            acts = self.sae.encode(hidden.to(self.sae.device))
+            acts = sae.encode(hidden.to(sae.device))
             vals, idx = acts.topk(min(n, acts.shape[-1]))
         return [(int(i), round(float(v), 4)) for v, i in zip(vals, idx, strict=True) if float(v) > 0]
 

@@ -133,6 +133,10 @@ class GuardedModel:
         if self.score_mode not in ("exact", "watched"):
             raise ValueError(f"unknown score_mode {self.score_mode!r}; valid: exact, watched")
         self.chat = chat
+        if isinstance(audit, str | os.PathLike):
+            from guardrails.audit import AuditStore
+
+            audit = AuditStore(audit)
         self.audit = audit
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -150,6 +154,9 @@ class GuardedModel:
         self.scorers: dict[int, LayerScorer] = {}
         for layer, rules in by_layer.items():
             scorer = LayerScorer(layer, rules, self.policy, self.saes, linear, self.score_mode)
+            if scorer.sae is None:
+                here = [s for s, spec in self.policy.saes.items() if spec.layer == layer and s in self.saes]
+                scorer.audit_sae = self.saes[here[0]] if here else None
             dev = next(layers[layer].parameters()).device
             self.scorers[layer] = scorer.to(dev)
         self.deepest = max(self.scorers)
@@ -176,17 +183,25 @@ class GuardedModel:
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         score_mode: str | None = None,
+        audit: Any = None,
         **kwargs: Any,
     ) -> GuardedModel:
-        """Load a model (the bundled SmolLM2-135M-Instruct by default) and guard it with ``policy``."""
+        """Load a model (the bundled SmolLM2-135M-Instruct by default) and guard it with ``policy``.
+
+        ``audit``: an :class:`~guardrails.audit.AuditStore` or a database path; records every
+        generation with decisions.
+        """
         from guardrails.models import load_model
 
         pol = policy if isinstance(policy, Policy) else Policy.from_path(policy)
         lm, tok = load_model(model or pol.model, dtype=dtype, device=device, **kwargs)
-        return cls(lm, tok, pol, score_mode=score_mode)
+        return cls(lm, tok, pol, score_mode=score_mode, audit=audit)
 
     def _load_saes(self, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:
         used = {r.detector.sae for r in self.policy.rules if isinstance(r.detector, SAEFeaturesDetector)}
+        rule_layers = set(self.policy.layers())
+        # an SAE declared at a layer where only linear rules read still explains their decisions
+        used |= {sid for sid, spec in self.policy.saes.items() if spec.layer in rule_layers}
         out: dict[str, SAE] = {}
         for sid in sorted(used):
             spec = self.policy.saes[sid]
@@ -489,10 +504,10 @@ class GuardedModel:
             if extra > 0:  # the tripping token itself, kept only for the audit trace
                 all_ids = all_ids + [run.tripping_token.get(b, tok.pad_token_id)] * extra
         tokens = tok.convert_ids_to_tokens(all_ids)
-        decisions = [
-            Decision(**{**d.__dict__, "token": tokens[d.position] if 0 <= d.position < len(tokens) else None})
-            for d in decisions
-        ]
+        def token_text(pos: int) -> str | None:
+            return str(tok.decode([all_ids[pos]])) if 0 <= pos < len(all_ids) else None
+
+        decisions = [Decision(**{**d.__dict__, "token": token_text(d.position)}) for d in decisions]
         rule = next((r for r in self.policy.rules if r.id == run.block_rule[b]), None)
         refusal = (rule.message if rule and rule.message else None) or self.policy.refusal
         return GenerationResult(

@@ -172,7 +172,7 @@ def test_block_decision_names_the_tripping_token() -> None:
     free = chat(policy(PASS)).guard.generate("Tell me a story", max_new_tokens=6)
     assert isinstance(free, GenerationResult)
     meta = chat(policy(3, window=WIDE, aggregate="sum")).invoke("Tell me a story").response_metadata["guardrails"]
-    assert meta["decisions"][0]["token"] == _tok().convert_ids_to_tokens(free.output_ids[2])
+    assert meta["decisions"][0]["token"] == _tok().decode([free.output_ids[2]])
 
 
 def test_steering_is_visible_in_metadata() -> None:
