@@ -28,6 +28,7 @@ Export code imports torch lazily, inside its functions.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from guardrails.decision import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -69,43 +72,6 @@ class OnnxGuardError(RuntimeError):
 # =====================================================================================================
 
 
-@dataclass(frozen=True)
-class OnnxDecision:
-    """A decision of the ONNX guard; the same fields as :class:`guardrails.engine.Decision`."""
-
-    action: str
-    """flag, block, steer, or error (scoring failed; ``resolution`` says what on_error did)."""
-    rule: str
-    """Id of the rule."""
-    score: float
-    """The rule's windowed score at the token (NaN for errors)."""
-    threshold: float
-    """The threshold the score reached (``steer.block_above`` when a steer rule blocks)."""
-    position: int
-    """Token index in the text (prompt and response, padding excluded)."""
-    scope: str
-    """input (prompt token) or output (response token)."""
-    sequence: int = 0
-    """Index of the text in the call."""
-    output_index: int | None = None
-    """Index of the token in the response (None for prompt tokens)."""
-    token: str | None = None
-    """Text of the token."""
-    top_features: tuple[tuple[int, float], ...] = ()
-    """Always empty: the graph holds only the watched features."""
-    reason: str | None = None
-    """For errors: what went wrong."""
-    resolution: str | None = None
-    """For errors: what on_error did (block, flag, allow)."""
-
-    def to_dict(self) -> dict[str, object]:
-        d = dict(self.__dict__)
-        d["top_features"] = [list(p) for p in self.top_features]
-        if isinstance(d["score"], float) and not math.isfinite(d["score"]):
-            d["score"] = None
-        return d
-
-
 @dataclass
 class OnnxTextScore:
     """Scores of one text: the same fields as :class:`guardrails.generation.TextScore`."""
@@ -114,8 +80,8 @@ class OnnxTextScore:
     """Per rule, the highest windowed score over the scored tokens (NaN if none scored)."""
     token_scores: dict[str, dict[int, float]]
     """Per rule, windowed score at each scored position."""
-    decisions: list[OnnxDecision]
-    """What the policy does on this text."""
+    decisions: list[Decision]
+    """What the policy does on this text (``top_features`` empty: the graph has only the watched ones)."""
     tokens: list[str]
     """Token strings."""
     errors: list[str] = field(default_factory=list)
@@ -327,7 +293,7 @@ class OnnxGuard:
             ok = ~np.isnan(w)
             token_scores[rule["id"]] = {int(p): float(v) for p, v in zip(np.nonzero(ok)[0], w[ok], strict=True)}
             scores[rule["id"]] = float(w[ok].max()) if ok.any() else math.nan
-        decisions: list[OnnxDecision] = []
+        decisions: list[Decision] = []
         blocked = False
         errors = sorted(set(failed_layers.values()))
         for r in self.order:  # the torch hooks' order: layers ascending, rules in policy order
@@ -340,7 +306,7 @@ class OnnxGuard:
                     continue
                 t = int(hits[0])
                 resolution = rule["on_error"]
-                decisions.append(OnnxDecision(
+                decisions.append(Decision(
                     "error", rule["id"], math.nan, rule["threshold"], t, "output" if is_output[t] else "input",
                     sequence, t - n_prompt if is_output[t] else None, tokens[t],
                     reason=failed_layers[rule["layer"]], resolution=resolution,
@@ -356,7 +322,7 @@ class OnnxGuard:
             action, threshold = rule["action"], rule["threshold"]
             if action == "steer" and rule.get("block_above") is not None and score >= rule["block_above"]:
                 action, threshold = "block", float(rule["block_above"])
-            decisions.append(OnnxDecision(
+            decisions.append(Decision(
                 action, rule["id"], score, threshold, t, "output" if is_output[t] else "input", sequence,
                 t - n_prompt if is_output[t] else None, tokens[t],
             ))
@@ -405,6 +371,7 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     import torch
     from torch import Tensor, nn
 
+    from guardrails.detectors import WatchedEncoder
     from guardrails.hooks import decoder_layers, hidden_of
 
     base = model.model if hasattr(model, "model") else model
@@ -426,32 +393,29 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
         b: Tensor
         cols: Tensor
         b_dec: Tensor | None
-        thr: Tensor | None
         lin_W: Tensor | None
         lin_b: Tensor | None
 
         def __init__(self, scorer: Any, mode: str) -> None:
             super().__init__()
-            self.arch: str | None = None
             self.exact_topk = False
             self.k = 0
             self.relu_after_topk = False
+            self.rows: nn.Module | None = None  # watched rows: the torch path's own WatchedEncoder, in float32
             sae = scorer.sae
-            if sae is not None:
-                idx = torch.tensor(scorer.features, dtype=torch.long)
-                self.arch = sae.cfg.architecture
-                self.exact_topk = mode == "exact" and self.arch == "topk"
+            if sae is not None and mode == "exact" and sae.cfg.architecture == "topk":
+                # a feature is kept when its pre-activation reaches the k-th largest (TopK, ties aside)
+                self.exact_topk = True
                 self.k = int(sae.cfg.k or 0)
                 self.relu_after_topk = bool(sae.cfg.relu_after_topk)
-                w_full = sae.W_enc.detach().float()
-                self.register_buffer("W", w_full.clone() if self.exact_topk else w_full[idx].clone())
-                b_full = sae.b_enc.detach().float()
-                self.register_buffer("b", b_full.clone() if self.exact_topk else b_full[idx].clone())
-                self.register_buffer("cols", idx)
-                self.register_buffer("b_dec", sae.b_dec.detach().float().clone()
+                self.register_buffer("W", sae.W_enc.detach().float().cpu().clone())
+                self.register_buffer("b", sae.b_enc.detach().float().cpu().clone())
+                self.register_buffer("cols", torch.tensor(scorer.features, dtype=torch.long))
+                self.register_buffer("b_dec", sae.b_dec.detach().float().cpu().clone()
                                      if sae.cfg.apply_b_dec_to_input else None)
-                thr = sae.threshold[idx].detach().float().clone() if sae.threshold is not None else None
-                self.register_buffer("thr", thr)
+            elif sae is not None:  # watched mode, or exact with a per-feature rule (ReLU, JumpReLU): the same
+                rows = scorer.encoder if scorer.encoder is not None else WatchedEncoder(sae, scorer.features)
+                self.rows = copy.deepcopy(rows).to("cpu", torch.float32)
             self.register_buffer("lin_W", None if scorer.linear_W is None else scorer.linear_W.detach().float().cpu())
             self.register_buffer("lin_b", None if scorer.linear_b is None else scorer.linear_b.detach().float().cpu())
             self.combine = [h.combine for h in scorer.heads]
@@ -464,19 +428,15 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
         def forward(self, hidden: Tensor) -> Tensor:
             x = hidden.float()
             parts = []
-            if self.arch is not None:
+            if self.exact_topk:
                 xin = x - self.b_dec if self.b_dec is not None else x
                 pre = torch.nn.functional.linear(xin, self.W, self.b)
-                if self.exact_topk:
-                    kth = pre.topk(self.k, dim=-1).values[..., -1:]
-                    sel = pre.index_select(-1, self.cols)
-                    acts = torch.where(sel >= kth, sel, torch.zeros_like(sel))
-                    parts.append(torch.relu(acts) if self.relu_after_topk else acts)
-                elif self.arch == "jumprelu":
-                    assert self.thr is not None
-                    parts.append(pre * (pre > self.thr).to(pre.dtype))
-                else:
-                    parts.append(torch.relu(pre))
+                kth = pre.topk(self.k, dim=-1).values[..., -1:]
+                sel = pre.index_select(-1, self.cols)
+                acts = torch.where(sel >= kth, sel, torch.zeros_like(sel))
+                parts.append(torch.relu(acts) if self.relu_after_topk else acts)
+            elif self.rows is not None:
+                parts.append(self.rows(x).float())
             if self.lin_W is not None:
                 parts.append(torch.nn.functional.linear(x, self.lin_W, self.lin_b))
             feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
