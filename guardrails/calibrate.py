@@ -384,6 +384,21 @@ def fit_threshold(
 # -- weights ---------------------------------------------------------------------------------------------------
 
 
+def prefix_aware_pooled(sae: Any, rows: list[Tensor]) -> np.ndarray:
+    """Max-pooled features over the tokens after the rows' shared prefix (a chat template's system prompt),
+    with every feature that fires on that prefix zeroed: such a feature gives every text the same floor
+    score, so it cannot separate texts as served (max over tokens)."""
+    from guardrails.baselines import shared_prefix
+
+    p = shared_prefix(rows)
+    pooled = max_pooled_features(sae, [r[p:] if len(r) > p else r for r in rows])
+    if p:
+        with torch.inference_mode():
+            on_prefix = (sae.encode(rows[0][:p].to(sae.device, sae.dtype)).float().cpu() > 0).any(0).numpy()
+        pooled[:, on_prefix] = 0.0
+    return pooled
+
+
 def max_pooled_features(sae: Any, rows: list[Tensor], *, batch_tokens: int = 4096) -> np.ndarray:
     """Per-row max over tokens of every SAE feature's activation, ``[n_rows, d_sae]`` (0 for empty rows)."""
     out = np.zeros((len(rows), sae.d_sae), dtype=np.float32)

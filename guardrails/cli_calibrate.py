@@ -85,7 +85,7 @@ def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
 def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "bundled", *, top: int = 20,
                  scope: str | None = None, limit: int | None = None, n_examples: int = 3,
                  target_fpr: float = 0.01, max_response_chars: int | None = None) -> dict[str, Any]:
-    from guardrails.calibrate import fit_threshold, max_pooled_features
+    from guardrails.calibrate import fit_threshold, prefix_aware_pooled
     from guardrails.discover import draft_rule, explain, rank_features, scored_tokens
     from guardrails.sae import SAE
 
@@ -94,7 +94,7 @@ def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "b
     sc = _scope_of_data(data, scope)
     sae = SAE.load(sae_ref, layer=layer)
     rows = session.rows(data, layer, sc)
-    pooled = max_pooled_features(sae, rows)
+    pooled = prefix_aware_pooled(sae, rows)
     stats = rank_features(pooled, data.labels, top=top)
     _, tok = session.lm()
     from guardrails.calibrate import rows_for_scope
@@ -126,7 +126,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         fit_sparse_weights,
         fit_threshold,
         make_record,
-        max_pooled_features,
+        prefix_aware_pooled,
         rule_scope,
         text_scores,
     )
@@ -150,7 +150,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
             guard0 = session.guard(policy)
-            pooled = max_pooled_features(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
+            pooled = prefix_aware_pooled(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
             weights = fit_sparse_weights(pooled, train.labels, max_features=max_features)
             from guardrails.policy import Feature
 
