@@ -452,10 +452,12 @@ class GuardedModel:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             rchunk = resp[start : start + batch_size]
-            out += self._score_batch(chunk, rchunk, chat)
+            out += self._score_batch(chunk, rchunk, chat, offset=start)
         return out
 
-    def _score_batch(self, texts: list[str], responses: list[str | None], chat: bool | None) -> list[TextScore]:
+    def _score_batch(
+        self, texts: list[str], responses: list[str | None], chat: bool | None, offset: int = 0
+    ) -> list[TextScore]:
         tok = self.tokenizer
         rows: list[list[int]] = []
         n_prompt: list[int] = []
@@ -487,7 +489,7 @@ class GuardedModel:
         for b, row in enumerate(rows):
             ts = run.token_scores(b)
             scores = {rid: (max(v.values()) if v else float("nan")) for rid, v in ts.items()}
-            decisions = [d for d in run.decisions if d.sequence == b]
+            decisions = [Decision(**{**d.__dict__, "sequence": offset + b}) for d in run.decisions if d.sequence == b]
             results.append(TextScore(scores, ts, decisions, tok.convert_ids_to_tokens(row)))
         return results
 

@@ -222,9 +222,6 @@ def test_qwen3_export_matches_torch_score(tok: Any, lm: Any, tmp_path: Path) -> 
     _assert_same(OnnxGuard.load(tmp_path / "out").score(TEXTS, responses=RESPONSES), ref)
 
 
-@pytest.mark.xfail(reason="lead: generation.py GuardedModel._score_batch builds one GuardRun per batch chunk, so "
-                          "TextScore.decisions[].sequence is the index inside the chunk, not of the text; "
-                          "offset it by the chunk start (the ONNX guard reports the text index)", strict=True)
 def test_torch_score_decision_sequence_is_the_text_index(setup: dict[str, Any]) -> None:
     always = Policy.from_dict({**Policy.from_path(setup["policy_file"]).model_dump(exclude={"base_dir"}),
                                "rules": [{"id": "any", "scope": "both", "threshold": -1e9, "action": "flag",
