@@ -479,10 +479,12 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     return ScoringGraph().eval()
 
 
-def _without_steering(pol: Any) -> Any:
-    """``pol`` with steer rules turned into flag rules: the same scores, no change to the activations."""
+def _export_policy(pol: Any) -> Any:
+    """``pol`` as the export scores it: steer rules made flag rules (the same scores, no change to the
+    activations) and SAEs loaded in float32 (the graph's dtype), whatever ``saes.*.dtype`` says."""
     rules = [r.model_copy(update={"action": "flag", "steer": None}) if r.action == "steer" else r for r in pol.rules]
-    copy = pol.model_copy(update={"rules": rules})
+    saes = {k: v.model_copy(update={"dtype": None}) for k, v in pol.saes.items()}
+    copy = pol.model_copy(update={"rules": rules, "saes": saes})
     object.__setattr__(copy, "base_dir", pol.base_dir)
     return copy
 
@@ -536,6 +538,8 @@ def export_onnx(
     """Export ``policy``'s scorer over ``model`` (default: the policy's model, else the bundled one) to ``out``.
 
     ``policy`` is a :class:`~guardrails.policy.Policy` or a path. ``score_mode`` defaults to the policy's.
+    The graph is float32: SAEs are exported in float32 whatever ``saes.*.dtype`` says (a guard serving a
+    bfloat16 SAE differs from the ONNX guard by bfloat16 rounding).
     With ``check`` the ONNX guard and ``GuardedModel.score`` score :data:`CHECK_TEXTS` and the largest
     relative difference goes into the manifest; above :data:`PARITY_RTOL` the export fails.
     """
@@ -553,7 +557,9 @@ def export_onnx(
         raise ValueError("pass the tokenizer with the model")
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         raise OnnxGuardError("export a float32 model on the CPU (load_model(..., dtype='float32'))")
-    guard = GuardedModel(model, tokenizer, _without_steering(pol), saes=saes, score_mode=score_mode, chat=chat)
+    saes = {k: copy.deepcopy(s).to_dtype(torch.float32) if s.dtype != torch.float32 else s
+            for k, s in (saes or {}).items()}
+    guard = GuardedModel(model, tokenizer, _export_policy(pol), saes=saes, score_mode=score_mode, chat=chat)
     steer_layers = [r["layer"] for r in _rules_manifest(pol)[0] if r["action"] == "steer"]
     if any(layer < guard.deepest for layer in steer_layers):
         logger.warning("policy %r steers at layer(s) %s below layer %d: the ONNX guard does not steer, so its scores "

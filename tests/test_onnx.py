@@ -28,6 +28,7 @@ from guardrails.onnx import (
     window_scores,
 )
 from guardrails.policy import Policy
+from guardrails.sae import SAE
 from tests.builders import random_sae, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,11 +215,15 @@ def test_exact_topk_export_matches_torch_score(setup: dict[str, Any], tmp_path: 
 def test_qwen3_export_matches_torch_score(tok: Any, lm: Any, tmp_path: Path) -> None:
     model = lm("qwen3")
     random_sae(layer=1, seed=4).save(tmp_path / "sae")
-    pol = Policy.from_dict({"name": "q", "saes": {"s": {"path": str(tmp_path / "sae"), "layer": 1}}, "rules": [
-        {"id": "r", "scope": "both", "threshold": 0.05, "detector": {"sae": "s", "features": [1, 2, 3, 4]}}]})
+    # the policy serves a bfloat16 SAE; the graph is float32, so the export scores (and checks) in float32
+    spec = {"path": str(tmp_path / "sae"), "layer": 1, "dtype": "bfloat16"}
+    pol = Policy.from_dict({"name": "q", "saes": {"s": spec},
+                            "rules": [{"id": "r", "scope": "both", "threshold": 0.05,
+                                       "detector": {"sae": "s", "features": [1, 2, 3, 4]}}]})
     report = export_onnx(pol, tmp_path / "out", model=model, tokenizer=tok, score_mode="watched")
-    assert report.cut_after_layer == 1
-    ref = GuardedModel(model, tok, pol, score_mode="watched").score(TEXTS, responses=RESPONSES)
+    assert report.cut_after_layer == 1 and report.parity is not None and report.parity <= PARITY_RTOL
+    fp32 = {"s": SAE.load(tmp_path / "sae")}
+    ref = GuardedModel(model, tok, pol, saes=fp32, score_mode="watched").score(TEXTS, responses=RESPONSES)
     _assert_same(OnnxGuard.load(tmp_path / "out").score(TEXTS, responses=RESPONSES), ref)
 
 
@@ -309,7 +314,7 @@ def test_export_refuses_a_bf16_model(setup: dict[str, Any], tmp_path: Path) -> N
 @pytest.mark.slow
 def test_bundled_model_and_sae_parity(tmp_path: Path) -> None:
     from guardrails.models import load_model
-    from guardrails.sae import SAE, SAEError
+    from guardrails.sae import SAEError
 
     try:
         sae = SAE.load("bundled")
