@@ -38,22 +38,28 @@ PLAN: dict[str, dict[str, Any]] = {
         "test": DATA / "harmful_requests.test.jsonl",
         "extra": [("over_refusal (FPR)", DATA / "over_refusal.jsonl", None, None)],
         "reserved": [
-            ("donotanswer (harmful intents)", RESERVED / "donotanswer.jsonl", None, DNA_HARMFUL),
-            ("donotanswer (all)", RESERVED / "donotanswer.jsonl", None, None),
-            ("past tense", RESERVED / "phrasing_past_tense.jsonl", 300, None),
-            ("future tense", RESERVED / "phrasing_future_tense.jsonl", 300, None),
-            ("in-the-wild jailbreaks", RESERVED / "inthewild_jailbreaks.jsonl", 150, None),
+            ("donotanswer (harmful intents)", RESERVED / "donotanswer.jsonl", 300, DNA_HARMFUL),
+            ("donotanswer (all)", RESERVED / "donotanswer.jsonl", 300, None),
+            ("past tense", RESERVED / "phrasing_past_tense.jsonl", 150, None),
+            ("future tense", RESERVED / "phrasing_future_tense.jsonl", 150, None),
+            ("in-the-wild jailbreaks", RESERVED / "inthewild_jailbreaks.jsonl", 30, None),
         ],
     },
-    "harmful-compliance": {"test": DATA / "responses.test.jsonl", "extra": [], "reserved": []},
-    "toxicity": {"test": DATA / "toxicity.test.jsonl", "extra": [], "reserved": []},
+    "harmful-requests-sae": {
+        "test": DATA / "harmful_requests.test.jsonl",
+        "extra": [("over_refusal (FPR)", DATA / "over_refusal.jsonl", None, None)],
+        "reserved": [],
+    },
+    "harmful-compliance": {"test": DATA / "responses.test.jsonl", "limit": 240, "max_response_chars": 300,
+                           "extra": [], "reserved": []},
+    "toxicity": {"test": DATA / "toxicity.test.jsonl", "limit": 240, "extra": [], "reserved": []},
 }
 
 
-def _scores(session: Session, policy: Policy, path: Path, limit: int | None) -> tuple[Any, np.ndarray, float]:
-    from guardrails.generation import GuardedModel  # noqa: F401  (import cost paid once here)
-
-    data = load_labeled(path, limit=limit)
+def _scores(session: Session, policy: Policy, path: Path, limit: int | None, mrc: int | None = None) -> tuple[
+    Any, np.ndarray, float
+]:
+    data = load_labeled(path, limit=limit, max_response_chars=mrc)
     rule = policy.rules[0]
     guard = session.guard(policy)
     rows = session.rows(data, _layer(policy, rule), rule_scope(rule))
@@ -81,14 +87,18 @@ def main() -> None:
         policy = Policy.from_path(path)
         plan = PLAN[name]
         res: dict[str, Any] = {}
-        data, s, thr = _scores(session, policy, plan["test"], None)
+        lim, mrc = plan.get("limit"), plan.get("max_response_chars")
+        data, s, thr = _scores(session, policy, plan["test"], lim, mrc)
         res["test"] = round_metrics(metrics(s, data.labels, thr))
         _row(table, name, "test", res["test"])
         if not args.no_baselines:
             rule = policy.rules[0]
-            train = load_labeled(str(plan["test"]).replace(".test.", ".train."))
-            res["baselines"] = run_baselines(session, data, train, _layer(policy, rule), rule_scope(rule),
-                                             window=rule.detector.window)
+            train = load_labeled(str(plan["test"]).replace(".test.", ".train."), limit=lim, max_response_chars=mrc)
+            if name.endswith("-sae"):
+                res["baselines"] = {}
+            else:
+                res["baselines"] = run_baselines(session, data, train, _layer(policy, rule), rule_scope(rule),
+                                                 window=rule.detector.window)
             for bname, m in res["baselines"].items():
                 _row(table, f"  {bname}", "test", m)
         for label, p, limit, sources in plan["extra"] + plan["reserved"]:

@@ -94,7 +94,7 @@ def load_labeled(
     labels: list[int] = []
     sources: list[str] = []
     has_resp: bool | None = None
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
         if not line.strip():
             continue
         try:
@@ -454,6 +454,15 @@ def _l1() -> dict[str, Any]:
 
     major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+
+
+def explain_direction(sae: Any, weight: np.ndarray, *, n: int = 5) -> list[tuple[int, float]]:
+    """SAE features whose decoder directions align best with a linear detector's weight (cosine)."""
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    dec = sae.W_dec.detach().float().cpu()
+    cos = (dec @ w) / (dec.norm(dim=-1) * w.norm()).clamp_min(1e-12)
+    vals, idx = cos.topk(n)
+    return [(int(i), round(float(v), 3)) for v, i in zip(vals, idx, strict=True)]
 
 
 # -- records ----------------------------------------------------------------------------------------------------

@@ -170,6 +170,20 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             w, b = fit(session.rows(train, layer, sc), train.labels)
             save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
                                                              "train": train.path, "train_sha256": train.sha256})
+            sae_ids = [k for k, v in policy.saes.items() if v.layer == layer]
+            if sae_ids:  # name the SAE features that explain the direction (decoder cosine)
+                from guardrails.calibrate import explain_direction
+                from guardrails.policy import Feature
+                from guardrails.sae import SAE
+
+                spec = policy.saes[sae_ids[0]]
+                sae = SAE.load(policy.resolve(spec.path), layer=spec.layer, k=spec.k, format=spec.format)
+                expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the {det.method} direction")
+                        for i, c in explain_direction(sae, w)]
+                det = det.model_copy(update={"explained_by": expl})
+                rule = rule.model_copy(update={"detector": det})
+                new_rules[rule.id] = rule
+                policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
         scores = text_scores(guard, rule.id, session.rows(cal, layer, sc))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))

@@ -246,3 +246,20 @@ def test_eval_json_shipped_harmful_requests() -> None:
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr"} <= set(got)
     assert got["auroc"] > 0.8
+
+
+@pytest.mark.xfail(reason="lead: detectors.window_aggregate counts unscored (NaN) positions inside one forward as "
+                   "window slots, but across decode steps only scored tokens enter the history; the docstring says "
+                   "'the window - 1 scored tokens before it'", strict=True)
+def test_window_same_in_prefill_and_decode() -> None:
+    from guardrails.detectors import window_aggregate
+
+    nan = float("nan")
+    scores = torch.tensor([[1.0, nan, 3.0, 5.0]])  # a special token (unscored) at position 1
+    prefill, _ = window_aggregate(torch.full((1, 1), nan), scores, 2, "mean")
+    hist = torch.full((1, 1), nan)
+    steps = []
+    for t in range(4):
+        out, hist = window_aggregate(hist, scores[:, t : t + 1], 2, "mean")
+        steps.append(float(out[0, 0]))
+    torch.testing.assert_close(prefill[0], torch.tensor(steps), equal_nan=True)
