@@ -164,8 +164,9 @@ def _assert_same(got: list[Any], ref: list[Any]) -> None:
             keys = sorted(toks)
             assert relative_error(np.array([a.token_scores[rid][k] for k in keys]),
                                   np.array([toks[k] for k in keys])) <= PARITY_RTOL
-        key = [(d.action, d.rule, d.position, d.scope, d.output_index, d.resolution) for d in b.decisions]
-        assert [(d.action, d.rule, d.position, d.scope, d.output_index, d.resolution) for d in a.decisions] == key
+        key = [(d.action, d.rule, d.position, d.scope, d.output_index, d.resolution, d.sequence) for d in b.decisions]
+        assert [(d.action, d.rule, d.position, d.scope, d.output_index, d.resolution, d.sequence)
+                for d in a.decisions] == key
         for da, db in zip(a.decisions, b.decisions, strict=True):
             assert da.score == pytest.approx(db.score, rel=PARITY_RTOL, abs=PARITY_RTOL)
             assert da.threshold == pytest.approx(db.threshold)
