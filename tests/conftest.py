@@ -83,3 +83,6 @@ def lm() -> Callable[[str], Any]:
     Tests must leave the model as they found it (no weight edits; hooks are always removed).
     """
     return _lm
+
+
+from tests._counts import pytest_terminal_summary  # noqa: E402, F401  (prints the robustness case counts)
