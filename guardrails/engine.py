@@ -59,8 +59,9 @@ class GuardRun:
     seen_layers: set[int] = field(default_factory=set)
     tripping_token: dict[int, int] = field(default_factory=dict)
     """Per blocked sequence, the id of the withheld token that tripped the rule (for audits)."""
-    token_features: dict[int, dict[int, list[tuple[int, float]]]] = field(default_factory=dict)
-    """Per sequence, per position: top SAE features (id, activation) at the scored tokens."""
+    steer: bool = True
+    """Apply steer rules (False when only scanning text: deeper rules then read unsteered activations)."""
+    _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.blocked_at = [None] * self.batch
@@ -98,24 +99,25 @@ class GuardRun:
         is_output = ctx.is_output.to(dev)[:, -T:]
         positions = ctx.positions.to(dev)[:, -T:]
         try:
-            if bool(score_mask.any()):
+            if bool(score_mask.all()):  # decode steps: every row's one new token (no gather/scatter)
+                feats_all = scorer.feature_matrix(hidden)
+                check_finite(feats_all, f"layer {layer} feature activations")  # NaN/inf in x propagates here
+                if self.record_trace and scorer.last_top is not None:
+                    self._top_chunks.append((positions, score_mask, *scorer.last_top))
+                raw = scorer.rule_scores(feats_all)
+            elif bool(score_mask.any()):
                 sel = hidden[score_mask]
-                check_finite(sel, f"layer {layer} residual stream")
                 feats_sel = scorer.feature_matrix(sel)
                 check_finite(feats_sel, f"layer {layer} feature activations")
                 if self.record_trace and scorer.last_top is not None:
-                    self._keep_top(layer, positions, score_mask, *scorer.last_top)
-                scores_sel = scorer.rule_scores(feats_sel)  # [N, n_heads]
+                    self._top_chunks.append((positions, score_mask, *scorer.last_top))
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
-                raw[score_mask] = scores_sel
-                feats = torch.zeros((B, T, feats_sel.shape[-1]), device=dev)
-                feats[score_mask] = feats_sel
+                raw[score_mask] = scorer.rule_scores(feats_sel)
             else:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
-                feats = None
         except Exception as exc:
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
-            return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:], None)
+            return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
         for h_i, head in enumerate(scorer.heads):
             rule = head.rule
@@ -134,15 +136,21 @@ class GuardRun:
                 t = int(hits[b].nonzero()[0])
                 pos = int(positions[b, t])
                 self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden)
-        return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:], feats)
+        if not self.steer:
+            return None
+        return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
 
-    def _keep_top(self, layer: int, positions: Tensor, score_mask: Tensor, vals: Tensor, idx: Tensor) -> None:
-        rows = score_mask.nonzero().tolist()
-        v, i = vals.cpu().tolist(), idx.cpu().tolist()
-        for (b, t), vs, ids in zip(rows, v, i, strict=True):
-            pos = int(positions[b, t])
-            top = [(int(f), round(float(a), 3)) for a, f in zip(vs, ids, strict=True) if a > 0]
-            self.token_features.setdefault(b, {})[pos] = top
+    def token_features(self, b: int) -> dict[int, list[tuple[int, float]]]:
+        """Top SAE features (id, activation) at each scored position of sequence ``b`` (built lazily)."""
+        out: dict[int, list[tuple[int, float]]] = {}
+        for positions, score_mask, vals, idx in self._top_chunks:
+            rows = score_mask.nonzero().tolist()
+            v, i = vals.reshape(-1, vals.shape[-1]).cpu().tolist(), idx.reshape(-1, idx.shape[-1]).cpu().tolist()
+            for (row, t), vs, ids in zip(rows, v, i, strict=True):
+                if row == b:
+                    out[int(positions[row, t])] = [(int(f), round(float(a), 3)) for a, f in zip(vs, ids, strict=True)
+                                                   if a > 0]
+        return out
 
     def check_all_scored(self) -> None:
         """After a forward: a watched layer whose hook never ran could not score; apply on_error."""
@@ -219,9 +227,7 @@ class GuardRun:
                     self.blocked_at[b] = pos
                     self.block_rule[b] = rule.id
 
-    def _steer(
-        self, scorer: LayerScorer, hidden: Tensor, positions: Tensor, steer_mask: Tensor, feats: Tensor | None
-    ) -> Tensor | None:
+    def _steer(self, scorer: LayerScorer, hidden: Tensor, positions: Tensor, steer_mask: Tensor) -> Tensor | None:
         out: Tensor | None = None
         for head in scorer.heads:
             rule = head.rule

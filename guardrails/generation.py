@@ -160,9 +160,13 @@ class GuardedModel:
             dev = next(layers[layer].parameters()).device
             self.scorers[layer] = scorer.to(dev)
         self.deepest = max(self.scorers)
+        self._blocks = {layer: layers[layer] for layer in self.scorers}
         self._lock = _model_lock(model)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._special = torch.tensor(sorted(special), dtype=torch.long)
+        vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0), max(special, default=0) + 1)
+        self._special_lut = torch.zeros(vocab, dtype=torch.bool)
+        self._special_lut[self._special] = True
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         if tokenizer.eos_token_id is not None:
@@ -259,7 +263,9 @@ class GuardedModel:
         return {layer: run.on_layer for layer in self.scorers}
 
     def _scorable(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-        special = torch.isin(ids, self._special.to(ids.device)) if len(self._special) else torch.zeros_like(mask)
+        if self._special_lut.device != ids.device:
+            self._special_lut = self._special_lut.to(ids.device)
+        special = self._special_lut[ids.clamp(0, len(self._special_lut) - 1)]
         return mask.bool() & ~special & (positions > 0)
 
     def _steps(
@@ -365,10 +371,10 @@ class GuardedModel:
         Registering per step (microseconds) keeps a suspended stream from touching other calls of
         the shared model, and lets threads interleave their steps.
         """
-        with self._lock, output_hooks(self.model, self._hooks(run)):
+        with self._lock, output_hooks(self.model, self._hooks(run), self._blocks):
             if truncated:
                 try:
-                    with stop_after_layer(self.model, self.deepest):
+                    with stop_after_layer(self.model, self.deepest, self._blocks[self.deepest]):
                         self.model(**kwargs)
                 except StopForward:
                     pass
@@ -378,7 +384,7 @@ class GuardedModel:
     # -- public API -------------------------------------------------------------------------------------
     def generate(
         self,
-        prompt: PromptLike | list[PromptLike],
+        prompt: PromptLike | Sequence[PromptLike],
         *,
         max_new_tokens: int = 64,
         do_sample: bool = False,
@@ -474,7 +480,7 @@ class GuardedModel:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
         is_output = positions >= torch.tensor(n_prompt)[:, None]
-        run = GuardRun(self.policy, self.scorers, len(rows), n_prompt)
+        run = GuardRun(self.policy, self.scorers, len(rows), n_prompt, steer=False)
         run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool())
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         with self._lock, output_hooks(self.model, self._hooks(run)), stop_after_layer(self.model, self.deepest):
@@ -525,7 +531,7 @@ class GuardedModel:
             prompt_length=len(prompt_ids),
             policy=self.policy.name,
             errors=list(run.errors),
-            token_features=run.token_features.get(b, {}),
+            token_features=run.token_features(b),
         )
 
 

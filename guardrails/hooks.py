@@ -118,12 +118,17 @@ OutputHook = Callable[[int, Tensor], Tensor | None]
 """``fn(layer, hidden) -> new hidden or None``; called with the block's output hidden state."""
 
 
-def add_output_hooks(model: nn.Module, hooks: dict[int, OutputHook]) -> HookHandle:
-    """Register ``hooks[layer]`` on the output of each listed block; returns one handle for all."""
+def add_output_hooks(
+    model: nn.Module, hooks: dict[int, OutputHook], blocks: dict[int, nn.Module] | None = None
+) -> HookHandle:
+    """Register ``hooks[layer]`` on the output of each listed block; returns one handle for all.
+
+    ``blocks`` (``{layer: module}``, from :func:`check_layer`) skips the layer lookup on hot paths.
+    """
     handle = HookHandle()
     try:
         for layer, fn in hooks.items():
-            block = check_layer(model, layer)
+            block = blocks[layer] if blocks is not None and layer in blocks else check_layer(model, layer)
             handle.add(block.register_forward_hook(_wrap(layer, fn)))
     except BaseException:
         handle.remove()
@@ -141,11 +146,13 @@ def _wrap(layer: int, fn: OutputHook) -> Callable[[nn.Module, Any, Any], Any]:
 
 
 @contextmanager
-def output_hooks(model: nn.Module, hooks: dict[int, OutputHook]) -> Iterator[HookHandle]:
+def output_hooks(
+    model: nn.Module, hooks: dict[int, OutputHook], blocks: dict[int, nn.Module] | None = None
+) -> Iterator[HookHandle]:
     """Context manager around :func:`add_output_hooks`; hooks are removed on exit, also on error."""
     handle = HookHandle()
     try:
-        handle = add_output_hooks(model, hooks)
+        handle = add_output_hooks(model, hooks, blocks)
         yield handle
     finally:
         handle.remove()
@@ -177,7 +184,7 @@ def steering_hook(direction: Tensor, alpha: float, mask: Tensor | None = None) -
 
 
 @contextmanager
-def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
+def stop_after_layer(model: nn.Module, layer: int, block: nn.Module | None = None) -> Iterator[None]:
     """Raise :class:`StopForward` after block ``layer`` runs, so callers skip the rest of the model.
 
     Catch :class:`StopForward` around the forward call; hooks registered on the same block before
@@ -187,7 +194,7 @@ def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
     def stop(_layer: int, _hidden: Tensor) -> None:
         raise StopForward
 
-    with output_hooks(model, {layer: stop}):
+    with output_hooks(model, {layer: stop}, {layer: block} if block is not None else None):
         yield
 
 

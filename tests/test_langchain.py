@@ -509,8 +509,6 @@ def test_scoring_failure_blocks_by_default(monkeypatch: pytest.MonkeyPatch) -> N
     assert msg.content == REFUSAL and msg.response_metadata["guardrails"]["errors"]
 
 
-@pytest.mark.xfail(reason="lead: detectors.py LayerScorer.feature_matrix checks finiteness of the watched columns "
-                   "only; NaN in other encoder rows wins TopK and zeroes the watched features silently", strict=True)
 def test_corrupt_unwatched_sae_rows_are_a_scoring_failure() -> None:
     sae = random_sae(d_sae=256)
     with torch.no_grad():
