@@ -221,32 +221,34 @@ class LayerScorer:
 
 
 def window_aggregate(history: Tensor, scores: Tensor, window: int, how: str) -> tuple[Tensor, Tensor]:
-    """Aggregate each token's score with the ``window - 1`` scored tokens before it.
+    """Aggregate each scored token's score with the ``window - 1`` scored tokens before it.
 
-    ``history`` ``[B, window-1]`` holds earlier scores (NaN where none); ``scores`` ``[B, T]`` the new
-    ones (NaN where not scored). Returns the windowed scores ``[B, T]`` and the new history.
+    ``history`` ``[B, window-1]`` holds earlier scores (NaN padding at the front where none);
+    ``scores`` ``[B, T]`` the new ones (NaN where not scored: padding, special tokens). Unscored
+    positions take no window slot, so a prefill and the same tokens fed one step at a time agree.
+    Returns the windowed scores ``[B, T]`` (NaN where not scored) and the new history.
     """
     if window == 1:
         return scores, history
-    seq = torch.cat([history, scores], dim=1)  # [B, W-1+T]
-    win = seq.unfold(1, window, 1)  # [B, T, W]
-    valid = ~torch.isnan(win)
-    filled = torch.nan_to_num(win, nan=0.0)
-    if how == "sum":
-        agg = filled.sum(-1)
-    elif how == "mean":
-        agg = filled.sum(-1) / valid.sum(-1).clamp_min(1)
-    else:
-        agg = win.nan_to_num(nan=float("-inf")).max(-1).values
-    agg = torch.where(torch.isnan(scores), scores, agg)
-    # history keeps the last W-1 scored values per row (unscored positions don't advance it)
-    new_hist = history
+    out = torch.full_like(scores, float("nan"))
+    new_hist = history.clone()
     for b in range(scores.shape[0]):
-        vals = scores[b][~torch.isnan(scores[b])]
-        if len(vals):
-            new_hist = new_hist.clone() if new_hist is history else new_hist
-            new_hist[b] = torch.cat([history[b], vals])[-(window - 1) :]
-    return agg, new_hist
+        ok = ~torch.isnan(scores[b])
+        if not bool(ok.any()):
+            continue
+        seq = torch.cat([history[b], scores[b][ok]])  # [W-1+n], NaN only at the front
+        win = seq.unfold(0, window, 1)  # [n, W]
+        valid = ~torch.isnan(win)
+        filled = torch.nan_to_num(win, nan=0.0)
+        if how == "sum":
+            agg = filled.sum(-1)
+        elif how == "mean":
+            agg = filled.sum(-1) / valid.sum(-1).clamp_min(1)
+        else:
+            agg = win.nan_to_num(nan=float("-inf")).max(-1).values
+        out[b, ok] = agg
+        new_hist[b] = seq[-(window - 1) :]
+    return out, new_hist
 
 
 def score_windowed_flat(values: Tensor, window: int, how: str) -> Tensor:

@@ -286,6 +286,9 @@ class GuardedModel:
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
+        empty = [i for i, n in enumerate(mask.sum(1).tolist()) if n == 0] if ids.numel() else list(range(len(prompts)))
+        if empty:
+            raise ValueError(f"prompt(s) {empty} produced no tokens (the tokenizer drops their characters)")
         B = ids.shape[0]
         lengths = mask.sum(1).tolist()
         run = self._new_run([int(n) for n in lengths])
@@ -468,9 +471,12 @@ class GuardedModel:
         rows: list[list[int]] = []
         n_prompt: list[int] = []
         for text, response in zip(texts, responses, strict=True):
-            if not isinstance(text, str):
-                raise TypeError(f"texts must be strings, got {type(text).__name__}")
+            _check_text(text, f"texts[{len(rows) + offset}]")
+            if response is not None and response:
+                _check_text(response, f"responses[{len(rows) + offset}]")
             p_ids = tok(self.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
+            if not p_ids:
+                raise ValueError(f"texts[{len(rows) + offset}] produced no tokens")
             r_ids = tok(response, add_special_tokens=False)["input_ids"] if response else []
             rows.append(list(p_ids) + list(r_ids))
             n_prompt.append(len(p_ids))
@@ -626,8 +632,7 @@ def _check_generation_args(
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ValueError(f"prompt {i} is empty")
+        _check_text(p, f"prompt {i}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature > 0:
@@ -636,6 +641,17 @@ def _check_generation_args(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k!r}")
+
+
+def _check_text(text: Any, where: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{where} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} is not valid Unicode text (position {exc.start}: {exc.reason})") from None
 
 
 def _sampler(sampling: dict[str, Any]) -> torch.Generator | None:

@@ -340,7 +340,12 @@ def load_sae(
             raise SAEError(f"{p}: unrecognised SAE format; known formats: {described}")
         fmt = found[0]
     try:
-        sae = fmt.load(p, layer=layer, k=k, **kwargs)
+        try:
+            sae = fmt.load(p, layer=layer, k=k, **kwargs)
+        except SAEError:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError) as exc:
+            raise SAEError(f"{p}: invalid {fmt.name} SAE ({fmt.description}): {type(exc).__name__}: {exc}") from exc
     except SAEError as exc:
         if str(p) in str(exc):
             raise

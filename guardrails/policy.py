@@ -167,8 +167,12 @@ class Policy(_Strict):
         """Parse and validate a policy from YAML text."""
         try:
             data = yaml.safe_load(text)
+            if _too_big(data, MAX_YAML_NODES):  # aliases can expand a few bytes into billions of nodes
+                raise PolicyError(f"{source}: policy expands to more than {MAX_YAML_NODES} YAML nodes (alias bomb?)")
         except yaml.YAMLError as exc:
             raise PolicyError(f"{source}: invalid YAML: {exc}") from None
+        except RecursionError:
+            raise PolicyError(f"{source}: invalid YAML: nested too deeply") from None
         return cls.from_dict(data, source=source, base_dir=base_dir)
 
     @classmethod
@@ -181,6 +185,8 @@ class Policy(_Strict):
             policy = cls.model_validate(data)
         except ValidationError as exc:
             raise PolicyError(format_validation_error(exc, source)) from None
+        except RecursionError:
+            raise PolicyError(f"{source}: invalid policy: nested too deeply") from None
         if base_dir is not None:
             object.__setattr__(policy, "base_dir", str(base_dir))
         return policy
@@ -247,6 +253,26 @@ class Policy(_Strict):
                     problems.append(f"rules[{i}].steer.features[{j}]: {fid} out of range; valid: 0..{width - 1}")
         if problems:
             raise PolicyError(f"policy {self.name!r}: " + "; ".join(problems))
+
+
+MAX_YAML_NODES = 200_000
+"""Largest policy, in YAML nodes after alias expansion."""
+
+
+def _too_big(data: Any, limit: int) -> bool:
+    """True if walking ``data`` (aliases expanded) visits more than ``limit`` nodes; stops early."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
