@@ -209,8 +209,10 @@ def _guard_meta(guard: Any) -> dict[str, Any]:
     model = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or type(
         getattr(guard, "model", None)).__name__
     saes = {}
-    for sid, sae in (getattr(guard, "saes", None) or {}).items():
-        c = getattr(sae, "cfg", None)
+    loaded = getattr(guard, "saes", None) or {}
+    configs = getattr(guard, "sae_configs", None) or {sid: getattr(s, "cfg", None) for sid, s in loaded.items()}
+    for sid, c in configs.items():
+        sae = loaded.get(sid, c)  # watched mode keeps only the configs of SAEs it dropped
         spec = policy.saes.get(sid)
         saes[sid] = {
             "repr": repr(sae),

@@ -304,6 +304,10 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: in
 def _scorers_for(guard: Any, policy: Policy) -> dict[int, Any]:
     from guardrails.detectors import LayerScorer
 
+    if any(sid not in guard.saes for sid in policy.saes):  # watched mode dropped the full SAEs
+        from guardrails.generation import GuardedModel
+
+        guard = GuardedModel(guard.model, guard.tokenizer, policy, score_mode=guard.score_mode, keep_full_saes=True)
     linear = guard._load_linear(_hidden_size(guard.model))
     by_layer: dict[int, list[Any]] = {}
     for i, rule in enumerate(policy.rules):

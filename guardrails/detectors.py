@@ -156,6 +156,11 @@ class LayerScorer:
         """Top features kept per scored token for audits (0 to skip)."""
         self.last_top: tuple[Tensor, Tensor] | None = None
 
+    def release_full_sae(self) -> None:
+        """Watched mode: drop the reference to the full SAE (the rows and steering directions are kept)."""
+        if self.encoder is not None:
+            self.sae = None
+
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> LayerScorer:
         """Move scoring tensors next to the layer they read."""
         if self.encoder is not None:
@@ -177,20 +182,19 @@ class LayerScorer:
         """Activations of the watched features (then linear detector outputs): ``[B, T, n_cols]``."""
         parts = []
         self.last_top = None
-        if self.sae is not None:
-            if self.encoder is not None:
-                watched = self.encoder(hidden).float()
-                parts.append(watched)
-                if self.top_n and watched.shape[-1]:
-                    vals, cols = watched.topk(min(self.top_n, watched.shape[-1]), dim=-1)
-                    self.last_top = (vals, self._feat_index[cols])
-            else:
-                dense = self.sae.encode(hidden)
-                check_finite(dense, f"layer {self.layer} SAE activations")
-                parts.append(dense.index_select(-1, self._feat_index).float())
-                if self.top_n:
-                    vals, idx = dense.topk(self.top_n, dim=-1)
-                    self.last_top = (vals.float(), idx)
+        if self.encoder is not None:
+            watched = self.encoder(hidden).float()
+            parts.append(watched)
+            if self.top_n and watched.shape[-1]:
+                vals, cols = watched.topk(min(self.top_n, watched.shape[-1]), dim=-1)
+                self.last_top = (vals, self._feat_index[cols])
+        elif self.sae is not None:
+            dense = self.sae.encode(hidden)
+            check_finite(dense, f"layer {self.layer} SAE activations")
+            parts.append(dense.index_select(-1, self._feat_index).float())
+            if self.top_n:
+                vals, idx = dense.topk(self.top_n, dim=-1)
+                self.last_top = (vals.float(), idx)
         if self.linear_W is not None and self.linear_b is not None:
             parts.append(torch.nn.functional.linear(hidden.float(), self.linear_W, self.linear_b))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -213,7 +217,12 @@ class LayerScorer:
         """Top-``n`` SAE features of one hidden vector ``[d_model]`` (full encode), for audits."""
         sae = self.sae or self.audit_sae
         if sae is None:
-            return []
+            if self.encoder is None:
+                return []
+            with torch.inference_mode():  # watched mode without the full SAE: top of the watched features
+                acts = self.encoder(hidden)
+                vals, cols = acts.topk(min(n, acts.shape[-1]))
+            return [(int(self._feat_index[c]), round(float(v), 4)) for v, c in zip(vals, cols, strict=True) if v > 0]
         with torch.inference_mode():
             acts = sae.encode(hidden.to(sae.device))
             vals, idx = acts.topk(min(n, acts.shape[-1]))

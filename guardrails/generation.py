@@ -125,6 +125,7 @@ class GuardedModel:
         score_mode: str | None = None,
         chat: bool = True,
         audit: Any = None,
+        keep_full_saes: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -159,6 +160,15 @@ class GuardedModel:
                 scorer.audit_sae = self.saes[here[0]] if here else None
             dev = next(layers[layer].parameters()).device
             self.scorers[layer] = scorer.to(dev)
+        self.sae_configs = {sid: sae.cfg for sid, sae in self.saes.items()}
+        """Config of each SAE the policy uses (kept when watched mode drops the weights)."""
+        if self.score_mode == "watched" and not keep_full_saes:
+            # only the watched encoder rows (and steering directions) stay in memory: a few KB instead of
+            # the whole layer (2 GB for a Qwen3-8B W64K SAE); audits then list watched features only
+            for scorer in self.scorers.values():
+                scorer.release_full_sae()
+            kept = {id(sc.audit_sae) for sc in self.scorers.values()}
+            self.saes = {sid: s for sid, s in self.saes.items() if id(s) in kept}
         self.deepest = max(self.scorers)
         self._blocks = {layer: layers[layer] for layer in self.scorers}
         self._lock = _model_lock(model)

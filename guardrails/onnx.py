@@ -95,12 +95,21 @@ class OnnxTextScore:
 def window_scores(scores: np.ndarray, window: int, how: str) -> np.ndarray:
     """Windowed aggregate of one row of token scores (NaN = not scored), as ``GuardedModel.score``.
 
-    In one forward the window covers the ``window`` columns ending at each token; NaN columns are
-    skipped (``mean`` divides by the number of scored ones); an unscored token stays NaN.
+    The window covers each scored token and the ``window - 1`` scored tokens before it: unscored
+    (NaN) tokens take no slot, and stay NaN.
     """
     if window == 1:
         return scores.copy()
+    ok = ~np.isnan(scores)
+    out = np.full_like(scores, np.nan)
+    out[ok] = _window_dense(scores[ok], window, how)
+    return out
+
+
+def _window_dense(scores: np.ndarray, window: int, how: str) -> np.ndarray:
     n = scores.shape[0]
+    if n == 0:
+        return scores.copy()
     padded = np.concatenate([np.full(window - 1, np.nan, dtype=scores.dtype), scores])
     win = np.lib.stride_tricks.sliding_window_view(padded, window)[:n]  # [n, window]
     valid = ~np.isnan(win)
@@ -413,7 +422,7 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
                 self.register_buffer("cols", torch.tensor(scorer.features, dtype=torch.long))
                 self.register_buffer("b_dec", sae.b_dec.detach().float().cpu().clone()
                                      if sae.cfg.apply_b_dec_to_input else None)
-            elif sae is not None:  # watched mode, or exact with a per-feature rule (ReLU, JumpReLU): the same
+            elif scorer.encoder is not None or sae is not None:  # watched, or exact per-feature rule: the same
                 rows = scorer.encoder if scorer.encoder is not None else WatchedEncoder(sae, scorer.features)
                 self.rows = copy.deepcopy(rows).to("cpu", torch.float32)
             self.register_buffer("lin_W", None if scorer.linear_W is None else scorer.linear_W.detach().float().cpu())

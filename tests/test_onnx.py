@@ -67,9 +67,9 @@ def test_window_scores_matches_the_torch_window(how: str, window: int) -> None:
 
 def test_window_scores_by_hand() -> None:
     x = np.array([1.0, np.nan, 3.0, 5.0], dtype=np.float32)
-    # columns ending at each token; NaN columns skipped; unscored tokens stay NaN
-    np.testing.assert_allclose(window_scores(x, 2, "mean"), [1.0, np.nan, 3.0, 4.0], equal_nan=True)
-    np.testing.assert_allclose(window_scores(x, 3, "sum"), [1.0, np.nan, 4.0, 8.0], equal_nan=True)
+    # each scored token with the scored tokens before it; unscored tokens take no slot and stay NaN
+    np.testing.assert_allclose(window_scores(x, 2, "mean"), [1.0, np.nan, 2.0, 4.0], equal_nan=True)
+    np.testing.assert_allclose(window_scores(x, 3, "sum"), [1.0, np.nan, 4.0, 9.0], equal_nan=True)
     np.testing.assert_allclose(window_scores(x, 3, "max"), [1.0, np.nan, 3.0, 5.0], equal_nan=True)
 
 
