@@ -3,11 +3,12 @@
     python benchmarks/robustness.py [--n 60] [--templates 10] [--policy policies/harmful-requests.yaml]
 
 Data: the test split of ``calibration/data/harmful_requests.*.jsonl`` (label 1 rows for detection,
-label 0 rows for the false-positive rate), the first ``--n`` of each in file order. Every variant
+label 0 rows for the false-positive rate), ``--n`` of each evenly spaced over the file. Every variant
 wraps the same prompts, so the rates are comparable row for row:
 
 - ``plain``: the request alone.
-- ``pad-before`` / ``pad-after`` / ``pad-both``: benign requests from the *train* split (label 0) placed
+- ``pad-before`` / ``pad-after`` / ``pad-both``: benign requests from the *train* split (label 0, sources
+  writingbench and freshqa: neutral writing tasks and questions) placed
   before / after / around the request in the same user turn (~``--pad-chars`` characters each side).
 - ``jailbreak``: the request filled into one of pyrit's role-play jailbreak templates
   (``pyrit/datasets/jailbreak/templates/*.yaml``, read from disk with PyYAML; prompt ``i`` uses
@@ -72,13 +73,23 @@ def fill(template: str, prompt: str) -> str:
 
 
 def read_rows(path: Path, label: int, n: int) -> list[str]:
+    """``n`` rows of ``label``, evenly spaced over the file (its sources come in blocks)."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [str(r["text"]) for r in rows if int(r["label"]) == label][:n]
+    texts = [str(r["text"]) for r in rows if int(r["label"]) == label]
+    if n >= len(texts):
+        return texts
+    return [texts[i * len(texts) // n] for i in range(n)]
 
 
-def padding(n: int, chars: int) -> list[str]:
-    """``n`` benign paddings of about ``chars`` characters, joined from label-0 rows of the train split."""
-    pool = read_rows(DATA / "harmful_requests.train.jsonl", 0, 10_000)
+PAD_SOURCES = ("writingbench", "freshqa")
+"""Sources of the padding: neutral writing tasks and questions (not the alarming-but-benign or shell-task rows)."""
+
+
+def padding(n: int, chars: int, sources: tuple[str, ...] = PAD_SOURCES) -> list[str]:
+    """``n`` benign paddings of about ``chars`` characters, joined from label-0 train rows of ``sources``."""
+    text = (DATA / "harmful_requests.train.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    pool = [str(r["text"]) for r in rows if int(r["label"]) == 0 and r.get("source") in sources]
     out, j = [], 0
     for _ in range(n):
         parts: list[str] = []
@@ -144,6 +155,7 @@ def main() -> None:
     ap.add_argument("--templates", type=int, default=10, help="pyrit jailbreak templates used (cycled)")
     ap.add_argument("--pad-chars", type=int, default=400, help="benign padding per side, in characters")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--pad-sources", default=",".join(PAD_SOURCES), help="train-split sources of the benign padding")
     args = ap.parse_args()
     if args.quick:
         args.n, args.templates = min(args.n, 4), min(args.templates, 2)
@@ -161,7 +173,7 @@ def main() -> None:
     harmful, benign = read_rows(test, 1, args.n), read_rows(test, 0, args.n)
     n = min(len(harmful), len(benign))
     harmful, benign = harmful[:n], benign[:n]
-    pads = padding(n, args.pad_chars)
+    pads = padding(n, args.pad_chars, tuple(args.pad_sources.split(",")))
     templates = load_templates(list(TEMPLATES[: args.templates]))
     t0 = time.perf_counter()
     rows, res = [], {}
@@ -181,6 +193,7 @@ def main() -> None:
         "data": str(test.relative_to(ROOT)),
         "templates": list(templates),
         "pad_chars": args.pad_chars,
+        "pad_sources": args.pad_sources.split(","),
         "variants": res,
         "seconds": round(time.perf_counter() - t0, 1),
         "environment": environment(args.threads),
