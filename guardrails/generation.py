@@ -222,6 +222,8 @@ class GuardedModel:
             sae = given.get(sid) or SAE.load(
                 self.policy.resolve(spec.path), layer=spec.layer, k=spec.k, format=spec.format, dtype=spec.dtype
             )
+            if sae.device.type == "meta" or any(t.is_meta for t in sae.tensors().values()):
+                raise SAEError(f"SAE {sid!r} ({spec.path}) has no data (meta device); load it onto a real device")
             if sae.d_model != hidden:
                 raise SAEError(
                     f"SAE {sid!r} ({spec.path}) reads d_model={sae.d_model} but the model's hidden size is {hidden}"

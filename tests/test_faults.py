@@ -233,9 +233,6 @@ def test_stream_stopped_by_the_caller(plain: Any, tok: Any, how: str, after: int
     _ = logits  # the fixture checks the logits at teardown
 
 
-@pytest.mark.xfail(reason="lead: GuardedModel(saes={'s': sae_on_meta}) fails in LayerScorer.to() with torch's "
-                          "NotImplementedError 'Cannot copy out of meta tensor'; check SAE devices in "
-                          "GuardedModel._load_saes and raise SAEError naming the SAE and its device", strict=True)
 def test_sae_without_data_is_refused_when_the_guard_is_built(lm: Any, tok: Any) -> None:
     from guardrails import SAEError
 
