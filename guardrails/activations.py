@@ -18,6 +18,42 @@ from tqdm.auto import tqdm
 from guardrails.hooks import StopForward, capture, stop_after_layer
 
 
+def tokenize_rows(
+    tokenizer: Any,
+    texts: Sequence[str],
+    responses: Sequence[str | None] | None = None,
+    *,
+    chat: bool = True,
+    max_tokens: int = 512,
+) -> list[tuple[list[int], int]]:
+    """``(token ids, number of prompt tokens)`` per text, formatted as a guard formats them."""
+    resp = list(responses) if responses is not None else [None] * len(texts)
+    if len(resp) != len(texts):
+        raise ValueError(f"responses has {len(resp)} items but texts has {len(texts)}")
+    out = []
+    for text, response in zip(texts, resp, strict=True):
+        prompt = text
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
+        out.append(((p_ids + r_ids)[:max_tokens], len(p_ids)))
+    return out
+
+
+def scored_positions(
+    ids: Sequence[int], n_prompt: int, special: set[int], scope: Literal["input", "output", "both"]
+) -> list[int]:
+    """Positions a guard scores in one row: not 0 (the attention sink), not special, in ``scope``."""
+    return [
+        j for j, t in enumerate(ids)
+        if j > 0 and t not in special
+        and (scope == "both" or (j >= n_prompt if scope == "output" else j < n_prompt))
+    ]
+
+
 @torch.inference_mode()
 def collect_residuals(
     model: Any,
@@ -34,26 +70,14 @@ def collect_residuals(
 ) -> dict[int, list[Tensor]]:
     """``{layer: [tensor [n_scored_i, d_model] per text]}`` (float32, CPU)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    resp = list(responses) if responses is not None else [None] * len(texts)
-    if len(resp) != len(texts):
-        raise ValueError(f"responses has {len(resp)} items but texts has {len(texts)}")
+    tokenized = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model.device if hasattr(model, "device") else torch.device("cpu")
     bar = tqdm(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}", disable=not progress)
     try:
         for start in range(0, len(texts), batch_size):
-            rows, n_prompt = [], []
-            for text, response in zip(texts[start : start + batch_size], resp[start : start + batch_size], strict=True):
-                prompt = text
-                if chat and getattr(tokenizer, "chat_template", None):
-                    prompt = tokenizer.apply_chat_template(
-                        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-                    )
-                p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
-                ids = (p_ids + r_ids)[:max_tokens]
-                rows.append(ids)
-                n_prompt.append(len(p_ids))
+            chunk = tokenized[start : start + batch_size]
+            rows = [ids for ids, _ in chunk]
             width = max(len(r) for r in rows)
             pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
             ids_t = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -69,17 +93,11 @@ def collect_residuals(
                     )
                 except StopForward:
                     pass
-            is_special = torch.isin(ids_t, torch.tensor(sorted(special))) if special else torch.zeros_like(mask).bool()
-            keep = mask.bool() & ~is_special & (pos > 0)
-            is_out = pos >= torch.tensor(n_prompt)[:, None]
-            if scope == "input":
-                keep &= ~is_out
-            elif scope == "output":
-                keep &= is_out
             for layer in layers:
                 hidden = store[layer].float().cpu()
-                for b in range(len(rows)):
-                    out[layer].append(hidden[b][keep[b]].clone())
+                for b, (ids, n_prompt) in enumerate(chunk):
+                    keep = [width - len(ids) + j for j in scored_positions(ids, n_prompt, special, scope)]
+                    out[layer].append(hidden[b][keep].clone())
             bar.update(len(rows))
     finally:
         bar.close()

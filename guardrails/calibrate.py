@@ -176,20 +176,12 @@ class ResidualRows(list[Tensor]):
 def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: Scope,
                      chat: bool = True) -> list[list[int]]:
     """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
+    from guardrails.activations import scored_positions as keep_of
+    from guardrails.activations import tokenize_rows
+
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    out = []
-    for i, text in enumerate(prompts):
-        prompt = text
-        if chat and getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                   add_generation_prompt=True)
-        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        resp = responses[i] if responses is not None else None
-        r_ids = list(tokenizer(resp, add_special_tokens=False)["input_ids"]) if resp else []
-        ids = (p_ids + r_ids)[:MAX_TOKENS]
-        out.append([j for j, t in enumerate(ids) if j > 0 and t not in special
-                    and ((j >= len(p_ids)) if scope == "output" else (j < len(p_ids)))])
-    return out
+    rows = tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS)
+    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input") for ids, n_prompt in rows]
 
 
 def residuals(

@@ -75,23 +75,13 @@ def rank_features(
 def scored_tokens(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: str,
                   chat: bool = True) -> list[list[str]]:
     """Token strings at the positions collect_residuals keeps (same formatting and filters)."""
+    from guardrails.activations import scored_positions, tokenize_rows
+    from guardrails.calibrate import MAX_TOKENS
+
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     out = []
-    for i, text in enumerate(prompts):
-        prompt = text
-        if chat and getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                   add_generation_prompt=True)
-        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        resp = responses[i] if responses is not None else None
-        r_ids = list(tokenizer(resp, add_special_tokens=False)["input_ids"]) if resp else []
-        from guardrails.calibrate import MAX_TOKENS
-
-        ids = (p_ids + r_ids)[:MAX_TOKENS]
-        keep = [
-            j for j, t in enumerate(ids)
-            if j > 0 and t not in special and (j >= len(p_ids) if scope == "output" else j < len(p_ids))
-        ]
+    for ids, n_prompt in tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS):
+        keep = scored_positions(ids, n_prompt, special, "output" if scope == "output" else "input")
         toks = [tokenizer.decode([t]) for t in ids]
         out.append([_context(toks, j) for j in keep])
     return out
