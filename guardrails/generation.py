@@ -173,10 +173,9 @@ class GuardedModel:
         self._blocks = {layer: layers[layer] for layer in self.scorers}
         self._lock = _model_lock(model)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self._special = torch.tensor(sorted(special), dtype=torch.long)
         vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0), max(special, default=0) + 1)
         self._special_lut = torch.zeros(vocab, dtype=torch.bool)
-        self._special_lut[self._special] = True
+        self._special_lut[torch.tensor(sorted(special), dtype=torch.long)] = True
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         if tokenizer.eos_token_id is not None:
@@ -315,7 +314,7 @@ class GuardedModel:
         for step in range(max_new_tokens + 1):
             last = step == max_new_tokens
             if step == 0:
-                cur_ids, cur_pos = ids, positions
+                cur_ids = ids
                 score = self._scorable(ids, mask, positions)
                 past = _new_cache(self.model) if use_cache else None
             else:
@@ -329,30 +328,26 @@ class GuardedModel:
                 new_score = self._scorable(pending[:, None], torch.ones_like(pending)[:, None], new_pos[:, None])
                 new_score &= active[:, None]
                 if use_cache:
-                    cur_ids, cur_pos = pending[:, None], new_pos[:, None]
+                    cur_ids = pending[:, None]
                     score = new_score
                 else:
-                    cur_ids, cur_pos = all_ids, all_pos
+                    cur_ids = all_ids
                     score = torch.cat([torch.zeros_like(all_mask[:, :-1], dtype=torch.bool), new_score], 1)
+            # the columns this forward sees: the whole sequence at prefill or without a cache, else the new token
+            T = cur_ids.shape[1]
+            cur_pos, cur_mask = all_pos[:, -T:], all_mask[:, -T:]
             run.ctx = StepContext(
-                positions=all_pos if not use_cache or step == 0 else cur_pos,
-                score_mask=score,
-                is_output=is_output[:, -cur_ids.shape[1] :],
-                steer_mask=(all_mask if not use_cache or step == 0 else torch.ones_like(cur_ids)).bool(),
+                positions=cur_pos, score_mask=score, is_output=is_output[:, -T:], steer_mask=cur_mask.bool()
             )
-            if step == 0 or not use_cache:
-                run.ctx.positions = all_pos[:, -cur_ids.shape[1] :]
             kwargs: dict[str, Any] = {
                 "input_ids": cur_ids,
                 "attention_mask": all_mask,
-                "position_ids": cur_pos.clamp_min(0) if step == 0 or use_cache else all_pos.clamp_min(0),
+                "position_ids": cur_pos.masked_fill(cur_mask == 0, 1),  # padding: any valid id, it is masked
                 "use_cache": use_cache,
             }
             if use_cache:
                 kwargs[self._cache_kw] = past
                 kwargs["logits_to_keep"] = 1
-            if step == 0:
-                kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)
             logits = self._forward(run, kwargs, truncated=last)
             run.check_all_scored()
             run.ctx = None
