@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import torch
@@ -97,6 +98,16 @@ def tiny_tokenizer(vocab_size: int = 320) -> Any:
         tokenizer_object=tk, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0],
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
     )
+
+
+@cache
+def bundled_tokenizer() -> Any:
+    """The bundled SmolLM2 tokenizer (real special tokens and chat template), loaded once."""
+    from transformers import AutoTokenizer
+
+    from guardrails.models import bundled_model_path
+
+    return AutoTokenizer.from_pretrained(bundled_model_path())
 
 
 def tiny_lm(arch: str, tokenizer: Any, layers: int = 4, logit_scale: float = 20.0) -> Any:

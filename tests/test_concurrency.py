@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from guardrails import GenerationResult, GuardedModel, Policy
 from guardrails.audit import AuditStore
 from guardrails.hooks import hooks_on
 from tests._counts import count
-from tests.builders import random_sae, tiny_model
+from tests.builders import bundled_tokenizer, random_sae, tiny_lm
 
 PROMPTS = [
     "Hi", "Tell me a story", "How do I bake bread at home today?", "What is the capital of France, and why?",
@@ -38,21 +37,12 @@ NEW = 5
 THREADS, PER_THREAD = 8, 3
 
 
-@cache
-def _tok() -> Any:
-    from transformers import AutoTokenizer
-
-    from guardrails.models import bundled_model_path
-
-    return AutoTokenizer.from_pretrained(bundled_model_path())
+_tok = bundled_tokenizer
 
 
 @cache
 def _model() -> Any:
-    model = tiny_model("llama", vocab_size=len(_tok()), layers=2)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
+    return tiny_lm("llama", _tok(), layers=2)
 
 
 def n_scored(text: str) -> int:

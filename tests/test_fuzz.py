@@ -26,7 +26,7 @@ from guardrails import GuardedModel, Policy, PolicyError, SAEError
 from guardrails.hooks import hooks_on
 from guardrails.sae import SAE
 from tests._counts import count
-from tests.builders import qwen_scope_tensors, random_sae, tiny_model, write_qwen_scope
+from tests.builders import bundled_tokenizer, qwen_scope_tensors, random_sae, tiny_lm, write_qwen_scope
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -336,21 +336,12 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path: Path, how: 
 REFUSAL = "Refused."
 
 
-@cache
-def _btok() -> Any:
-    from transformers import AutoTokenizer
-
-    from guardrails.models import bundled_model_path
-
-    return AutoTokenizer.from_pretrained(bundled_model_path())
+_btok = bundled_tokenizer
 
 
 @cache
 def _blm() -> Any:
-    model = tiny_model("llama", vocab_size=len(_btok()), layers=2)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
+    return tiny_lm("llama", _btok(), layers=2)
 
 
 def _always(scope: str) -> Policy:

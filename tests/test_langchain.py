@@ -28,29 +28,18 @@ from langchain_core.runnables import RunnableLambda
 import guardrails.langchain as glc
 from guardrails import GenerationResult, GuardedModel, GuardrailViolation, Policy, PolicyError
 from guardrails.langchain import GuardedChatModel, SAEGuard, to_turns
-from tests.builders import random_sae
+from tests.builders import bundled_tokenizer, random_sae, tiny_lm
 
 REFUSAL = "I can't help with that."
 WIDE = 4096
 
 
-@cache
-def _tok() -> Any:
-    from transformers import AutoTokenizer
-
-    from guardrails.models import bundled_model_path
-
-    return AutoTokenizer.from_pretrained(bundled_model_path())
+_tok = bundled_tokenizer
 
 
 @cache
 def _lm() -> Any:
-    from tests.builders import tiny_model
-
-    model = tiny_model("llama", vocab_size=len(_tok()))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)  # sharper logits: greedy output varies from token to token
-    return model
+    return tiny_lm("llama", _tok())  # sharper logits: greedy output varies from token to token
 
 
 def policy(threshold: float, *, scope: str = "output", action: str = "block", counting: bool = True,
