@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from guardrails.errors import GuardrailViolation
 
 if TYPE_CHECKING:
-    from guardrails.decision import Decision
-    from guardrails.generation import GenerationResult, GuardedModel, GuardedStream, TextScore
+    from guardrails.decision import Decision, TextScore
+    from guardrails.generation import GenerationResult, GuardedModel, GuardedStream
     from guardrails.policy import Policy, PolicyError
     from guardrails.sae import SAE, EncodeOutput, SAEConfig, SAEError
 
@@ -34,7 +34,7 @@ _LAZY = {
     "GenerationResult": "guardrails.generation",
     "GuardedModel": "guardrails.generation",
     "GuardedStream": "guardrails.generation",
-    "TextScore": "guardrails.generation",
+    "TextScore": "guardrails.decision",
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 DecisionAction = Literal["flag", "block", "steer", "error"]
@@ -46,4 +46,24 @@ class Decision:
         return d
 
 
-__all__ = ["Decision", "DecisionAction"]
+@dataclass
+class TextScore:
+    """Scores of a text scanned without generating (``GuardedModel.score``, ``OnnxGuard.score``)."""
+
+    scores: dict[str, float]
+    """Per rule, the highest windowed score over the scored tokens (NaN if none scored)."""
+    token_scores: dict[str, dict[int, float]]
+    """Per rule, windowed score at each scored position."""
+    decisions: list[Decision]
+    """What the policy would do (flag/block/steer/error) on this text."""
+    tokens: list[str]
+    """Token strings."""
+    errors: list[str] = field(default_factory=list)
+    """Scoring failures, if any (their decisions say what on_error did)."""
+
+    @property
+    def blocked(self) -> bool:
+        return any(d.action == "block" or d.resolution == "block" for d in self.decisions)
+
+
+__all__ = ["Decision", "DecisionAction", "TextScore"]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guardrails.decision import TextScore
 from guardrails.detectors import LayerScorer
 from guardrails.engine import Decision, GuardRun, StepContext
 from guardrails.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer
@@ -80,24 +81,6 @@ class GenerationResult:
             "decisions": [d.to_dict() for d in self.decisions],
             "errors": self.errors,
         }
-
-
-@dataclass
-class TextScore:
-    """Scores of a text scanned without generating (one prefill pass)."""
-
-    scores: dict[str, float]
-    """Per rule, the highest windowed score over the scored tokens (NaN if none scored)."""
-    token_scores: dict[str, dict[int, float]]
-    """Per rule, windowed score at each scored position."""
-    decisions: list[Decision]
-    """What the policy would do (flag/block/steer/error) on this text."""
-    tokens: list[str]
-    """Token strings."""
-
-    @property
-    def blocked(self) -> bool:
-        return any(d.action == "block" or d.resolution == "block" for d in self.decisions)
 
 
 _LOCKS_GUARD = threading.Lock()

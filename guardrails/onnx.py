@@ -34,13 +34,13 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from guardrails.decision import Decision
+from guardrails.decision import Decision, TextScore
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +72,9 @@ class OnnxGuardError(RuntimeError):
 # =====================================================================================================
 
 
-@dataclass
-class OnnxTextScore:
-    """Scores of one text: the same fields as :class:`guardrails.generation.TextScore`."""
-
-    scores: dict[str, float]
-    """Per rule, the highest windowed score over the scored tokens (NaN if none scored)."""
-    token_scores: dict[str, dict[int, float]]
-    """Per rule, windowed score at each scored position."""
-    decisions: list[Decision]
-    """What the policy does on this text (``top_features`` empty: the graph has only the watched ones)."""
-    tokens: list[str]
-    """Token strings."""
-    errors: list[str] = field(default_factory=list)
-    """Scoring failures, if any (their decisions say what on_error did)."""
-
-    @property
-    def blocked(self) -> bool:
-        return any(d.action == "block" or d.resolution == "block" for d in self.decisions)
+OnnxTextScore = TextScore
+"""What :meth:`OnnxGuard.score` returns (``top_features`` of its decisions are empty: the graph holds only
+the watched features)."""
 
 
 def window_scores(scores: np.ndarray, window: int, how: str) -> np.ndarray:
@@ -336,7 +321,7 @@ class OnnxGuard:
                 t - n_prompt if is_output[t] else None, tokens[t],
             ))
             blocked = action == "block"
-        return OnnxTextScore(scores, token_scores, decisions, tokens, errors)
+        return TextScore(scores, token_scores, decisions, tokens, errors)
 
     @staticmethod
     def _scope(rule: dict[str, Any], is_output: np.ndarray) -> np.ndarray:
