@@ -294,27 +294,12 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: in
 
 
 def _scorers_for(guard: Any, policy: Policy) -> dict[int, Any]:
-    from guardrails.detectors import LayerScorer
+    """The serving scorers of ``policy`` on ``guard``'s model (its loaded SAEs reused), on the CPU."""
+    from guardrails.generation import GuardedModel
 
-    if any(sid not in guard.saes for sid in policy.saes):  # watched mode dropped the full SAEs
-        from guardrails.generation import GuardedModel
-
-        guard = GuardedModel(guard.model, guard.tokenizer, policy, score_mode=guard.score_mode, keep_full_saes=True)
-    linear = guard._load_linear(_hidden_size(guard.model))
-    by_layer: dict[int, list[Any]] = {}
-    for i, rule in enumerate(policy.rules):
-        det = rule.detector
-        layer = policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
-        by_layer.setdefault(layer, []).append((i, rule))
-    return {
-        layer: LayerScorer(layer, rules, policy, guard.saes, linear, guard.score_mode).to(torch.device("cpu"))
-        for layer, rules in by_layer.items()
-    }
-
-
-def _hidden_size(model: Any) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "hidden_size", 0) or cfg.get_text_config().hidden_size)
+    serving = GuardedModel(guard.model, guard.tokenizer, policy, saes=guard.saes, score_mode=guard.score_mode,
+                           keep_full_saes=True)
+    return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}
 
 
 def text_scores(guard: Any, rule_id: str, rows: list[Tensor]) -> np.ndarray:
