@@ -128,7 +128,7 @@ def guard_tensors(guard: Any) -> list[torch.Tensor]:
 
 
 def load_bundled(dtype: str = "float32") -> tuple[Any, Any]:
-    from guardrails.models import load_model
+    from guardrails.serving.models import load_model
 
     model, tok = load_model(dtype=dtype)
     return model, tok
@@ -136,7 +136,7 @@ def load_bundled(dtype: str = "float32") -> tuple[Any, Any]:
 
 def bundled_or_random_sae(folder: str) -> tuple[str, str]:
     """Path of the bundled SAE, or of a random SAE of the same shape saved in ``folder``; and which it is."""
-    from guardrails.sae import SAE, SAEConfig, SAEError
+    from guardrails.sae.model import SAE, SAEConfig, SAEError
 
     try:
         SAE.load("bundled")
@@ -155,7 +155,7 @@ def bundled_or_random_sae(folder: str) -> tuple[str, str]:
 def feature_policy(sae_path: str, n_features: int, d_sae: int, *, threshold: float = 1e9, mode: str = "exact",
                    scope: str = "both", name: str | None = None) -> Any:
     """A policy with one rule summing ``n_features`` fixed features (a permutation with seed 0)."""
-    from guardrails.policy import Policy
+    from guardrails.core.policy import Policy
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randperm(d_sae, generator=g)[:n_features].tolist()

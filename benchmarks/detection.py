@@ -22,10 +22,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.calibrate import load_labeled, rule_scope, text_scores  # noqa: E402
-from guardrails.cli_calibrate import Session, _json_safe, _layer, run_baselines  # noqa: E402
-from guardrails.evaluate import metrics, round_metrics  # noqa: E402
-from guardrails.policy import Policy  # noqa: E402
+from guardrails.cli.calibrate import Session, _json_safe, _layer, run_baselines  # noqa: E402
+from guardrails.core.policy import Policy  # noqa: E402
+from guardrails.offline.calibrate import load_labeled, rule_scope, text_scores  # noqa: E402
+from guardrails.offline.evaluate import metrics, round_metrics  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
 RESERVED = DATA / "reserved_eval"

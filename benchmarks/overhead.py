@@ -54,12 +54,12 @@ def main() -> None:
     n_features = args.features or ([10] if quick else [1, 10, 100])
     modes = ["exact", "watched"]
 
-    from guardrails.generation import GuardedModel
+    from guardrails.serving.generation import GuardedModel
 
     model, tok = _util.load_bundled()
     tmp = tempfile.TemporaryDirectory()
     sae_path, sae_kind = _util.bundled_or_random_sae(tmp.name)
-    from guardrails.sae import SAE
+    from guardrails.sae.model import SAE
 
     sae = SAE.load(sae_path)
     guards = {
@@ -143,7 +143,7 @@ def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
 def _memory(model: Any, tok: Any, sae_path: str, d_sae: int, modes: list[str], n: int,
             built: dict[tuple[str, int], Any]) -> list[dict[str, Any]]:
     """Tensor bytes each mode keeps, and RSS growth of building a guard that loads its SAE from disk."""
-    from guardrails.generation import GuardedModel
+    from guardrails.serving.generation import GuardedModel
 
     out = []
     for mode in modes:

@@ -61,8 +61,8 @@ def main() -> None:
     new_tokens = args.new_tokens or (12 if quick else 64)
     prompts = PROMPTS[:1] if quick else PROMPTS
 
-    from guardrails.generation import GuardedModel
-    from guardrails.sae import SAE
+    from guardrails.sae.model import SAE
+    from guardrails.serving.generation import GuardedModel
 
     model, tok = _util.load_bundled()
     tmp = tempfile.TemporaryDirectory()
@@ -162,7 +162,7 @@ def judge_input(tok: Any, prompt: str, answer: str) -> torch.Tensor:
 
 def find_onset(model: Any, tok: Any, sae: Any, prompt: str, answer: list[int], guard: Any) -> dict[str, Any]:
     """An output token j and an SAE feature that is in the TopK at j and far above its earlier output values."""
-    from guardrails.hooks import capture
+    from guardrails.engine.hooks import capture
 
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([list(p_ids) + answer])
@@ -200,7 +200,7 @@ def find_onset(model: Any, tok: Any, sae: Any, prompt: str, answer: list[int], g
 
 
 def peers_policy(sae_path: str, d_sae: int, n_features: int, onset: dict[str, Any]) -> Any:
-    from guardrails.policy import Policy
+    from guardrails.core.policy import Policy
 
     base = _util.feature_policy(sae_path, n_features, d_sae)
     data = base.model_dump(mode="json", exclude_none=True, exclude={"base_dir"})
@@ -212,8 +212,8 @@ def peers_policy(sae_path: str, d_sae: int, n_features: int, onset: dict[str, An
 
 def load_onnx(args: Any, model: Any, tok: Any, sae: Any, policy: Any) -> dict[str, Any]:
     """The ONNX guard of ``policy`` (exported once, cached by policy digest) and a never-firing copy."""
-    from guardrails.models import cache_dir
     from guardrails.onnx import MANIFEST_FILE, OnnxGuard, export_onnx
+    from guardrails.serving.models import cache_dir
 
     folder = Path(args.onnx_dir) if args.onnx_dir else cache_dir() / "bench-onnx" / policy.digest[:16]
     manifest = folder / MANIFEST_FILE

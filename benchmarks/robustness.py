@@ -160,8 +160,8 @@ def main() -> None:
     if args.quick:
         args.n, args.templates = min(args.n, 4), min(args.templates, 2)
     pin_threads(args.threads)
-    from guardrails.generation import GuardedModel
-    from guardrails.policy import Policy
+    from guardrails.core.policy import Policy
+    from guardrails.serving.generation import GuardedModel
 
     policy_path = Path(args.policy)
     if not policy_path.is_file():

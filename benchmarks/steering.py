@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.calibrate import load_labeled  # noqa: E402
-from guardrails.steering_eval import ComplianceJudge, sweep  # noqa: E402
+from guardrails.offline.calibrate import load_labeled  # noqa: E402
+from guardrails.offline.steering_eval import ComplianceJudge, sweep  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
 OUT = ROOT / "benchmarks" / "results"
@@ -41,8 +41,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from guardrails.models import load_model
-    from guardrails.policy import Policy
+    from guardrails.core.policy import Policy
+    from guardrails.serving.models import load_model
 
     t0 = time.time()
     train, test = load_labeled(DATA / "responses.train.jsonl"), load_labeled(DATA / "responses.test.jsonl")

@@ -11,30 +11,30 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from guardrails.errors import GuardrailViolation
+from guardrails.core.errors import GuardrailViolation
 
 if TYPE_CHECKING:
-    from guardrails.decision import Decision, TextScore
-    from guardrails.generation import GenerationResult, GuardedModel, GuardedStream
-    from guardrails.policy import Policy, PolicyError
-    from guardrails.sae import SAE, EncodeOutput, SAEConfig, SAEError
+    from guardrails.core.decision import Decision, TextScore
+    from guardrails.core.policy import Policy, PolicyError
+    from guardrails.sae.model import SAE, EncodeOutput, SAEConfig, SAEError
+    from guardrails.serving.generation import GenerationResult, GuardedModel, GuardedStream
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
-    "SAE": "guardrails.sae",
-    "SAEConfig": "guardrails.sae",
-    "SAEError": "guardrails.sae",
-    "EncodeOutput": "guardrails.sae",
-    "Policy": "guardrails.policy",
-    "PolicyError": "guardrails.policy",
-    "Decision": "guardrails.decision",
-    "GenerationResult": "guardrails.generation",
-    "GuardedModel": "guardrails.generation",
-    "GuardedStream": "guardrails.generation",
-    "TextScore": "guardrails.decision",
+    "SAE": "guardrails.sae.model",
+    "SAEConfig": "guardrails.sae.model",
+    "SAEError": "guardrails.sae.model",
+    "EncodeOutput": "guardrails.sae.model",
+    "Policy": "guardrails.core.policy",
+    "PolicyError": "guardrails.core.policy",
+    "Decision": "guardrails.core.decision",
+    "GenerationResult": "guardrails.serving.generation",
+    "GuardedModel": "guardrails.serving.generation",
+    "GuardedStream": "guardrails.serving.generation",
+    "TextScore": "guardrails.core.decision",
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from guardrails.sae import SAE, SAEConfig
+from guardrails.sae.model import SAE, SAEConfig
 
 HIDDEN = 64
 
@@ -105,7 +105,7 @@ def bundled_tokenizer() -> Any:
     """The bundled SmolLM2 tokenizer (real special tokens and chat template), loaded once."""
     from transformers import AutoTokenizer
 
-    from guardrails.models import bundled_model_path
+    from guardrails.serving.models import bundled_model_path
 
     return AutoTokenizer.from_pretrained(bundled_model_path())
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from guardrails.audit import (
+from guardrails.audit.store import (
     ACTIONS,
     GENESIS,
     AuditError,
@@ -26,9 +26,9 @@ from guardrails.audit import (
     parse_since,
     verify_records,
 )
-from guardrails.engine import Decision
-from guardrails.generation import GenerationResult, TextScore
-from guardrails.policy import Policy
+from guardrails.core.policy import Policy
+from guardrails.engine.run import Decision
+from guardrails.serving.generation import GenerationResult, TextScore
 
 # -- fakes: a guard object with what AuditStore reads, and results built by hand --------------------------------
 
@@ -325,7 +325,7 @@ def test_disk_full_is_an_audit_error_and_leaves_the_chain_intact(store: AuditSto
 def test_guard_does_not_release_text_when_the_audit_write_fails(tmp_path: Path, lm: Any, tok: Any) -> None:
     """With the store closed, generate() either raises AuditError or (once GuardedModel applies on_error)
     returns a blocked result: never released text without a record."""
-    from guardrails.generation import GuardedModel
+    from guardrails.serving.generation import GuardedModel
     from tests.builders import random_sae
 
     policy = Policy.from_dict({
@@ -451,9 +451,9 @@ def test_genesis_constant() -> None:
 def test_real_generation_is_recorded(tmp_path: Path) -> None:
     import torch
 
-    from guardrails.generation import GuardedModel
-    from guardrails.models import load_model
-    from guardrails.sae import SAE, SAEConfig
+    from guardrails.sae.model import SAE, SAEConfig
+    from guardrails.serving.generation import GuardedModel
+    from guardrails.serving.models import load_model
 
     model, tokenizer = load_model()
     bundled = Path(__file__).resolve().parent.parent / "guardrails" / "assets" / "sae" / "smollm2-135m-l15"
@@ -500,7 +500,7 @@ def db(tmp_path: Path) -> Path:
 def _cli(*args: str) -> Any:
     from typer.testing import CliRunner
 
-    from guardrails.cli import app
+    from guardrails.cli.main import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from guardrails import SAE
-from guardrails.hooks import capture, hooks_on
+from guardrails.engine.hooks import capture, hooks_on
 
 pytestmark = pytest.mark.model
 
@@ -24,7 +24,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def bundled() -> tuple[Any, Any]:
-    from guardrails.models import load_model
+    from guardrails.serving.models import load_model
 
     return load_model()
 
@@ -71,8 +71,8 @@ rules:
 
 
 def test_features_cli_shows_top_features(bundled: tuple[Any, Any]) -> None:
-    from guardrails.cli import app
-    from guardrails.inspect import top_features_per_token
+    from guardrails.cli.main import app
+    from guardrails.serving.inspect import top_features_per_token
 
     out = CliRunner().invoke(app, ["features", "--json", "--top", "3", "The cat sat on the mat."])
     assert out.exit_code == 0, out.output

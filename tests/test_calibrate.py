@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from guardrails.calibrate import (
+from guardrails.core.policy import Policy
+from guardrails.offline.calibrate import (
     fit_sparse_weights,
     fit_threshold,
     load_labeled,
     residuals,
     text_scores,
 )
-from guardrails.generation import GuardedModel
-from guardrails.policy import Policy
+from guardrails.serving.generation import GuardedModel
 from tests.builders import random_sae, tiny_lm, tiny_tokenizer
 
 # -- thresholds -------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_threshold_hits_target_recall(target: float) -> None:
 
 
 def test_threshold_arguments_checked() -> None:
-    from guardrails.calibrate import CalibrationError
+    from guardrails.offline.calibrate import CalibrationError
 
     with pytest.raises(CalibrationError, match="exactly one"):
         fit_threshold(np.ones(3), np.array([0, 1, 0]))
@@ -92,7 +92,7 @@ def _policy(sae_dir: Path, weights: Path | None = None, window: int = 2) -> Poli
 def tiny_setup(tmp_path: Path, tok, lm, monkeypatch) -> dict[str, Any]:
     monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
     sae_dir = random_sae(d_model=64, d_sae=64, k=16, layer=1).save(tmp_path / "sae")
-    from guardrails.baselines import save_linear
+    from guardrails.offline.baselines import save_linear
 
     w = np.random.default_rng(0).normal(0, 1, 64).astype(np.float32)
     lin = save_linear(tmp_path / "lin.safetensors", w, 0.3)
@@ -147,7 +147,7 @@ def test_residual_cache_round_trip(tiny_setup) -> None:
 
 
 def test_load_labeled_errors(tmp_path: Path) -> None:
-    from guardrails.calibrate import CalibrationError
+    from guardrails.offline.calibrate import CalibrationError
 
     with pytest.raises(CalibrationError, match=r"bad.jsonl:2: label must be 0 or 1"):
         load_labeled(_write(tmp_path / "bad.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}]))
@@ -182,7 +182,7 @@ def saved_tiny(tmp_path: Path, monkeypatch) -> dict[str, Path]:
 def _cli(args: list[str]) -> Any:
     from typer.testing import CliRunner
 
-    from guardrails.cli import _register_extensions, app
+    from guardrails.cli.main import _register_extensions, app
 
     _register_extensions()
     return CliRunner().invoke(app, args)
@@ -200,7 +200,7 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert rep["rules"]["r"]["threshold"] == thr
     assert rep["rules"]["r"]["serving_check_max_rel_diff"] < 1e-3
     # independent check through the serving path: FPR on the cal split at the written threshold <= 0.1
-    from guardrails.models import load_model
+    from guardrails.serving.models import load_model
 
     model, tk = load_model(str(t["model"]))
     cal = load_labeled(t["tmp"] / "toy.cal.jsonl")
@@ -249,7 +249,7 @@ def test_eval_json_shipped_harmful_requests() -> None:
 
 
 def test_window_same_in_prefill_and_decode() -> None:
-    from guardrails.detectors import window_aggregate
+    from guardrails.engine.scorers import window_aggregate
 
     nan = float("nan")
     scores = torch.tensor([[1.0, nan, 3.0, 5.0]])  # a special token (unscored) at position 1

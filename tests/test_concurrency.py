@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from guardrails import GenerationResult, GuardedModel, Policy
-from guardrails.audit import AuditStore
-from guardrails.hooks import hooks_on
+from guardrails.audit.store import AuditStore
+from guardrails.engine.hooks import hooks_on
 from tests._counts import count
 from tests.builders import bundled_tokenizer, random_sae, tiny_lm
 
@@ -164,7 +164,7 @@ def test_threads_share_one_guard() -> None:
 
 
 def test_async_tasks_share_one_guard() -> None:
-    from guardrails.langchain import GuardedChatModel
+    from guardrails.integrations.langchain.chat import GuardedChatModel
 
     serial = _serial()
     chat = GuardedChatModel(guard=_guard(), max_new_tokens=NEW)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from guardrails.calibrate import max_pooled_features
-from guardrails.discover import draft_rule, explain, feature_aurocs, rank_features, scored_tokens
+from guardrails.offline.calibrate import max_pooled_features
+from guardrails.offline.discover import draft_rule, explain, feature_aurocs, rank_features, scored_tokens
 from tests.builders import random_sae
 
 
@@ -58,7 +58,7 @@ def test_max_pooled_features_equals_manual_encode() -> None:
 
 
 def test_scored_tokens_align_with_collected_residuals(tok, lm) -> None:
-    from guardrails.activations import collect_residuals
+    from guardrails.offline.activations import collect_residuals
 
     model = lm("llama")
     prompts = ["Tell me a story", "How do I bake bread at home?"]
@@ -86,6 +86,6 @@ def test_explain_finds_planted_token_and_draft_rule() -> None:
     rule = draft_rule(rank_features(x, y), n_features=3, explanations=ex, threshold=1.5)
     assert rule["detector"]["features"][0]["id"] == 9
     assert len(rule["detector"]["features"]) <= 3
-    from guardrails.policy import Policy
+    from guardrails.core.policy import Policy
 
     Policy.from_dict({"name": "d", "saes": {"main": {"path": "x", "layer": 1}}, "rules": [rule]})  # valid YAML shape

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from guardrails.evaluate import bootstrap_intervals, metrics, rates_at, tpr_at_fpr
+from guardrails.offline.evaluate import bootstrap_intervals, metrics, rates_at, tpr_at_fpr
 
 SCORES = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2, 0.9, 0.65, 0.3, 0.55, 0.05, 0.6])
 LABELS = np.array([0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0, 1])

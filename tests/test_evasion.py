@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from guardrails import GenerationResult, GuardedModel, Policy
-from guardrails.hooks import hooks_on
+from guardrails.engine.hooks import hooks_on
 from tests._counts import count
 from tests.builders import bundled_tokenizer, random_sae, tiny_lm
 
@@ -83,7 +83,7 @@ def test_split_request_is_caught_when_the_conversation_is_scored() -> None:
 
     from langchain_core.messages import AIMessage, HumanMessage
 
-    from guardrails.langchain import GuardedChatModel
+    from guardrails.integrations.langchain.chat import GuardedChatModel
 
     msgs = [HumanMessage(SPLIT[0]["content"]), AIMessage(SPLIT[1]["content"]), HumanMessage(SPLIT[2]["content"])]
     out = GuardedChatModel(guard=g, max_new_tokens=2).invoke(msgs)
@@ -155,7 +155,7 @@ def test_stream_any_trip_index_any_read_size(j: int, per_read: int) -> None:
 
 @pytest.mark.parametrize("j", TRIPS)
 def test_langchain_stream_and_astream_never_show_the_tripping_token(j: int) -> None:
-    from guardrails.langchain import GuardedChatModel
+    from guardrails.integrations.langchain.chat import GuardedChatModel
 
     count("evasion: langchain stream/astream trips", 2)
     _, before = _trip(j)

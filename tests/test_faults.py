@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from guardrails import GenerationResult, GuardedModel, Policy
-from guardrails.audit import AuditStore
-from guardrails.detectors import LayerScorer
-from guardrails.hooks import decoder_layers, hidden_of, hooks_on, replace_hidden
+from guardrails.audit.store import AuditStore
+from guardrails.engine.hooks import decoder_layers, hidden_of, hooks_on, replace_hidden
+from guardrails.engine.scorers import LayerScorer
 from tests._counts import count
 from tests.builders import random_sae
 

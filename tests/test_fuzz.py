@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardrails import GuardedModel, Policy, PolicyError, SAEError
-from guardrails.hooks import hooks_on
-from guardrails.sae import SAE
+from guardrails.engine.hooks import hooks_on
+from guardrails.sae.model import SAE
 from tests._counts import count
 from tests.builders import bundled_tokenizer, qwen_scope_tensors, random_sae, tiny_lm, write_qwen_scope
 
@@ -554,7 +554,7 @@ def test_cli_bad_flags_exit_2_or_1_with_an_error_and_no_traceback(
 ) -> None:
     from typer.testing import CliRunner
 
-    from guardrails.cli import app
+    from guardrails.cli.main import app
 
     count("cli: bad flags")
     files = _cli_files(str(tmp_path_factory.getbasetemp() / "cli"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guardrails import GuardedModel, Policy, SAEError
-from guardrails.hooks import hooks_on
+from guardrails.engine.hooks import hooks_on
 from tests.builders import qwen_scope_encode, qwen_scope_tensors, tiny_qwen3_5_multimodal, write_qwen_scope
 
 LAYER, D_SAE, K = 1, 128, 32

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from guardrails.hooks import (
+from guardrails.engine.hooks import (
     HookError,
     HookHandle,
     StopForward,

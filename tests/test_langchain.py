@@ -25,9 +25,9 @@ from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-import guardrails.langchain as glc
+import guardrails.integrations.langchain.chat as glc
 from guardrails import GenerationResult, GuardedModel, GuardrailViolation, Policy, PolicyError
-from guardrails.langchain import GuardedChatModel, SAEGuard, to_turns
+from guardrails.integrations.langchain.chat import GuardedChatModel, SAEGuard, to_turns
 from tests.builders import bundled_tokenizer, random_sae, tiny_lm
 
 REFUSAL = "I can't help with that."

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from guardrails.loaders import SAEFormat, known_formats, load_sae, register_format
-from guardrails.sae import SAE, SAEError
+from guardrails.sae.loaders import SAEFormat, known_formats, load_sae, register_format
+from guardrails.sae.model import SAE, SAEError
 from tests.builders import qwen_scope_encode, qwen_scope_tensors, random_sae, write_qwen_scope
 
 D_MODEL, D_SAE = 48, 160

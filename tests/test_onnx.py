@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from guardrails.detectors import score_windowed_flat
-from guardrails.generation import GuardedModel
+from guardrails.core.policy import Policy
+from guardrails.engine.scorers import score_windowed_flat
 from guardrails.onnx import (
     MANIFEST_FILE,
     PARITY_RTOL,
@@ -27,8 +27,8 @@ from guardrails.onnx import (
     relative_error,
     window_scores,
 )
-from guardrails.policy import Policy
-from guardrails.sae import SAE
+from guardrails.sae.model import SAE
+from guardrails.serving.generation import GuardedModel
 from tests.builders import random_sae, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tok: Any, lm: Any) -> dict[s
 @pytest.fixture(scope="module")
 def watched(setup: dict[str, Any]) -> Path:
     """Exported with the CLI (``guardrails export-onnx``) from the saved tiny model."""
-    from guardrails.cli import app
+    from guardrails.cli.main import app
 
     out = setup["root"] / "guard-watched"
     res = CliRunner().invoke(app, ["export-onnx", "--policy", str(setup["policy_file"]), "--out", str(out),
@@ -253,7 +253,7 @@ print(json.dumps({{"torch": "torch" in sys.modules, "transformers": "transformer
 
 
 def test_serving_module_runs_without_torch(watched: Path) -> None:
-    code = _STANDALONE.format(path=str(REPO / "guardrails" / "onnx.py"), folder=str(watched), texts=TEXTS,
+    code = _STANDALONE.format(path=str(REPO / "guardrails" / "onnx" / "serve.py"), folder=str(watched), texts=TEXTS,
                               responses=RESPONSES)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -314,8 +314,8 @@ def test_export_refuses_a_bf16_model(setup: dict[str, Any], tmp_path: Path) -> N
 @pytest.mark.model
 @pytest.mark.slow
 def test_bundled_model_and_sae_parity(tmp_path: Path) -> None:
-    from guardrails.models import load_model
-    from guardrails.sae import SAEError
+    from guardrails.sae.model import SAEError
+    from guardrails.serving.models import load_model
 
     try:
         sae = SAE.load("bundled")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guardrails.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector
+from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector
 
 VALID = textwrap.dedent("""\
     name: demo

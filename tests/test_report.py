@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from guardrails.audit import AuditStore
-from guardrails.cli import app
-from guardrails.report import OVER_COLOR, render_record, render_summary
+from guardrails.audit.report import OVER_COLOR, render_record, render_summary
+from guardrails.audit.store import AuditStore
+from guardrails.cli.main import app
 from tests.test_audit import FakeGuard, make_policy, make_result
 
 runner = CliRunner()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from guardrails.audit import AuditStore
-from guardrails.report import render_record, render_summary
+from guardrails.audit.report import render_record, render_summary
+from guardrails.audit.store import AuditStore
 from tests.test_audit import FakeGuard, make_policy, make_result
 from tests.test_report import Page
 

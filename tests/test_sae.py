@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guardrails.sae import SAE, EncodeOutput, SAEConfig, SAEError
+from guardrails.sae.model import SAE, EncodeOutput, SAEConfig, SAEError
 
 D_MODEL, D_SAE, K = 32, 96, 6
 
@@ -226,7 +226,7 @@ def test_constructor_names_the_tensor_with_a_wrong_shape() -> None:
 
 
 def test_watched_encoder_matches_sae_for_relu() -> None:
-    from guardrails.detectors import WatchedEncoder
+    from guardrails.engine.scorers import WatchedEncoder
 
     w = _weights()
     sae = _sae(w, architecture="relu", apply_b_dec_to_input=True)
@@ -236,7 +236,7 @@ def test_watched_encoder_matches_sae_for_relu() -> None:
 
 
 def test_watched_encoder_matches_sae_for_jumprelu_with_negative_thresholds() -> None:
-    from guardrails.detectors import WatchedEncoder
+    from guardrails.engine.scorers import WatchedEncoder
 
     w = _weights()
     thr = torch.rand(D_SAE, generator=torch.Generator().manual_seed(5)) - 0.3

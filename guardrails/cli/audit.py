@@ -1,0 +1,220 @@
+"""``guardrails audit list|show|export|verify`` and ``guardrails report``: the audit trail on the command line.
+
+The database is ``--db``, else env ``GUARDRAILS_AUDIT_DB``, else ``./guardrails-audit.db``. Readers
+open it read-only and never create it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+DEFAULT_DB = "guardrails-audit.db"
+ENV_DB = "GUARDRAILS_AUDIT_DB"
+
+DbOpt = Annotated[str | None, typer.Option("--db", help=f"Audit database; default: ${ENV_DB} or ./{DEFAULT_DB}")]
+PolicyFilter = Annotated[str | None, typer.Option("--policy", help="Only records of this policy name")]
+ActionFilter = Annotated[str | None, typer.Option(
+    "--action", help="Only records with this action: block, steer, flag, error, allow")]
+RuleFilter = Annotated[str | None, typer.Option("--rule", help="Only records where this rule decided something")]
+SinceFilter = Annotated[str | None, typer.Option(
+    "--since", help="Only records from then on: YYYY-MM-DD, an ISO date-time, or a duration (12h, 7d)")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One unwrapped error line on stderr, then exit (2: bad usage or input)."""
+    from guardrails.cli.main import err_console
+
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def db_path(db: str | None) -> Path:
+    return Path(db or os.environ.get(ENV_DB) or DEFAULT_DB)
+
+
+def _open(db: str | None) -> Any:
+    from guardrails.audit.store import AuditError, AuditStore
+    path = db_path(db)
+    if not path.is_file():
+        fail(f"audit database {str(path)!r} not found; pass --db PATH or set {ENV_DB}")
+    try:
+        return AuditStore(path, readonly=True)
+    except AuditError as exc:
+        fail(str(exc))
+
+
+def _filters(action: str | None, since: str | None) -> None:
+    from guardrails.audit.store import ACTIONS, parse_since
+    if action is not None and action not in ACTIONS:
+        fail(f"unknown --action {action!r}; valid: {', '.join(ACTIONS)}")
+    if since is not None:
+        try:
+            parse_since(since)
+        except ValueError as exc:
+            fail(str(exc))
+
+
+def _get(store: Any, record_id: int) -> Any:
+    try:
+        return store.get(record_id)
+    except KeyError as exc:
+        fail(str(exc.args[0]))
+
+
+def _safe(fn: Any) -> Any:
+    from guardrails.audit.store import AuditError
+    try:
+        return fn()
+    except (AuditError, OSError) as exc:
+        fail(str(exc))
+
+
+def audit_list(
+    db: DbOpt = None, policy: PolicyFilter = None, action: ActionFilter = None, rule: RuleFilter = None,
+    since: SinceFilter = None,
+    limit: Annotated[int, typer.Option(min=1, help="Newest records shown at most")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+) -> None:
+    """List audit records, newest first."""
+    from rich.table import Table
+
+    from guardrails.cli.main import console
+
+    _filters(action, since)
+    store = _open(db)
+    recs = _safe(lambda: store.list(policy=policy, action=action, since=since, limit=limit, rule=rule))
+    if as_json:
+        for r in recs:
+            sys.stdout.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        return
+    t = Table("id", "time (UTC)", "policy", "action", "rules", "kind", "input")
+    for r in recs:
+        d = r.data
+        rules = ", ".join(sorted({str(x.get("rule")) for x in d.get("decisions") or []}))
+        inp = (d.get("input") or {}).get("text")
+        preview = "(redacted)" if inp is None else inp.replace("\n", " ")[-60:]
+        t.add_row(str(r.id), r.time, r.policy, r.action, rules, str(d.get("kind", "")), preview)
+    console.print(t)
+    console.print(f"{len(recs)} record(s) shown from {db_path(db)}", highlight=False, soft_wrap=True)
+
+
+def audit_show(
+    record_id: Annotated[int, typer.Argument(metavar="ID", help="Record id")],
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON")] = False,
+) -> None:
+    """Show one record: metadata, decisions and texts."""
+    from rich.table import Table
+
+    from guardrails.cli.main import console
+
+    store = _open(db)
+    rec = _get(store, record_id)
+    if as_json:
+        sys.stdout.write(json.dumps(rec.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        return
+    d = rec.data
+    pol = d.get("policy") or {}
+    lines = [
+        f"record {rec.id}  {rec.time}  action={rec.action}  kind={d.get('kind')}",
+        f"policy {pol.get('name')} v{pol.get('version')} (sha256 {pol.get('digest')})",
+        f"model {d.get('model')}",
+        *(f"sae {k}: {v.get('repr')}" for k, v in (d.get("saes") or {}).items()),
+        f"hash {rec.hash}  prev {rec.prev_hash}",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+    for label, field in (("input", d.get("input") or {}), ("output", d.get("output") or {})):
+        text = field.get("text")
+        shown = text if text is not None else f"(redacted; sha256 {field.get('sha256')})"
+        console.print(f"\n[bold]{label}[/]")
+        console.print(shown, highlight=False, markup=False)
+    t = Table("action", "rule", "scope", "pos", "token", "score", "threshold", "top features")
+    for x in d.get("decisions") or []:
+        feats = ", ".join(f"{int(f[0])}:{float(f[1]):.2f}" for f in (x.get("top_features") or [])[:5])
+        score = x.get("score")
+        t.add_row(str(x.get("action")), str(x.get("rule")), str(x.get("scope")), str(x.get("position")),
+                  repr(x.get("token")), "nan" if score is None else f"{score:.3f}", f"{x.get('threshold')}", feats)
+    console.print(t)
+
+
+def audit_export(
+    db: DbOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="JSONL file to write; default: standard output")] = None,
+) -> None:
+    """Export every record, in order, as JSON lines (with hashes, so the export can be verified)."""
+    from guardrails.cli.main import err_console
+
+    store = _open(db)
+    if out is None:
+        _safe(lambda: store.export_jsonl(sys.stdout))
+        return
+    n = _safe(lambda: store.export_jsonl(out))
+    err_console.print(f"{n} record(s) written to {out}", highlight=False, soft_wrap=True)
+
+
+def audit_verify(db: DbOpt = None) -> None:
+    """Recompute the hash chain; exit 1 and name the first bad record when it was tampered with."""
+    from guardrails.cli.main import console, err_console
+
+    store = _open(db)
+    res = _safe(store.verify)
+    if res.ok:
+        console.print(f"[green]ok[/] {res.checked} record(s) verified in {db_path(db)}; head hash {res.head}",
+                      highlight=False, soft_wrap=True)
+        return
+    err_console.print(f"[bold red]TAMPERED[/] {db_path(db)}: record {res.first_bad}: {res.reason} "
+                      f"({res.checked - 1} record(s) before it verified)", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def report(
+    record_id: Annotated[int | None, typer.Argument(metavar="[ID]", help="Record id (omit with --summary)")] = None,
+    db: DbOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file (default: report-ID.html, summary.html)")] = None,
+    summary: Annotated[bool, typer.Option("--summary", help="A summary page over the (filtered) records")] = False,
+    policy: PolicyFilter = None, action: ActionFilter = None, rule: RuleFilter = None, since: SinceFilter = None,
+) -> None:
+    """Write a self-contained HTML report: one record's token heat map, or a summary (--summary)."""
+    from guardrails.audit.report import render_record, render_summary
+    from guardrails.cli.main import console
+
+    if summary and record_id is not None:
+        fail("give either a record ID or --summary, not both")
+    if not summary and record_id is None:
+        fail("missing record ID; usage: guardrails report ID [--out report.html] or guardrails report --summary")
+    _filters(action, since)
+    store = _open(db)
+    if summary:
+        recs = _safe(lambda: list(store.iter_records(policy=policy, action=action, since=since, rule=rule)))
+        page = render_summary(recs, title=f"Audit summary: {db_path(db).name}")
+        target = out or Path("summary.html")
+        what = f"summary of {len(recs)} record(s)"
+    else:
+        assert record_id is not None
+        rec = _get(store, record_id)
+        page = render_record(rec)
+        target = out or Path(f"report-{record_id}.html")
+        what = f"record {record_id}"
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc}")
+    console.print(f"{what} -> {target}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``audit`` (list, show, export, verify) and ``report`` to the ``guardrails`` app."""
+    audit_app = typer.Typer(help="The audit trail: list, show, export and verify records.", no_args_is_help=True)
+    audit_app.command("list")(audit_list)
+    audit_app.command("show")(audit_show)
+    audit_app.command("export")(audit_export)
+    audit_app.command("verify")(audit_verify)
+    app.add_typer(audit_app, name="audit")
+    app.command("report")(report)

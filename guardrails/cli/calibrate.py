@@ -1,0 +1,454 @@
+"""``guardrails discover``, ``guardrails calibrate`` and ``guardrails eval``.
+
+The workflows are plain functions (:func:`run_discover`, :func:`run_calibrate`, :func:`run_eval`)
+returning dicts, so benchmarks and tests call them without the CLI.
+
+``--data`` takes a JSONL file, or the common prefix of split files (``calibration/data/harmful_requests``
+for ``harmful_requests.{train,cal,test}.jsonl``): discovery and weight fitting read the train split,
+thresholds the cal split, and the record reports the test split too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals
+
+RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
+
+
+@dataclass
+class Session:
+    """The model, its tokenizer, and residuals per (data, layer, scope), loaded once."""
+
+    model_name: str = "bundled"
+    progress: bool = True
+    _lm: Any = None
+    _tok: Any = None
+    _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
+
+    def lm(self) -> tuple[Any, Any]:
+        if self._lm is None:
+            from guardrails.serving.models import load_model
+
+            self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name)
+        return self._lm, self._tok
+
+    def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
+        key = (data.sha256, layer, scope)
+        if key not in self._rows:
+            lm, tok = self.lm()
+            self._rows[key] = residuals(lm, tok, data, layer, scope, model_name=self.model_name,
+                                        progress=self.progress)
+        return self._rows[key]
+
+    def guard(self, policy: Any, score_mode: str | None = None) -> Any:
+        from guardrails.serving.generation import GuardedModel
+
+        lm, tok = self.lm()
+        return GuardedModel(lm, tok, policy, score_mode=score_mode)
+
+
+def split_files(data: str) -> dict[str, Path]:
+    """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix."""
+    p = Path(data)
+    if p.is_file():
+        out = {"file": p}
+        for split in ("train", "cal", "test"):
+            if p.name.endswith(f".{split}.jsonl"):
+                base = p.name[: -len(f".{split}.jsonl")]
+                out.update({s: p.with_name(f"{base}.{s}.jsonl") for s in ("train", "cal", "test")
+                            if p.with_name(f"{base}.{s}.jsonl").is_file()})
+        return out
+    found = {s: Path(f"{data}.{s}.jsonl") for s in ("train", "cal", "test") if Path(f"{data}.{s}.jsonl").is_file()}
+    if not found:
+        raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl")
+    return found
+
+
+def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
+    if scope in ("input", "output"):
+        return scope  # type: ignore[return-value]
+    return "output" if data.responses is not None else "input"
+
+
+# -- discover ----------------------------------------------------------------------------------------------
+
+
+def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "bundled", *, top: int = 20,
+                 scope: str | None = None, limit: int | None = None, n_examples: int = 3,
+                 target_fpr: float = 0.01, max_response_chars: int | None = None) -> dict[str, Any]:
+    from guardrails.offline.calibrate import fit_threshold, prefix_aware_pooled
+    from guardrails.offline.discover import draft_rule, explain, rank_features, scored_tokens
+    from guardrails.sae.model import SAE
+
+    files = split_files(data_path)
+    data = load_labeled(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    sc = _scope_of_data(data, scope)
+    sae = SAE.load(sae_ref, layer=layer)
+    rows = session.rows(data, layer, sc)
+    pooled = prefix_aware_pooled(sae, rows)
+    stats = rank_features(pooled, data.labels, top=top)
+    _, tok = session.lm()
+    from guardrails.offline.calibrate import rows_for_scope
+
+    prompts, responses = rows_for_scope(data, sc)
+    ctx = scored_tokens(tok, prompts, responses, sc)
+    ex = explain(sae, rows, ctx, [s.feature for s in stats], n=n_examples)
+    rule = draft_rule(stats, scope=sc, explanations=ex)
+    feats = [f["id"] for f in rule["detector"]["features"]]
+    if feats:  # draft threshold: a max-pooled sum at the target FPR on the same data (calibrate to replace it)
+        rule["threshold"] = round(fit_threshold(pooled[:, feats].sum(1), data.labels, target_fpr=target_fpr), 4)
+    policy = {"name": f"draft-{Path(data.path).stem}", "model": session.model_name,
+              "saes": {"main": {"path": sae_ref, "layer": layer}}, "rules": [rule]}
+    return {"data": data.path, "rows": len(data), "scope": sc, "layer": layer,
+            "features": [{**s.__dict__, "mean_diff": s.mean_diff, "examples": ex.get(s.feature, [])} for s in stats],
+            "policy": policy}
+
+
+# -- calibrate ---------------------------------------------------------------------------------------------
+
+
+def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_fpr: float | None = None,
+                  target_recall: float | None = None, fit_weights: bool = False, rule_id: str | None = None,
+                  out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
+                  limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
+                  train_limit: int | None = None) -> dict[str, Any]:
+    from guardrails.core.policy import Policy, SAEFeaturesDetector
+    from guardrails.offline.calibrate import (
+        check_against_serving,
+        fit_sparse_weights,
+        fit_threshold,
+        make_record,
+        prefix_aware_pooled,
+        rule_scope,
+        text_scores,
+    )
+    from guardrails.offline.evaluate import bootstrap_intervals, metrics, round_metrics
+
+    if target_fpr is None and target_recall is None:
+        target_fpr = 0.01
+    policy = Policy.from_path(policy_path)
+    files = split_files(data_path)
+    cal = load_labeled(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]
+    if not rules:
+        raise ValueError(f"no rule {rule_id!r} in {policy_path}")
+    new_rules = {r.id: r for r in policy.rules}
+    report: dict[str, Any] = {"policy": policy.name, "rules": {}}
+    for rule in rules:
+        det = rule.detector
+        sc = rule_scope(rule)
+        if fit_weights and isinstance(det, SAEFeaturesDetector):
+            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+                                 max_response_chars=max_response_chars)
+            guard0 = session.guard(policy)
+            pooled = prefix_aware_pooled(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
+            weights = fit_sparse_weights(pooled, train.labels, max_features=max_features)
+            from guardrails.core.policy import Feature
+
+            old = {f.id: f.label for f in det.features}
+            det = det.model_copy(update={"features": [Feature(id=i, weight=w, label=old.get(i))
+                                                      for i, w in weights.items()]})
+            rule = rule.model_copy(update={"detector": det})
+            new_rules[rule.id] = rule
+            policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+        layer = det.layer if not isinstance(det, SAEFeaturesDetector) else policy.saes[det.sae].layer
+        if fit_weights and not isinstance(det, SAEFeaturesDetector):
+            from guardrails.offline.baselines import fit_diffmean, fit_probe, save_linear
+
+            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+                                 max_response_chars=max_response_chars)
+            fit = fit_probe if det.method == "probe" else fit_diffmean
+            w, b = fit(session.rows(train, layer, sc), train.labels)
+            save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
+                                                             "train": train.path, "train_sha256": train.sha256})
+            sae_ids = [k for k, v in policy.saes.items() if v.layer == layer]
+            if sae_ids:  # name the SAE features that explain the direction (decoder cosine)
+                from guardrails.core.policy import Feature
+                from guardrails.offline.calibrate import explain_direction
+                from guardrails.sae.model import SAE
+
+                spec = policy.saes[sae_ids[0]]
+                sae = SAE.load(policy.resolve(spec.path), layer=spec.layer, k=spec.k, format=spec.format)
+                expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the {det.method} direction")
+                        for i, c in explain_direction(sae, w)]
+                det = det.model_copy(update={"explained_by": expl})
+                rule = rule.model_copy(update={"detector": det})
+                new_rules[rule.id] = rule
+                policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+        guard = session.guard(policy)
+        scores = text_scores(guard, rule.id, session.rows(cal, layer, sc))
+        thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
+        upd: dict[str, Any] = {"threshold": thr}
+        if rule.steer is not None and rule.steer.block_above is not None:
+            # steer from the threshold; block above every label-0 row of the cal split (FPR 0 there)
+            above = round_up(max(thr, fit_threshold(scores, cal.labels, target_fpr=0.0)))
+            upd["steer"] = rule.steer.model_copy(update={"block_above": above})
+        new_rules[rule.id] = rule.model_copy(update=upd)
+        policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+        m_cal = metrics(scores, cal.labels, thr)
+        rec_metrics: dict[str, Any] = {"cal": {**round_metrics(m_cal), "ci95": bootstrap_intervals(scores, cal.labels,
+                                                                                                     thr)}}
+        if "test" in files:
+            test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
+            ts = text_scores(guard, rule.id, session.rows(test, layer, sc))
+            rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
+                                   "ci95": bootstrap_intervals(ts, test.labels, thr)}
+        drift = check_against_serving(guard, cal, rule.id, scores, n=check) if check else math.nan
+        target = {"fpr": target_fpr} if target_fpr is not None else {"recall": target_recall}
+        record = make_record(policy=policy, data=cal, model_name=session.model_name, score_mode=guard.score_mode,
+                             rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
+                             metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
+                                                         "weights_fitted": bool(fit_weights),
+                                                         "max_response_chars": max_response_chars,
+                                                         "limit": limit, "train_limit": train_limit})
+        report["rules"][rule.id] = record
+    summary = {rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
+                     "record": f"calibration/records/{policy.name}.json"} for rid, r in report["rules"].items()}
+    policy = policy.model_copy(update={"calibration": summary})
+    out_path = Path(out or policy_path)
+    text = _header(policy) + policy.to_yaml()
+    Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
+    out_path.write_text(text, encoding="utf-8")
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / f"{policy.name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report["out"] = str(out_path)
+    return report
+
+
+def round_up(x: float, digits: int = 4) -> float:
+    """Round a threshold up (never below the fitted value, so the fitted FPR still holds)."""
+    f = 10**digits
+    return math.ceil(x * f) / f
+
+
+def _header(policy: Any) -> str:
+    return (f"# {policy.name}: calibrated with `guardrails calibrate`; see calibration/records/{policy.name}.json\n")
+
+
+# -- eval ----------------------------------------------------------------------------------------------------
+
+
+def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str | None = None,
+             baselines: bool = False, train_path: str | None = None, limit: int | None = None,
+             intervals: bool = False, max_response_chars: int | None = None,
+             train_limit: int | None = None) -> dict[str, Any]:
+    from guardrails.core.policy import Policy
+    from guardrails.offline.calibrate import rule_scope
+    from guardrails.offline.evaluate import bootstrap_intervals, metrics, policy_row_scores, round_metrics
+
+    policy = Policy.from_path(policy_path)
+    data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
+    guard = session.guard(policy)
+    rows: dict[str, list[Any]] = {
+        rule_scope(r): session.rows(data, _layer(policy, r), rule_scope(r)) for r in policy.rules
+    }
+    scores, thr, what = policy_row_scores(guard, rows, rule_id)
+    out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
+    out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
+    if intervals:
+        out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
+    if baselines:
+        rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
+        train = train_path or str(split_files(data_path).get("train") or "")
+        tr = load_labeled(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
+        out["baselines"] = run_baselines(session, data, tr, _layer(policy, rule),
+                                         rule_scope(rule), window=rule.detector.window)
+    return out
+
+
+def _layer(policy: Any, rule: Any) -> int:
+    from guardrails.core.policy import SAEFeaturesDetector
+
+    det = rule.detector
+    return policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
+
+
+def run_baselines(session: Session, data: LabeledData, train: LabeledData | None, layer: int, scope: Scope, *,
+                  window: int = 1) -> dict[str, Any]:
+    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``)."""
+    import tempfile
+
+    from guardrails.offline.baselines import (
+        HARM_KEYWORDS,
+        TOXIC_KEYWORDS,
+        compliance_keyword_scores,
+        fit_diffmean,
+        fit_probe,
+        keyword_scores,
+        linear_policy,
+        save_linear,
+    )
+    from guardrails.offline.calibrate import text_scores
+    from guardrails.offline.evaluate import metrics, round_metrics
+
+    out: dict[str, Any] = {}
+    if data.responses is not None:
+        kw = compliance_keyword_scores(data.responses)
+        out["keyword(refusal phrases, negated)"] = round_metrics(metrics(kw, data.labels, -0.5))
+    else:
+        words = TOXIC_KEYWORDS if scope == "output" else HARM_KEYWORDS
+        kw = keyword_scores(data.texts, words)
+        out["keyword"] = round_metrics(metrics(kw, data.labels, 0.5))
+    if train is None:
+        return out
+    tr_rows = session.rows(train, layer, scope)
+    rows = session.rows(data, layer, scope)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, fit in (("probe", fit_probe), ("diffmean", fit_diffmean)):
+            w, b = fit(tr_rows, train.labels)
+            path = save_linear(Path(tmp) / f"{method}.safetensors", w, b)
+            guard = session.guard(linear_policy(path, layer, scope, method=method, window=window))
+            tr_scores = text_scores(guard, "linear", tr_rows)
+            from guardrails.offline.calibrate import fit_threshold
+
+            thr = fit_threshold(tr_scores, train.labels, target_fpr=0.01)
+            s = text_scores(guard, "linear", rows)
+            out[f"{method}(L{layer}, window {window})"] = round_metrics(metrics(s, data.labels, thr))
+    return out
+
+
+# -- the commands --------------------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``discover``, ``calibrate`` and ``eval`` to the ``guardrails`` app."""
+
+    @app.command()
+    def discover(
+        data: Annotated[str, typer.Option(help="Labeled JSONL, or a split prefix (uses its train split)")],
+        layer: Annotated[int, typer.Option(help="Layer the SAE reads")],
+        sae: Annotated[str, typer.Option(help="SAE path or 'bundled'")] = "bundled",
+        top: Annotated[int, typer.Option(min=1, max=500, help="Features to list")] = 20,
+        out: Annotated[Path | None, typer.Option(help="Write a draft policy YAML here")] = None,
+        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
+        scope: Annotated[str | None, typer.Option(help="input or output (default: output if rows have responses)")]
+        = None,
+        limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    ) -> None:
+        """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
+        import yaml
+
+        from guardrails.cli.main import _run_safely, console
+
+        res = _run_safely(lambda: run_discover(Session(model, progress=not as_json), data, layer, sae, top=top,
+                                               scope=scope, limit=limit, max_response_chars=max_response_chars))
+        if out is not None:
+            out.write_text(yaml.safe_dump(res["policy"], sort_keys=False, allow_unicode=True), encoding="utf-8")
+        if as_json:
+            print(json.dumps(res, ensure_ascii=False))
+            return
+        from rich.table import Table
+
+        t = Table("rank", "feature", "AUROC", "fires (1)", "fires (0)", "mean diff", "top tokens in context",
+                  title=f"{res['data']}: {res['rows']} rows, {res['scope']} tokens, layer {layer}")
+        for i, f in enumerate(res["features"], 1):
+            ex = "\n".join(f"{v:.1f} {w}" for v, w in f["examples"])
+            t.add_row(str(i), str(f["feature"]), f"{f['auroc']:.3f}", f"{f['freq_pos']:.0%}", f"{f['freq_neg']:.0%}",
+                      f"{f['mean_diff']:.2f}", ex)
+        console.print(t)
+        if out is not None:
+            console.print(f"draft policy written to {out}; next: guardrails calibrate --policy {out} --data {data}")
+
+    @app.command()
+    def calibrate(
+        policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL, or a split prefix (thresholds on its cal split)")],
+        target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default 0.01)")] = None,
+        target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
+        fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]
+        = False,
+        rule: Annotated[str | None, typer.Option(help="Calibrate only this rule")] = None,
+        out: Annotated[str | None, typer.Option(help="Output policy (default: overwrite --policy)")] = None,
+        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
+        limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
+        no_record: Annotated[bool, typer.Option(help="Do not write calibration/records/<name>.json")] = False,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        train_limit: Annotated[int | None, typer.Option(help="Rows of the train/test splits (default: --limit)")]
+        = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
+    ) -> None:
+        """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
+        from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
+
+        if target_fpr is not None and target_recall is not None:
+            fail("give --target-fpr or --target-recall, not both")
+        path = str(resolve_policy_path(policy))
+        rep = _run_safely(lambda: run_calibrate(
+            Session(model, progress=not as_json), path, data, target_fpr=target_fpr, target_recall=target_recall,
+            fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None if no_record else RECORDS,
+            max_response_chars=max_response_chars, train_limit=train_limit))
+        if as_json:
+            print(json.dumps(rep, ensure_ascii=False, default=float))
+            return
+        for rid, r in rep["rules"].items():
+            m = r["metrics"]
+            line = f"rule [bold]{rid}[/]: threshold {r['threshold']:.4f}  cal FPR {m['cal']['fpr']:.3f} " \
+                   f"TPR {m['cal']['tpr']:.3f}"
+            if "test" in m:
+                line += f"  | test AUROC {m['test']['auroc']}, FPR {m['test']['fpr']:.3f}, TPR {m['test']['tpr']:.3f}"
+            console.print(line)
+        console.print(f"wrote {rep['out']}")
+
+    @app.command("eval")
+    def eval_(
+        policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL: {text,label} or {prompt,response,label}")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+        baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,
+        train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: sibling)")] = None,
+        rule: Annotated[str | None, typer.Option(help="Score one rule (default: all, max margin)")] = None,
+        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
+        limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
+        intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
+        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
+    ) -> None:
+        """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
+        from guardrails.cli.main import _run_safely, console, resolve_policy_path
+
+        path = str(resolve_policy_path(policy))
+        res = _run_safely(lambda: run_eval(Session(model, progress=not as_json), path, data, rule_id=rule,
+                                           baselines=baselines, train_path=train, limit=limit, intervals=intervals,
+                                           max_response_chars=max_response_chars, train_limit=train_limit))
+        if as_json:
+            print(json.dumps(_json_safe(res), ensure_ascii=False))
+            return
+        from rich.table import Table
+
+        t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR",
+                  title=f"{res['policy']} on {res['data']} ({res['n']} rows; score: {res['score']})")
+        t.add_row(f"policy {res['policy']}", *(_fmt(res.get(k)) for k in
+                                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr",
+                                                "tpr")))
+        for name, m in (res.get("baselines") or {}).items():
+            t.add_row(name, *(_fmt(m.get(k)) for k in
+                              ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
+        console.print(t)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

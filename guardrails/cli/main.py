@@ -1,0 +1,274 @@
+"""The ``guardrails`` command: generate, demo, features, validate, train-sae (+ commands of sub-modules).
+
+Other modules add their commands through a ``register(app)`` function listed in ``_EXTENSIONS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="guardrails",
+    help="Safety guardrails for LLMs built on SAE features (sae-guardrails).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+DEFAULT_POLICY = "harmful-requests"
+_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.onnx")
+
+
+def resolve_policy_path(policy: str | None) -> Path:
+    """A policy file path from a path or the name of a shipped policy (``harmful-requests``)."""
+    name = policy or DEFAULT_POLICY
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = REPO_POLICIES / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(x.stem for x in REPO_POLICIES.glob("*.yaml")) if REPO_POLICIES.is_dir() else []
+    raise typer.BadParameter(f"policy {name!r} is neither a file nor a shipped policy; shipped: {', '.join(names)}")
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None) -> Any:
+    from guardrails.core.policy import Policy
+    from guardrails.serving.generation import GuardedModel
+
+    pol = Policy.from_path(resolve_policy_path(policy))
+    return GuardedModel.from_pretrained(model, policy=pol, score_mode=score_mode, audit=audit)
+
+
+def _run_safely(fn: Any) -> Any:
+    """Turn library errors into one clear line and exit code 2 (no traceback from deep inside)."""
+    from guardrails.audit.store import AuditError
+    from guardrails.core.policy import PolicyError
+    from guardrails.engine.hooks import HookError
+    from guardrails.sae.model import SAEError
+    from guardrails.serving.models import ModelLoadError
+
+    try:
+        return fn()
+    except (PolicyError, SAEError, HookError, ModelLoadError, AuditError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Hugging Face id or path; default: the bundled SmolLM2")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", "-p", help="Policy file or shipped policy name")]
+ModeOpt = Annotated[str | None, typer.Option("--score-mode", help="exact or watched (default: the policy's)")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user prompt")],
+    policy: PolicyOpt = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Tokens to generate at most")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are released")] = False,
+    score_mode: ModeOpt = None,
+    audit_db: Annotated[
+        str | None, typer.Option("--audit-db", envvar="GUARDRAILS_AUDIT_DB", help="Record decisions in this audit db")
+    ] = None,
+) -> None:
+    """Generate a reply to PROMPT under a policy and show what the guard decided."""
+    if not prompt.strip():
+        fail("PROMPT is empty")
+    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db))
+    if stream and not as_json:
+        s = guard.stream(prompt, max_new_tokens=max_new_tokens)
+        for piece in s:
+            console.print(piece, end="", highlight=False, markup=False)
+        console.print()
+        result = s.result
+    else:
+        result = _run_safely(lambda: guard.generate(prompt, max_new_tokens=max_new_tokens))
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    if not stream:
+        console.print(result.text, highlight=False, markup=False)
+    _print_decisions(result)
+
+
+def _print_decisions(result: Any) -> None:
+    status = "[red]BLOCKED[/]" if result.blocked else "[yellow]STEERED[/]" if result.steered else "[green]allowed[/]"
+    console.print(f"\n{status}  policy={result.policy}  decisions={len(result.decisions)}")
+    if result.decisions:
+        t = Table("action", "rule", "scope", "pos", "token", "score", "threshold", "top features")
+        for d in result.decisions:
+            feats = ", ".join(f"{i}:{v:.1f}" for i, v in d.top_features[:3])
+            t.add_row(d.action, d.rule, d.scope, str(d.position), repr(d.token), f"{d.score:.2f}", f"{d.threshold:.2f}",
+                      feats)
+        console.print(t)
+
+
+@app.command()
+def demo(
+    policy: PolicyOpt = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=512)] = 40,
+) -> None:
+    """Benign and harmful prompts side by side: the unguarded model vs the guarded one."""
+    from guardrails.cli.demo import run_demo
+
+    _run_safely(lambda: run_demo(console, resolve_policy_path(policy), model, max_new_tokens))
+
+
+@app.command()
+def features(
+    prompt: Annotated[str, typer.Argument(help="Text to inspect")],
+    sae: Annotated[str, typer.Option(help="SAE path, 'bundled[:name]' or hf://org/repo")] = "bundled",
+    layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the SAE's own)")] = None,
+    k: Annotated[int | None, typer.Option(help="TopK k where the SAE file does not store it")] = None,
+    model: ModelOpt = None,
+    top: Annotated[int, typer.Option(min=1, max=100, help="Features shown per token")] = 5,
+    chat: Annotated[bool, typer.Option(help="Wrap PROMPT in the chat template as a user turn")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The top SAE features at each token of PROMPT (the debugging use of SAEs)."""
+    from guardrails.serving.inspect import top_features_per_token
+
+    rows = _run_safely(
+        lambda: top_features_per_token(prompt, sae=sae, layer=layer, k=k, model=model, top=top, chat=chat)
+    )
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    t = Table("pos", "token", f"top {top} features (id:activation)")
+    for r in rows:
+        t.add_row(str(r["position"]), repr(r["token"]), "  ".join(f"{i}:{v:.1f}" for i, v in r["features"]))
+    console.print(t)
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Policy YAML files")],
+    deep: Annotated[bool, typer.Option(help="Also load the SAEs and model and check layers and feature ids")] = False,
+) -> None:
+    """Check policy files; exit 1 if any is invalid."""
+    from guardrails.core.policy import Policy, PolicyError
+
+    bad = 0
+    for f in files:
+        try:
+            pol = Policy.from_path(f)
+            if deep:
+                _run_safely(lambda pol=pol: _deep_check(pol))
+            console.print(f"[green]ok[/] {f}: policy {pol.name!r}, {len(pol.rules)} rules, layers {pol.layers()}")
+        except PolicyError as exc:
+            bad += 1
+            err_console.print(f"[red]invalid[/] {exc}", highlight=False)
+    raise typer.Exit(1 if bad else 0)
+
+
+def _deep_check(pol: Any) -> None:
+    from guardrails.serving.generation import GuardedModel
+
+    GuardedModel.from_pretrained(pol.model, policy=pol)
+
+
+@app.command("train-sae")
+def train_sae(
+    corpus: Annotated[Path, typer.Option(help="Text corpus: .txt (one text per line) or .jsonl with a 'text' field")],
+    out: Annotated[Path, typer.Option(help="Output folder (our format: cfg.json + sae.safetensors)")],
+    layer: Annotated[list[int], typer.Option(help="Layer(s) to train at (repeat the option)")],
+    model: ModelOpt = None,
+    width: Annotated[int, typer.Option(min=16, help="Number of latents (Qwen-Scope: 16x the hidden size)")] = 9216,
+    k: Annotated[int, typer.Option(min=1, help="Active latents per token")] = 50,
+    tokens: Annotated[int, typer.Option(min=1000, help="Activation vectors to collect")] = 1_000_000,
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 2,
+    seq_len: Annotated[int, typer.Option(min=8, max=8192)] = 256,
+    dtype: Annotated[str, typer.Option(help="Model dtype for collection (bf16 is ~2x faster on CPU)")] = "bf16",
+) -> None:
+    """Train TopK SAE(s) with the Qwen-Scope recipe and print FVU and dead latents."""
+    from guardrails.offline.train import collect_activations, save_with_report, train_topk_sae
+    from guardrails.serving.models import load_model
+
+    if not corpus.is_file():
+        fail(f"--corpus {corpus} not found")
+    texts = _read_corpus(corpus)
+    if k > width:
+        fail(f"--k {k} must be <= --width {width}")
+    lm, tok = _run_safely(lambda: load_model(model, dtype=dtype))
+    n_layers = lm.config.num_hidden_layers
+    bad = [x for x in layer if not 0 <= x < n_layers]
+    if bad:
+        fail(f"--layer {bad} out of range; valid: 0..{n_layers - 1}")
+    tok.padding_side = "right"
+    acts = collect_activations(lm, tok, texts, layer, max_tokens=tokens, seq_len=seq_len)
+    for L, x in acts.items():
+        sae, report = train_topk_sae(x, d_sae=width, k=k, epochs=epochs, layer=L, model_name=model or "bundled")
+        path = save_with_report(sae, report, out / f"layer{L}" if len(layer) > 1 else out,
+                                {"layer": L, "corpus": str(corpus), "collected_tokens": len(x)})
+        console.print(
+            f"layer {L}: FVU {report.fvu:.4f} (PCA-{k}: {report.pca_fvu:.4f}), "
+            f"dead {report.dead_fraction:.2%} -> {path}"
+        )
+
+
+def _read_corpus(path: Path) -> list[str]:
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    fail(f"{path}:{i}: expected a JSON object with a 'text' field")
+            else:
+                texts.append(line.rstrip("\n"))
+    if not texts:
+        fail(f"{path}: no texts")
+    return texts
+
+
+def _register_extensions() -> None:
+    for name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+_register_extensions()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    app(prog_name="guardrails")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,339 @@
+"""Safety policies in YAML: which SAE features to watch, how to score them, and what to do.
+
+A policy is strict: unknown keys, wrong types, and out-of-range values are errors naming the YAML
+path and the valid options. Checks that need the model and SAE (feature ids beyond the SAE width,
+layers beyond the model) run in :meth:`Policy.check_against` when a guard is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Action = Literal["flag", "block", "steer"]
+Scope = Literal["input", "output", "both"]
+OnError = Literal["block", "flag", "allow"]
+Aggregate = Literal["max", "mean", "sum"]
+ScoreMode = Literal["exact", "watched"]
+
+
+class PolicyError(ValueError):
+    """A policy is invalid; the message names the source, the YAML path and the valid options."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SAESpec(_Strict):
+    """Where to load one SAE from and which residual-stream layer it reads."""
+
+    path: str = Field(description="File, folder, 'bundled[:name]' or 'hf://org/repo'; relative to the YAML file")
+    layer: int = Field(ge=0, description="Decoder block whose output the SAE reads (residual stream after it)")
+    k: int | None = Field(default=None, ge=1, description="TopK k where the file does not store it (Qwen-Scope)")
+    format: str | None = Field(default=None, description="SAE file format; detected when omitted")
+    dtype: str | None = Field(default=None, description="dtype for the SAE weights (float32, bfloat16, float16)")
+
+
+class Feature(_Strict):
+    """One watched SAE feature and its weight in the rule's score."""
+
+    id: int = Field(ge=0, description="Feature (latent) index in the SAE")
+    weight: float = Field(default=1.0, description="Multiplier of this feature's activation in the score")
+    label: str | None = Field(default=None, description="Human-readable name of the feature")
+
+
+class SAEFeaturesDetector(_Strict):
+    """Score = combination of the activations of a set of SAE features, aggregated over a window."""
+
+    kind: Literal["sae_features"] = Field(default="sae_features", description="Detector kind")
+    sae: str = Field(description="Id of an SAE declared under 'saes'")
+    features: list[Feature] = Field(min_length=1, description="Watched features with weights")
+    combine: Literal["sum", "max", "mean"] = Field(default="sum", description="How weighted features combine per token")
+    bias: float = Field(default=0.0, description="Added to the combined score of each token")
+    window: int = Field(default=1, ge=1, le=4096, description="Tokens aggregated (the current and the previous ones)")
+    aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features_shorthand(cls, v: Any) -> Any:
+        # allow {123: 1.0, 456: 0.5} and [123, 456]
+        if isinstance(v, dict):
+            return [{"id": k, "weight": w} for k, w in v.items()]
+        if isinstance(v, list):
+            return [{"id": x} if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+
+class LinearDetector(_Strict):
+    """Score = x · w + b on the raw residual stream (a linear probe or a DiffMean direction)."""
+
+    kind: Literal["linear"] = Field(description="Detector kind")
+    layer: int = Field(ge=0, description="Decoder block whose output is read")
+    weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' []; relative to YAML")
+    method: Literal["probe", "diffmean"] = Field(default="probe", description="How the direction was fitted")
+    window: int = Field(default=1, ge=1, le=4096, description="Tokens aggregated (the current and the previous ones)")
+    aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
+    explained_by: list[Feature] = Field(default_factory=list, description="SAE features that explain the direction")
+
+
+Detector = SAEFeaturesDetector | LinearDetector
+
+
+class Steer(_Strict):
+    """Negative steering applied from the token that tripped the rule onwards."""
+
+    method: Literal["subtract", "clamp"] = Field(
+        default="subtract",
+        description="subtract: h - strength * unit direction; clamp: remove the features' contribution (set to 0)",
+    )
+    strength: float = Field(default=8.0, ge=0, description="alpha for 'subtract', in residual-stream units")
+    features: list[int] | None = Field(default=None, description="SAE features to steer against; default: detector's")
+    block_above: float | None = Field(default=None, description="Block instead when the score reaches this value")
+
+
+class Rule(_Strict):
+    """One check: a detector, a threshold and an action."""
+
+    id: str = Field(min_length=1, description="Unique rule id, used in decisions and audit records")
+    description: str = Field(default="", description="What the rule catches")
+    scope: Scope = Field(default="output", description="input: prompt tokens at prefill; output: generated tokens")
+    detector: Detector = Field(discriminator="kind", description="How a token is scored")
+    threshold: float = Field(description="A token whose (windowed) score reaches this value trips the rule")
+    action: Action = Field(default="block", description="flag, block, or steer")
+    steer: Steer | None = Field(default=None, description="Steering settings, for action: steer")
+    message: str | None = Field(default=None, description="Refusal text for this rule; default: the policy's")
+    on_error: OnError | None = Field(default=None, description="What to do when scoring fails; default: policy's")
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _default_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            return {"kind": "sae_features", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _steer_settings(self) -> Rule:
+        if self.action == "steer" and self.steer is None:
+            object.__setattr__(self, "steer", Steer())
+        if self.action != "steer" and self.steer is not None:
+            raise ValueError(
+                f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
+            )
+        return self
+
+
+class Policy(_Strict):
+    """A named set of rules over SAE features of one model."""
+
+    name: str = Field(min_length=1, description="Policy name, recorded in decisions and audits")
+    version: str = Field(default="1", description="Policy version")
+    description: str = Field(default="", description="What the policy is for")
+    model: str | None = Field(default=None, description="Model the policy was calibrated for ('bundled' or an id)")
+    saes: dict[str, SAESpec] = Field(default_factory=dict, description="SAEs by id")
+    score_mode: ScoreMode = Field(default="exact", description="exact: full TopK encode; watched: watched rows only")
+    on_error: OnError = Field(default="block", description="What a rule does when it cannot score")
+    refusal: str = Field(default="I can't help with that.", description="Text returned when a generation is blocked")
+    redact: bool = Field(default=False, description="Audit records keep hashes instead of input and output text")
+    raise_on_block: bool = Field(default=False, description="LangChain: raise GuardrailViolation instead of returning")
+    rules: list[Rule] = Field(min_length=1, description="The rules, checked in order")
+    calibration: dict[str, Any] | None = Field(default=None, description="Record of how thresholds were fitted")
+    base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against")
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Policy:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.id in seen:
+                raise ValueError(f"rules[{i}].id: duplicate rule id {rule.id!r}")
+            seen.add(rule.id)
+            det = rule.detector
+            if isinstance(det, SAEFeaturesDetector) and det.sae not in self.saes:
+                valid = ", ".join(self.saes) or "(none declared under 'saes')"
+                raise ValueError(f"rules[{i}].detector.sae: unknown SAE id {det.sae!r}; valid: {valid}")
+            if rule.steer and rule.steer.features and not isinstance(det, SAEFeaturesDetector):
+                raise ValueError(f"rules[{i}].steer.features: only valid with an sae_features detector")
+        return self
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "<yaml>", base_dir: str | os.PathLike[str] | None = None) -> Policy:
+        """Parse and validate a policy from YAML text."""
+        try:
+            data = yaml.safe_load(text)
+            if _too_big(data, MAX_YAML_NODES):  # aliases can expand a few bytes into billions of nodes
+                raise PolicyError(f"{source}: policy expands to more than {MAX_YAML_NODES} YAML nodes (alias bomb?)")
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"{source}: invalid YAML: {exc}") from None
+        except RecursionError:
+            raise PolicyError(f"{source}: invalid YAML: nested too deeply") from None
+        return cls.from_dict(data, source=source, base_dir=base_dir)
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, *, source: str = "<dict>", base_dir: str | os.PathLike[str] | None = None
+    ) -> Policy:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: a policy must be a mapping with keys {', '.join(_field_names(cls))}")
+        try:
+            policy = cls.model_validate(data)
+        except ValidationError as exc:
+            raise PolicyError(format_validation_error(exc, source)) from None
+        except RecursionError:
+            raise PolicyError(f"{source}: invalid policy: nested too deeply") from None
+        if base_dir is not None:
+            object.__setattr__(policy, "base_dir", str(base_dir))
+        return policy
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read a policy file; relative paths inside it resolve against its folder."""
+        p = Path(path)
+        if not p.is_file():
+            hint = _shipped_hint()
+            raise PolicyError(f"policy file {str(p)!r} not found{hint}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{p}: cannot read policy: {exc}") from None
+        return cls.from_yaml(text, source=str(p), base_dir=p.resolve().parent)
+
+    def resolve(self, ref: str) -> str:
+        """A path from the policy, made absolute against the policy's folder when relative."""
+        if ref.startswith(("bundled", "hf://")) or os.path.isabs(ref) or self.base_dir is None:
+            return ref
+        return str(Path(self.base_dir) / ref)
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"base_dir"})
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the policy's canonical YAML (recorded in audits)."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def layers(self) -> list[int]:
+        """Residual-stream layers the rules read."""
+        out = set()
+        for rule in self.rules:
+            det = rule.detector
+            out.add(det.layer if isinstance(det, LinearDetector) else self.saes[det.sae].layer)
+        return sorted(out)
+
+    def check_against(self, n_layers: int, sae_widths: dict[str, int], d_model: int | None = None) -> None:
+        """Check layers and feature ids against the model and the loaded SAEs."""
+        problems = []
+        for sid, spec in self.saes.items():
+            if spec.layer >= n_layers:
+                problems.append(f"saes.{sid}.layer: {spec.layer} out of range; valid: 0..{n_layers - 1}")
+        for i, rule in enumerate(self.rules):
+            det = rule.detector
+            if isinstance(det, LinearDetector):
+                if det.layer >= n_layers:
+                    problems.append(f"rules[{i}].detector.layer: {det.layer} out of range; valid: 0..{n_layers - 1}")
+                continue
+            width = sae_widths.get(det.sae)
+            if width is None:
+                continue
+            for j, f in enumerate(det.features):
+                if f.id >= width:
+                    problems.append(
+                        f"rules[{i}].detector.features[{j}].id: {f.id} out of range; valid: 0..{width - 1} "
+                        f"(SAE {det.sae!r} has {width} features)"
+                    )
+            for j, fid in enumerate((rule.steer.features if rule.steer else None) or []):
+                if not 0 <= fid < width:
+                    problems.append(f"rules[{i}].steer.features[{j}]: {fid} out of range; valid: 0..{width - 1}")
+        if problems:
+            raise PolicyError(f"policy {self.name!r}: " + "; ".join(problems))
+
+
+MAX_YAML_NODES = 200_000
+"""Largest policy, in YAML nodes after alias expansion."""
+
+
+def _too_big(data: Any, limit: int) -> bool:
+    """True if walking ``data`` (aliases expanded) visits more than ``limit`` nodes; stops early."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [n for n in model.model_fields if n != "base_dir"]
+
+
+_MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
+    "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("SAEFeaturesDetector", "LinearDetector", "sae_features", "linear"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: path: message; valid: ...``."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        where = _loc(loc)
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            parent = [p for p in loc[:-1] if isinstance(p, str) and p in _MODELS_BY_FIELD]
+            model = _MODELS_BY_FIELD[parent[-1]] if parent else Policy
+            if parent and parent[-1] == "detector" and ("linear" in loc or "LinearDetector" in loc):
+                model = LinearDetector
+            msg = f"unknown key {loc[-1]!r}; valid: {', '.join(_field_names(model))}"
+        elif err.get("type") == "literal_error":
+            expected = (err.get("ctx") or {}).get("expected", "")
+            msg = f"invalid value {err.get('input')!r}; valid: {expected}"
+        elif err.get("type") == "union_tag_invalid":
+            msg = f"unknown detector kind {(err.get('input') or {}).get('kind')!r}; valid: sae_features, linear"
+        elif err.get("type") == "missing":
+            msg = f"missing required key {loc[-1]!r}" if loc else "missing required key"
+        elif err.get("type") == "value_error":
+            # our validators say "<path relative to the model>: <problem>"
+            text = str(msg).removeprefix("Value error, ")
+            rel, sep, rest = text.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", rel):
+                where = rel if where == "(top level)" else f"{where}.{rel}"
+                text = rest
+            msg = text
+        elif "input" in err and not isinstance(err.get("input"), dict | list):
+            msg = f"{msg}; got {err.get('input')!r}"
+        lines.append(f"{where}: {msg}")
+    return f"{source}: invalid policy:\n  " + "\n  ".join(lines)
+
+
+def _shipped_hint() -> str:
+    root = Path(__file__).resolve().parents[2] / "policies"
+    if root.is_dir():
+        names = sorted(p.name for p in root.glob("*.yaml"))
+        if names:
+            return f"; shipped policies in {root}: {', '.join(names)}"
+    return ""

@@ -1,0 +1,274 @@
+"""The policy engine: per-forward scoring, decisions, and steering, with state across decode steps.
+
+One :class:`GuardRun` exists per guarded call (its own state: windows, latches, decisions), so a
+shared model never mixes requests. The generation loop tells the run, before each forward, which
+positions are new and which are prompt or output; the layer hooks call :meth:`GuardRun.on_layer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from guardrails.core.decision import Decision
+from guardrails.core.policy import Policy, Rule
+from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class StepContext:
+    """What the loop tells the engine about the forward about to run."""
+
+    positions: Tensor
+    """[B, T] absolute position of each column (-1 for padding)."""
+    score_mask: Tensor
+    """[B, T] columns to score now (new, real, not special, not position 0, sequence active)."""
+    is_output: Tensor
+    """[B, T] columns that are generated tokens (else prompt)."""
+    steer_mask: Tensor
+    """[B, T] columns that may be steered (real tokens)."""
+
+
+@dataclass
+class RuleState:
+    history: Tensor
+    fired: Tensor  # [B] bool: latched
+    steer_from: Tensor  # [B] long: absolute position steering starts (large = never)
+
+
+@dataclass
+class GuardRun:
+    """State of one guarded call over a batch of ``batch`` sequences."""
+
+    policy: Policy
+    scorers: dict[int, LayerScorer]
+    batch: int
+    prompt_lengths: list[int]
+    record_trace: bool = True
+    ctx: StepContext | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    blocked_at: list[int | None] = field(default_factory=list)
+    block_rule: list[str | None] = field(default_factory=list)
+    trace_scores: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    states: dict[str, RuleState] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    seen_layers: set[int] = field(default_factory=set)
+    tripping_token: dict[int, int] = field(default_factory=dict)
+    """Per blocked sequence, the id of the withheld token that tripped the rule (for audits)."""
+    steer: bool = True
+    """Apply steer rules (False when only scanning text: deeper rules then read unsteered activations)."""
+    _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.blocked_at = [None] * self.batch
+        self.block_rule = [None] * self.batch
+        for rule in self.policy.rules:
+            w = rule.detector.window
+            self.states[rule.id] = RuleState(
+                history=torch.full((self.batch, w - 1), float("nan")),
+                fired=torch.zeros(self.batch, dtype=torch.bool),
+                steer_from=torch.full((self.batch,), 2**62, dtype=torch.long),
+            )
+            self.trace_scores[rule.id] = []
+
+    # -- queries ----------------------------------------------------------------------------------
+    def active(self, b: int) -> bool:
+        return self.blocked_at[b] is None
+
+    def steered(self, b: int) -> bool:
+        return any(bool(s.steer_from[b] < 2**62) for s in self.states.values())
+
+    def on_error_of(self, rule: Rule) -> str:
+        return rule.on_error or self.policy.on_error
+
+    # -- the hook --------------------------------------------------------------------------------
+    def on_layer(self, layer: int, hidden: Tensor) -> Tensor | None:
+        """Score the new tokens at ``layer``, record decisions, and return steered hidden (or None)."""
+        ctx = self.ctx
+        if ctx is None:
+            return None
+        self.seen_layers.add(layer)
+        scorer = self.scorers[layer]
+        B, T = hidden.shape[:2]
+        dev = hidden.device
+        score_mask = ctx.score_mask.to(dev)[:, -T:]
+        is_output = ctx.is_output.to(dev)[:, -T:]
+        positions = ctx.positions.to(dev)[:, -T:]
+        try:
+            if bool(score_mask.all()):  # decode steps: every row's one new token (no gather/scatter)
+                feats_all = scorer.feature_matrix(hidden)
+                check_finite(feats_all, f"layer {layer} feature activations")  # NaN/inf in x propagates here
+                if self.record_trace and scorer.last_top is not None:
+                    self._top_chunks.append((positions, score_mask, *scorer.last_top))
+                raw = scorer.rule_scores(feats_all)
+            elif bool(score_mask.any()):
+                sel = hidden[score_mask]
+                feats_sel = scorer.feature_matrix(sel)
+                check_finite(feats_sel, f"layer {layer} feature activations")
+                if self.record_trace and scorer.last_top is not None:
+                    self._top_chunks.append((positions, score_mask, *scorer.last_top))
+                raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
+                raw[score_mask] = scorer.rule_scores(feats_sel)
+            else:
+                raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
+        except Exception as exc:
+            self._scoring_failed(scorer, positions, score_mask, is_output, exc)
+            return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
+
+        for h_i, head in enumerate(scorer.heads):
+            rule = head.rule
+            st = self.states[rule.id]
+            scope_ok = self._scope_mask(rule, is_output) & score_mask
+            s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
+            windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
+            if self.record_trace:
+                self.trace_scores[rule.id].append((positions.cpu(), windowed))
+            hits = (windowed >= rule.threshold) & ~torch.isnan(windowed)
+            if not bool(hits.any()):
+                continue
+            for b in hits.any(dim=1).nonzero().flatten().tolist():
+                if not self.active(b):
+                    continue
+                t = int(hits[b].nonzero()[0])
+                pos = int(positions[b, t])
+                self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden)
+        if not self.steer:
+            return None
+        return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
+
+    def token_features(self, b: int) -> dict[int, list[tuple[int, float]]]:
+        """Top SAE features (id, activation) at each scored position of sequence ``b`` (built lazily)."""
+        out: dict[int, list[tuple[int, float]]] = {}
+        for positions, score_mask, vals, idx in self._top_chunks:
+            rows = score_mask.nonzero().tolist()
+            v, i = vals.reshape(-1, vals.shape[-1]).cpu().tolist(), idx.reshape(-1, idx.shape[-1]).cpu().tolist()
+            for (row, t), vs, ids in zip(rows, v, i, strict=True):
+                if row == b:
+                    out[int(positions[row, t])] = [(int(f), round(float(a), 3)) for a, f in zip(vs, ids, strict=True)
+                                                   if a > 0]
+        return out
+
+    def check_all_scored(self) -> None:
+        """After a forward: a watched layer whose hook never ran could not score; apply on_error."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        for layer, scorer in self.scorers.items():
+            if layer not in self.seen_layers and bool(ctx.score_mask.any()):
+                exc = RuntimeError(f"the hook on layer {layer} did not run during the forward pass")
+                self._scoring_failed(scorer, ctx.positions, ctx.score_mask, ctx.is_output, exc)
+        self.seen_layers.clear()
+
+    @staticmethod
+    def _scope_mask(rule: Rule, is_output: Tensor) -> Tensor:
+        if rule.scope == "input":
+            return ~is_output
+        if rule.scope == "output":
+            return is_output
+        return torch.ones_like(is_output)
+
+    def _fire(
+        self, rule: Rule, head: object, scorer: LayerScorer, b: int, t: int, pos: int, score: float, out: bool,
+        hidden: Tensor,
+    ) -> None:
+        st = self.states[rule.id]
+        action = rule.action
+        if action == "steer" and rule.steer and rule.steer.block_above is not None and score >= rule.steer.block_above:
+            action = "block"
+        if bool(st.fired[b]) and action != "block":
+            return  # latched: first firing recorded; steering already on
+        st.fired[b] = True
+        top = tuple(scorer.top_features(hidden[b, t].detach()))
+        d = Decision(
+            action=action,
+            rule=rule.id,
+            score=score,
+            threshold=_threshold_of(rule, action),
+            position=pos,
+            scope="output" if out else "input",
+            sequence=b,
+            output_index=pos - self.prompt_lengths[b] if out else None,
+            top_features=top,
+        )
+        self.decisions.append(d)
+        if action == "block":
+            self.blocked_at[b] = pos
+            self.block_rule[b] = rule.id
+        elif action == "steer":
+            st.steer_from[b] = pos
+
+    def _scoring_failed(
+        self, scorer: LayerScorer, positions: Tensor, score_mask: Tensor, is_output: Tensor, exc: Exception
+    ) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.errors.append(reason)
+        logger.warning("guard could not score at layer %d: %s", scorer.layer, reason)
+        for head in scorer.heads:
+            rule = head.rule
+            scope_ok = self._scope_mask(rule, is_output) & score_mask
+            for b in scope_ok.any(dim=1).nonzero().flatten().tolist():
+                if not self.active(b):
+                    continue
+                t = int(scope_ok[b].nonzero()[0])
+                pos = int(positions[b, t])
+                resolution = self.on_error_of(rule)
+                out = bool(is_output[b, t])
+                self.decisions.append(Decision(
+                    action="error", rule=rule.id, score=float("nan"), threshold=rule.threshold, position=pos,
+                    scope="output" if out else "input", sequence=b,
+                    output_index=pos - self.prompt_lengths[b] if out else None,
+                    reason=reason, resolution=resolution,
+                ))
+                if resolution == "block":
+                    self.blocked_at[b] = pos
+                    self.block_rule[b] = rule.id
+
+    def _steer(self, scorer: LayerScorer, hidden: Tensor, positions: Tensor, steer_mask: Tensor) -> Tensor | None:
+        out: Tensor | None = None
+        for head in scorer.heads:
+            rule = head.rule
+            if rule.action != "steer" or rule.steer is None:
+                continue
+            start = self.states[rule.id].steer_from.to(hidden.device)
+            where = (positions >= start[:, None]) & steer_mask & (positions >= 0)
+            if not bool(where.any()):
+                continue
+            base = hidden if out is None else out
+            m = where[..., None].to(hidden.dtype)
+            if rule.steer.method == "subtract":
+                assert head.steer_direction is not None
+                delta = rule.steer.strength * head.steer_direction.to(hidden.dtype)
+                out = base - m * delta
+            else:
+                assert head.clamp_columns is not None and head.clamp_dirs is not None
+                if head.linear:  # remove the positive projection on the unit direction
+                    acts = torch.relu(base.float() @ head.clamp_dirs.float().T)  # [B, T, 1]
+                else:  # remove each feature's decoded contribution (clamp its activation to 0)
+                    acts = scorer.feature_matrix(base).index_select(-1, head.clamp_columns)
+                out = base - m * (acts.to(hidden.dtype) @ head.clamp_dirs.to(hidden.dtype))
+        return out
+
+    # -- results ------------------------------------------------------------------------------------
+    def token_scores(self, b: int) -> dict[str, dict[int, float]]:
+        """``{rule: {position: windowed score}}`` for sequence ``b`` over every scored token."""
+        out: dict[str, dict[int, float]] = {}
+        for rule_id, chunks in self.trace_scores.items():
+            d: dict[int, float] = {}
+            for pos, sc in chunks:
+                row_p, row_s = pos[b], sc[b]
+                ok = ~torch.isnan(row_s)
+                for p, s in zip(row_p[ok].tolist(), row_s[ok].tolist(), strict=True):
+                    d[int(p)] = float(s)
+            out[rule_id] = d
+        return out
+
+
+def _threshold_of(rule: Rule, action: str) -> float:
+    """The threshold that decided ``action`` (a steer rule's ``block_above`` when it blocked)."""
+    if action == "block" and rule.action == "steer" and rule.steer and rule.steer.block_above is not None:
+        return float(rule.steer.block_above)
+    return float(rule.threshold)

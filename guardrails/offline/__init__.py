@@ -1,0 +1,2 @@
+"""Offline workflows: labeled data and residual caches, discovery, calibration, evaluation, baselines,
+steering evaluation and SAE training."""

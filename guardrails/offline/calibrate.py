@@ -1,0 +1,483 @@
+"""Calibration: labeled data, cached activations, serving-exact scores, thresholds and weights.
+
+The score a threshold is fitted on is the score serving computes: the residuals come from
+:func:`guardrails.offline.activations.collect_residuals` (same chat formatting and scored positions as
+``GuardedModel``) and go through the policy engine's own layer scorers and window rule
+(:class:`guardrails.engine.run.GuardRun`), so ``GuardedModel.score`` on the same text gives the same number
+(checked by :func:`check_against_serving`). Residuals are cached on disk, keyed by the data file's
+sha256, the model, the layer, the scope and the chat flag, so recalibrating is instant.
+
+Data files are JSONL: ``{"text", "label"}`` (input rules read ``text`` as the user prompt; output
+rules read it as the reply to :data:`CONTINUE_PROMPT`), or ``{"prompt", "response", "label"}``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from guardrails.core.policy import Policy, Rule, SAEFeaturesDetector
+
+logger = logging.getLogger(__name__)
+
+CONTINUE_PROMPT = "Continue the text."
+"""User turn that text-only rows answer when an output rule scores them."""
+
+MAX_TOKENS = 1024
+"""Tokens per row at most (prompt + response); longer rows are cut, as collect_residuals does."""
+
+Scope = Literal["input", "output"]
+
+
+class CalibrationError(ValueError):
+    """Labeled data or a calibration request is invalid; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Rows of one labeled JSONL file."""
+
+    path: str
+    """Where the rows came from."""
+    sha256: str
+    """sha256 of the file's bytes."""
+    texts: list[str]
+    """User prompts (``text`` or ``prompt``)."""
+    responses: list[str] | None
+    """Assistant replies (``response``), or None for text-only files."""
+    labels: np.ndarray
+    """0/1 labels, int64."""
+    sources: list[str]
+    """Per-row ``source`` field (empty when absent)."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, idx: Sequence[int] | np.ndarray) -> LabeledData:
+        """A subset of rows (hash extended by the row ids so caches never collide)."""
+        ix = [int(i) for i in idx]
+        h = hashlib.sha256((self.sha256 + ",".join(map(str, ix))).encode()).hexdigest()
+        return LabeledData(
+            self.path, h, [self.texts[i] for i in ix],
+            [self.responses[i] for i in ix] if self.responses is not None else None,
+            self.labels[ix], [self.sources[i] for i in ix],
+        )
+
+
+def load_labeled(
+    path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None
+) -> LabeledData:
+    """Read a labeled JSONL file.
+
+    ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
+    cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
+    hash covers the cut.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"data file {str(p)!r} not found")
+    raw = p.read_bytes()
+    texts: list[str] = []
+    responses: list[str] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    has_resp: bool | None = None
+    for n, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{p}:{n}: not JSON: {exc}") from None
+        if not isinstance(row, dict) or "label" not in row:
+            raise CalibrationError(f"{p}:{n}: expected an object with 'label' and 'text' or 'prompt'+'response'")
+        this_resp = "response" in row
+        if has_resp is None:
+            has_resp = this_resp
+        elif has_resp != this_resp:
+            raise CalibrationError(f"{p}:{n}: rows mix 'text' and 'prompt'/'response' forms")
+        text = row.get("prompt" if this_resp else "text")
+        if not isinstance(text, str) or not text.strip():
+            raise CalibrationError(f"{p}:{n}: {'prompt' if this_resp else 'text'} must be a non-empty string")
+        label = row["label"]
+        if label not in (0, 1, True, False):
+            raise CalibrationError(f"{p}:{n}: label must be 0 or 1, got {label!r}")
+        texts.append(text)
+        resp = str(row.get("response") or "")
+        if max_response_chars is not None and len(resp) > max_response_chars:
+            resp = resp[:max_response_chars].rsplit(" ", 1)[0]
+        responses.append(resp)
+        labels.append(int(label))
+        sources.append(str(row.get("source", "")))
+    if not texts:
+        raise CalibrationError(f"{p}: no rows")
+    digest = hashlib.sha256(raw).hexdigest()
+    if max_response_chars is not None and has_resp:
+        digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
+    data = LabeledData(str(p), digest, texts, responses if has_resp else None,
+                       np.asarray(labels, dtype=np.int64), sources)
+    if limit is not None and limit < len(data):
+        rng = np.random.default_rng(0)
+        keep: list[int] = []
+        for lab in (0, 1):
+            ids = np.flatnonzero(data.labels == lab)
+            n_keep = round(limit * len(ids) / len(data))
+            keep += sorted(rng.choice(ids, size=min(len(ids), max(n_keep, 1)), replace=False).tolist())
+        data = data.select(sorted(keep))
+    return data
+
+
+def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[str], list[str] | None]:
+    """``(prompts, responses)`` as the guard sees them for rules of ``scope``."""
+    if scope == "input":
+        return data.texts, None
+    if data.responses is not None:
+        return data.texts, data.responses
+    return [CONTINUE_PROMPT] * len(data), data.texts
+
+
+# -- activations, cached -------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    from guardrails.serving.models import cache_dir
+
+    return cache_dir() / "activations"
+
+
+class ResidualRows(list[Tensor]):
+    """Per-row residuals ``[n_scored_i, d_model]``, with each scored token's position in its sequence.
+
+    Positions matter for windows: in a prefill the engine's window spans positions, so an unscored
+    token (a special token, a prompt token for an output rule) inside a window leaves a gap.
+    """
+
+    positions: list[list[int]] | None = None
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> ResidualRows:
+        """The rows at ``idx``, positions kept."""
+        out = ResidualRows(self[int(i)] for i in idx)
+        out.positions = [self.positions[int(i)] for i in idx] if self.positions is not None else None
+        return out
+
+
+def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: Scope,
+                     chat: bool = True) -> list[list[int]]:
+    """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
+    from guardrails.offline.activations import scored_positions as keep_of
+    from guardrails.offline.activations import tokenize_rows
+
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    rows = tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS)
+    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input") for ids, n_prompt in rows]
+
+
+def residuals(
+    model: Any, tokenizer: Any, data: LabeledData, layer: int, scope: Scope, *, model_name: str,
+    chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
+) -> ResidualRows:
+    """Per-row residuals ``[n_scored_i, d_model]`` at ``layer`` over the tokens ``scope`` rules score."""
+    from safetensors.torch import load_file, save_file
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    key = hashlib.sha256(
+        json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v1"]).encode()
+    ).hexdigest()[:24]
+    path = cache_root() / f"{key}.safetensors"
+    prompts, responses = rows_for_scope(data, scope)
+    if use_cache and path.is_file():
+        t = load_file(str(path))
+        x, offsets = t["x"], t["offsets"].tolist()
+        res = ResidualRows(x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
+    else:
+        res = ResidualRows(collect_sorted(model, tokenizer, prompts, responses, layer, scope, chat, progress,
+                                          batch_size))
+        if use_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ends = np.cumsum([0] + [len(r) for r in res])
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"x": torch.cat(list(res)).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
+                      metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
+            tmp.replace(path)
+    pos = scored_positions(tokenizer, prompts, responses, scope, chat)
+    if [len(p) for p in pos] == [len(r) for r in res]:
+        res.positions = pos
+    else:
+        logger.warning("scored positions do not match the cached residuals of %s; windows assume no gaps", data.path)
+    return res
+
+
+def collect_sorted(
+    model: Any, tokenizer: Any, prompts: list[str], responses: list[str] | None, layer: int, scope: Scope,
+    chat: bool, progress: bool, batch_size: int,
+) -> list[Tensor]:
+    """collect_residuals over rows sorted by length (less padding), returned in the original order."""
+    from guardrails.offline.activations import collect_residuals
+
+    lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
+    order = np.argsort(lengths, kind="stable")
+    got = collect_residuals(
+        model, tokenizer, [prompts[i] for i in order], [layer],
+        responses=[responses[i] for i in order] if responses is not None else None,
+        chat=chat, scope=scope, batch_size=batch_size, max_tokens=MAX_TOKENS, progress=progress,
+    )[layer]
+    out: list[Tensor] = [torch.empty(0)] * len(prompts)
+    for pos, i in enumerate(order):
+        out[int(i)] = got[pos]
+    return out
+
+
+# -- serving-exact scores ---------------------------------------------------------------------------------
+
+
+def rule_scope(rule: Rule) -> Scope:
+    return "input" if rule.scope in ("input", "both") else "output"
+
+
+def unthresholded(policy: Policy) -> Policy:
+    """The policy with every threshold out of reach, so scoring records scores but decides nothing."""
+    rules = [r.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None}) for r in policy.rules]
+    return policy.model_copy(update={"rules": rules})
+
+
+def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: int = 32) -> list[np.ndarray]:
+    """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun).
+
+    With :class:`ResidualRows` positions, each row is laid out at its positions in the sequence (gaps
+    unscored), exactly as a prefill presents it to the engine.
+    """
+    from guardrails.engine.run import GuardRun, StepContext
+
+    rule = next((r for r in guard.policy.rules if r.id == rule_id), None)
+    if rule is None:
+        raise CalibrationError(f"no rule {rule_id!r}; rules: {', '.join(r.id for r in guard.policy.rules)}")
+    det = rule.detector
+    layer = det.layer if not isinstance(det, SAEFeaturesDetector) else guard.policy.saes[det.sae].layer
+    policy = unthresholded(guard.policy)
+    scorers = _scorers_for(guard, policy)
+    is_out = rule_scope(rule) == "output"
+    positions = getattr(rows, "positions", None) or [list(range(1, len(r) + 1)) for r in rows]
+    out: list[np.ndarray] = []
+    d = next((r.shape[-1] for r in rows if r.ndim == 2), 1)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        pchunk = positions[start : start + batch_size]
+        width = max(1, max((p[-1] + 1 if p else 1) for p in pchunk))
+        hidden = torch.zeros(len(chunk), width, d)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for b, (r, p) in enumerate(zip(chunk, pchunk, strict=True)):
+            if len(r):
+                idx = torch.tensor(p)
+                hidden[b, idx] = r.float()
+                mask[b, idx] = True
+        pos = torch.arange(width).expand(len(chunk), width)
+        run = GuardRun(policy, scorers, len(chunk), [0 if is_out else width + 1] * len(chunk))
+        run.ctx = StepContext(pos, mask, torch.full_like(mask, is_out), torch.ones_like(mask))
+        with torch.inference_mode():
+            run.on_layer(layer, hidden)
+        ts = run.trace_scores[rule_id][0][1]
+        for b, p in enumerate(pchunk):
+            out.append(ts[b, torch.tensor(p, dtype=torch.long)].numpy().astype(np.float64) if p else np.zeros(0))
+    return out
+
+
+def _scorers_for(guard: Any, policy: Policy) -> dict[int, Any]:
+    """The serving scorers of ``policy`` on ``guard``'s model (its loaded SAEs reused), on the CPU."""
+    from guardrails.serving.generation import GuardedModel
+
+    serving = GuardedModel(guard.model, guard.tokenizer, policy, saes=guard.saes, score_mode=guard.score_mode,
+                           keep_full_saes=True)
+    return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}
+
+
+def text_scores(guard: Any, rule_id: str, rows: list[Tensor]) -> np.ndarray:
+    """Per-row decision score: the highest windowed token score (NaN where no token is scored)."""
+    return np.array([float(np.max(s)) if len(s) else math.nan for s in token_scores(guard, rule_id, rows)])
+
+
+def check_against_serving(
+    guard: Any, data: LabeledData, rule_id: str, computed: np.ndarray, *, n: int = 8, rtol: float = 1e-3
+) -> float:
+    """Score ``n`` rows with ``GuardedModel.score`` and return the largest relative difference to ``computed``."""
+    rule = next(r for r in guard.policy.rules if r.id == rule_id)
+    prompts, responses = rows_for_scope(data, rule_scope(rule))
+    idx = np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(int)
+    got = guard.score([prompts[i] for i in idx], responses=[responses[i] for i in idx] if responses else None)
+    worst = 0.0
+    for j, i in enumerate(idx):
+        a, b = got[j].scores[rule_id], computed[i]
+        diff = abs(a - b) / max(1.0, abs(a), abs(b))
+        worst = max(worst, diff)
+    if worst > rtol:
+        logger.warning("calibration scores differ from GuardedModel.score by up to %.3g (relative)", worst)
+    return worst
+
+
+# -- thresholds -----------------------------------------------------------------------------------------------
+
+
+def fit_threshold(
+    scores: np.ndarray, labels: np.ndarray, *, target_fpr: float | None = None, target_recall: float | None = None
+) -> float:
+    """The lowest threshold with FPR <= ``target_fpr`` (a token fires when score >= threshold), or the highest
+    threshold with recall >= ``target_recall``. NaN scores (nothing scored) never fire."""
+    if (target_fpr is None) == (target_recall is None):
+        raise CalibrationError("give exactly one of target_fpr, target_recall")
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    ok = ~np.isnan(s)
+    if target_fpr is not None:
+        if not 0 <= target_fpr < 1:
+            raise CalibrationError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        neg = np.sort(s[ok & (y == 0)])[::-1]
+        n_neg = int((y == 0).sum())
+        if n_neg == 0:
+            raise CalibrationError("no negative (label 0) rows to fit a threshold on")
+        allowed = math.floor(target_fpr * n_neg + 1e-9)
+        if allowed >= len(neg):
+            return float(np.min(s[ok])) if ok.any() else 0.0
+        return float(np.nextafter(neg[allowed], np.inf))
+    assert target_recall is not None
+    if not 0 < target_recall <= 1:
+        raise CalibrationError(f"target_recall must be in (0, 1], got {target_recall}")
+    pos = np.sort(s[ok & (y == 1)])[::-1]
+    n_pos = int((y == 1).sum())
+    if n_pos == 0:
+        raise CalibrationError("no positive (label 1) rows to fit a threshold on")
+    need = math.ceil(target_recall * n_pos - 1e-9)
+    if need > len(pos):
+        raise CalibrationError(f"recall {target_recall} unreachable: only {len(pos)} of {n_pos} positives scored")
+    return float(pos[need - 1])
+
+
+# -- weights ---------------------------------------------------------------------------------------------------
+
+
+def prefix_aware_pooled(sae: Any, rows: list[Tensor]) -> np.ndarray:
+    """Max-pooled features over the tokens after the rows' shared prefix (a chat template's system prompt),
+    with every feature that fires on that prefix zeroed: such a feature gives every text the same floor
+    score, so it cannot separate texts as served (max over tokens)."""
+    from guardrails.offline.baselines import shared_prefix
+
+    p = shared_prefix(rows)
+    pooled = max_pooled_features(sae, [r[p:] if len(r) > p else r for r in rows])
+    if p:
+        with torch.inference_mode():
+            on_prefix = (sae.encode(rows[0][:p].to(sae.device, sae.dtype)).float().cpu() > 0).any(0).numpy()
+        pooled[:, on_prefix] = 0.0
+    return pooled
+
+
+def max_pooled_features(sae: Any, rows: list[Tensor], *, batch_tokens: int = 4096) -> np.ndarray:
+    """Per-row max over tokens of every SAE feature's activation, ``[n_rows, d_sae]`` (0 for empty rows)."""
+    out = np.zeros((len(rows), sae.d_sae), dtype=np.float32)
+    flat = [r for r in rows if len(r)]
+    if not flat:
+        return out
+    x = torch.cat(flat)
+    owner = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rows) if len(r)])
+    pooled = torch.full((len(rows), sae.d_sae), -math.inf)
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_tokens):
+            acts = sae.encode(x[s : s + batch_tokens].to(sae.device, sae.dtype)).float().cpu()
+            idx = owner[s : s + batch_tokens][:, None].expand_as(acts)
+            pooled.scatter_reduce_(0, idx, acts, reduce="amax")
+    pooled[torch.isinf(pooled)] = 0.0
+    return pooled.numpy()
+
+
+def fit_sparse_weights(
+    features: np.ndarray, labels: np.ndarray, *, max_features: int = 16, c: float | None = None
+) -> dict[int, float]:
+    """Positive feature weights by L1 logistic regression on (standardised) max-pooled activations.
+
+    Weights are returned in activation units (coefficient / feature scale), largest ``max_features`` kept,
+    normalised so the largest is 1. ``c`` (inverse regularisation) is searched when not given.
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("--fit-weights needs scikit-learn: pip install scikit-learn") from exc
+    scale = features.std(0) + 1e-6
+    z = features / scale
+    best: dict[int, float] = {}
+    for cc in [c] if c is not None else [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]:
+        clf = LogisticRegression(C=cc, solver="liblinear", class_weight="balanced", max_iter=2000, **_l1())
+        clf.fit(z, labels)
+        coef = clf.coef_[0] / scale
+        pos = {int(i): float(coef[i]) for i in np.flatnonzero(coef > 0)}
+        if pos:
+            best = pos
+        if len(pos) >= max_features:
+            break
+    if not best:
+        raise CalibrationError("sparse logistic regression kept no positive feature; try more data or a larger C")
+    top = sorted(best.items(), key=lambda kv: -kv[1])[:max_features]
+    m = top[0][1]
+    return {i: round(w / m, 4) for i, w in top}
+
+
+def _l1() -> dict[str, Any]:
+    """L1 penalty arguments for this scikit-learn ('penalty' is deprecated from 1.8 on)."""
+    import sklearn
+
+    major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
+    return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+
+
+def explain_direction(sae: Any, weight: np.ndarray, *, n: int = 5) -> list[tuple[int, float]]:
+    """SAE features whose decoder directions align best with a linear detector's weight (cosine)."""
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    dec = sae.W_dec.detach().float().cpu()
+    cos = (dec @ w) / (dec.norm(dim=-1) * w.norm()).clamp_min(1e-12)
+    vals, idx = cos.topk(n)
+    return [(int(i), round(float(v), 3)) for v, i in zip(vals, idx, strict=True)]
+
+
+# -- records ----------------------------------------------------------------------------------------------------
+
+
+def make_record(
+    *, policy: Policy, data: LabeledData, model_name: str, score_mode: str, rule_id: str, threshold: float,
+    target: dict[str, float], metrics: dict[str, Any], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The calibration record kept in the policy and under calibration/records/."""
+    saes = {k: {"path": v.path, "layer": v.layer} for k, v in policy.saes.items()}
+    for k, spec in policy.saes.items():
+        sae_file = _sae_file(policy.resolve(spec.path))
+        if sae_file is not None:
+            saes[k]["sha256"] = hashlib.sha256(sae_file.read_bytes()).hexdigest()
+    return {
+        "date": _dt.date.today().isoformat(),
+        "data": data.path, "data_sha256": data.sha256, "rows": len(data),
+        "positives": int(data.labels.sum()), "negatives": int((data.labels == 0).sum()),
+        "model": model_name, "saes": saes, "score_mode": score_mode, "rule": rule_id,
+        "threshold": threshold, "target": target, "metrics": metrics, **(extra or {}),
+    }
+
+
+def _sae_file(ref: str) -> Path | None:
+    if ref.startswith("bundled"):
+        try:
+            from guardrails.sae.loaders import resolve_bundled
+
+            ref = str(resolve_bundled(ref))
+        except Exception:
+            return None
+    p = Path(ref)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        return files[0] if files else None
+    return p if p.is_file() else None

@@ -1,0 +1,125 @@
+"""Detection metrics of a scored, labeled set, with bootstrap intervals, and evaluation of a policy.
+
+A policy's score for a row is its decision score as served (``GuardedModel.score``): the highest
+windowed token score of the rule. For a policy with several rules, :func:`policy_row_scores` uses the
+largest margin ``score - threshold`` over the rules (a row is caught when any rule fires, i.e. the
+margin is >= 0), so the "own threshold" of the combined score is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+METRIC_KEYS = ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")
+
+
+def _clean(scores: np.ndarray) -> np.ndarray:
+    """NaN (nothing scored) ranks below every real score."""
+    s = np.asarray(scores, dtype=np.float64).copy()
+    finite = s[np.isfinite(s)]
+    low = (finite.min() - 1.0) if len(finite) else 0.0
+    s[np.isnan(s)] = low
+    return s
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
+    """Highest TPR over thresholds whose FPR (share of negatives with score >= threshold) is <= ``fpr``."""
+    s, y = _clean(scores), np.asarray(labels)
+    neg = np.sort(s[y == 0])[::-1]
+    pos = s[y == 1]
+    if len(neg) == 0 or len(pos) == 0:
+        return math.nan
+    allowed = math.floor(fpr * len(neg) + 1e-9)
+    thr = np.nextafter(neg[allowed], np.inf) if allowed < len(neg) else -np.inf
+    return float((pos >= thr).mean())
+
+
+def rates_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """FPR, TPR, precision and F1 of "score >= threshold" (NaN scores never fire)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    hit = np.nan_to_num(s, nan=-np.inf) >= threshold
+    tp = int((hit & (y == 1)).sum())
+    fp = int((hit & (y == 0)).sum())
+    fn = int((~hit & (y == 1)).sum())
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / n_pos if n_pos else math.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
+    return {"fpr": fp / n_neg if n_neg else math.nan, "tpr": rec, "precision": prec, "f1": f1}
+
+
+def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """AUROC, AUPRC (average precision), TPR at 1% and 5% FPR, and F1/FPR/TPR at ``threshold``.
+
+    With one class only, the ranking metrics are NaN and the rates at the threshold are still given
+    (a benign-only set reports its FPR, a harmful-only set its detection rate).
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    s, y = _clean(scores), np.asarray(labels).astype(int)
+    both = len(set(y.tolist())) == 2
+    out: dict[str, float] = {
+        "auroc": float(roc_auc_score(y, s)) if both else math.nan,
+        "auprc": float(average_precision_score(y, s)) if both else math.nan,
+        "tpr_at_1pct_fpr": tpr_at_fpr(s, y, 0.01) if both else math.nan,
+        "tpr_at_5pct_fpr": tpr_at_fpr(s, y, 0.05) if both else math.nan,
+    }
+    if threshold is not None:
+        r = rates_at(scores, y, threshold)
+        out.update(f1=r["f1"], fpr=r["fpr"], tpr=r["tpr"], precision=r["precision"], threshold=float(threshold))
+    out.update(n=len(y), positives=int(y.sum()), negatives=int((y == 0).sum()))
+    return out
+
+
+def bootstrap_intervals(
+    scores: np.ndarray, labels: np.ndarray, threshold: float | None, *, n: int = 500, seed: int = 0,
+    keys: tuple[str, ...] = ("auroc", "tpr_at_1pct_fpr", "fpr", "tpr"),
+) -> dict[str, list[float]]:
+    """95% percentile intervals of ``keys`` over ``n`` resamples of the rows (stratified by label)."""
+    rng = np.random.default_rng(seed)
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    groups = [np.flatnonzero(y == lab) for lab in (0, 1) if (y == lab).any()]
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(n):
+        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        m = metrics(s[idx], y[idx], threshold)
+        for k in keys:
+            if k in m and not math.isnan(m[k]):
+                samples[k].append(m[k])
+    return {k: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+            for k, v in samples.items() if v}
+
+
+def policy_row_scores(guard: Any, rows_by_scope: Mapping[str, list[Any]], rule: str | None = None) -> tuple[
+    np.ndarray, float, str
+]:
+    """Decision score per row and the threshold it is compared with: one rule's, or the max-margin combination.
+
+    ``rows_by_scope`` maps "input"/"output" to residual rows (see :func:`guardrails.offline.calibrate.residuals`).
+    Returns ``(scores, threshold, what)``.
+    """
+    from guardrails.offline.calibrate import rule_scope, text_scores
+
+    rules = guard.policy.rules
+    if rule is not None:
+        chosen = [r for r in rules if r.id == rule]
+        if not chosen:
+            valid = ", ".join(r.id for r in rules)
+            raise ValueError(f"no rule {rule!r} in policy {guard.policy.name!r}; valid: {valid}")
+    else:
+        chosen = list(rules)
+    if len(chosen) == 1:
+        r = chosen[0]
+        return text_scores(guard, r.id, rows_by_scope[rule_scope(r)]), float(r.threshold), f"rule {r.id}"
+    margins = np.stack([text_scores(guard, r.id, rows_by_scope[rule_scope(r)]) - r.threshold for r in chosen])
+    return np.nanmax(margins, axis=0), 0.0, "max over rules of (score - threshold)"
+
+
+def round_metrics(m: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else
+                (None if isinstance(v, float) else v)) for k, v in m.items()}
