@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
@@ -25,62 +24,13 @@ from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, s
 from guardrails.engine.run import Decision, GuardRun, StepContext
 from guardrails.engine.scorers import LayerScorer
 from guardrails.sae.model import SAE, SAEError
+from guardrails.serving import decode
+from guardrails.serving.prompts import Message, PromptLike, check_generation_args, check_messages, check_text, is_batch
+from guardrails.serving.result import GenerationResult
+from guardrails.serving.stream import GuardedStream
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, str]
-PromptLike = str | Sequence[Message]
-
-
-@dataclass
-class GenerationResult:
-    """The outcome of one guarded generation."""
-
-    text: str
-    """What the caller gets: the output, or the refusal message when blocked."""
-    blocked: bool
-    """A block rule (or on_error: block) stopped the generation."""
-    steered: bool
-    """A steer rule fired and steering was applied."""
-    decisions: list[Decision]
-    """Every decision, in order (flag, block, steer, error)."""
-    prompt: str
-    """The prompt as the model saw it (after the chat template)."""
-    released_text: str = ""
-    """Output text released before a block (what a stream showed); equals ``text`` when not blocked."""
-    output_ids: list[int] = field(default_factory=list)
-    """Released output token ids."""
-    tokens: list[str] = field(default_factory=list)
-    """Token strings of prompt and output up to the tripping token (for audits; not for the caller)."""
-    token_scores: dict[str, dict[int, float]] = field(default_factory=dict)
-    """Per rule, windowed score at each scored position (for audits)."""
-    prompt_length: int = 0
-    """Number of prompt tokens (padding excluded)."""
-    policy: str = ""
-    """Policy name."""
-    errors: list[str] = field(default_factory=list)
-    """Scoring failures, if any (their decisions say what on_error did)."""
-    token_features: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    """Per scored position, its top SAE features (id, activation), for audits (watched ones in watched mode)."""
-
-    @property
-    def flagged(self) -> bool:
-        return any(d.action in ("flag", "error") for d in self.decisions)
-
-    @property
-    def block_decision(self) -> Decision | None:
-        return next((d for d in self.decisions if d.action == "block" or d.resolution == "block"), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "blocked": self.blocked,
-            "steered": self.steered,
-            "flagged": self.flagged,
-            "policy": self.policy,
-            "decisions": [d.to_dict() for d in self.decisions],
-            "errors": self.errors,
-        }
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -246,7 +196,7 @@ class GuardedModel:
                 return prompt
             messages: list[Message] = [{"role": "user", "content": prompt}]
         else:
-            messages = _check_messages(prompt)
+            messages = check_messages(prompt)
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -261,118 +211,14 @@ class GuardedModel:
             self._special_lut = self._special_lut.to(ids.device)
         special = self._special_lut[ids.clamp(0, len(self._special_lut) - 1)]
         return mask.bool() & ~special & (positions > 0)
-
     def _steps(
-        self,
-        prompts: list[str],
-        max_new_tokens: int,
-        sampling: dict[str, Any],
-        use_cache: bool = True,
+        self, prompts: list[str], max_new_tokens: int, sampling: dict[str, Any], use_cache: bool = True
     ) -> Generator[tuple[GuardRun, list[list[int]], bool], None, None]:
-        """Yield ``(run, released ids per sequence, done)`` after each step; hooks live for the whole loop."""
-        tok = self.tokenizer
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = old_side
-        device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
-        ids = enc["input_ids"].to(device)
-        mask = enc["attention_mask"].to(device)
-        empty = [i for i, n in enumerate(mask.sum(1).tolist()) if n == 0] if ids.numel() else list(range(len(prompts)))
-        if empty:
-            raise ValueError(f"prompt(s) {empty} produced no tokens (the tokenizer drops their characters)")
-        B = ids.shape[0]
-        lengths = mask.sum(1).tolist()
-        run = self._new_run([int(n) for n in lengths])
-        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
-        gen = _sampler(sampling)
-        released: list[list[int]] = [[] for _ in range(B)]
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        pending: Tensor | None = None  # token of each row produced but not yet scored
-        all_ids, all_mask, all_pos = ids, mask, positions
-        is_output = torch.zeros_like(mask, dtype=torch.bool)
-        past: Any = None
-        for step in range(max_new_tokens + 1):
-            last = step == max_new_tokens
-            if step == 0:
-                cur_ids = ids
-                score = self._scorable(ids, mask, positions)
-                past = _new_cache(self.model) if use_cache else None
-            else:
-                assert pending is not None
-                new_pos = all_pos.max(1).values + 1
-                all_ids = torch.cat([all_ids, pending[:, None]], 1)
-                all_mask = torch.cat([all_mask, torch.ones_like(pending)[:, None]], 1)
-                all_pos = torch.cat([all_pos, new_pos[:, None]], 1)
-                is_output = torch.cat([is_output, torch.ones_like(pending, dtype=torch.bool)[:, None]], 1)
-                active = ~finished & torch.tensor([run.active(b) for b in range(B)], device=device)
-                new_score = self._scorable(pending[:, None], torch.ones_like(pending)[:, None], new_pos[:, None])
-                new_score &= active[:, None]
-                if use_cache:
-                    cur_ids = pending[:, None]
-                    score = new_score
-                else:
-                    cur_ids = all_ids
-                    score = torch.cat([torch.zeros_like(all_mask[:, :-1], dtype=torch.bool), new_score], 1)
-            # the columns this forward sees: the whole sequence at prefill or without a cache, else the new token
-            T = cur_ids.shape[1]
-            cur_pos, cur_mask = all_pos[:, -T:], all_mask[:, -T:]
-            run.ctx = StepContext(
-                positions=cur_pos, score_mask=score, is_output=is_output[:, -T:], steer_mask=cur_mask.bool()
-            )
-            kwargs: dict[str, Any] = {
-                "input_ids": cur_ids,
-                "attention_mask": all_mask,
-                "position_ids": cur_pos.masked_fill(cur_mask == 0, 1),  # padding: any valid id, it is masked
-                "use_cache": use_cache,
-            }
-            if use_cache:
-                kwargs[self._cache_kw] = past
-                kwargs["logits_to_keep"] = 1
-            logits = self._forward(run, kwargs, truncated=last)
-            run.check_all_scored()
-            run.ctx = None
-            # release the tokens this forward scored (those of rows still active)
-            if pending is not None:
-                for b in range(B):
-                    if not bool(finished[b]) and run.active(b):
-                        released[b].append(int(pending[b]))
-            # rows blocked now stop; their tripping token is withheld (kept for the audit trace only)
-            for b in range(B):
-                if not run.active(b) and not bool(finished[b]):
-                    finished[b] = True
-                    if pending is not None and run.blocked_at[b] == int(all_pos[b, -1]):
-                        run.tripping_token[b] = int(pending[b])
-            if logits is None:
-                yield run, released, True
-                return
-            nxt = _next_token(logits.float(), sampling, gen)
-            nxt = torch.where(finished, torch.full_like(nxt, int(tok.pad_token_id)), nxt)
-            is_eos = torch.isin(nxt, self._eos.to(device)) & ~finished
-            finished |= is_eos
-            pending = nxt
-            done = bool(finished.all())
-            yield run, released, done
-            if done:
-                return
+        """Yield ``(run, released ids per sequence, done)`` after each step (see :func:`.decode.steps`)."""
+        return decode.steps(self, prompts, max_new_tokens, sampling, use_cache)
 
     def _forward(self, run: GuardRun, kwargs: dict[str, Any], *, truncated: bool) -> Tensor | None:
-        """One forward with this run's hooks, under the model's lock; hooks exist only for its duration.
-
-        Registering per step (microseconds) keeps a suspended stream from touching other calls of
-        the shared model, and lets threads interleave their steps.
-        """
-        with self._lock, output_hooks(self.model, self._hooks(run), self._blocks):
-            if truncated:
-                try:
-                    with stop_after_layer(self.model, self.deepest, self._blocks[self.deepest]):
-                        self.model(**kwargs)
-                except StopForward:
-                    pass
-                return None
-            return self.model(**kwargs).logits[:, -1, :]
+        return decode.forward(self, run, kwargs, truncated=truncated)
 
     # -- public API -------------------------------------------------------------------------------------
     def generate(
@@ -389,10 +235,10 @@ class GuardedModel:
         use_cache: bool = True,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate under the policy. A list of prompts is a batch (guarded per sequence)."""
-        batch = _is_batch(prompt)
+        batch = is_batch(prompt)
         items: list[Any] = list(prompt) if batch else [prompt]
         prompts = [self.format_prompt(p, chat) for p in items]
-        _check_generation_args(prompts, max_new_tokens, temperature, top_p, top_k)
+        check_generation_args(prompts, max_new_tokens, temperature, top_p, top_k)
         sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
         last: tuple[GuardRun, list[list[int]], bool] | None = None
         with torch.inference_mode():
@@ -461,9 +307,9 @@ class GuardedModel:
         rows: list[list[int]] = []
         n_prompt: list[int] = []
         for text, response in zip(texts, responses, strict=True):
-            _check_text(text, f"texts[{len(rows) + offset}]")
+            check_text(text, f"texts[{len(rows) + offset}]")
             if response is not None and response:
-                _check_text(response, f"responses[{len(rows) + offset}]")
+                check_text(response, f"responses[{len(rows) + offset}]")
             p_ids = tok(self.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
             if not p_ids:
                 raise ValueError(f"texts[{len(rows) + offset}] produced no tokens")
@@ -531,151 +377,4 @@ class GuardedModel:
         )
 
 
-class GuardedStream:
-    """Iterator of released text pieces; never yields a token at or after one that tripped a rule."""
-
-    def __init__(self, guard: GuardedModel, prompt: PromptLike, **kwargs: Any) -> None:
-        if _is_batch(prompt):
-            raise ValueError("stream() takes one prompt; use generate() for a batch")
-        self.guard = guard
-        self.result: GenerationResult | None = None
-        self._prompt = guard.format_prompt(prompt, kwargs.pop("chat", None))
-        max_new = int(kwargs.pop("max_new_tokens", 64))
-        _check_generation_args([self._prompt], max_new, kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0),
-                               kwargs.get("top_k", 0))
-        sampling = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, **kwargs}
-        check = getattr(guard.audit, "check_writable", None)
-        if check is not None:
-            check()  # a stream shows text before the record is written: fail before, not after
-        self._it = self._pieces(max_new, sampling)
-
-    def __iter__(self) -> Iterator[str]:
-        return self._it
-
-    def close(self) -> None:
-        """Stop generating (the KV cache and state are dropped; no hooks are left either way)."""
-        self._it.close()  # type: ignore[attr-defined]
-
-    def __enter__(self) -> GuardedStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __next__(self) -> str:
-        return next(self._it)
-
-    def _pieces(self, max_new: int, sampling: dict[str, Any]) -> Iterator[str]:
-        tok = self.guard.tokenizer
-        sent = ""
-        run: GuardRun | None = None
-        released: list[list[int]] = [[]]
-        steps = self.guard._steps([self._prompt], max_new, sampling)
-        try:
-            while True:
-                with torch.inference_mode():
-                    try:
-                        run, released, _done = next(steps)
-                    except StopIteration:
-                        break
-                text = tok.decode(released[0], skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # incomplete UTF-8 sequence: wait for the next token
-                if len(text) > len(sent) and text.startswith(sent):
-                    piece, sent = text[len(sent) :], text
-                    yield piece
-        finally:
-            steps.close()  # removes the hooks even if the caller stops early
-        assert run is not None
-        self.result = self.guard._audit(self.guard._result(run, 0, self._prompt, released[0]))
-        if self.result.blocked:
-            yield ("\n" if sent else "") + self.result.text
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
-
-
-def _is_batch(prompt: Any) -> bool:
-    if isinstance(prompt, str):
-        return False
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-        return False
-    return isinstance(prompt, Sequence)
-
-
-def _check_messages(messages: Any) -> list[Message]:
-    if not isinstance(messages, Sequence) or not messages:
-        raise ValueError("a prompt must be a non-empty string or a non-empty list of {'role', 'content'} messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{i}].role {m['role']!r} unknown; valid: system, user, assistant, tool")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _check_generation_args(
-    prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int
-) -> None:
-    if not prompts:
-        raise ValueError("no prompts given")
-    for i, p in enumerate(prompts):
-        _check_text(p, f"prompt {i}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k!r}")
-
-
-def _check_text(text: Any, where: str) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"{where} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError(f"{where} is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{where} is not valid Unicode text (position {exc.start}: {exc.reason})") from None
-
-
-def _sampler(sampling: dict[str, Any]) -> torch.Generator | None:
-    if not sampling.get("do_sample"):
-        return None
-    g = torch.Generator()
-    g.manual_seed(int(sampling["seed"]) if sampling.get("seed") is not None else torch.seed())
-    return g
-
-
-def _next_token(logits: Tensor, sampling: dict[str, Any], gen: torch.Generator | None) -> Tensor:
-    if not sampling.get("do_sample"):
-        return logits.argmax(-1)
-    logits = logits / float(sampling.get("temperature", 1.0))
-    top_k = int(sampling.get("top_k") or 0)
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = float(sampling.get("top_p", 1.0))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1).cpu()
-    return torch.multinomial(probs, 1, generator=gen).flatten().to(logits.device)
-
-
-def _new_cache(model: Any) -> Any:
-    """A fresh KV cache; hybrid models (Qwen3.5 linear attention) need the config to lay it out."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
+__all__ = ["GenerationResult", "GuardedModel", "GuardedStream", "Message", "PromptLike"]

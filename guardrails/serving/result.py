@@ -1,0 +1,59 @@
+"""The outcome of one guarded generation (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrails.core.decision import Decision
+
+
+@dataclass
+class GenerationResult:
+    """The outcome of one guarded generation."""
+
+    text: str
+    """What the caller gets: the output, or the refusal message when blocked."""
+    blocked: bool
+    """A block rule (or on_error: block) stopped the generation."""
+    steered: bool
+    """A steer rule fired and steering was applied."""
+    decisions: list[Decision]
+    """Every decision, in order (flag, block, steer, error)."""
+    prompt: str
+    """The prompt as the model saw it (after the chat template)."""
+    released_text: str = ""
+    """Output text released before a block (what a stream showed); equals ``text`` when not blocked."""
+    output_ids: list[int] = field(default_factory=list)
+    """Released output token ids."""
+    tokens: list[str] = field(default_factory=list)
+    """Token strings of prompt and output up to the tripping token (for audits; not for the caller)."""
+    token_scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Per rule, windowed score at each scored position (for audits)."""
+    prompt_length: int = 0
+    """Number of prompt tokens (padding excluded)."""
+    policy: str = ""
+    """Policy name."""
+    errors: list[str] = field(default_factory=list)
+    """Scoring failures, if any (their decisions say what on_error did)."""
+    token_features: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    """Per scored position, its top SAE features (id, activation), for audits (watched ones in watched mode)."""
+
+    @property
+    def flagged(self) -> bool:
+        return any(d.action in ("flag", "error") for d in self.decisions)
+
+    @property
+    def block_decision(self) -> Decision | None:
+        return next((d for d in self.decisions if d.action == "block" or d.resolution == "block"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "blocked": self.blocked,
+            "steered": self.steered,
+            "flagged": self.flagged,
+            "policy": self.policy,
+            "decisions": [d.to_dict() for d in self.decisions],
+            "errors": self.errors,
+        }
