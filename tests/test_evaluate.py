@@ -60,3 +60,76 @@ def test_bootstrap_interval_contains_point_estimate() -> None:
         lo, hi = ci[k]
         assert lo <= point[k] <= hi
         assert hi - lo < 0.3
+
+
+# -- eval scores each rule on its own layer (issue 11), per-group reports -------------------------------------
+
+
+def test_grouped_metrics_single_label_groups_ranked_against_the_other_side() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from guardrails.offline.evaluate import grouped_metrics, worst_group
+
+    s = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.3, 0.6, 0.65, 0.4, 0.5])
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    g = ["a", "a", "b", "b", "n", "n", "n", "m", "m", "m"]
+    per = grouped_metrics(s, y, g, 0.55, min_rows=2)
+    # harmful group "b" against every benign row (none of them in "b")
+    assert per["b"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0, 0, 0, 0, 0], np.r_[s[2:4], s[4:]]), abs=1e-4)
+    # benign group "m" against every harmful row
+    assert per["m"]["auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 1, 0, 0, 0], np.r_[s[:4], s[7:]]), abs=1e-4)
+    assert per["m"]["fpr"] == pytest.approx(1 / 3, abs=1e-4)  # 0.65 >= 0.55
+    assert per["a"]["tpr"] == 1.0 and per["b"]["tpr"] == pytest.approx(0.5)
+    assert worst_group(per) == min(per, key=lambda k: per[k]["auroc"])
+
+
+def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypatch) -> None:
+    """Two input rules at layers 1 and 3: eval of each rule equals the serving score of that rule."""
+    import json as _json
+
+    import yaml
+    from sklearn.metrics import roc_auc_score
+    from typer.testing import CliRunner
+
+    from guardrails.cli.main import _register_extensions, app
+    from guardrails.core.policy import Policy
+    from guardrails.offline.baselines import save_linear
+    from guardrails.offline.calibrate import load_labeled
+    from guardrails.serving.generation import GuardedModel
+    from guardrails.serving.models import load_model
+    from tests.builders import tiny_lm, tiny_tokenizer
+
+    monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
+    tk = tiny_tokenizer()
+    tiny_lm("llama", tk).save_pretrained(tmp_path / "model")
+    tk.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(1)
+    rules = []
+    for rid, layer in (("low", 1), ("high", 3)):
+        w = save_linear(tmp_path / f"{rid}.safetensors", rng.normal(0, 1, 64).astype(np.float32), 0.0)
+        rules.append({"id": rid, "scope": "input", "threshold": 0.0, "action": "flag",
+                      "detector": {"kind": "linear", "layer": layer, "weights": str(w), "window": 2}})
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"name": "two", "rules": rules}))
+    words = ["bread", "robot", "fox", "paint", "flour", "dog", "world", "capital", "story", "yeast"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(_json.dumps({"text": f"{words[i % 10]} {words[(i * 3) % 10]} {words[(i * 7) % 10]}",
+                                         "label": int(i % 3 == 0), "source": "s" + str(i % 2),
+                                         "category": "c" + str(i % 4 == 0)}) + "\n" for i in range(24)))
+    _register_extensions()
+    model, tok = load_model(str(tmp_path / "model"))
+    d = load_labeled(data)
+    served = GuardedModel(model, tok, Policy.from_path(tmp_path / "two.yaml")).score(d.texts)
+    aurocs = {}
+    for rid in ("low", "high"):
+        res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "two.yaml"), "--data", str(data),
+                                       "--rule", rid, "--model", str(tmp_path / "model"), "--json",
+                                       "--by", "source", "--by", "category"])
+        assert res.exit_code == 0, res.output
+        got = _json.loads(res.stdout.strip().splitlines()[-1])
+        want = np.array([t.scores[rid] for t in served])
+        assert got["auroc"] == pytest.approx(roc_auc_score(d.labels, want), abs=1e-4)
+        assert got["fpr"] == pytest.approx((want[d.labels == 0] >= 0.0).mean(), abs=1e-4)
+        assert set(got["by_source"]) == {"s0", "s1"} and set(got["by_category"]) == {"cTrue", "cFalse"}
+        assert got["worst_source"] in {"s0", "s1"}
+        aurocs[rid] = got["auroc"]
+    assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations

@@ -241,22 +241,40 @@ def _header(policy: Any) -> str:
 def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str | None = None,
              baselines: bool = False, train_path: str | None = None, limit: int | None = None,
              intervals: bool = False, max_response_chars: int | None = None,
-             train_limit: int | None = None) -> dict[str, Any]:
+             train_limit: int | None = None, by: list[str] | None = None) -> dict[str, Any]:
+    """Metrics of a policy on a labeled file; ``by`` ("source", "category") adds per-group metrics
+    and names the worst group (lowest AUROC)."""
     from guardrails.core.policy import Policy
-    from guardrails.offline.calibrate import rule_scope
-    from guardrails.offline.evaluate import bootstrap_intervals, metrics, policy_row_scores, round_metrics
+    from guardrails.offline.evaluate import (
+        bootstrap_intervals,
+        grouped_metrics,
+        metrics,
+        policy_row_scores,
+        round_metrics,
+        rule_row_key,
+        worst_group,
+    )
 
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     guard = session.guard(policy)
-    rows: dict[str, list[Any]] = {
-        rule_scope(r): session.rows(data, _layer(policy, r), rule_scope(r)) for r in policy.rules
-    }
+    rows: dict[tuple[str, int], list[Any]] = {}
+    for r in policy.rules:  # one set of rows per (scope, layer): each rule scores its own layer
+        key = rule_row_key(policy, r)
+        if key not in rows:
+            rows[key] = session.rows(data, key[1], key[0])  # type: ignore[arg-type]
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
+    for field_name in by or []:
+        if field_name not in ("source", "category"):
+            raise ValueError(f"unknown --by {field_name!r}; valid: source, category")
+        groups = data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
+        per = grouped_metrics(scores, data.labels, groups, thr)
+        out[f"by_{field_name}"] = per
+        out[f"worst_{field_name}"] = worst_group(per)
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
@@ -414,6 +432,8 @@ def register(app: typer.Typer) -> None:
         intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
         max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
+        by: Annotated[list[str] | None, typer.Option(help="Also per group: source and/or category (repeatable)")]
+        = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
         from guardrails.cli.main import _run_safely, console, resolve_policy_path
@@ -421,7 +441,8 @@ def register(app: typer.Typer) -> None:
         path = str(resolve_policy_path(policy))
         res = _run_safely(lambda: run_eval(Session(model, progress=not as_json), path, data, rule_id=rule,
                                            baselines=baselines, train_path=train, limit=limit, intervals=intervals,
-                                           max_response_chars=max_response_chars, train_limit=train_limit))
+                                           max_response_chars=max_response_chars, train_limit=train_limit,
+                                           by=by))
         if as_json:
             print(json.dumps(_json_safe(res), ensure_ascii=False))
             return
@@ -436,6 +457,14 @@ def register(app: typer.Typer) -> None:
             t.add_row(name, *(_fmt(m.get(k)) for k in
                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
         console.print(t)
+        for field_name in by or []:
+            g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
+                      title=f"by {field_name} (single-label groups ranked against the other label's rows outside "
+                            f"the group); worst: {res.get(f'worst_{field_name}')}")
+            for name, m in res[f"by_{field_name}"].items():
+                g.add_row(name, str(m["n"]), str(m["positives"]), str(m["negatives"]),
+                          *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
+            console.print(g)
 
 
 def _fmt(v: Any) -> str:

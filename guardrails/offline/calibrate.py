@@ -61,6 +61,8 @@ class LabeledData:
     """0/1 labels, int64."""
     sources: list[str]
     """Per-row ``source`` field (empty when absent)."""
+    categories: list[str] | None = None
+    """Per-row ``category`` field (hazard category; '-' when absent), or None for files without one."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -73,6 +75,7 @@ class LabeledData:
             self.path, h, [self.texts[i] for i in ix],
             [self.responses[i] for i in ix] if self.responses is not None else None,
             self.labels[ix], [self.sources[i] for i in ix],
+            [self.categories[i] for i in ix] if self.categories is not None else None,
         )
 
 
@@ -93,6 +96,7 @@ def load_labeled(
     responses: list[str] = []
     labels: list[int] = []
     sources: list[str] = []
+    categories: list[str] = []
     has_resp: bool | None = None
     for n, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
         if not line.strip():
@@ -121,13 +125,15 @@ def load_labeled(
         responses.append(resp)
         labels.append(int(label))
         sources.append(str(row.get("source", "")))
+        categories.append(str(row["category"]) if row.get("category") is not None else "-")
     if not texts:
         raise CalibrationError(f"{p}: no rows")
     digest = hashlib.sha256(raw).hexdigest()
     if max_response_chars is not None and has_resp:
         digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
     data = LabeledData(str(p), digest, texts, responses if has_resp else None,
-                       np.asarray(labels, dtype=np.int64), sources)
+                       np.asarray(labels, dtype=np.int64), sources,
+                       categories if any(c != "-" for c in categories) else None)
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)
         keep: list[int] = []

@@ -95,15 +95,31 @@ def bootstrap_intervals(
             for k, v in samples.items() if v}
 
 
-def policy_row_scores(guard: Any, rows_by_scope: Mapping[str, list[Any]], rule: str | None = None) -> tuple[
+RowKey = tuple[str, int]
+"""``(scope, layer)``: residual rows are collected once per scope and layer."""
+
+
+def rule_row_key(policy: Any, rule: Any) -> RowKey:
+    """The ``(scope, layer)`` whose residual rows a rule scores, as serving reads them."""
+    from guardrails.core.policy import SAEFeaturesDetector
+    from guardrails.offline.calibrate import rule_scope
+
+    det = rule.detector
+    layer = policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
+    return rule_scope(rule), int(layer)
+
+
+def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule: str | None = None) -> tuple[
     np.ndarray, float, str
 ]:
     """Decision score per row and the threshold it is compared with: one rule's, or the max-margin combination.
 
-    ``rows_by_scope`` maps "input"/"output" to residual rows (see :func:`guardrails.offline.calibrate.residuals`).
+    ``rows_by_key`` maps ``(scope, layer)`` (see :func:`rule_row_key`) to residual rows (see
+    :func:`guardrails.offline.calibrate.residuals`): each rule is scored on the activations of its own
+    layer, as serving scores it, even when two rules of one scope read different layers.
     Returns ``(scores, threshold, what)``.
     """
-    from guardrails.offline.calibrate import rule_scope, text_scores
+    from guardrails.offline.calibrate import text_scores
 
     rules = guard.policy.rules
     if rule is not None:
@@ -113,11 +129,50 @@ def policy_row_scores(guard: Any, rows_by_scope: Mapping[str, list[Any]], rule: 
             raise ValueError(f"no rule {rule!r} in policy {guard.policy.name!r}; valid: {valid}")
     else:
         chosen = list(rules)
+
+    def rows_of(r: Any) -> list[Any]:
+        key = rule_row_key(guard.policy, r)
+        if key not in rows_by_key:
+            raise KeyError(f"no residual rows for rule {r.id!r} at (scope, layer) {key}; have {sorted(rows_by_key)}")
+        return rows_by_key[key]
+
     if len(chosen) == 1:
         r = chosen[0]
-        return text_scores(guard, r.id, rows_by_scope[rule_scope(r)]), float(r.threshold), f"rule {r.id}"
-    margins = np.stack([text_scores(guard, r.id, rows_by_scope[rule_scope(r)]) - r.threshold for r in chosen])
+        return text_scores(guard, r.id, rows_of(r)), float(r.threshold), f"rule {r.id}"
+    margins = np.stack([text_scores(guard, r.id, rows_of(r)) - r.threshold for r in chosen])
     return np.nanmax(margins, axis=0), 0.0, "max over rules of (score - threshold)"
+
+
+def grouped_metrics(
+    scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *,
+    min_rows: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per group (a source or a category). A group of one label is ranked against every row of
+    the other label outside it (its AUROC says how well it separates from the rest of the other side);
+    a mixed group against its own rows. Groups with fewer than ``min_rows`` rows are left out."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
+    g = np.asarray(groups, dtype=object)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(groups)):
+        m = g == name
+        if m.sum() < min_rows:
+            continue
+        labs = set(y[m].tolist())
+        own = metrics(s[m], y[m], threshold)
+        if len(labs) == 1:
+            other = (y != y[m][0]) & ~m
+            idx = m | other
+            vs = metrics(s[idx], y[idx], None)
+            own.update(auroc=vs["auroc"], auprc=vs["auprc"], tpr_at_1pct_fpr=vs["tpr_at_1pct_fpr"],
+                       tpr_at_5pct_fpr=vs["tpr_at_5pct_fpr"], against=f"label-{1 - y[m][0]} rows outside the group")
+        out[name] = round_metrics(own)
+    return out
+
+
+def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") -> str | None:
+    """The group with the lowest ``key`` (groups where it is missing are skipped)."""
+    vals = {k: v.get(key) for k, v in per_group.items() if isinstance(v.get(key), float)}
+    return min(vals, key=lambda k: vals[k]) if vals else None
 
 
 def round_metrics(m: dict[str, Any], digits: int = 4) -> dict[str, Any]:
