@@ -11,7 +11,6 @@ of the newest record elsewhere, and ``verify(head=...)`` fails when that record 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from guardrails.audit.records import canonical_json
+from guardrails.audit.records import canonical_json, chain_hash
 from guardrails.audit.schema import COLUMN_TYPES, COLUMNS, GENESIS, derived_columns
 
 
@@ -49,10 +48,6 @@ class Head(NamedTuple):
     """Its id (the number of records then)."""
     hash: str
     """Its hash."""
-
-
-def chain_hash(prev_hash: str, body: str) -> str:
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
 
 
 def _hex64(x: Any) -> bool:

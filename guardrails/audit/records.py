@@ -31,7 +31,9 @@ def _clean(obj: Any) -> Any:
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_clean(v) for v in obj]
-    if obj is None or isinstance(obj, str | int | bool):
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj)  # a lone surrogate cannot be stored as UTF-8
+    if obj is None or isinstance(obj, int | bool):
         return obj
     return str(obj)
 
@@ -39,6 +41,17 @@ def _clean(obj: Any) -> Any:
 def canonical_json(obj: Any) -> str:
     """The text that is hashed: sorted keys, no whitespace, UTF-8, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def json_line(obj: Any, **kwargs: Any) -> str:
+    """JSON text safe to print to a terminal or write as UTF-8: DEL, C1 controls, bidi controls and lone
+    surrogates escaped as ``\\uXXXX`` (``json`` already escapes C0). Loads back to the same value."""
+    kwargs.setdefault("ensure_ascii", False)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", json.dumps(obj, **kwargs))
 
 
 def chain_hash(prev_hash: str, body: str) -> str:

@@ -43,6 +43,7 @@ from guardrails.audit.records import (
     build_scan_record,
     canonical_json,
     format_time,
+    json_line,
     parse_since,
     sha256_text,
     utc_now,
@@ -394,7 +395,7 @@ class AuditStore:
             with open(out, "w", encoding="utf-8") as fh:
                 return self.export_jsonl(fh)
         for rec in self.iter_records():
-            out.write(json.dumps(rec.to_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+            out.write(json_line(rec.to_dict(), sort_keys=True) + "\n")
             n += 1
         return n
 

@@ -6,13 +6,14 @@ open it read-only and never create it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
+from guardrails.cli.safe import cell, dumps, markup, visible
 
 DEFAULT_DB = "guardrails-audit.db"
 ENV_DB = "GUARDRAILS_AUDIT_DB"
@@ -26,11 +27,19 @@ SinceFilter = Annotated[str | None, typer.Option(
     "--since", help="Only records from then on: YYYY-MM-DD, an ISO date-time, or a duration (12h, 7d)")]
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One unwrapped error line on stderr, then exit (2: bad usage or input)."""
-    from guardrails.cli.main import err_console
+MAX_ID = 2**63 - 1
+"""Largest record id or count SQLite can hold (the bound of ID and --limit)."""
+IdArg = Annotated[int, typer.Argument(metavar="ID", min=1, max=MAX_ID, help="Record id")]
+HeadOpt = Annotated[Path | None, typer.Option(
+    "--head", help="Head file ({id, hash} of the newest record, from 'audit export --head'); catches truncation")]
 
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One unwrapped error line on stderr (user text escaped), then exit (2: bad usage or input)."""
+    from guardrails.cli.main import err_console
+    from guardrails.cli.safe import markup
+
+    err_console.print(f"[bold red]error:[/] {markup(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -71,14 +80,14 @@ def _safe(fn: Any) -> Any:
     from guardrails.audit.store import AuditError
     try:
         return fn()
-    except (AuditError, OSError) as exc:
+    except (AuditError, OSError, ValueError) as exc:
         fail(str(exc))
 
 
 def audit_list(
     db: DbOpt = None, policy: PolicyFilter = None, action: ActionFilter = None, rule: RuleFilter = None,
     since: SinceFilter = None,
-    limit: Annotated[int, typer.Option(min=1, help="Newest records shown at most")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_ID, help="Newest records shown at most")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
     """List audit records, newest first."""
@@ -91,21 +100,32 @@ def audit_list(
     recs = _safe(lambda: store.list(policy=policy, action=action, since=since, limit=limit, rule=rule))
     if as_json:
         for r in recs:
-            sys.stdout.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.write(dumps(r.to_dict()) + "\n")
         return
     t = Table("id", "time (UTC)", "policy", "action", "rules", "kind", "input")
     for r in recs:
         d = r.data
-        rules = ", ".join(sorted({str(x.get("rule")) for x in d.get("decisions") or []}))
-        inp = (d.get("input") or {}).get("text")
-        preview = "(redacted)" if inp is None else inp.replace("\n", " ")[-60:]
-        t.add_row(str(r.id), r.time, r.policy, r.action, rules, str(d.get("kind", "")), preview)
+        if not r.readable:
+            t.add_row(cell(r.id), cell(r.time), "", "", "", "", cell(f"(unreadable: {d['unreadable']})"))
+            continue
+        decisions = [x for x in d.get("decisions") or [] if isinstance(x, dict)]
+        rules = ", ".join(sorted({str(x.get("rule")) for x in decisions}))
+        inp = _field(d, "input").get("text")
+        preview = "(redacted)" if inp is None else str(inp).replace("\n", " ")[-60:]
+        t.add_row(cell(r.id), cell(r.time), cell(r.policy), cell(r.action), cell(rules), cell(d.get("kind", "")),
+                  cell(preview))
     console.print(t)
-    console.print(f"{len(recs)} record(s) shown from {db_path(db)}", highlight=False, soft_wrap=True)
+    console.print(f"{len(recs)} record(s) shown from {visible(db_path(db))}", highlight=False, soft_wrap=True,
+                  markup=False)
+
+
+def _field(d: dict[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key)
+    return v if isinstance(v, dict) else {}
 
 
 def audit_show(
-    record_id: Annotated[int, typer.Argument(metavar="ID", help="Record id")],
+    record_id: IdArg,
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON")] = False,
 ) -> None:
@@ -117,36 +137,56 @@ def audit_show(
     store = _open(db)
     rec = _get(store, record_id)
     if as_json:
-        sys.stdout.write(json.dumps(rec.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(dumps(rec.to_dict(), indent=2) + "\n")
         return
     d = rec.data
-    pol = d.get("policy") or {}
+    if not rec.readable:
+        fail(f"record {rec.id} is unreadable: {d['unreadable']}", code=1)
+    pol = _field(d, "policy")
+    saes = _field(d, "saes")
     lines = [
         f"record {rec.id}  {rec.time}  action={rec.action}  kind={d.get('kind')}",
         f"policy {pol.get('name')} v{pol.get('version')} (sha256 {pol.get('digest')})",
         f"model {d.get('model')}",
-        *(f"sae {k}: {v.get('repr')}" for k, v in (d.get("saes") or {}).items()),
+        *(f"sae {k}: {v.get('repr') if isinstance(v, dict) else v}" for k, v in saes.items()),
         f"hash {rec.hash}  prev {rec.prev_hash}",
     ]
     for line in lines:
-        console.print(line, highlight=False, markup=False)
-    for label, field in (("input", d.get("input") or {}), ("output", d.get("output") or {})):
+        console.print(visible(line), highlight=False, markup=False)
+    for label, field in (("input", _field(d, "input")), ("output", _field(d, "output"))):
         text = field.get("text")
         shown = text if text is not None else f"(redacted; sha256 {field.get('sha256')})"
         console.print(f"\n[bold]{label}[/]")
-        console.print(shown, highlight=False, markup=False)
+        console.print(visible(shown, keep_newlines=True), highlight=False, markup=False)
     t = Table("action", "rule", "scope", "pos", "token", "score", "threshold", "top features")
     for x in d.get("decisions") or []:
-        feats = ", ".join(f"{int(f[0])}:{float(f[1]):.2f}" for f in (x.get("top_features") or [])[:5])
+        if not isinstance(x, dict):
+            continue
+        feats = ", ".join(_feature(f) for f in (x.get("top_features") or [])[:5])
         score = x.get("score")
-        t.add_row(str(x.get("action")), str(x.get("rule")), str(x.get("scope")), str(x.get("position")),
-                  repr(x.get("token")), "nan" if score is None else f"{score:.3f}", f"{x.get('threshold')}", feats)
+        t.add_row(cell(x.get("action")), cell(x.get("rule")), cell(x.get("scope")), cell(x.get("position")),
+                  cell(repr(x.get("token"))), cell(_num(score)), cell(_num(x.get("threshold"))), cell(feats))
     console.print(t)
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "nan"
+    return f"{x:.3f}" if isinstance(x, float | int) and not isinstance(x, bool) else str(x)
+
+
+def _feature(f: Any) -> str:
+    try:
+        return f"{int(f[0])}:{float(f[1]):.2f}"
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return str(f)
 
 
 def audit_export(
     db: DbOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="JSONL file to write; default: standard output")] = None,
+    head: Annotated[Path | None, typer.Option(
+        "--head", help="Also write the head ({id, hash} of the newest record) to this file")] = None,
 ) -> None:
     """Export every record, in order, as JSON lines (with hashes, so the export can be verified)."""
     from guardrails.cli.main import err_console
@@ -154,28 +194,53 @@ def audit_export(
     store = _open(db)
     if out is None:
         _safe(lambda: store.export_jsonl(sys.stdout))
+        if head is not None:
+            _write_head(store, head)
         return
     n = _safe(lambda: store.export_jsonl(out))
-    err_console.print(f"{n} record(s) written to {out}", highlight=False, soft_wrap=True)
+    err_console.print(f"{n} record(s) written to {markup(out)}", highlight=False, soft_wrap=True)
+    if head is not None:
+        _write_head(store, head)
 
 
-def audit_verify(db: DbOpt = None) -> None:
-    """Recompute the hash chain; exit 1 and name the first bad record when it was tampered with."""
+def _write_head(store: Any, head: Path) -> None:
+    from guardrails.cli.main import err_console
+
+    h = _safe(lambda: store.write_head(head))
+    if h is None:
+        fail(f"{markup(db_path(None) if store is None else store.path)} is empty: no head to write")
+    err_console.print(f"head (record {h.id}, hash {h.hash}) written to {markup(head)}", highlight=False,
+                      soft_wrap=True)
+
+
+def audit_verify(
+    db: DbOpt = None,
+    head: HeadOpt = None,
+    save_head: Annotated[Path | None, typer.Option(
+        "--save-head", help="After a successful check, write the head to this file (for the next --head)")] = None,
+) -> None:
+    """Recompute the hash chain over every column; exit 1 and name the first bad record when tampered."""
     from guardrails.cli.main import console, err_console
 
     store = _open(db)
-    res = _safe(store.verify)
+    res = _safe(lambda: store.verify(head=head))
+    where = markup(db_path(db))
     if res.ok:
-        console.print(f"[green]ok[/] {res.checked} record(s) verified in {db_path(db)}; head hash {res.head}",
+        checked = f"; head file {markup(head)} matches" if head is not None else ""
+        console.print(f"[green]ok[/] {res.checked} record(s) verified in {where}; head hash {res.head}{checked}",
                       highlight=False, soft_wrap=True)
+        if save_head is not None:
+            _write_head(store, save_head)
         return
-    err_console.print(f"[bold red]TAMPERED[/] {db_path(db)}: record {res.first_bad}: {res.reason} "
-                      f"({res.checked - 1} record(s) before it verified)", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]TAMPERED[/] {where}: record {res.first_bad}: {markup(res.reason)} "
+                      f"({max(0, (res.first_bad or 1) - 1)} record(s) before it verified)", highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(1)
 
 
 def report(
-    record_id: Annotated[int | None, typer.Argument(metavar="[ID]", help="Record id (omit with --summary)")] = None,
+    record_id: Annotated[int | None, typer.Argument(
+        metavar="[ID]", min=1, max=MAX_ID, help="Record id (omit with --summary)")] = None,
     db: DbOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="HTML file (default: report-ID.html, summary.html)")] = None,
     summary: Annotated[bool, typer.Option("--summary", help="A summary page over the (filtered) records")] = False,
@@ -206,7 +271,7 @@ def report(
         target.write_text(page, encoding="utf-8")
     except OSError as exc:
         fail(f"cannot write {target}: {exc}")
-    console.print(f"{what} -> {target}", highlight=False, soft_wrap=True)
+    console.print(f"{what} -> {visible(target)}", highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from guardrails.cli.safe import cell, dumps, markup, visible
+
 app = typer.Typer(
     name="guardrails",
     help="Safety guardrails for LLMs built on SAE features (sae-guardrails).",
@@ -45,7 +47,7 @@ def resolve_policy_path(policy: str | None) -> Path:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {markup(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -96,28 +98,28 @@ def generate(
     if stream and not as_json:
         s = guard.stream(prompt, max_new_tokens=max_new_tokens)
         for piece in s:
-            console.print(piece, end="", highlight=False, markup=False)
+            console.print(visible(piece, keep_newlines=True), end="", highlight=False, markup=False)
         console.print()
         result = s.result
     else:
         result = _run_safely(lambda: guard.generate(prompt, max_new_tokens=max_new_tokens))
     if as_json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        print(dumps(result.to_dict()))
         return
     if not stream:
-        console.print(result.text, highlight=False, markup=False)
+        console.print(visible(result.text, keep_newlines=True), highlight=False, markup=False)
     _print_decisions(result)
 
 
 def _print_decisions(result: Any) -> None:
     status = "[red]BLOCKED[/]" if result.blocked else "[yellow]STEERED[/]" if result.steered else "[green]allowed[/]"
-    console.print(f"\n{status}  policy={result.policy}  decisions={len(result.decisions)}")
+    console.print(f"\n{status}  policy={markup(result.policy)}  decisions={len(result.decisions)}")
     if result.decisions:
         t = Table("action", "rule", "scope", "pos", "token", "score", "threshold", "top features")
         for d in result.decisions:
             feats = ", ".join(f"{i}:{v:.1f}" for i, v in d.top_features[:3])
-            t.add_row(d.action, d.rule, d.scope, str(d.position), repr(d.token), f"{d.score:.2f}", f"{d.threshold:.2f}",
-                      feats)
+            t.add_row(d.action, cell(d.rule), d.scope, str(d.position), cell(repr(d.token)), f"{d.score:.2f}",
+                      f"{d.threshold:.2f}", feats)
         console.print(t)
 
 
@@ -151,11 +153,11 @@ def features(
         lambda: top_features_per_token(prompt, sae=sae, layer=layer, k=k, model=model, top=top, chat=chat)
     )
     if as_json:
-        print(json.dumps(rows, ensure_ascii=False))
+        print(dumps(rows))
         return
     t = Table("pos", "token", f"top {top} features (id:activation)")
     for r in rows:
-        t.add_row(str(r["position"]), repr(r["token"]), "  ".join(f"{i}:{v:.1f}" for i, v in r["features"]))
+        t.add_row(str(r["position"]), cell(repr(r["token"])), "  ".join(f"{i}:{v:.1f}" for i, v in r["features"]))
     console.print(t)
 
 
@@ -173,10 +175,11 @@ def validate(
             pol = Policy.from_path(f)
             if deep:
                 _run_safely(lambda pol=pol: _deep_check(pol))
-            console.print(f"[green]ok[/] {f}: policy {pol.name!r}, {len(pol.rules)} rules, layers {pol.layers()}")
+            console.print(f"[green]ok[/] {markup(f)}: policy {markup(repr(pol.name))}, {len(pol.rules)} rules, "
+                          f"layers {pol.layers()}")
         except PolicyError as exc:
             bad += 1
-            err_console.print(f"[red]invalid[/] {exc}", highlight=False)
+            err_console.print(f"[red]invalid[/] {markup(exc)}", highlight=False)
     raise typer.Exit(1 if bad else 0)
 
 
