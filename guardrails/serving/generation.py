@@ -9,24 +9,39 @@ at the deepest watched layer. With no rule firing, the output equals ``model.gen
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from guardrails.core.decision import TextScore
-from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector
+from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
+from guardrails.core.policy import Policy
+from guardrails.core.semantics import ROLE_CODES, ROLES, refusal_for
+from guardrails.engine.compile import CompiledPolicy, compile_policy
 from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer
 from guardrails.engine.run import Decision, GuardRun, StepContext
 from guardrails.engine.scorers import LayerScorer
-from guardrails.sae.model import SAE, SAEError
+from guardrails.sae.model import SAE
 from guardrails.serving import decode
-from guardrails.serving.prompts import Message, PromptLike, check_generation_args, check_messages, check_text, is_batch
+from guardrails.serving.prescan import apply_prescan, prescan  # issue 16
+from guardrails.serving.prompts import (
+    GenerationArgs,
+    Message,
+    PromptLike,
+    check_messages,
+    check_prompts,
+    check_text,
+    generation_args,
+    is_batch,
+)
 from guardrails.serving.result import GenerationResult
+from guardrails.serving.roles import Span, role_spans, token_roles
 from guardrails.serving.stream import GuardedStream
 
 logger = logging.getLogger(__name__)
@@ -52,7 +67,7 @@ class GuardedModel:
         self,
         model: Any,
         tokenizer: Any,
-        policy: Policy | str | os.PathLike[str],
+        policy: Policy | CompiledPolicy | str | os.PathLike[str],
         *,
         saes: dict[str, SAE] | None = None,
         score_mode: str | None = None,
@@ -62,10 +77,13 @@ class GuardedModel:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.policy = policy if isinstance(policy, Policy) else Policy.from_path(policy)
-        self.score_mode = score_mode or self.policy.score_mode
-        if self.score_mode not in ("exact", "watched"):
-            raise ValueError(f"unknown score_mode {self.score_mode!r}; valid: exact, watched")
+        self.compiled: CompiledPolicy
+        if isinstance(policy, CompiledPolicy):
+            if saes is not None or (score_mode is not None and score_mode != policy.score_mode):
+                raise ValueError("saes= and score_mode= belong to compile_policy(); this policy is already compiled")
+            self.compiled = policy
+        else:
+            self.compiled = compile_policy(policy, model, saes, score_mode, keep_full_saes=keep_full_saes)
         self.chat = chat
         if isinstance(audit, str | os.PathLike):
             from guardrails.audit.store import AuditStore
@@ -75,35 +93,9 @@ class GuardedModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         layers = decoder_layers(model)
-        self.n_layers = len(layers)
-        hidden = int(getattr(model.config, "hidden_size", 0) or model.config.get_text_config().hidden_size)
-        self.saes = self._load_saes(saes or {}, hidden)
-        self.policy.check_against(self.n_layers, {k: s.d_sae for k, s in self.saes.items()})
-        linear = self._load_linear(hidden)
-        by_layer: dict[int, list[Any]] = {}
-        for i, rule in enumerate(self.policy.rules):
-            det = rule.detector
-            layer = det.layer if isinstance(det, LinearDetector) else self.policy.saes[det.sae].layer
-            by_layer.setdefault(layer, []).append((i, rule))
-        self.scorers: dict[int, LayerScorer] = {}
-        for layer, rules in by_layer.items():
-            scorer = LayerScorer(layer, rules, self.policy, self.saes, linear, self.score_mode)
-            if scorer.sae is None:
-                here = [s for s, spec in self.policy.saes.items() if spec.layer == layer and s in self.saes]
-                scorer.audit_sae = self.saes[here[0]] if here else None
-            dev = next(layers[layer].parameters()).device
-            self.scorers[layer] = scorer.to(dev)
-        self.sae_configs = {sid: sae.cfg for sid, sae in self.saes.items()}
-        """Config of each SAE the policy uses (kept when watched mode drops the weights)."""
-        if self.score_mode == "watched" and not keep_full_saes:
-            # only the watched encoder rows (and steering directions) stay in memory: a few KB instead of
-            # the whole layer (2 GB for a Qwen3-8B W64K SAE); audits then list watched features only
-            for scorer in self.scorers.values():
-                scorer.release_full_sae()
-            kept = {id(sc.audit_sae) for sc in self.scorers.values()}
-            self.saes = {sid: s for sid, s in self.saes.items() if id(s) in kept}
-        self.deepest = max(self.scorers)
         self._blocks = {layer: layers[layer] for layer in self.scorers}
+        self._spans: dict[str, list[Span]] = {}
+        """Role spans of recently formatted prompts, by prompt text (bounded; see :meth:`format_prompt`)."""
         self._lock = _model_lock(model)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0), max(special, default=0) + 1)
@@ -118,6 +110,49 @@ class GuardedModel:
 
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- the compiled policy ------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        """The policy this guard applies."""
+        return self.compiled.policy
+
+    @property
+    def score_mode(self) -> str:
+        return self.compiled.score_mode
+
+    @property
+    def scorers(self) -> dict[int, LayerScorer]:
+        return self.compiled.scorers
+
+    @property
+    def saes(self) -> dict[str, SAE]:
+        return self.compiled.saes
+
+    @property
+    def sae_configs(self) -> dict[str, Any]:
+        """Config of each SAE the policy uses (kept when watched mode drops the weights)."""
+        return self.compiled.sae_configs
+
+    @property
+    def n_layers(self) -> int:
+        return self.compiled.n_layers
+
+    @property
+    def deepest(self) -> int:
+        return self.compiled.deepest
+
+    def scoped(self, mode: Literal["input", "output"]) -> GuardedModel:
+        """This guard with only its ``mode`` rules (``both`` rules rescoped), sharing model, tokenizer and tensors."""
+        other = copy.copy(self)
+        other.compiled = self.compiled.scoped(mode)
+        other._blocks = {layer: self._blocks[layer] for layer in other.scorers}
+        return other
+
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+        return (f"GuardedModel(policy={self.policy.name!r}, model={name!r}, rules={len(self.policy.rules)}, "
+                f"layers={sorted(self.scorers)}, score_mode={self.score_mode!r})")
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -143,50 +178,6 @@ class GuardedModel:
         lm, tok = load_model(model or pol.model, dtype=dtype, device=device, **kwargs)
         return cls(lm, tok, pol, score_mode=score_mode, audit=audit)
 
-    def _load_saes(self, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:
-        used = {r.detector.sae for r in self.policy.rules if isinstance(r.detector, SAEFeaturesDetector)}
-        rule_layers = set(self.policy.layers())
-        # an SAE declared at a layer where only linear rules read still explains their decisions
-        used |= {sid for sid, spec in self.policy.saes.items() if spec.layer in rule_layers}
-        out: dict[str, SAE] = {}
-        for sid in sorted(used):
-            spec = self.policy.saes[sid]
-            sae = given.get(sid) or SAE.load(
-                self.policy.resolve(spec.path), layer=spec.layer, k=spec.k, format=spec.format, dtype=spec.dtype
-            )
-            if sae.device.type == "meta" or any(t.is_meta for t in sae.tensors().values()):
-                raise SAEError(f"SAE {sid!r} ({spec.path}) has no data (meta device); load it onto a real device")
-            if sae.d_model != hidden:
-                raise SAEError(
-                    f"SAE {sid!r} ({spec.path}) reads d_model={sae.d_model} but the model's hidden size is {hidden}"
-                )
-            if sae.cfg.layer is not None and sae.cfg.layer != spec.layer:
-                logger.warning(
-                    "SAE %r was trained at layer %s but the policy reads layer %s", sid, sae.cfg.layer, spec.layer
-                )
-            out[sid] = sae
-        return out
-
-    def _load_linear(self, hidden: int) -> dict[str, tuple[Tensor, Tensor]]:
-        from safetensors.torch import load_file
-
-        out = {}
-        for i, rule in enumerate(self.policy.rules):
-            det = rule.detector
-            if not isinstance(det, LinearDetector):
-                continue
-            path = self.policy.resolve(det.weights)
-            try:
-                t = load_file(path)
-            except Exception as exc:
-                raise PolicyError(f"rules[{i}].detector.weights: cannot read {path!r}: {exc}") from exc
-            w = t.get("weight")
-            if w is None or tuple(w.shape) != (hidden,):
-                shape = None if w is None else tuple(w.shape)
-                raise PolicyError(f"rules[{i}].detector.weights: 'weight' must have shape ({hidden},), got {shape}")
-            out[rule.id] = (w.float(), t.get("bias", torch.zeros(())).float())
-        return out
-
     # -- prompts --------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
         """The prompt text the model sees: chat messages (or a string, as one user turn) via the template."""
@@ -197,11 +188,22 @@ class GuardedModel:
             messages: list[Message] = [{"role": "user", "content": prompt}]
         else:
             messages = check_messages(prompt)
-        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        if len(self._spans) >= 1024:
+            self._spans.pop(next(iter(self._spans)), None)
+        self._spans[text] = role_spans(self.tokenizer, messages, text)
+        return text
 
     # -- the loop -------------------------------------------------------------------------------------
-    def _new_run(self, prompt_lengths: list[int]) -> GuardRun:
-        return GuardRun(self.policy, self.scorers, len(prompt_lengths), prompt_lengths)
+    def _new_run(self, prompt_lengths: list[int], prompts: list[str] | None = None) -> GuardRun:
+        run = self.compiled.new_run(prompt_lengths)
+        if prompts is not None:
+            run.prompt_roles = [self.prompt_roles(p) for p in prompts]
+        return run
+
+    def prompt_roles(self, prompt_text: str) -> list[int]:
+        """Role code of each token of a formatted prompt (``ROLE_CODES``; all user for a raw string)."""
+        return token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
 
     def _hooks(self, run: GuardRun) -> dict[int, Any]:
         return {layer: run.on_layer for layer in self.scorers}
@@ -212,7 +214,8 @@ class GuardedModel:
         special = self._special_lut[ids.clamp(0, len(self._special_lut) - 1)]
         return mask.bool() & ~special & (positions > 0)
     def _steps(
-        self, prompts: list[str], max_new_tokens: int, sampling: dict[str, Any], use_cache: bool = True
+        self, prompts: list[str], max_new_tokens: int | None, sampling: GenerationArgs | dict[str, Any],
+        use_cache: bool = True,
     ) -> Generator[tuple[GuardRun, list[list[int]], bool], None, None]:
         """Yield ``(run, released ids per sequence, done)`` after each step (see :func:`.decode.steps`)."""
         return decode.steps(self, prompts, max_new_tokens, sampling, use_cache)
@@ -225,30 +228,41 @@ class GuardedModel:
         self,
         prompt: PromptLike | Sequence[PromptLike],
         *,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
         chat: bool | None = None,
         use_cache: bool = True,
+        **kwargs: Any,
     ) -> GenerationResult | list[GenerationResult]:
-        """Generate under the policy. A list of prompts is a batch (guarded per sequence)."""
+        """Generate under the policy. A list of prompts is a batch (guarded per sequence).
+
+        Takes ``model.generate``'s vocabulary: ``generation_config``, any ``GenerationConfig`` field
+        (``max_new_tokens`` (default 64), ``do_sample``, ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``stop_strings``,
+        ``eos_token_id``, ...), ``logits_processor``, ``stopping_criteria``, ``streamer``, plus ``seed``.
+        With no rule firing, the output equals ``model.generate`` with the same arguments.
+        """
         batch = is_batch(prompt)
         items: list[Any] = list(prompt) if batch else [prompt]
         prompts = [self.format_prompt(p, chat) for p in items]
-        check_generation_args(prompts, max_new_tokens, temperature, top_p, top_k)
-        sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+        check_prompts(prompts)
+        args = self.generation_args(kwargs, batch_size=len(prompts))
         last: tuple[GuardRun, list[list[int]], bool] | None = None
         with torch.inference_mode():
-            for last in self._steps(prompts, max_new_tokens, sampling, use_cache=use_cache):  # noqa: B007
+            for last in self._steps(prompts, None, args, use_cache=use_cache):  # noqa: B007
                 pass
         assert last is not None
         run, released, _ = last
         results = [self._result(run, b, prompts[b], released[b]) for b in range(len(prompts))]
+        # -- issue 16 normalisation (guardrails/serving/prescan.py): the model generated from the original
+        #    prompt; the normalized/decoded prompt is scored on the side (a no-op when nothing changes) --
+        results = apply_prescan(self, prescan(self, items, chat), results)
+        # -- end issue 16 --
         results = [self._audit(r) for r in results]
         return results if batch else results[0]
+
+    def generation_args(self, kwargs: dict[str, Any], batch_size: int = 1) -> GenerationArgs:
+        """The checked settings of one call (shared by ``generate`` and ``stream``; see :func:`.generation_args`)."""
+        return generation_args(self.model, self.tokenizer, kwargs, batch_size=batch_size,
+                               default_eos=self._eos.tolist())
 
     def _audit(self, result: GenerationResult) -> GenerationResult:
         """Write the audit record of a result with decisions; if that fails, apply on_error."""
@@ -277,7 +291,7 @@ class GuardedModel:
     @torch.inference_mode()
     def score(
         self,
-        texts: Sequence[str] | str,
+        texts: Sequence[PromptLike] | PromptLike,
         *,
         responses: Sequence[str | None] | None = None,
         chat: bool | None = None,
@@ -285,45 +299,61 @@ class GuardedModel:
     ) -> list[TextScore]:
         """Scan texts with one prefill pass each (stopped at the deepest watched layer), no generation.
 
-        A text alone is scored as a prompt (input rules; wrapped in the chat template unless
-        ``chat=False``). With ``responses``, each response is appended as the assistant turn and its
-        tokens are scored by output rules.
+        A text (or a conversation: a list of ``{"role", "content"}`` messages) is scored as a prompt:
+        input rules read the turns the policy's ``input_roles`` name (wrapped in the chat template
+        unless ``chat=False``). With ``responses``, each response is appended as the assistant turn and
+        its tokens are scored by output rules. The decisions are those generation would take at these
+        tokens (``block_above`` included); a scan does not steer, so rules deeper than a firing steer
+        rule read unsteered activations here.
         """
-        items = [texts] if isinstance(texts, str) else list(texts)
+        items: list[Any] = [texts] if not is_batch(texts) else list(texts)
         resp: list[str | None] = list(responses) if responses is not None else [None] * len(items)
         if len(resp) != len(items):
             raise ValueError(f"responses has {len(resp)} items but texts has {len(items)}")
+        # -- issue 16 normalisation (guardrails/core/normalize.py): score the normalized texts, and each decoded
+        #    base64/hex/percent/tags segment as one more text whose decisions count for its origin --
+        plan = plan_scan(items, resp, self.policy.normalize)
+        items, resp = plan.items, plan.responses
+        # -- end issue 16 --
         out: list[TextScore] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             rchunk = resp[start : start + batch_size]
             out += self._score_batch(chunk, rchunk, chat, offset=start)
-        return out
+        return merge_scan(plan, out)  # issue 16: the first len(texts) scores, decoded decisions merged
 
     def _score_batch(
-        self, texts: list[str], responses: list[str | None], chat: bool | None, offset: int = 0
+        self, texts: list[PromptLike], responses: list[str | None], chat: bool | None, offset: int = 0
     ) -> list[TextScore]:
         tok = self.tokenizer
         rows: list[list[int]] = []
         n_prompt: list[int] = []
+        role_rows: list[list[int]] = []
         for text, response in zip(texts, responses, strict=True):
-            check_text(text, f"texts[{len(rows) + offset}]")
+            if isinstance(text, str):
+                check_text(text, f"texts[{len(rows) + offset}]")
             if response is not None and response:
                 check_text(response, f"responses[{len(rows) + offset}]")
-            p_ids = tok(self.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
+            formatted = self.format_prompt(text, chat)
+            p_ids = tok(formatted, add_special_tokens=False)["input_ids"]
             if not p_ids:
                 raise ValueError(f"texts[{len(rows) + offset}] produced no tokens")
             r_ids = tok(response, add_special_tokens=False)["input_ids"] if response else []
             rows.append(list(p_ids) + list(r_ids))
             n_prompt.append(len(p_ids))
+            p_roles = self.prompt_roles(formatted)
+            if len(p_roles) != len(p_ids):  # tokenizers that differ with offsets: fall back to user turns
+                p_roles = [ROLE_CODES["user"]] * len(p_ids)
+            role_rows.append(p_roles + [ROLE_CODES["assistant"]] * len(r_ids))
         width = max(len(r) for r in rows)
         pad = int(tok.pad_token_id)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
         is_output = positions >= torch.tensor(n_prompt)[:, None]
-        run = GuardRun(self.policy, self.scorers, len(rows), n_prompt, steer=False)
-        run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool())
+        roles = torch.tensor([[-1] * (width - len(r)) + r for r in role_rows])
+        run = self.compiled.new_run(n_prompt, steer=False)
+        run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool(), roles=roles)
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         with self._lock, output_hooks(self.model, self._hooks(run)), stop_after_layer(self.model, self.deepest):
             try:
@@ -337,13 +367,18 @@ class GuardedModel:
         for b, row in enumerate(rows):
             ts = run.token_scores(b)
             scores = {rid: (max(v.values()) if v else float("nan")) for rid, v in ts.items()}
-            decisions = [Decision(**{**d.__dict__, "sequence": offset + b}) for d in run.decisions if d.sequence == b]
-            results.append(TextScore(scores, ts, decisions, tok.convert_ids_to_tokens(row)))
+            decisions = [
+                Decision(**{**d.__dict__, "sequence": offset + b,
+                            "token": str(tok.decode([row[d.position]])) if 0 <= d.position < len(row) else None})
+                for d in sorted((d for d in run.decisions if d.sequence == b), key=lambda d: d.position)
+            ]
+            names = [ROLES[c] if 0 <= c < len(ROLES) else None for c in role_rows[b]]
+            results.append(TextScore(scores, ts, decisions, tok.convert_ids_to_tokens(row), list(run.errors), names))
         return results
 
     def _result(self, run: GuardRun, b: int, prompt: str, released: list[int]) -> GenerationResult:
         tok = self.tokenizer
-        decisions = [d for d in run.decisions if d.sequence == b]
+        decisions = sorted((d for d in run.decisions if d.sequence == b), key=lambda d: d.position)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         blocked = run.blocked_at[b] is not None
         shown = tok.decode(released, skip_special_tokens=True)
@@ -358,8 +393,7 @@ class GuardedModel:
             return str(tok.decode([all_ids[pos]])) if 0 <= pos < len(all_ids) else None
 
         decisions = [Decision(**{**d.__dict__, "token": token_text(d.position)}) for d in decisions]
-        rule = next((r for r in self.policy.rules if r.id == run.block_rule[b]), None)
-        refusal = (rule.message if rule and rule.message else None) or self.policy.refusal
+        refusal = refusal_for(self.policy, run.block_rule[b])
         return GenerationResult(
             text=refusal if blocked else shown,
             blocked=blocked,

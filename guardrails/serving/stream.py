@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from guardrails.engine.run import GuardRun
-from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch
+from guardrails.serving.prompts import GenerationArgs, PromptLike, check_prompts, is_batch
 from guardrails.serving.result import GenerationResult
 
 if TYPE_CHECKING:
@@ -24,14 +24,13 @@ class GuardedStream:
         self.guard = guard
         self.result: GenerationResult | None = None
         self._prompt = guard.format_prompt(prompt, kwargs.pop("chat", None))
-        max_new = int(kwargs.pop("max_new_tokens", 64))
-        check_generation_args([self._prompt], max_new, kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0),
-                               kwargs.get("top_k", 0))
-        sampling = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, **kwargs}
+        use_cache = bool(kwargs.pop("use_cache", True))
+        check_prompts([self._prompt])
+        args = guard.generation_args(kwargs)  # the same check as generate()
         check = getattr(guard.audit, "check_writable", None)
         if check is not None:
             check()  # a stream shows text before the record is written: fail before, not after
-        self._it = self._pieces(max_new, sampling)
+        self._it = self._pieces(args, use_cache)
 
     def __iter__(self) -> Iterator[str]:
         return self._it
@@ -49,12 +48,12 @@ class GuardedStream:
     def __next__(self) -> str:
         return next(self._it)
 
-    def _pieces(self, max_new: int, sampling: dict[str, Any]) -> Iterator[str]:
+    def _pieces(self, args: GenerationArgs, use_cache: bool) -> Iterator[str]:
         tok = self.guard.tokenizer
         sent = ""
         run: GuardRun | None = None
         released: list[list[int]] = [[]]
-        steps = self.guard._steps([self._prompt], max_new, sampling)
+        steps = self.guard._steps([self._prompt], None, args, use_cache=use_cache)
         try:
             while True:
                 with torch.inference_mode():
@@ -72,5 +71,7 @@ class GuardedStream:
             steps.close()  # removes the hooks even if the caller stops early
         assert run is not None
         self.result = self.guard._audit(self.guard._result(run, 0, self._prompt, released[0]))
+        if not self.result.blocked and len(self.result.text) > len(sent) and self.result.text.startswith(sent):
+            yield self.result.text[len(sent) :]  # a tail held back as an incomplete UTF-8 sequence
         if self.result.blocked:
             yield ("\n" if sent else "") + self.result.text
