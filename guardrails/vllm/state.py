@@ -1,0 +1,251 @@
+"""Per-request guard state inside a vLLM worker (torch only: no vLLM import here).
+
+vLLM runs every request of a step in one flat ``[tokens_in_step, hidden]`` tensor, prefill chunks and
+decode tokens mixed, and the order of requests changes between steps. :class:`GuardState` is told the
+layout of each step (:meth:`GuardState.begin_step`: request ids in row order, rows per request, the
+absolute position and token id of each row) and then scores each request's rows at every watched layer
+with that request's own :class:`~guardrails.engine.run.GuardRun` (batch 1, fed ``[1, n_rows, hidden]``),
+so windows and latches carry across steps and chunks exactly as in :class:`~guardrails.serving.generation.GuardedModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from guardrails.core.policy import Policy
+from guardrails.engine.run import GuardRun, StepContext
+
+logger = logging.getLogger(__name__)
+
+EXTRA_ARGS_KEY = "guardrails"
+"""Key of the guard's settings in ``SamplingParams.extra_args``: ``{"policy": name, "key": id, ...}``."""
+
+MAX_FINISHED = 4096
+"""Results of finished requests kept for reading back (oldest dropped first)."""
+
+
+class GuardSetupError(RuntimeError):
+    """The guard cannot run inside this vLLM engine (eager mode off, wrong model runner, mismatch...)."""
+
+
+@dataclass
+class CompiledGuard:
+    """One policy ready to score: the compiled policy and the deepest layer it reads."""
+
+    compiled: Any
+    """A :class:`~guardrails.engine.compile.CompiledPolicy` (its scorers sit on the model's device)."""
+
+    @property
+    def policy(self) -> Policy:
+        return self.compiled.policy  # type: ignore[no-any-return,unused-ignore]
+
+    @property
+    def scorers(self) -> dict[int, Any]:
+        return self.compiled.scorers  # type: ignore[no-any-return,unused-ignore]
+
+    @property
+    def deepest(self) -> int:
+        return int(self.compiled.deepest)
+
+
+def compile_guard(policy: Policy, model: Any) -> CompiledGuard:
+    """Compile ``policy`` against the served (vLLM) model with ``guardrails.engine.compile.compile_policy``."""
+    from guardrails.engine.compile import compile_policy
+
+    return CompiledGuard(compile_policy(policy, model))
+
+
+@dataclass
+class RequestGuard:
+    """The guard state of one request across all its steps."""
+
+    key: str
+    policy: str
+    run: GuardRun
+    prompt_length: int
+    tokens: dict[int, int] = field(default_factory=dict)
+    """Token id at each position seen by the hook (prompt and output)."""
+    capture: dict[int, list[Tensor]] | None = None
+    """Self-check only: the residual rows seen at each watched layer."""
+
+    @property
+    def blocked(self) -> bool:
+        return self.run.blocked_at[0] is not None
+
+    def result(self) -> dict[str, Any]:
+        """What the caller reads back: plain data (crosses process boundaries)."""
+        run = self.run
+        blocked_at = run.blocked_at[0]
+        return {
+            "key": self.key,
+            "policy": self.policy,
+            "prompt_length": self.prompt_length,
+            "blocked_at": blocked_at,
+            "block_rule": run.block_rule[0],
+            "steered": run.steered(0),
+            "decisions": [dict(d.__dict__) for d in run.decisions],
+            "token_scores": run.token_scores(0),
+            "token_features": run.token_features(0),
+            "errors": list(run.errors),
+            "tripping_token": self.tokens.get(blocked_at) if blocked_at is not None else None,
+            "capture": {k: torch.cat(v).tolist() for k, v in self.capture.items()} if self.capture else None,
+        }
+
+
+@dataclass
+class _Segment:
+    guard: RequestGuard
+    batch_index: int
+    start: int
+    end: int
+    ctx: StepContext
+
+
+RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int]]
+"""``info(req_id) -> (the request's guard settings from extra_args or None, prompt length)``."""
+
+
+class GuardState:
+    """All guarded requests of one worker, and the layout of the step being run."""
+
+    def __init__(
+        self,
+        guards: dict[str, CompiledGuard],
+        special_ids: list[int],
+        *,
+        default_policy: str | None = None,
+        record_trace: bool = True,
+    ) -> None:
+        if not guards:
+            raise GuardSetupError("no policy given to the vLLM guard")
+        if default_policy is not None and default_policy not in guards:
+            raise GuardSetupError(f"default policy {default_policy!r} not loaded; loaded: {', '.join(guards)}")
+        self.guards = guards
+        self.default_policy = default_policy
+        self.record_trace = record_trace
+        lut = torch.zeros(max(special_ids, default=0) + 1, dtype=torch.bool)
+        if special_ids:
+            lut[torch.tensor(sorted(set(special_ids)))] = True
+        self._special = lut
+        self.layers = sorted({layer for g in guards.values() for layer in g.scorers})
+        self.requests: OrderedDict[str, RequestGuard] = OrderedDict()
+        self.segments: list[_Segment] = []
+        self.blocked_rows: list[int] = []
+        """Batch indices (logits rows) of requests blocked so far that must end this step."""
+        self.hook_calls = 0
+        self.steps = 0
+
+    # -- per step ---------------------------------------------------------------------------------------
+    def begin_step(
+        self, req_ids: list[str], row_counts: list[int], positions: Tensor, token_ids: Tensor, info: RequestInfo
+    ) -> None:
+        """Lay out the step: which rows belong to which guarded request, their positions and masks."""
+        self.steps += 1
+        self.segments = []
+        self.blocked_rows = []
+        pos_cpu = positions.detach().to("cpu", torch.long)
+        ids_cpu = token_ids.detach().to("cpu", torch.long)
+        start = 0
+        for i, (rid, n) in enumerate(zip(req_ids, row_counts, strict=True)):
+            end = start + n
+            if n <= 0:
+                continue
+            guard = self._guard_of(rid, info)
+            if guard is not None:
+                if guard.blocked:
+                    self.blocked_rows.append(i)
+                else:
+                    p = pos_cpu[start:end][None]
+                    t = ids_cpu[start:end]
+                    for a, b in zip(p[0].tolist(), t.tolist(), strict=True):
+                        guard.tokens[a] = b
+                    special = self._special[t.clamp(0, len(self._special) - 1)] & (t < len(self._special))
+                    score = (~special & (p[0] > 0))[None]
+                    ctx = StepContext(
+                        positions=p, score_mask=score, is_output=p >= guard.prompt_length,
+                        steer_mask=torch.ones_like(score),
+                    )
+                    self.segments.append(_Segment(guard, i, start, end, ctx))
+            start = end
+
+    def _guard_of(self, rid: str, info: RequestInfo) -> RequestGuard | None:
+        args, prompt_length = info(rid)
+        if args is None and self.default_policy is None:
+            return None
+        args = args or {}
+        key = str(args.get("key") or rid)
+        guard = self.requests.get(key)
+        if guard is not None:
+            return guard
+        name = str(args.get("policy") or self.default_policy or "")
+        if name not in self.guards:
+            raise GuardSetupError(
+                f"request {rid}: extra_args[{EXTRA_ARGS_KEY!r}]['policy'] = {name!r} is not loaded; "
+                f"loaded: {', '.join(self.guards)}"
+            )
+        compiled = self.guards[name]
+        run = compiled.compiled.new_run([prompt_length], steer=bool(args.get("steer", True)),
+                                        record_trace=self.record_trace)
+        roles = args.get("roles")
+        if roles is not None:  # role code of each prompt token (input rules read only the policy's input_roles)
+            run.prompt_roles = [[int(r) for r in roles]]
+        guard = RequestGuard(key, name, run, prompt_length, capture={} if args.get("capture") else None)
+        self.requests[key] = guard
+        while len(self.requests) > MAX_FINISHED:
+            self.requests.popitem(last=False)
+        return guard
+
+    # -- the hook ---------------------------------------------------------------------------------------
+    def on_layer(self, layer: int, residual: Tensor) -> list[tuple[int, int, Tensor]]:
+        """Score each guarded request's rows at ``layer``; return ``(start, end, delta)`` steering edits."""
+        self.hook_calls += 1
+        edits: list[tuple[int, int, Tensor]] = []
+        for seg in self.segments:
+            guard = seg.guard
+            compiled = self.guards[guard.policy]
+            if layer not in compiled.scorers or guard.blocked:
+                continue
+            rows = residual[seg.start : seg.end]
+            if guard.capture is not None:
+                guard.capture.setdefault(layer, []).append(rows.detach().float().cpu())
+            run = guard.run
+            run.ctx = seg.ctx
+            h = rows[None]
+            new = run.on_layer(layer, h)
+            if new is not None:
+                edits.append((seg.start, seg.end, (new - h)[0]))
+            if layer == compiled.deepest:
+                run.check_all_scored()
+                run.ctx = None
+                if guard.blocked:
+                    self.blocked_rows.append(seg.batch_index)
+        return edits
+
+    # -- reading back -----------------------------------------------------------------------------------
+    def pop_results(self, keys: list[str]) -> dict[str, dict[str, Any] | None]:
+        """The result of each key (None if unknown), removing it from the worker."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for k in keys:
+            guard = self.requests.pop(k, None)
+            out[k] = guard.result() if guard is not None else None
+        return out
+
+
+_ACTIVE: GuardState | None = None
+
+
+def active_state() -> GuardState | None:
+    """The guard state of this worker process (set by the worker extension, read by the logits processor)."""
+    return _ACTIVE
+
+
+def set_active_state(state: GuardState | None) -> None:
+    global _ACTIVE
+    _ACTIVE = state
