@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 DecisionAction = Literal["flag", "block", "steer", "error"]
 
@@ -37,6 +37,10 @@ class Decision:
     """For errors: what went wrong."""
     resolution: str | None = None
     """For errors: what on_error did (block, flag, allow)."""
+    role: str | None = None
+    """Turn the token is in: system, user, tool or assistant (prompt turns), or assistant for output tokens."""
+    category: str | None = None
+    """Hazard category of the rule that decided (from the rule's ``category``), if any."""
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -60,10 +64,26 @@ class TextScore:
     """Token strings."""
     errors: list[str] = field(default_factory=list)
     """Scoring failures, if any (their decisions say what on_error did)."""
+    roles: list[str | None] = field(default_factory=list)
+    """Per token, the turn it is in (system, user, assistant, tool; None for padding-free template text)."""
+    normalization: dict[str, Any] | None = None
+    """What text normalisation did before scoring (steps, decoded segments and their scores); None: nothing."""
 
     @property
     def blocked(self) -> bool:
-        return any(d.action == "block" or d.resolution == "block" for d in self.decisions)
+        from guardrails.core.semantics import is_block
+
+        return any(is_block(d) for d in self.decisions)
+
+    @property
+    def flagged(self) -> bool:
+        from guardrails.core.semantics import is_flag
+
+        return any(is_flag(d) for d in self.decisions)
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{k}={v:.3g}" for k, v in self.scores.items())
+        return f"TextScore(blocked={self.blocked}, decisions={len(self.decisions)}, scores={{{top}}})"
 
 
 __all__ = ["Decision", "DecisionAction", "TextScore"]

@@ -11,16 +11,22 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardrails.core.normalize import NormalizeSpec
 
 Action = Literal["flag", "block", "steer"]
 Scope = Literal["input", "output", "both"]
 OnError = Literal["block", "flag", "allow"]
 Aggregate = Literal["max", "mean", "sum"]
 ScoreMode = Literal["exact", "watched"]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A number that is finite (NaN, inf and overflowing literals such as 1.0e400 are errors), never a bool or string."""
+StrictInt = Annotated[int, Field(strict=True)]
+"""An integer as such: ``true``, ``"4828"`` and ``4828.0`` are errors."""
 
 
 class PolicyError(ValueError):
@@ -35,8 +41,8 @@ class SAESpec(_Strict):
     """Where to load one SAE from and which residual-stream layer it reads."""
 
     path: str = Field(description="File, folder, 'bundled[:name]' or 'hf://org/repo'; relative to the YAML file")
-    layer: int = Field(ge=0, description="Decoder block whose output the SAE reads (residual stream after it)")
-    k: int | None = Field(default=None, ge=1, description="TopK k where the file does not store it (Qwen-Scope)")
+    layer: StrictInt = Field(ge=0, description="Decoder block whose output the SAE reads (residual stream after it)")
+    k: StrictInt | None = Field(default=None, ge=1, description="TopK k where the file does not store it (Qwen-Scope)")
     format: str | None = Field(default=None, description="SAE file format; detected when omitted")
     dtype: str | None = Field(default=None, description="dtype for the SAE weights (float32, bfloat16, float16)")
 
@@ -44,8 +50,8 @@ class SAESpec(_Strict):
 class Feature(_Strict):
     """One watched SAE feature and its weight in the rule's score."""
 
-    id: int = Field(ge=0, description="Feature (latent) index in the SAE")
-    weight: float = Field(default=1.0, description="Multiplier of this feature's activation in the score")
+    id: StrictInt = Field(ge=0, description="Feature (latent) index in the SAE")
+    weight: FiniteFloat = Field(default=1.0, description="Multiplier of this feature's activation in the score")
     label: str | None = Field(default=None, description="Human-readable name of the feature")
 
 
@@ -56,8 +62,9 @@ class SAEFeaturesDetector(_Strict):
     sae: str = Field(description="Id of an SAE declared under 'saes'")
     features: list[Feature] = Field(min_length=1, description="Watched features with weights")
     combine: Literal["sum", "max", "mean"] = Field(default="sum", description="How weighted features combine per token")
-    bias: float = Field(default=0.0, description="Added to the combined score of each token")
-    window: int = Field(default=1, ge=1, le=4096, description="Tokens aggregated (the current and the previous ones)")
+    bias: FiniteFloat = Field(default=0.0, description="Added to the combined score of each token")
+    window: StrictInt = Field(default=1, ge=1, le=4096,
+                              description="Tokens aggregated (the current and the previous ones)")
     aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
 
     @field_validator("features", mode="before")
@@ -75,10 +82,11 @@ class LinearDetector(_Strict):
     """Score = x · w + b on the raw residual stream (a linear probe or a DiffMean direction)."""
 
     kind: Literal["linear"] = Field(description="Detector kind")
-    layer: int = Field(ge=0, description="Decoder block whose output is read")
+    layer: StrictInt = Field(ge=0, description="Decoder block whose output is read")
     weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' []; relative to YAML")
     method: Literal["probe", "diffmean"] = Field(default="probe", description="How the direction was fitted")
-    window: int = Field(default=1, ge=1, le=4096, description="Tokens aggregated (the current and the previous ones)")
+    window: StrictInt = Field(default=1, ge=1, le=4096,
+                              description="Tokens aggregated (the current and the previous ones)")
     aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
     explained_by: list[Feature] = Field(default_factory=list, description="SAE features that explain the direction")
 
@@ -93,9 +101,10 @@ class Steer(_Strict):
         default="subtract",
         description="subtract: h - strength * unit direction; clamp: remove the features' contribution (set to 0)",
     )
-    strength: float = Field(default=8.0, ge=0, description="alpha for 'subtract', in residual-stream units")
-    features: list[int] | None = Field(default=None, description="SAE features to steer against; default: detector's")
-    block_above: float | None = Field(default=None, description="Block instead when the score reaches this value")
+    strength: FiniteFloat = Field(default=8.0, ge=0, description="alpha for 'subtract', in residual-stream units")
+    features: list[StrictInt] | None = Field(default=None,
+                                             description="SAE features to steer against; default: detector's")
+    block_above: FiniteFloat | None = Field(default=None, description="Block instead when the score reaches this value")
 
 
 class Rule(_Strict):
@@ -105,11 +114,14 @@ class Rule(_Strict):
     description: str = Field(default="", description="What the rule catches")
     scope: Scope = Field(default="output", description="input: prompt tokens at prefill; output: generated tokens")
     detector: Detector = Field(discriminator="kind", description="How a token is scored")
-    threshold: float = Field(description="A token whose (windowed) score reaches this value trips the rule")
+    threshold: FiniteFloat = Field(description="A token whose (windowed) score reaches this value trips the rule")
     action: Action = Field(default="block", description="flag, block, or steer")
     steer: Steer | None = Field(default=None, description="Steering settings, for action: steer")
     message: str | None = Field(default=None, description="Refusal text for this rule; default: the policy's")
     on_error: OnError | None = Field(default=None, description="What to do when scoring fails; default: policy's")
+    category: str | None = Field(
+        default=None, description="Hazard category this rule catches (e.g. weapons_cbrne); named in its decisions"
+    )
 
     @field_validator("detector", mode="before")
     @classmethod
@@ -142,6 +154,15 @@ class Policy(_Strict):
     refusal: str = Field(default="I can't help with that.", description="Text returned when a generation is blocked")
     redact: bool = Field(default=False, description="Audit records keep hashes instead of input and output text")
     raise_on_block: bool = Field(default=False, description="LangChain: raise GuardrailViolation instead of returning")
+    input_roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        default=["user", "tool"], min_length=1,
+        description="Turns of the prompt that input rules score (the system prompt only when listed here)",
+    )
+    normalize: NormalizeSpec = Field(
+        default_factory=NormalizeSpec,
+        description="Text normalisation before scoring (NFKC, invisible characters, homoglyphs, decoded base64/hex/"
+                    "percent/tags scored too); true (default) or false, or the steps one by one",
+    )
     rules: list[Rule] = Field(min_length=1, description="The rules, checked in order")
     calibration: dict[str, Any] | None = Field(default=None, description="Record of how thresholds were fitted")
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against")
@@ -166,7 +187,7 @@ class Policy(_Strict):
     def from_yaml(cls, text: str, *, source: str = "<yaml>", base_dir: str | os.PathLike[str] | None = None) -> Policy:
         """Parse and validate a policy from YAML text."""
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
             if _too_big(data, MAX_YAML_NODES):  # aliases can expand a few bytes into billions of nodes
                 raise PolicyError(f"{source}: policy expands to more than {MAX_YAML_NODES} YAML nodes (alias bomb?)")
         except yaml.YAMLError as exc:
@@ -197,7 +218,8 @@ class Policy(_Strict):
         p = Path(path)
         if not p.is_file():
             hint = _shipped_hint()
-            raise PolicyError(f"policy file {str(p)!r} not found{hint}")
+            what = "is not a regular file" if p.exists() else "not found"
+            raise PolicyError(f"policy file {str(p)!r} {what}{hint}")
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -221,11 +243,9 @@ class Policy(_Strict):
 
     def layers(self) -> list[int]:
         """Residual-stream layers the rules read."""
-        out = set()
-        for rule in self.rules:
-            det = rule.detector
-            out.add(det.layer if isinstance(det, LinearDetector) else self.saes[det.sae].layer)
-        return sorted(out)
+        from guardrails.core.semantics import rule_layer
+
+        return sorted({rule_layer(self, rule) for rule in self.rules})
 
     def check_against(self, n_layers: int, sae_widths: dict[str, int], d_model: int | None = None) -> None:
         """Check layers and feature ids against the model and the loaded SAEs."""
@@ -255,6 +275,57 @@ class Policy(_Strict):
             raise PolicyError(f"policy {self.name!r}: " + "; ".join(problems))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice (YAML would silently keep the last one)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping, naming the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with '<<' may be overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first}); "
+                                            "each key may appear once per mapping")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: 1e9, 1.0e9, 2E-3 (a strict number field would
+# otherwise refuse them); 1e400 then reads as inf and is refused as non-finite
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def regular_file(path: str | os.PathLike[str], where: str) -> Path:
+    """``path`` if it is a regular file (a FIFO, device or folder would hang or fail a reader); else PolicyError."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise PolicyError(f"{where}: {str(p)!r} not found ({exc.strerror})") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a file"
+        raise PolicyError(f"{where}: {str(p)!r} is {kind}; valid: a regular file")
+    return p
+
+
 MAX_YAML_NODES = 200_000
 """Largest policy, in YAML nodes after alias expansion."""
 
@@ -281,6 +352,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
     "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
+    "normalize": NormalizeSpec,
 }
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from guardrails.core.decision import Decision
+from guardrails.core.decision import Decision, DecisionAction
 from guardrails.core.policy import Policy, Rule
+from guardrails.core.semantics import ROLE_CODES, ROLES, escalate, on_error_of, threshold_of
 from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class StepContext:
     """[B, T] columns that are generated tokens (else prompt)."""
     steer_mask: Tensor
     """[B, T] columns that may be steered (real tokens)."""
+    roles: Tensor | None = None
+    """[B, T] role code of each prompt column (``ROLE_CODES``; -1 none); None: every prompt token is the user's."""
 
 
 @dataclass
@@ -61,6 +64,12 @@ class GuardRun:
     """Per blocked sequence, the id of the withheld token that tripped the rule (for audits)."""
     steer: bool = True
     """Apply steer rules (False when only scanning text: deeper rules then read unsteered activations)."""
+    decide: bool = True
+    """Fire rules (False: trace scores only, for calibration)."""
+    input_roles: frozenset[int] = frozenset({ROLE_CODES["user"], ROLE_CODES["tool"]})
+    """Role codes of the prompt turns input rules score (the policy's ``input_roles``)."""
+    prompt_roles: list[list[int]] | None = None
+    """Per row, the role code of each prompt token (the decode loop's prompts); None: all the user's."""
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -79,11 +88,20 @@ class GuardRun:
     def active(self, b: int) -> bool:
         return self.blocked_at[b] is None
 
+    def accepts(self, b: int, pos: int) -> bool:
+        """Whether a decision at ``pos`` can still happen: the row is not blocked at or before it.
+
+        One forward may score many positions (prefill, scans): a block found at a later position by
+        one layer does not hide an earlier one found by the next layer, exactly as token-by-token.
+        """
+        at = self.blocked_at[b]
+        return at is None or pos < at
+
     def steered(self, b: int) -> bool:
         return any(bool(s.steer_from[b] < 2**62) for s in self.states.values())
 
     def on_error_of(self, rule: Rule) -> str:
-        return rule.on_error or self.policy.on_error
+        return on_error_of(self.policy, rule)
 
     # -- the hook --------------------------------------------------------------------------------
     def on_layer(self, layer: int, hidden: Tensor) -> Tensor | None:
@@ -119,23 +137,35 @@ class GuardRun:
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
+        roles = self._roles(ctx, positions)
         for h_i, head in enumerate(scorer.heads):
             rule = head.rule
             st = self.states[rule.id]
-            scope_ok = self._scope_mask(rule, is_output) & score_mask
+            scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
             windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
             if self.record_trace:
                 self.trace_scores[rule.id].append((positions.cpu(), windowed))
+            if not self.decide:
+                continue
             hits = (windowed >= rule.threshold) & ~torch.isnan(windowed)
             if not bool(hits.any()):
                 continue
+            block_above = rule.steer.block_above if rule.action == "steer" and rule.steer else None
             for b in hits.any(dim=1).nonzero().flatten().tolist():
-                if not self.active(b):
-                    continue
-                t = int(hits[b].nonzero()[0])
-                pos = int(positions[b, t])
-                self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden)
+                # the first hit fires; for a steer rule with block_above, so does the first score reaching it
+                # (token by token, a later forward would see it: a scan of many tokens must too)
+                cands = [int(hits[b].nonzero()[0])]
+                if block_above is not None:
+                    high = (windowed[b] >= block_above).nonzero()
+                    if len(high):
+                        cands.append(int(high[0]))
+                for t in sorted(set(cands)):
+                    pos = int(positions[b, t])
+                    if not self.accepts(b, pos):
+                        break
+                    self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden,
+                               None if roles is None else int(roles[b, t]))
         if not self.steer:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
@@ -163,22 +193,40 @@ class GuardRun:
                 self._scoring_failed(scorer, ctx.positions, ctx.score_mask, ctx.is_output, exc)
         self.seen_layers.clear()
 
-    @staticmethod
-    def _scope_mask(rule: Rule, is_output: Tensor) -> Tensor:
+    def _roles(self, ctx: StepContext, positions: Tensor) -> Tensor | None:
+        """[B, T] role codes of the columns at ``positions`` (from the context, else from ``prompt_roles``)."""
+        T = positions.shape[1]
+        if ctx.roles is not None:
+            return ctx.roles.to(positions.device)[:, -T:]
+        if self.prompt_roles is None:
+            return None
+        width = max(1, max(len(r) for r in self.prompt_roles))
+        table = torch.full((len(self.prompt_roles), width), -1, dtype=torch.long)
+        for b, r in enumerate(self.prompt_roles):
+            table[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        table = table.to(positions.device)
+        idx = positions.clamp(0, width - 1)
+        roles = table.gather(1, idx)
+        return roles.masked_fill((positions < 0) | (positions >= width), ROLE_CODES["assistant"])
+
+    def _scope_mask(self, rule: Rule, is_output: Tensor, roles: Tensor | None = None) -> Tensor:
+        """Columns ``rule`` scores by scope and prompt role (see :func:`guardrails.core.semantics.scores_token`)."""
+        prompt_ok = ~is_output
+        if roles is not None:
+            allowed = torch.tensor(sorted(self.input_roles), dtype=roles.dtype, device=roles.device)
+            prompt_ok = prompt_ok & torch.isin(roles, allowed)
         if rule.scope == "input":
-            return ~is_output
+            return prompt_ok
         if rule.scope == "output":
             return is_output
-        return torch.ones_like(is_output)
+        return prompt_ok | is_output
 
     def _fire(
         self, rule: Rule, head: object, scorer: LayerScorer, b: int, t: int, pos: int, score: float, out: bool,
-        hidden: Tensor,
+        hidden: Tensor, role: int | None = None,
     ) -> None:
         st = self.states[rule.id]
-        action = rule.action
-        if action == "steer" and rule.steer and rule.steer.block_above is not None and score >= rule.steer.block_above:
-            action = "block"
+        action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
         if bool(st.fired[b]) and action != "block":
             return  # latched: first firing recorded; steering already on
         st.fired[b] = True
@@ -187,19 +235,26 @@ class GuardRun:
             action=action,
             rule=rule.id,
             score=score,
-            threshold=_threshold_of(rule, action),
+            threshold=threshold_of(rule, action),
             position=pos,
             scope="output" if out else "input",
             sequence=b,
             output_index=pos - self.prompt_lengths[b] if out else None,
             top_features=top,
+            role="assistant" if out else (ROLES[role] if role is not None and 0 <= role < len(ROLES) else "user"),
+            category=rule.category,
         )
         self.decisions.append(d)
         if action == "block":
-            self.blocked_at[b] = pos
-            self.block_rule[b] = rule.id
+            self._block(b, pos, rule.id)
         elif action == "steer":
             st.steer_from[b] = pos
+
+    def _block(self, b: int, pos: int, rule_id: str) -> None:
+        """Row ``b`` stops at ``pos``; decisions a token-by-token run would never reach are dropped."""
+        self.blocked_at[b] = pos
+        self.block_rule[b] = rule_id
+        self.decisions = [d for d in self.decisions if d.sequence != b or d.position <= pos]
 
     def _scoring_failed(
         self, scorer: LayerScorer, positions: Tensor, score_mask: Tensor, is_output: Tensor, exc: Exception
@@ -209,12 +264,13 @@ class GuardRun:
         logger.warning("guard could not score at layer %d: %s", scorer.layer, reason)
         for head in scorer.heads:
             rule = head.rule
-            scope_ok = self._scope_mask(rule, is_output) & score_mask
+            roles = self._roles(self.ctx, positions) if self.ctx is not None else None
+            scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
             for b in scope_ok.any(dim=1).nonzero().flatten().tolist():
-                if not self.active(b):
-                    continue
                 t = int(scope_ok[b].nonzero()[0])
                 pos = int(positions[b, t])
+                if not self.accepts(b, pos):
+                    continue
                 resolution = self.on_error_of(rule)
                 out = bool(is_output[b, t])
                 self.decisions.append(Decision(
@@ -224,8 +280,7 @@ class GuardRun:
                     reason=reason, resolution=resolution,
                 ))
                 if resolution == "block":
-                    self.blocked_at[b] = pos
-                    self.block_rule[b] = rule.id
+                    self._block(b, pos, rule.id)
 
     def _steer(self, scorer: LayerScorer, hidden: Tensor, positions: Tensor, steer_mask: Tensor) -> Tensor | None:
         out: Tensor | None = None
@@ -266,9 +321,3 @@ class GuardRun:
             out[rule_id] = d
         return out
 
-
-def _threshold_of(rule: Rule, action: str) -> float:
-    """The threshold that decided ``action`` (a steer rule's ``block_above`` when it blocked)."""
-    if action == "block" and rule.action == "steer" and rule.steer and rule.steer.block_above is not None:
-        return float(rule.steer.block_above)
-    return float(rule.threshold)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from guardrails.core.semantics import on_error_of, rule_layer
 from guardrails.onnx.manifest import (
     CHECK_TEXTS,
     FORMAT,
@@ -181,17 +182,16 @@ def _export_policy(pol: Any) -> Any:
 
 
 def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
-    from guardrails.core.policy import LinearDetector
 
     rules = []
     for rule in pol.rules:
         det = rule.detector
-        layer = det.layer if isinstance(det, LinearDetector) else pol.saes[det.sae].layer
+        layer = rule_layer(pol, rule)
         rules.append({
             "id": rule.id, "layer": layer, "scope": rule.scope, "threshold": float(rule.threshold),
             "action": rule.action, "window": det.window, "aggregate": det.aggregate,
             "block_above": rule.steer.block_above if rule.steer else None,
-            "message": rule.message, "on_error": rule.on_error or pol.on_error,
+            "message": rule.message, "on_error": on_error_of(pol, rule), "category": rule.category,
         })
     order = sorted(range(len(rules)), key=lambda i: (rules[i]["layer"], i))
     return rules, order
@@ -291,7 +291,9 @@ def export_onnx(
         "chat": chat,
         "rules": rules,
         "evaluation_order": order,
-        "policy": {"name": pol.name, "version": pol.version, "digest": pol.digest, "refusal": pol.refusal},
+        "policy": {"name": pol.name, "version": pol.version, "digest": pol.digest, "refusal": pol.refusal,
+                   "input_roles": list(pol.input_roles),
+                   "normalize": pol.normalize.model_dump(mode="json")},
         "tokenizer": _tokenizer_manifest(tokenizer, folder),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx_pkg.__version__},

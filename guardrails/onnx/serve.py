@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 from guardrails.core.decision import Decision, TextScore
+from guardrails.core.normalize import NormalizeSpec, merge_scan, plan_scan
+from guardrails.core.roles import Span, role_spans, roles_from_offsets
+from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan
 from guardrails.onnx.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -103,9 +106,9 @@ class _ChatTemplate:
         self._template = env.from_string(template)
         self._special = special
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        return str(self._template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
-                                         **self._special))
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return str(self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                         documents=None, **self._special))
 
 
 class OnnxGuard:
@@ -152,6 +155,12 @@ class OnnxGuard:
         self.rules: list[dict[str, Any]] = self.manifest["rules"]
         self.order: list[int] = self.manifest["evaluation_order"]
         self.policy_name: str = self.manifest["policy"]["name"]
+        roles = self.manifest["policy"].get("input_roles", ["user", "tool"])
+        self.input_roles = frozenset(ROLE_CODES[r] for r in roles)
+        """Role codes of the prompt turns input rules score (manifests before roles existed: user and tool)."""
+        self._template_text = str(template or "")
+        self.normalize = NormalizeSpec.model_validate(self.manifest["policy"].get("normalize", True))
+        """The policy's ``normalize:`` steps (manifests written before it existed: the default, all on)."""
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, threads: int | None = None,
@@ -163,12 +172,21 @@ class OnnxGuard:
     def rule_ids(self) -> list[str]:
         return [r["id"] for r in self.rules]
 
-    def format_prompt(self, text: str, chat: bool | None = None) -> str:
-        """The prompt as the model sees it: one user turn through the chat template (unless ``chat=False``)."""
+    def format_prompt(self, text: str | list[dict[str, str]], chat: bool | None = None) -> str:
+        """The prompt as the model sees it: one user turn (or the messages) through the chat template."""
+        return self._prompt(text, chat)[0]
+
+    def _prompt(self, text: str | list[dict[str, str]], chat: bool | None) -> tuple[str, list[Span] | None]:
         use_chat = self.chat if chat is None else chat
-        if not use_chat or self._template is None:
-            return text
-        return self._template.render([{"role": "user", "content": text}])
+        if isinstance(text, str) and (not use_chat or self._template is None):
+            return text, None
+        if self._template is None:
+            raise OnnxGuardError("messages need a chat template, and this guard folder has none")
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else [dict(m) for m in text]
+        template = self._template
+        rendered = template.render(messages)
+        return rendered, role_spans(lambda m: template.render(m, add_generation_prompt=False), messages, rendered,
+                                    self._template_text)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -188,21 +206,30 @@ class OnnxGuard:
         resp: list[str | None] = list(responses) if responses is not None else [None] * len(items)
         if len(resp) != len(items):
             raise ValueError(f"responses has {len(resp)} items but texts has {len(items)}")
+        # -- issue 16 normalisation, as GuardedModel.score (guardrails/core/normalize.py) --
+        plan = plan_scan(items, resp, self.normalize)
+        items, resp = plan.items, plan.responses
+        # -- end issue 16 --
         out: list[OnnxTextScore] = []
         for start in range(0, len(items), batch_size):
             out += self._score_batch(items[start : start + batch_size], resp[start : start + batch_size], chat, start)
-        return out
+        return merge_scan(plan, out)
 
     def _score_batch(self, texts: list[str], responses: list[str | None], chat: bool | None,
                      offset: int) -> list[OnnxTextScore]:
         rows: list[list[int]] = []
         n_prompt: list[int] = []
+        role_rows: list[list[int]] = []
         for text, response in zip(texts, responses, strict=True):
-            if not isinstance(text, str):
-                raise TypeError(f"texts must be strings, got {type(text).__name__}")
-            p_ids = self.encode(self.format_prompt(text, chat))
-            rows.append(p_ids + (self.encode(response) if response else []))
+            if not isinstance(text, str | list):
+                raise TypeError(f"texts must be strings or message lists, got {type(text).__name__}")
+            formatted, spans = self._prompt(text, chat)
+            enc = self.tokenizer.encode(formatted, add_special_tokens=False)
+            p_ids = list(enc.ids)
+            r_ids = self.encode(response) if response else []
+            rows.append(p_ids + r_ids)
             n_prompt.append(len(p_ids))
+            role_rows.append(roles_from_offsets(enc.offsets, spans) + [ROLE_CODES["assistant"]] * len(r_ids))
         width = max(len(r) for r in rows)
         ids = np.array([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
         mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
@@ -216,17 +243,18 @@ class OnnxGuard:
         results = []
         for b, row in enumerate(rows):
             pad = width - len(row)
-            r_ids = np.array(row, dtype=np.int64)
             pos = np.arange(len(row))
-            scorable = ~np.isin(r_ids, self.special_ids) & (pos > 0)
+            scorable = ~np.isin(np.array(row, dtype=np.int64), self.special_ids) & (pos > 0)
             is_output = pos >= n_prompt[b]
-            results.append(self._decide(raw[b, pad:], scorable, is_output, n_prompt[b], row, offset + b, error))
+            roles = np.array(role_rows[b], dtype=np.int64)
+            results.append(self._decide(raw[b, pad:], scorable, is_output, roles, n_prompt[b], row, offset + b, error))
         return results
 
-    def _decide(self, raw: np.ndarray, scorable: np.ndarray, is_output: np.ndarray, n_prompt: int,
-                row: list[int], sequence: int, error: str | None) -> OnnxTextScore:
+    def _decide(self, raw: np.ndarray, scorable: np.ndarray, is_output: np.ndarray, roles: np.ndarray,
+                n_prompt: int, row: list[int], sequence: int, error: str | None) -> OnnxTextScore:
         tokens = [self.tokenizer.id_to_token(i) or "" for i in row]
-        in_scope = [self._scope(rule, is_output) & scorable for rule in self.rules]
+        prompt_ok = ~is_output & np.isin(roles, sorted(self.input_roles))
+        in_scope = [self._scope(rule, is_output, prompt_ok) & scorable for rule in self.rules]
         failed_layers: dict[int, str] = {}
         for r, rule in enumerate(self.rules):
             if error is not None:
@@ -235,56 +263,37 @@ class OnnxGuard:
                 failed_layers.setdefault(rule["layer"], f"non-finite rule scores at layer {rule['layer']}")
         token_scores: dict[str, dict[int, float]] = {}
         scores: dict[str, float] = {}
-        windowed: list[np.ndarray] = []
+        windowed: list[list[float | None]] = []
         for r, rule in enumerate(self.rules):
             s = np.where(in_scope[r], raw[:, r], np.nan).astype(np.float32)
             if rule["layer"] in failed_layers:
                 s = np.full_like(s, np.nan)
             w = window_scores(s, rule["window"], rule["aggregate"])
-            windowed.append(w)
+            windowed.append([None if math.isnan(v) else float(v) for v in w.tolist()])
             ok = ~np.isnan(w)
             token_scores[rule["id"]] = {int(p): float(v) for p, v in zip(np.nonzero(ok)[0], w[ok], strict=True)}
             scores[rule["id"]] = float(w[ok].max()) if ok.any() else math.nan
-        decisions: list[Decision] = []
-        blocked = False
-        errors = sorted(set(failed_layers.values()))
-        for r in self.order:  # the torch hooks' order: layers ascending, rules in policy order
-            rule = self.rules[r]
-            if blocked:
-                break
-            if rule["layer"] in failed_layers:
-                hits = np.nonzero(in_scope[r])[0]
-                if not len(hits):
-                    continue
-                t = int(hits[0])
-                resolution = rule["on_error"]
-                decisions.append(Decision(
-                    "error", rule["id"], math.nan, rule["threshold"], t, "output" if is_output[t] else "input",
-                    sequence, t - n_prompt if is_output[t] else None, tokens[t],
-                    reason=failed_layers[rule["layer"]], resolution=resolution,
-                ))
-                blocked = resolution == "block"
-                continue
-            w = windowed[r]
-            hits = np.nonzero(~np.isnan(w) & (np.nan_to_num(w, nan=-np.inf) >= rule["threshold"]))[0]
-            if not len(hits):
-                continue
-            t = int(hits[0])
-            score = float(w[t])
-            action, threshold = rule["action"], rule["threshold"]
-            if action == "steer" and rule.get("block_above") is not None and score >= rule["block_above"]:
-                action, threshold = "block", float(rule["block_above"])
+        specs = [RuleSpec(r["id"], r["action"], float(r["threshold"]), r.get("block_above"), r["on_error"],
+                          r.get("category")) for r in self.rules]
+        failed = {i: failed_layers[r["layer"]] for i, r in enumerate(self.rules) if r["layer"] in failed_layers}
+        events = decide_scan(specs, windowed, self.order, [list(m) for m in in_scope], failed)
+        decisions = []
+        for e in events:
+            t, out = e.position, bool(is_output[e.position])
+            role = "assistant" if out else (ROLES[int(roles[t])] if 0 <= int(roles[t]) < len(ROLES) else None)
             decisions.append(Decision(
-                action, rule["id"], score, threshold, t, "output" if is_output[t] else "input", sequence,
-                t - n_prompt if is_output[t] else None, tokens[t],
+                e.action, specs[e.rule].id, e.score, e.threshold, t, "output" if out else "input",  # type: ignore[arg-type]
+                sequence, t - n_prompt if out else None, tokens[t], reason=e.reason, resolution=e.resolution,
+                role=role, category=specs[e.rule].category,
             ))
-            blocked = action == "block"
-        return TextScore(scores, token_scores, decisions, tokens, errors)
+        names = [ROLES[int(c)] if 0 <= int(c) < len(ROLES) else None for c in roles]
+        return TextScore(scores, token_scores, decisions, tokens, sorted(set(failed_layers.values())), names)
 
     @staticmethod
-    def _scope(rule: dict[str, Any], is_output: np.ndarray) -> np.ndarray:
+    def _scope(rule: dict[str, Any], is_output: np.ndarray, prompt_ok: np.ndarray) -> np.ndarray:
+        """Tokens ``rule`` scores by scope and prompt role (:func:`guardrails.core.semantics.scores_token`)."""
         if rule["scope"] == "input":
-            return ~is_output
+            return prompt_ok.copy()
         if rule["scope"] == "output":
             return is_output.copy()
-        return np.ones_like(is_output)
+        return prompt_ok | is_output

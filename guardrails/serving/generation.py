@@ -22,6 +22,7 @@ from torch import Tensor
 from guardrails.core.decision import TextScore
 from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
 from guardrails.core.policy import Policy
+from guardrails.core.roles import Span, hf_render, role_spans, token_roles
 from guardrails.core.semantics import ROLE_CODES, ROLES, refusal_for
 from guardrails.engine.compile import CompiledPolicy, compile_policy
 from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer
@@ -41,7 +42,6 @@ from guardrails.serving.prompts import (
     is_batch,
 )
 from guardrails.serving.result import GenerationResult
-from guardrails.serving.roles import Span, role_spans, token_roles
 from guardrails.serving.stream import GuardedStream
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class GuardedModel:
         text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         if len(self._spans) >= 1024:
             self._spans.pop(next(iter(self._spans)), None)
-        self._spans[text] = role_spans(self.tokenizer, messages, text)
+        template = str(getattr(self.tokenizer, "chat_template", "") or "")
+        self._spans[text] = role_spans(hf_render(self.tokenizer), messages, text, template)
         return text
 
     # -- the loop -------------------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""The policy compiler: one :class:`CompiledPolicy` that every path scores with.
+
+``compile_policy(policy, model, saes, score_mode)`` loads the SAEs and probe weights a policy needs,
+checks them against the model, and builds one :class:`~guardrails.engine.scorers.LayerScorer` per
+watched layer, placed on the device of that layer. Generation, streams, scans, the LangChain guards,
+calibration, ``guardrails eval``, the ONNX export and the serving engines all take their scorers from it.
+Variants (:meth:`CompiledPolicy.scoped`, :meth:`CompiledPolicy.unthresholded`) share its tensors:
+nothing is reloaded (in watched mode the full SAE is gone after compiling; a variant never needs it).
+:meth:`CompiledPolicy.score_residuals` scores residual rows captured elsewhere (a cache, another
+engine) exactly as a forward hook would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector, regular_file
+from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
+from guardrails.engine.hooks import decoder_layers
+from guardrails.engine.run import GuardRun, StepContext
+from guardrails.engine.scorers import LayerScorer
+from guardrails.sae.model import SAE, SAEConfig, SAEError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompiledPolicy:
+    """A policy bound to a model: its scorers per layer and the SAEs kept for audits."""
+
+    policy: Policy
+    """The policy (for a scoped variant: its rules for that scope only)."""
+    scorers: dict[int, LayerScorer]
+    """One scorer per watched layer, on that layer's device."""
+    saes: dict[str, SAE]
+    """SAEs kept in memory (watched mode keeps only those that explain linear rules in audits)."""
+    sae_configs: dict[str, SAEConfig]
+    """Config of every SAE the policy uses (kept when watched mode drops the weights)."""
+    score_mode: str
+    """exact (full TopK encode) or watched (only the watched encoder rows)."""
+    n_layers: int
+    """Decoder layers of the model."""
+    decide: bool = True
+    """False for :meth:`unthresholded`: scores are traced, nothing fires."""
+    scope: str | None = None
+    """None, or the scope a :meth:`scoped` variant was made for."""
+    _variants: dict[Any, CompiledPolicy] = field(default_factory=dict, repr=False)
+
+    @property
+    def deepest(self) -> int:
+        """The deepest watched layer (a scan stops the forward after it)."""
+        return max(self.scorers)
+
+    @property
+    def input_role_codes(self) -> frozenset[int]:
+        """Integer codes of the prompt roles input rules score."""
+        return frozenset(ROLE_CODES[r] for r in self.policy.input_roles)
+
+    def new_run(
+        self, prompt_lengths: list[int], *, steer: bool = True, record_trace: bool = True
+    ) -> GuardRun:
+        """Fresh per-call state over a batch (one row per prompt)."""
+        return GuardRun(
+            self.policy, self.scorers, len(prompt_lengths), prompt_lengths, record_trace=record_trace, steer=steer,
+            decide=self.decide, input_roles=self.input_role_codes,
+        )
+
+    def scoped(self, mode: Literal["input", "output"]) -> CompiledPolicy:
+        """The rules for an ``mode``-only guard (``both`` rules rescoped), sharing this policy's tensors."""
+        key = ("scoped", mode)
+        if key not in self._variants:
+            rules = {r.id: r for r in scoped_rules(self.policy, mode)}
+            policy = self.policy.model_copy(update={"rules": [r for r in rules.values()]})
+            scorers: dict[int, LayerScorer] = {}
+            for layer, sc in self.scorers.items():
+                heads = [dataclasses.replace(h, rule=rules[h.rule.id]) for h in sc.heads if h.rule.id in rules]
+                if heads:
+                    clone = copy.copy(sc)
+                    clone.heads = heads
+                    scorers[layer] = clone
+            self._variants[key] = dataclasses.replace(self, policy=policy, scorers=scorers, scope=mode, _variants={})
+        return self._variants[key]
+
+    def unthresholded(self) -> CompiledPolicy:
+        """The same scorers with no decisions: for calibration, which reads the traced scores."""
+        if "unthresholded" not in self._variants:
+            self._variants["unthresholded"] = dataclasses.replace(self, decide=False, _variants={})
+        return self._variants["unthresholded"]
+
+    def score_residuals(
+        self,
+        residuals: dict[int, Tensor],
+        *,
+        score_mask: Tensor,
+        is_output: Tensor,
+        roles: Tensor | None = None,
+        positions: Tensor | None = None,
+        prompt_lengths: list[int] | None = None,
+        run: GuardRun | None = None,
+    ) -> GuardRun:
+        """Score residual rows ``{layer: [B, T, d_model]}`` as the forward hooks would, without a model.
+
+        ``score_mask``/``is_output``/``roles`` are ``[B, T]`` (see :class:`~guardrails.engine.run.StepContext`);
+        ``positions`` default to ``0..T-1``. Pass ``run`` to continue a call (cached decode steps); the
+        run is returned with its decisions and traced scores. Steering is not applied (nothing to steer).
+        """
+        missing = sorted(set(self.scorers) - set(residuals))
+        if missing:
+            raise ValueError(f"score_residuals: no residuals for watched layer(s) {missing}; got {sorted(residuals)}")
+        B, T = score_mask.shape
+        if positions is None:
+            positions = torch.arange(T).expand(B, T)
+        if run is None:
+            run = self.new_run(prompt_lengths or [int((~is_output[b]).sum()) for b in range(B)], steer=False)
+        run.ctx = StepContext(positions=positions, score_mask=score_mask, is_output=is_output,
+                              steer_mask=score_mask.clone(), roles=roles)
+        try:
+            for layer in sorted(self.scorers):
+                run.on_layer(layer, residuals[layer])
+            run.check_all_scored()
+        finally:
+            run.ctx = None
+        return run
+
+
+def compile_policy(
+    policy: Policy | str | os.PathLike[str],
+    model: Any,
+    saes: dict[str, SAE] | None = None,
+    score_mode: str | None = None,
+    *,
+    keep_full_saes: bool = False,
+) -> CompiledPolicy:
+    """Bind ``policy`` to ``model``: load its SAEs (unless given) and probes, check them, build scorers."""
+    pol = policy if isinstance(policy, Policy) else Policy.from_path(policy)
+    mode = score_mode or pol.score_mode
+    if mode not in ("exact", "watched"):
+        raise ValueError(f"unknown score_mode {mode!r}; valid: exact, watched")
+    layers = decoder_layers(model)
+    cfg = model.config
+    hidden = int(getattr(cfg, "hidden_size", 0) or cfg.get_text_config().hidden_size)
+    loaded = _load_saes(pol, saes or {}, hidden)
+    pol.check_against(len(layers), {k: s.d_sae for k, s in loaded.items()})
+    linear = _load_linear(pol, hidden)
+    by_layer: dict[int, list[Any]] = {}
+    for i, rule in enumerate(pol.rules):
+        by_layer.setdefault(rule_layer(pol, rule), []).append((i, rule))
+    scorers: dict[int, LayerScorer] = {}
+    for layer, rules in by_layer.items():
+        scorer = LayerScorer(layer, rules, pol, loaded, linear, mode)
+        if scorer.sae is None:
+            here = [s for s, spec in pol.saes.items() if spec.layer == layer and s in loaded]
+            scorer.audit_sae = loaded[here[0]] if here else None
+        dev = next(layers[layer].parameters()).device
+        scorers[layer] = scorer.to(dev)
+    configs = {sid: sae.cfg for sid, sae in loaded.items()}
+    if mode == "watched" and not keep_full_saes:
+        # only the watched encoder rows (and steering directions) stay in memory: a few KB instead of the
+        # whole layer (2 GB for a Qwen3-8B W64K SAE); audits then list watched features only
+        for scorer in scorers.values():
+            scorer.release_full_sae()
+        kept = {id(sc.audit_sae) for sc in scorers.values()}
+        loaded = {sid: s for sid, s in loaded.items() if id(s) in kept}
+    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers))
+
+
+def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:
+    used = {r.detector.sae for r in policy.rules if isinstance(r.detector, SAEFeaturesDetector)}
+    rule_layers = set(policy.layers())
+    # an SAE declared at a layer where only linear rules read still explains their decisions
+    used |= {sid for sid, spec in policy.saes.items() if spec.layer in rule_layers}
+    out: dict[str, SAE] = {}
+    for sid in sorted(used):
+        spec = policy.saes[sid]
+        sae = given.get(sid) or SAE.load(
+            policy.resolve(spec.path), layer=spec.layer, k=spec.k, format=spec.format, dtype=spec.dtype
+        )
+        if sae.device.type == "meta" or any(t.is_meta for t in sae.tensors().values()):
+            raise SAEError(f"SAE {sid!r} ({spec.path}) has no data (meta device); load it onto a real device")
+        if sae.d_model != hidden:
+            raise SAEError(
+                f"SAE {sid!r} ({spec.path}) reads d_model={sae.d_model} but the model's hidden size is {hidden}"
+            )
+        if sae.cfg.layer is not None and sae.cfg.layer != spec.layer:
+            logger.warning(
+                "SAE %r was trained at layer %s but the policy reads layer %s", sid, sae.cfg.layer, spec.layer
+            )
+        out[sid] = sae
+    return out
+
+
+def _load_linear(policy: Policy, hidden: int) -> dict[str, tuple[Tensor, Tensor]]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for i, rule in enumerate(policy.rules):
+        det = rule.detector
+        if not isinstance(det, LinearDetector):
+            continue
+        path = policy.resolve(det.weights)
+        regular_file(path, f"rules[{i}].detector.weights")  # a FIFO would hang load_file (issue 16)
+        try:
+            t = load_file(path)
+        except Exception as exc:
+            raise PolicyError(f"rules[{i}].detector.weights: cannot read {path!r}: {exc}") from exc
+        w = t.get("weight")
+        if w is None or tuple(w.shape) != (hidden,):
+            shape = None if w is None else tuple(w.shape)
+            raise PolicyError(f"rules[{i}].detector.weights: 'weight' must have shape ({hidden},), got {shape}")
+        bias = t.get("bias", torch.zeros(()))
+        if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
+            raise PolicyError(f"rules[{i}].detector.weights: {path!r} holds NaN or infinite values (would fail open)")
+        out[rule.id] = (w.float(), bias.float())
+    return out
+
+
+__all__ = ["CompiledPolicy", "compile_policy"]
