@@ -204,6 +204,16 @@ def _text_field(text: str | None, redact: bool) -> dict[str, Any]:
     return {"text": None if redact else text, "sha256": sha256_text(text)}
 
 
+def _normalization(info: Mapping[str, Any] | None, redact: bool) -> dict[str, Any]:
+    """``{"normalization": ...}`` when normalisation found something; decoded texts dropped when redacting."""
+    if not info:
+        return {}
+    out = dict(info)
+    if redact:
+        out["decoded"] = [{**d, "text": None} for d in out.get("decoded") or []]
+    return {"normalization": out}
+
+
 def build_generation_record(result: Any, guard: Any) -> dict[str, Any]:
     """The body of a record for a :class:`~guardrails.serving.generation.GenerationResult` (id and time added later)."""
     meta = _guard_meta(guard)
@@ -221,6 +231,8 @@ def build_generation_record(result: Any, guard: Any) -> dict[str, Any]:
         "action": _summary_action(bool(result.blocked), bool(result.steered), decisions),
         "decisions": decisions,
         "errors": list(getattr(result, "errors", []) or []),
+        **_normalization(getattr(result, "normalization", None), redact),
+        **({"stream_stopped": True} if getattr(result, "stream_stopped", False) else {}),
         "trace": _trace(result.tokens, result.token_scores, int(result.prompt_length), redact,
                         getattr(guard, "tokenizer", None), getattr(result, "token_features", None)),
     }
@@ -245,6 +257,7 @@ def build_scan_record(text_score: Any, guard: Any, text: str, kind: str) -> dict
         "decisions": decisions,
         "errors": [],
         "scores": dict(text_score.scores),
+        **_normalization(getattr(text_score, "normalization", None), redact),
         "trace": _trace(text_score.tokens, text_score.token_scores, prompt_length, redact,
                         getattr(guard, "tokenizer", None), getattr(text_score, "token_features", None)),
     }

@@ -50,6 +50,7 @@ from guardrails.audit.records import (
 )
 from guardrails.audit.schema import COLUMNS, FILTER_SQL, GENESIS, SCHEMA, SCHEMA_VERSION, derived_columns, guarded
 from guardrails.audit.schema import split_schema as _split_schema
+from guardrails.core.errors import GuardrailsError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ LOW_DISK_BYTES = 1 << 20
 """Free space below which a failed write is reported as a full disk."""
 
 
-class AuditError(RuntimeError):
+class AuditError(GuardrailsError, RuntimeError):
     """The audit store cannot be opened, read or written; the message names the database path and cause."""
 
 
