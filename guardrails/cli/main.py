@@ -30,7 +30,7 @@ err_console = Console(stderr=True)
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 DEFAULT_POLICY = "harmful-requests"
-_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.onnx")
+_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.onnx", "guardrails.cli.serve")
 
 
 def resolve_policy_path(policy: str | None) -> Path:
@@ -61,15 +61,11 @@ def _load_guard(policy: str | None, model: str | None, score_mode: str | None, a
 
 def _run_safely(fn: Any) -> Any:
     """Turn library errors into one clear line and exit code 2 (no traceback from deep inside)."""
-    from guardrails.audit.store import AuditError
-    from guardrails.core.policy import PolicyError
-    from guardrails.engine.hooks import HookError
-    from guardrails.sae.model import SAEError
-    from guardrails.serving.models import ModelLoadError
+    from guardrails.core.errors import GuardrailsError
 
     try:
         return fn()
-    except (PolicyError, SAEError, HookError, ModelLoadError, AuditError, ValueError, FileNotFoundError) as exc:
+    except (GuardrailsError, ValueError, TypeError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -96,11 +92,14 @@ def generate(
         fail("PROMPT is empty")
     guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db))
     if stream and not as_json:
-        s = guard.stream(prompt, max_new_tokens=max_new_tokens)
-        for piece in s:
-            console.print(visible(piece, keep_newlines=True), end="", highlight=False, markup=False)
-        console.print()
-        result = s.result
+        def run_stream() -> Any:
+            s = guard.stream(prompt, max_new_tokens=max_new_tokens)  # bad input fails here, before any text
+            for piece in s:
+                console.print(visible(piece, keep_newlines=True), end="", highlight=False, markup=False)
+            console.print()
+            return s.result
+
+        result = _run_safely(run_stream)
     else:
         result = _run_safely(lambda: guard.generate(prompt, max_new_tokens=max_new_tokens))
     if as_json:
@@ -270,7 +269,13 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    app(prog_name="guardrails")
+    from guardrails.core.errors import GuardrailsError
+
+    try:
+        app(prog_name="guardrails")
+    except GuardrailsError as exc:  # any command: one clear line, never a traceback from inside
+        err_console.print(f"[bold red]error:[/] {markup(str(exc))}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

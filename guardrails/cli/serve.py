@@ -1,0 +1,78 @@
+"""``guardrails serve``: the OpenAI-compatible server (see :mod:`guardrails.server`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the main app."""
+    app.command("serve")(serve_command)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_command(
+    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Policy file or shipped policy name")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or path; default: the policy's")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (default loopback only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="GUARDRAILS_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on /v1 and /metrics")] = None,
+    upstream: Annotated[str | None, typer.Option(help="Proxy mode: base URL of an OpenAI-compatible server, "
+                                                 "e.g. http://127.0.0.1:8001/v1")] = None,
+    upstream_api_key: Annotated[str | None, typer.Option("--upstream-api-key", envvar="GUARDRAILS_UPSTREAM_API_KEY",
+                                                         help="Bearer key for the upstream")] = None,
+    upstream_timeout: Annotated[float, typer.Option(help="Seconds to wait for the upstream")] = 60.0,
+    model_name: Annotated[str, typer.Option("--model-name", help="Model id clients use")] = "guardrails",
+    audit: Annotated[str | None, typer.Option(help="Audit database: every decision is recorded")] = None,
+    score_mode: Annotated[str | None, typer.Option("--score-mode", help="exact or watched")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together")] = 16,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
+    max_streams: Annotated[int, typer.Option(help="Most streams open at once")] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/models,
+    /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead."""
+    from guardrails.cli.main import _load_guard, _run_safely, err_console, fail
+
+    try:
+        import uvicorn
+
+        from guardrails.server import ServerConfig, create_app
+    except ImportError as exc:
+        fail(f"{exc}; install the server extra: pip install 'sae-guardrails[server]'")
+        return
+    if score_mode not in (None, "exact", "watched"):
+        fail(f"unknown --score-mode {score_mode!r}; valid: exact, watched")
+    if not _loopback(host) and not api_key:
+        err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
+                          "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit))
+    try:
+        config = ServerConfig(model_name=model_name, api_key=api_key or None, upstream=upstream,
+                              upstream_api_key=upstream_api_key, upstream_timeout=upstream_timeout,
+                              max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_streams=max_streams)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    app = create_app(guard, config)
+    mode = f"proxy for {upstream}" if upstream else "local"
+    err_console.print(f"serving policy [bold]{guard.policy.name}[/] as model '{model_name}' ({mode}) on "
+                      f"http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

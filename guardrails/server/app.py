@@ -1,0 +1,414 @@
+"""The FastAPI app: OpenAI-compatible chat completions under the guard, a scan endpoint, health, metrics.
+
+``create_app(guard, config)`` serves one :class:`~guardrails.serving.generation.GuardedModel`. Local mode
+generates with the batching :class:`~guardrails.serving.scheduler.Scheduler`; proxy mode
+(``config.upstream``) forwards to another OpenAI-compatible server and scans what goes there and what
+comes back (:mod:`guardrails.server.proxy`). Answers follow OpenAI's schema, plus a ``guardrails`` field
+with the decisions; a block answers the refusal with ``finish_reason: "content_filter"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("the server needs fastapi and uvicorn: pip install 'sae-guardrails[server]'") from exc
+
+from guardrails.server.config import ServerConfig
+from guardrails.server.metrics import Metrics
+from guardrails.server.schemas import APIError, ChatCompletionRequest, GuardCheckRequest, clean, parse_body
+from guardrails.serving.scheduler import Completion, Event, Scheduler
+
+if TYPE_CHECKING:
+    from guardrails.serving.generation import GuardedModel
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes share: the guard, its scheduler, limits, metrics, live stream count."""
+
+    def __init__(self, guard: GuardedModel, config: ServerConfig, scheduler: Scheduler | None) -> None:
+        self.guard = guard
+        self.config = config
+        self.metrics = Metrics()
+        self.scheduler = scheduler
+        self.streams = 0
+        self.inflight = 0
+        self.started = time.time()
+        self.proxy: Any = None
+        if config.upstream:
+            from guardrails.server.proxy import Upstream
+
+            self.proxy = Upstream(config)
+
+
+def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
+               scheduler: Scheduler | None = None) -> FastAPI:
+    """A FastAPI app serving ``guard`` (see the module docstring); the scheduler starts with the app."""
+    cfg = config or ServerConfig()
+    if scheduler is None and not cfg.upstream:
+        scheduler = Scheduler(guard, max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, max_queue=cfg.max_inflight)
+    state = ServerState(guard, cfg, scheduler)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.scheduler is not None:
+            state.scheduler.start()
+        try:
+            yield
+        finally:
+            if state.scheduler is not None:
+                await asyncio.to_thread(state.scheduler.close)
+            if state.proxy is not None:
+                await state.proxy.aclose()
+
+    app = FastAPI(title="sae-guardrails", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.guardrails = state
+
+    def error_response(exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status,
+                            headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        if exc.status >= 500:
+            state.metrics.errors.labels(exc.type).inc()
+        else:
+            state.metrics.errors.labels("request").inc()
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail), code="not_found"
+                                       if exc.status_code == 404 else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:  # pragma: no cover
+        return error_response(APIError(400, str(exc)))
+
+    def authorize(request: Request) -> None:
+        key = cfg.api_key
+        if not key:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        limit = cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the body has {declared} bytes; the limit is {limit}", code="body_too_large")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise APIError(413, f"the body is over the limit of {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- routes ---------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "policy": guard.policy.name, "model": cfg.model_name,
+                "mode": "proxy" if cfg.upstream else "local",
+                "queued": state.scheduler.queued if state.scheduler else 0, "streams": state.streams,
+                "uptime_s": round(time.time() - state.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        authorize(request)
+        body, ctype = state.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        state.metrics.requests.labels("/v1/models", "200").inc()
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model",
+                                            "created": int(state.started), "owned_by": "sae-guardrails"}]}
+
+    @app.post("/v1/guard/check")
+    async def guard_check(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        authorize(request)
+        req = parse_body(await read_body(request), GuardCheckRequest)
+        results = await asyncio.to_thread(check_texts, guard, req, cfg)
+        for r in results:
+            state.metrics.decisions(r["_decisions"])
+        out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+        state.metrics.requests.labels("/v1/guard/check", "200").inc()
+        state.metrics.latency.labels("/v1/guard/check").observe(time.perf_counter() - t0)
+        return JSONResponse(clean({"id": f"guardcheck-{uuid.uuid4().hex[:24]}", "object": "guard.check",
+                                   "model": cfg.model_name, "policy": guard.policy.name, "scope": req.scope,
+                                   "results": out}))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        authorize(request)
+        req = parse_body(await read_body(request), ChatCompletionRequest)
+        prompt, max_tokens = check_chat(guard, req, cfg, proxy=state.proxy is not None)
+        if state.inflight >= cfg.max_inflight:
+            raise APIError(429, f"{state.inflight} requests in flight (limit {cfg.max_inflight}); retry later",
+                           type="rate_limit_error", code="too_many_requests")
+        if req.stream and state.streams >= cfg.max_streams:
+            raise APIError(429, f"{state.streams} streams open (limit {cfg.max_streams}); retry later",
+                           type="rate_limit_error", code="too_many_streams")
+        if state.proxy is not None:
+            from guardrails.server.proxy import proxy_chat
+
+            return await proxy_chat(state, request, req, prompt, t0)
+        ticket, events = submit(state, prompt, req, max_tokens)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": cfg.model_name}
+        if not req.stream:
+            state.inflight += 1
+            try:
+                done = await wait_done(request, ticket, events)
+            finally:
+                state.inflight -= 1
+            if done is None:  # the client went away; its row was cancelled
+                return Response(status_code=499)
+            body = completion_body(state, meta, done)
+            state.metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - t0)
+            if ticket.first_piece is not None:
+                state.metrics.ttft.observe(ticket.first_piece - ticket.submitted)
+            return JSONResponse(clean(body))
+        state.streams += 1
+        state.inflight += 1
+        state.metrics.streams.set(state.streams)
+        return StreamingResponse(stream_events(state, meta, ticket, events, req, t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+# -- chat completions (local mode) ---------------------------------------------------------------------------
+
+
+def check_chat(guard: GuardedModel, req: ChatCompletionRequest, cfg: ServerConfig, *,
+               proxy: bool = False) -> tuple[str, int]:
+    """The prompt text and max_tokens of a request, or a 400/404 naming what is wrong."""
+    if req.model is not None and req.model != cfg.model_name and not proxy:
+        raise APIError(404, f"model {req.model!r} is not served here; valid: {cfg.model_name}", param="model",
+                       code="model_not_found")
+    if len(req.messages) > cfg.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages; the limit is {cfg.max_messages}", param="messages")
+    stops = req.stops()
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "'stop' takes up to 4 non-empty strings", param="stop", code="invalid_value")
+    max_tokens = req.limit() or cfg.default_max_tokens
+    if max_tokens > cfg.max_tokens_limit:
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise APIError(400, f"'{name}' is {max_tokens}; valid: 1..{cfg.max_tokens_limit}", param=name,
+                       code="invalid_value")
+    for i, m in enumerate(req.messages):
+        if not m.text().strip():
+            raise APIError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
+    try:
+        prompt = guard.format_prompt(req.chat_messages())
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
+    n = len(guard.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n > cfg.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {n} tokens; the limit is {cfg.max_prompt_tokens}", param="messages",
+                       code="context_length_exceeded")
+    return prompt, max_tokens
+
+
+def submit(state: ServerState, prompt: str, req: ChatCompletionRequest,
+           max_tokens: int) -> tuple[Any, asyncio.Queue[Event]]:
+    """Queue a request on the scheduler; its events arrive on an asyncio queue of the running loop."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(ev: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+    assert state.scheduler is not None
+    try:
+        ticket = state.scheduler.submit(prompt, max_new_tokens=max_tokens, sampling=req.sampling(),
+                                        stop=req.stops(), sink=sink)
+    except OverflowError as exc:
+        raise APIError(429, str(exc), type="rate_limit_error", code="too_many_requests") from None
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc)) from None
+    return ticket, events
+
+
+async def wait_done(request: Request, ticket: Any, events: asyncio.Queue[Event]) -> Completion | None:
+    """The completion of a non-streaming request; None (and the row cancelled) if the client left."""
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    ticket.cancel()
+                    return None
+                continue
+            if ev.kind == "done":
+                assert ev.completion is not None
+                return ev.completion
+    except asyncio.CancelledError:
+        ticket.cancel()
+        raise
+
+
+def guard_field(guard: GuardedModel, done: Completion) -> dict[str, Any]:
+    r = done.result
+    if r is None:
+        return {"policy": guard.policy.name, "blocked": False, "flagged": False, "steered": False,
+                "decisions": [], "errors": [done.error] if done.error else []}
+    return {"policy": r.policy, "blocked": r.blocked, "flagged": r.flagged, "steered": r.steered,
+            "decisions": [d.to_dict() for d in r.decisions], "errors": list(r.errors)}
+
+
+def completion_body(state: ServerState, meta: dict[str, Any], done: Completion) -> dict[str, Any]:
+    if done.finish_reason == "error":
+        state.metrics.errors.labels("internal").inc()
+        state.metrics.requests.labels("/v1/chat/completions", "500").inc()
+        raise APIError(500, f"generation failed: {done.error}", type="server_error", code="generation_failed")
+    record(state, done)
+    state.metrics.requests.labels("/v1/chat/completions", "200").inc()
+    return {
+        **meta, "object": "chat.completion", "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
+                     "logprobs": None, "finish_reason": done.finish_reason}],
+        "usage": usage(done), "guardrails": guard_field(state.guard, done),
+    }
+
+
+def usage(done: Completion) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def record(state: ServerState, done: Completion) -> None:
+    if done.result is not None:
+        state.metrics.decisions(done.result.decisions)
+    state.metrics.tokens.inc(done.completion_tokens)
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(clean(obj), ensure_ascii=False)}\n\n".encode()
+
+
+def chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+
+async def stream_events(state: ServerState, meta: dict[str, Any], ticket: Any, events: asyncio.Queue[Event],
+                        req: ChatCompletionRequest, t0: float) -> AsyncIterator[bytes]:
+    """SSE chunks as OpenAI sends them; the slot and the row are freed however the stream ends."""
+    finished = False
+    try:
+        yield sse(chunk(meta, {"role": "assistant", "content": ""}))
+        while True:
+            ev = await events.get()
+            if ev.kind == "piece":
+                if ev.text:
+                    yield sse(chunk(meta, {"content": ev.text}))
+                continue
+            done = ev.completion
+            assert done is not None
+            finished = True
+            if done.finish_reason == "error":
+                state.metrics.errors.labels("internal").inc()
+                state.metrics.requests.labels("/v1/chat/completions", "500").inc()
+                yield sse(APIError(500, f"generation failed: {done.error}", type="server_error",
+                                   code="generation_failed").body())
+                yield b"data: [DONE]\n\n"
+                return
+            record(state, done)
+            state.metrics.requests.labels("/v1/chat/completions", "200").inc()
+            yield sse(chunk(meta, {}, done.finish_reason, guardrails=guard_field(state.guard, done)))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [],
+                           "usage": usage(done)})
+            yield b"data: [DONE]\n\n"
+            if ticket.first_piece is not None:
+                state.metrics.ttft.observe(ticket.first_piece - ticket.submitted)
+            state.metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - t0)
+            return
+    finally:
+        if not finished:
+            ticket.cancel()  # the client went away mid-stream: its row stops at the next step
+        state.streams -= 1
+        state.inflight -= 1
+        state.metrics.streams.set(state.streams)
+
+
+# -- the scan endpoint ---------------------------------------------------------------------------------------
+
+
+def check_texts(guard: GuardedModel, req: GuardCheckRequest, cfg: ServerConfig) -> list[dict[str, Any]]:
+    """Scan ``req``'s texts with one prefill each (no generation); one result per text."""
+    if (req.input is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of 'input' (text or list of texts) and 'messages'", param="input")
+    if req.messages is not None:
+        if len(req.messages) > cfg.max_messages:
+            raise APIError(400, f"{len(req.messages)} messages; the limit is {cfg.max_messages}", param="messages")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        if req.scope == "output":
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise APIError(400, "scope 'output' with messages: the last message must be the assistant's "
+                               "answer, after at least one other turn", param="messages")
+            prompts, responses = [_format(guard, msgs[:-1])], [msgs[-1]["content"]]
+        else:
+            prompts, responses = [_format(guard, msgs)], [None]
+        texts = [msgs[-1]["content"]]
+        chat = False
+    else:
+        texts = [req.input] if isinstance(req.input, str) else list(req.input or [])
+        if not texts:
+            raise APIError(400, "'input' is empty", param="input")
+        if len(texts) > cfg.max_messages:
+            raise APIError(400, f"{len(texts)} texts; the limit is {cfg.max_messages}", param="input")
+        if req.scope == "output":
+            if not req.prompt:
+                raise APIError(400, "scope 'output' with 'input' needs 'prompt' (the request being answered)",
+                               param="prompt")
+            prompts, responses, chat = [req.prompt] * len(texts), list(texts), True
+        else:
+            prompts, responses, chat = list(texts), [None] * len(texts), True
+    try:
+        scores = guard.score(prompts, responses=responses, chat=chat)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="input" if req.input is not None else "messages") from None
+    out = []
+    for text, ts in zip(texts, scores, strict=True):
+        decisions = [d for d in ts.decisions if req.scope == "input" or d.scope == "output"]
+        blocked = any(d.action == "block" or d.resolution == "block" for d in decisions)
+        if guard.audit is not None and decisions:
+            guard.audit.record_scan(ts, guard, text, req.scope)
+        out.append({"blocked": blocked, "flagged": any(d.action in ("flag", "error") for d in decisions),
+                    "scores": dict(ts.scores), "decisions": [d.to_dict() for d in decisions],
+                    "errors": list(ts.errors), "_decisions": decisions})
+    return out
+
+
+def _format(guard: GuardedModel, msgs: list[dict[str, str]]) -> str:
+    try:
+        return guard.format_prompt(msgs)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
