@@ -365,6 +365,7 @@ def check_texts(guard: GuardedModel, req: GuardCheckRequest, cfg: ServerConfig) 
     """Scan ``req``'s texts with one prefill each (no generation); one result per text."""
     if (req.input is None) == (req.messages is None):
         raise APIError(400, "give exactly one of 'input' (text or list of texts) and 'messages'", param="input")
+    responses: list[str | None]
     if req.messages is not None:
         if len(req.messages) > cfg.max_messages:
             raise APIError(400, f"{len(req.messages)} messages; the limit is {cfg.max_messages}", param="messages")

@@ -41,8 +41,8 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who wrote the turn")
     content: str | list[TextPart] = Field(description="The text, or a list of text parts")
-    name: str | None = Field(None, description="Optional author name (ignored by the chat template)")
-    tool_call_id: str | None = Field(None, description="Accepted for tool turns (tool calls are not supported)")
+    name: str | None = Field(default=None, description="Optional author name (ignored by the chat template)")
+    tool_call_id: str | None = Field(default=None, description="Accepted for tool turns (tool calls are not supported)")
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -51,7 +51,7 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = Field(False, description="Send a last chunk with token usage")
+    include_usage: bool = Field(default=False, description="Send a last chunk with token usage")
 
 
 UNSUPPORTED = {
@@ -63,23 +63,23 @@ UNSUPPORTED = {
 
 
 class ChatCompletionRequest(_Strict):
-    model: str | None = Field(None, description="Model id (see GET /v1/models); default: the served model")
+    model: str | None = Field(default=None, description="Model id (see GET /v1/models); default: the served model")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name)")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer (not included)")
-    seed: int | None = Field(None, description="Seed for sampling (reproducible answers)")
-    stream: bool = Field(False, description="Answer as server-sent events")
-    stream_options: StreamOptions | None = Field(None, description="Streaming options")
-    n: int | None = Field(None, ge=1, le=1, description="Number of answers: only 1")
-    user: str | None = Field(None, description="End-user id (recorded nowhere)")
-    presence_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 (not implemented)")
-    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 (not implemented)")
-    logprobs: bool | None = Field(None, description="Only false (not implemented)")
-    store: bool | None = Field(None, description="Ignored")
-    metadata: dict[str, str] | None = Field(None, description="Ignored")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens (newer name)")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer (not included)")
+    seed: int | None = Field(default=None, description="Seed for sampling (reproducible answers)")
+    stream: bool = Field(default=False, description="Answer as server-sent events")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options")
+    n: int | None = Field(default=None, ge=1, le=1, description="Number of answers: only 1")
+    user: str | None = Field(default=None, description="End-user id (recorded nowhere)")
+    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
+    logprobs: bool | None = Field(default=None, description="Only false (not implemented)")
+    store: bool | None = Field(default=None, description="Ignored")
+    metadata: dict[str, str] | None = Field(default=None, description="Ignored")
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -115,13 +115,13 @@ class ChatCompletionRequest(_Strict):
 
 
 class GuardCheckRequest(_Strict):
-    input: str | list[str] | None = Field(None, description="Text(s) to scan (each alone, or as responses)")
-    messages: list[ChatMessage] | None = Field(None, description="A conversation to scan (instead of input)")
+    input: str | list[str] | None = Field(default=None, description="Text(s) to scan (each alone, or as responses)")
+    messages: list[ChatMessage] | None = Field(default=None, description="A conversation to scan (instead of input)")
     scope: Literal["input", "output"] = Field(
         "input", description="input: scan as the user's prompt; output: scan as the assistant's answer "
         "(to `prompt`, or, with messages, the last assistant turn answering the turns before it)")
-    prompt: str | None = Field(None, description="With scope output and input: the prompt being answered")
-    model: str | None = Field(None, description="Model id (optional)")
+    prompt: str | None = Field(default=None, description="With scope output and input: the prompt being answered")
+    model: str | None = Field(default=None, description="Model id (optional)")
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
