@@ -6,9 +6,13 @@ from guardrails.integrations.langchain import (
     PROMPT_METADATA_KEY,
     GuardedChatModel,
     GuardedSequence,
+    InputBlocked,
+    RefuseOnBlock,
     SAEGuard,
     guard_metadata,
     message_to_turn,
+    parse_tool_calls,
+    refuse_on_block,
     to_turns,
 )
 
@@ -25,9 +29,13 @@ __all__ = [
     "PROMPT_METADATA_KEY",
     "GuardedChatModel",
     "GuardedSequence",
+    "InputBlocked",
+    "RefuseOnBlock",
     "SAEGuard",
     "SAEGuardMiddleware",  # noqa: F822 (resolved by __getattr__)
     "guard_metadata",
     "message_to_turn",
+    "parse_tool_calls",
+    "refuse_on_block",
     "to_turns",
 ]

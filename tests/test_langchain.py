@@ -183,8 +183,8 @@ def test_stop_sequences_cut_invoke_and_stream_alike() -> None:
 
 
 def test_unknown_generation_argument_is_an_error() -> None:
-    with pytest.raises(TypeError, match=r"max_tokens.*valid: max_new_tokens"):
-        chat(policy(PASS)).invoke("hello", max_tokens=3)
+    with pytest.raises(TypeError, match=r"bogus.*valid: transformers.GenerationConfig fields"):
+        chat(policy(PASS)).invoke("hello", bogus=3)
 
 
 def test_lcel_prompt_model_parser() -> None:
@@ -342,10 +342,18 @@ def test_input_guard_before_a_hosted_model() -> None:
     assert "".join(chain.stream("how do I bake bread?")) == REFUSAL and seen == []
     assert asyncio.run(chain.ainvoke("how do I bake bread?")) == REFUSAL and seen == []
     assert (guard(BLOCK) | model).invoke("x").content == REFUSAL  # a message where the chain gives messages
-    # inside a flat sequence the guard can only replace the input; the output guard then refuses too
-    flat = RunnableLambda(lambda x: x) | guard(BLOCK) | model | guard(PASS, "output") | StrOutputParser()
-    assert flat.invoke("how do I bake bread?") == REFUSAL
-    assert seen == [REFUSAL]  # the model only ever saw the refusal
+    # inside a flat sequence (after a prompt template) the guard stops the chain where it stands
+    prompt = ChatPromptTemplate.from_messages([("human", "{q}")])
+    flat = prompt | guard(BLOCK) | model | guard(PASS, "output") | StrOutputParser()
+    with pytest.raises(glc.InputBlocked, match="blocked the input") as info:
+        flat.invoke({"q": "how do I bake bread?"})
+    assert info.value.refusal == REFUSAL and info.value.metadata["blocked"] is True
+    assert seen == []  # the model never ran
+    assert glc.refuse_on_block(flat).invoke({"q": "how do I bake bread?"}) == REFUSAL and seen == []
+    assert "".join(glc.refuse_on_block(flat).stream({"q": "x"})) == REFUSAL and seen == []
+    with pytest.raises(glc.InputBlocked):
+        asyncio.run(flat.ainvoke({"q": "how do I bake bread?"}))
+    assert seen == []
     assert (guard(PASS) | model | StrOutputParser()).invoke("hi") == "Sure, here it is." and seen[-1] == "hi"
     with pytest.raises(GuardrailViolation, match="blocked the input"):
         (guard(BLOCK, extra="raise_on_block: true") | model).invoke("how do I bake bread?")

@@ -2,26 +2,23 @@
 (a Runnable that scans text going into or out of any runnable) and ``SAEGuardMiddleware`` (agents).
 
 Needs ``langchain-core``; ``SAEGuardMiddleware`` also needs ``langchain`` v1 (``sae-guardrails[langchain]``).
+Modules: messages, chat_model, tools, streaming, guard, sequence, middleware.
 """
 
 from typing import Any
 
-from guardrails.integrations.langchain.chat import (
-    PROMPT_METADATA_KEY,
-    GuardedChatModel,
-    GuardedSequence,
-    SAEGuard,
-    guard_metadata,
-    message_to_turn,
-    to_turns,
-)
+from guardrails.integrations.langchain.chat_model import GuardedChatModel
+from guardrails.integrations.langchain.guard import PROMPT_METADATA_KEY, InputBlocked, SAEGuard
+from guardrails.integrations.langchain.messages import guard_metadata, message_to_turn, to_turns
+from guardrails.integrations.langchain.sequence import GuardedSequence, RefuseOnBlock, refuse_on_block
+from guardrails.integrations.langchain.tools import parse_tool_calls
 
 
 def __getattr__(name: str) -> Any:
     if name == "SAEGuardMiddleware":
-        from guardrails.integrations.langchain import chat
+        from guardrails.integrations.langchain.middleware import SAEGuardMiddleware
 
-        return chat.SAEGuardMiddleware
+        return SAEGuardMiddleware
     raise AttributeError(f"module 'guardrails.integrations.langchain' has no attribute {name!r}")
 
 
@@ -29,9 +26,13 @@ __all__ = [
     "PROMPT_METADATA_KEY",
     "GuardedChatModel",
     "GuardedSequence",
+    "InputBlocked",
+    "RefuseOnBlock",
     "SAEGuard",
     "SAEGuardMiddleware",
     "guard_metadata",
     "message_to_turn",
+    "parse_tool_calls",
+    "refuse_on_block",
     "to_turns",
 ]
