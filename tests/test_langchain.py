@@ -600,3 +600,212 @@ def test_bundled_sae_guard_around_hosted_model(tmp_path: Path) -> None:
     assert chain.invoke({"q": "capital of France?"}) == REFUSAL
     in_guard = SAEGuard.from_policy(str(_bundled_policy(tmp_path, PASS, "input")))
     assert (in_guard | hosted("Paris.") | StrOutputParser()).invoke("capital of France?") == "Paris."
+
+
+# -- chat model conventions: tools, structured output, stop, max_tokens, temperature 0, streaming ------------------
+
+
+class ForceText:
+    """A logits processor that makes the model write ``text`` and then its end-of-sequence token."""
+
+    def __init__(self, text: str) -> None:
+        tok = _tok()
+        self.ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        i = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[i]] = 0.0
+        return forced
+
+
+def forced(pol: Policy, text: str, **kw: Any) -> GuardedChatModel:
+    from transformers import LogitsProcessorList
+
+    return GuardedChatModel(guard=guarded(pol), max_new_tokens=kw.pop("max_new_tokens", 64),
+                            generation_kwargs={"logits_processor": LogitsProcessorList([ForceText(text)])}, **kw)
+
+
+def get_weather(city: str) -> str:
+    """Get the weather in a city."""
+    return f"It is sunny in {city}."
+
+
+@pytest.mark.parametrize(("text", "calls"), [
+    ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>',  # SmolLM2
+     [("get_weather", {"city": "Paris"})]),
+    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'  # Qwen3
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
+     [("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Rome"})]),
+    ('{"name": "get_weather", "arguments": {"city": "Lima"}}', [("get_weather", {"city": "Lima"})]),
+    ("Paris is sunny today.", []),
+])
+def test_parse_tool_calls_formats(text: str, calls: list[tuple[str, dict[str, Any]]]) -> None:
+    from guardrails.integrations.langchain.tools import parse_tool_calls
+
+    parsed = parse_tool_calls(text, ["get_weather"])
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == calls
+    assert "<tool_call>" not in parsed.text and not parsed.invalid
+    bad = parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', ["get_weather"])
+    assert not bad.tool_calls and bad.invalid and "bound tool" in bad.invalid[0]["error"]
+
+
+def test_bind_tools_reads_the_models_tool_call_and_guards_its_text() -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    model = forced(policy(PASS, window=WIDE, aggregate="sum"), call).bind_tools([get_weather])
+    msg = model.invoke("What is the weather in Paris?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert msg.response_metadata["finish_reason"] == "tool_calls" and msg.content == ""
+    # the output rule scored the tool-call text token by token (the count rule sees each of its tokens)
+    n_call = len(_tok()(call, add_special_tokens=False)["input_ids"])
+    assert msg.response_metadata["guardrails"]["decisions"] == []
+    assert msg.usage_metadata["output_tokens"] == n_call
+    blocked = forced(policy(BLOCK), call).bind_tools([get_weather]).invoke("What is the weather in Paris?")
+    assert blocked.content == REFUSAL and blocked.tool_calls == []
+    chunks = list(forced(policy(PASS), call).bind_tools([get_weather]).stream("weather in Paris?"))
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_tool_results_and_calls_are_scored_by_input_rules() -> None:
+    convo = [HumanMessage("weather in Paris?"),
+             AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+             ToolMessage("It is sunny in Paris.", tool_call_id="c1")]
+    turns = to_turns(convo)
+    assert turns[1]["content"].count("<tool_call>") == 1 and '"city": "Paris"' in turns[1]["content"]
+    assert turns[2] == {"role": "tool", "content": "It is sunny in Paris."}
+    g = guard(BLOCK)
+    _, meta = g.check(convo)
+    assert meta["blocked"] is True
+    out_pass = guard(PASS, window=WIDE, aggregate="sum")
+    _, with_tool = out_pass.check(convo)
+    _, without = out_pass.check(convo[:2])
+    assert with_tool["scores"]["r"] > without["scores"]["r"]  # the tool result's tokens were scored
+
+
+def test_with_structured_output_json_schema() -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    model = forced(policy(PASS), '{"name": "Paris", "population": 2100000}')
+    city = model.with_structured_output(City).invoke("Describe Paris as JSON")
+    assert city == City(name="Paris", population=2100000)
+    raw = forced(policy(PASS), 'Sure: {"name": "Oslo", "population": 700000}').with_structured_output(
+        City.model_json_schema(), include_raw=True).invoke("Oslo")
+    assert raw["parsed"] == {"name": "Oslo", "population": 700000} and raw["parsing_error"] is None
+    broken = forced(policy(PASS), "no json here").with_structured_output(City, include_raw=True).invoke("x")
+    assert broken["parsed"] is None and broken["parsing_error"] is not None
+
+
+def test_stop_sequences_end_generation() -> None:
+    model = chat(policy(PASS), max_new_tokens=24)
+    full = model.invoke("Tell me a story")
+    text = str(full.content)
+    stop = text[6:9]
+    cut = model.invoke("Tell me a story", stop=[stop])
+    assert cut.content == text[: text.index(stop)]
+    assert cut.response_metadata["finish_reason"] == "stop"
+    # generation ended at the stop sequence, not after all 24 tokens
+    assert cut.usage_metadata["output_tokens"] < full.usage_metadata["output_tokens"]
+
+
+def test_max_tokens_and_temperature_zero() -> None:
+    model = GuardedChatModel(guard=guarded(policy(PASS)), max_tokens=3, temperature=0)
+    assert model.max_new_tokens == 3
+    msg = model.invoke("Tell me a story")
+    assert msg.usage_metadata["output_tokens"] == 3 and msg.response_metadata["finish_reason"] == "length"
+    ref = model.guard.generate("Tell me a story", max_new_tokens=3)
+    assert isinstance(ref, GenerationResult) and msg.content == ref.text
+    assert model.invoke("Tell me a story", max_tokens=2).usage_metadata["output_tokens"] == 2
+
+
+def test_streaming_true_invoke_fires_token_callbacks() -> None:
+    model = chat(policy(PASS), streaming=True, max_new_tokens=8)
+    handler = Tokens()
+    msg = model.invoke("Tell me a story", config={"callbacks": [handler]})
+    assert len([t for t in handler.tokens if t]) > 1 and "".join(handler.tokens) == msg.content
+    assert msg.content == chat(policy(PASS), max_new_tokens=8).invoke("Tell me a story").content
+    assert msg.response_metadata["guardrails"]["blocked"] is False
+
+
+def test_two_named_middlewares_and_metadata_on_the_final_message() -> None:
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+
+    in_mw = glc.SAEGuardMiddleware(guarded(policy(PASS, scope="input", action="flag", extra="")), name="in-guard")
+    out_mw = glc.SAEGuardMiddleware(guarded(policy(BLOCK, scope="output", action="flag")), name="out-guard")
+    agent = create_agent(model=GenericFakeChatModel(messages=iter([AIMessage("Sure.", id="a1")])), tools=[],
+                         middleware=[in_mw, out_mw])
+    last = agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1]
+    assert last.content == "Sure."  # flagged, not blocked
+    entries = last.response_metadata["guardrails_middleware"]
+    assert set(entries) == {"in-guard", "out-guard"}
+    assert entries["in-guard"]["input"]["blocked"] is False
+    assert entries["out-guard"]["output"]["flagged"] is True
+    assert entries["out-guard"]["output"]["decisions"][0]["action"] == "flag"
+    # default names differ by policy and modes; the same one twice is refused by create_agent
+    a = glc.SAEGuardMiddleware(guarded(policy(PASS, scope="input")))
+    b = glc.SAEGuardMiddleware(guarded(policy(PASS, scope="output")))
+    assert a.name != b.name
+    create_agent(model=hosted(), tools=[], middleware=[a, b])
+
+
+def test_scans_and_middleware_decisions_are_audited(tmp_path: Path) -> None:
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+
+    from guardrails import AuditStore
+
+    store = AuditStore(tmp_path / "audit.db")
+    gm = GuardedModel(_lm(), _tok(), policy(PASS, scope="both"), saes={"s": random_sae(d_sae=256)}, audit=store)
+    (SAEGuard(guard=gm, mode="input") | hosted() | SAEGuard(guard=gm, mode="output")).invoke("hi")
+    kinds = [r.data["kind"] for r in store.iter_records()]
+    assert kinds == ["scan:input", "scan:output"]
+    agent = create_agent(model=hosted(), tools=[], middleware=[glc.SAEGuardMiddleware(gm)])
+    agent.invoke({"messages": [HumanMessage("hi")]})
+    assert [r.data["kind"] for r in store.iter_records()][2:] == ["scan:input", "scan:output"]
+
+
+@pytest.mark.model
+def test_bundled_agent_with_a_tool_and_two_guards(tmp_path: Path) -> None:
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from guardrails import AuditStore
+
+    calls: list[str] = []
+
+    @tool
+    def weather(city: str) -> str:
+        """Get the current weather in a city."""
+        calls.append(city)
+        return f"It is sunny in {city}."
+
+    in_guard, out_guard = SAEGuard.from_policy(str(_bundled_policy(tmp_path, PASS, "both")),
+                                               mode=("input", "output"), audit=tmp_path / "audit.db")
+    shared = in_guard.guard
+    assert out_guard.guard is shared  # one loaded model for both
+    model = GuardedChatModel(guard=shared, max_tokens=48, temperature=0)
+    agent = create_agent(model=model, tools=[weather], middleware=[
+        glc.SAEGuardMiddleware(shared, input=True, output=False, name="input-policy"),
+        glc.SAEGuardMiddleware(shared, input=False, output=True, name="output-policy"),
+    ])
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in Paris? Use the weather tool.")]})
+    last = out["messages"][-1]
+    assert isinstance(last, AIMessage)
+    assert set(last.response_metadata["guardrails_middleware"]) == {"input-policy", "output-policy"}
+    assert last.response_metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    records = list(AuditStore(tmp_path / "audit.db").iter_records())
+    assert {r.data["kind"] for r in records} >= {"scan:input", "scan:output"}
+    # the model may call the tool poorly; when it does call it, the tool ran and its result was guarded
+    if any(isinstance(m, ToolMessage) for m in out["messages"]):
+        assert calls
