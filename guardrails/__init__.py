@@ -11,11 +11,14 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from guardrails.core.errors import GuardrailViolation
+from guardrails.core.errors import GuardrailsError, GuardrailViolation
 
 if TYPE_CHECKING:
+    from guardrails.audit.store import AuditError, AuditStore
     from guardrails.core.decision import Decision, TextScore
     from guardrails.core.policy import Policy, PolicyError
+    from guardrails.engine.compile import CompiledPolicy, compile_policy
+    from guardrails.engine.steering import Steer, steering
     from guardrails.sae.model import SAE, EncodeOutput, SAEConfig, SAEError
     from guardrails.serving.generation import GenerationResult, GuardedModel, GuardedStream
 
@@ -35,6 +38,12 @@ _LAZY = {
     "GuardedModel": "guardrails.serving.generation",
     "GuardedStream": "guardrails.serving.generation",
     "TextScore": "guardrails.core.decision",
+    "AuditStore": "guardrails.audit.store",
+    "AuditError": "guardrails.audit.store",
+    "CompiledPolicy": "guardrails.engine.compile",
+    "compile_policy": "guardrails.engine.compile",
+    "Steer": "guardrails.engine.steering",
+    "steering": "guardrails.engine.steering",
 }
 
 
@@ -53,16 +62,23 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SAE",
+    "AuditError",
+    "AuditStore",
+    "CompiledPolicy",
     "Decision",
     "EncodeOutput",
     "GenerationResult",
     "GuardedModel",
     "GuardedStream",
     "GuardrailViolation",
+    "GuardrailsError",
     "Policy",
     "PolicyError",
     "SAEConfig",
     "SAEError",
+    "Steer",
     "TextScore",
     "__version__",
+    "compile_policy",
+    "steering",
 ]

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
-class GuardrailViolation(RuntimeError):
+class GuardrailsError(Exception):
+    """Base of the errors this package raises: bad input (policies, SAE files, models, arguments) or a guard
+    that could not do its job. The CLI turns every one into a one-line message and exit code 2."""
+
+
+class GuardrailViolation(GuardrailsError, RuntimeError):
     """Raised (when a policy says ``raise_on_block: true``) instead of returning a refusal.
 
     ``result`` holds the :class:`~guardrails.serving.generation.GenerationResult` or

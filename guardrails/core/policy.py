@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from guardrails.core.errors import GuardrailsError
 from guardrails.core.normalize import NormalizeSpec
 
 Action = Literal["flag", "block", "steer"]
@@ -29,7 +30,7 @@ StrictInt = Annotated[int, Field(strict=True)]
 """An integer as such: ``true``, ``"4828"`` and ``4828.0`` are errors."""
 
 
-class PolicyError(ValueError):
+class PolicyError(GuardrailsError, ValueError):
     """A policy is invalid; the message names the source, the YAML path and the valid options."""
 
 
@@ -95,16 +96,54 @@ Detector = SAEFeaturesDetector | LinearDetector
 
 
 class Steer(_Strict):
-    """Negative steering applied from the token that tripped the rule onwards."""
+    """Steering applied from the token that tripped the rule onwards (or always, or when another rule fires).
 
-    method: Literal["subtract", "clamp"] = Field(
+    Directions: ``direction`` (a direction file written by ``guardrails direction``, relative to the YAML,
+    or ``sae:<sae id>:<feature>`` for an SAE feature's decoder row); default: the detector's own direction.
+    See :mod:`guardrails.engine.steering`.
+    """
+
+    method: Literal["subtract", "add", "clamp"] = Field(
         default="subtract",
-        description="subtract: h - strength * unit direction; clamp: remove the features' contribution (set to 0)",
+        description="add: h + strength * unit direction; subtract: h - strength * unit direction; clamp: cap the "
+        "projection on the direction at strength (0: remove it; without 'direction': the features' contribution)",
     )
-    strength: FiniteFloat = Field(default=8.0, ge=0, description="alpha for 'subtract', in residual-stream units")
+    strength: FiniteFloat = Field(default=8.0, description="Signed; in residual units, or x the token's residual "
+                                  "norm with relative_to: norm")
+    relative_to: Literal["absolute", "norm"] = Field(
+        default="absolute", description="absolute: strength in residual-stream units; norm: x each token's residual norm"
+    )
+    direction: str | None = Field(default=None, description="Direction file (.safetensors) or 'sae:<sae id>:<feature>'"
+                                  "; default: the detector's direction")
+    layers: list[StrictInt] | None = Field(default=None, min_length=1, description="Layers steered; default: the "
+                                           "detector's layer (a direction file's own layer for steering: entries)")
+    positions: Literal["generated", "all"] = Field(
+        default="generated", description="steering: entries: from the first generated token (generated) or "
+        "every token after position 0 (all, the prompt too)"
+    )
     features: list[StrictInt] | None = Field(default=None,
                                              description="SAE features to steer against; default: detector's")
     block_above: FiniteFloat | None = Field(default=None, description="Block instead when the score reaches this value")
+
+
+class SteerRule(_Strict):
+    """An entry of ``steering:``: steering with no detector of its own, always on or when a rule fires."""
+
+    id: str = Field(min_length=1, description="Unique id (shared namespace with rules)")
+    description: str = Field(default="", description="What the steering does")
+    always: bool = Field(default=False, description="Steer every generation (from the first generated token)")
+    when: str | None = Field(default=None, description="Id of a rule in 'rules': steer a row once that rule fires")
+    steer: Steer = Field(description="What to steer: direction, method, strength, layers")
+
+    @model_validator(mode="after")
+    def _trigger(self) -> SteerRule:
+        if self.always == (self.when is not None):
+            raise ValueError("give exactly one of 'always: true' or 'when: <rule id>'")
+        if self.steer.features:
+            raise ValueError("steer.features: only valid on a rule with an sae_features detector; use direction")
+        if self.steer.direction is None:
+            raise ValueError("steer.direction: required in steering: entries (a file or 'sae:<sae id>:<feature>')")
+        return self
 
 
 class Rule(_Strict):
@@ -164,6 +203,8 @@ class Policy(_Strict):
                     "percent/tags scored too); true (default) or false, or the steps one by one",
     )
     rules: list[Rule] = Field(min_length=1, description="The rules, checked in order")
+    steering: list[SteerRule] = Field(default_factory=list, description="Steering that is always on or gated "
+                                      "by a rule (see guardrails.engine.steering)")
     calibration: dict[str, Any] | None = Field(default=None, description="Record of how thresholds were fitted")
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against")
 
@@ -180,6 +221,23 @@ class Policy(_Strict):
                 raise ValueError(f"rules[{i}].detector.sae: unknown SAE id {det.sae!r}; valid: {valid}")
             if rule.steer and rule.steer.features and not isinstance(det, SAEFeaturesDetector):
                 raise ValueError(f"rules[{i}].steer.features: only valid with an sae_features detector")
+        for i, sr in enumerate(self.steering):  # steering entries: ids, gates and SAE references
+            if sr.id in seen:
+                raise ValueError(f"steering[{i}].id: duplicate id {sr.id!r} (rules and steering share ids)")
+            seen.add(sr.id)
+            if sr.when is not None and sr.when not in {r.id for r in self.rules}:
+                raise ValueError(f"steering[{i}].when: unknown rule {sr.when!r}; valid: "
+                                 f"{', '.join(r.id for r in self.rules)}")
+        for where, st in [(f"rules[{i}].steer", r.steer) for i, r in enumerate(self.rules)] + [
+                (f"steering[{i}].steer", sr.steer) for i, sr in enumerate(self.steering)]:
+            ref = st.direction if st is not None else None
+            if ref and ref.startswith("sae:"):
+                parts = ref.split(":")
+                if len(parts) != 3 or not parts[2].isdigit():
+                    raise ValueError(f"{where}.direction: {ref!r}; valid: 'sae:<sae id>:<feature id>' or a file")
+                if parts[1] not in self.saes:
+                    valid = ", ".join(self.saes) or "(none declared under 'saes')"
+                    raise ValueError(f"{where}.direction: unknown SAE id {parts[1]!r}; valid: {valid}")
         return self
 
     # -- loading ------------------------------------------------------------------------------
@@ -352,7 +410,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
     "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
-    "normalize": NormalizeSpec,
+    "normalize": NormalizeSpec, "steering": SteerRule,
 }
 
 

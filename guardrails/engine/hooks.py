@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guardrails.core.errors import GuardrailsError
+
 # Attribute paths, tried in order, from the loaded object to its list of decoder blocks.
 LAYER_PATHS: tuple[str, ...] = (
     "model.language_model.layers",  # Qwen3.5 / Qwen3-VL multimodal classes
@@ -28,7 +30,7 @@ LAYER_PATHS: tuple[str, ...] = (
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe")
 
 
-class HookError(RuntimeError):
+class HookError(GuardrailsError, RuntimeError):
     """A hook could not be placed (unknown model layout, layer out of range)."""
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from guardrails.core.errors import GuardrailsError
 from guardrails.core.policy import LinearDetector, Policy, Rule, SAEFeaturesDetector
 from guardrails.sae.model import SAE, SAEError
 
 
-class DetectorError(RuntimeError):
+class DetectorError(GuardrailsError, RuntimeError):
     """A detector could not score (bad activations, device mismatch...)."""
 
 

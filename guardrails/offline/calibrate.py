@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from guardrails.core.errors import GuardrailsError
 from guardrails.core.policy import Policy, Rule, SAEFeaturesDetector
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ MAX_TOKENS = 1024
 Scope = Literal["input", "output"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(GuardrailsError, ValueError):
     """Labeled data or a calibration request is invalid; the message names the file and row."""
 
 
@@ -183,11 +184,12 @@ def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence
                      chat: bool = True) -> list[list[int]]:
     """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
     from guardrails.offline.activations import scored_positions as keep_of
-    from guardrails.offline.activations import tokenize_rows
+    from guardrails.offline.activations import system_prefix_tokens, tokenize_rows
 
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     rows = tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS)
-    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input") for ids, n_prompt in rows]
+    skip = system_prefix_tokens(tokenizer, chat)
+    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input", skip) for ids, n_prompt in rows]
 
 
 def residuals(
@@ -199,7 +201,7 @@ def residuals(
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     key = hashlib.sha256(
-        json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v1"]).encode()
+        json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v2-no-system"]).encode()
     ).hexdigest()[:24]
     path = cache_root() / f"{key}.safetensors"
     prompts, responses = rows_for_scope(data, scope)

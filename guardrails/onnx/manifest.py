@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from guardrails.core.errors import GuardrailsError
+
 FORMAT = "sae-guardrails-onnx"
 FORMAT_VERSION = 1
 MODEL_FILE = "guard.onnx"
@@ -21,5 +23,5 @@ CHECK_TEXTS: tuple[tuple[str, str | None], ...] = (
 """Texts (prompt, response) scored by both paths at export to record parity in the manifest."""
 
 
-class OnnxGuardError(RuntimeError):
+class OnnxGuardError(GuardrailsError, RuntimeError):
     """An ONNX guard folder is missing, invalid, or was made by an incompatible version."""

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guardrails.sae.model import SAE, SAEConfig, SAEError
-from guardrails.serving.models import parse_dtype
+from guardrails.sae.model import SAE, SAEConfig, SAEError, parse_dtype
 
 logger = logging.getLogger(__name__)
 

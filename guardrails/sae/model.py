@@ -25,11 +25,33 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from guardrails.core.errors import GuardrailsError
+
 Architecture = Literal["topk", "jumprelu", "relu"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "jumprelu", "relu")
 
 
-class SAEError(ValueError):
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, *, where: str = "dtype") -> torch.dtype | None:
+    """Turn ``"bf16"``, ``"float32"``... or a torch dtype into a torch dtype (``None`` stays ``None``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown {where} {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
+
+
+class SAEError(GuardrailsError, ValueError):
     """An SAE file or argument is invalid; the message names the file, tensor or argument."""
 
 

