@@ -281,6 +281,9 @@ def test_suspended_stream_does_not_steer_other_calls(lm: Any, tok: Any, sae_file
     expected = _greedy(model, tok, PROMPTS[2])
     steer = "    steer: {method: subtract, strength: 40}\n"
     steering = GuardedModel(model, tok, _policy(sae_file[0], threshold=-1e9, action="steer", steer=steer))
+    # positive control: the same stream run to the end did steer, and steering changed PROMPTS[2]'s output
+    done = steering.generate(PROMPTS[2], max_new_tokens=NEW, chat=False)
+    assert done.steered and done.output_ids != expected
     it = iter(steering.stream(PROMPTS[1], max_new_tokens=NEW, chat=False))
     next(it)  # the stream has tripped its steer rule and is now suspended
     try:
