@@ -1,0 +1,290 @@
+"""Steering on tiny models, checked against residuals computed by hand.
+
+The public API (``guardrails.steering``): h + s·u, h + s·||h||·u and the clamp, by formula; positions
+(prompt / generated / all) and rows; cached decode steps equal to uncached ones; hooks that come off.
+Policies: ``steering:`` entries (always, when a gate rule fires) and new-style steer rules give the same
+tokens as the API applied by hand, only to the flagged rows of a batch; the schema's errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import guardrails
+from guardrails import GuardedModel, Policy, PolicyError, Steer
+from guardrails.engine.hooks import capture, hooks_on
+from guardrails.engine.steering import SteeringError, SteerVector, apply_steer
+from tests.builders import HIDDEN, random_sae, tiny_lm, tiny_tokenizer
+
+LAYER = 1
+PROMPTS = ["How do I bake bread?", "Tell me a story about a fox"]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tok: Any) -> Any:
+    return tiny_lm("llama", tok)
+
+
+def _direction(seed: int = 3) -> torch.Tensor:
+    return torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _batch(tok: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    tok.padding_side = "left"
+    return dict(tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def _residual(lm: Any, enc: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
+    with torch.no_grad(), capture(lm, layers) as store:
+        lm(**enc)
+    return {k: v.clone() for k, v in store.items()}
+
+
+def _generate(lm: Any, tok: Any, enc: dict[str, torch.Tensor], use_cache: bool = True) -> list[list[int]]:
+    with torch.no_grad():
+        out = lm.generate(**enc, max_new_tokens=NEW, do_sample=False, use_cache=use_cache,
+                          pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+# -- the formula ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("relative_to", ["absolute", "norm"])
+def test_add_matches_hand_computed_residual(lm: Any, tok: Any, relative_to: str) -> None:
+    enc = _batch(tok, PROMPTS)
+    d = _direction()
+    base = _residual(lm, enc, [LAYER])[LAYER]
+    s = 0.7 if relative_to == "norm" else 3.0
+    with guardrails.steering(lm, [Steer(LAYER, direction=d, strength=s, relative_to=relative_to)]):  # type: ignore[arg-type]
+        got = _residual(lm, enc, [LAYER])[LAYER]  # capture hook runs after the steering hook
+    u = d / d.norm()
+    scale = base.norm(dim=-1, keepdim=True) if relative_to == "norm" else torch.ones_like(base[..., :1])
+    want = base + s * scale * u
+    mask = enc["attention_mask"].bool()
+    first = mask.float().argmax(1)  # position 0 of each row: never steered
+    steered = mask.clone()
+    steered[torch.arange(len(PROMPTS)), first] = False
+    torch.testing.assert_close(got[steered], want[steered], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[~steered], base[~steered])
+
+
+def test_negative_strength_steers_away_and_clamp_caps_projection() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, HIDDEN, generator=g) * 4
+    u = _direction() / _direction().norm()
+    away = apply_steer(h, SteerVector(u, -2.0, "absolute", "add"))
+    torch.testing.assert_close(away @ u, h @ u - 2.0)
+    cap = 0.5
+    clamped = apply_steer(h, SteerVector(u, cap, "absolute", "clamp"))
+    proj = h @ u
+    torch.testing.assert_close(clamped @ u, torch.minimum(proj, torch.tensor(cap)), rtol=1e-5, atol=1e-5)
+    below = proj <= cap  # tokens under the cap are untouched, byte for byte
+    assert torch.equal(clamped[below], h[below])
+
+
+# -- positions, rows, cache, hooks ------------------------------------------------------------------------------
+def test_generated_positions_start_at_last_prompt_token(lm: Any, tok: Any) -> None:
+    enc = _batch(tok, PROMPTS)
+    d = _direction()
+    base = _residual(lm, enc, [LAYER])[LAYER]
+    P = enc["input_ids"].shape[1]
+    for positions, cols in (("generated", [P - 1]), ("prompt", list(range(P)))):
+        with guardrails.steering(lm, Steer(LAYER, direction=d, strength=2.0, relative_to="absolute"),
+                                 positions=positions):  # type: ignore[arg-type]
+            got = _residual(lm, enc, [LAYER])[LAYER]
+        changed = (got - base).abs().amax(-1) > 1e-6
+        real = enc["attention_mask"].bool()
+        want = torch.zeros_like(changed)
+        want[:, cols] = True
+        want &= real
+        want[torch.arange(len(PROMPTS)), real.float().argmax(1)] = False
+        assert torch.equal(changed, want), positions
+
+
+@pytest.mark.parametrize("positions", ["generated", "all"])
+def test_cached_decode_equals_uncached_and_changes_output(lm: Any, tok: Any, positions: str) -> None:
+    enc = _batch(tok, PROMPTS)
+    plain = _generate(lm, tok, enc)
+    steer = [Steer([0, LAYER], direction=_direction(), strength=1.5)]
+    with guardrails.steering(lm, steer, positions=positions):  # type: ignore[arg-type]
+        cached = _generate(lm, tok, enc, use_cache=True)
+        uncached = _generate(lm, tok, enc, use_cache=False)
+    assert cached == uncached  # every cached step is steered exactly as the full recompute
+    assert cached != plain
+    assert _generate(lm, tok, enc) == plain  # hooks came off
+
+
+def test_rows_limit_steering_to_those_rows(lm: Any, tok: Any) -> None:
+    enc = _batch(tok, PROMPTS)
+    plain = _generate(lm, tok, enc)
+    with guardrails.steering(lm, [Steer(LAYER, direction=_direction(), strength=1.5)], rows=[1]):
+        out = _generate(lm, tok, enc)
+    assert out[0] == plain[0] and out[1] != plain[1]
+
+
+def test_handle_is_idempotent_and_context_manager(lm: Any, tok: Any) -> None:
+    before = hooks_on(lm)
+    h = guardrails.steering(lm, [Steer(LAYER, direction=_direction(), strength=1.0)])
+    assert hooks_on(lm) == before + 1 and h.active
+    h.remove()
+    h.remove()
+    assert hooks_on(lm) == before and not h.active
+    with pytest.raises(RuntimeError), guardrails.steering(lm, [Steer(LAYER, direction=_direction(), strength=1.0)]):
+        raise RuntimeError("boom")
+    assert hooks_on(lm) == before
+
+
+def test_sae_feature_direction_is_decoder_row(lm: Any, tok: Any) -> None:
+    sae = random_sae(HIDDEN, 64, k=4, layer=LAYER)
+    enc = _batch(tok, PROMPTS[:1])
+    base = _residual(lm, enc, [LAYER])[LAYER]
+    with guardrails.steering(lm, [Steer(LAYER, sae_feature=(sae, 5), strength=2.0, relative_to="absolute")]):
+        got = _residual(lm, enc, [LAYER])[LAYER]
+    u = sae.W_dec.data[5] / sae.W_dec.data[5].norm()
+    torch.testing.assert_close(got[0, 1:], base[0, 1:] + 2.0 * u, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_problem(lm: Any) -> None:
+    with pytest.raises(SteeringError, match="out of range"):
+        guardrails.steering(lm, [Steer(99, direction=_direction())])
+    with pytest.raises(SteeringError, match=r"valid: \(64,\)"):
+        guardrails.steering(lm, [Steer(LAYER, direction=torch.ones(7))])
+    with pytest.raises(SteeringError, match="exactly one"):
+        Steer(LAYER)
+    with pytest.raises(SteeringError, match="positions"):
+        guardrails.steering(lm, [Steer(LAYER, direction=_direction())], positions="middle")  # type: ignore[arg-type]
+    with pytest.raises(SteeringError, match="zero vector"):
+        guardrails.steering(lm, [Steer(LAYER, direction=torch.zeros(HIDDEN))])
+    assert hooks_on(lm) == 0
+
+
+# -- policies ---------------------------------------------------------------------------------------------------
+def _files(tmp_path: Path) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    d = tmp_path / "dir.safetensors"
+    save_file({"direction": _direction()}, str(d), metadata={"layer": str(LAYER)})
+    w = tmp_path / "probe.safetensors"
+    save_file({"weight": _direction(7), "bias": torch.zeros(())}, str(w))
+    return d, w
+
+
+def _policy(tmp_path: Path, steering: str, threshold: float = 1e9, gate_layer: int = 0) -> Policy:
+    d, w = _files(tmp_path)
+    return Policy.from_yaml(f"""
+name: steer-test
+rules:
+  - id: gate
+    scope: input
+    detector: {{kind: linear, layer: {gate_layer}, weights: "{w}"}}
+    threshold: {threshold}
+    action: flag
+steering:
+{steering.replace("DIR", str(d))}
+""")
+
+
+def _guarded(lm: Any, tok: Any, policy: Policy, prompts: list[str]) -> list[list[int]]:
+    res = GuardedModel(lm, tok, policy, chat=False).generate(list(prompts), max_new_tokens=NEW)
+    assert isinstance(res, list)
+    return [r.output_ids for r in res]
+
+
+def _cut(rows: list[list[int]], eos: int) -> list[list[int]]:
+    """Each row up to its first eos (GuardedModel stops there)."""
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def _api(lm: Any, tok: Any, prompts: list[str], rows: list[int] | None, layers: list[int], s: float) -> list[list[int]]:
+    enc = _batch(tok, prompts)
+    with guardrails.steering(lm, [Steer(layers, direction=_direction(), strength=s)], positions="generated",
+                             rows=rows):
+        return _cut(_generate(lm, tok, enc), tok.eos_token_id)
+
+
+def test_always_entry_equals_api(lm: Any, tok: Any, tmp_path: Path) -> None:
+    pol = _policy(tmp_path, """  - id: tone
+    always: true
+    steer: {direction: DIR, method: add, strength: 1.5, relative_to: norm, layers: [0, 1]}
+""")
+    got = _guarded(lm, tok, pol, PROMPTS)
+    assert got == _api(lm, tok, PROMPTS, None, [0, 1], 1.5)
+    assert got != _api(lm, tok, PROMPTS, None, [0, 1], 0.0)
+    # subtract with a negative strength is the same as add: the sign is the direction
+    pol2 = _policy(tmp_path, """  - id: tone
+    always: true
+    steer: {direction: DIR, method: subtract, strength: -1.5, relative_to: norm, layers: [0, 1]}
+""")
+    assert _guarded(lm, tok, pol2, PROMPTS) == got
+
+
+def test_gated_entry_steers_only_flagged_rows(lm: Any, tok: Any, tmp_path: Path) -> None:
+    probe = GuardedModel(lm, tok, _policy(tmp_path, "  []"), chat=False)
+    hi = [max(s.scores.values()) for s in probe.score(PROMPTS, chat=False)]
+    assert abs(hi[0] - hi[1]) > 1e-3
+    fire = int(hi[1] > hi[0])
+    threshold = (hi[0] + hi[1]) / 2  # only row `fire` trips the gate
+    pol = _policy(tmp_path, """  - id: refuse
+    when: gate
+    steer: {direction: DIR, method: add, strength: 1.5, relative_to: norm}
+""", threshold=threshold)  # layer from the direction file's metadata (1), deeper than the gate (0)
+    guard = GuardedModel(lm, tok, pol, chat=False)
+    res = guard.generate(list(PROMPTS), max_new_tokens=NEW)
+    assert isinstance(res, list)
+    assert [r.steered for r in res] == [b == fire for b in range(2)]
+    plain = _api(lm, tok, PROMPTS, [], [LAYER], 0.0)
+    want = _api(lm, tok, PROMPTS, [fire], [LAYER], 1.5)
+    got = [r.output_ids for r in res]
+    assert got[1 - fire] == plain[1 - fire]  # the other row: byte for byte unsteered
+    assert got[fire] == want[fire] != plain[fire]
+
+
+def test_rule_steer_with_direction_and_layers(lm: Any, tok: Any, tmp_path: Path) -> None:
+    d, w = _files(tmp_path)
+    pol = Policy.from_yaml(f"""
+name: t
+rules:
+  - id: s
+    scope: input
+    detector: {{kind: linear, layer: 0, weights: "{w}"}}
+    threshold: -1e9
+    action: steer
+    steer: {{direction: "{d}", method: add, strength: 1.5, relative_to: norm, layers: [1]}}
+""")
+    got = _guarded(lm, tok, pol, PROMPTS)
+    # trips at the first scored prompt token (position 1): every later position at layer 1 is steered
+    enc = _batch(tok, PROMPTS)
+    with guardrails.steering(lm, [Steer(1, direction=_direction(), strength=1.5)], positions="all"):
+        want = _cut(_generate(lm, tok, enc), tok.eos_token_id)
+    assert got == want
+
+
+def test_schema_errors(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"steering\[0\]\.when: unknown rule 'nope'"):
+        _policy(tmp_path, "  - {id: x, when: nope, steer: {direction: DIR}}")
+    with pytest.raises(PolicyError, match="exactly one of 'always: true' or 'when"):
+        _policy(tmp_path, "  - {id: x, steer: {direction: DIR}}")
+    with pytest.raises(PolicyError, match="steer.direction: required"):
+        _policy(tmp_path, "  - {id: x, always: true, steer: {method: add}}")
+    with pytest.raises(PolicyError, match="duplicate id 'gate'"):
+        _policy(tmp_path, "  - {id: gate, always: true, steer: {direction: DIR}}")
+    with pytest.raises(PolicyError, match="unknown SAE id 'main'"):
+        _policy(tmp_path, "  - {id: x, always: true, steer: {direction: 'sae:main:3'}}")
+
+
+def test_layer_out_of_range_in_policy(lm: Any, tok: Any, tmp_path: Path) -> None:
+    pol = _policy(tmp_path, """  - id: tone
+    always: true
+    steer: {direction: DIR, method: add, strength: 1.0, layers: [9]}
+""")
+    with pytest.raises(PolicyError, match=r"steering\[0\]\.steer\.layers: \[9\] out of range"):
+        GuardedModel(lm, tok, pol, chat=False)
