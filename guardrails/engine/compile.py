@@ -27,6 +27,7 @@ from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
 from guardrails.engine.hooks import decoder_layers
 from guardrails.engine.run import GuardRun, StepContext
 from guardrails.engine.scorers import LayerScorer
+from guardrails.engine.steering import PlannedSteer, compile_steers
 from guardrails.sae.model import SAE, SAEConfig, SAEError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class CompiledPolicy:
     """False for :meth:`unthresholded`: scores are traced, nothing fires."""
     scope: str | None = None
     """None, or the scope a :meth:`scoped` variant was made for."""
+    steers: dict[int, list[PlannedSteer]] = field(default_factory=dict)
+    """Steering plan per layer (:func:`guardrails.engine.steering.compile_steers`); hooked with the scorers."""
     _variants: dict[Any, CompiledPolicy] = field(default_factory=dict, repr=False)
 
     @property
@@ -70,7 +73,7 @@ class CompiledPolicy:
         """Fresh per-call state over a batch (one row per prompt)."""
         return GuardRun(
             self.policy, self.scorers, len(prompt_lengths), prompt_lengths, record_trace=record_trace, steer=steer,
-            decide=self.decide, input_roles=self.input_role_codes,
+            decide=self.decide, input_roles=self.input_role_codes, steers=self.steers,
         )
 
     def scoped(self, mode: Literal["input", "output"]) -> CompiledPolicy:
@@ -162,6 +165,7 @@ def compile_policy(
         dev = next(layers[layer].parameters()).device
         scorers[layer] = scorer.to(dev)
     configs = {sid: sae.cfg for sid, sae in loaded.items()}
+    steers = compile_steers(pol, model, loaded, linear)  # before watched mode drops the full SAEs
     if mode == "watched" and not keep_full_saes:
         # only the watched encoder rows (and steering directions) stay in memory: a few KB instead of the
         # whole layer (2 GB for a Qwen3-8B W64K SAE); audits then list watched features only
@@ -169,7 +173,7 @@ def compile_policy(
             scorer.release_full_sae()
         kept = {id(sc.audit_sae) for sc in scorers.values()}
         loaded = {sid: s for sid, s in loaded.items() if id(s) in kept}
-    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers))
+    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers)
 
 
 def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:

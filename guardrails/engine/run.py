@@ -17,6 +17,7 @@ from guardrails.core.decision import Decision, DecisionAction
 from guardrails.core.policy import Policy, Rule
 from guardrails.core.semantics import ROLE_CODES, ROLES, escalate, on_error_of, threshold_of
 from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
+from guardrails.engine.steering import PlannedSteer, SteerState, uses_plan
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,15 @@ class GuardRun:
     """Role codes of the prompt turns input rules score (the policy's ``input_roles``)."""
     prompt_roles: list[list[int]] | None = None
     """Per row, the role code of each prompt token (the decode loop's prompts); None: all the user's."""
+    steers: dict[int, list[PlannedSteer]] = field(default_factory=dict)
+    """Steering plan per layer (steer rules with direction/layers/add/norm settings, and ``steering:`` entries)."""
+    steer_state: SteerState | None = None
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.blocked_at = [None] * self.batch
         self.block_rule = [None] * self.batch
+        self.steer_state = SteerState(self.steers, self.batch, self.prompt_lengths)  # steering plan (steering.py)
         for rule in self.policy.rules:
             w = rule.detector.window
             self.states[rule.id] = RuleState(
@@ -98,7 +103,8 @@ class GuardRun:
         return at is None or pos < at
 
     def steered(self, b: int) -> bool:
-        return any(bool(s.steer_from[b] < 2**62) for s in self.states.values())
+        planned = self.steer_state is not None and self.steer_state.steered(b)
+        return planned or any(bool(s.steer_from[b] < 2**62) for s in self.states.values())
 
     def on_error_of(self, rule: Rule) -> str:
         return on_error_of(self.policy, rule)
@@ -109,6 +115,8 @@ class GuardRun:
         ctx = self.ctx
         if ctx is None:
             return None
+        if layer not in self.scorers:  # a layer only steered (steering plan), nothing scored here
+            return self._steer_planned(layer, hidden, None)
         self.seen_layers.add(layer)
         scorer = self.scorers[layer]
         B, T = hidden.shape[:2]
@@ -249,6 +257,8 @@ class GuardRun:
             self._block(b, pos, rule.id)
         elif action == "steer":
             st.steer_from[b] = pos
+        if action != "block" and self.steer_state is not None:
+            self.steer_state.on_fire(rule.id, b, pos)  # starts steer plans gated by this rule (steering.py)
 
     def _block(self, b: int, pos: int, rule_id: str) -> None:
         """Row ``b`` stops at ``pos``; decisions a token-by-token run would never reach are dropped."""
@@ -286,8 +296,8 @@ class GuardRun:
         out: Tensor | None = None
         for head in scorer.heads:
             rule = head.rule
-            if rule.action != "steer" or rule.steer is None:
-                continue
+            if rule.action != "steer" or rule.steer is None or uses_plan(rule.steer):
+                continue  # new-style steer settings run in the steering plan (below)
             start = self.states[rule.id].steer_from.to(hidden.device)
             where = (positions >= start[:, None]) & steer_mask & (positions >= 0)
             if not bool(where.any()):
@@ -305,7 +315,18 @@ class GuardRun:
                 else:  # remove each feature's decoded contribution (clamp its activation to 0)
                     acts = scorer.feature_matrix(base).index_select(-1, head.clamp_columns)
                 out = base - m * (acts.to(hidden.dtype) @ head.clamp_dirs.to(hidden.dtype))
-        return out
+        return self._steer_planned(scorer.layer, hidden, out)
+
+    def _steer_planned(self, layer: int, hidden: Tensor, out: Tensor | None) -> Tensor | None:
+        """The steering plan at ``layer`` on top of ``out`` (or ``hidden``); ``out`` when it adds nothing."""
+        ctx = self.ctx
+        if not self.steer or ctx is None or self.steer_state is None or layer not in self.steers:
+            return out
+        T = hidden.shape[1]
+        dev = hidden.device
+        planned = self.steer_state.apply(layer, hidden if out is None else out, ctx.positions.to(dev)[:, -T:],
+                                         ctx.steer_mask.to(dev)[:, -T:])
+        return out if planned is None else planned
 
     # -- results ------------------------------------------------------------------------------------
     def token_scores(self, b: int) -> dict[str, dict[int, float]]:
