@@ -260,3 +260,36 @@ def test_window_same_in_prefill_and_decode() -> None:
         out, hist = window_aggregate(hist, scores[:, t : t + 1], 2, "mean")
         steps.append(float(out[0, 0]))
     torch.testing.assert_close(prefill[0], torch.tensor(steps), equal_nan=True)
+
+
+def test_offline_scores_skip_the_default_system_turn_as_serving_does(tmp_path: Path, monkeypatch) -> None:
+    """SmolLM2's template inserts a system turn; serving's input rules do not score it (input_roles), and
+    neither may calibration: offline scores equal GuardedModel.score token for token."""
+    from guardrails.offline.activations import system_prefix_tokens
+    from guardrails.offline.baselines import save_linear
+    from tests.builders import bundled_tokenizer
+
+    monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
+    tok = bundled_tokenizer()
+    assert system_prefix_tokens(tok) > 5  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM..."
+    model = tiny_lm("llama", tok)
+    rng = np.random.default_rng(7)
+    lin = save_linear(tmp_path / "lin.safetensors", rng.normal(0, 1, 64).astype(np.float32), 0.0)
+    pol = Policy.from_dict({"name": "t", "rules": [
+        {"id": "lin", "scope": "input", "threshold": 1e9, "action": "flag",
+         "detector": {"kind": "linear", "layer": 2, "weights": str(lin), "window": 1, "aggregate": "mean"}}]})
+    data = load_labeled(_write(tmp_path / "d.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]))
+    rows = residuals(model, tok, data, 2, "input", model_name="tiny-bundled-tok", progress=False)
+    guard = GuardedModel(model, tok, pol)
+    got = text_scores(guard, "lin", rows)
+    want = np.array([t.scores["lin"] for t in guard.score(data.texts)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the scored tokens are the user's turn: its text is there, the inserted system prompt is not
+    from guardrails.offline.calibrate import scored_positions
+
+    for text, pos, r in zip(data.texts, scored_positions(tok, data.texts, None, "input"), rows, strict=True):
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        seen = tok.decode([ids[j] for j in pos])
+        assert text in seen and "helpful AI assistant" not in seen and len(pos) == len(r)

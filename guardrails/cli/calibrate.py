@@ -30,6 +30,9 @@ class Session:
 
     model_name: str = "bundled"
     progress: bool = True
+    dtype: str | None = None
+    """Model weights dtype (None: float32). Residual caches are keyed by it; thresholds fitted in one dtype
+    hold for serving in that dtype (bfloat16 activations differ from float32 by ~0.6%)."""
     _lm: Any = None
     _tok: Any = None
     _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
@@ -38,7 +41,8 @@ class Session:
         if self._lm is None:
             from guardrails.serving.models import load_model
 
-            self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name)
+            self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name,
+                                             dtype=self.dtype)
         return self._lm, self._tok
 
     def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
@@ -131,7 +135,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         rule_scope,
         text_scores,
     )
-    from guardrails.offline.evaluate import bootstrap_intervals, metrics, round_metrics
+    from guardrails.offline.evaluate import bootstrap_intervals, grouped_with_intervals, metrics, round_metrics
 
     if target_fpr is None and target_recall is None:
         target_fpr = 0.01
@@ -197,17 +201,22 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         m_cal = metrics(scores, cal.labels, thr)
         rec_metrics: dict[str, Any] = {"cal": {**round_metrics(m_cal), "ci95": bootstrap_intervals(scores, cal.labels,
                                                                                                      thr)}}
+        if any(cal.sources):
+            rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
         if "test" in files:
             test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
             ts = text_scores(guard, rule.id, session.rows(test, layer, sc))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test.labels, thr)}
+            if any(test.sources):
+                rec_metrics["test"]["per_source"] = grouped_with_intervals(ts, test.labels, test.sources, thr)
         drift = check_against_serving(guard, cal, rule.id, scores, n=check) if check else math.nan
         target = {"fpr": target_fpr} if target_fpr is not None else {"recall": target_recall}
         record = make_record(policy=policy, data=cal, model_name=session.model_name, score_mode=guard.score_mode,
                              rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
                              metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
                                                          "weights_fitted": bool(fit_weights),
+                                                         "model_dtype": session.dtype or "float32",
                                                          "max_response_chars": max_response_chars,
                                                          "limit": limit, "train_limit": train_limit})
         report["rules"][rule.id] = record
@@ -245,6 +254,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     """Metrics of a policy on a labeled file; ``by`` ("source", "category") adds per-group metrics
     and names the worst group (lowest AUROC)."""
     from guardrails.core.policy import Policy
+    from guardrails.offline.calibrate import rule_scope
     from guardrails.offline.evaluate import (
         bootstrap_intervals,
         grouped_metrics,
@@ -396,6 +406,7 @@ def register(app: typer.Typer) -> None:
         train_limit: Annotated[int | None, typer.Option(help="Rows of the train/test splits (default: --limit)")]
         = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
+        dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
@@ -404,7 +415,8 @@ def register(app: typer.Typer) -> None:
             fail("give --target-fpr or --target-recall, not both")
         path = str(resolve_policy_path(policy))
         rep = _run_safely(lambda: run_calibrate(
-            Session(model, progress=not as_json), path, data, target_fpr=target_fpr, target_recall=target_recall,
+            Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
+            target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None if no_record else RECORDS,
             max_response_chars=max_response_chars, train_limit=train_limit))
         if as_json:
@@ -434,12 +446,13 @@ def register(app: typer.Typer) -> None:
         train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
         by: Annotated[list[str] | None, typer.Option(help="Also per group: source and/or category (repeatable)")]
         = None,
+        dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
         from guardrails.cli.main import _run_safely, console, resolve_policy_path
 
         path = str(resolve_policy_path(policy))
-        res = _run_safely(lambda: run_eval(Session(model, progress=not as_json), path, data, rule_id=rule,
+        res = _run_safely(lambda: run_eval(Session(model, progress=not as_json, dtype=dtype), path, data, rule_id=rule,
                                            baselines=baselines, train_path=train, limit=limit, intervals=intervals,
                                            max_response_chars=max_response_chars, train_limit=train_limit,
                                            by=by))

@@ -1,7 +1,8 @@
 """Residual-stream activations of labeled texts at the positions a guard scores.
 
 The same positions as serving: prompts go through the chat template (as ``GuardedModel`` does),
-position 0 (the attention sink) and special tokens are left out, left padding is masked and
+position 0 (the attention sink), special tokens and the template's default system turn (not in the
+default ``input_roles``) are left out, left padding is masked and
 ``position_ids`` follow the real tokens. ``scope`` picks prompt tokens (input rules), response tokens
 (output rules) or both. The forward stops after the deepest requested layer.
 """
@@ -43,13 +44,35 @@ def tokenize_rows(
     return out
 
 
+def system_prefix_tokens(tokenizer: Any, chat: bool = True) -> int:
+    """Leading tokens of a one-user-turn prompt that belong to the system turn the chat template inserts
+    on its own (SmolLM2's "You are a helpful AI assistant ..."). Input rules do not score them (the
+    default ``input_roles`` are user and tool, see :mod:`guardrails.core.roles`); 0 without a template."""
+    if not chat or not getattr(tokenizer, "chat_template", None):
+        return 0
+    from guardrails.core.roles import default_system_prefix, hf_render
+
+    template = str(tokenizer.chat_template)
+    prefix = default_system_prefix(hf_render(tokenizer), template)
+    if not prefix:
+        return 0
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    if not prompt.startswith(prefix) or ids[: len(head)] != head:
+        return 0  # the prefix does not tokenize on its own boundary: score every token (serving does the same)
+    return len(head)
+
+
 def scored_positions(
-    ids: Sequence[int], n_prompt: int, special: set[int], scope: Literal["input", "output", "both"]
+    ids: Sequence[int], n_prompt: int, special: set[int], scope: Literal["input", "output", "both"], skip: int = 0
 ) -> list[int]:
-    """Positions a guard scores in one row: not 0 (the attention sink), not special, in ``scope``."""
+    """Positions a guard scores in one row: not 0 (the attention sink), not special, in ``scope``, and for
+    prompt tokens not among the first ``skip`` (the template's default system turn)."""
     return [
         j for j, t in enumerate(ids)
-        if j > 0 and t not in special
+        if j > 0 and t not in special and (j >= n_prompt or j >= skip)
         and (scope == "both" or (j >= n_prompt if scope == "output" else j < n_prompt))
     ]
 
@@ -71,6 +94,7 @@ def collect_residuals(
     """``{layer: [tensor [n_scored_i, d_model] per text]}`` (float32, CPU)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     tokenized = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
+    skip = system_prefix_tokens(tokenizer, chat)
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model.device if hasattr(model, "device") else torch.device("cpu")
     bar = tqdm(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}", disable=not progress)
@@ -96,7 +120,7 @@ def collect_residuals(
             for layer in layers:
                 hidden = store[layer].float().cpu()
                 for b, (ids, n_prompt) in enumerate(chunk):
-                    keep = [width - len(ids) + j for j in scored_positions(ids, n_prompt, special, scope)]
+                    keep = [width - len(ids) + j for j in scored_positions(ids, n_prompt, special, scope, skip)]
                     out[layer].append(hidden[b][keep].clone())
             bar.update(len(rows))
     finally:

@@ -75,13 +75,14 @@ def rank_features(
 def scored_tokens(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: str,
                   chat: bool = True) -> list[list[str]]:
     """Token strings at the positions collect_residuals keeps (same formatting and filters)."""
-    from guardrails.offline.activations import scored_positions, tokenize_rows
+    from guardrails.offline.activations import scored_positions, system_prefix_tokens, tokenize_rows
     from guardrails.offline.calibrate import MAX_TOKENS
 
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    skip = system_prefix_tokens(tokenizer, chat)
     out = []
     for ids, n_prompt in tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS):
-        keep = scored_positions(ids, n_prompt, special, "output" if scope == "output" else "input")
+        keep = scored_positions(ids, n_prompt, special, "output" if scope == "output" else "input", skip)
         toks = [tokenizer.decode([t]) for t in ids]
         out.append([_context(toks, j) for j in keep])
     return out

@@ -169,6 +169,24 @@ def grouped_metrics(
     return out
 
 
+def grouped_with_intervals(
+    scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *, n: int = 200,
+    min_rows: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """:func:`grouped_metrics` plus 95% bootstrap intervals per group (``ci95``): a single-label group is
+    resampled together with the other label's rows outside it, a mixed group on its own."""
+    per = grouped_metrics(scores, labels, groups, threshold, min_rows=min_rows)
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
+    g = np.asarray(groups, dtype=object)
+    for name, m in per.items():
+        inside = g == name
+        idx = inside | ((y != y[inside][0]) & ~inside) if len(set(y[inside].tolist())) == 1 else inside
+        ci = bootstrap_intervals(s[idx], y[idx], threshold, n=n, keys=("auroc",))
+        own = bootstrap_intervals(s[inside], y[inside], threshold, n=n, keys=("fpr", "tpr"))
+        m["ci95"] = {**ci, **own}
+    return per
+
+
 def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") -> str | None:
     """The group with the lowest ``key`` (groups where it is missing are skipped)."""
     vals = {k: v.get(key) for k, v in per_group.items() if isinstance(v.get(key), float)}
