@@ -11,9 +11,10 @@ detector trained on plain text does not. :func:`normalize` undoes the trivial re
    hold letters with no Latin twin).
 
 :func:`decoded_segments` finds encoded text (``base64``, ``hex``, URL ``percent`` escapes, ASCII
-smuggled in Unicode ``tags``) and returns its decoding; callers score each decoded text as an extra
-text and block when one trips a rule. Nothing here changes what the model generates from: the guard
-scores the normalized and decoded texts, and generates from the original (see ``docs/reliability.md``).
+smuggled in Unicode ``tags``, ``leet`` words such as ``b0mb`` read as letters) and returns its
+decoding; callers score each decoded text as an extra text and block when one trips a rule. Nothing
+here changes what the model generates from: the guard scores the normalized and decoded texts, and
+generates from the original (see ``docs/reliability.md``).
 Torch-free.
 """
 
@@ -29,8 +30,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Encoding = Literal["base64", "hex", "percent", "tags"]
-ENCODINGS: tuple[Encoding, ...] = ("base64", "hex", "percent", "tags")
+Encoding = Literal["base64", "hex", "percent", "tags", "leet"]
+ENCODINGS: tuple[Encoding, ...] = ("base64", "hex", "percent", "tags", "leet")
 
 
 class NormalizeSpec(BaseModel):
@@ -48,7 +49,7 @@ class NormalizeSpec(BaseModel):
                                                        "words")
     decode: list[Encoding] = Field(default_factory=lambda: list(ENCODINGS),
                                    description="Encodings decoded and scored as extra texts: base64, hex, percent, "
-                                               "tags (empty: none)")
+                                               "tags, leet (empty: none)")
     max_decoded: int = Field(default=4, ge=0, le=64, strict=True,
                              description="Decoded segments scored per text at most (the longest first)")
 
@@ -200,6 +201,21 @@ _PCT = r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+-])*"
 _PERCENT = re.compile(_PCT + r"(?:%[0-9A-Fa-f]{2}){3,}" + _PCT)
 
 
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "|": "l"})
+_LEET_WORD = re.compile(r"[A-Za-z0-9@$|]*[A-Za-z][A-Za-z0-9@$|]*")
+
+
+def _is_leet(word: str) -> bool:
+    """A word that mixes letters with leet digits/symbols (``b0mb``, ``h4ck``, ``$teal``), not ``mp3`` or ``4k``."""
+    letters = sum(c.isalpha() for c in word)
+    if letters < 2 or not 3 <= len(word) <= 15:  # longer: an id, a hash, base64
+        return False
+    inner = any(c in "013457@$|" and word[i - 1].isalpha() and word[i + 1].isalpha()
+                for i, c in enumerate(word[1:-1], 1))
+    n_leet = sum(c in "013457@$|" for c in word)
+    return inner or n_leet >= 2 or word[0] in "$@"  # one trailing digit (Base64, Covid19, mp3) is not leet
+
+
 def _readable(raw: bytes) -> str | None:
     """``raw`` as UTF-8 text if it reads as text (mostly letters and spaces), else None."""
     try:
@@ -258,6 +274,16 @@ def decoded_segments(text: str, spec: NormalizeSpec | None = None, tags: Iterabl
             d = urllib.parse.unquote_plus(m.group(0), errors="strict") if _valid_percent(m.group(0)) else None
             if d is not None and d != m.group(0) and _readable(d.encode()) is not None:
                 found.append(Decoded("percent", m.start(), m.end(), d))
+    if "leet" in spec.decode:
+        taken = [(d.start, d.end) for d in found]
+        words = [m for m in _LEET_WORD.finditer(text) if _is_leet(m.group(0))
+                 and not any(a <= m.start() < b for a, b in taken)]
+        if words:
+            out_text, last = [], 0
+            for m in words:
+                out_text += [text[last : m.start()], m.group(0).translate(_LEET)]
+                last = m.end()
+            found.append(Decoded("leet", words[0].start(), words[-1].end(), "".join(out_text) + text[last:]))
     for t in tags:
         plain = "".join(chr(ord(c) - 0xE0000) for c in t)
         if plain.strip():
