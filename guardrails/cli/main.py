@@ -28,21 +28,24 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 DEFAULT_POLICY = "harmful-requests"
-_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.onnx", "guardrails.cli.serve")
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"  # the repository's; shipped: guardrails._data
+_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.onnx", "guardrails.cli.serve",
+               "guardrails.cli.direction")
 
 
 def resolve_policy_path(policy: str | None) -> Path:
     """A policy file path from a path or the name of a shipped policy (``harmful-requests``)."""
+    from guardrails._data import shipped_policies, shipped_policy
+
     name = policy or DEFAULT_POLICY
     p = Path(name)
     if p.is_file():
         return p
-    shipped = REPO_POLICIES / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
+    shipped = None if p.exists() else shipped_policy(name)
+    if shipped is not None:
         return shipped
-    names = sorted(x.stem for x in REPO_POLICIES.glob("*.yaml")) if REPO_POLICIES.is_dir() else []
+    names = shipped_policies()
     raise typer.BadParameter(f"policy {name!r} is neither a file nor a shipped policy; shipped: {', '.join(names)}")
 
 

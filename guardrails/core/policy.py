@@ -180,6 +180,15 @@ class Rule(_Strict):
         return self
 
 
+class AuditSpec(_Strict):
+    """Where a policy's decisions are recorded (``audit: {db: ..., redact: ...}``)."""
+
+    db: str | None = Field(default=None, description="SQLite audit database every guarded call of this policy writes "
+                           "to (relative: against the policy's folder); env GUARDRAILS_AUDIT_DB overrides it")
+    redact: bool | None = Field(default=None, description="Records keep hashes instead of text (sets the policy's "
+                                "redact)")
+
+
 class Policy(_Strict):
     """A named set of rules over SAE features of one model."""
 
@@ -192,6 +201,7 @@ class Policy(_Strict):
     on_error: OnError = Field(default="block", description="What a rule does when it cannot score")
     refusal: str = Field(default="I can't help with that.", description="Text returned when a generation is blocked")
     redact: bool = Field(default=False, description="Audit records keep hashes instead of input and output text")
+    audit: AuditSpec | None = Field(default=None, description="Audit sink of this policy: {db: path, redact: bool}")
     raise_on_block: bool = Field(default=False, description="LangChain: raise GuardrailViolation instead of returning")
     input_roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
         default=["user", "tool"], min_length=1,
@@ -207,6 +217,12 @@ class Policy(_Strict):
                                       "by a rule (see guardrails.engine.steering)")
     calibration: dict[str, Any] | None = Field(default=None, description="Record of how thresholds were fitted")
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against")
+
+    @model_validator(mode="after")
+    def _audit_redact(self) -> Policy:
+        if self.audit is not None and self.audit.redact is not None:
+            object.__setattr__(self, "redact", self.audit.redact)
+        return self
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Policy:
@@ -272,8 +288,14 @@ class Policy(_Strict):
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> Policy:
-        """Read a policy file; relative paths inside it resolve against its folder."""
+        """Read a policy file (or a shipped policy by name: ``harmful-requests``); relative paths inside it
+        resolve against its folder."""
+        from guardrails._data import shipped_policy
+
         p = Path(path)
+        shipped = None if p.exists() else shipped_policy(str(path))
+        if shipped is not None:
+            p = shipped
         if not p.is_file():
             hint = _shipped_hint()
             what = "is not a regular file" if p.exists() else "not found"
@@ -461,9 +483,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def _shipped_hint() -> str:
-    root = Path(__file__).resolve().parents[2] / "policies"
-    if root.is_dir():
-        names = sorted(p.name for p in root.glob("*.yaml"))
-        if names:
-            return f"; shipped policies in {root}: {', '.join(names)}"
-    return ""
+    from guardrails._data import shipped_policies
+
+    names = shipped_policies()
+    return f"; shipped policies (by name): {', '.join(names)}" if names else ""

@@ -85,11 +85,9 @@ class GuardedModel:
         else:
             self.compiled = compile_policy(policy, model, saes, score_mode, keep_full_saes=keep_full_saes)
         self.chat = chat
-        if isinstance(audit, str | os.PathLike):
-            from guardrails.audit.store import AuditStore
+        from guardrails.serving.sink import resolve_audit
 
-            audit = AuditStore(audit)
-        self.audit = audit
+        self.audit = resolve_audit(audit, self.policy)  # audit=, else GUARDRAILS_AUDIT_DB, else the policy's audit.db
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         layers = decoder_layers(model)
@@ -266,8 +264,8 @@ class GuardedModel:
                                default_eos=self._eos.tolist())
 
     def _audit(self, result: GenerationResult) -> GenerationResult:
-        """Write the audit record of a result with decisions; if that fails, apply on_error."""
-        if self.audit is None or not result.decisions:
+        """Write the audit record of every generation; if that fails, apply on_error."""
+        if self.audit is None:
             return result
         try:
             self.audit.record(result, self)
