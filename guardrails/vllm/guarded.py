@@ -25,10 +25,10 @@ from typing import Any
 
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Policy
+from guardrails.core.roles import hf_render, role_spans, token_roles
 from guardrails.core.semantics import ROLE_CODES
 from guardrails.serving.prompts import PromptLike, check_generation_args, check_messages, is_batch
 from guardrails.serving.result import GenerationResult
-from guardrails.serving.roles import role_spans, token_roles
 from guardrails.vllm import require_vllm
 from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
 
@@ -186,7 +186,8 @@ class GuardedVLLM:
         text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         if len(self._spans) >= 1024:
             self._spans.pop(next(iter(self._spans)), None)
-        self._spans[text] = role_spans(self.tokenizer, messages, text)
+        template = str(getattr(self.tokenizer, "chat_template", "") or "")
+        self._spans[text] = role_spans(hf_render(self.tokenizer), messages, text, template)
         return text
 
     def prompt_roles(self, prompt_text: str, n_tokens: int) -> list[int]:

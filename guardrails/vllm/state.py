@@ -150,8 +150,9 @@ class GuardState:
         self.steps += 1
         self.segments = []
         self.blocked_rows = []
-        pos_cpu = positions.detach().to("cpu", torch.long)
-        ids_cpu = token_ids.detach().to("cpu", torch.long)
+        # copies: vLLM reuses these buffers next step, and the runs keep the positions in their traces
+        pos_cpu = positions.detach().to("cpu", torch.long, copy=True)
+        ids_cpu = token_ids.detach().to("cpu", torch.long, copy=True)
         start = 0
         for i, (rid, n) in enumerate(zip(req_ids, row_counts, strict=True)):
             end = start + n
