@@ -273,7 +273,7 @@ def test_schema_errors(tmp_path: Path) -> None:
         _policy(tmp_path, "  - {id: x, when: nope, steer: {direction: DIR}}")
     with pytest.raises(PolicyError, match="exactly one of 'always: true' or 'when"):
         _policy(tmp_path, "  - {id: x, steer: {direction: DIR}}")
-    with pytest.raises(PolicyError, match="steer.direction: required"):
+    with pytest.raises(PolicyError, match=r"steer\.direction: required"):
         _policy(tmp_path, "  - {id: x, always: true, steer: {method: add}}")
     with pytest.raises(PolicyError, match="duplicate id 'gate'"):
         _policy(tmp_path, "  - {id: gate, always: true, steer: {direction: DIR}}")
@@ -288,3 +288,38 @@ def test_layer_out_of_range_in_policy(lm: Any, tok: Any, tmp_path: Path) -> None
 """)
     with pytest.raises(PolicyError, match=r"steering\[0\]\.steer\.layers: \[9\] out of range"):
         GuardedModel(lm, tok, pol, chat=False)
+
+
+# -- directions as artifacts ------------------------------------------------------------------------------------
+def test_contrastive_direction_is_mean_difference_over_continuations(lm: Any, tok: Any, tmp_path: Path) -> None:
+    import json
+
+    from guardrails.engine.steering import load_direction
+    from guardrails.offline.activations import collect_residuals
+    from guardrails.offline.directions import build_direction, load_record, save_direction
+
+    prompts = ["Tell me a story", "How do I bake bread?", "What is the capital"]
+    pos, neg = "Sorry, no.", "Sure, here is how"
+    rows = [{"prompt": p, "response": r, "label": y} for p in prompts for r, y in ((pos, 1), (neg, 0))]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = build_direction(lm, tok, data, kind="contrastive", layer=LAYER, holdout=0)
+    res = collect_residuals(lm, tok, [r["prompt"] for r in rows], [LAYER], responses=[r["response"] for r in rows],
+                            scope="output", progress=False)[LAYER]
+    means = torch.stack([r.mean(0) for r in res])
+    y = torch.tensor([r["label"] for r in rows])
+    torch.testing.assert_close(d.vector, means[y == 1].mean(0) - means[y == 0].mean(0))
+    path, _ = save_direction(d, tmp_path / "dir")
+    vec, meta = load_direction(path)
+    assert torch.equal(vec, d.vector) and meta["layer"] == str(LAYER)
+    assert load_record(path).n_positive == 3 and load_record(path).kind == "contrastive"
+
+
+def test_direction_cli_rejects_unknown_kind(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from guardrails.cli.main import app
+
+    r = CliRunner().invoke(app, ["direction", "--kind", "pca", "--data", str(tmp_path), "--layer", "1",
+                                 "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "valid: contrastive, diffmean, probe" in r.output
