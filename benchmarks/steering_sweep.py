@@ -1,6 +1,9 @@
 """Train-split sweep of the refusal direction (always on, from the first generated token), via guardrails.steering.
 
-    nice -n 5 python benchmarks/steering_sweep.py base 12:0.25 12:0.15 9:0.25   # layer:strength (x residual norm)
+    nice -n 5 python benchmarks/steering_sweep.py base 12:0.25 12:0.35 12:0.25:all   # layer:strength[:positions]
+
+Strength is a multiple of each token's residual norm; positions ``generated`` (default: from the last
+prompt token on) or ``all`` (the prompt too).
 
 12 harmful + 12 benign prompts of calibration/data/harmful_requests.train.jsonl (harmful: not among the
 prompts the refusal directions were built from; < 200 characters, every 9th/11th), 24 tokens, greedy;
@@ -51,9 +54,10 @@ def main() -> None:
         if cfg == "base":
             oh, ob = gen(harm), gen(ben)
         else:
-            layer, s = cfg.split(":")
+            layer, s, *where = cfg.split(":")
             d, _ = load_direction(ROOT / f"calibration/directions/refusal-l{layer}.safetensors")
-            with steering(model, [Steer(int(layer), direction=d, strength=float(s))], positions="generated"):
+            with steering(model, [Steer(int(layer), direction=d, strength=float(s))],
+                          positions=where[0] if where else "generated"):  # type: ignore[arg-type]
                 oh, ob = gen(harm), gen(ben)
         print(cfg, "harm refused", sum(bool(REF.search(o)) for o in oh) / len(oh),
               "benign refused", sum(bool(REF.search(o)) for o in ob) / len(ob), round(time.time() - t), flush=True)

@@ -300,7 +300,8 @@ def test_contrastive_direction_is_mean_difference_over_continuations(lm: Any, to
 
     prompts = ["Tell me a story", "How do I bake bread?", "What is the capital"]
     pos, neg = "Sorry, no.", "Sure, here is how"
-    rows: list[dict[str, Any]] = [{"prompt": p, "response": r, "label": y} for p in prompts for r, y in ((pos, 1), (neg, 0))]
+    rows: list[dict[str, Any]] = [{"prompt": p, "response": r, "label": y}
+                                  for p in prompts for r, y in ((pos, 1), (neg, 0))]
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = build_direction(lm, tok, data, kind="contrastive", layer=LAYER, holdout=0)
