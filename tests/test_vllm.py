@@ -77,6 +77,89 @@ def test_unknown_name_lists_valid_ones() -> None:
         _ = g.NoSuchThing  # type: ignore[attr-defined]
 
 
+def _linear_policy(tmp_path: Path, threshold: float, window: int = 2, action: str = "block") -> Any:
+    from safetensors.torch import save_file
+
+    from guardrails.core.policy import Policy
+    from tests.builders import HIDDEN
+
+    g = torch.Generator().manual_seed(1)
+    save_file({"weight": torch.randn(HIDDEN, generator=g), "bias": torch.zeros(())}, str(tmp_path / "w.safetensors"))
+    return Policy.from_dict({"name": "lin", "saes": {}, "rules": [{
+        "id": "r", "scope": "both", "threshold": threshold, "action": action,
+        "detector": {"kind": "linear", "layer": 1, "weights": str(tmp_path / "w.safetensors"), "window": window,
+                     "aggregate": "mean"}}]})
+
+
+def _simulate(tmp_path: Path, threshold: float) -> tuple[Any, Any, dict[str, torch.Tensor], list[list[int]]]:
+    """Three requests through GuardState in vLLM's way: mixed chunked-prefill/decode steps, order changing."""
+    from guardrails.vllm.state import GuardState, compile_guard
+    from tests.builders import HIDDEN, tiny_model
+
+    compiled = compile_guard(_linear_policy(tmp_path, threshold), tiny_model("llama"))
+    state = GuardState({"lin": compiled}, special_ids=[0])
+    g = torch.Generator().manual_seed(2)
+    lengths = {"a": 9, "b": 7, "c": 5}  # prompt + output tokens each request will have
+    prompt = {"a": 5, "b": 4, "c": 5}
+    hidden = {k: torch.randn(n, HIDDEN, generator=g) * 3 for k, n in lengths.items()}
+    ids = {k: torch.randint(1, 50, (n,), generator=g) for k, n in lengths.items()}
+    ids["b"][2] = 0  # a special token: never scored
+    w = compiled.scorers[1].linear_W[0]
+    hidden["a"][6] += 40 * w / w.norm()  # a's first decode token (position 6) scores far above every other row
+    steps = [  # (request, first position, rows) in the step's row order
+        [("a", 0, 3), ("b", 0, 2)],
+        [("b", 2, 2), ("a", 3, 2), ("c", 0, 3)],
+        [("c", 3, 2), ("b", 4, 1), ("a", 5, 1)],
+        [("a", 6, 1), ("c", 5, 0), ("b", 5, 1)],
+        [("b", 6, 1), ("a", 7, 2)],
+    ]
+    blocked_rows = []
+    for step in steps:
+        rows = [(r, p, n) for r, p, n in step if n]
+        flat = torch.cat([hidden[r][p : p + n] for r, p, n in rows])
+        pos = torch.cat([torch.arange(p, p + n) for r, p, n in rows])
+        tok = torch.cat([ids[r][p : p + n] for r, p, n in rows])
+        state.begin_step([r for r, _, _ in rows], [n for _, _, n in rows], pos, tok,
+                         lambda rid: ({"policy": "lin", "key": rid}, prompt[rid]))
+        edits = state.on_layer(1, flat)
+        assert edits == []  # a block rule never steers
+        blocked_rows.append(list(state.blocked_rows))
+    return compiled, state, {"hidden": hidden, "ids": ids, "prompt": prompt}, blocked_rows  # type: ignore[return-value]
+
+
+def test_rows_mapped_to_requests_across_steps(tmp_path: Path) -> None:
+    """Chunks and decode rows in a changing order score each request as one whole forward would."""
+    compiled, state, data, _ = _simulate(tmp_path, threshold=1e9)
+    for rid, h in data["hidden"].items():
+        n, ids = h.shape[0], data["ids"][rid]
+        pos = torch.arange(n)[None]
+        mask = (pos > 0) & (ids[None] != 0)
+        ref = compiled.compiled.score_residuals({1: h[None]}, score_mask=mask, is_output=pos >= data["prompt"][rid])
+        got = state.pop_results([rid])[rid]
+        assert got is not None
+        want = ref.token_scores(0)["r"]
+        assert sorted(got["token_scores"]["r"]) == sorted(want)
+        for p_, v in want.items():
+            assert math.isclose(got["token_scores"]["r"][p_], v, rel_tol=1e-5, abs_tol=1e-5)
+    assert state.pop_results(["a"]) == {"a": None}  # read once
+
+
+def test_a_blocked_request_is_ended_in_its_step_and_skipped_after(tmp_path: Path) -> None:
+    _, state, _, _ = _simulate(tmp_path, threshold=1e9)
+    scores = {rid: state.pop_results([rid])[rid]["token_scores"]["r"] for rid in "abc"}  # type: ignore[index]
+    trip_pos = 6  # a's decode row in step 4 (row index 0 there)
+    rest = [v for rid, sc in scores.items() for p_, v in sc.items() if rid != "a" or p_ < trip_pos]
+    assert scores["a"][trip_pos] > max(rest) + 1.0
+    threshold = (scores["a"][trip_pos] + max(rest)) / 2
+    _, state, data, blocked_rows = _simulate(tmp_path, threshold=threshold)
+    # step 4 (index 3): rows a, b (c has none) -> a is batch index 0 there; step 5: a is index 1
+    assert blocked_rows == [[], [], [], [0], [1]]
+    res = state.pop_results(["a", "b", "c"])
+    assert res["a"]["blocked_at"] == trip_pos and res["a"]["tripping_token"] == int(data["ids"]["a"][trip_pos])
+    assert max(res["a"]["token_scores"]["r"]) == trip_pos  # nothing after the block is scored
+    assert res["b"]["blocked_at"] is None and res["c"]["blocked_at"] is None
+
+
 # -- with vLLM -----------------------------------------------------------------------------------------------
 def _policies() -> dict[str, Any]:
     from guardrails.core.policy import Policy
