@@ -188,13 +188,19 @@ def _cli(args: list[str]) -> Any:
     return CliRunner().invoke(app, args)
 
 
+def thr_of(path: Path) -> float:
+    return float(Policy.from_path(path).rules[0].threshold)
+
+
 def test_cli_calibrate_then_eval(saved_tiny) -> None:
     t = saved_tiny
     out = t["tmp"] / "toy.cal.yaml"
     res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1",
-                "--model", str(t["model"]), "--out", str(out), "--no-record", "--json"])
+                "--model", str(t["model"]), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout.strip().splitlines()[-1])
+    record = out.with_suffix(".record.json")  # next to --out, never in the package's data
+    assert rep["record"] == str(record) and json.loads(record.read_text())["rules"]["r"]["threshold"] == thr_of(out)
     pol = Policy.from_path(out)
     thr = pol.rules[0].threshold
     assert rep["rules"]["r"]["threshold"] == thr

@@ -124,7 +124,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   target_recall: float | None = None, fit_weights: bool = False, rule_id: str | None = None,
                   out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
-                  train_limit: int | None = None) -> dict[str, Any]:
+                  train_limit: int | None = None, record_path: Path | None = None) -> dict[str, Any]:
+    """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data."""
     from guardrails.core.policy import Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -227,9 +228,12 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     text = _header(policy) + policy.to_yaml()
     Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
     out_path.write_text(text, encoding="utf-8")
-    if record_dir is not None:
-        record_dir.mkdir(parents=True, exist_ok=True)
-        (record_dir / f"{policy.name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if record_path is None and record_dir is not None:
+        record_path = record_dir / f"{policy.name}.json"
+    if record_path is not None:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        report["record"] = str(record_path)
     report["out"] = str(out_path)
     return report
 
@@ -401,7 +405,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str | None, typer.Option(help="Output policy (default: overwrite --policy)")] = None,
         model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
-        no_record: Annotated[bool, typer.Option(help="Do not write calibration/records/<name>.json")] = False,
+        no_record: Annotated[bool, typer.Option(help="Do not write the calibration record")] = False,
+        record: Annotated[str | None, typer.Option(help="Write the record here (default: <out>.record.json next to "
+                                                   "the output policy)")] = None,
         max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Rows of the train/test splits (default: --limit)")]
         = None,
@@ -414,10 +420,15 @@ def register(app: typer.Typer) -> None:
         if target_fpr is not None and target_recall is not None:
             fail("give --target-fpr or --target-recall, not both")
         path = str(resolve_policy_path(policy))
+        if out is None and not Path(policy or "").is_file():
+            fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
+                 "calibrated copy")
+        out_path = Path(out or path)
+        record_path = None if no_record else Path(record) if record else out_path.with_suffix(".record.json")
         rep = _run_safely(lambda: run_calibrate(
             Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
             target_recall=target_recall,
-            fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None if no_record else RECORDS,
+            fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
             max_response_chars=max_response_chars, train_limit=train_limit))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
