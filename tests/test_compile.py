@@ -333,3 +333,18 @@ def test_every_error_is_a_guardrails_error() -> None:
 def test_numpy_window_is_the_onnx_one() -> None:
     x = np.array([1.0, np.nan, 3.0, 5.0], dtype=np.float32)
     assert window_scores(x, 2, "mean").tolist()[3] == pytest.approx(4.0)
+
+
+def test_audits_and_reports_name_the_turn_of_each_token(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from guardrails.audit import AuditStore
+    from guardrails.audit.report import render_record
+
+    store = AuditStore(tmp_path / "a.db")
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    gen = _guard(tiny, _policy((1e9, -1e9, 1e9), 1e9), audit=store).generate(convo, max_new_tokens=3)
+    assert gen.roles[:2] == ["system", "system"] and "user" in gen.roles
+    assert gen.roles[gen.prompt_length:] == ["assistant"] * (len(gen.tokens) - gen.prompt_length)
+    rec = store.list()[0]
+    assert rec.data["trace"]["roles"] == gen.roles
+    assert rec.data["decisions"][0]["role"] in ("user", "assistant")
+    assert "(user turn)" in render_record(rec) and "(system turn)" in render_record(rec)

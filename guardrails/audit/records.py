@@ -163,7 +163,7 @@ def _guard_meta(guard: Any) -> dict[str, Any]:
 
 def _trace(
     tokens: list[str], token_scores: Mapping[str, Mapping[int, float]], prompt_length: int, redact: bool,
-    tokenizer: Any, token_features: Mapping[int, Any] | None,
+    tokenizer: Any, token_features: Mapping[int, Any] | None, roles: list[str | None] | None = None,
 ) -> dict[str, Any]:
     n = len(tokens)
     for per_pos in token_scores.values():
@@ -183,6 +183,7 @@ def _trace(
         "tokens": None if redact else _display_tokens(list(tokens), tokenizer),
         "scores": scores,
         "features": features,
+        **({"roles": list(roles)} if roles else {}),
     }
 
 
@@ -234,7 +235,8 @@ def build_generation_record(result: Any, guard: Any) -> dict[str, Any]:
         **_normalization(getattr(result, "normalization", None), redact),
         **({"stream_stopped": True} if getattr(result, "stream_stopped", False) else {}),
         "trace": _trace(result.tokens, result.token_scores, int(result.prompt_length), redact,
-                        getattr(guard, "tokenizer", None), getattr(result, "token_features", None)),
+                        getattr(guard, "tokenizer", None), getattr(result, "token_features", None),
+                        getattr(result, "roles", None)),
     }
 
 
@@ -259,5 +261,6 @@ def build_scan_record(text_score: Any, guard: Any, text: str, kind: str) -> dict
         "scores": dict(text_score.scores),
         **_normalization(getattr(text_score, "normalization", None), redact),
         "trace": _trace(text_score.tokens, text_score.token_scores, prompt_length, redact,
-                        getattr(guard, "tokenizer", None), getattr(text_score, "token_features", None)),
+                        getattr(guard, "tokenizer", None), getattr(text_score, "token_features", None),
+                        getattr(text_score, "roles", None)),
     }

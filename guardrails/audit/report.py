@@ -231,7 +231,9 @@ def render_record(record: AuditRecord | Mapping[str, Any]) -> str:
                 classes.append("over")
             if bg:
                 style = f' style="background:{bg}"'
-        title = [f"token {pos}"] + [f"{rid}: {_fmt(s)} (threshold {_fmt(rules_js.get(rid, {}).get('threshold'))})"
+        roles = trace.get("roles") or []
+        turn = f" ({roles[pos]} turn)" if pos < len(roles) and roles[pos] else ""
+        title = [f"token {pos}{turn}"] + [f"{rid}: {_fmt(s)} (threshold {_fmt(rules_js.get(rid, {}).get('threshold'))})"
                                     for rid, s in tok_scores.items() if s is not None]
         dec_text = ""
         if pos in by_pos:

@@ -30,6 +30,7 @@ from guardrails.engine.run import Decision, GuardRun, StepContext
 from guardrails.engine.scorers import LayerScorer
 from guardrails.sae.model import SAE
 from guardrails.serving import decode
+from guardrails.serving.failsafe import result_or_on_error  # issue 16
 from guardrails.serving.prescan import apply_prescan, prescan  # issue 16
 from guardrails.serving.prompts import (
     GenerationArgs,
@@ -200,12 +201,18 @@ class GuardedModel:
             run.prompt_roles = [self.prompt_roles(p) for p in prompts]
         return run
 
+    @staticmethod
+    def _role_names(run: GuardRun, b: int, n_tokens: int, n_prompt: int) -> list[str | None]:
+        codes = run.prompt_roles[b] if run.prompt_roles else [ROLE_CODES["user"]] * n_prompt
+        names: list[str | None] = [ROLES[c] if 0 <= c < len(ROLES) else None for c in codes[:n_prompt]]
+        return names + ["assistant"] * (n_tokens - len(names))
+
     def prompt_roles(self, prompt_text: str) -> list[int]:
         """Role code of each token of a formatted prompt (``ROLE_CODES``; all user for a raw string)."""
         return token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
 
     def _hooks(self, run: GuardRun) -> dict[int, Any]:
-        return {layer: run.on_layer for layer in self.scorers}
+        return {layer: run.on_layer for layer in {*self.scorers, *self.compiled.steers}}  # steered layers too
 
     def _scorable(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         if self._special_lut.device != ids.device:
@@ -250,7 +257,8 @@ class GuardedModel:
                 pass
         assert last is not None
         run, released, _ = last
-        results = [self._result(run, b, prompts[b], released[b]) for b in range(len(prompts))]
+        # issue 16: a failure building a result after scoring follows on_error (guardrails/serving/failsafe.py)
+        results = [result_or_on_error(self, run, b, prompts[b], released[b]) for b in range(len(prompts))]
         # -- issue 16 normalisation (guardrails/serving/prescan.py): the model generated from the original
         #    prompt; the normalized/decoded prompt is scored on the side (a no-op when nothing changes) --
         results = apply_prescan(self, prescan(self, items, chat), results)
@@ -407,6 +415,7 @@ class GuardedModel:
             policy=self.policy.name,
             errors=list(run.errors),
             token_features=run.token_features(b),
+            roles=self._role_names(run, b, len(tokens), len(prompt_ids)),
         )
 
 

@@ -38,6 +38,11 @@ class GenerationResult:
     """Scoring failures, if any (their decisions say what on_error did)."""
     token_features: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     """Per scored position, its top SAE features (id, activation), for audits (watched ones in watched mode)."""
+    roles: list[str | None] = field(default_factory=list)
+    """Per token of ``tokens``, the turn it is in (system, user, tool, assistant)."""
+    normalization: dict[str, Any] | None = None
+    """What text normalisation found in the prompt before generating (steps, decoded segments); None: nothing.
+    The model generates from the original prompt; the normalized and decoded texts are scored on the side."""
 
     @property
     def flagged(self) -> bool:
