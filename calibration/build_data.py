@@ -1462,6 +1462,7 @@ GITIGNORE = """\
 # reserved for independent evaluation. See PROVENANCE.md.
 toxicity.*.jsonl
 reserved_eval/
+eval/
 """
 
 COMMITTED = ("harmful_requests.*.jsonl", "jailbreak_wrapped.*.jsonl", "responses.*.jsonl", "over_refusal.jsonl")

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Collect layer-{9,12,15,18,21} residuals of every labeled set once, for detector selection.
+
+Same formatting and scored positions as serving (``guardrails.offline.activations.collect_residuals``:
+chat template, no attention sink, no special tokens). Model weights in bfloat16 for speed (activations
+differ from float32 by ~0.6%; the shipped thresholds are fitted afterwards by ``guardrails calibrate``
+in the serving dtype). Output: ``<cache>/selection/<set>.L<layer>.npy`` (float16, all scored tokens
+stacked) + ``<set>.json`` (rows and per-row offsets).
+
+    nice -n 5 python calibration/selection/collect.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "calibration" / "data"
+LAYERS = (9, 12, 15, 18, 21)
+MAX_RESPONSE_CHARS = 400
+RESERVED_SAMPLE = 150  # rows per reserved tense file (evaluation only; never fitted on)
+
+
+def out_dir() -> Path:
+    from guardrails.serving.models import cache_dir
+
+    d = cache_dir() / "selection"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def read(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
+def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
+    out: dict[str, tuple[list[dict], str]] = {}  # type: ignore[type-arg]
+    for s in ("train", "cal", "test"):
+        out[f"requests.{s}"] = (read(DATA / f"harmful_requests.{s}.jsonl"), "input")
+        out[f"wrapped.{s}"] = (read(DATA / f"jailbreak_wrapped.{s}.jsonl"), "input")
+    out["over_refusal"] = (read(DATA / "over_refusal.jsonl"), "input")
+    for f in sorted((DATA / "eval").glob("*.jsonl")):  # eval_subsets.py: per-source capped test files
+        out[f"eval.{f.stem}"] = (read(f), "input")
+    for tense in ("past", "future"):
+        p = DATA / "reserved_eval" / f"phrasing_{tense}_tense.jsonl"
+        if p.is_file():  # the stratified subset load_labeled(limit=...) keeps, so caches line up
+            from guardrails.offline.calibrate import load_labeled
+
+            d = load_labeled(p, limit=RESERVED_SAMPLE)
+            rows = [{"text": t, "label": int(lab), "source": so} for t, lab, so in zip(d.texts, d.labels, d.sources,
+                                                                                       strict=True)]
+            out[f"reserved_{tense}"] = (rows, "input")
+    for s in ("train", "cal", "test"):
+        rows = read(DATA / f"responses.{s}.jsonl")
+        for r in rows:
+            if len(r["response"]) > MAX_RESPONSE_CHARS:
+                r["response"] = r["response"][:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
+        out[f"responses.{s}"] = (rows, "output")
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    from guardrails.offline.calibrate import collect_sorted
+    from guardrails.serving.models import load_model
+
+    global LAYERS
+    args = sys.argv[1:]
+    if args and args[0].startswith("--layers="):
+        LAYERS = tuple(int(v) for v in args.pop(0).split("=", 1)[1].split(","))
+    only = set(args)
+    lm = load_model("bundled", dtype="bfloat16")
+    model, tok = lm
+    d = out_dir()
+    for name, (rows, scope) in sets().items():
+        if only and name not in only:
+            continue
+        if (d / f"{name}.json").is_file() and all((d / f"{name}.L{L}.npy").is_file() for L in LAYERS):
+            continue
+        prompts = [r.get("prompt", r.get("text")) for r in rows]
+        responses = [r["response"] for r in rows] if scope == "output" else None
+        acts = collect_multi(model, tok, prompts, responses, scope)
+        offsets = np.cumsum([0] + [len(a) for a in acts[LAYERS[0]]]).tolist()
+        for layer in LAYERS:
+            np.save(d / f"{name}.L{layer}.npy", torch.cat(acts[layer]).to(torch.float16).numpy())
+        (d / f"{name}.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": scope,
+                                                   "system_turn_scored": False}))
+        print(name, len(rows), offsets[-1], flush=True)
+
+
+def collect_multi(model, tok, prompts, responses, scope):  # type: ignore[no-untyped-def]
+    from guardrails.offline.activations import collect_residuals
+    from guardrails.offline.calibrate import MAX_TOKENS
+
+    lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
+    order = np.argsort(lengths, kind="stable")
+    got = collect_residuals(
+        model, tok, [prompts[i] for i in order], list(LAYERS),
+        responses=[responses[i] for i in order] if responses is not None else None,
+        scope=scope, batch_size=8, max_tokens=MAX_TOKENS, progress=False,
+    )
+    out = {}
+    for layer in LAYERS:
+        res = [None] * len(prompts)
+        for pos, i in enumerate(order):
+            res[int(i)] = got[layer][pos]
+        out[layer] = res
+    return out
+
+
+if __name__ == "__main__":
+    main()

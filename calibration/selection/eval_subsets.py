@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Per-source capped evaluation subsets of the test-side files (deterministic: the first rows of each
+(source, label) in file order, which build_data.py sorts by a hash of the text). They exist so the
+held-out benchmark fits a 2-core CPU budget; every source keeps rows, none is re-weighted.
+
+    python calibration/selection/eval_subsets.py   # writes calibration/data/eval/*.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "calibration" / "data"
+OUT = DATA / "eval"
+PLAN = {  # file -> (cap per (source, label), sources kept or None for all)
+    "harmful_requests.test.jsonl": (25, None),
+    "jailbreak_wrapped.test.jsonl": (40, {"walledeval_jailbreak_wrapped"}),
+    "over_refusal.jsonl": (1000, None),
+    "reserved_eval/phrasing_past_tense.jsonl": (50, None),
+    "reserved_eval/phrasing_future_tense.jsonl": (50, None),
+}
+
+
+def subset(path: Path, cap: int, keep: set[str] | None) -> list[str]:
+    seen: dict[tuple[str, int], int] = defaultdict(int)
+    out = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        key = (str(r.get("source", "")), int(r["label"]))
+        if (keep is None or key[0] in keep) and seen[key] < cap:
+            seen[key] += 1
+            out.append(line)
+    return out
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, (cap, keep) in PLAN.items():
+        src = DATA / name
+        if not src.is_file():
+            continue
+        lines = subset(src, cap, keep)
+        (OUT / Path(name).name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(name, len(lines))
+
+
+if __name__ == "__main__":
+    main()

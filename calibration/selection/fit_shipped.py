@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Fit the shipped input detectors with the configuration leave-one-source-out CV chose.
+
+Weights are fitted on the *train* splits only (``harmful_requests.train`` + ``jailbreak_wrapped.train``,
+form- and source-balanced row weights, see ``select_detectors.weights``); the thresholds are then fitted
+on the cal split by ``guardrails calibrate`` through the serving path (see the commands in
+docs/results.md). Writes ``calibration/probes/harmful-requests-probe.safetensors`` and the detector
+sections of ``policies/harmful-requests.yaml`` / ``policies/harmful-requests-sae.yaml``.
+
+    nice -n 5 python calibration/selection/fit_shipped.py --probe-layer 15 --probe-c 0.1 --probe-window 16 \
+        --sae-kind sparse --sae-n 16 --sae-window 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+from select_detectors import Set, concat, fit_few_features, fit_probe, fit_sparse_sae, load_sae, weights  # noqa: E402
+
+from guardrails.core.policy import Feature, Policy  # noqa: E402
+from guardrails.offline.baselines import save_linear  # noqa: E402
+from guardrails.offline.calibrate import explain_direction  # noqa: E402
+
+TRAIN_SETS = ("requests.train", "wrapped.train")
+
+
+def data_hash() -> str:
+    h = hashlib.sha256()
+    for f in ("harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl"):
+        h.update((ROOT / "calibration" / "data" / f).read_bytes())
+    return h.hexdigest()
+
+
+def write_policy(path: Path, policy: Policy) -> None:
+    text = (path.read_text(encoding="utf-8").splitlines()[0] + "\n") + policy.to_yaml()
+    Policy.from_yaml(text, source=str(path), base_dir=path.parent)
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--probe-layer", type=int, default=15)
+    ap.add_argument("--probe-c", type=float, default=0.1)
+    ap.add_argument("--probe-window", type=int, default=16)
+    ap.add_argument("--sae-kind", choices=("sparse", "few"), default="sparse")
+    ap.add_argument("--sae-n", type=int, default=16)
+    ap.add_argument("--sae-window", type=int, default=16)
+    ap.add_argument("--only", choices=("probe", "sae", "both"), default="both")
+    args = ap.parse_args()
+    sets = [Set(n) for n in TRAIN_SETS]
+    rows, y, sources = concat(sets)
+    w = weights(rows, y, sources)
+    meta = {"train": ",".join(f"calibration/data/{n.replace('requests', 'harmful_requests').replace('wrapped', 'jailbreak_wrapped')}.jsonl" for n in TRAIN_SETS),
+            "train_sha256": data_hash(), "row_weights": "form- and source-balanced (select_detectors.weights)"}
+
+    sae, tag = load_sae()
+    if args.only in ("probe", "both"):
+        fit_request_probe(args, sets, y, w, meta, sae)
+    if args.only in ("sae", "both"):
+        fit_sae_rule(args, sets, y, w, sae, tag)
+
+
+def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-untyped-def]
+    L = args.probe_layer
+    X = np.concatenate([s.mean_pooled(L) for s in sets])
+    coef, bias = fit_probe(X, y, w, args.probe_c)
+    probe_path = ROOT / "calibration" / "probes" / "harmful-requests-probe.safetensors"
+    save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c)})
+    pol_path = ROOT / "policies" / "harmful-requests.yaml"
+    pol = Policy.from_path(pol_path)
+    rule = pol.rules[0]
+    expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")
+            for i, c in explain_direction(sae, coef)] if L == 15 else []
+    det = rule.detector.model_copy(update={"layer": L, "window": args.probe_window, "aggregate": "mean",
+                                           "explained_by": expl})
+    desc = (f"Linear probe on the layer-{L} residual stream (highest mean over {args.probe_window} tokens), "
+            f"fitted on harmful_requests.train + jailbreak_wrapped.train with form-balanced row weights; "
+            f"configuration chosen by leave-one-source-out CV (docs/results.md)")
+    pol = pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det, "description": desc})]})
+    write_policy(pol_path, pol)
+    print(json.dumps({"probe": str(probe_path), "probe_layer": L}))
+
+
+def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped-def]
+    F = np.concatenate([s.sae_pooled(sae, tag) for s in sets])
+    if args.sae_kind == "sparse":
+        wt, b = fit_sparse_sae(F, y, w, args.sae_n)
+        how = f"sparse (L1) logistic probe over mean-pooled SAE features, {args.sae_n} features"
+    else:
+        wt, b = fit_few_features(F, y, w, args.sae_n)
+        how = f"few-feature rule: {args.sae_n} features by standardised mean difference, no trained head"
+    ids = np.flatnonzero(wt)
+    feats = [Feature(id=int(i), weight=round(float(wt[i]), 6)) for i in ids[np.argsort(-np.abs(wt[ids]))]]
+    sp = ROOT / "policies" / "harmful-requests-sae.yaml"
+    spol = Policy.from_path(sp)
+    srule = spol.rules[0]
+    sdet = srule.detector.model_copy(update={"features": feats, "bias": round(b, 6), "combine": "sum",
+                                             "window": args.sae_window, "aggregate": "mean"})
+    sdesc = (f"{how} (bundled SAE {tag}), highest mean over {args.sae_window} tokens; fitted on "
+             f"harmful_requests.train + jailbreak_wrapped.train; chosen by leave-one-source-out CV")
+    spol = spol.model_copy(update={"rules": [srule.model_copy(update={"detector": sdet, "description": sdesc})]})
+    write_policy(sp, spol)
+    print(json.dumps({"sae_tag": tag, "sae_features": len(feats)}))
+
+
+
+
+def fit_compliance(window: int | None = None) -> None:
+    """Output guard: probe on layer-15 residuals of response tokens (responses.train, replies cut to 300
+    characters as calibrated), leave-one-source-out over the response sources to choose the window, then
+    fitted on the whole train split. Row weights: each (source, label) cell gets equal total weight."""
+    import torch
+
+    from guardrails.cli.calibrate import Session
+    from guardrails.offline.calibrate import load_labeled
+    from select_detectors import auroc, windowed_max  # noqa: F401
+
+    torch.set_num_threads(2)
+    session = Session("bundled", progress=False, dtype="bfloat16")
+    data = load_labeled(ROOT / "calibration/data/responses.train.jsonl", max_response_chars=300)
+    rows = session.rows(data, 15, "output")
+    y = data.labels
+    src = np.array(["handwritten" if s.startswith("handwritten") else s for s in data.sources])
+    X = np.stack([r.float().mean(0).numpy() if len(r) else np.zeros(576, np.float32) for r in rows])
+    cells: dict[tuple[str, int], int] = {}
+    for s_, l_ in zip(src, y, strict=True):
+        cells[(s_, int(l_))] = cells.get((s_, int(l_)), 0) + 1
+    w = np.array([1.0 / cells[(s_, int(l_))] for s_, l_ in zip(src, y, strict=True)])
+    w *= len(w) / w.sum()
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    tok = np.concatenate([r.float().numpy() for r in rows])
+    results = {}
+    for W in ([window] if window is not None else [4, 16, 64]):
+        per = {}
+        for g in sorted(set(src)):
+            tr = src != g
+            coef, b = fit_probe(X[tr], y[tr], w[tr], 0.1)
+            sc = windowed_max(tok @ coef + b, offsets, W)
+            m = ~tr
+            if len(set(y[m].tolist())) == 2:
+                per[g] = auroc(sc[m & (y == 1)], sc[m & (y == 0)])
+        results[W] = per
+        print(f"compliance LOSO W={W}: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()), flush=True)
+    best = max(results, key=lambda k: np.mean(list(results[k].values())))
+    coef, b = fit_probe(X, y, w, 0.1)
+    path = ROOT / "calibration" / "probes" / "harmful-compliance-probe.safetensors"
+    save_linear(path, coef, b, {"method": "probe", "layer": "15", "train": "calibration/data/responses.train.jsonl",
+                                "train_sha256": data.sha256, "max_response_chars": "300",
+                                "row_weights": "equal per (source, label)", "loso_auroc": json.dumps(results)})
+    pol_path = ROOT / "policies" / "harmful-compliance.yaml"
+    pol = Policy.from_path(pol_path)
+    rule = pol.rules[0]
+    det = rule.detector.model_copy(update={"window": int(best), "aggregate": "mean"})
+    desc = (f"Linear probe on layer-15 residuals of response tokens (highest mean over {det.window} tokens), "
+            f"fitted on calibration/data/responses.train.jsonl (replies cut to 300 characters, equal weight per "
+            f"source and label); window chosen by leave-one-source-out CV")
+    write_policy(pol_path, pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det,
+                                                                                    "description": desc})]}))
+    print(json.dumps({"compliance_window": det.window, "loso": results}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["compliance"]:
+        fit_compliance()
+    else:
+        main()
