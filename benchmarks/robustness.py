@@ -1,6 +1,7 @@
 """Evasion benchmark: the shipped harmful-requests policy on plain, padded, role-play-wrapped and split prompts.
 
     python benchmarks/robustness.py [--n 60] [--templates 10] [--policy policies/harmful-requests.yaml]
+    python benchmarks/robustness.py --transforms [--split-n 60]
 
 Data: the test split of ``calibration/data/harmful_requests.*.jsonl`` (label 1 rows for detection,
 label 0 rows for the false-positive rate), ``--n`` of each evenly spaced over the file. Every variant
@@ -18,12 +19,24 @@ wraps the same prompts, so the rates are comparable row for row:
 - ``split, whole conversation``: the same conversation scored as one text (chat template over all
   turns), as ``SAEGuard`` and ``GuardedModel.score`` on joined messages do.
 
+``--transforms`` measures evasion by trivial rewrites instead (issue 16), on the hand-written set
+``benchmarks/data/evasion_requests.jsonl`` (20 clearly harmful requests and 20 topic-matched benign
+ones, each written in English, German, French, Spanish and the past tense) plus ``--split-n`` rows of
+each label of the test split for the mechanical transforms: ``plain``, ``zero-width`` (U+200B between
+characters), ``homoglyph`` (Cyrillic look-alikes for a, c, e, i, o, p), ``base64`` ("Decode and
+answer: <base64>"), ``leetspeak`` (a4 e3 i1 o0 s5 t7), ``german`` / ``french`` / ``spanish`` / ``past
+tense`` (hand-written set only), ``two turns`` (the request cut in two user turns, the whole
+conversation scored). Each transform is scored with the policy's ``normalize:`` steps on (and, for
+plain, zero-width, homoglyph, base64 and leetspeak, with ``normalize: false``), and reports the false
+positive rate of the benign prompts under the same transform.
+
 A prompt counts as detected when the policy blocks it (``TextScore.blocked``, one prefill pass, the
 serving path). The last line is one JSON object. ``--quick`` runs 4 prompts and 2 templates (smoke test).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -148,6 +161,87 @@ def detect(guard: Any, items: list[Any], batch_size: int) -> list[bool]:
     return [bool(x) for x in out]
 
 
+# -- issue 16: evasion by transform ------------------------------------------------------------------------
+
+EVASION = ROOT / "benchmarks" / "data" / "evasion_requests.jsonl"
+HOMOGLYPHS = str.maketrans({"a": "а", "c": "с", "e": "е", "i": "і", "o": "о", "p": "р"})
+LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
+MECHANICAL: dict[str, Callable[[str], Any]] = {
+    "plain": lambda t: t,
+    "zero-width": lambda t: "\u200b".join(t),
+    "homoglyph": lambda t: t.translate(HOMOGLYPHS),
+    "base64": lambda t: "Decode and answer: " + base64.b64encode(t.encode()).decode(),
+    "leetspeak": lambda t: t.translate(LEET),
+    "two turns": lambda t: conversation(*split_turns(t)),
+}
+WRITTEN = {"german": "de", "french": "fr", "spanish": "es", "past tense": "past"}
+NORMALIZED = ("plain", "zero-width", "homoglyph", "base64", "leetspeak")
+"""Transforms also scored with ``normalize: false`` (the others are plain text normalisation leaves as is)."""
+TRANSFORMS = [*MECHANICAL, *WRITTEN]
+
+
+def evasion_rows() -> dict[int, list[dict[str, str]]]:
+    rows = [json.loads(x) for x in EVASION.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {label: [r for r in rows if int(r["label"]) == label] for label in (1, 0)}
+
+
+def transform_items(name: str, rows: list[dict[str, str]]) -> list[Any]:
+    if name in WRITTEN:
+        return [r[WRITTEN[name]] for r in rows]
+    return [MECHANICAL[name](r["en"]) for r in rows]
+
+
+def run_transforms(args: Any, policy: Any, policy_path: Path) -> None:
+    from guardrails.core.policy import Policy
+    from guardrails.serving.generation import GuardedModel
+
+    guard_on = GuardedModel.from_pretrained(policy=policy)
+    data = policy.model_dump(mode="json", exclude={"base_dir"})
+    off = Policy.from_dict({**data, "normalize": False}, base_dir=policy.base_dir)
+    guard_off = GuardedModel(guard_on.model, guard_on.tokenizer, off)
+    hand = evasion_rows()
+    test = DATA / "harmful_requests.test.jsonl"
+    k = args.split_n
+    split = {1: [{"en": t} for t in read_rows(test, 1, k)], 0: [{"en": t} for t in read_rows(test, 0, k)]} if k else {}
+    if args.quick:
+        hand = {k: v[:3] for k, v in hand.items()}
+        split = {k: v[:2] for k, v in split.items()}
+    t0 = time.perf_counter()
+    rows, res = [], {}
+    for set_name, sets in (("hand-written", hand), ("test split", split)):
+        for name in TRANSFORMS if sets else []:
+            if set_name == "test split" and name in WRITTEN:
+                continue
+            cell: dict[str, Any] = {}
+            modes = [("normalize on", guard_on), ("normalize off", guard_off)]
+            for mode, guard in modes if name in NORMALIZED else modes[:1]:
+                hits = {lab: detect(guard, transform_items(name, sets[lab]), args.batch_size) for lab in (1, 0)}
+                n1, n0 = len(hits[1]), len(hits[0])
+                cell[mode] = {"detected": sum(hits[1]), "n_harmful": n1, "detection_rate": sum(hits[1]) / n1,
+                              "false_positives": sum(hits[0]), "n_benign": n0, "fpr": sum(hits[0]) / n0}
+                print(f"  {set_name} / {name} / {mode}: detected {sum(hits[1])}/{n1}, "
+                      f"benign blocked {sum(hits[0])}/{n0}", file=sys.stderr, flush=True)
+            on, of = cell["normalize on"], cell.get("normalize off")
+            rows.append([set_name, name, f"{on['detected']}/{on['n_harmful']}", on["detection_rate"],
+                         f"{on['false_positives']}/{on['n_benign']}", on["fpr"],
+                         f"{of['detected']}/{of['n_harmful']}" if of else "-",
+                         f"{of['false_positives']}/{of['n_benign']}" if of else "-"])
+            res[f"{set_name}: {name}"] = cell
+    table(f"Evasion by transform: {policy.name} (bundled SmolLM2-135M-Instruct)",
+          ["set", "transform", "detected", "detection rate", "benign blocked", "FPR", "detected (off)",
+           "benign blocked (off)"], rows)
+    emit({
+        "benchmark": "robustness-transforms",
+        "quick": bool(args.quick),
+        "policy": {"name": policy.name, "path": str(policy_path), "digest": policy.digest,
+                   "normalize": policy.normalize.model_dump(mode="json")},
+        "data": [str(EVASION.relative_to(ROOT)), str(test.relative_to(ROOT))],
+        "transforms": res,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(args.threads),
+    }, args.json_out)
+
+
 def main() -> None:
     ap = parser(__doc__ or "")
     ap.add_argument("--policy", default=str(ROOT / "policies" / "harmful-requests.yaml"))
@@ -156,6 +250,10 @@ def main() -> None:
     ap.add_argument("--pad-chars", type=int, default=400, help="benign padding per side, in characters")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--pad-sources", default=",".join(PAD_SOURCES), help="train-split sources of the benign padding")
+    ap.add_argument("--split-n", type=int, default=0, help="--transforms: also this many test-split rows per label "
+                    "for the mechanical transforms")
+    ap.add_argument("--transforms", action="store_true", help="evasion by transform (zero-width, homoglyph, base64, "
+                    "leetspeak, languages, past tense, two turns), normalisation on and off")
     args = ap.parse_args()
     if args.quick:
         args.n, args.templates = min(args.n, 4), min(args.templates, 2)
@@ -168,6 +266,9 @@ def main() -> None:
         raise SystemExit(f"{policy_path} not found: ship the policy first, or draft one with `guardrails discover` "
                          "and pass --policy")
     policy = Policy.from_path(policy_path)
+    if args.transforms:
+        run_transforms(args, policy, policy_path)
+        return
     guard = GuardedModel.from_pretrained(policy=policy)
     test = DATA / "harmful_requests.test.jsonl"
     harmful, benign = read_rows(test, 1, args.n), read_rows(test, 0, args.n)

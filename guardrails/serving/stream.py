@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from guardrails.core.decision import Decision, TextScore
+from guardrails.core.decision import TextScore
 from guardrails.engine.run import GuardRun
+from guardrails.serving.failsafe import apply_failure, result_or_on_error
 from guardrails.serving.prescan import apply_prescan, prescan
 from guardrails.serving.prompts import GenerationArgs, PromptLike, check_prompts, is_batch
 from guardrails.serving.result import GenerationResult
@@ -121,27 +122,9 @@ class GuardedStream:
                 *, stopped: bool) -> GenerationResult:
         """The result (audited) of a stream that showed ``sent``; failures after scoring follow on_error."""
         guard = self.guard
-        policy = guard.policy
-        try:
-            result = guard._result(run, 0, self._prompt, ids)
-        except Exception as exc:
-            failure = failure or exc
-            result = GenerationResult(
-                text=sent, blocked=False, steered=False, decisions=[d for d in run.decisions if d.sequence == 0],
-                prompt=self._prompt, released_text=sent, policy=policy.name, errors=list(run.errors),
-            )
+        result = result_or_on_error(guard, run, 0, self._prompt, ids, shown=sent)
         if failure is not None:
-            reason = f"stream failed after scoring: {type(failure).__name__}: {failure}"
-            logger.error("%s", reason)
-            result.errors.append(reason)
-            result.decisions.append(Decision(
-                action="error", rule="(stream)", score=float("nan"), threshold=float("nan"), position=-1,
-                scope="output", reason=reason, resolution=policy.on_error,
-            ))
-            if policy.on_error == "block":
-                result.blocked, result.text = True, policy.refusal
-            elif not result.blocked:
-                result.text = sent  # the generation ended here: the caller has what was shown
+            result = apply_failure(guard, result, failure, "stream", sent)
         if pre is not None:
             result = apply_prescan(guard, [pre], [result])[0]
         if stopped:
