@@ -324,3 +324,31 @@ def test_direction_cli_rejects_unknown_kind(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["direction", "--kind", "pca", "--data", str(tmp_path), "--layer", "1",
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "valid: contrastive, diffmean, probe" in r.output
+
+
+# -- the benchmark's measurements -------------------------------------------------------------------------------
+def test_eval_helpers_by_hand() -> None:
+    from guardrails.offline.steering_eval import is_french, is_refusal, repeated_ngram_share
+
+    assert is_french("Le chat dort sur le canapé et il fait beau.") and not is_french("The cat sleeps on the sofa.")
+    assert repeated_ngram_share("a b c d a b c d") == pytest.approx(1 / 5)  # 5 four-grams, 'a b c d' seen twice
+    assert repeated_ngram_share("one two three") == 0.0
+    assert is_refusal("I'm sorry, but I can't help with that.") and not is_refusal("Sure, here is a recipe.")
+
+
+def test_selective_feature_and_perplexity_on_tiny_chat_model() -> None:
+    from guardrails.offline.steering_eval import generate, reference_perplexity, selective_feature
+    from tests.builders import bundled_tokenizer
+
+    tok = bundled_tokenizer()
+    lm = tiny_lm("llama", tok, layers=2)
+    sae = random_sae(HIDDEN, 64, k=8, layer=LAYER)
+    texts = ["one two three four", "five six seven eight"]
+    fid, on, off = selective_feature(lm, tok, sae, LAYER, [[1, 2, 3], []], [[], [1, 2, 3]], texts)
+    assert 0 <= fid < 64 and on >= off
+    ppl0 = reference_perplexity(lm, tok, ["Hi"], ["Hello there"])
+    steer = [Steer(LAYER, direction=_direction(), strength=2.0)]
+    assert ppl0 > 1 and reference_perplexity(lm, tok, ["Hi"], ["Hello there"], steer) != ppl0
+    assert reference_perplexity(lm, tok, ["Hi"], ["Hello there"]) == pytest.approx(ppl0)  # hooks came off
+    out = generate(lm, tok, ["Hi", "Tell me more"], max_new_tokens=3)
+    assert len(out) == 2 and generate(lm, tok, ["Hi", "Tell me more"], max_new_tokens=3, steers=steer) != out

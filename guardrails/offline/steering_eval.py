@@ -186,6 +186,9 @@ def reference_perplexity(
     from guardrails.engine.steering import steering
     from guardrails.serving.decode import _new_cache
 
+    import inspect
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     nll, count = 0.0, 0
     for prompt, answer in zip(prompts, answers, strict=True):
         p_ids = tokenizer(chat_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -195,8 +198,8 @@ def reference_perplexity(
         handle = steering(model, steers, positions="generated") if steers else None
         try:
             cache = _new_cache(model)
-            first = model(input_ids=p_ids, past_key_values=cache, use_cache=True).logits[0, -1:]
-            rest = model(input_ids=a_ids[:, :-1], past_key_values=cache, use_cache=True).logits[0]
+            first = model(input_ids=p_ids, use_cache=True, **{kw: cache}).logits[0, -1:]
+            rest = model(input_ids=a_ids[:, :-1], use_cache=True, **{kw: cache}).logits[0]
         finally:
             if handle is not None:
                 handle.remove()
