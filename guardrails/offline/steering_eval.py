@@ -183,10 +183,10 @@ def reference_perplexity(
     model: Any, tokenizer: Any, prompts: list[str], answers: list[str], steers: Any = None
 ) -> float:
     """exp(mean NLL) of ``answers`` given the chat prompt; the answer is fed as a cached continuation."""
+    import inspect
+
     from guardrails.engine.steering import steering
     from guardrails.serving.decode import _new_cache
-
-    import inspect
 
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     nll, count = 0.0, 0
