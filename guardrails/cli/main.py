@@ -168,13 +168,21 @@ def validate(
     files: Annotated[list[Path], typer.Argument(help="Policy YAML files")],
     deep: Annotated[bool, typer.Option(help="Also load the SAEs and model and check layers and feature ids")] = False,
 ) -> None:
-    """Check policy files; exit 1 if any is invalid."""
+    """Check policy files: schema, SAE and probe files (widths and hidden sizes from their headers), layers
+    against the model's config, feature ids against SAE widths; no weights are loaded (--deep loads them).
+    Exit 1 if any is invalid."""
+    from guardrails.cli.checks import check_policy
     from guardrails.core.policy import Policy, PolicyError
 
     bad = 0
     for f in files:
         try:
             pol = Policy.from_path(f)
+            problems, notes = check_policy(pol)
+            for note in notes:
+                err_console.print(f"[yellow]note[/] {markup(f)}: {markup(note)}", highlight=False)
+            if problems:
+                raise PolicyError(f"{f}: " + "; ".join(problems))
             if deep:
                 _run_safely(lambda pol=pol: _deep_check(pol))
             console.print(f"[green]ok[/] {markup(f)}: policy {markup(repr(pol.name))}, {len(pol.rules)} rules, "
@@ -222,6 +230,9 @@ def train_sae(
     acts = collect_activations(lm, tok, texts, layer, max_tokens=tokens, seq_len=seq_len)
     for L, x in acts.items():
         sae, report = train_topk_sae(x, d_sae=width, k=k, epochs=epochs, layer=L, model_name=model or "bundled")
+        if report.train_tokens == 0:  # an SAE it did not train is not written
+            fail(f"layer {L}: 0 training steps ({len(x)} activation vectors collected from {corpus}, too few for "
+                 "one batch after the held-out slice); give a larger --corpus or more --tokens. Nothing written.")
         path = save_with_report(sae, report, out / f"layer{L}" if len(layer) > 1 else out,
                                 {"layer": L, "corpus": str(corpus), "collected_tokens": len(x)})
         console.print(

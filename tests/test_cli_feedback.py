@@ -1,0 +1,78 @@
+"""CLI feedback: ``validate`` checks files, widths and layers from headers and configs (no weights loaded);
+``train-sae`` refuses to write an SAE it did not train; short result reprs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.builders import random_sae
+
+
+def _cli(args: list[str]) -> object:
+    from guardrails.cli.main import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _policy(tmp_path: Path, sae_path: str, *, feature: int = 3, layer: int = 15, model: str = "bundled") -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""
+name: check-me
+model: {model}
+saes: {{s: {{path: "{sae_path}", layer: {layer}}}}}
+rules:
+  - id: r
+    scope: input
+    detector: {{sae: s, features: [{feature}]}}
+    threshold: 1.0
+""")
+    return path
+
+
+@pytest.fixture
+def sae_dir(tmp_path: Path) -> Path:
+    return random_sae(d_model=576, d_sae=128, k=8, layer=15).save(tmp_path / "sae")
+
+
+def test_header_gives_width_and_hidden_size(sae_dir: Path) -> None:
+    from guardrails.cli.checks import sae_header
+
+    assert sae_header(sae_dir) == (128, 576)
+
+
+def test_validate_accepts_a_good_policy(tmp_path: Path, sae_dir: Path) -> None:
+    res = _cli(["validate", str(_policy(tmp_path, str(sae_dir), feature=127))])
+    assert res.exit_code == 0, res.output  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"feature": 128}, "features[0].id: 128 out of range; valid: 0..127"),
+    ({"layer": 30}, "saes.s.layer: 30 out of range; valid: 0..29"),
+    ({"sae": "missing-folder"}, "not found"),
+])
+def test_validate_rejects_what_only_deep_caught_before(tmp_path: Path, sae_dir: Path, kw: dict, message: str) -> None:
+    sae = str(tmp_path / kw.pop("sae")) if "sae" in kw else str(sae_dir)
+    res = _cli(["validate", str(_policy(tmp_path, sae, **kw))])
+    out = " ".join(res.output.split())  # type: ignore[attr-defined]
+    assert res.exit_code == 1 and message in out, out  # type: ignore[attr-defined]
+
+
+def test_validate_rejects_an_sae_of_another_width(tmp_path: Path) -> None:
+    other = random_sae(d_model=64, d_sae=32, layer=15).save(tmp_path / "small")
+    res = _cli(["validate", str(_policy(tmp_path, str(other)))])
+    out = " ".join(res.output.split())  # type: ignore[attr-defined]
+    assert res.exit_code == 1 and "d_model=64 but the model's hidden size is 576" in out
+
+
+def test_train_sae_refuses_zero_steps(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("Hello there.\nA second short line.\n")
+    out = tmp_path / "sae"
+    res = _cli(["train-sae", "--corpus", str(corpus), "--out", str(out), "--layer", "1", "--width", "64", "--k", "4",
+                "--tokens", "1000", "--epochs", "1"])
+    text = " ".join(res.output.split())  # type: ignore[attr-defined]
+    assert res.exit_code != 0 and "0 training steps" in text, text  # type: ignore[attr-defined]
+    assert not out.exists()
