@@ -76,3 +76,27 @@ def test_train_sae_refuses_zero_steps(tmp_path: Path) -> None:
     text = " ".join(res.output.split())  # type: ignore[attr-defined]
     assert res.exit_code != 0 and "0 training steps" in text, text  # type: ignore[attr-defined]
     assert not out.exists()
+
+
+def test_feature_trace_is_one_column_of_the_encode(lm: object, tok: object) -> None:
+    import torch
+
+    from guardrails.serving.inspect import feature_trace
+
+    model = lm("llama")  # type: ignore[operator]
+    sae = random_sae(d_model=64, d_sae=256, k=8, layer=1, seed=4)
+    text = "Tell me a story about a robot"
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids  # type: ignore[operator]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+    acts = sae.encode(hidden)
+    feature = int(acts[1:].sum(0).argmax())  # a feature that fires somewhere
+    trace = feature_trace(text, feature, sae=sae, model=model, tokenizer=tok)
+    assert len(trace) == ids.shape[1]
+    for r in trace:
+        assert r["activation"] == pytest.approx(float(acts[r["position"], feature]), abs=1e-3)
+        if r["rank"] is not None:
+            assert r["rank"] == int((acts[r["position"]] > acts[r["position"], feature]).sum()) + 1
+    assert any(r["rank"] is not None for r in trace)
+    with pytest.raises(ValueError, match="feature 256 out of range; valid: 0..255"):
+        feature_trace(text, 256, sae=sae, model=model, tokenizer=tok)

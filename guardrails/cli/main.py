@@ -147,10 +147,25 @@ def features(
     top: Annotated[int, typer.Option(min=1, max=100, help="Features shown per token")] = 5,
     chat: Annotated[bool, typer.Option(help="Wrap PROMPT in the chat template as a user turn")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    feature: Annotated[int | None, typer.Option(help="Trace this one feature over every token instead")] = None,
 ) -> None:
-    """The top SAE features at each token of PROMPT (the debugging use of SAEs)."""
-    from guardrails.serving.inspect import top_features_per_token
+    """The top SAE features at each token of PROMPT (the debugging use of SAEs), or one feature traced."""
+    from guardrails.serving.inspect import feature_trace, top_features_per_token
 
+    if feature is not None:
+        trace = _run_safely(lambda: feature_trace(prompt, feature, sae=sae, layer=layer, k=k, model=model,
+                                                  chat=chat))
+        if as_json:
+            print(dumps(trace))
+            return
+        peak = max((r["activation"] for r in trace), default=0.0) or 1.0
+        t = Table("pos", "token", f"feature {feature}", "rank", "")
+        for r in trace:
+            bar = "█" * round(20 * max(r["activation"], 0.0) / peak)
+            t.add_row(str(r["position"]), cell(repr(r["token"])), f"{r['activation']:.2f}",
+                      "-" if r["rank"] is None else str(r["rank"]), bar)
+        console.print(t)
+        return
     rows = _run_safely(
         lambda: top_features_per_token(prompt, sae=sae, layer=layer, k=k, model=model, top=top, chat=chat)
     )
