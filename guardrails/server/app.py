@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import logging
@@ -43,6 +44,10 @@ class ServerState:
 
     def __init__(self, guard: GuardedModel, config: ServerConfig, scheduler: Scheduler | None) -> None:
         self.guard = guard
+        self.scan_guard = _scan_view(guard)
+        """The guard with its own tokenizer copy, for work outside the scheduler thread (prompt checks,
+        scans): a fast tokenizer's padding settings are shared state, so a call without padding on another
+        thread can break the scheduler's padded batch encode."""
         self.config = config
         self.metrics = Metrics()
         self.scheduler = scheduler
@@ -54,6 +59,12 @@ class ServerState:
             from guardrails.server.proxy import Upstream
 
             self.proxy = Upstream(config)
+
+
+def _scan_view(guard: GuardedModel) -> GuardedModel:
+    view = copy.copy(guard)  # same model, scorers, lock and audit store
+    view.tokenizer = copy.deepcopy(guard.tokenizer)
+    return view
 
 
 def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
@@ -150,7 +161,7 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
         t0 = time.perf_counter()
         authorize(request)
         req = parse_body(await read_body(request), GuardCheckRequest)
-        results = await asyncio.to_thread(check_texts, guard, req, cfg)
+        results = await asyncio.to_thread(check_texts, state.scan_guard, req, cfg)
         for r in results:
             state.metrics.decisions(r["_decisions"])
         out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
@@ -165,7 +176,7 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
         t0 = time.perf_counter()
         authorize(request)
         req = parse_body(await read_body(request), ChatCompletionRequest)
-        prompt, max_tokens = check_chat(guard, req, cfg, proxy=state.proxy is not None)
+        prompt, max_tokens = check_chat(state.scan_guard, req, cfg, proxy=state.proxy is not None)
         if state.inflight >= cfg.max_inflight:
             raise APIError(429, f"{state.inflight} requests in flight (limit {cfg.max_inflight}); retry later",
                            type="rate_limit_error", code="too_many_requests")
@@ -256,21 +267,28 @@ def submit(state: ServerState, prompt: str, req: ChatCompletionRequest,
 
 async def wait_done(request: Request, ticket: Any, events: asyncio.Queue[Event]) -> Completion | None:
     """The completion of a non-streaming request; None (and the row cancelled) if the client left."""
-    try:
+
+    async def completion() -> Completion:
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    ticket.cancel()
-                    return None
-                continue
+            ev = await events.get()
             if ev.kind == "done":
                 assert ev.completion is not None
                 return ev.completion
-    except asyncio.CancelledError:
-        ticket.cancel()
-        raise
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done_task = asyncio.ensure_future(completion())
+    gone_task = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone_task.cancel()
+        if not done_task.done():
+            done_task.cancel()
+            ticket.cancel()  # the client went away (or the handler was cancelled): free the row
+    return done_task.result() if not done_task.cancelled() else None
 
 
 def guard_field(guard: GuardedModel, done: Completion) -> dict[str, Any]:

@@ -90,7 +90,7 @@ async def proxy_chat(state: ServerState, request: Request, req: ChatCompletionRe
                      t0: float) -> Response:
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    guard, cfg, metrics = state.guard, state.config, state.metrics
+    guard, cfg, metrics = state.scan_guard, state.config, state.metrics
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": req.model or cfg.model_name}
     in_decisions, blocked = await asyncio.to_thread(scan, guard, prompt, None, "input")
@@ -171,7 +171,7 @@ def _safe_end(guard: GuardedModel, text: str, holdback: int) -> int:
 
 async def _stream(state: ServerState, body: dict[str, Any], prompt: str, meta: dict[str, Any],
                   in_decisions: list[Any], t0: float) -> AsyncIterator[bytes]:
-    guard, cfg, metrics, up = state.guard, state.config, state.metrics, state.proxy
+    guard, cfg, metrics, up = state.scan_guard, state.config, state.metrics, state.proxy
     text = ""  # everything the upstream sent
     sent = 0  # characters released to the client
     scanned = 0  # length of text at the last scan

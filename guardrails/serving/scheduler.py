@@ -161,6 +161,8 @@ class Scheduler:
         """Number of batches run so far (for tests and metrics)."""
         self.batch_sizes: list[int] = []
         """Size of each batch run (the last 1,000)."""
+        self.finish_counts: dict[str, int] = {}
+        """How many requests ended with each finish reason."""
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -233,8 +235,16 @@ class Scheduler:
                 self._cond.wait()
             if self._closed:
                 return None
-        if self.gather_s > 0:
-            time.sleep(self.gather_s)  # let requests sent together arrive together
+        # let requests sent together arrive together: wait while they keep coming (at most 10 gather periods)
+        waited, seen = 0, -1
+        while self.gather_s > 0 and waited < 10:
+            with self._cond:
+                n = len(self._waiting)
+            if n == seen or n >= self.max_batch:
+                break
+            seen = n
+            time.sleep(self.gather_s)
+            waited += 1
         with self._cond:
             self._waiting = [t for t in self._waiting if not t.cancelled or self._drop(t)]
             if not self._waiting:
@@ -318,6 +328,7 @@ class Scheduler:
     def _finish(self, row: _Row, b: int, run: Any, ids: list[int], reason: FinishReason,
                 text: str | None = None) -> None:
         row.ended = True
+        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
         guard = self.guard
         result = guard._result(run, b, row.ticket.prompt, list(ids))
         # the row's place in the batch is no business of the request: number it as a run of its own
