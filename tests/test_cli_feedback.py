@@ -98,5 +98,17 @@ def test_feature_trace_is_one_column_of_the_encode(lm: object, tok: object) -> N
         if r["rank"] is not None:
             assert r["rank"] == int((acts[r["position"]] > acts[r["position"], feature]).sum()) + 1
     assert any(r["rank"] is not None for r in trace)
-    with pytest.raises(ValueError, match="feature 256 out of range; valid: 0..255"):
+    with pytest.raises(ValueError, match=r"feature 256 out of range; valid: 0\.\.255"):
         feature_trace(text, 256, sae=sae, model=model, tokenizer=tok)
+
+
+def test_generation_result_repr_is_short() -> None:
+    from guardrails.core.decision import Decision
+    from guardrails.serving.result import GenerationResult
+
+    d = Decision(action="block", rule="harm", score=2.0, threshold=1.0, position=7, scope="output")
+    r = GenerationResult(text="I can't help with that." * 10, blocked=True, steered=False, decisions=[d],
+                         prompt="p" * 999, output_ids=[1, 2], token_scores={"harm": {i: 0.5 for i in range(500)}},
+                         policy="pol")
+    text = repr(r)
+    assert len(text) < 200 and text.startswith("GenerationResult(blocked,") and "['harm']" in text

@@ -44,6 +44,13 @@ class GenerationResult:
     """What text normalisation found in the prompt before generating (steps, decoded segments); None: nothing.
     The model generates from the original prompt; the normalized and decoded texts are scored on the side."""
 
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        state = "blocked" if self.blocked else "steered" if self.steered else "flagged" if self.flagged else "allowed"
+        rules = sorted({d.rule for d in self.decisions})
+        return (f"GenerationResult({state}, text={text!r}, tokens={len(self.output_ids)}, "
+                f"decisions={len(self.decisions)}{' ' + str(rules) if rules else ''}, policy={self.policy!r})")
+
     @property
     def flagged(self) -> bool:
         return any(d.action in ("flag", "error") for d in self.decisions)
