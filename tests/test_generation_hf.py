@@ -240,3 +240,57 @@ rules:
         assert got.output_ids == _reference(model, tok, [prompt], seed=seed, **base, **kw)[0], kw
         assert not got.decisions
     assert hooks_on(model) == 0
+
+
+# -- audits from every entry point ------------------------------------------------------------------------
+
+
+def _audited_policy(path: Path, db: str, redact: bool = False) -> Policy:
+    return Policy.from_yaml(f"""
+name: audited
+audit: {{db: {db}, redact: {str(redact).lower()}}}
+saes: {{main: {{path: "{path}", layer: {LAYER}, k: 16}}}}
+rules:
+  - id: watch
+    scope: both
+    detector: {{sae: main, features: [1, 5, 9], combine: sum}}
+    threshold: 1.0e+9
+""", base_dir=path.parent)
+
+
+def test_policy_audit_sink_and_env_override(lm: Any, tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardrails import AuditStore
+
+    sae = write_qwen_scope(tmp_path / "sae", LAYER, qwen_scope_tensors(64, D_SAE, seed=3))
+    monkeypatch.delenv("GUARDRAILS_AUDIT_DB", raising=False)
+    policy = _audited_policy(sae, "audit.db", redact=True)
+    assert policy.redact is True  # audit.redact sets the policy's redact
+    guard = GuardedModel(lm("llama"), tok, policy, chat=False)
+    r = guard.generate(PROMPT, max_new_tokens=4)  # nothing fired: recorded anyway
+    assert not isinstance(r, list) and not r.decisions
+    records = list(AuditStore(sae.parent / "audit.db").iter_records())  # relative to the policy's folder
+    assert len(records) == 1 and records[0].data["kind"] == "generation" and records[0].data["redacted"] is True
+    env_db = tmp_path / "env.db"
+    monkeypatch.setenv("GUARDRAILS_AUDIT_DB", str(env_db))
+    GuardedModel(lm("llama"), tok, policy, chat=False).generate(PROMPT, max_new_tokens=4)
+    assert len(list(AuditStore(env_db).iter_records())) == 1  # the environment wins over the policy
+    explicit = tmp_path / "explicit.db"
+    GuardedModel(lm("llama"), tok, policy, chat=False, audit=explicit).generate(PROMPT, max_new_tokens=4)
+    assert len(list(AuditStore(explicit).iter_records())) == 1  # and audit= wins over both
+    assert len(list(AuditStore(env_db).iter_records())) == 1
+
+
+@pytest.mark.model
+def test_cli_honours_the_audit_env_and_names_the_model_by_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from guardrails import AuditStore
+    from guardrails.cli.main import app
+
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("GUARDRAILS_AUDIT_DB", str(db))
+    res = CliRunner().invoke(app, ["generate", "Name three colors.", "--policy", "harmful-requests",
+                                   "--max-new-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    records = list(AuditStore(db).iter_records())
+    assert len(records) == 1 and records[0].data["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
