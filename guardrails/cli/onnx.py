@@ -29,14 +29,22 @@ def export_onnx_command(
 
     if score_mode not in (None, "exact", "watched"):
         fail(f"--score-mode {score_mode!r} unknown; valid: exact, watched")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     pol = _run_safely(lambda: Policy.from_path(resolve_policy_path(policy)))
-    lm, tok = _run_safely(lambda: load_model(model or pol.model, dtype="float32"))
-    with console.status(f"exporting policy {pol.name!r} to {out} ..."):
+    steps = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+    with steps:
+        task = steps.add_task(f"1/2 loading {model or pol.model or 'bundled'} ...", total=None)
+        lm, tok = _run_safely(lambda: load_model(model or pol.model, dtype="float32"))
+        steps.update(task, completed=1, total=1)
+        what = "exporting and checking parity" if check else "exporting"
+        task = steps.add_task(f"2/2 {what}: policy {pol.name!r} -> {out} ...", total=None)
         try:
             report = _run_safely(lambda: export_onnx(pol, out, model=lm, tokenizer=tok, score_mode=score_mode,
                                                      check=check, opset=opset))
         except OnnxGuardError as exc:
             fail(str(exc))
+        steps.update(task, completed=1, total=1)
     parity = "not checked" if report.parity is None else f"max relative difference {report.parity:.1e}"
     console.print(
         f"[green]exported[/] {report.folder}: layers 0..{report.cut_after_layer}, {report.score_mode} mode, "
