@@ -7,6 +7,12 @@ Modules: messages, chat_model, tools, streaming, guard, sequence, middleware.
 
 from typing import Any
 
+try:
+    import langchain_core  # noqa: F401
+except ImportError as exc:  # an optional extra
+    hint = "the LangChain integration needs langchain-core: pip install 'sae-guardrails[langchain]'"
+    raise ImportError(hint) from exc
+
 from guardrails.integrations.langchain.chat_model import GuardedChatModel
 from guardrails.integrations.langchain.guard import PROMPT_METADATA_KEY, InputBlocked, SAEGuard
 from guardrails.integrations.langchain.messages import guard_metadata, message_to_turn, to_turns
