@@ -279,7 +279,7 @@ def test_score_residuals_equals_the_hooks(tiny: dict[str, Any]) -> None:
 
 # -- the layout --------------------------------------------------------------------------------------------------
 
-FLOORS = {"core": 0, "audit": 1, "sae": 1, "engine": 2, "serving": 3, "onnx": 4, "offline": 4, "server": 5,
+FLOORS = {"_data": 0, "core": 0, "audit": 1, "sae": 1, "engine": 2, "serving": 3, "onnx": 4, "offline": 4, "server": 5,
           "integrations": 5, "vllm": 5, "cli": 6}
 
 
