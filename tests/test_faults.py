@@ -580,3 +580,24 @@ def test_a_real_full_and_read_only_disk(tmp_path: Path) -> None:
             AuditStore(mnt / "a.db").record(make_result("y"), FakeGuard(make_policy()))
     finally:
         _umount(mnt)
+
+
+@pytest.mark.parametrize("on_error", ON_ERROR)
+def test_a_failure_building_the_result_follows_on_error_in_generate(plain: Any, tok: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   on_error: str) -> None:
+    count("faults: failure after scoring")
+    model, _ = plain
+    guard = GuardedModel(model, tok, flag_all(on_error), saes={"s": random_sae()})
+    expected = tok.decode(greedy(model, tok), skip_special_tokens=True)
+
+    def broken_result(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("result builder exploded")
+
+    monkeypatch.setattr(guard, "_result", broken_result)
+    r = one(guard.generate(PROMPT, max_new_tokens=NEW, chat=False))  # no exception reaches the caller
+    assert any(d.action == "error" and d.resolution == on_error for d in r.decisions)
+    if on_error == "block":
+        assert r.blocked and r.text == REFUSAL
+    else:
+        assert not r.blocked and r.text == r.released_text == expected
