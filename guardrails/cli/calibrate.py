@@ -124,7 +124,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   target_recall: float | None = None, fit_weights: bool = False, rule_id: str | None = None,
                   out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
-                  train_limit: int | None = None, record_path: Path | None = None) -> dict[str, Any]:
+                  train_limit: int | None = None, record_path: Path | None = None,
+                  evaluate_test: bool = True) -> dict[str, Any]:
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data."""
     from guardrails.core.policy import Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
@@ -204,7 +205,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                                                                                      thr)}}
         if any(cal.sources):
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
-        if "test" in files:
+        if "test" in files and evaluate_test:
             test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
             ts = text_scores(guard, rule.id, session.rows(test, layer, sc))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
@@ -413,6 +414,7 @@ def register(app: typer.Typer) -> None:
         = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
+        test: Annotated[bool, typer.Option(help="Also report the test split in the record")] = True,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
@@ -429,7 +431,7 @@ def register(app: typer.Typer) -> None:
             Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
-            max_response_chars=max_response_chars, train_limit=train_limit))
+            max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return

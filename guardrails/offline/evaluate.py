@@ -170,7 +170,7 @@ def grouped_metrics(
 
 
 def grouped_with_intervals(
-    scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *, n: int = 200,
+    scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *, n: int = 100,
     min_rows: int = 5,
 ) -> dict[str, dict[str, Any]]:
     """:func:`grouped_metrics` plus 95% bootstrap intervals per group (``ci95``): a single-label group is
