@@ -89,14 +89,26 @@ def generate(
     audit_db: Annotated[
         str | None, typer.Option("--audit-db", envvar="GUARDRAILS_AUDIT_DB", help="Record decisions in this audit db")
     ] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalize repeated tokens (e.g. 1.2)")] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Never repeat an n-gram of this size")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeat the option)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (0 = greedy)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler")] = None,
 ) -> None:
     """Generate a reply to PROMPT under a policy and show what the guard decided."""
+    gen: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for key, value in (("repetition_penalty", repetition_penalty), ("no_repeat_ngram_size", no_repeat_ngram_size),
+                       ("stop_strings", stop or None), ("seed", seed)):
+        if value is not None:
+            gen[key] = value
+    if temperature is not None:
+        gen.update(temperature=temperature, do_sample=temperature > 0)
     if not prompt.strip():
         fail("PROMPT is empty")
     guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db))
     if stream and not as_json:
         def run_stream() -> Any:
-            s = guard.stream(prompt, max_new_tokens=max_new_tokens)  # bad input fails here, before any text
+            s = guard.stream(prompt, **gen)  # bad input fails here, before any text
             for piece in s:
                 console.print(visible(piece, keep_newlines=True), end="", highlight=False, markup=False)
             console.print()
@@ -104,7 +116,7 @@ def generate(
 
         result = _run_safely(run_stream)
     else:
-        result = _run_safely(lambda: guard.generate(prompt, max_new_tokens=max_new_tokens))
+        result = _run_safely(lambda: guard.generate(prompt, **gen))
     if as_json:
         print(dumps(result.to_dict()))
         return
