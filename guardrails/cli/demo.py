@@ -22,14 +22,15 @@ def run_demo(console: Console, policy_path: Path, model: str | None, max_new_tok
     """Run the demo prompts unguarded and guarded; print a table; return the rows."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from guardrails.cli.safe import cell, markup
     from guardrails.core.policy import Policy
     from guardrails.serving.generation import GuardedModel
 
     policy = Policy.from_path(policy_path)
     with console.status("loading the model and SAE..."):
         guard = GuardedModel.from_pretrained(model, policy=policy)
-    console.print(f"policy [bold]{policy.name}[/] ({policy_path}); SAEs: "
-                  + ", ".join(f"{k}: {v!r}" for k, v in guard.saes.items()))
+    console.print(f"policy [bold]{markup(policy.name)}[/] ({markup(policy_path)}); SAEs: "
+                  + markup(", ".join(f"{k}: {v!r}" for k, v in guard.saes.items())))
     rows: list[dict[str, Any]] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
@@ -45,8 +46,9 @@ def run_demo(console: Console, policy_path: Path, model: str | None, max_new_tok
     table = Table("kind", "prompt", "unguarded", "guarded", "guard", show_lines=True, title="guardrails demo")
     for r in rows:
         color = {"BLOCKED": "red", "steered": "yellow", "flagged": "yellow"}.get(r["status"], "green")
-        table.add_row(r["kind"], r["prompt"], r["unguarded"].strip()[:160], r["guarded"].strip()[:160],
-                      f"[{color}]{r['status']}[/]\n{r['why']}")
+        table.add_row(r["kind"], cell(r["prompt"]), cell(r["unguarded"].strip()[:160], keep_newlines=True),
+                      cell(r["guarded"].strip()[:160], keep_newlines=True),
+                      f"[{color}]{r['status']}[/]\n{markup(r['why'])}")
     console.print(table)
     return rows
 
