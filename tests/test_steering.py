@@ -352,3 +352,26 @@ def test_selective_feature_and_perplexity_on_tiny_chat_model() -> None:
     assert reference_perplexity(lm, tok, ["Hi"], ["Hello there"]) == pytest.approx(ppl0)  # hooks came off
     out = generate(lm, tok, ["Hi", "Tell me more"], max_new_tokens=3)
     assert len(out) == 2 and generate(lm, tok, ["Hi", "Tell me more"], max_new_tokens=3, steers=steer) != out
+
+
+def test_gate_deeper_than_steer_scans_prompt_first(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """Gate at layer 2, steering at layer 1 over the prompt too: the prompt is scanned first, so the flagged
+    row is steered from position 1 exactly as the API does, the other row stays byte for byte the same."""
+    probe = GuardedModel(lm, tok, _policy(tmp_path, "  []", gate_layer=2), chat=False)
+    hi = [max(s.scores.values()) for s in probe.score(PROMPTS, chat=False)]
+    fire = int(hi[1] > hi[0])
+    pol = _policy(tmp_path, """  - id: refuse
+    when: gate
+    steer: {direction: DIR, method: add, strength: 1.5, relative_to: norm, layers: [1], positions: all}
+""", threshold=(hi[0] + hi[1]) / 2, gate_layer=2)
+    res = GuardedModel(lm, tok, pol, chat=False).generate(list(PROMPTS), max_new_tokens=NEW)
+    assert isinstance(res, list)
+    assert [r.steered for r in res] == [b == fire for b in range(2)]
+    assert [d.rule for d in res[fire].decisions] == ["gate"] and res[1 - fire].decisions == []
+    enc = _batch(tok, PROMPTS)
+    plain = _cut(_generate(lm, tok, enc), tok.eos_token_id)
+    with guardrails.steering(lm, [Steer(1, direction=_direction(), strength=1.5)], positions="all", rows=[fire]):
+        want = _cut(_generate(lm, tok, enc), tok.eos_token_id)
+    got = [r.output_ids for r in res]
+    assert got[1 - fire] == plain[1 - fire]
+    assert got[fire] == want[fire] != plain[fire]

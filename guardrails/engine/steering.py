@@ -441,6 +441,23 @@ class SteerState:
     def steered(self, b: int) -> bool:
         return any(int(s[b]) < NEVER for s in self.start.values())
 
+    def prescan_gates(self, policy: Any) -> set[str]:
+        """Input rules gating an entry they cannot reach in one pass: the gate reads a deeper layer than
+        the entry steers, so at prefill its verdict comes after the prompt (and the last prompt token,
+        which predicts the first generated token) went through the steered layer. A scan of the prompt
+        first (:func:`arm_from_scan`) opens such gates before the prefill."""
+        from guardrails.core.semantics import rule_layer
+
+        rules = {r.id: r for r in policy.rules}
+        out = set()
+        for layer, items in self.plan.items():
+            for ps in items:
+                gate = rules.get(ps.gate or "") if ps.trigger == "when" else None
+                if gate is not None and gate.scope == "input" and rule_layer(policy, gate) > layer:
+                    out.add(gate.id)
+        return out
+
+
     def apply(self, layer: int, hidden: Tensor, positions: Tensor, steer_mask: Tensor) -> Tensor | None:
         """``hidden`` steered by the entries at ``layer`` on the rows and positions they cover (None: none)."""
         out: Tensor | None = None
@@ -450,6 +467,27 @@ class SteerState:
             if bool(where.any()):
                 out = apply_steer(hidden if out is None else out, ps.vector, where)
         return out
+
+
+def arm_from_scan(guard: Any, run: Any, prompts: list[str]) -> None:
+    """Open, before the prefill, the steering gated by input rules that fire on a scan of the prompts.
+
+    ``prompts`` are the formatted prompt texts. The gate's decision from the scan goes into the run (and
+    latches the rule there, so the steered prefill does not record it again).
+    """
+    state: SteerState | None = run.steer_state
+    if state is None:
+        return
+    gates = state.prescan_gates(guard.policy)
+    if not gates:
+        return
+    scans = guard.score(prompts, chat=False)
+    for b, scan in enumerate(scans):
+        for d in scan.decisions:
+            if d.rule in gates and d.action in ("flag", "steer") and not bool(run.states[d.rule].fired[b]):
+                run.states[d.rule].fired[b] = True
+                run.decisions.append(type(d)(**{**d.__dict__, "sequence": b}))
+                state.on_fire(d.rule, b, 1)
 
 
 __all__ = [
@@ -464,6 +502,7 @@ __all__ = [
     "SteeringError",
     "SteeringHandle",
     "apply_steer",
+    "arm_from_scan",
     "compile_steers",
     "load_direction",
     "steering",
