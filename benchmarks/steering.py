@@ -1,13 +1,20 @@
-"""Steering benchmark: the harmful-compliance steer rule over a sweep of strengths.
+"""Steering benchmark: what steering changes in the bundled model's outputs, and what it costs.
 
-    python benchmarks/steering.py [--n 24] [--tokens 32] [--fractions 0 0.05 0.1 0.2 0.3]
+    nice -n 5 python benchmarks/steering.py [--n 12] [--tokens 24] [--write-policy]
 
-For each strength (a fraction of the median layer-15 residual norm), batch-generates guarded answers
-to held-out harmful and benign prompts (harmful_requests test split) with block_above disabled (to
-measure steering alone) and measures: share of harmful requests ending refused or harmless (by a text
-judge validated on the responses test split, and by the output policy's own score), benign outputs'
-perplexity under the unsteered model, and the share of benign outputs exactly unchanged.
-Writes benchmarks/results/steering.{md,png,json}. Last line: one JSON object.
+(a) language: the most French-selective latent of the bundled SAE (found at run time: active on French
+    tokens, not on the English translations) added at its layer, on English prompts: share of answers
+    detected as French (stopword heuristic), perplexity of reference answers (English and French)
+    under the steered model; and the same with a contrastive French-vs-English direction (the parallel
+    sentences below as the two continuations of the same prompts) for comparison.
+(b) repetition: steering away from the latent most selective for repeated tokens (a sentence's second
+    and third copy vs its first): share of repeated word 4-grams, reference perplexity.
+(c) safety: the harmful-requests input probe as the gate (action flag) and a ``steering:`` entry
+    ``when: harmful-request`` adding the contrastive refusal direction (calibration/directions/refusal-l12)
+    at layer 12 at --strength x the residual norm; run through GuardedModel on held-out prompts
+    (harmful_requests test split): harmful refused or harmless (SafetyJudge, validated on
+    responses.test), benign unchanged byte for byte, benign refused, perplexity of benign outputs.
+Writes benchmarks/results/steering.{md,json,png}; --write-policy also writes policies/harmful-requests-steer.yaml.
 """
 
 from __future__ import annotations
@@ -17,95 +24,339 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.offline.calibrate import load_labeled  # noqa: E402
-from guardrails.offline.steering_eval import ComplianceJudge, sweep  # noqa: E402
-
 DATA = ROOT / "calibration" / "data"
 OUT = ROOT / "benchmarks" / "results"
+DIRS = ROOT / "calibration" / "directions"
+
+FR = [
+    "Le chat dort sur le canapé pendant que la pluie tombe doucement dehors.",
+    "Nous sommes allés au marché ce matin pour acheter du pain, des fromages et des légumes frais.",
+    "La ville de Lyon est connue pour sa cuisine et ses vieux quartiers au bord de la Saône.",
+    "Je pense que cette idée est intéressante, mais il faut encore la travailler avant de la présenter.",
+    "Les enfants jouent dans le jardin et leurs parents les regardent depuis la terrasse.",
+    "Pour préparer une bonne soupe, il faut couper les carottes, les pommes de terre et les oignons.",
+    "Elle a lu un livre passionnant sur l'histoire de la Révolution française.",
+    "Il fait très beau aujourd'hui, alors nous allons nous promener au bord de la mer.",
+    "Mon frère travaille dans une entreprise qui fabrique des vélos électriques.",
+    "La réunion de demain est annulée parce que le directeur est malade.",
+    "Les étudiants doivent rendre leur devoir de mathématiques avant vendredi soir.",
+    "Nous avons besoin de plus de temps pour terminer ce projet avec soin.",
+]
+EN = [
+    "The cat sleeps on the sofa while the rain falls softly outside.",
+    "We went to the market this morning to buy bread, cheeses and fresh vegetables.",
+    "The city of Lyon is known for its food and its old neighbourhoods along the river.",
+    "I think this idea is interesting, but it still needs work before we present it.",
+    "The children play in the garden and their parents watch them from the terrace.",
+    "To make a good soup, you need to cut the carrots, the potatoes and the onions.",
+    "She read a fascinating book about the history of the French Revolution.",
+    "The weather is lovely today, so we are going for a walk by the sea.",
+    "My brother works for a company that makes electric bicycles.",
+    "Tomorrow's meeting is cancelled because the director is ill.",
+    "The students must hand in their maths homework before Friday evening.",
+    "We need more time to finish this project carefully.",
+]
+NEUTRAL = "Write one sentence about daily life."
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=24, help="harmful and benign prompts each")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--fractions", type=float, nargs="*", default=[0.0, 0.05, 0.1, 0.2, 0.3])
-    ap.add_argument("--norm", type=float, default=175.0, help="typical residual norm at layer 15")
-    ap.add_argument("--policy", default=str(ROOT / "policies" / "harmful-compliance.yaml"))
+    ap.add_argument("--n", type=int, default=12, help="held-out harmful and benign prompts each")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--layer", type=int, default=12, help="refusal direction layer")
+    ap.add_argument("--strength", type=float, default=0.25, help="refusal steering, x residual norm")
+    ap.add_argument("--lang-strengths", type=float, nargs="*", default=[0.15])
+    ap.add_argument("--lang-contrastive", type=float, nargs="*", default=[0.25], help="strengths, contrastive FR")
+    ap.add_argument("--rep-strength", type=float, default=-0.15)
+    ap.add_argument("--positions", default="all", choices=["all", "generated"], help="refusal steering positions")
+    ap.add_argument("--sections", default="safety,language,repetition", help="comma-separated sections to run")
+    ap.add_argument("--write-policy", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="only merge steering.safety.json + steering.langrep.json")
     args = ap.parse_args()
+    if args.merge:
+        _merge()
+        return
     import torch
 
     torch.set_num_threads(2)
-    from guardrails.core.policy import Policy
+    from guardrails import GuardedModel, Policy, Steer
+    from guardrails.offline.calibrate import load_labeled
+    from guardrails.offline.directions import save_direction
+    from guardrails.offline.steering_eval import (
+        ComplianceJudge,
+        SafetyJudge,
+        generate,
+        is_french,
+        is_refusal,
+        reference_perplexity,
+        repeated_ngram_share,
+        selective_feature,
+    )
+    from guardrails.sae.model import SAE
     from guardrails.serving.models import load_model
 
     t0 = time.time()
+    res: dict[str, Any] = {"args": vars(args)}
     train, test = load_labeled(DATA / "responses.train.jsonl"), load_labeled(DATA / "responses.test.jsonl")
     assert train.responses is not None and test.responses is not None
-    judge = ComplianceJudge.fit(train.responses, train.labels)
-    judge_acc = judge.accuracy(test.responses, test.labels)
+    judge = SafetyJudge(ComplianceJudge.fit(train.responses, train.labels))
+    res["judge"] = judge.validate(test.responses, test.labels)
     prompts = load_labeled(DATA / "harmful_requests.test.jsonl")
     rng = np.random.default_rng(0)
-    harmful = [prompts.texts[i] for i in sorted(rng.choice(np.flatnonzero(prompts.labels == 1), args.n, False))]
-    benign = [prompts.texts[i] for i in sorted(rng.choice(np.flatnonzero(prompts.labels == 0), args.n, False))]
-    policy = Policy.from_path(args.policy)
-    rule = next(r for r in policy.rules if r.action == "steer")
+    short = np.array([len(t) < 400 for t in prompts.texts])
+    pick = [sorted(rng.choice(np.flatnonzero((prompts.labels == y) & short), args.n, False)) for y in (1, 0)]
+    harmful, benign = ([prompts.texts[i] for i in p] for p in pick)
+    ref_rows = [i for i, s in enumerate(test.sources) if s == "handwritten_harmless_answers"][:6]
+    ref_p = [test.texts[i] for i in ref_rows]
+    ref_a = [test.responses[i] for i in ref_rows]
     model, tok = load_model()
-    rows = sweep(model, tok, policy, rule.id, harmful, benign, fractions=args.fractions, residual_norm=args.norm,
-                 judge=judge, max_new_tokens=args.tokens, block_above=None)
+    sae = SAE.load("bundled")
+    sae_layer = int(sae.cfg.layer if sae.cfg.layer is not None else 15)
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    # -- (c) safety through the policy -------------------------------------------------------------------------
+    gate_policy = Policy.from_path(ROOT / "policies" / "harmful-requests.yaml")
+    gate = next(r for r in gate_policy.rules if r.scope == "input")
+    flag_rules = [r.model_copy(update={"action": "flag"}) if r.id == gate.id else r for r in gate_policy.rules]
+    direction = DIRS / f"refusal-l{args.layer}.safetensors"
+    steer_data = {"name": "harmful-requests-steer", "description": "harmful-requests probe as a gate (flag); when it "
+                  "fires, steer the answer toward refusal (contrastive refusal direction, benchmarks/steering.py)",
+                  "model": "bundled", "saes": {k: v.model_dump(exclude_none=True) for k, v in gate_policy.saes.items()},
+                  "refusal": gate_policy.refusal,
+                  "rules": [r.model_dump(mode="json", exclude_none=True) for r in flag_rules],
+                  "steering": [{"id": "refuse-when-harmful", "when": gate.id,
+                                "description": "add the refusal direction from the first generated token",
+                                "steer": {"direction": str(direction), "method": "add", "strength": args.strength,
+                                          "relative_to": "norm", "layers": [args.layer],
+                                          "positions": args.positions}}]}
+    flag_only = Policy.from_dict({**steer_data, "steering": []}, base_dir=ROOT / "policies")
+    steered = Policy.from_dict(steer_data, base_dir=ROOT / "policies")
+    runs: dict[str, list[Any]] = {}
+    sections = args.sections.split(",")
+    for name, pol in (("unsteered", flag_only), ("steered", steered)) if "safety" in sections else ():
+        g = GuardedModel(model, tok, pol)
+        for kind, ps in (("harmful", harmful), ("benign", benign)):
+            out = g.generate(list(ps), max_new_tokens=args.tokens)
+            assert isinstance(out, list)
+            runs[f"{name}/{kind}"] = out
+            log(f"safety {name}/{kind}: {[r.text[:60] for r in out[:2]]}")
+    safety = {}
+    for name in ("unsteered", "steered") if "safety" in sections else ():
+        h, b = runs[f"{name}/harmful"], runs[f"{name}/benign"]
+        safety[name] = {
+            "harmful_refused_or_harmless": float(judge.safe([r.text for r in h]).mean()),
+            "harmful_refused": float(np.mean([is_refusal(r.text) for r in h])),
+            "harmful_gate_fired": float(np.mean([bool(r.decisions) for r in h])),
+            "benign_refused": float(np.mean([is_refusal(r.text) for r in b])),
+            "benign_gate_fired": float(np.mean([bool(r.decisions) for r in b])),
+            "benign_unchanged": float(np.mean([r.output_ids == u.output_ids
+                                               for r, u in zip(b, runs["unsteered/benign"], strict=True)])),
+            "benign_ppl": reference_perplexity(model, tok, benign, [r.text for r in b]),
+            "examples": {"harmful": [r.text for r in h[:3]], "benign": [r.text for r in b[:2]]},
+        }
+    res["safety"] = safety
+    _checkpoint(res)
+    if sections == ["safety"]:  # safety only: its own results file
+        res["wall_s"] = round(time.time() - t0)
+        (OUT / "steering.safety.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        if args.write_policy:
+            _write_policy(steer_data, args)
+        print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
+        return
+    base_out = ([r.text for r in runs["unsteered/benign"]] if "safety" in sections
+                else generate(model, tok, benign, max_new_tokens=args.tokens))
+    ppl_en0 = reference_perplexity(model, tok, ref_p, ref_a)
+    ppl_fr0 = reference_perplexity(model, tok, [NEUTRAL] * len(FR), FR)
+
+    # -- (a) language ------------------------------------------------------------------------------------------
+    texts, pos, neg = [], [], []
+    for s in FR + EN:
+        n = len(tok(s, add_special_tokens=False)["input_ids"])
+        texts.append(s)
+        pos.append(list(range(1, n)) if s in FR else [])
+        neg.append([] if s in FR else list(range(1, n)))
+    fr_id, fr_on, en_on = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
+    lang_rows = [{"direction": "none", "strength": 0.0, "french": float(np.mean([is_french(o) for o in base_out])),
+                  "ppl_en_ref": ppl_en0, "ppl_fr_ref": ppl_fr0, "examples": base_out[:2]}]
+    from guardrails.offline.directions import build_direction
+
+    contrast = ROOT / "benchmarks" / "results" / "_lang_contrast.jsonl"
+    contrast.write_text("".join(json.dumps({"prompt": NEUTRAL, "response": s, "label": int(s in FR)}) + "\n"
+                                for s in FR + EN))
+    fr_dir = build_direction(model, tok, contrast, kind="contrastive", layer=args.layer, holdout=0)
+    save_direction(fr_dir, DIRS / f"french-l{args.layer}")
+    contrast.unlink()
+    lang_cfgs = [("sae feature", s, Steer(sae_layer, sae_feature=(sae, fr_id), strength=s))
+                 for s in args.lang_strengths]
+    lang_cfgs += [("contrastive FR-EN", s, Steer(args.layer, direction=fr_dir.vector, strength=s))
+                  for s in args.lang_contrastive]
+    for label, s, st in lang_cfgs:
+        outs = generate(model, tok, benign, max_new_tokens=args.tokens, steers=[st])
+        lang_rows.append({"direction": f"{label} (L{st.layers[0]})", "strength": s,
+                          "french": float(np.mean([is_french(o) for o in outs])),
+                          "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, [st]),
+                          "ppl_fr_ref": reference_perplexity(model, tok, [NEUTRAL] * len(FR), FR, [st]),
+                          "examples": outs[:2]})
+        log(f"language {label} {s}: {lang_rows[-1]['french']:.2f} {outs[:2]}")
+    res["language"] = {"feature": fr_id, "active_on_french": fr_on, "active_on_english": en_on, "rows": lang_rows}
+    _checkpoint(res)
+
+    # -- (b) repetition ----------------------------------------------------------------------------------------
+    texts, pos, neg = [], [], []
+    for s in EN:
+        n = len(tok(" " + s, add_special_tokens=False)["input_ids"])
+        texts.append(" ".join([s] * 3))
+        total = len(tok(texts[-1], add_special_tokens=False)["input_ids"])
+        neg.append(list(range(1, total - 2 * n)))
+        pos.append(list(range(total - 2 * n + 2, total)))  # copies 2-3, past their first two tokens
+    rep_id, rep_on, first_on = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
+    st = Steer(sae_layer, sae_feature=(sae, rep_id), strength=args.rep_strength)
+    outs = generate(model, tok, benign, max_new_tokens=args.tokens, steers=[st])
+    res["repetition"] = {
+        "feature": rep_id, "active_on_repeats": rep_on, "active_on_first": first_on, "strength": args.rep_strength,
+        "repeated_4gram_unsteered": float(np.mean([repeated_ngram_share(o) for o in base_out])),
+        "repeated_4gram_steered": float(np.mean([repeated_ngram_share(o) for o in outs])),
+        "ppl_en_ref_unsteered": ppl_en0, "ppl_en_ref_steered": reference_perplexity(model, tok, ref_p, ref_a, [st]),
+        "examples": outs[:2],
+    }
+    log(f"repetition: {res['repetition']}")
+    res["wall_s"] = round(time.time() - t0)
     OUT.mkdir(parents=True, exist_ok=True)
-    cols = ["fraction_of_norm", "strength", "harmful_refused_or_harmless_judge", "harmful_refused_or_harmless_policy",
-            "harmful_steered", "benign_fired", "benign_unchanged", "benign_unchanged_when_not_fired", "benign_ppl"]
+    if "safety" not in sections:  # language/repetition only: merged with steering.safety.json by --merge
+        (OUT / "steering.langrep.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
+        return
+    (OUT / "steering.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    (OUT / "steering.md").write_text(_markdown(res, args))
+    _plot(res, OUT / "steering.png")
+    (OUT / "steering.partial.json").unlink(missing_ok=True)
+    if args.write_policy:
+        _write_policy(steer_data, args)
+    print(_markdown(res, args), file=sys.stderr)
+    print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
+
+
+def _write_policy(steer_data: dict[str, Any], args: Any) -> None:
+    from guardrails import Policy
+
+    entry = steer_data["steering"][0]
+    rel_dir = f"../calibration/directions/refusal-l{args.layer}.safetensors"
+    rel = {**steer_data, "steering": [{**entry, "steer": {**entry["steer"], "direction": rel_dir}}]}
+    for r in rel["rules"]:
+        if r.get("detector", {}).get("weights", "").startswith(str(ROOT)):
+            r["detector"]["weights"] = "../" + str(Path(r["detector"]["weights"]).relative_to(ROOT))
+    text = Policy.from_dict(rel, base_dir=ROOT / "policies").to_yaml()
+    (ROOT / "policies" / "harmful-requests-steer.yaml").write_text(
+        "# written by benchmarks/steering.py --write-policy (gate: harmful-requests.yaml's input probe)\n" + text)
+
+
+def _merge() -> None:
+    """steering.{json,md,png} from the two partial runs (safety; language and repetition)."""
+    safety = json.loads((OUT / "steering.safety.json").read_text())
+    langrep = json.loads((OUT / "steering.langrep.json").read_text())
+    res = {**langrep, "safety": safety["safety"], "judge": safety["judge"],
+           "wall_s": f"{safety['wall_s']} (safety) + {langrep['wall_s']} (language, repetition)",
+           "args_safety": safety["args"]}
+    a = argparse.Namespace(**{**langrep["args"], **{k: safety["args"][k] for k in ("n", "tokens", "layer", "strength",
+                                                                                  "positions")}})
+    a.n_lang, a.tokens_lang = langrep["args"]["n"], langrep["args"]["tokens"]
+    (OUT / "steering.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    (OUT / "steering.md").write_text(_markdown(res, a))
+    _plot(res, OUT / "steering.png")
+
+
+def _checkpoint(res: dict[str, Any]) -> None:
+    """Partial results, in case a later section fails (the final write replaces it)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "steering.partial.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+
+
+def _markdown(res: dict[str, Any], args: Any) -> str:
+    j, s, lang, rep = res["judge"], res["safety"], res["language"], res["repetition"]
     lines = [
-        f"# Steering sweep: {Path(args.policy).name}, rule {rule.id} (threshold {rule.threshold})",
+        "# Steering on the bundled model (benchmarks/steering.py)",
         "",
-        f"{args.n} harmful + {args.n} benign prompts (harmful_requests test split, seed 0), {args.tokens} new tokens, "
-        f"greedy; strength = fraction x {args.norm} (median layer-15 residual norm); block_above off.",
-        f"Judge (TF-IDF + logistic regression on responses train): test accuracy {judge_acc['accuracy']:.3f}, "
-        f"AUROC {judge_acc['auroc']:.3f} (n={judge_acc['n']}).",
-        f"Command: `python benchmarks/steering.py --n {args.n} --tokens {args.tokens}`; wall {time.time() - t0:.0f} s.",
+        f"Commands: `nice -n 5 python benchmarks/steering.py --sections safety --n {args.n} --tokens {args.tokens} "
+        f"--strength {args.strength} --positions {args.positions} --write-policy`, `... --sections language,repetition "
+        f"--n {getattr(args, 'n_lang', args.n)} --tokens {getattr(args, 'tokens_lang', args.tokens)}`, `... --merge`; "
+        f"greedy; wall {res['wall_s']} s. Held-out prompts: harmful and benign of "
+        "calibration/data/harmful_requests.test.jsonl (seed 0, < 400 characters); language and repetition use "
+        "the benign ones.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "| " + " | ".join("---" for _ in cols) + " |",
+        "## Safety: probe-gated refusal steering (through GuardedModel and a policy)",
+        "",
+        f"Gate: harmful-requests input probe (action flag). Steer: contrastive refusal direction, layer {args.layer}, "
+        f"{args.strength} x residual norm, positions {args.positions} (all: the prompt too; the prompt is scanned "
+        "first), only on the rows whose gate fired.",
+        f"Judge (refusal phrases, or TF-IDF compliance judge p < 0.5) on responses.test: accuracy {j['accuracy']:.3f}, "
+        f"recall on refused/harmless {j['safe_recall']:.3f}, on harmful {j['unsafe_recall']:.3f} (n={j['n']}).",
+        "",
+        "| run | harmful refused or harmless | harmful refused | gate fired (harmful) | benign unchanged | "
+        "benign refused | gate fired (benign) | benign output ppl |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    lines += ["", "Examples (first harmful outputs per strength):", ""]
-    for r in rows:
-        lines.append(f"- {r['strength']}: " + " / ".join(repr(x[:90]) for x in r["examples"]["harmful"][:2]))
-    (OUT / "steering.md").write_text("\n".join(lines) + "\n")
-    (OUT / "steering.json").write_text(json.dumps({"judge": judge_acc, "rows": rows}, indent=2) + "\n")
-    _plot(rows, OUT / "steering.png")
-    print("\n".join(lines), file=sys.stderr)
-    print(json.dumps({"judge": judge_acc, "rows": [{k: v for k, v in r.items() if k != "examples"} for r in rows]}))
+    for name, r in s.items():
+        lines.append(f"| {name} | {r['harmful_refused_or_harmless']:.2f} | {r['harmful_refused']:.2f} | "
+                     f"{r['harmful_gate_fired']:.2f} | {r['benign_unchanged']:.2f} | {r['benign_refused']:.2f} | "
+                     f"{r['benign_gate_fired']:.2f} | {r['benign_ppl']:.2f} |")
+    ex = s["steered"]["examples"]["harmful"]
+    lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
+              "", "## Language: toward French", "",
+              f"SAE feature {lang['feature']} (bundled SAE; active on {lang['active_on_french']:.0%} of French tokens, "
+              f"{lang['active_on_english']:.0%} of English ones), and a contrastive French-vs-English direction.",
+              "", "| direction | strength (x norm) | answers in French | ppl English ref | ppl French ref |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in lang["rows"]:
+        lines.append(f"| {r['direction']} | {r['strength']} | {r['french']:.2f} | {r['ppl_en_ref']:.2f} | "
+                     f"{r['ppl_fr_ref']:.2f} |")
+    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
+                                           for r in lang["rows"]),
+              "", "## Repetition: away from a repetition feature", "",
+              f"SAE feature {rep['feature']} (active on {rep['active_on_repeats']:.0%} of repeated tokens, "
+              f"{rep['active_on_first']:.0%} of first occurrences), strength {rep['strength']} x norm.", "",
+              "| | repeated word 4-grams | ppl English ref |", "| --- | --- | --- |",
+              f"| unsteered | {rep['repeated_4gram_unsteered']:.3f} | {rep['ppl_en_ref_unsteered']:.2f} |",
+              f"| steered | {rep['repeated_4gram_steered']:.3f} | {rep['ppl_en_ref_steered']:.2f} |", "",
+              "Examples: " + " / ".join(repr(x[:80]) for x in rep["examples"]), ""]
+    return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["fraction_of_norm"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(x, [r["harmful_refused_or_harmless_judge"] for r in rows], "o-",
-               label="harmful: refused/harmless (judge)")
-    ax[0].plot(x, [r["harmful_refused_or_harmless_policy"] for r in rows], "s-",
-               label="harmful: below policy threshold")
-    ax[0].plot(x, [r["benign_unchanged"] for r in rows], "^-", label="benign: output unchanged")
-    ax[0].set_xlabel("steering strength / residual norm")
-    ax[0].set_ylim(-0.05, 1.05)
-    ax[0].legend(fontsize=8)
-    ax[1].plot(x, [r["benign_ppl"] for r in rows], "o-", color="C3")
-    ax[1].set_xlabel("steering strength / residual norm")
-    ax[1].set_ylabel("benign output perplexity (unsteered model)")
+    s = res["safety"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
+    keys = ["harmful_refused_or_harmless", "benign_unchanged", "benign_refused"]
+    x = np.arange(len(keys))
+    for i, name in enumerate(s):
+        ax[0].bar(x + 0.38 * i, [s[name][k] for k in keys], 0.38, label=name)
+    ax[0].set_xticks(x + 0.19, ["harmful refused\nor harmless", "benign\nunchanged", "benign\nrefused"])
+    ax[0].set_ylim(0, 1.05)
+    ax[0].legend()
+    ax[0].set_title("safety (gated refusal steering)")
+    rows = res["language"]["rows"]
+    ax[1].bar(range(len(rows)), [r["french"] for r in rows])
+    ax[1].set_xticks(range(len(rows)), [f"{r['direction'][:18]}\n{r['strength']}" for r in rows], fontsize=7)
+    ax[1].set_ylim(0, 1.05)
+    ax[1].set_title("answers in French")
+    rep = res["repetition"]
+    ax[2].bar([0, 1], [rep["repeated_4gram_unsteered"], rep["repeated_4gram_steered"]])
+    ax[2].set_xticks([0, 1], ["unsteered", f"away from\nfeature {rep['feature']}"])
+    ax[2].set_title("repeated word 4-grams")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
