@@ -418,7 +418,7 @@ def check_texts(guard: GuardedModel, req: GuardCheckRequest, cfg: ServerConfig) 
     for text, ts in zip(texts, scores, strict=True):
         decisions = [d for d in ts.decisions if req.scope == "input" or d.scope == "output"]
         blocked = any(d.action == "block" or d.resolution == "block" for d in decisions)
-        if guard.audit is not None and decisions:
+        if guard.audit is not None:
             guard.audit.record_scan(ts, guard, text, req.scope)
         out.append({"blocked": blocked, "flagged": any(d.action in ("flag", "error") for d in decisions),
                     "scores": dict(ts.scores), "decisions": [d.to_dict() for d in decisions],

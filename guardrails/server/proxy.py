@@ -75,7 +75,7 @@ def scan(guard: GuardedModel, prompt: str, response: str | None, kind: str | Non
     """
     ts = guard.score([prompt], responses=[response], chat=False)[0]
     decisions = [d for d in ts.decisions if response is None or d.scope == "output"]
-    if kind is not None and guard.audit is not None and decisions:
+    if kind is not None and guard.audit is not None:
         guard.audit.record_scan(ts, guard, response if response is not None else prompt, kind)
     return decisions, any(d.action == "block" or d.resolution == "block" for d in decisions)
 
