@@ -191,7 +191,7 @@ def main() -> None:
         print("| " + " | ".join(_util._fmt(x) for x in row) + " |")
     top = levels[-1]
     result = {
-        "benchmark": "serving", "max_tokens": max_tokens, "repeats": repeats, "levels": levels,
+        "benchmark": "serving", "quick": args.quick, "max_tokens": max_tokens, "repeats": repeats, "levels": levels,
         "results": out,
         "speedup_top_vs_1_guarded": best(top, "guarded")["tok_per_s"] / base["guarded"],
         "guarded_over_unguarded_min": min(best(c, "guarded")["tok_per_s"] / best(c, "unguarded")["tok_per_s"]
