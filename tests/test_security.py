@@ -434,3 +434,27 @@ def test_max_new_tokens_must_be_an_int_not_a_bool(lm: Any, tok: Any) -> None:
     for bad in (True, False, 2.0, "3"):
         with pytest.raises((ValueError, TypeError), match="max_new_tokens"):
             g.generate("hi there", max_new_tokens=bad)
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, "\ud800 lone surrogate", "\U0001f600 emoji and ünïcödé stay"])
+def test_safe_output_helpers(text: str) -> None:
+    """cli/safe.py, checked on its own: no raw control byte survives, markup is text, JSON round-trips."""
+    from rich.console import Console
+
+    from guardrails.cli.safe import cell, dumps, markup, visible
+
+    count("security: CLI injection attempts")
+    shown = visible(text)
+    assert not any(c in shown for c in [*RAW_CONTROLS, "\n", "\t", "\ud800"])
+    assert visible(text, keep_newlines=True).count("\n") == text.count("\n")
+    assert all(c in shown for c in text if c.isalnum() and c.isascii())  # ordinary text is kept as is
+    console = Console(record=True, width=200, force_terminal=False)
+    console.print(markup(text))  # would raise MarkupError if "[/]" were parsed
+    console.print(cell(text))
+    out = console.export_text()
+    if "[/]" in text:
+        assert "[/]" in out
+    assert json.loads(dumps({"t": text})) == {"t": text}
+    assert not any(c in dumps({"t": text}) for c in [*RAW_CONTROLS, "\ud800"])
+    if "ünïcödé" in text:
+        assert visible(text) == text and "ünïcödé" in dumps(text)
