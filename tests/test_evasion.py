@@ -69,15 +69,21 @@ def scored_positions(text: str) -> list[int]:
 def test_split_request_is_caught_when_the_conversation_is_scored() -> None:
     g = guard(1e9, "input")
     whole_text = g.format_prompt(SPLIT)
-    whole = len(scored_positions(whole_text))
-    turns = [g.format_prompt([m]) for m in SPLIT if m["role"] == "user"]
-    per_turn = [len(scored_positions(t)) for t in turns]
+    # input rules read the user turns of the conversation (not the system prompt or the assistant's turn)
+    user_roles = g.prompt_roles(whole_text)
+    whole_pos = [i for i in scored_positions(whole_text) if user_roles[i] in (1, 3)]
+    whole = len(whole_pos)
+    per_turn = []
+    for m in SPLIT:
+        if m["role"] == "user":
+            t = g.format_prompt([m])
+            per_turn.append(len([i for i in scored_positions(t) if g.prompt_roles(t)[i] in (1, 3)]))
     assert max(per_turn) < whole
     g = guard(whole, "input")  # trips only on the whole conversation's last scored token
     count("evasion: split turns (tiny)", 4)
-    assert not any(s.blocked for s in g.score(turns, chat=False))  # each turn alone passes
-    s = g.score([whole_text], chat=False)[0]
-    assert s.blocked and s.scores["r"] == whole and s.decisions[0].position == scored_positions(whole_text)[-1]
+    assert not any(s.blocked for s in g.score([[m] for m in SPLIT if m["role"] == "user"]))  # each turn alone passes
+    s = g.score([SPLIT])[0]
+    assert s.blocked and s.scores["r"] == whole and s.decisions[0].position == whole_pos[-1]
     r = g.generate(SPLIT, max_new_tokens=2)  # messages to generate(): the whole conversation is the prompt
     assert isinstance(r, GenerationResult) and r.blocked and r.released_text == "" and r.text == REFUSAL
 
