@@ -67,10 +67,13 @@ def guard_engine_args(model: str | os.PathLike[str] | None = None, **kwargs: Any
 
     ``model``: a path or hub id (``None`` or ``"bundled"``: the bundled SmolLM2 folder). Other
     ``kwargs`` (``max_model_len``, ``tensor_parallel_size``...) pass through; ``enforce_eager=False`` is
-    refused because compiled graphs skip the guard's hooks.
+    refused because compiled graphs skip the guard's hooks. Sets ``VLLM_USE_V2_MODEL_RUNNER=0`` unless set.
     """
     if kwargs.get("enforce_eager") is False:
         raise GuardSetupError("enforce_eager=False: compiled graphs skip the guard's Python hooks; use eager mode")
+    # vLLM's Model Runner V2 (its GPU default where Triton exists) lays the batch out differently: pin V1
+    # unless the caller chose (the worker then refuses V2 loudly)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     args: dict[str, Any] = dict(kwargs)
     args["model"] = str(bundled_model_dir()) if model is None or str(model) == "bundled" else str(model)
     args["enforce_eager"] = True
