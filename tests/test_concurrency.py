@@ -45,11 +45,15 @@ def _model() -> Any:
     return tiny_lm("llama", _tok(), layers=2)
 
 
-def n_scored(text: str) -> int:
+def n_scored(text: str, messages: list[dict[str, str]] | None = None) -> int:
+    """Tokens an input rule scores: not special, not position 0, and (given the messages) in the user's turn."""
+    from guardrails.core.roles import hf_render, role_spans, token_roles
+
     tok = _tok()
     ids = tok(text, add_special_tokens=False)["input_ids"]
     special = set(tok.all_special_ids)
-    return sum(1 for i, t in enumerate(ids) if i > 0 and t not in special)
+    roles = token_roles(tok, text, role_spans(hf_render(tok), messages, text)) if messages else [1] * len(ids)
+    return sum(1 for i, t in enumerate(ids) if i > 0 and t not in special and roles[i] == 1)
 
 
 @cache
@@ -61,8 +65,11 @@ def _t_in() -> int:
 @cache
 def _prompt_counts_raw() -> tuple[int, ...]:
     tok = _tok()
-    return tuple(n_scored(str(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True))) for p in PROMPTS)
+    out = []
+    for p in PROMPTS:
+        msgs = [{"role": "user", "content": p}]
+        out.append(n_scored(str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)), msgs))
+    return tuple(out)
 
 
 @cache

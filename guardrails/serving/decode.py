@@ -15,7 +15,7 @@ from torch import Tensor
 
 from guardrails.engine.hooks import StopForward, output_hooks, stop_after_layer
 from guardrails.engine.run import GuardRun, StepContext
-from guardrails.serving.prompts import GenerationArgs, build_processors, generation_args
+from guardrails.serving.prompts import GenerationArgs, build_processors, generation_args, tokenizer_lock
 
 if TYPE_CHECKING:
     from guardrails.serving.generation import GuardedModel
@@ -41,7 +41,8 @@ def steps(
     args = sampling if isinstance(sampling, GenerationArgs) else _legacy_args(guard, sampling, max_new_tokens)
     tok = guard.tokenizer
     # padding side per call: never flip the caller's (shared) tokenizer, which concurrent calls would race on
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with tokenizer_lock(tok):
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     device = guard.model.device if hasattr(guard.model, "device") else torch.device("cpu")
     ids = enc["input_ids"].to(device)
     mask = enc["attention_mask"].to(device)

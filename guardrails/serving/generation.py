@@ -41,6 +41,7 @@ from guardrails.serving.prompts import (
     check_text,
     generation_args,
     is_batch,
+    tokenizer_lock,
 )
 from guardrails.serving.result import GenerationResult
 from guardrails.serving.stream import GuardedStream
@@ -199,6 +200,10 @@ class GuardedModel:
         run = self.compiled.new_run(prompt_lengths)
         if prompts is not None:
             run.prompt_roles = [self.prompt_roles(p) for p in prompts]
+            if self.compiled.steers:  # steering gated by a deeper input rule: scan the prompts first (steering.py)
+                from guardrails.engine.steering import arm_from_scan
+
+                arm_from_scan(self, run, prompts)
         return run
 
     @staticmethod
@@ -209,7 +214,8 @@ class GuardedModel:
 
     def prompt_roles(self, prompt_text: str) -> list[int]:
         """Role code of each token of a formatted prompt (``ROLE_CODES``; all user for a raw string)."""
-        return token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
+        with tokenizer_lock(self.tokenizer):
+            return token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
 
     def _hooks(self, run: GuardRun) -> dict[int, Any]:
         return {layer: run.on_layer for layer in {*self.scorers, *self.compiled.steers}}  # steered layers too
@@ -342,10 +348,12 @@ class GuardedModel:
             if response is not None and response:
                 check_text(response, f"responses[{len(rows) + offset}]")
             formatted = self.format_prompt(text, chat)
-            p_ids = tok(formatted, add_special_tokens=False)["input_ids"]
+            with tokenizer_lock(tok):
+                p_ids = tok(formatted, add_special_tokens=False)["input_ids"]
             if not p_ids:
                 raise ValueError(f"texts[{len(rows) + offset}] produced no tokens")
-            r_ids = tok(response, add_special_tokens=False)["input_ids"] if response else []
+            with tokenizer_lock(tok):
+                r_ids = tok(response, add_special_tokens=False)["input_ids"] if response else []
             rows.append(list(p_ids) + list(r_ids))
             n_prompt.append(len(p_ids))
             p_roles = self.prompt_roles(formatted)
@@ -386,7 +394,8 @@ class GuardedModel:
     def _result(self, run: GuardRun, b: int, prompt: str, released: list[int]) -> GenerationResult:
         tok = self.tokenizer
         decisions = sorted((d for d in run.decisions if d.sequence == b), key=lambda d: d.position)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        with tokenizer_lock(tok):
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         blocked = run.blocked_at[b] is not None
         shown = tok.decode(released, skip_special_tokens=True)
         all_ids = list(prompt_ids) + released

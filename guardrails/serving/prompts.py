@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,7 +184,8 @@ def generation_args(model: Any, tokenizer: Any, kwargs: dict[str, Any], *, batch
         build_processors(model, tokenizer, args, prompt_length=1, device="cpu")  # fail now on bad values
     except (ValueError, TypeError) as exc:
         named = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()) if k not in LOOP_ARGS)
-        raise type(exc)(f"generation arguments rejected by transformers ({named or 'generation_config'}): {exc}") from exc
+        what = named or "generation_config"
+        raise type(exc)(f"generation arguments rejected by transformers ({what}): {exc}") from exc
     return args
 
 
@@ -225,3 +227,17 @@ def check_text(text: Any, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{where} is not valid Unicode text (position {exc.start}: {exc.reason})") from None
+
+
+_TOKENIZER_LOCKS = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.RLock:
+    """One lock per tokenizer: a fast tokenizer's padding and truncation settings are shared state that each
+    call sets, so a padded batch on one thread and an unpadded call on another corrupt each other."""
+    with _TOKENIZER_LOCKS:
+        lock = getattr(tokenizer, "_guardrails_tokenizer_lock", None)
+        if lock is None:
+            lock = threading.RLock()
+            tokenizer._guardrails_tokenizer_lock = lock
+        return lock
