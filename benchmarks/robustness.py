@@ -27,8 +27,8 @@ characters), ``homoglyph`` (Cyrillic look-alikes for a, c, e, i, o, p), ``base64
 answer: <base64>"), ``leetspeak`` (a4 e3 i1 o0 s5 t7), ``german`` / ``french`` / ``spanish`` / ``past
 tense`` (hand-written set only), ``two turns`` (the request cut in two user turns, the whole
 conversation scored). Each transform is scored with the policy's ``normalize:`` steps on (and, for
-plain, zero-width, homoglyph, base64 and leetspeak, with ``normalize: false``), and reports the false
-positive rate of the benign prompts under the same transform.
+zero-width, homoglyph, base64 and leetspeak, the harmful prompts with ``normalize: false`` too), and
+reports the false positive rate of the benign prompts under the same transform.
 
 A prompt counts as detected when the policy blocks it (``TextScore.blocked``, one prefill pass, the
 serving path). The last line is one JSON object. ``--quick`` runs 4 prompts and 2 templates (smoke test).
@@ -175,7 +175,7 @@ MECHANICAL: dict[str, Callable[[str], Any]] = {
     "two turns": lambda t: conversation(*split_turns(t)),
 }
 WRITTEN = {"german": "de", "french": "fr", "spanish": "es", "past tense": "past"}
-NORMALIZED = ("plain", "zero-width", "homoglyph", "base64", "leetspeak")
+NORMALIZED = ("zero-width", "homoglyph", "base64", "leetspeak")
 """Transforms also scored with ``normalize: false`` (the others are plain text normalisation leaves as is)."""
 TRANSFORMS = [*MECHANICAL, *WRITTEN]
 
@@ -215,21 +215,22 @@ def run_transforms(args: Any, policy: Any, policy_path: Path) -> None:
             cell: dict[str, Any] = {}
             modes = [("normalize on", guard_on), ("normalize off", guard_off)]
             for mode, guard in modes if name in NORMALIZED else modes[:1]:
-                hits = {lab: detect(guard, transform_items(name, sets[lab]), args.batch_size) for lab in (1, 0)}
-                n1, n0 = len(hits[1]), len(hits[0])
-                cell[mode] = {"detected": sum(hits[1]), "n_harmful": n1, "detection_rate": sum(hits[1]) / n1,
-                              "false_positives": sum(hits[0]), "n_benign": n0, "fpr": sum(hits[0]) / n0}
+                labels = (1, 0) if mode == "normalize on" else (1,)  # off: what normalisation adds (harmful only)
+                hits = {lab: detect(guard, transform_items(name, sets[lab]), args.batch_size) for lab in labels}
+                n1, n0 = len(hits[1]), len(hits.get(0, []))
+                cell[mode] = {"detected": sum(hits[1]), "n_harmful": n1, "detection_rate": sum(hits[1]) / n1}
+                if 0 in hits:
+                    cell[mode].update(false_positives=sum(hits[0]), n_benign=n0, fpr=sum(hits[0]) / n0)
                 print(f"  {set_name} / {name} / {mode}: detected {sum(hits[1])}/{n1}, "
-                      f"benign blocked {sum(hits[0])}/{n0}", file=sys.stderr, flush=True)
+                      f"benign blocked {sum(hits.get(0, []))}/{n0}", file=sys.stderr, flush=True)
             on, of = cell["normalize on"], cell.get("normalize off")
             rows.append([set_name, name, f"{on['detected']}/{on['n_harmful']}", on["detection_rate"],
                          f"{on['false_positives']}/{on['n_benign']}", on["fpr"],
-                         f"{of['detected']}/{of['n_harmful']}" if of else "-",
-                         f"{of['false_positives']}/{of['n_benign']}" if of else "-"])
+                         f"{of['detected']}/{of['n_harmful']}" if of else "-"])
             res[f"{set_name}: {name}"] = cell
     table(f"Evasion by transform: {policy.name} (bundled SmolLM2-135M-Instruct)",
-          ["set", "transform", "detected", "detection rate", "benign blocked", "FPR", "detected (off)",
-           "benign blocked (off)"], rows)
+          ["set", "transform", "detected", "detection rate", "benign blocked", "FPR", "detected (normalize off)"],
+          rows)
     emit({
         "benchmark": "robustness-transforms",
         "quick": bool(args.quick),
