@@ -163,12 +163,12 @@ AIRT_CATEGORY = {
 META: dict[tuple[str, str], dict[str, object]] = {}
 
 
-def set_meta(row: "Row", **fields: object) -> "Row":
+def set_meta(row: Row, **fields: object) -> Row:
     META.setdefault((row.source, norm(row.text)), {}).update({k: v for k, v in fields.items() if v is not None})
     return row
 
 
-def category_of(row: "Row") -> str | None:
+def category_of(row: Row) -> str | None:
     """Hazard category of a harmful row (upstream where known, else keywords); topic of a benign row
     where the hand-written files give one; None otherwise."""
     meta = META.get((row.source, norm(row.text)), {})
@@ -536,7 +536,8 @@ class Sources:
         contextual: list[Row] = []
         for split in ("test", "val"):
             path = self.use("harmbench_contextual", self.harmbench_root / f"data/harmbench_behaviors_text_{split}.csv")
-            self.paths["harmbench"] = list(dict.fromkeys(self.paths["harmbench"] + self.paths["harmbench_contextual"][-1:]))
+            merged = self.paths["harmbench"] + self.paths["harmbench_contextual"][-1:]
+            self.paths["harmbench"] = list(dict.fromkeys(merged))
             for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
                 kind, sem, task = r["FunctionalCategory"], r["SemanticCategory"], tidy(r["Behavior"])
                 if kind == "copyright":
@@ -758,7 +759,7 @@ def _turns(text: str) -> tuple[str, list[str] | None]:
     return " ".join(turns), turns
 
 
-def handwritten_harmful(src: "Sources") -> list[Row]:
+def handwritten_harmful(src: Sources) -> list[Row]:
     path = HANDWRITTEN_DIR / "harmful_forms.tsv"
     rows = []
     for cat, phrasing, raw in read_tsv(path, 3):
@@ -771,7 +772,7 @@ def handwritten_harmful(src: "Sources") -> list[Row]:
     return rows
 
 
-def handwritten_benign(src: "Sources") -> list[Row]:
+def handwritten_benign(src: Sources) -> list[Row]:
     path = HANDWRITTEN_DIR / "benign_contrast.tsv"
     rows = []
     for cat, contrast, phrasing, raw in read_tsv(path, 4):
@@ -793,7 +794,7 @@ HANDWRITTEN_RESPONSE_SOURCES = {
 }
 
 
-def handwritten_responses(src: "Sources") -> list["ResponseRow"]:
+def handwritten_responses(src: Sources) -> list[ResponseRow]:
     path = HANDWRITTEN_DIR / "responses.tsv"
     out = []
     for kind, _cat, prompt, response in read_tsv(path, 4):

@@ -35,7 +35,7 @@ def test_shipped_policies_by_name_resolve_their_probes() -> None:
 
 
 def test_unknown_policy_name_lists_the_shipped_ones(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="shipped policies.*harmful-requests"):
+    with pytest.raises(PolicyError, match=r"shipped policies.*harmful-requests"):
         Policy.from_path("harmful-requestz")
     local = tmp_path / "harmful-requests"  # an existing path wins over a shipped name
     local.mkdir()

@@ -66,7 +66,6 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
 
 def main() -> None:
     torch.set_num_threads(2)
-    from guardrails.offline.calibrate import collect_sorted
     from guardrails.serving.models import load_model
 
     global LAYERS

@@ -14,9 +14,9 @@ sections of ``policies/harmful-requests.yaml`` / ``policies/harmful-requests-sae
 from __future__ import annotations
 
 import argparse
-import os
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,7 +61,8 @@ def main() -> None:
     sets = [Set(n) for n in TRAIN_SETS]
     rows, y, sources = concat(sets)
     w = weights(rows, y, sources)
-    meta = {"train": ",".join(f"calibration/data/{n.replace('requests', 'harmful_requests').replace('wrapped', 'jailbreak_wrapped')}.jsonl" for n in TRAIN_SETS),
+    names = [n.replace("requests", "harmful_requests").replace("wrapped", "jailbreak_wrapped") for n in TRAIN_SETS]
+    meta = {"train": ",".join(f"calibration/data/{n}.jsonl" for n in names),
             "train_sha256": data_hash(), "row_weights": "form- and source-balanced (select_detectors.weights)"}
 
     sae, tag = load_sae()
@@ -121,10 +122,10 @@ def fit_compliance(window: int | None = None) -> None:
     characters as calibrated), leave-one-source-out over the response sources to choose the window, then
     fitted on the whole train split. Row weights: each (source, label) cell gets equal total weight."""
     import torch
+    from select_detectors import auroc, windowed_max
 
     from guardrails.cli.calibrate import Session
     from guardrails.offline.calibrate import load_labeled
-    from select_detectors import auroc, windowed_max  # noqa: F401
 
     torch.set_num_threads(2)
     session = Session("bundled", progress=False, dtype="bfloat16")

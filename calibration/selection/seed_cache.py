@@ -53,7 +53,8 @@ def main() -> None:
         data = load_labeled(DATA / fname, limit=limit)
         meta = json.loads(meta_p.read_text())
         n_drop = drop if meta.get("system_turn_scored", True) else 0
-        assert len(meta["rows"]) == len(data) and all(r["text"] == t for r, t in zip(meta["rows"], data.texts, strict=True))
+        assert len(meta["rows"]) == len(data)
+        assert all(r["text"] == t for r, t in zip(meta["rows"], data.texts, strict=True))
         for layer in LAYERS:
             key = hashlib.sha256(json.dumps([data.sha256, "bundled", layer, "input", True, "bfloat16", MAX_TOKENS,
                                              "v2-no-system"]).encode()).hexdigest()[:24]
@@ -67,7 +68,7 @@ def main() -> None:
             lens = [max(0, off[i + 1] - off[i] - n_drop) for i in range(len(off) - 1)]
             xt = torch.from_numpy(x[keep].astype(np.float32))
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"x": xt.contiguous(), "offsets": torch.tensor(np.cumsum([0] + lens))}, str(path),
+            save_file({"x": xt.contiguous(), "offsets": torch.tensor(np.cumsum([0, *lens]))}, str(path),
                       metadata={"data": str(DATA / fname), "model": "bundled", "layer": str(layer), "scope": "input"})
             print("seeded", fname, layer, path.name)
 

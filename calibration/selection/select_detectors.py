@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collect import LAYERS, out_dir  # noqa: E402
+from collect import LAYERS, out_dir
 
 SOURCE_CAP = 120
 WINDOWS = (4, 16, 64)  # as served: the highest mean over this many consecutive scored tokens
@@ -70,7 +69,8 @@ class Set:
         p, n = 0, min(lens[i] for i in sample) - 1
         while p < n:
             ref = x[starts[sample[0]] + p]
-            if not all(np.allclose(x[starts[i] + p], ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max()) for i in sample[1:]):
+            tol = 2e-2 * np.abs(ref).max()
+            if not all(np.allclose(x[starts[i] + p], ref, rtol=2e-2, atol=tol) for i in sample[1:]):
                 break
             p += 1
         return p

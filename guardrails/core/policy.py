@@ -111,7 +111,8 @@ class Steer(_Strict):
     strength: FiniteFloat = Field(default=8.0, description="Signed; in residual units, or x the token's residual "
                                   "norm with relative_to: norm")
     relative_to: Literal["absolute", "norm"] = Field(
-        default="absolute", description="absolute: strength in residual-stream units; norm: x each token's residual norm"
+        default="absolute",
+        description="absolute: strength in residual-stream units; norm: x each token's residual norm",
     )
     direction: str | None = Field(default=None, description="Direction file (.safetensors) or 'sae:<sae id>:<feature>'"
                                   "; default: the detector's direction")

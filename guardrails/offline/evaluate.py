@@ -163,8 +163,9 @@ def grouped_metrics(
             other = (y != y[m][0]) & ~m
             idx = m | other
             vs = metrics(s[idx], y[idx], None)
-            own.update(auroc=vs["auroc"], auprc=vs["auprc"], tpr_at_1pct_fpr=vs["tpr_at_1pct_fpr"],
-                       tpr_at_5pct_fpr=vs["tpr_at_5pct_fpr"], against=f"label-{1 - y[m][0]} rows outside the group")
+            own.update({"auroc": vs["auroc"], "auprc": vs["auprc"], "tpr_at_1pct_fpr": vs["tpr_at_1pct_fpr"],
+                        "tpr_at_5pct_fpr": vs["tpr_at_5pct_fpr"]})
+            own["against"] = f"label-{1 - y[m][0]} rows outside the group"  # type: ignore[assignment]
         out[name] = round_metrics(own)
     return out
 
@@ -189,7 +190,7 @@ def grouped_with_intervals(
 
 def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") -> str | None:
     """The group with the lowest ``key`` (groups where it is missing are skipped)."""
-    vals = {k: v.get(key) for k, v in per_group.items() if isinstance(v.get(key), float)}
+    vals: dict[str, float] = {k: float(v[key]) for k, v in per_group.items() if isinstance(v.get(key), float)}
     return min(vals, key=lambda k: vals[k]) if vals else None
 
 
