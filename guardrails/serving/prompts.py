@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -230,14 +231,21 @@ def check_text(text: Any, where: str) -> None:
 
 
 _TOKENIZER_LOCKS = threading.Lock()
+_LOCK_OF: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCK_BY_ID: dict[int, threading.RLock] = {}
 
 
 def tokenizer_lock(tokenizer: Any) -> threading.RLock:
     """One lock per tokenizer: a fast tokenizer's padding and truncation settings are shared state that each
-    call sets, so a padded batch on one thread and an unpadded call on another corrupt each other."""
+    call sets, so a padded batch on one thread and an unpadded call on another corrupt each other.
+
+    Kept outside the tokenizer (a lock attribute would break ``copy.deepcopy`` and pickling of it).
+    """
     with _TOKENIZER_LOCKS:
-        lock = getattr(tokenizer, "_guardrails_tokenizer_lock", None)
-        if lock is None:
-            lock = threading.RLock()
-            tokenizer._guardrails_tokenizer_lock = lock
+        try:
+            lock = _LOCK_OF.get(tokenizer)
+            if lock is None:
+                lock = _LOCK_OF[tokenizer] = threading.RLock()
+        except TypeError:  # not weak-referenceable
+            lock = _LOCK_BY_ID.setdefault(id(tokenizer), threading.RLock())
         return lock
