@@ -22,7 +22,7 @@ from torch import Tensor
 from guardrails.core.decision import TextScore
 from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
 from guardrails.core.policy import Policy
-from guardrails.core.roles import Span, hf_render, role_spans, token_roles
+from guardrails.core.roles import Span, token_roles
 from guardrails.core.semantics import ROLE_CODES, ROLES, refusal_for
 from guardrails.engine.compile import CompiledPolicy, compile_policy
 from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer
@@ -36,11 +36,11 @@ from guardrails.serving.prompts import (
     GenerationArgs,
     Message,
     PromptLike,
-    check_messages,
     check_prompts,
     check_text,
     generation_args,
     is_batch,
+    render_prompt,
     tokenizer_lock,
 )
 from guardrails.serving.result import GenerationResult
@@ -181,19 +181,7 @@ class GuardedModel:
     # -- prompts --------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
         """The prompt text the model sees: chat messages (or a string, as one user turn) via the template."""
-        use_chat = self.chat if chat is None else chat
-        if isinstance(prompt, str):
-            if not use_chat or not getattr(self.tokenizer, "chat_template", None):
-                return prompt
-            messages: list[Message] = [{"role": "user", "content": prompt}]
-        else:
-            messages = check_messages(prompt)
-        text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        if len(self._spans) >= 1024:
-            self._spans.pop(next(iter(self._spans)), None)
-        template = str(getattr(self.tokenizer, "chat_template", "") or "")
-        self._spans[text] = role_spans(hf_render(self.tokenizer), messages, text, template)
-        return text
+        return render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _new_run(self, prompt_lengths: list[int], prompts: list[str] | None = None) -> GuardRun:

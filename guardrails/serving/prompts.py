@@ -249,3 +249,25 @@ def tokenizer_lock(tokenizer: Any) -> threading.RLock:
         except TypeError:  # not weak-referenceable
             lock = _LOCK_BY_ID.setdefault(id(tokenizer), threading.RLock())
         return lock
+
+
+def render_prompt(tokenizer: Any, prompt: Any, use_chat: bool, spans: dict[str, Any], keep: int = 1024) -> str:
+    """The prompt text the model sees: chat messages (or a string, as one user turn) via the template.
+
+    Records the turn spans of the rendered text in ``spans`` (bounded to ``keep`` prompts, oldest dropped),
+    so the roles of its tokens can be read back (:func:`guardrails.core.roles.token_roles`). A string
+    without chat (or without a template) goes to the model as it is.
+    """
+    from guardrails.core.roles import hf_render, role_spans
+
+    if isinstance(prompt, str):
+        if not use_chat or not getattr(tokenizer, "chat_template", None):
+            return prompt
+        messages: list[Message] = [{"role": "user", "content": prompt}]
+    else:
+        messages = check_messages(prompt)
+    text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    if len(spans) >= keep:
+        spans.pop(next(iter(spans)), None)
+    spans[text] = role_spans(hf_render(tokenizer), messages, text, str(getattr(tokenizer, "chat_template", "") or ""))
+    return text

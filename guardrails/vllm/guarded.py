@@ -25,9 +25,9 @@ from typing import Any
 
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Policy
-from guardrails.core.roles import hf_render, role_spans, token_roles
+from guardrails.core.roles import token_roles
 from guardrails.core.semantics import ROLE_CODES
-from guardrails.serving.prompts import PromptLike, check_generation_args, check_messages, is_batch
+from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch, render_prompt
 from guardrails.serving.result import GenerationResult
 from guardrails.vllm import require_vllm
 from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
@@ -179,19 +179,7 @@ class GuardedVLLM:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
-        use_chat = self.chat if chat is None else chat
-        if isinstance(prompt, str):
-            if not use_chat or not getattr(self.tokenizer, "chat_template", None):
-                return prompt
-            messages: list[Any] = [{"role": "user", "content": prompt}]
-        else:
-            messages = check_messages(prompt)
-        text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        if len(self._spans) >= 1024:
-            self._spans.pop(next(iter(self._spans)), None)
-        template = str(getattr(self.tokenizer, "chat_template", "") or "")
-        self._spans[text] = role_spans(hf_render(self.tokenizer), messages, text, template)
-        return text
+        return render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
 
     def prompt_roles(self, prompt_text: str, n_tokens: int) -> list[int]:
         """Role code of each prompt token (as ``GuardedModel``: all the user's when offsets disagree)."""
