@@ -240,7 +240,9 @@ def render_record(record: AuditRecord | Mapping[str, Any]) -> str:
             acts = sorted({str(x.get("action")) for x in by_pos[pos]})
             classes += ["decision"] + [f"decision-{a}" for a in acts]
             dec_text = "; ".join(f"{x.get('action')} by rule {x.get('rule')}: score {_fmt(x.get('score'))} "
-                                 f">= threshold {_fmt(x.get('threshold'))}" for x in by_pos[pos])
+                                 f">= threshold {_fmt(x.get('threshold'))}"
+                                 + (f" (judge {x.get('judge')}: {x.get('verdict')})" if x.get("escalated") else "")
+                                 for x in by_pos[pos])
             title.append(dec_text)
         if pos in features:
             title.append("top features: " + ", ".join(f"#{int(f[0])}={_fmt(float(f[1]))}" for f in features[pos][:8]))
@@ -337,6 +339,10 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
         pos = x.get("position")
         link = f'<a href="#t{_e(pos)}">{_e(pos)}</a>' if isinstance(pos, int) else _e(pos)
         extra = f" ({_e(x.get('reason'))}; on_error: {_e(x.get('resolution'))})" if x.get("action") == "error" else ""
+        if x.get("escalated"):  # the cascade: a judge decided this band score
+            why = x.get("judge_reason") if x.get("action") != "error" else None
+            extra += (f" <span class=\"judge\">judge {_e(x.get('judge'))}: {_e(x.get('verdict'))} in "
+                      f"{_e(_fmt(x.get('judge_latency_s')))}s{f' ({_e(why)})' if why else ''}</span>")
         rows.append(f"<tr class=\"decision-row\"><td>{_badge(str(x.get('action')))}{extra}</td><td>{_e(x.get('rule'))}"
                     f"</td><td>{_e(x.get('scope'))}</td><td>{link}</td><td><code>{_e(repr(x.get('token')))}</code></td>"
                     f"<td>{_e(_fmt(x.get('score')))}</td><td>{_e(_fmt(x.get('threshold')))}</td><td>{_e(feats)}</td></tr>")

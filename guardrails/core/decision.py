@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-DecisionAction = Literal["flag", "block", "steer", "error"]
+DecisionAction = Literal["flag", "block", "steer", "error", "allow"]
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class Decision:
     """One thing the guard decided."""
 
     action: DecisionAction
-    """flag, block, steer, or error (scoring failed; ``resolution`` says what on_error did)."""
+    """flag, block, steer, error (scoring or the judge failed; ``resolution`` says what on_error did), or allow
+    (a cascade's judge found the text safe: recorded, nothing done)."""
     rule: str
     """Id of the rule."""
     score: float
@@ -41,6 +42,16 @@ class Decision:
     """Turn the token is in: system, user, tool or assistant (prompt turns), or assistant for output tokens."""
     category: str | None = None
     """Hazard category of the rule that decided (from the rule's ``category``), if any."""
+    escalated: bool = False
+    """The score was in the rule's uncertain band and a judge decided (:mod:`guardrails.core.cascade`)."""
+    judge: str | None = None
+    """For escalated decisions: the name of the judge."""
+    verdict: str | None = None
+    """For escalated decisions: unsafe, safe or error."""
+    judge_latency_s: float | None = None
+    """For escalated decisions: wall time of the judge call."""
+    judge_reason: str | None = None
+    """For escalated decisions: the judge's reason, or why the call failed."""
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from guardrails.core.cascade import JudgeSpec, RuleJudge, check_cascade_policy, check_cascade_rule
 from guardrails.core.errors import GuardrailsError
 from guardrails.core.normalize import NormalizeSpec
 
@@ -162,6 +163,10 @@ class Rule(_Strict):
     category: str | None = Field(
         default=None, description="Hazard category this rule catches (e.g. weapons_cbrne); named in its decisions"
     )
+    escalate_above: FiniteFloat | None = Field(default=None, description="Cascade: scores in [threshold, this) go to "
+                                               "the rule's judge, whose verdict decides (guardrails.core.cascade)")
+    judge: RuleJudge | None = Field(default=None, description="Judge of the uncertain band: a name bound at runtime, "
+                                    "or {name, prompt, on_error, timeout_s}; default: the policy's only judge")
 
     @field_validator("detector", mode="before")
     @classmethod
@@ -178,6 +183,7 @@ class Rule(_Strict):
             raise ValueError(
                 f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
             )
+        check_cascade_rule(self)
         return self
 
 
@@ -216,6 +222,8 @@ class Policy(_Strict):
     rules: list[Rule] = Field(min_length=1, description="The rules, checked in order")
     steering: list[SteerRule] = Field(default_factory=list, description="Steering that is always on or gated "
                                       "by a rule (see guardrails.engine.steering)")
+    judges: dict[str, JudgeSpec] = Field(default_factory=dict, description="Second-stage judges by name (bound at "
+                                         "runtime: judges={name: callable or chat model}); see escalate_above")
     calibration: dict[str, Any] | None = Field(default=None, description="Record of how thresholds were fitted")
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against")
 
@@ -255,6 +263,7 @@ class Policy(_Strict):
                 if parts[1] not in self.saes:
                     valid = ", ".join(self.saes) or "(none declared under 'saes')"
                     raise ValueError(f"{where}.direction: unknown SAE id {parts[1]!r}; valid: {valid}")
+        check_cascade_policy(self)
         return self
 
     # -- loading ------------------------------------------------------------------------------
@@ -433,7 +442,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
     "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
-    "normalize": NormalizeSpec, "steering": SteerRule,
+    "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec,
 }
 
 

@@ -11,16 +11,19 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 - :func:`escalate` and :func:`threshold_of`: a steer rule's ``block_above`` turning it into a block;
 - :func:`on_error_of`, :func:`refusal_for`: what a failure does, what a block says;
 - :func:`is_block`, :func:`is_flag`, :func:`strongest_action`: predicates over decisions;
-- :func:`scoped_rules`: a policy's rules for an input-only or output-only guard.
+- :func:`scoped_rules`: a policy's rules for an input-only or output-only guard;
+- :func:`cascade_band`, :func:`judged_action`, :func:`judge_fields`: the cascade (a rule's uncertain band
+  between ``threshold`` and ``escalate_above`` goes to a judge; :mod:`guardrails.core.cascade`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from guardrails.core.cascade import JudgeOutcome
 from guardrails.core.decision import Decision
 
 if TYPE_CHECKING:
@@ -125,6 +128,30 @@ def strongest_action(decisions: Iterable[Decision]) -> str:
     return best
 
 
+def cascade_band(threshold: float, escalate_above: float | None, score: float) -> Literal["pass", "judge", "act"]:
+    """Where ``score`` falls: below ``threshold`` it passes; at or above ``escalate_above`` (or with no cascade)
+    the rule acts directly; in between, the judge decides."""
+    if not score >= threshold:
+        return "pass"
+    return "act" if escalate_above is None or score >= escalate_above else "judge"
+
+
+def judged_action(action: str, outcome: JudgeOutcome, on_error: str) -> tuple[str, str | None]:
+    """``(decision action, resolution)`` after a judge: unsafe -> the rule's action; safe -> allow (recorded);
+    error -> ``error`` resolved by the judge's ``on_error``."""
+    if outcome.verdict == "unsafe":
+        return action, None
+    if outcome.verdict == "safe":
+        return "allow", None
+    return "error", on_error
+
+
+def judge_fields(outcome: JudgeOutcome) -> dict[str, Any]:
+    """The :class:`Decision` fields that record a judge call."""
+    return {"escalated": True, "judge": outcome.judge, "verdict": outcome.verdict,
+            "judge_latency_s": round(outcome.latency_s, 6), "judge_reason": outcome.reason}
+
+
 @dataclass(frozen=True)
 class RuleSpec:
     """What :func:`decide_scan` needs of a rule (from a :class:`Rule` or an ONNX manifest entry)."""
@@ -135,6 +162,12 @@ class RuleSpec:
     block_above: float | None = None
     on_error: str = "block"
     category: str | None = None
+    escalate_above: float | None = None
+    """Cascade: scores in [threshold, escalate_above) go to the judge."""
+    judge_on_error: str = "block"
+    """What a failed judge call does."""
+    judge: str | None = None
+    """Name of the rule's judge."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +183,17 @@ class ScanEvent:
     threshold: float
     resolution: str | None = None
     reason: str | None = None
+    judge: JudgeOutcome | None = None
+    """The judge call that decided (cascade), if any."""
+
+
+Asker = Callable[[int, int], JudgeOutcome]
+"""``ask(rule index, position)``: the outcome of the rule's judge on the text at that token."""
 
 
 def decide_scan(
     rules: Sequence[RuleSpec], windowed: Sequence[Sequence[float | None]], order: Sequence[int],
-    in_scope: Sequence[Sequence[bool]], failed: dict[int, str] | None = None,
+    in_scope: Sequence[Sequence[bool]], failed: dict[int, str] | None = None, ask: Asker | None = None,
 ) -> list[ScanEvent]:
     """The decisions generation takes over a sequence whose windowed scores are all known (the reference).
 
@@ -163,6 +202,14 @@ def decide_scan(
     score to the reason. Token by token, a rule fires at its first hit and latches; a steer rule blocks at
     its first score reaching ``block_above``; a block stops the sequence, so nothing after its position is
     decided; a failure follows ``on_error`` at the rule's first scored token. Events come sorted by position.
+
+    Cascade rules (``escalate_above``): a first hit at or above ``escalate_above`` acts directly; a first hit
+    in the band is *pending*, and so is nothing else of the rule but its first score at or above
+    ``escalate_above`` (which acts directly). Once the direct decisions of every rule are known, pending hits
+    are judged in position order (``ask``; None: the judge is missing, an error), skipping any at or after a
+    block: unsafe -> the rule's action there (a flag then replaces the rule's own later direct flag); safe
+    -> an ``allow`` event; error -> ``error`` resolved by ``judge_on_error``. GuardRun does the same with the
+    judge called after the forward pass.
     """
     failed = failed or {}
     events: list[ScanEvent] = []
@@ -176,7 +223,8 @@ def decide_scan(
         blocked_at = t
         events = [e for e in events if e.position <= t]
 
-    for r in order:
+    pending: list[tuple[int, int, int]] = []  # (position, rank in order, rule) of band hits awaiting the judge
+    for rank, r in enumerate(order):
         rule = rules[r]
         if r in failed:
             first = next((t for t, ok in enumerate(in_scope[r]) if ok), None)
@@ -189,6 +237,16 @@ def decide_scan(
         w = windowed[r]
         hits = [t for t, v in enumerate(w) if v is not None and v >= rule.threshold]
         if not hits:
+            continue
+        esc = rule.escalate_above
+        if esc is not None:
+            high = next((t for t, v in enumerate(w) if v is not None and v >= esc), None)
+            if high != hits[0]:
+                pending.append((hits[0], rank, r))
+            if high is not None and accepts(high):
+                events.append(ScanEvent(r, rule.action, high, float(w[high]), esc))  # type: ignore[arg-type]
+                if rule.action == "block":
+                    block(high)
             continue
         cands = {hits[0]}
         if rule.action == "steer" and rule.block_above is not None:
@@ -209,6 +267,19 @@ def decide_scan(
             events.append(ScanEvent(r, action, t, score, thr))
             if action == "block":
                 block(t)
+    for t, _, r in sorted(pending):
+        if not accepts(t):
+            continue
+        rule = rules[r]
+        outcome = ask(r, t) if ask is not None else JudgeOutcome(rule.judge or "?", "error", 0.0, "no judge bound")
+        action, resolution = judged_action(rule.action, outcome, rule.judge_on_error)
+        if action == "flag":  # the judged flag is the rule's first firing: its later direct flag is latched away
+            events = [e for e in events if not (e.rule == r and e.position > t)]
+        reason = outcome.reason if action == "error" else None
+        events.append(ScanEvent(r, action, t, float(windowed[r][t]), rule.threshold,  # type: ignore[arg-type]
+                                resolution, reason, outcome))
+        if action == "block" or resolution == "block":
+            block(t)
     return sorted(events, key=lambda e: e.position)
 
 
@@ -234,10 +305,13 @@ __all__ = [
     "Role",
     "RuleSpec",
     "ScanEvent",
+    "cascade_band",
     "decide_scan",
     "escalate",
     "is_block",
     "is_flag",
+    "judge_fields",
+    "judged_action",
     "on_error_of",
     "refusal_for",
     "rule_layer",

@@ -16,12 +16,14 @@ import copy
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from guardrails.core.cascade import Judge, bind_judges
 from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector, regular_file
 from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
 from guardrails.engine.hooks import decoder_layers
@@ -55,6 +57,8 @@ class CompiledPolicy:
     """None, or the scope a :meth:`scoped` variant was made for."""
     steers: dict[int, list[PlannedSteer]] = field(default_factory=dict)
     """Steering plan per layer (:func:`guardrails.engine.steering.compile_steers`); hooked with the scorers."""
+    judges: dict[str, Judge] = field(default_factory=dict)
+    """Judges of the cascade rules, by name (:mod:`guardrails.core.cascade`); see :meth:`with_judges`."""
     _variants: dict[Any, CompiledPolicy] = field(default_factory=dict, repr=False)
 
     @property
@@ -73,8 +77,14 @@ class CompiledPolicy:
         """Fresh per-call state over a batch (one row per prompt)."""
         return GuardRun(
             self.policy, self.scorers, len(prompt_lengths), prompt_lengths, record_trace=record_trace, steer=steer,
-            decide=self.decide, input_roles=self.input_role_codes, steers=self.steers,
+            decide=self.decide, input_roles=self.input_role_codes, steers=self.steers, judges=self.judges,
         )
+
+    def with_judges(self, judges: Mapping[str, Any], *, require: bool = True) -> CompiledPolicy:
+        """This policy with ``judges`` bound by name (callables or LangChain chat models), sharing its tensors;
+        with ``require``, a judge an escalating rule names but ``judges`` lacks is an error naming both."""
+        bound = bind_judges(self.policy, {**self.judges, **judges}, require=require)
+        return dataclasses.replace(self, judges=bound, _variants={})
 
     def scoped(self, mode: Literal["input", "output"]) -> CompiledPolicy:
         """The rules for an ``mode``-only guard (``both`` rules rescoped), sharing this policy's tensors."""
@@ -90,6 +100,8 @@ class CompiledPolicy:
                     clone.heads = heads
                     scorers[layer] = clone
             self._variants[key] = dataclasses.replace(self, policy=policy, scorers=scorers, scope=mode, _variants={})
+        if self._variants[key].judges is not self.judges:  # bound after the variant was made
+            self._variants[key] = dataclasses.replace(self._variants[key], judges=self.judges)
         return self._variants[key]
 
     def unthresholded(self) -> CompiledPolicy:
@@ -141,8 +153,13 @@ def compile_policy(
     score_mode: str | None = None,
     *,
     keep_full_saes: bool = False,
+    judges: Mapping[str, Any] | None = None,
 ) -> CompiledPolicy:
-    """Bind ``policy`` to ``model``: load its SAEs (unless given) and probes, check them, build scorers."""
+    """Bind ``policy`` to ``model``: load its SAEs (unless given) and probes, check them, build scorers.
+
+    ``judges``: the cascade's second-stage judges by name (see :mod:`guardrails.core.cascade`); when given,
+    every judge an escalating rule names must be among them. Without, a band hit's judge call is an error
+    that follows on_error (bind them later with :meth:`CompiledPolicy.with_judges`)."""
     pol = policy if isinstance(policy, Policy) else Policy.from_path(policy)
     mode = score_mode or pol.score_mode
     if mode not in ("exact", "watched"):
@@ -173,7 +190,8 @@ def compile_policy(
             scorer.release_full_sae()
         kept = {id(sc.audit_sae) for sc in scorers.values()}
         loaded = {sid: s for sid, s in loaded.items() if id(s) in kept}
-    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers)
+    bound = bind_judges(pol, judges, require=judges is not None)
+    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound)
 
 
 def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:

@@ -8,14 +8,25 @@ positions are new and which are prompt or output; the layer hooks call :meth:`Gu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from guardrails.core.cascade import Judge, JudgeOutcome, JudgeRequest, call_judge, judge_settings, render_prompt
 from guardrails.core.decision import Decision, DecisionAction
 from guardrails.core.policy import Policy, Rule
-from guardrails.core.semantics import ROLE_CODES, ROLES, escalate, on_error_of, threshold_of
+from guardrails.core.semantics import (
+    ROLE_CODES,
+    ROLES,
+    escalate,
+    judge_fields,
+    judged_action,
+    on_error_of,
+    rule_layer,
+    threshold_of,
+)
 from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
 from guardrails.engine.steering import PlannedSteer, SteerState, uses_plan
 
@@ -35,6 +46,19 @@ class StepContext:
     """[B, T] columns that may be steered (real tokens)."""
     roles: Tensor | None = None
     """[B, T] role code of each prompt column (``ROLE_CODES``; -1 none); None: every prompt token is the user's."""
+
+
+@dataclass(frozen=True)
+class PendingJudge:
+    """A cascade rule's first hit in its uncertain band, waiting for the judge (after the forward pass)."""
+
+    rule: Rule
+    b: int
+    pos: int
+    score: float
+    out: bool
+    role: str
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass
@@ -74,6 +98,14 @@ class GuardRun:
     steers: dict[int, list[PlannedSteer]] = field(default_factory=dict)
     """Steering plan per layer (steer rules with direction/layers/add/norm settings, and ``steering:`` entries)."""
     steer_state: SteerState | None = None
+    judges: dict[str, Judge] = field(default_factory=dict)
+    """Bound judges by name (cascade rules; :mod:`guardrails.core.cascade`)."""
+    judge_text: Callable[[int, str, int], str] | None = None
+    """``judge_text(row, "input"|"output", position)``: the text a judge reads (set by the serving path; None:
+    a judge call is an error and follows on_error)."""
+    verdicts: dict[tuple[str, int], JudgeOutcome] = field(default_factory=dict)
+    """Judge outcome per (rule id, row): a judge is asked at most once per rule and sequence."""
+    _pending: list[PendingJudge] = field(default_factory=list)
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,6 +120,8 @@ class GuardRun:
                 steer_from=torch.full((self.batch,), 2**62, dtype=torch.long),
             )
             self.trace_scores[rule.id] = []
+        order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
+        self._rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
 
     # -- queries ----------------------------------------------------------------------------------
     def active(self, b: int) -> bool:
@@ -161,6 +195,10 @@ class GuardRun:
                 continue
             block_above = rule.steer.block_above if rule.action == "steer" and rule.steer else None
             for b in hits.any(dim=1).nonzero().flatten().tolist():
+                if rule.escalate_above is not None:  # cascade: the band waits for the judge (resolve_escalations)
+                    self._cascade_hits(rule, head, scorer, b, windowed[b], positions[b], is_output[b], hidden,
+                                       roles)
+                    continue
                 # the first hit fires; for a steer rule with block_above, so does the first score reaching it
                 # (token by token, a later forward would see it: a scan of many tokens must too)
                 cands = [int(hits[b].nonzero()[0])]
@@ -191,15 +229,89 @@ class GuardRun:
         return out
 
     def check_all_scored(self) -> None:
-        """After a forward: a watched layer whose hook never ran could not score; apply on_error."""
+        """After a forward: a watched layer whose hook never ran could not score; apply on_error. Then the
+        judges decide the band hits of this forward (:meth:`resolve_escalations`)."""
         ctx = self.ctx
-        if ctx is None:
+        if ctx is not None:
+            for layer, scorer in self.scorers.items():
+                if layer not in self.seen_layers and bool(ctx.score_mask.any()):
+                    exc = RuntimeError(f"the hook on layer {layer} did not run during the forward pass")
+                    self._scoring_failed(scorer, ctx.positions, ctx.score_mask, ctx.is_output, exc)
+            self.seen_layers.clear()
+        self.resolve_escalations()
+
+    # -- the cascade ------------------------------------------------------------------------------------
+    def _cascade_hits(
+        self, rule: Rule, head: object, scorer: LayerScorer, b: int, w: Tensor, positions: Tensor,
+        is_output: Tensor, hidden: Tensor, roles: Tensor | None,
+    ) -> None:
+        """Row ``b``'s hits of a cascade rule in this forward: a first hit in the band waits for the judge
+        (once per rule and row); the first score at or above ``escalate_above`` acts directly."""
+        esc = float(rule.escalate_above)  # type: ignore[arg-type]
+        first = int(((w >= rule.threshold) & ~torch.isnan(w)).nonzero()[0])
+        high_at = (w >= esc).nonzero()
+        high = int(high_at[0]) if len(high_at) else None
+
+        def role_of(t: int) -> int | None:
+            return None if roles is None else int(roles[b, t])
+
+        if high != first and (rule.id, b) not in self.verdicts and not bool(self.states[rule.id].fired[b]) \
+                and not any(p.rule.id == rule.id and p.b == b for p in self._pending):
+            pos, out = int(positions[first]), bool(is_output[first])
+            if self.accepts(b, pos):
+                top = tuple(scorer.top_features(hidden[b, first].detach()))
+                self._pending.append(PendingJudge(rule, b, pos, float(w[first]), out,
+                                                  self._role_name(out, role_of(first)), top))
+        if high is not None and self.accepts(b, int(positions[high])):
+            self._fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
+                       hidden, role_of(high), threshold=esc)
+
+    def resolve_escalations(self) -> None:
+        """Ask the judges about the pending band hits (position order, layers then policy order), skipping any
+        at or after a block, and apply the verdicts as :func:`guardrails.core.semantics.decide_scan` does."""
+        if not self._pending:
             return
-        for layer, scorer in self.scorers.items():
-            if layer not in self.seen_layers and bool(ctx.score_mask.any()):
-                exc = RuntimeError(f"the hook on layer {layer} did not run during the forward pass")
-                self._scoring_failed(scorer, ctx.positions, ctx.score_mask, ctx.is_output, exc)
-        self.seen_layers.clear()
+        pending = sorted(self._pending, key=lambda p: (p.b, p.pos, self._rank[p.rule.id]))
+        self._pending = []
+        for p in pending:
+            rule, b = p.rule, p.b
+            if not self.accepts(b, p.pos) or (rule.id, b) in self.verdicts:
+                continue
+            settings = judge_settings(self.policy, rule)
+            assert settings is not None
+            outcome = self._ask(p, settings.name, settings.prompt, settings.timeout_s)
+            self.verdicts[(rule.id, b)] = outcome
+            action, resolution = judged_action(rule.action, outcome, settings.on_error)
+            if action == "flag":  # the judged flag is the rule's first firing: its later direct flag is latched away
+                self.decisions = [d for d in self.decisions
+                                  if not (d.sequence == b and d.rule == rule.id and d.position > p.pos)]
+            if action in ("flag", "block"):
+                self.states[rule.id].fired[b] = True
+            if action == "error":
+                self.errors.append(f"judge {outcome.judge!r} (rule {rule.id!r}): {outcome.reason}")
+            self.decisions.append(Decision(
+                action=action,  # type: ignore[arg-type]
+                rule=rule.id, score=p.score, threshold=float(rule.threshold), position=p.pos,
+                scope="output" if p.out else "input", sequence=b,
+                output_index=p.pos - self.prompt_lengths[b] if p.out else None, top_features=p.top,
+                reason=outcome.reason if action == "error" else None, resolution=resolution, role=p.role,
+                category=rule.category, **judge_fields(outcome),
+            ))
+            if action == "block" or resolution == "block":
+                self._block(b, p.pos, rule.id)
+            elif action == "flag" and self.steer_state is not None:
+                self.steer_state.on_fire(rule.id, b, p.pos)
+
+    def _ask(self, p: PendingJudge, name: str, prompt: str, timeout_s: float | None) -> JudgeOutcome:
+        scope = "output" if p.out else "input"
+        try:
+            if self.judge_text is None:
+                raise RuntimeError("this path gives the judge no text (only GuardedModel generation and scans do)")
+            text = self.judge_text(p.b, scope, p.pos)
+        except Exception as exc:
+            return JudgeOutcome(name, "error", 0.0, f"no text for the judge: {type(exc).__name__}: {exc}")
+        request = JudgeRequest(render_prompt(prompt, text), text, p.rule.id, scope, p.score, name, p.rule.category)
+        return call_judge(self.judges.get(name), request, timeout_s)
 
     def _roles(self, ctx: StepContext, positions: Tensor) -> Tensor | None:
         """[B, T] role codes of the columns at ``positions`` (from the context, else from ``prompt_roles``)."""
@@ -229,9 +341,13 @@ class GuardRun:
             return is_output
         return prompt_ok | is_output
 
+    @staticmethod
+    def _role_name(out: bool, role: int | None) -> str:
+        return "assistant" if out else (ROLES[role] if role is not None and 0 <= role < len(ROLES) else "user")
+
     def _fire(
         self, rule: Rule, head: object, scorer: LayerScorer, b: int, t: int, pos: int, score: float, out: bool,
-        hidden: Tensor, role: int | None = None,
+        hidden: Tensor, role: int | None = None, threshold: float | None = None,
     ) -> None:
         st = self.states[rule.id]
         action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
@@ -243,13 +359,13 @@ class GuardRun:
             action=action,
             rule=rule.id,
             score=score,
-            threshold=threshold_of(rule, action),
+            threshold=threshold_of(rule, action) if threshold is None else threshold,
             position=pos,
             scope="output" if out else "input",
             sequence=b,
             output_index=pos - self.prompt_lengths[b] if out else None,
             top_features=top,
-            role="assistant" if out else (ROLES[role] if role is not None and 0 <= role < len(ROLES) else "user"),
+            role=self._role_name(out, role),
             category=rule.category,
         )
         self.decisions.append(d)

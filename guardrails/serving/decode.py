@@ -15,6 +15,7 @@ from torch import Tensor
 
 from guardrails.engine.hooks import StopForward, output_hooks, stop_after_layer
 from guardrails.engine.run import GuardRun, StepContext
+from guardrails.serving.judging import decode_text_source, escalates
 from guardrails.serving.prompts import GenerationArgs, build_processors, generation_args, tokenizer_lock
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ def steps(
             if use_cache:
                 kwargs[guard._cache_kw] = past
                 kwargs["logits_to_keep"] = 1
+            if run.judges or escalates(guard.policy):  # the cascade's judges read these rows (after the forward)
+                run.judge_text = decode_text_source(guard, run, all_ids, all_mask)
             logits = forward(guard, run, kwargs, truncated=last)
             run.check_all_scored()
             run.ctx = None

@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,7 @@ from guardrails.engine.scorers import LayerScorer
 from guardrails.sae.model import SAE
 from guardrails.serving import decode
 from guardrails.serving.failsafe import result_or_on_error  # issue 16
+from guardrails.serving.judging import text_source
 from guardrails.serving.prescan import apply_prescan, prescan  # issue 16
 from guardrails.serving.prompts import (
     GenerationArgs,
@@ -76,7 +77,12 @@ class GuardedModel:
         chat: bool = True,
         audit: Any = None,
         keep_full_saes: bool = False,
+        judges: Mapping[str, Any] | None = None,
+        require_judges: bool = True,
     ) -> None:
+        """``judges``: the cascade's second-stage judges by name (callables or LangChain chat models; see
+        :mod:`guardrails.core.cascade`). With ``require_judges`` (default), a judge an escalating rule names but
+        no one bound is an error here, naming the rule and the judges given."""
         self.model = model
         self.tokenizer = tokenizer
         self.compiled: CompiledPolicy
@@ -86,6 +92,8 @@ class GuardedModel:
             self.compiled = policy
         else:
             self.compiled = compile_policy(policy, model, saes, score_mode, keep_full_saes=keep_full_saes)
+        if judges is not None or require_judges:  # cascade: bind by name, check every escalating rule has one
+            self.compiled = self.compiled.with_judges(judges or {}, require=require_judges)
         self.chat = chat
         from guardrails.serving.sink import resolve_audit
 
@@ -141,6 +149,12 @@ class GuardedModel:
     @property
     def deepest(self) -> int:
         return self.compiled.deepest
+
+    def with_judges(self, judges: Mapping[str, Any] | None = None, **by_name: Any) -> GuardedModel:
+        """This guard with cascade judges bound by name (added to those bound), sharing model and tensors."""
+        other = copy.copy(self)
+        other.compiled = self.compiled.with_judges({**(judges or {}), **by_name})
+        return other
 
     def scoped(self, mode: Literal["input", "output"]) -> GuardedModel:
         """This guard with only its ``mode`` rules (``both`` rules rescoped), sharing model, tokenizer and tensors."""
@@ -357,6 +371,8 @@ class GuardedModel:
         roles = torch.tensor([[-1] * (width - len(r)) + r for r in role_rows])
         run = self.compiled.new_run(n_prompt, steer=False)
         run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool(), roles=roles)
+        run.judge_text = text_source(tok, lambda b: rows[b], n_prompt, lambda b: role_rows[b],  # the cascade
+                                     run.input_roles)
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         with self._lock, output_hooks(self.model, self._hooks(run)), stop_after_layer(self.model, self.deepest):
             try:
@@ -366,6 +382,8 @@ class GuardedModel:
                 )
             except StopForward:
                 pass
+        run.ctx = None
+        run.resolve_escalations()  # the cascade's judges, outside the model's lock
         results = []
         for b, row in enumerate(rows):
             ts = run.token_scores(b)

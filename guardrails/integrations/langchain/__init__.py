@@ -2,7 +2,8 @@
 (a Runnable that scans text going into or out of any runnable) and ``SAEGuardMiddleware`` (agents).
 
 Needs ``langchain-core``; ``SAEGuardMiddleware`` also needs ``langchain`` v1 (``sae-guardrails[langchain]``).
-Modules: messages, chat_model, tools, streaming, guard, sequence, middleware.
+Modules: messages, chat_model, tools, streaming, guard, sequence, middleware, judge (a chat model as
+the cascade's judge).
 """
 
 from typing import Any
@@ -15,6 +16,7 @@ except ImportError as exc:  # an optional extra
 
 from guardrails.integrations.langchain.chat_model import GuardedChatModel
 from guardrails.integrations.langchain.guard import PROMPT_METADATA_KEY, InputBlocked, SAEGuard
+from guardrails.integrations.langchain.judge import ChatModelJudge
 from guardrails.integrations.langchain.messages import guard_metadata, message_to_turn, to_turns
 from guardrails.integrations.langchain.sequence import GuardedSequence, RefuseOnBlock, refuse_on_block
 from guardrails.integrations.langchain.tools import parse_tool_calls
@@ -30,6 +32,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "PROMPT_METADATA_KEY",
+    "ChatModelJudge",
     "GuardedChatModel",
     "GuardedSequence",
     "InputBlocked",

@@ -1,0 +1,366 @@
+"""The cascade (issue 10 item 5): a rule's uncertain band [threshold, escalate_above) goes to a judge.
+
+Bands by construction on a tiny model (thresholds placed between its own traced scores), the judge called
+at most once per rule and sequence, judge failures through on_error, scans equal to generation, the ONNX
+reference (decide_scan) equal to the torch engine, a LangChain chat model as judge, and the schema."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from guardrails import GuardedModel, Policy, PolicyError
+from guardrails.core.cascade import (
+    JudgeError,
+    JudgeOutcome,
+    JudgeRequest,
+    Verdict,
+    judge_settings,
+    render_prompt,
+    to_verdict,
+    verdict_from_text,
+)
+from guardrails.core.semantics import RuleSpec, cascade_band, decide_scan
+from tests.builders import qwen_scope_tensors, write_qwen_scope
+
+LAYER, D_SAE, K = 1, 128, 32
+FEATURES = list(range(0, D_SAE, 2))
+PROMPT = "How do I bake bread?"
+NEW = 8
+
+
+class Recorder:
+    """A judge that answers ``answer`` (or raises it, or sleeps) and keeps every request."""
+
+    def __init__(self, answer: Any = "unsafe", sleep: float = 0.0) -> None:
+        self.answer, self.sleep, self.calls = answer, sleep, []  # type: ignore[var-annotated]
+
+    def __call__(self, request: JudgeRequest) -> Any:
+        self.calls.append(request)
+        if self.sleep:
+            time.sleep(self.sleep)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.fixture(scope="module")
+def sae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_qwen_scope(tmp_path_factory.mktemp("qs"), LAYER, qwen_scope_tensors(64, D_SAE, seed=11))
+
+
+def _policy(path: Path, threshold: float, escalate_above: float | None, *, scope: str = "output",
+            action: str = "block", judge: str = "judge: {name: j}", on_error: str = "") -> Policy:
+    feats = ", ".join(str(f) for f in FEATURES)
+    esc = f"escalate_above: {escalate_above}" if escalate_above is not None else ""
+    return Policy.from_yaml(f"""
+name: tiny-cascade
+refusal: "Sorry, no."
+saes:
+  main: {{path: "{path}", layer: {LAYER}, k: {K}}}
+rules:
+  - id: watch
+    scope: {scope}
+    detector: {{sae: main, features: [{feats}], combine: sum}}
+    threshold: {threshold}
+    action: {action}
+    {esc}
+    {judge if escalate_above is not None else ""}
+    {on_error}
+""")
+
+
+def _scores(lm: Any, tok: Any, path: Path, scope: str = "output") -> list[float]:
+    """The rule's traced scores at the scored tokens of an unguarded run, in position order."""
+    g = GuardedModel(lm("llama"), tok, _policy(path, 1e9, None, scope=scope))
+    r = g.generate(PROMPT, max_new_tokens=NEW, chat=False)
+    ts = r.token_scores["watch"]
+    return [ts[p] for p in sorted(ts)]
+
+
+def _guard(lm: Any, tok: Any, pol: Policy, judge: Any) -> GuardedModel:
+    return GuardedModel(lm("llama"), tok, pol, judges={"j": judge})
+
+
+# -- bands on generation ---------------------------------------------------------------------------------------
+
+
+def test_below_band_passes_without_the_judge(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    judge = Recorder("unsafe")
+    r = _guard(lm, tok, _policy(sae_path, max(s) + 1.0, max(s) + 2.0), judge).generate(
+        PROMPT, max_new_tokens=NEW, chat=False)
+    assert not r.blocked and r.decisions == [] and judge.calls == []
+
+
+@pytest.mark.parametrize("answer", ["unsafe", "safe"])
+def test_band_goes_to_the_judge_once(lm: Any, tok: Any, sae_path: Path, answer: str) -> None:
+    s = _scores(lm, tok, sae_path)
+    thr = min(s) - 1.0  # every scored output token is in the band: the judge is still asked once
+    judge = Recorder(answer)
+    g = _guard(lm, tok, _policy(sae_path, thr, max(s) + 1.0), judge)
+    r = g.generate(PROMPT, max_new_tokens=NEW, chat=False)
+    assert len(judge.calls) == 1
+    (d,) = r.decisions
+    assert d.escalated and d.judge == "j" and d.verdict == answer and d.judge_latency_s is not None
+    assert d.position == r.prompt_length  # the first output token escalated
+    req = judge.calls[0]
+    assert req.scope == "output" and req.rule == "watch" and req.judge == "j" and req.score == pytest.approx(s[0])
+    assert req.text in render_prompt("harmful-response", req.text) == req.prompt
+    if answer == "unsafe":
+        assert r.blocked and d.action == "block" and r.released_text == ""
+    else:  # safe: allowed, recorded, and the output is the unguarded one
+        plain = GuardedModel(lm("llama"), tok, _policy(sae_path, 1e9, None)).generate(PROMPT, max_new_tokens=NEW,
+                                                                                        chat=False)
+        assert not r.blocked and d.action == "allow" and r.text == plain.text and not r.flagged
+
+
+def test_above_band_acts_directly(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    judge = Recorder("safe")
+    r = _guard(lm, tok, _policy(sae_path, s[0] - 2.0, s[0] - 1.0), judge).generate(PROMPT, max_new_tokens=NEW,
+                                                                                    chat=False)
+    assert judge.calls == [] and r.blocked
+    (d,) = r.decisions
+    assert d.action == "block" and not d.escalated and d.threshold == pytest.approx(s[0] - 1.0)
+
+
+def test_safe_verdict_then_a_score_above_acts_directly(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    j = max(range(1, len(s)), key=lambda i: s[i])
+    assert s[j] > s[0] + 1e-3, "need a later score above the first"
+    esc = (max(s[:j]) + s[j]) / 2  # the first token lands in the band, token j above it
+    judge = Recorder("safe")
+    r = _guard(lm, tok, _policy(sae_path, min(s) - 1.0, esc, action="flag"), judge).generate(
+        PROMPT, max_new_tokens=NEW, chat=False)
+    assert len(judge.calls) == 1
+    assert [(d.action, d.escalated) for d in r.decisions] == [("allow", True), ("flag", False)]
+    assert r.decisions[1].position == r.prompt_length + j
+
+
+def test_judge_errors_follow_on_error_and_are_recorded(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    boom = Recorder(RuntimeError("judge down"))
+    r = _guard(lm, tok, _policy(sae_path, min(s) - 1.0, max(s) + 1.0), boom).generate(PROMPT, max_new_tokens=NEW,
+                                                                                        chat=False)
+    (d,) = r.decisions
+    assert r.blocked and d.action == "error" and d.resolution == "block" and d.verdict == "error"
+    assert "judge down" in (d.reason or "") and any("judge down" in e for e in r.errors)
+    pol = _policy(sae_path, min(s) - 1.0, max(s) + 1.0, judge="judge: {name: j, on_error: flag}")
+    r = _guard(lm, tok, pol, Recorder("maybe")).generate(PROMPT, max_new_tokens=NEW, chat=False)
+    (d,) = r.decisions
+    assert not r.blocked and d.action == "error" and d.resolution == "flag" and "not a verdict" in (d.reason or "")
+
+
+def test_judge_timeout_is_an_error(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    pol = _policy(sae_path, min(s) - 1.0, max(s) + 1.0, judge="judge: {name: j, timeout_s: 0.05}")
+    r = _guard(lm, tok, pol, Recorder("safe", sleep=1.0)).generate(PROMPT, max_new_tokens=NEW, chat=False)
+    (d,) = r.decisions
+    assert r.blocked and d.action == "error" and "timed out" in (d.reason or "")
+
+
+def test_input_rule_judge_reads_the_prompt(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path, scope="input")
+    judge = Recorder("unsafe")
+    g = _guard(lm, tok, _policy(sae_path, min(s) - 1.0, max(s) + 1.0, scope="input"), judge)
+    r = g.generate(PROMPT, max_new_tokens=NEW, chat=False)
+    assert r.blocked and r.output_ids == [] and len(judge.calls) == 1
+    assert judge.calls[0].text == PROMPT and judge.calls[0].scope == "input"
+    assert "Request:\n" + PROMPT in judge.calls[0].prompt  # the default input template
+
+
+# -- scans, the reference, and batches ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", ["unsafe", "safe"])
+def test_scan_equals_generation(lm: Any, tok: Any, sae_path: Path, answer: str) -> None:
+    """Generation (the judge after each forward) and a scan of the same ids take the same decisions and ask
+    the judge about the same text."""
+    compared = 0
+    for prompt in (PROMPT, "Tell me a story", "What is the capital", "Hello there"):
+        plain = GuardedModel(lm("llama"), tok, _policy(sae_path, 1e9, None)).generate(prompt, max_new_tokens=NEW,
+                                                                                        chat=False)
+        ids = plain.output_ids
+        if not ids or tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids:
+            continue  # the scan re-tokenizes text: compare where that gives back the generated ids
+        s = [plain.token_scores["watch"][p] for p in sorted(plain.token_scores["watch"])]
+        thr = sorted(s)[len(s) // 2]  # the first hit is somewhere in the middle, later tokens above the band
+        pol = _policy(sae_path, thr, max(s) - 1e-4 if max(s) > thr + 1e-3 else max(s) + 1, action="flag")
+        gen_judge, scan_judge = Recorder(answer), Recorder(answer)
+        r = _guard(lm, tok, pol, gen_judge).generate(prompt, max_new_tokens=NEW, chat=False)
+        (ts,) = _guard(lm, tok, pol, scan_judge).score([prompt], responses=[tok.decode(ids)], chat=False)
+        key = [(d.action, d.position, d.verdict, d.escalated) for d in r.decisions]
+        assert key and key == [(d.action, d.position, d.verdict, d.escalated) for d in ts.decisions]
+        assert [c.text for c in gen_judge.calls] == [c.text for c in scan_judge.calls] and len(gen_judge.calls) == 1
+        compared += 1
+    assert compared >= 1
+
+
+def test_decide_scan_reference_matches_the_engine(lm: Any, tok: Any, sae_path: Path) -> None:
+    """The torch-free reference (the ONNX guard's decisions) over the engine's own traced scores."""
+    s = _scores(lm, tok, sae_path)
+    for thr, esc, answer in [(min(s) - 1, max(s) + 1, "unsafe"), (min(s) - 1, s[0] + 1e-3, "safe"),
+                             (max(s) + 1, max(s) + 2, "unsafe"), (s[0] - 2, s[0] - 1, "safe")]:
+        judge = Recorder(answer)
+        r = _guard(lm, tok, _policy(sae_path, thr, esc), judge).generate(PROMPT, max_new_tokens=NEW, chat=False)
+        ts = r.token_scores["watch"]
+        n = max(ts) + 1 if ts else 0
+        windowed = [[ts.get(p) for p in range(n)]]
+        asked: list[tuple[int, int]] = []
+
+        def ask(rule: int, t: int, answer: str = answer, asked: list[tuple[int, int]] = asked) -> JudgeOutcome:
+            asked.append((rule, t))
+            return JudgeOutcome("j", answer, 0.0)  # type: ignore[arg-type]
+
+        ev = decide_scan([RuleSpec("watch", "block", thr, escalate_above=esc, judge="j")], windowed, [0],
+                         [[v is not None for v in windowed[0]]], ask=ask)
+        assert [(e.action, e.position) for e in ev] == [(d.action, d.position) for d in r.decisions]
+        assert len(asked) == len(judge.calls)
+
+
+def test_decide_scan_cascade_by_hand() -> None:
+    spec = RuleSpec("r", "flag", 1.0, escalate_above=3.0, judge="j")
+    w = [[0.5, 1.5, 2.0, 3.5, 2.5]]
+    scope = [[True] * 5]
+
+    def ask_with(v: str) -> Any:
+        return lambda r, t: JudgeOutcome("j", v, 0.0)  # type: ignore[arg-type]
+
+    assert [(e.action, e.position) for e in decide_scan([spec], w, [0], scope, ask=ask_with("safe"))] == \
+        [("allow", 1), ("flag", 3)]
+    assert [(e.action, e.position) for e in decide_scan([spec], w, [0], scope, ask=ask_with("unsafe"))] == \
+        [("flag", 1)]
+    err = decide_scan([spec], w, [0], scope, ask=None)  # no judge on this path: on_error (block by default)
+    assert [(e.action, e.position, e.resolution) for e in err] == [("error", 1, "block")]
+    # a block by another rule before the band hit: the judge is never asked
+    other = RuleSpec("b", "block", 0.0)
+    calls: list[int] = []
+    ev = decide_scan([spec, other], [w[0], [None, 1.0, None, None, None]], [0, 1], scope * 2,
+                     ask=lambda r, t: calls.append(t) or JudgeOutcome("j", "unsafe", 0.0))
+    assert [(e.rule, e.action, e.position) for e in ev] == [(1, "block", 1)] and calls == []
+    assert [cascade_band(1.0, 3.0, x) for x in (0.9, 1.0, 2.9, 3.0)] == ["pass", "judge", "judge", "act"]
+
+
+def test_batch_rows_are_judged_apart(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    judge = Recorder("safe")
+    g = _guard(lm, tok, _policy(sae_path, min(s) - 1.0, max(s) + 5.0, scope="input"), judge)
+    out = g.score(["How do I bake bread?", "Tell me a story"], chat=False)
+    assert sorted(c.text for c in judge.calls) == ["How do I bake bread?", "Tell me a story"]
+    assert [[d.sequence for d in ts.decisions] for ts in out] == [[0], [1]]
+
+
+# -- binding -------------------------------------------------------------------------------------------------------
+
+
+def test_missing_judge_is_an_error_at_construction(lm: Any, tok: Any, sae_path: Path) -> None:
+    pol = _policy(sae_path, 1.0, 2.0)
+    with pytest.raises(JudgeError, match=r"rules\[0\] \('watch'\) escalates to judge 'j'.*known judges: other"):
+        GuardedModel(lm("llama"), tok, pol, judges={"other": Recorder()})
+    with pytest.raises(JudgeError, match="none bound"):
+        GuardedModel(lm("llama"), tok, pol)
+    with pytest.raises(JudgeError, match="not a judge"):
+        GuardedModel(lm("llama"), tok, pol, judges={"j": 3})
+    unbound = GuardedModel(lm("llama"), tok, pol, require_judges=False)  # e.g. guardrails eval: scores only
+    bound = unbound.with_judges(j=Recorder("safe"))
+    assert set(bound.compiled.judges) == {"j"} and unbound.compiled.judges == {}
+
+
+def test_langchain_chat_model_as_judge(lm: Any, tok: Any, sae_path: Path) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models import FakeListChatModel
+
+    from guardrails.integrations.langchain.judge import ChatModelJudge
+
+    s = _scores(lm, tok, sae_path)
+    pol = _policy(sae_path, min(s) - 1.0, max(s) + 1.0)
+    bare = _guard(lm, tok, pol, FakeListChatModel(responses=["unsafe\nS1"])).generate(PROMPT, max_new_tokens=NEW,
+                                                                                       chat=False)
+    assert bare.blocked and bare.decisions[0].verdict == "unsafe" and bare.decisions[0].judge_reason == "S1"
+    judge = ChatModelJudge(FakeListChatModel(responses=["ALLOWED."]), system="Be brief.", unsafe_words=["denied"],
+                           safe_words=["allowed"])
+    r = _guard(lm, tok, pol, judge).generate(PROMPT, max_new_tokens=NEW, chat=False)
+    assert not r.blocked and r.decisions[0].verdict == "safe"
+    msgs = judge.messages(JudgeRequest("P", "t", "watch", "output", 1.0, "j"))
+    assert [m.type for m in msgs] == ["system", "human"] and msgs[1].content == "P"
+
+
+# -- audit ------------------------------------------------------------------------------------------------------------
+
+
+def test_audit_record_and_report_show_the_judge(lm: Any, tok: Any, sae_path: Path, tmp_path: Path) -> None:
+    from guardrails.audit import AuditStore
+    from guardrails.audit.report import render_record
+
+    s = _scores(lm, tok, sae_path)
+    store = AuditStore(tmp_path / "a.db")
+    g = GuardedModel(lm("llama"), tok, _policy(sae_path, min(s) - 1.0, max(s) + 1.0), judges={"j": Recorder("safe")},
+                     audit=store)
+    g.generate(PROMPT, max_new_tokens=NEW, chat=False)
+    (rec,) = store.list()
+    (d,) = rec.data["decisions"]
+    assert d["escalated"] is True and d["judge"] == "j" and d["verdict"] == "safe" and rec.action == "allow"
+    html = render_record(rec)
+    assert "judge j: safe" in html
+
+
+# -- schema and verdicts -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"escalate_above": 0.5}, r"rules\[0\]\.escalate_above: 0\.5 must be above threshold 1\.0"),
+    ({"escalate_above": 1.0}, r"rules\[0\]\.escalate_above: 1\.0 must be above threshold"),
+    ({"escalate_above": 2.0, "action": "steer"}, r"rules\[0\]\.escalate_above: valid with action flag or block"),
+    ({"judge": "j"}, r"rules\[0\]\.judge: given without escalate_above"),
+    ({"escalate_above": 2.0}, r"rules\[0\]\.judge: required with escalate_above"),
+    ({"escalate_above": 2.0, "judge": {"name": "j", "prompt": "judge this"}}, r"rules\[0\]\.judge\.prompt: .*\{text\}"),
+    ({"escalate_above": 2.0, "judge": {"name": "j", "model": "x"}}, r"rules\[0\]\.judge\.model: unknown key 'model'"),
+    ({"escalate_above": 2.0, "judge": {"name": "j", "on_error": "ignore"}}, r"rules\[0\]\.judge\.on_error"),
+])
+def test_schema_errors_name_the_place(edit: dict[str, Any], message: str) -> None:
+    rule = {"id": "r", "scope": "input", "detector": {"sae": "m", "features": [1]}, "threshold": 1.0, **edit}
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_dict({"name": "p", "saes": {"m": {"path": "x", "layer": 0}}, "rules": [rule]})
+
+
+def test_policy_judges_and_settings() -> None:
+    base = {"name": "p", "saes": {"m": {"path": "x", "layer": 0}}}
+    rule = {"id": "r", "scope": "output", "detector": {"sae": "m", "features": [1]}, "threshold": 1.0,
+            "escalate_above": 2.0}
+    p = Policy.from_dict({**base, "on_error": "flag", "judges": {"g": {"timeout_s": 2}}, "rules": [rule]})
+    assert judge_settings(p, p.rules[0]) == type(judge_settings(p, p.rules[0]))("g", "harmful-response", "flag", 2)
+    p = Policy.from_dict({**base, "judges": {"g": {"prompt": "Q: {text}", "on_error": "allow"}},
+                          "rules": [{**rule, "judge": {"name": "g", "on_error": "flag"}}]})
+    st = judge_settings(p, p.rules[0])
+    assert st is not None and (st.prompt, st.on_error) == ("Q: {text}", "flag")
+    assert render_prompt(st.prompt, "a {b} c") == "Q: a {b} c"  # no format fields but {text}
+    with pytest.raises(PolicyError, match=r"judges\.g\.timeout_s"):
+        Policy.from_dict({**base, "judges": {"g": {"timeout_s": 0}}, "rules": [rule]})
+    assert Policy.from_yaml(p.to_yaml()).rules[0].judge == p.rules[0].judge  # round trip
+
+
+def test_verdicts() -> None:
+    assert verdict_from_text("Unsafe.\nS1") == Verdict(True, "unsafe", "S1")
+    assert verdict_from_text("  safe") == Verdict(False, "safe", None)
+    with pytest.raises(JudgeError, match="not a verdict"):
+        verdict_from_text("I think it is fine")
+    assert to_verdict(True).harmful and not to_verdict(False).harmful
+    assert to_verdict({"harmful": True, "label": "S2"}) == Verdict(True, "S2", None)
+    with pytest.raises(JudgeError, match="returned int"):
+        to_verdict(3)
+
+
+def test_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, guardrails.core.cascade, guardrails.core.semantics; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
+    assert torch.tensor(1).item() == 1
