@@ -42,9 +42,16 @@ def serve_command(
     max_streams: Annotated[int, typer.Option(help="Most streams open at once")] = 32,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    engine: Annotated[str, typer.Option(help="hf: this package's decode loop; vllm: the guard inside vLLM "
+                                        "(continuous batching; run from the vLLM venv)")] = "hf",
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="vLLM: longest prompt + answer "
+                                                      "(default: the model's)")] = None,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1,
+                                                      help="vLLM: GPUs per replica")] = 1,
 ) -> None:
-    """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/models,
-    /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead."""
+    """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/completions,
+    /v1/models, /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead;
+    with --engine vllm, generate inside a guarded vLLM engine."""
     from guardrails.cli.main import _load_guard, _run_safely, err_console, fail
 
     try:
@@ -56,6 +63,18 @@ def serve_command(
         return
     if score_mode not in (None, "exact", "watched"):
         fail(f"unknown --score-mode {score_mode!r}; valid: exact, watched")
+    if engine not in ("hf", "vllm"):
+        fail(f"unknown --engine {engine!r}; valid: hf, vllm")
+    if engine == "vllm":
+        from guardrails.vllm import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            fail(f"--engine vllm: vLLM is not importable by this Python; {INSTALL_HINT} "
+                 "(then: /opt/venvs/vllm/bin/guardrails serve --engine vllm ...)")
+        if upstream:
+            fail("--engine vllm and --upstream exclude each other: proxy mode scans with the HF model")
+        if score_mode is not None:
+            fail("--score-mode applies to --engine hf only (vLLM scores with the policy's own mode)")
     if not _loopback(host) and not api_key:
         err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
                           "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)
@@ -63,7 +82,11 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit))
+    if engine == "vllm":
+        guard = _run_safely(lambda: _load_vllm_guard(policy, model, audit, max_model_len, tensor_parallel_size,
+                                                     max_batch))
+    else:
+        guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit))
     try:
         config = ServerConfig(model_name=model_name, api_key=api_key or None, upstream=upstream,
                               upstream_api_key=upstream_api_key, upstream_timeout=upstream_timeout,
@@ -72,7 +95,22 @@ def serve_command(
         fail(str(exc))
         return
     app = create_app(guard, config)
-    mode = f"proxy for {upstream}" if upstream else "local"
+    mode = f"proxy for {upstream}" if upstream else f"local, engine {engine}"
     err_console.print(f"serving policy [bold]{guard.policy.name}[/] as model '{model_name}' ({mode}) on "
                       f"http://{host}:{port}/v1", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _load_vllm_guard(policy: str | None, model: str | None, audit: str | None, max_model_len: int | None,
+                     tensor_parallel_size: int, max_batch: int) -> object:
+    """A GuardedVLLM on the policy's model (the bundled one by default); vLLM batches up to ``max_batch``."""
+    from guardrails.cli.main import resolve_policy_path
+    from guardrails.core.policy import Policy
+    from guardrails.vllm import GuardedVLLM
+
+    pol = Policy.from_path(resolve_policy_path(policy))
+    args: dict[str, object] = {"model": model or pol.model, "max_num_seqs": max_batch,
+                               "tensor_parallel_size": tensor_parallel_size}
+    if max_model_len is not None:
+        args["max_model_len"] = max_model_len
+    return GuardedVLLM(args, pol, audit=audit)

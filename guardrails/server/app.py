@@ -1,7 +1,9 @@
-"""The FastAPI app: OpenAI-compatible chat completions under the guard, a scan endpoint, health, metrics.
+"""The FastAPI app: OpenAI-compatible (chat) completions under the guard, a scan endpoint, health, metrics.
 
-``create_app(guard, config)`` serves one :class:`~guardrails.serving.generation.GuardedModel`. Local mode
-generates with the batching :class:`~guardrails.serving.scheduler.Scheduler`; proxy mode
+``create_app(guard, config)`` serves one :class:`~guardrails.serving.generation.GuardedModel` (engine
+``hf``) or one :class:`~guardrails.vllm.guarded.GuardedVLLM` (engine ``vllm``). Local mode generates with
+the batching :class:`~guardrails.serving.scheduler.Scheduler` (hf) or the continuously batching
+:class:`~guardrails.server.vllm_engine.VLLMScheduler` (vllm; routes in :mod:`guardrails.server.local`); proxy mode
 (``config.upstream``) forwards to another OpenAI-compatible server and scans what goes there and what
 comes back (:mod:`guardrails.server.proxy`). Answers follow OpenAI's schema, plus a ``guardrails`` field
 with the decisions; a block answers the refusal with ``finish_reason: "content_filter"``.
@@ -13,7 +15,6 @@ import asyncio
 import contextlib
 import copy
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -29,9 +30,26 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("the server needs fastapi and uvicorn: pip install 'sae-guardrails[server]'") from exc
 
 from guardrails.server.config import ServerConfig
+from guardrails.server.local import (
+    Kind,
+    check_chat,
+    check_completion,
+    completion_body,
+    stream_events,
+    submit,
+    wait_done,
+)
 from guardrails.server.metrics import Metrics
-from guardrails.server.schemas import APIError, ChatCompletionRequest, GuardCheckRequest, clean, parse_body
-from guardrails.serving.scheduler import Completion, Event, Scheduler
+from guardrails.server.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GuardCheckRequest,
+    clean,
+    parse_body,
+)
+from guardrails.server.vllm_engine import VLLMScheduler, is_vllm_guard
+from guardrails.serving.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from guardrails.serving.generation import GuardedModel
@@ -42,8 +60,9 @@ logger = logging.getLogger(__name__)
 class ServerState:
     """What the routes share: the guard, its scheduler, limits, metrics, live stream count."""
 
-    def __init__(self, guard: GuardedModel, config: ServerConfig, scheduler: Scheduler | None) -> None:
+    def __init__(self, guard: GuardedModel, config: ServerConfig, scheduler: Any) -> None:
         self.guard = guard
+        self.engine = "vllm" if is_vllm_guard(guard) else "hf"
         self.scan_guard = _scan_view(guard)
         """The guard with its own tokenizer copy, for work outside the scheduler thread (prompt checks,
         scans): a fast tokenizer's padding settings are shared state, so a call without padding on another
@@ -62,17 +81,26 @@ class ServerState:
 
 
 def _scan_view(guard: GuardedModel) -> GuardedModel:
-    view = copy.copy(guard)  # same model, scorers, lock and audit store
-    view.tokenizer = copy.deepcopy(guard.tokenizer)
+    view = copy.copy(guard)  # same model, scorers, lock and audit store (and a GuardedVLLM's prompt spans)
+    try:
+        view.tokenizer = copy.deepcopy(guard.tokenizer)
+    except Exception:  # a tokenizer wrapper that cannot be copied (vLLM's): shared, it is never padded there
+        if not is_vllm_guard(guard):
+            raise
     return view
 
 
 def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
-               scheduler: Scheduler | None = None) -> FastAPI:
+               scheduler: Scheduler | VLLMScheduler | None = None) -> FastAPI:
     """A FastAPI app serving ``guard`` (see the module docstring); the scheduler starts with the app."""
     cfg = config or ServerConfig()
+    if is_vllm_guard(guard) and cfg.upstream:
+        raise ValueError("proxy mode (upstream) scans with the HF model: serve a GuardedModel, not a GuardedVLLM")
     if scheduler is None and not cfg.upstream:
-        scheduler = Scheduler(guard, max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, max_queue=cfg.max_inflight)
+        if is_vllm_guard(guard):  # vLLM's max_num_seqs caps its batch
+            scheduler = VLLMScheduler(guard, gather_ms=cfg.gather_ms, max_queue=cfg.max_inflight)
+        else:
+            scheduler = Scheduler(guard, max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, max_queue=cfg.max_inflight)
     state = ServerState(guard, cfg, scheduler)
 
     @contextlib.asynccontextmanager
@@ -139,7 +167,7 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "policy": guard.policy.name, "model": cfg.model_name,
-                "mode": "proxy" if cfg.upstream else "local",
+                "mode": "proxy" if cfg.upstream else "local", "engine": state.engine,
                 "queued": state.scheduler.queued if state.scheduler else 0, "streams": state.streams,
                 "uptime_s": round(time.time() - state.started, 1)}
 
@@ -161,6 +189,9 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
         t0 = time.perf_counter()
         authorize(request)
         req = parse_body(await read_body(request), GuardCheckRequest)
+        if state.engine == "vllm":
+            raise APIError(501, "/v1/guard/check is not served by --engine vllm (scans run the HF model); "
+                           "serve a scanner with --engine hf", code="not_implemented")
         results = await asyncio.to_thread(check_texts, state.scan_guard, req, cfg)
         for r in results:
             state.metrics.decisions(r["_decisions"])
@@ -171,24 +202,21 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
                                    "model": cfg.model_name, "policy": guard.policy.name, "scope": req.scope,
                                    "results": out}))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        t0 = time.perf_counter()
-        authorize(request)
-        req = parse_body(await read_body(request), ChatCompletionRequest)
-        prompt, max_tokens = check_chat(state.scan_guard, req, cfg, proxy=state.proxy is not None)
+    def admit(req: ChatCompletionRequest | CompletionRequest) -> None:
         if state.inflight >= cfg.max_inflight:
             raise APIError(429, f"{state.inflight} requests in flight (limit {cfg.max_inflight}); retry later",
                            type="rate_limit_error", code="too_many_requests")
         if req.stream and state.streams >= cfg.max_streams:
             raise APIError(429, f"{state.streams} streams open (limit {cfg.max_streams}); retry later",
                            type="rate_limit_error", code="too_many_streams")
-        if state.proxy is not None:
-            from guardrails.server.proxy import proxy_chat
 
-            return await proxy_chat(state, request, req, prompt, t0)
+    async def local(request: Request, req: ChatCompletionRequest | CompletionRequest, prompt: str,
+                    max_tokens: int, kind: Kind, t0: float) -> Response:
+        """Queue a checked, admitted request and answer it (JSON or a stream)."""
         ticket, events = submit(state, prompt, req, max_tokens)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": cfg.model_name}
+        meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "created": int(time.time()), "model": cfg.model_name}
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         if not req.stream:
             state.inflight += 1
             try:
@@ -197,183 +225,44 @@ def create_app(guard: GuardedModel, config: ServerConfig | None = None, *,
                 state.inflight -= 1
             if done is None:  # the client went away; its row was cancelled
                 return Response(status_code=499)
-            body = completion_body(state, meta, done)
-            state.metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - t0)
+            body = completion_body(state, meta, done, kind)
+            state.metrics.latency.labels(path).observe(time.perf_counter() - t0)
             if ticket.first_piece is not None:
                 state.metrics.ttft.observe(ticket.first_piece - ticket.submitted)
             return JSONResponse(clean(body))
         state.streams += 1
         state.inflight += 1
         state.metrics.streams.set(state.streams)
-        return StreamingResponse(stream_events(state, meta, ticket, events, req, t0), media_type="text/event-stream",
+        return StreamingResponse(stream_events(state, meta, ticket, events, req, t0, kind),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        authorize(request)
+        req = parse_body(await read_body(request), ChatCompletionRequest)
+        prompt, max_tokens = check_chat(state.scan_guard, req, cfg, proxy=state.proxy is not None)
+        admit(req)
+        if state.proxy is not None:
+            from guardrails.server.proxy import proxy_chat
+
+            return await proxy_chat(state, request, req, prompt, t0)
+        return await local(request, req, prompt, max_tokens, "chat", t0)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        authorize(request)
+        req = parse_body(await read_body(request), CompletionRequest)
+        if state.proxy is not None:
+            raise APIError(501, "/v1/completions is not served in proxy mode; use /v1/chat/completions",
+                           code="not_implemented")
+        prompt, max_tokens = check_completion(state.scan_guard, req, cfg)
+        admit(req)
+        return await local(request, req, prompt, max_tokens, "text", t0)
+
     return app
-
-
-# -- chat completions (local mode) ---------------------------------------------------------------------------
-
-
-def check_chat(guard: GuardedModel, req: ChatCompletionRequest, cfg: ServerConfig, *,
-               proxy: bool = False) -> tuple[str, int]:
-    """The prompt text and max_tokens of a request, or a 400/404 naming what is wrong."""
-    if req.model is not None and req.model != cfg.model_name and not proxy:
-        raise APIError(404, f"model {req.model!r} is not served here; valid: {cfg.model_name}", param="model",
-                       code="model_not_found")
-    if len(req.messages) > cfg.max_messages:
-        raise APIError(400, f"{len(req.messages)} messages; the limit is {cfg.max_messages}", param="messages")
-    stops = req.stops()
-    if len(stops) > 4 or any(not s for s in stops):
-        raise APIError(400, "'stop' takes up to 4 non-empty strings", param="stop", code="invalid_value")
-    max_tokens = req.limit() or cfg.default_max_tokens
-    if max_tokens > cfg.max_tokens_limit:
-        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        raise APIError(400, f"'{name}' is {max_tokens}; valid: 1..{cfg.max_tokens_limit}", param=name,
-                       code="invalid_value")
-    for i, m in enumerate(req.messages):
-        if not m.text().strip():
-            raise APIError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
-    try:
-        prompt = guard.format_prompt(req.chat_messages())
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, f"messages: {exc}", param="messages") from None
-    n = len(guard.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if n > cfg.max_prompt_tokens:
-        raise APIError(400, f"the prompt has {n} tokens; the limit is {cfg.max_prompt_tokens}", param="messages",
-                       code="context_length_exceeded")
-    return prompt, max_tokens
-
-
-def submit(state: ServerState, prompt: str, req: ChatCompletionRequest,
-           max_tokens: int) -> tuple[Any, asyncio.Queue[Event]]:
-    """Queue a request on the scheduler; its events arrive on an asyncio queue of the running loop."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def sink(ev: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-    assert state.scheduler is not None
-    try:
-        ticket = state.scheduler.submit(prompt, max_new_tokens=max_tokens, sampling=req.sampling(),
-                                        stop=req.stops(), sink=sink)
-    except OverflowError as exc:
-        raise APIError(429, str(exc), type="rate_limit_error", code="too_many_requests") from None
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc)) from None
-    return ticket, events
-
-
-async def wait_done(request: Request, ticket: Any, events: asyncio.Queue[Event]) -> Completion | None:
-    """The completion of a non-streaming request; None (and the row cancelled) if the client left."""
-
-    async def completion() -> Completion:
-        while True:
-            ev = await events.get()
-            if ev.kind == "done":
-                assert ev.completion is not None
-                return ev.completion
-
-    async def disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    done_task = asyncio.ensure_future(completion())
-    gone_task = asyncio.ensure_future(disconnect())
-    try:
-        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone_task.cancel()
-        if not done_task.done():
-            done_task.cancel()
-            ticket.cancel()  # the client went away (or the handler was cancelled): free the row
-    return done_task.result() if not done_task.cancelled() else None
-
-
-def guard_field(guard: GuardedModel, done: Completion) -> dict[str, Any]:
-    r = done.result
-    if r is None:
-        return {"policy": guard.policy.name, "blocked": False, "flagged": False, "steered": False,
-                "decisions": [], "errors": [done.error] if done.error else []}
-    return {"policy": r.policy, "blocked": r.blocked, "flagged": r.flagged, "steered": r.steered,
-            "decisions": [d.to_dict() for d in r.decisions], "errors": list(r.errors)}
-
-
-def completion_body(state: ServerState, meta: dict[str, Any], done: Completion) -> dict[str, Any]:
-    if done.finish_reason == "error":
-        state.metrics.errors.labels("internal").inc()
-        state.metrics.requests.labels("/v1/chat/completions", "500").inc()
-        raise APIError(500, f"generation failed: {done.error}", type="server_error", code="generation_failed")
-    record(state, done)
-    state.metrics.requests.labels("/v1/chat/completions", "200").inc()
-    return {
-        **meta, "object": "chat.completion", "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
-                     "logprobs": None, "finish_reason": done.finish_reason}],
-        "usage": usage(done), "guardrails": guard_field(state.guard, done),
-    }
-
-
-def usage(done: Completion) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
-def record(state: ServerState, done: Completion) -> None:
-    if done.result is not None:
-        state.metrics.decisions(done.result.decisions)
-    state.metrics.tokens.inc(done.completion_tokens)
-
-
-def sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(clean(obj), ensure_ascii=False)}\n\n".encode()
-
-
-def chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-
-
-async def stream_events(state: ServerState, meta: dict[str, Any], ticket: Any, events: asyncio.Queue[Event],
-                        req: ChatCompletionRequest, t0: float) -> AsyncIterator[bytes]:
-    """SSE chunks as OpenAI sends them; the slot and the row are freed however the stream ends."""
-    finished = False
-    try:
-        yield sse(chunk(meta, {"role": "assistant", "content": ""}))
-        while True:
-            ev = await events.get()
-            if ev.kind == "piece":
-                if ev.text:
-                    yield sse(chunk(meta, {"content": ev.text}))
-                continue
-            done = ev.completion
-            assert done is not None
-            finished = True
-            if done.finish_reason == "error":
-                state.metrics.errors.labels("internal").inc()
-                state.metrics.requests.labels("/v1/chat/completions", "500").inc()
-                yield sse(APIError(500, f"generation failed: {done.error}", type="server_error",
-                                   code="generation_failed").body())
-                yield b"data: [DONE]\n\n"
-                return
-            record(state, done)
-            state.metrics.requests.labels("/v1/chat/completions", "200").inc()
-            yield sse(chunk(meta, {}, done.finish_reason, guardrails=guard_field(state.guard, done)))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [],
-                           "usage": usage(done)})
-            yield b"data: [DONE]\n\n"
-            if ticket.first_piece is not None:
-                state.metrics.ttft.observe(ticket.first_piece - ticket.submitted)
-            state.metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - t0)
-            return
-    finally:
-        if not finished:
-            ticket.cancel()  # the client went away mid-stream: its row stops at the next step
-        state.streams -= 1
-        state.inflight -= 1
-        state.metrics.streams.set(state.streams)
 
 
 # -- the scan endpoint ---------------------------------------------------------------------------------------

@@ -62,6 +62,20 @@ UNSUPPORTED = {
 """OpenAI fields accepted only when absent or null (this server cannot honour them)."""
 
 
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _sampling(temp: float | None, top_p: float | None, seed: int | None) -> dict[str, Any]:
+    """``model.generate`` arguments: temperature 0, or absent with top_p absent, is greedy (top_k off)."""
+    if temp == 0 or (temp is None and top_p is None):
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": 1.0 if temp is None else temp,
+            "top_p": 1.0 if top_p is None else top_p, "top_k": 0, "seed": seed}
+
+
 class ChatCompletionRequest(_Strict):
     model: str | None = Field(default=None, description="Model id (see GET /v1/models); default: the served model")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation")
@@ -98,20 +112,58 @@ class ChatCompletionRequest(_Strict):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return _stops(self.stop)
 
     def sampling(self) -> dict[str, Any]:
         """``model.generate`` arguments: temperature 0, or absent with top_p absent, is greedy (top_k off)."""
-        temp = self.temperature
-        if temp == 0 or (temp is None and self.top_p is None):
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": 1.0 if temp is None else temp,
-                "top_p": 1.0 if self.top_p is None else self.top_p, "top_k": 0, "seed": self.seed}
+        return _sampling(self.temperature, self.top_p, self.seed)
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+COMPLETION_UNSUPPORTED = {"suffix": None, "logit_bias": None, "logprobs": None}
+"""Fields of OpenAI's completions API accepted only when absent or null."""
+
+
+class CompletionRequest(_Strict):
+    """OpenAI's (legacy) completions API: one prompt, continued as given (no chat template)."""
+
+    model: str | None = Field(default=None, description="Model id (see GET /v1/models); default: the served model")
+    prompt: str | list[str] = Field(description="The text to continue (a list: exactly one string)")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer (not included)")
+    seed: int | None = Field(default=None, description="Seed for sampling (reproducible answers)")
+    stream: bool = Field(default=False, description="Answer as server-sent events")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options")
+    n: int | None = Field(default=None, ge=1, le=1, description="Number of answers: only 1")
+    best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 (not implemented)")
+    echo: bool | None = Field(default=None, description="Only false (not implemented)")
+    user: str | None = Field(default=None, description="End-user id (recorded nowhere)")
+    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
+    suffix: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise APIError(400, f"'prompt' has {len(self.prompt)} strings; this server takes exactly one",
+                           param="prompt", code="invalid_value")
+        return self.prompt[0]
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def stops(self) -> list[str]:
+        return _stops(self.stop)
+
+    def sampling(self) -> dict[str, Any]:
+        return _sampling(self.temperature, self.top_p, self.seed)
 
 
 class GuardCheckRequest(_Strict):
@@ -139,6 +191,13 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
     if schema is ChatCompletionRequest and data.get("logprobs"):
         raise APIError(400, "'logprobs' is not supported by this server; valid: false", param="logprobs",
                        code="unsupported_parameter")
+    for name in COMPLETION_UNSUPPORTED if schema is CompletionRequest else ():
+        if data.get(name) is not None:
+            raise APIError(400, f"'{name}' is not supported by this server; remove it", param=name,
+                           code="unsupported_parameter")
+    if schema is CompletionRequest and data.get("echo"):
+        raise APIError(400, "'echo' is not supported by this server; valid: false", param="echo",
+                       code="unsupported_parameter")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -150,7 +209,8 @@ def _field_error(exc: ValidationError, schema: type[BaseModel]) -> APIError:
     loc = _loc(err["loc"])
     if err["type"] == "extra_forbidden":
         model = _model_at(schema, err["loc"][:-1])
-        valid = ", ".join(n for n in model.model_fields if n not in UNSUPPORTED)
+        hidden = UNSUPPORTED if schema is not CompletionRequest else {**UNSUPPORTED, **COMPLETION_UNSUPPORTED}
+        valid = ", ".join(n for n in model.model_fields if n not in hidden)
         return APIError(400, f"unknown field '{loc}'; valid: {valid}", param=loc, code="unknown_parameter")
     if err["type"] == "missing":
         return APIError(400, f"'{loc}' is required", param=loc, code="missing_parameter")
@@ -196,6 +256,8 @@ def _valid_of(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
         "max_tokens": "an integer >= 1",
         "max_completion_tokens": "an integer >= 1",
         "n": "1",
+        "best_of": "1",
+        "prompt": "a string, or a list of exactly one string",
         "presence_penalty": "0",
         "frequency_penalty": "0",
         "scope": "input, output",

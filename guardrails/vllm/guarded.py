@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Policy
@@ -39,6 +39,21 @@ LOGITS_PROCESSOR = "guardrails.vllm.logits:GuardLogitsProcessor"
 SELF_CHECK_PROMPT = "The capital of France is Paris, and the capital of Italy is"
 SELF_CHECK_RTOL = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 1e-2}
 """Largest relative error (norm of the difference over norm of the HF residual) per served dtype."""
+
+
+class PreparedRequest(NamedTuple):
+    """One guarded request ready for vLLM (:meth:`GuardedVLLM.prepare`)."""
+
+    text: str
+    """The prompt text (after the chat template)."""
+    prompt: Any
+    """A ``vllm.inputs.TokensPrompt`` (with a ``cache_salt`` when its policy can steer)."""
+    params: Any
+    """Its ``vllm.SamplingParams`` (guard settings in ``extra_args``; one token more than asked)."""
+    key: str
+    """The key its verdict is read back by."""
+    prompt_ids: list[int]
+    max_new_tokens: int
 
 
 def bundled_model_dir() -> Path:
@@ -151,6 +166,11 @@ class GuardedVLLM:
         if self_check:
             self._self_check()
 
+    @property
+    def policy(self) -> Policy:
+        """The default policy (the first one given)."""
+        return self.policies[self.default_policy]
+
     # -- start-up checks ----------------------------------------------------------------------------------
     def _self_check(self) -> None:
         """A hook must fire, and the captured residual must equal the HF model's on one prompt."""
@@ -202,9 +222,6 @@ class GuardedVLLM:
         steer: bool = True,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate under the policy, all prompts in one vLLM batch; ``policy`` names one per prompt or for all."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         batch = is_batch(prompt)
         items: list[Any] = list(prompt) if batch else [prompt]
         texts = [self.format_prompt(p, chat) for p in items]
@@ -216,44 +233,86 @@ class GuardedVLLM:
         for i, n in enumerate(names):
             if n not in self.policies:
                 raise ValueError(f"policy[{i}]: {n!r} is not loaded; loaded: {', '.join(self.policies)}")
-        prompts, params, keys, prompt_ids = [], [], [], []
-        for i, (text, name) in enumerate(zip(texts, names, strict=True)):
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise ValueError(f"prompt(s) [{i}] produced no tokens (the tokenizer drops their characters)")
-            key = uuid.uuid4().hex
-            pol = self.policies[name]
-            roles = self.prompt_roles(text, len(ids))
-            extra = {EXTRA_ARGS_KEY: {"policy": name, "key": key, "steer": steer, "roles": roles}}
-            sp = SamplingParams(
-                # one step more than asked: its forward scores the last released token (GuardedModel's last,
-                # truncated forward); the extra token itself is dropped
-                max_tokens=max_new_tokens + 1,
-                temperature=temperature if do_sample else 0.0,
-                top_p=top_p if do_sample else 1.0,
-                top_k=top_k if do_sample and top_k > 0 else 0,
-                seed=seed if do_sample else None,
-                skip_reading_prefix_cache=True,
-                extra_args=extra,
-            )
-            tp: dict[str, Any] = {"prompt_token_ids": ids}
-            if steer and any(r.action == "steer" for r in pol.rules):
-                tp["cache_salt"] = f"guardrails-steer-{key}"  # steered KV blocks are this request's alone
-            prompts.append(TokensPrompt(**tp))
-            params.append(sp)
-            keys.append(key)
-            prompt_ids.append(ids)
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        verdicts = self.llm.collective_rpc("guardrails_results", args=(keys,))[0]
+        reqs = [self.prepare(text, policy=name, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer, index=i)
+                for i, (text, name) in enumerate(zip(texts, names, strict=True))]
+        outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
+        results = self.finish(reqs, [list(o.outputs[0].token_ids) for o in outs])
+        return results if batch else results[0]
+
+    def prepare(
+        self,
+        text: str,
+        *,
+        policy: str | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        steer: bool = True,
+        index: int = 0,
+    ) -> PreparedRequest:
+        """One guarded vLLM request for ``text`` (already formatted): its prompt, sampling params and key.
+
+        For callers that drive the engine themselves (``guardrails serve --engine vllm`` adds these to
+        ``llm.llm_engine`` and steps it); read the results back with :meth:`finish`.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        name = policy or self.default_policy
+        if name not in self.policies:
+            raise ValueError(f"policy: {name!r} is not loaded; loaded: {', '.join(self.policies)}")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt(s) [{index}] produced no tokens (the tokenizer drops their characters)")
+        key = uuid.uuid4().hex
+        pol = self.policies[name]
+        roles = self.prompt_roles(text, len(ids))
+        extra = {EXTRA_ARGS_KEY: {"policy": name, "key": key, "steer": steer, "roles": roles}}
+        sp = SamplingParams(
+            # one step more than asked: its forward scores the last released token (GuardedModel's last,
+            # truncated forward); the extra token itself is dropped
+            max_tokens=max_new_tokens + 1,
+            temperature=temperature if do_sample else 0.0,
+            top_p=top_p if do_sample else 1.0,
+            top_k=top_k if do_sample and top_k > 0 else 0,
+            seed=seed if do_sample else None,
+            skip_reading_prefix_cache=True,
+            extra_args=extra,
+        )
+        tp: dict[str, Any] = {"prompt_token_ids": ids}
+        if steer and any(r.action == "steer" for r in pol.rules):
+            tp["cache_salt"] = f"guardrails-steer-{key}"  # steered KV blocks are this request's alone
+        return PreparedRequest(text, TokensPrompt(**tp), sp, key, ids, max_new_tokens)
+
+    def finish(self, requests: Sequence[PreparedRequest], token_ids: Sequence[Sequence[int]],
+               *, sequence: int | None = None) -> list[GenerationResult]:
+        """Results of finished (or aborted) ``requests`` from vLLM's output token ids: one read-back RPC.
+
+        ``sequence``: the ``Decision.sequence`` of every result (default: the request's index in ``requests``).
+        Each result is written to the audit store when one is set.
+        """
+        verdicts = self.verdicts([r.key for r in requests])
         results = []
-        for b, out in enumerate(outs):
-            verdict = verdicts.get(keys[b])
+        for b, (req, ids) in enumerate(zip(requests, token_ids, strict=True)):
+            verdict = verdicts.get(req.key)
             if verdict is None:
                 raise GuardSetupError(f"request {b}: the guard holds no result for it (its hooks never ran)")
-            token_ids = list(out.outputs[0].token_ids)
-            results.append(self._result(b, texts[b], prompt_ids[b], token_ids, verdict, max_new_tokens))
-        results = [self._audit(r) for r in results]
-        return results if batch else results[0]
+            results.append(self.result(req, ids, verdict, sequence=b if sequence is None else sequence))
+        return [self._audit(r) for r in results]
+
+    def verdicts(self, keys: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """The worker's guard state of each key as plain data (None: never seen), removed from the worker."""
+        return self.llm.collective_rpc("guardrails_results", args=(list(keys),))[0]
+
+    def result(self, request: PreparedRequest, token_ids: Sequence[int], verdict: dict[str, Any], *,
+               sequence: int = 0) -> GenerationResult:
+        """The :class:`GenerationResult` of ``request`` from vLLM's token ids and its verdict (no audit)."""
+        return self._result(sequence, request.text, request.prompt_ids, list(token_ids), verdict,
+                            request.max_new_tokens)
 
     def _result(
         self, b: int, prompt: str, prompt_ids: list[int], token_ids: list[int], verdict: dict[str, Any], limit: int
