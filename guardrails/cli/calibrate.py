@@ -53,11 +53,11 @@ class Session:
                                         progress=self.progress)
         return self._rows[key]
 
-    def guard(self, policy: Any, score_mode: str | None = None) -> Any:
+    def guard(self, policy: Any, score_mode: str | None = None, judges: dict[str, Any] | None = None) -> Any:
         from guardrails.serving.generation import GuardedModel
 
-        lm, tok = self.lm()
-        return GuardedModel(lm, tok, policy, score_mode=score_mode)
+        lm, tok = self.lm()  # without judges a cascade policy's scores still serve (calibration, eval)
+        return GuardedModel(lm, tok, policy, score_mode=score_mode, judges=judges, require_judges=judges is not None)
 
 
 def split_files(data: str) -> dict[str, Path]:

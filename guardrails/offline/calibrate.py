@@ -306,7 +306,7 @@ def _scorers_for(guard: Any, policy: Policy) -> dict[int, Any]:
     from guardrails.serving.generation import GuardedModel
 
     serving = GuardedModel(guard.model, guard.tokenizer, policy, saes=guard.saes, score_mode=guard.score_mode,
-                           keep_full_saes=True)
+                           keep_full_saes=True, require_judges=False)  # scores only: no cascade judge is asked
     return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}
 
 

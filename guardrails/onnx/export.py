@@ -192,9 +192,22 @@ def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
             "action": rule.action, "window": det.window, "aggregate": det.aggregate,
             "block_above": rule.steer.block_above if rule.steer else None,
             "message": rule.message, "on_error": on_error_of(pol, rule), "category": rule.category,
+            **_cascade_manifest(pol, rule),
         })
     order = sorted(range(len(rules)), key=lambda i: (rules[i]["layer"], i))
     return rules, order
+
+
+def _cascade_manifest(pol: Any, rule: Any) -> dict[str, Any]:
+    """A cascade rule's ``escalate_above`` and judge settings (name, prompt, on_error, timeout_s); {} without."""
+    import dataclasses
+
+    from guardrails.core.cascade import judge_settings
+
+    settings = judge_settings(pol, rule)
+    if settings is None:
+        return {}
+    return {"escalate_above": float(rule.escalate_above), "judge": dataclasses.asdict(settings)}
 
 
 def _tokenizer_manifest(tokenizer: Any, folder: Path) -> dict[str, Any]:
@@ -250,7 +263,8 @@ def export_onnx(
         raise OnnxGuardError("export a float32 model on the CPU (load_model(..., dtype='float32'))")
     saes = {k: copy.deepcopy(s).to_dtype(torch.float32) if s.dtype != torch.float32 else s
             for k, s in (saes or {}).items()}
-    guard = GuardedModel(model, tokenizer, _export_policy(pol), saes=saes, score_mode=score_mode, chat=chat)
+    guard = GuardedModel(model, tokenizer, _export_policy(pol), saes=saes, score_mode=score_mode, chat=chat,
+                         require_judges=False)  # the export compares scores; judges are bound where it is served
     steer_layers = [r["layer"] for r in _rules_manifest(pol)[0] if r["action"] == "steer"]
     if any(layer < guard.deepest for layer in steer_layers):
         logger.warning("policy %r steers at layer(s) %s below layer %d: the ONNX guard does not steer, so its scores "
@@ -303,7 +317,7 @@ def export_onnx(
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     parity = None
     if check:
-        parity = check_parity(guard, OnnxGuard.load(folder), CHECK_TEXTS)
+        parity = check_parity(guard, OnnxGuard(folder, require_judges=False), CHECK_TEXTS)
         manifest["parity"] = {"max_relative_error": parity, "texts": len(CHECK_TEXTS), "rtol": PARITY_RTOL}
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if parity > PARITY_RTOL:

@@ -2,25 +2,30 @@
 
 It applies the same position rules as :meth:`GuardedModel.score` (padding, position 0 and special tokens
 are not scored), scopes, windows, thresholds and actions, so its per-rule max scores and decisions match
-the torch text guard. Decisions carry no ``top_features`` (the full SAE is not in the graph).
+the torch text guard. Decisions carry no ``top_features`` (the full SAE is not in the graph). Cascade rules
+(``escalate_above``) ask the judges bound by name (``OnnxGuard(folder, judges={...})``) as the torch scan does
+(:func:`guardrails.core.semantics.decide_scan`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from guardrails.core.cascade import JudgeError, JudgeOutcome, JudgeRequest, as_judge, call_judge, render_prompt
 from guardrails.core.decision import Decision, TextScore
 from guardrails.core.normalize import NormalizeSpec, merge_scan, plan_scan
 from guardrails.core.roles import Span, role_spans, roles_from_offsets
-from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan
+from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan, judge_fields
 from guardrails.onnx.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -115,7 +120,8 @@ class OnnxGuard:
     """Score texts with an exported guard (``guardrails export-onnx``) and onnxruntime only."""
 
     def __init__(self, folder: str | os.PathLike[str], *, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, judges: Mapping[str, Any] | None = None,
+                 require_judges: bool = True) -> None:
         self.folder = Path(folder)
         manifest_path = self.folder / MANIFEST_FILE
         if not manifest_path.is_file():
@@ -161,12 +167,30 @@ class OnnxGuard:
         self._template_text = str(template or "")
         self.normalize = NormalizeSpec.model_validate(self.manifest["policy"].get("normalize", True))
         """The policy's ``normalize:`` steps (manifests written before it existed: the default, all on)."""
+        self.judges: dict[str, Any] = {}
+        """Cascade judges by name (see :mod:`guardrails.core.cascade`)."""
+        self._bind(judges or {}, require_judges)
+
+    def _bind(self, judges: Mapping[str, Any], require: bool) -> None:
+        self.judges = {**self.judges, **{str(k): as_judge(v, str(k)) for k, v in judges.items()}}
+        for i, rule in enumerate(self.rules):
+            name = (rule.get("judge") or {}).get("name")
+            if require and name is not None and name not in self.judges:
+                raise JudgeError(f"{self.folder}: rules[{i}] ({rule['id']!r}) escalates to judge {name!r}, which is "
+                                 f"not bound; pass judges={{{name!r}: ...}} (known judges: "
+                                 f"{', '.join(sorted(self.judges)) or 'none bound'})")
+
+    def with_judges(self, judges: Mapping[str, Any] | None = None, **by_name: Any) -> OnnxGuard:
+        """This guard (same session) with cascade judges bound by name, added to those bound."""
+        other = copy.copy(self)
+        other._bind({**(judges or {}), **by_name}, True)
+        return other
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, threads: int | None = None,
-             providers: list[str] | None = None) -> OnnxGuard:
-        """Open a folder written by :func:`export_onnx`."""
-        return cls(folder, threads=threads, providers=providers)
+             providers: list[str] | None = None, judges: Mapping[str, Any] | None = None) -> OnnxGuard:
+        """Open a folder written by :func:`export_onnx` (``judges``: the cascade's, by name)."""
+        return cls(folder, threads=threads, providers=providers, judges=judges)
 
     @property
     def rule_ids(self) -> list[str]:
@@ -274,9 +298,22 @@ class OnnxGuard:
             token_scores[rule["id"]] = {int(p): float(v) for p, v in zip(np.nonzero(ok)[0], w[ok], strict=True)}
             scores[rule["id"]] = float(w[ok].max()) if ok.any() else math.nan
         specs = [RuleSpec(r["id"], r["action"], float(r["threshold"]), r.get("block_above"), r["on_error"],
-                          r.get("category")) for r in self.rules]
+                          r.get("category"), r.get("escalate_above"), (r.get("judge") or {}).get("on_error", "block"),
+                          (r.get("judge") or {}).get("name")) for r in self.rules]
         failed = {i: failed_layers[r["layer"]] for i, r in enumerate(self.rules) if r["layer"] in failed_layers}
-        events = decide_scan(specs, windowed, self.order, [list(m) for m in in_scope], failed)
+
+        def ask(r: int, t: int) -> JudgeOutcome:  # the cascade: the text a torch scan's judge reads
+            spec = self.rules[r]["judge"]
+            out = bool(is_output[t])
+            ids = row[n_prompt : t + 1] if out else [i for i, c in zip(row[:n_prompt], roles.tolist(), strict=False)
+                                                     if int(c) in self.input_roles]
+            text = str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+            request = JudgeRequest(render_prompt(spec["prompt"], text), text, specs[r].id,
+                                   "output" if out else "input", float(windowed[r][t] or math.nan), spec["name"],
+                                   specs[r].category)
+            return call_judge(self.judges.get(spec["name"]), request, spec.get("timeout_s"))
+
+        events = decide_scan(specs, windowed, self.order, [list(m) for m in in_scope], failed, ask)
         decisions = []
         for e in events:
             t, out = e.position, bool(is_output[e.position])
@@ -284,7 +321,7 @@ class OnnxGuard:
             decisions.append(Decision(
                 e.action, specs[e.rule].id, e.score, e.threshold, t, "output" if out else "input",  # type: ignore[arg-type]
                 sequence, t - n_prompt if out else None, tokens[t], reason=e.reason, resolution=e.resolution,
-                role=role, category=specs[e.rule].category,
+                role=role, category=specs[e.rule].category, **(judge_fields(e.judge) if e.judge else {}),
             ))
         names = [ROLES[int(c)] if 0 <= int(c) < len(ROLES) else None for c in roles]
         return TextScore(scores, token_scores, decisions, tokens, sorted(set(failed_layers.values())), names)

@@ -179,18 +179,19 @@ class GuardedModel:
         device: str | None = None,
         score_mode: str | None = None,
         audit: Any = None,
+        judges: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> GuardedModel:
         """Load a model (the bundled SmolLM2-135M-Instruct by default) and guard it with ``policy``.
 
         ``audit``: an :class:`~guardrails.audit.store.AuditStore` or a database path; records every
-        generation with decisions.
+        generation with decisions. ``judges``: the cascade's judges by name (see ``__init__``).
         """
         from guardrails.serving.models import load_model
 
         pol = policy if isinstance(policy, Policy) else Policy.from_path(policy)
         lm, tok = load_model(model or pol.model, dtype=dtype, device=device, **kwargs)
-        return cls(lm, tok, pol, score_mode=score_mode, audit=audit)
+        return cls(lm, tok, pol, score_mode=score_mode, audit=audit, judges=judges)
 
     # -- prompts --------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
