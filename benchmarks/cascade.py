@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.cascade import JudgeRequest, to_verdict
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from guardrails.core.cascade import JudgeRequest, to_verdict  # noqa: E402
+from guardrails.offline.cascade_eval import cascade_row  # noqa: E402
 
 EVAL = ROOT / "calibration" / "data" / "eval"
 CACHE = ROOT / "benchmarks" / "results" / "cascade_scores.json"
@@ -70,20 +71,6 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
 
 
 
-def cascade_row(scores: list[float], threshold: float, escalate_above: float | None, unsafe: bool) -> tuple[bool, bool]:
-    """``(caught, escalated)`` of one row under the cascade of :func:`guardrails.core.semantics.decide_scan`:
-    the first hit decides; in the band the judge's verdict (``unsafe``) decides, and a safe verdict still
-    lets a later score at or above ``escalate_above`` act."""
-    from guardrails.core.semantics import cascade_band
-
-    first = next((v for v in scores if v >= threshold), None)
-    if first is None:
-        return False, False
-    if cascade_band(threshold, escalate_above, first) == "act":
-        return True, False
-    return unsafe or max(scores) >= escalate_above, True  # type: ignore[operator]
-
-
 def _rates(caught: np.ndarray, escalated: np.ndarray, y: np.ndarray) -> dict[str, float | int]:
     pos, neg = y == 1, y == 0
     return {"n": len(y), "tpr": float(caught[pos].mean()) if pos.any() else math.nan,
@@ -111,7 +98,7 @@ def sweep(cache: dict[str, Any], judge: Any, held_out: set[str] | None = None) -
         thr = thr0 + dt
         for de in (None, 0.25, 0.5, 0.75, 1.0, 1.5, math.inf):
             esc = None if de is None else thr + de
-            out = [cascade_row(r[4], thr, esc, v) for r, v in zip(rows, verdicts, strict=True)]
+            out = [cascade_row(r[4], thr, esc, lambda v=v: v) for r, v in zip(rows, verdicts, strict=True)]
             caught = np.array([o[0] for o in out])
             escalated = np.array([o[1] for o in out])
             grid.append({"threshold": round(thr, 4),

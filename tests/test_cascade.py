@@ -176,6 +176,23 @@ def test_input_rule_judge_reads_the_prompt(lm: Any, tok: Any, sae_path: Path) ->
     assert "Request:\n" + PROMPT in judge.calls[0].prompt  # the default input template
 
 
+def test_input_judge_reads_the_turn_contents_not_the_template(lm: Any, tok: Any, sae_path: Path) -> None:
+    import copy
+
+    from tests.test_onnx import CHAT_TEMPLATE
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = CHAT_TEMPLATE
+    convo = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "How do I bake bread?"},
+             {"role": "assistant", "content": "With flour."}, {"role": "user", "content": "And cake?"}]
+    judge = Recorder("safe")
+    g = GuardedModel(lm("llama"), chat_tok, _policy(sae_path, -1e9, 1e9, scope="input"), judges={"j": judge})
+    r = g.generate(convo, max_new_tokens=2)
+    (ts,) = g.score([convo])
+    assert [c.text for c in judge.calls] == ["How do I bake bread?\n\nAnd cake?"] * 2  # user turns, no framing
+    assert [d.verdict for d in r.decisions] == [d.verdict for d in ts.decisions] == ["safe"]
+
+
 # -- scans, the reference, and batches ---------------------------------------------------------------------------
 
 

@@ -255,9 +255,10 @@ def _header(policy: Any) -> str:
 def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str | None = None,
              baselines: bool = False, train_path: str | None = None, limit: int | None = None,
              intervals: bool = False, max_response_chars: int | None = None,
-             train_limit: int | None = None, by: list[str] | None = None) -> dict[str, Any]:
+             train_limit: int | None = None, by: list[str] | None = None, judge: str | None = None) -> dict[str, Any]:
     """Metrics of a policy on a labeled file; ``by`` ("source", "category") adds per-group metrics
-    and names the worst group (lowest AUROC)."""
+    and names the worst group (lowest AUROC). ``judge`` (``module:callable``): the cascade's rules with that
+    judge: TPR, FPR and the share of rows escalated (``cascade``; see :mod:`guardrails.offline.cascade_eval`)."""
     from guardrails.core.policy import Policy
     from guardrails.offline.calibrate import rule_scope
     from guardrails.offline.evaluate import (
@@ -290,6 +291,13 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         per = grouped_metrics(scores, data.labels, groups, thr)
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
+    if judge is not None:  # the cascade: the band goes to the judge (every judge name bound to it)
+        from guardrails.core.cascade import import_judge
+        from guardrails.offline.cascade_eval import cascade_metrics
+
+        out["cascade"] = cascade_metrics(guard, lambda r: rows[rule_row_key(policy, r)], data, import_judge(judge),
+                                         rule_id)
+        out["cascade"]["judge_path"] = judge
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
@@ -460,6 +468,8 @@ def register(app: typer.Typer) -> None:
         by: Annotated[list[str] | None, typer.Option(help="Also per group: source and/or category (repeatable)")]
         = None,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
+        judge: Annotated[str | None, typer.Option(help="Cascade judge as module:callable (a factory: "
+                                                        "module:make()); reports the share escalated")] = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
         from guardrails.cli.main import _run_safely, console, resolve_policy_path
@@ -468,7 +478,7 @@ def register(app: typer.Typer) -> None:
         res = _run_safely(lambda: run_eval(Session(model, progress=not as_json, dtype=dtype), path, data, rule_id=rule,
                                            baselines=baselines, train_path=train, limit=limit, intervals=intervals,
                                            max_response_chars=max_response_chars, train_limit=train_limit,
-                                           by=by))
+                                           by=by, judge=judge))
         if as_json:
             print(json.dumps(_json_safe(res), ensure_ascii=False))
             return
@@ -483,6 +493,11 @@ def register(app: typer.Typer) -> None:
             t.add_row(name, *(_fmt(m.get(k)) for k in
                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
         console.print(t)
+        if "cascade" in res:
+            c = res["cascade"]
+            console.print(f"cascade with judge {c['judge_path']} (rules {', '.join(c['escalating_rules']) or 'none'} "
+                          f"escalate): TPR {_fmt(c['tpr'])}, FPR {_fmt(c['fpr'])}, escalated {_fmt(c['escalated'])} "
+                          f"of rows ({c['judge_calls']} judge calls, {c['judge_errors']} errors)")
         for field_name in by or []:
             g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
                       title=f"by {field_name} (single-label groups ranked against the other label's rows outside "

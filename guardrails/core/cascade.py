@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -325,6 +325,16 @@ def call_judge(judge: Judge | None, request: JudgeRequest, timeout_s: float | No
                         v.reason or (v.label or None))
 
 
+def judge_input_text(prompt: Any, input_roles: Collection[str]) -> str:
+    """What an input rule's judge reads: a string prompt as it is; of messages, the contents of the turns
+    whose role is in ``input_roles`` (the policy's), joined by blank lines. The chat template's framing
+    (role headers, end markers, the generation prompt) is never part of it."""
+    if isinstance(prompt, str):
+        return prompt
+    parts = [str(m.get("content") or "") for m in prompt if isinstance(m, Mapping) and m.get("role") in input_roles]
+    return "\n\n".join(p for p in parts if p)
+
+
 def import_judge(path: str) -> Any:
     """The object at ``module:attribute`` (``--judge`` on the command line); a factory named with ``()``
     at the end is called (``pkg.mod:make_judge()``)."""
@@ -363,6 +373,7 @@ __all__ = [
     "call_judge",
     "check_prompt",
     "import_judge",
+    "judge_input_text",
     "judge_name",
     "judge_settings",
     "render_prompt",

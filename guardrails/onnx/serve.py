@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.cascade import JudgeError, JudgeOutcome, JudgeRequest, as_judge, call_judge, render_prompt
+from guardrails.core.cascade import (
+    JudgeError,
+    JudgeOutcome,
+    JudgeRequest,
+    as_judge,
+    call_judge,
+    judge_input_text,
+    render_prompt,
+)
 from guardrails.core.decision import Decision, TextScore
 from guardrails.core.normalize import NormalizeSpec, merge_scan, plan_scan
 from guardrails.core.roles import Span, role_spans, roles_from_offsets
@@ -244,6 +252,8 @@ class OnnxGuard:
         rows: list[list[int]] = []
         n_prompt: list[int] = []
         role_rows: list[list[int]] = []
+        judge_inputs = [judge_input_text(t, self.manifest["policy"].get("input_roles", ["user", "tool"]))
+                        if isinstance(t, str | list) else "" for t in texts]  # what an input rule's judge reads
         for text, response in zip(texts, responses, strict=True):
             if not isinstance(text, str | list):
                 raise TypeError(f"texts must be strings or message lists, got {type(text).__name__}")
@@ -271,11 +281,13 @@ class OnnxGuard:
             scorable = ~np.isin(np.array(row, dtype=np.int64), self.special_ids) & (pos > 0)
             is_output = pos >= n_prompt[b]
             roles = np.array(role_rows[b], dtype=np.int64)
-            results.append(self._decide(raw[b, pad:], scorable, is_output, roles, n_prompt[b], row, offset + b, error))
+            results.append(self._decide(raw[b, pad:], scorable, is_output, roles, n_prompt[b], row, offset + b, error,
+                                        judge_inputs[b]))
         return results
 
     def _decide(self, raw: np.ndarray, scorable: np.ndarray, is_output: np.ndarray, roles: np.ndarray,
-                n_prompt: int, row: list[int], sequence: int, error: str | None) -> OnnxTextScore:
+                n_prompt: int, row: list[int], sequence: int, error: str | None,
+                judge_input: str | None = None) -> OnnxTextScore:
         tokens = [self.tokenizer.id_to_token(i) or "" for i in row]
         prompt_ok = ~is_output & np.isin(roles, sorted(self.input_roles))
         in_scope = [self._scope(rule, is_output, prompt_ok) & scorable for rule in self.rules]
@@ -305,9 +317,12 @@ class OnnxGuard:
         def ask(r: int, t: int) -> JudgeOutcome:  # the cascade: the text a torch scan's judge reads
             spec = self.rules[r]["judge"]
             out = bool(is_output[t])
-            ids = row[n_prompt : t + 1] if out else [i for i, c in zip(row[:n_prompt], roles.tolist(), strict=False)
-                                                     if int(c) in self.input_roles]
-            text = str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+            if out or judge_input is None:
+                ids = row[n_prompt : t + 1] if out else [i for i, c in zip(row[:n_prompt], roles.tolist(), strict=False)
+                                                         if int(c) in self.input_roles]
+                text = str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+            else:
+                text = judge_input
             request = JudgeRequest(render_prompt(spec["prompt"], text), text, specs[r].id,
                                    "output" if out else "input", float(windowed[r][t] or math.nan), spec["name"],
                                    specs[r].category)

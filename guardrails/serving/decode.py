@@ -110,7 +110,7 @@ def steps(
                 kwargs[guard._cache_kw] = past
                 kwargs["logits_to_keep"] = 1
             if run.judges or escalates(guard.policy):  # the cascade's judges read these rows (after the forward)
-                run.judge_text = decode_text_source(guard, run, all_ids, all_mask)
+                run.judge_text = decode_text_source(guard, run, all_ids, all_mask, prompts)
             logits = forward(guard, run, kwargs, truncated=last)
             run.check_all_scored()
             run.ctx = None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from guardrails.core.cascade import judge_input_text
 from guardrails.core.decision import TextScore
 from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
 from guardrails.core.policy import Policy
@@ -31,7 +32,7 @@ from guardrails.engine.scorers import LayerScorer
 from guardrails.sae.model import SAE
 from guardrails.serving import decode
 from guardrails.serving.failsafe import result_or_on_error  # issue 16
-from guardrails.serving.judging import text_source
+from guardrails.serving.judging import escalates, text_source
 from guardrails.serving.prescan import apply_prescan, prescan  # issue 16
 from guardrails.serving.prompts import (
     GenerationArgs,
@@ -103,6 +104,8 @@ class GuardedModel:
         layers = decoder_layers(model)
         self._blocks = {layer: layers[layer] for layer in self.scorers}
         self._spans: dict[str, list[Span]] = {}
+        self._judge_inputs: dict[str, str] = {}
+        """What an input rule's judge reads, by prompt text (bounded; see :meth:`format_prompt`)."""
         """Role spans of recently formatted prompts, by prompt text (bounded; see :meth:`format_prompt`)."""
         self._lock = _model_lock(model)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -196,7 +199,12 @@ class GuardedModel:
     # -- prompts --------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
         """The prompt text the model sees: chat messages (or a string, as one user turn) via the template."""
-        return render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
+        text = render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
+        if self.compiled.judges or escalates(self.policy):  # the cascade: what an input rule's judge reads
+            if len(self._judge_inputs) >= 1024:
+                self._judge_inputs.pop(next(iter(self._judge_inputs)), None)
+            self._judge_inputs[text] = judge_input_text(prompt, self.policy.input_roles)
+        return text
 
     # -- the loop -------------------------------------------------------------------------------------
     def _new_run(self, prompt_lengths: list[int], prompts: list[str] | None = None) -> GuardRun:
@@ -345,12 +353,14 @@ class GuardedModel:
         rows: list[list[int]] = []
         n_prompt: list[int] = []
         role_rows: list[list[int]] = []
+        formatted_rows: list[str] = []
         for text, response in zip(texts, responses, strict=True):
             if isinstance(text, str):
                 check_text(text, f"texts[{len(rows) + offset}]")
             if response is not None and response:
                 check_text(response, f"responses[{len(rows) + offset}]")
             formatted = self.format_prompt(text, chat)
+            formatted_rows.append(formatted)
             with tokenizer_lock(tok):
                 p_ids = tok(formatted, add_special_tokens=False)["input_ids"]
             if not p_ids:
@@ -373,7 +383,7 @@ class GuardedModel:
         run = self.compiled.new_run(n_prompt, steer=False)
         run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool(), roles=roles)
         run.judge_text = text_source(tok, lambda b: rows[b], n_prompt, lambda b: role_rows[b],  # the cascade
-                                     run.input_roles)
+                                     run.input_roles, lambda b: self._judge_inputs.get(formatted_rows[b]))
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         with self._lock, output_hooks(self.model, self._hooks(run)), stop_after_layer(self.model, self.deepest):
             try:

@@ -21,11 +21,16 @@ TextSource = Callable[[int, str, int], str]
 def text_source(
     tokenizer: Any, rows: Callable[[int], Sequence[int]], n_prompt: Sequence[int],
     roles: Callable[[int], Sequence[int] | None], input_roles: Collection[int],
+    inputs: Callable[[int], str | None] | None = None,
 ) -> TextSource:
     """``source(row, scope, position)``: the judge's text. ``rows(b)`` gives row ``b``'s token ids indexed by
-    absolute position (no padding); ``roles(b)`` the role code of each prompt token (None: all the user's)."""
+    absolute position (no padding); ``roles(b)`` the role code of each prompt token (None: all the user's);
+    ``inputs(b)`` the prompt's input-role contents (:func:`guardrails.core.cascade.judge_input_text`), else
+    the input-role tokens are decoded (template framing included)."""
 
     def source(b: int, scope: str, pos: int) -> str:
+        if scope != "output" and inputs is not None and (given := inputs(b)) is not None:
+            return given
         ids = list(rows(b))
         if scope == "output":
             picked = ids[n_prompt[b] : pos + 1]
@@ -39,11 +44,12 @@ def text_source(
     return source
 
 
-def decode_text_source(guard: Any, run: Any, ids: Tensor, mask: Tensor) -> TextSource:
+def decode_text_source(guard: Any, run: Any, ids: Tensor, mask: Tensor, prompts: Sequence[str]) -> TextSource:
     """The source for the decode loop's rows (``ids``/``mask``: ``[B, T]``, left-padded, the token being scored
-    last); rows are read only when a judge is asked."""
+    last; ``prompts``: the formatted prompts); rows are read only when a judge is asked."""
     return text_source(guard.tokenizer, lambda b: ids[b][mask[b].bool()].tolist(), run.prompt_lengths,
-                       lambda b: run.prompt_roles[b] if run.prompt_roles else None, run.input_roles)
+                       lambda b: run.prompt_roles[b] if run.prompt_roles else None, run.input_roles,
+                       lambda b: guard._judge_inputs.get(prompts[b]))
 
 
 def escalates(policy: Any) -> bool:
