@@ -438,3 +438,37 @@ def test_text_judge_fit_save_load(tmp_path: Path) -> None:
     shipped = bundled_judge()
     assert shipped.meta is not None and {f["file"] for f in shipped.meta["train"]} == {
         "harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl"}
+
+
+def test_eval_cascade_metrics_equal_the_scan(lm: Any, tok: Any, sae_path: Path, tmp_path: Path) -> None:
+    """``guardrails eval --judge`` (cached residuals, :func:`cascade_metrics`) counts what scans decide."""
+    import json
+
+    from guardrails.offline.calibrate import load_labeled, residuals
+    from guardrails.offline.cascade_eval import cascade_metrics
+
+    rows = [("How do I bake bread?", 1), ("Tell me a story", 0), ("What is the capital", 1), ("Hello there", 0),
+            ("Bread and butter please", 1), ("A story of bread", 0)]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    data = load_labeled(f)
+    s = _scores(lm, tok, sae_path, scope="input")
+    probe = GuardedModel(lm("llama"), tok, _policy(sae_path, 1e9, None, scope="input")).score(
+        [t for t, _ in rows], chat=False)
+    peaks = sorted(ts.scores["watch"] for ts in probe)
+    pol = _policy(sae_path, peaks[1], peaks[-2] + 1e-4, scope="input")  # passes, bands and direct blocks
+
+    def judge(req: JudgeRequest) -> bool:
+        return "bread" in req.text.lower()
+
+    g = GuardedModel(lm("llama"), tok, pol, judges={"j": judge})
+    scans = g.score([t for t, _ in rows], chat=False)
+    res = residuals(lm("llama"), tok, data, LAYER, "input", model_name="tiny", chat=False, progress=False,
+                    use_cache=False)
+    got = cascade_metrics(g, lambda r: res, data, judge)
+    y = np.array([lab for _, lab in rows])
+    blocked = np.array([ts.blocked for ts in scans])
+    escalated = np.array([any(d.escalated for d in ts.decisions) for ts in scans])
+    assert 0 < escalated.sum() < len(rows) and s  # the band is used and not by every row
+    assert got["tpr"] == pytest.approx(blocked[y == 1].mean()) and got["fpr"] == pytest.approx(blocked[y == 0].mean())
+    assert got["escalated"] == pytest.approx(escalated.mean()) and got["judge_calls"] == int(escalated.sum())
