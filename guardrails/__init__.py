@@ -15,6 +15,7 @@ from guardrails.core.errors import GuardrailsError, GuardrailViolation
 
 if TYPE_CHECKING:
     from guardrails.audit.store import AuditError, AuditStore
+    from guardrails.core.cascade import JudgeError, JudgeRequest, Verdict
     from guardrails.core.decision import Decision, TextScore
     from guardrails.core.policy import Policy, PolicyError
     from guardrails.engine.compile import CompiledPolicy, compile_policy
@@ -44,6 +45,9 @@ _LAZY = {
     "compile_policy": "guardrails.engine.compile",
     "Steer": "guardrails.engine.steering",
     "steering": "guardrails.engine.steering",
+    "JudgeError": "guardrails.core.cascade",
+    "JudgeRequest": "guardrails.core.cascade",
+    "Verdict": "guardrails.core.cascade",
 }
 
 
@@ -72,12 +76,15 @@ __all__ = [
     "GuardedStream",
     "GuardrailViolation",
     "GuardrailsError",
+    "JudgeError",
+    "JudgeRequest",
     "Policy",
     "PolicyError",
     "SAEConfig",
     "SAEError",
     "Steer",
     "TextScore",
+    "Verdict",
     "__version__",
     "compile_policy",
     "steering",

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from guardrails.core.cascade import judge_name
+
 ACTIONS = ("block", "steer", "flag", "error", "allow")
 """Values of a record's ``action`` (the strongest of its decisions; ``allow`` when none fired)."""
 
@@ -149,7 +151,9 @@ def _guard_meta(guard: Any) -> dict[str, Any]:
             "trained_on": getattr(c, "model", None),
         }
     rules = {
-        r.id: {"threshold": r.threshold, "action": r.action, "scope": r.scope, "description": r.description}
+        r.id: {"threshold": r.threshold, "action": r.action, "scope": r.scope, "description": r.description,
+               **({"escalate_above": r.escalate_above, "judge": judge_name(policy, r)}  # the cascade's band
+                  if getattr(r, "escalate_above", None) is not None else {})}
         for r in policy.rules
     }
     return {
