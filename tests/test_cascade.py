@@ -122,6 +122,24 @@ def test_band_goes_to_the_judge_once(lm: Any, tok: Any, sae_path: Path, answer: 
         assert not r.blocked and d.action == "allow" and r.text == plain.text and not r.flagged
 
 
+def test_stream_and_scoped_guards_judge_as_generate(lm: Any, tok: Any, sae_path: Path) -> None:
+    s = _scores(lm, tok, sae_path)
+    pol = _policy(sae_path, min(s) - 1.0, max(s) + 1.0)
+    for answer in ("unsafe", "safe"):
+        g = _guard(lm, tok, pol, Recorder(answer))
+        want = g.generate(PROMPT, max_new_tokens=NEW, chat=False)
+        stream = g.stream(PROMPT, max_new_tokens=NEW, chat=False)
+        shown = "".join(stream)
+        assert stream.result is not None
+        got = stream.result
+        assert [(d.action, d.position, d.verdict) for d in got.decisions] == [
+            (d.action, d.position, d.verdict) for d in want.decisions]
+        assert got.blocked == want.blocked and shown == want.text  # a blocked stream yields the refusal
+        out = g.scoped("output")
+        assert out.compiled.judges.keys() == {"j"}
+        assert [d.verdict for d in out.generate(PROMPT, max_new_tokens=NEW, chat=False).decisions] == [answer]
+
+
 def test_above_band_acts_directly(lm: Any, tok: Any, sae_path: Path) -> None:
     s = _scores(lm, tok, sae_path)
     judge = Recorder("safe")
