@@ -26,10 +26,16 @@ MAX_RESPONSE_CHARS = 400
 RESERVED_SAMPLE = 150  # rows per reserved tense file (evaluation only; never fitted on)
 
 
+DTYPE = "bfloat16"  # --dtype=float32 writes <cache>/selection-float32/ instead
+
+
 def out_dir() -> Path:
+    import os
+
     from guardrails.serving.models import cache_dir
 
-    d = cache_dir() / "selection"
+    dtype = os.environ.get("SELECTION_DTYPE", DTYPE)
+    d = cache_dir() / ("selection" if dtype == "bfloat16" else f"selection-{dtype}")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -55,6 +61,16 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
             rows = [{"text": t, "label": int(lab), "source": so} for t, lab, so in zip(d.texts, d.labels, d.sources,
                                                                                        strict=True)]
             out[f"reserved_{tense}"] = (rows, "input")
+    for name, limit in (("inthewild_jailbreaks", 150), ("donotanswer", 300)):
+        p = DATA / "reserved_eval" / f"{name}.jsonl"
+        if p.is_file():
+            from guardrails.offline.calibrate import load_labeled
+
+            d = load_labeled(p, limit=limit)
+            rows = [{"text": t, "label": int(lab), "source": so} for t, lab, so in zip(d.texts, d.labels, d.sources,
+                                                                                       strict=True)]
+            out[f"reserved_{name}"] = (rows, "input")
+
     for s in ("train", "cal", "test"):
         rows = read(DATA / f"responses.{s}.jsonl")
         for r in rows:
@@ -68,12 +84,21 @@ def main() -> None:
     torch.set_num_threads(2)
     from guardrails.serving.models import load_model
 
+    import os
+
     global LAYERS
     args = sys.argv[1:]
-    if args and args[0].startswith("--layers="):
-        LAYERS = tuple(int(v) for v in args.pop(0).split("=", 1)[1].split(","))
+    dtype = os.environ.get("SELECTION_DTYPE", DTYPE)
+    while args and args[0].startswith("--"):
+        key, _, value = args.pop(0).partition("=")
+        if key == "--layers":
+            LAYERS = tuple(int(v) for v in value.split(","))
+        elif key == "--dtype":
+            dtype = os.environ["SELECTION_DTYPE"] = value
+        else:
+            sys.exit(f"collect.py: unknown option {key!r} (valid: --layers=L,L --dtype=bfloat16|float32)")
     only = set(args)
-    lm = load_model("bundled", dtype="bfloat16")
+    lm = load_model("bundled", dtype=dtype)
     model, tok = lm
     d = out_dir()
     for name, (rows, scope) in sets().items():

