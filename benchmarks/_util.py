@@ -26,6 +26,28 @@ BUNDLED_SHAPE = {"d_model": 576, "d_sae": 9216, "k": 50, "layer": 15}
 """The bundled SAE: TopK k=50, 9,216 latents (16x), on layer 15 of SmolLM2-135M-Instruct."""
 
 
+GENERATION_PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe a walk through a busy market in a city you like.",
+    "Write a detailed recipe for vegetable soup with every step.",
+    "Tell me the history of the printing press in several paragraphs.",
+    "Write a letter to a friend describing your last holiday.",
+    "Explain how rain forms, from evaporation to the storm.",
+    "Describe how to plant and care for a small vegetable garden.",
+]
+"""Benign prompts that ask for long answers (throughput benchmarks: no rule should fire on them)."""
+
+
+def until_eos(ids: list[int], eos: Iterable[int]) -> list[int]:
+    """``ids`` cut before the first end-of-sequence id."""
+    stop = set(eos)
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[:i]
+    return ids
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (numbers mean nothing)")

@@ -27,16 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a bicycle works, part by part.",
-    "Describe a walk through a busy market in a city you like.",
-    "Write a detailed recipe for vegetable soup with every step.",
-    "Tell me the history of the printing press in several paragraphs.",
-    "Write a letter to a friend describing your last holiday.",
-    "Explain how rain forms, from evaporation to the storm.",
-    "Describe how to plant and care for a small vegetable garden.",
-]
+PROMPTS = _util.GENERATION_PROMPTS
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
             variants[f"{mode}/{n}"] = guarded
         times = _util.interleaved(variants, repeats, warmup=0 if quick else 1)
         ref = outputs["unguarded"]
-        ref_ids = [_until_eos(row.tolist(), eos) for row in ref]
+        ref_ids = [_util.until_eos(row.tolist(), eos) for row in ref]
         n_tokens = sum(min(len(r) + 1, new_tokens) for r in ref_ids)  # eos counts as generated
         for key, ids in outputs.items():
             if key != "unguarded" and ids != ref_ids:
@@ -133,11 +124,6 @@ def main() -> None:
     _util.emit(out, args.json_out)
 
 
-def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i]
-    return ids
 
 
 def _memory(model: Any, tok: Any, sae_path: str, d_sae: int, modes: list[str], n: int,

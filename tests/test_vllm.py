@@ -90,7 +90,8 @@ def _linear_policy(tmp_path: Path, threshold: float, window: int = 2, action: st
                      "aggregate": "mean"}}]})
 
 
-def _simulate(tmp_path: Path, threshold: float) -> tuple[Any, Any, dict[str, torch.Tensor], list[list[int]]]:
+def _simulate(tmp_path: Path, threshold: float, roles: dict[str, list[int]] | None = None
+              ) -> tuple[Any, Any, dict[str, torch.Tensor], list[list[int]]]:
     """Three requests through GuardState in vLLM's way: mixed chunked-prefill/decode steps, order changing."""
     from guardrails.vllm.state import GuardState, compile_guard
     from tests.builders import HIDDEN, tiny_model
@@ -119,7 +120,8 @@ def _simulate(tmp_path: Path, threshold: float) -> tuple[Any, Any, dict[str, tor
         pos = torch.cat([torch.arange(p, p + n) for r, p, n in rows])
         tok = torch.cat([ids[r][p : p + n] for r, p, n in rows])
         state.begin_step([r for r, _, _ in rows], [n for _, _, n in rows], pos, tok,
-                         lambda rid: ({"policy": "lin", "key": rid}, prompt[rid]))
+                         lambda rid: ({"policy": "lin", "key": rid, **({"roles": roles[rid]} if roles and rid in roles
+                                                                        else {})}, prompt[rid]))
         edits = state.on_layer(1, flat)
         assert edits == []  # a block rule never steers
         blocked_rows.append(list(state.blocked_rows))
@@ -141,6 +143,33 @@ def test_rows_mapped_to_requests_across_steps(tmp_path: Path) -> None:
         for p_, v in want.items():
             assert math.isclose(got["token_scores"]["r"][p_], v, rel_tol=1e-5, abs_tol=1e-5)
     assert state.pop_results(["a"]) == {"a": None}  # read once
+
+
+def test_prompt_roles_follow_each_request_across_chunks(tmp_path: Path) -> None:
+    """A request's prompt roles (system turns are not scored by input rules) hold across chunks and steps."""
+    from guardrails.core.semantics import ROLE_CODES
+
+    sys_, user = ROLE_CODES["system"], ROLE_CODES["user"]
+    roles = {"a": [sys_, sys_, sys_, user, sys_], "b": [user, sys_, user, user]}  # a's chunks: 0-2, 3-4
+    compiled, state, data, _ = _simulate(tmp_path, threshold=1e9, roles=roles)
+    scored = {}
+    for rid, h in data["hidden"].items():
+        n, ids = h.shape[0], data["ids"][rid]
+        pos = torch.arange(n)[None]
+        mask = (pos > 0) & (ids[None] != 0)
+        plen = data["prompt"][rid]
+        role_t = torch.tensor([[*roles.get(rid, [user] * plen), *[ROLE_CODES["assistant"]] * (n - plen)]])
+        ref = compiled.compiled.score_residuals({1: h[None]}, score_mask=mask, is_output=pos >= plen,
+                                                roles=role_t if rid in roles else None)
+        got = state.pop_results([rid])[rid]
+        assert got is not None
+        want = ref.token_scores(0)["r"]
+        assert sorted(got["token_scores"]["r"]) == sorted(want), rid
+        for p_, v in want.items():
+            assert math.isclose(got["token_scores"]["r"][p_], v, rel_tol=1e-5, abs_tol=1e-5)
+        scored[rid] = set(want)
+    # the system positions of a's prompt were not scored; its user one and its output were (b: likewise)
+    assert scored["a"] == {3, 5, 6, 7, 8} and scored["b"] == {3, 4, 5, 6}
 
 
 def test_a_blocked_request_is_ended_in_its_step_and_skipped_after(tmp_path: Path) -> None:
@@ -187,6 +216,18 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
     return Policy.from_dict({"name": name, "saes": d["saes"], "refusal": f"{name} refused", "rules": [rule]})
 
 
+def _gated_steering(threshold: float) -> Any:
+    """The shipped harmful-requests-steer policy (a layer-18 flag rule gating refusal steering at layer 12, a
+    layer the rules do not read), its gate at ``threshold``, steering from the first generated token."""
+    from guardrails.core.policy import Policy
+
+    pol = Policy.from_path(ROOT / "policies" / "harmful-requests-steer.yaml")
+    entry = pol.steering[0]
+    entry = entry.model_copy(update={"steer": entry.steer.model_copy(update={"positions": "generated"})})
+    return pol.model_copy(update={"name": "gated-steer", "steering": [entry],
+                                  "rules": [pol.rules[0].model_copy(update={"threshold": threshold})]})
+
+
 @pytest.fixture(scope="module")
 def hf() -> dict[str, Any]:
     """GuardedModel (the HF path) per test policy on one model, thresholds picked from its own scores:
@@ -207,7 +248,8 @@ def hf() -> dict[str, Any]:
     assert len(ranked) >= 2 and ranked[0] - ranked[1] > 0.02, ranked  # a clear maximum: no float tie
     pols = {"base": _policy("harmful-requests", "input", mid),
             "steer": _policy("steer-harmful", "input", mid, action="steer"),
-            "trip": _policy("tripwire", "output", ranked[0] - 0.01, window=1)}
+            "trip": _policy("tripwire", "output", ranked[0] - 0.01, window=1),
+            "gated": _gated_steering(mid)}
     return {name: GuardedModel(lm, tok, p) for name, p in pols.items()} | {"_policies": pols}
 
 
@@ -221,7 +263,7 @@ def guard(hf: dict[str, Any]) -> Any:
     pols = hf["_policies"]
     args = {"max_model_len": 256, "max_num_seqs": 8, "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
             "dtype": "float32", "gpu_memory_utilization": 0.1, "seed": 0}
-    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"]])
+    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"]])
 
 
 def _unguarded(guard: Any, prompts: list[str], n: int = N_NEW) -> list[list[int]]:
@@ -334,6 +376,23 @@ def test_steering_changes_only_the_flagged_request(guard: Any, hf: dict[str, Any
     _same_decisions(got[1].decisions, ref.decisions)
     # the steered request's KV blocks carried their own cache salt: an unguarded repeat reads clean ones
     assert _unguarded(guard, [HARMFUL]) == [plain[1]]
+
+
+@needs_vllm
+@pytest.mark.model
+def test_steering_entries_at_a_layer_no_rule_reads(guard: Any, hf: dict[str, Any]) -> None:
+    """A policy's ``steering:`` entry (layer 12, gated by a layer-18 rule) is hooked and steers exactly as HF."""
+    gated = hf["_policies"]["gated"]
+    assert set(gated.steering[0].steer.layers or []) - set(gated.layers()), "the test needs a steering-only layer"
+    assert set(gated.steering[0].steer.layers or []) <= set(guard.setup_info["layers"])
+    prompts = [BENIGN[1], HARMFUL]
+    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="gated-steer")
+    plain = _unguarded(guard, prompts)
+    ref = hf["gated"].generate(prompts, max_new_tokens=N_NEW)
+    assert [r.steered for r in ref] == [False, True]  # the test needs the gate to open on HARMFUL only
+    assert [r.steered for r in got] == [False, True]
+    assert got[0].output_ids == plain[0] and got[1].output_ids != plain[1]
+    assert [g.output_ids for g in got] == [r.output_ids for r in ref]
 
 
 @needs_vllm

@@ -284,7 +284,7 @@ class GuardedVLLM:
             extra_args=extra,
         )
         tp: dict[str, Any] = {"prompt_token_ids": ids}
-        if steer and any(r.action == "steer" for r in pol.rules):
+        if steer and (any(r.action == "steer" for r in pol.rules) or pol.steering):
             tp["cache_salt"] = f"guardrails-steer-{key}"  # steered KV blocks are this request's alone
         return PreparedRequest(text, TokensPrompt(**tp), sp, key, ids, max_new_tokens)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.policy import Policy
+from guardrails.core.semantics import ROLE_CODES
 from guardrails.engine.run import GuardRun, StepContext
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,18 @@ class GuardSetupError(RuntimeError):
 
 @dataclass
 class CompiledGuard:
-    """One policy ready to score: the compiled policy and the deepest layer it reads."""
+    """One policy ready to score: the compiled policy, the layers it hooks and the last of them."""
 
     compiled: Any
     """A :class:`~guardrails.engine.compile.CompiledPolicy` (its scorers sit on the model's device)."""
+    layers: frozenset[int] = field(init=False)
+    """Every layer the policy reads or steers (a ``steering:`` entry's layers too, as GuardedModel hooks)."""
+    last: int = field(init=False)
+    """The deepest hooked layer: a request's step is finished there."""
+
+    def __post_init__(self) -> None:
+        self.layers = frozenset({*self.compiled.scorers, *getattr(self.compiled, "steers", {})})
+        self.last = max(self.layers)
 
     @property
     def policy(self) -> Policy:
@@ -53,6 +62,7 @@ class CompiledGuard:
     @property
     def deepest(self) -> int:
         return int(self.compiled.deepest)
+
 
 
 def compile_guard(policy: Policy, model: Any) -> CompiledGuard:
@@ -70,6 +80,10 @@ class RequestGuard:
     policy: str
     run: GuardRun
     prompt_length: int
+    rid: str = ""
+    """vLLM's id of the request (its rows are found by it every step)."""
+    roles: Tensor | None = None
+    """Role code of each prompt position (the run's ``prompt_roles`` as a tensor), or None."""
     tokens: dict[int, int] = field(default_factory=dict)
     """Token id at each position seen by the hook (prompt and output)."""
     capture: dict[int, list[Tensor]] | None = None
@@ -134,56 +148,94 @@ class GuardState:
         if special_ids:
             lut[torch.tensor(sorted(set(special_ids)))] = True
         self._special = lut
-        self.layers = sorted({layer for g in guards.values() for layer in g.scorers})
+        self.layers = sorted({layer for g in guards.values() for layer in g.layers})
         self.requests: OrderedDict[str, RequestGuard] = OrderedDict()
+        self._by_rid: dict[str, RequestGuard | None] = {}
+        """vLLM request id -> its guard (None: an unguarded request), so a step asks vLLM only about new ones."""
         self.segments: list[_Segment] = []
         self.blocked_rows: list[int] = []
         """Batch indices (logits rows) of requests blocked so far that must end this step."""
         self.hook_calls = 0
         self.steps = 0
+        self._assistant_rows: dict[int, Tensor] = {}
 
     # -- per step ---------------------------------------------------------------------------------------
     def begin_step(
         self, req_ids: list[str], row_counts: list[int], positions: Tensor, token_ids: Tensor, info: RequestInfo
     ) -> None:
-        """Lay out the step: which rows belong to which guarded request, their positions and masks."""
+        """Lay out the step: which rows belong to which guarded request, their positions and masks.
+
+        The masks are computed once for the step's flat rows (a few tensor ops per step, not per request)
+        and each request gets views of its rows; positions and token ids reach the CPU in one copy.
+        """
         self.steps += 1
         self.segments = []
         self.blocked_rows = []
-        # copies: vLLM reuses these buffers next step, and the runs keep the positions in their traces
-        pos_cpu = positions.detach().to("cpu", torch.long, copy=True)
-        ids_cpu = token_ids.detach().to("cpu", torch.long, copy=True)
+        total = int(sum(row_counts))
+        if total == 0:
+            return
+        # one copy to the CPU (one sync on a GPU); copies: vLLM reuses these buffers next step, and the runs
+        # keep the positions in their traces
+        both = torch.stack([positions[:total].detach().long(), token_ids[:total].detach().long()]).to(
+            "cpu", copy=True)
+        pos_cpu, ids_cpu = both[0], both[1]
+        lut = self._special
+        special = lut[ids_cpu.clamp(0, len(lut) - 1)] & (ids_cpu < len(lut))
+        score_all = (~special & (pos_cpu > 0))[None]
+        pos_all = pos_cpu[None]
+        ones = torch.ones_like(score_all)
+        pos_list: list[int] | None = None
+        ids_list: list[int] = []
         start = 0
         for i, (rid, n) in enumerate(zip(req_ids, row_counts, strict=True)):
             end = start + n
             if n <= 0:
                 continue
-            guard = self._guard_of(rid, info)
+            guard = self._by_rid[rid] if rid in self._by_rid else self._guard_of(rid, info)
             if guard is not None:
                 if guard.blocked:
                     self.blocked_rows.append(i)
                 else:
-                    p = pos_cpu[start:end][None]
-                    t = ids_cpu[start:end]
-                    for a, b in zip(p[0].tolist(), t.tolist(), strict=True):
-                        guard.tokens[a] = b
-                    special = self._special[t.clamp(0, len(self._special) - 1)] & (t < len(self._special))
-                    score = (~special & (p[0] > 0))[None]
-                    ctx = StepContext(
-                        positions=p, score_mask=score, is_output=p >= guard.prompt_length,
-                        steer_mask=torch.ones_like(score),
-                    )
+                    if pos_list is None:
+                        pos_list, ids_list = pos_cpu.tolist(), ids_cpu.tolist()
+                    guard.tokens.update(zip(pos_list[start:end], ids_list[start:end], strict=True))
+                    p = pos_all[:, start:end]
+                    first, last = pos_list[start], pos_list[end - 1]
+                    # decode rows are all output (the usual case: views and cached tensors, no tensor op)
+                    is_out = ones[:, start:end] if first >= guard.prompt_length else p >= guard.prompt_length
+                    roles = None if guard.roles is None else self._roles_at(guard.roles, p, first, last)
+                    ctx = StepContext(positions=p, score_mask=score_all[:, start:end], is_output=is_out,
+                                      steer_mask=ones[:, start:end], roles=roles)
                     self.segments.append(_Segment(guard, i, start, end, ctx))
             start = end
+
+    def _roles_at(self, roles: Tensor, p: Tensor, first: int, last: int) -> Tensor:
+        """Role codes at positions ``p`` (``[1, n]``, ascending): the prompt's, the assistant's past it."""
+        n_roles = len(roles)
+        if first >= n_roles:
+            return self._assistant(p.shape[1])
+        if last < n_roles:
+            return roles[p]
+        return roles[p.clamp(max=n_roles - 1)].masked_fill(p >= n_roles, ROLE_CODES["assistant"])
+
+    def _assistant(self, n: int) -> Tensor:
+        """A [1, n] tensor of the assistant's role code (read only; cached per width)."""
+        t = self._assistant_rows.get(n)
+        if t is None:
+            t = self._assistant_rows[n] = torch.full((1, n), ROLE_CODES["assistant"], dtype=torch.long)
+        return t
 
     def _guard_of(self, rid: str, info: RequestInfo) -> RequestGuard | None:
         args, prompt_length = info(rid)
         if args is None and self.default_policy is None:
+            self._by_rid[rid] = None
+            self._trim()
             return None
         args = args or {}
         key = str(args.get("key") or rid)
         guard = self.requests.get(key)
         if guard is not None:
+            self._by_rid[rid] = guard
             return guard
         name = str(args.get("policy") or self.default_policy or "")
         if name not in self.guards:
@@ -195,13 +247,23 @@ class GuardState:
         run = compiled.compiled.new_run([prompt_length], steer=bool(args.get("steer", True)),
                                         record_trace=self.record_trace)
         roles = args.get("roles")
+        role_t = None
         if roles is not None:  # role code of each prompt token (input rules read only the policy's input_roles)
             run.prompt_roles = [[int(r) for r in roles]]
-        guard = RequestGuard(key, name, run, prompt_length, capture={} if args.get("capture") else None)
+            role_t = torch.tensor(run.prompt_roles[0], dtype=torch.long) if run.prompt_roles[0] else None
+        guard = RequestGuard(key, name, run, prompt_length, rid=rid, roles=role_t,
+                             capture={} if args.get("capture") else None)
         self.requests[key] = guard
-        while len(self.requests) > MAX_FINISHED:
-            self.requests.popitem(last=False)
+        self._by_rid[rid] = guard
+        self._trim()
         return guard
+
+    def _trim(self) -> None:
+        while len(self.requests) > MAX_FINISHED:
+            _, old = self.requests.popitem(last=False)
+            self._by_rid.pop(old.rid, None)
+        while len(self._by_rid) > 2 * MAX_FINISHED:  # unguarded requests are never read back
+            self._by_rid.pop(next(iter(self._by_rid)))
 
     # -- the hook ---------------------------------------------------------------------------------------
     def on_layer(self, layer: int, residual: Tensor) -> list[tuple[int, int, Tensor]]:
@@ -211,7 +273,7 @@ class GuardState:
         for seg in self.segments:
             guard = seg.guard
             compiled = self.guards[guard.policy]
-            if layer not in compiled.scorers or guard.blocked:
+            if layer not in compiled.layers or guard.blocked:
                 continue
             rows = residual[seg.start : seg.end]
             if guard.capture is not None:
@@ -222,7 +284,7 @@ class GuardState:
             new = run.on_layer(layer, h)
             if new is not None:
                 edits.append((seg.start, seg.end, (new - h)[0]))
-            if layer == compiled.deepest:
+            if layer == compiled.last:
                 run.check_all_scored()
                 run.ctx = None
                 if guard.blocked:
@@ -235,6 +297,8 @@ class GuardState:
         out: dict[str, dict[str, Any] | None] = {}
         for k in keys:
             guard = self.requests.pop(k, None)
+            if guard is not None:
+                self._by_rid.pop(guard.rid, None)
             out[k] = guard.result() if guard is not None else None
         return out
 

@@ -123,6 +123,7 @@ class GuardWorkerExtension:
 
     def _guardrails_pre_hook(self) -> Any:
         runner = self.model_runner
+        info = _info_of(runner)
 
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             state = active_state()
@@ -132,20 +133,18 @@ class GuardWorkerExtension:
             n = int(batch.num_reqs)
             req_ids = list(batch.req_ids[:n])
             qsl = runner.query_start_loc.np[: n + 1]
-            counts = [int(qsl[i + 1] - qsl[i]) for i in range(n)]
+            counts = (qsl[1:] - qsl[:-1]).tolist() if n else []
             total = int(qsl[n]) if n else 0
             positions = args[0]
             token_ids = runner.input_ids.gpu[:total]
-            state.begin_step(req_ids, counts, positions[:total], token_ids, _info_of(runner))
+            state.begin_step(req_ids, counts, positions[:total], token_ids, info)
 
         return pre_hook
 
 
 def _info_of(runner: Any) -> Any:
-    requests = runner.requests
-
     def info(rid: str) -> tuple[dict[str, Any] | None, int]:
-        req = requests[rid]
+        req = runner.requests[rid]
         params = req.sampling_params
         extra = (params.extra_args or {}) if params is not None else {}
         return extra.get(EXTRA_ARGS_KEY), int(req.num_prompt_tokens)
