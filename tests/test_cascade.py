@@ -449,8 +449,7 @@ def test_text_judge_fit_save_load(tmp_path: Path) -> None:
     j = fit([tmp_path / "train.jsonl"], [tmp_path / "cal.jsonl"], target_fpr=0.0)
     assert j.meta is not None and j.meta["cal_fpr"] == 0.0 and (j.proba(benign) < j.cut).all()  # cut at FPR <= 0
     assert j.proba(harmful).mean() > j.proba(benign).mean() and j.meta["cal_tpr"] > 0
-    j.save(tmp_path / "judge")
-    back = TextJudge.load(tmp_path / "judge")
+    back = TextJudge.load(j.save(tmp_path / "judge"))
     assert np.allclose(back.proba(harmful + benign), j.proba(harmful + benign), atol=1e-6)  # float32 weights
     v = back(JudgeRequest("ignored prompt", "steal and poison", "r", "input", 1.0, "text-judge"))
     assert v.harmful == (float(back.proba(["steal and poison"])[0]) >= back.cut) and "p(harmful)" in (v.reason or "")

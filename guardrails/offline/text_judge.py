@@ -6,12 +6,12 @@ microseconds, needs no network, and is fitted on the repository's training sourc
 probability cut chosen on the calibration split. It reads the text of the request (the judge's
 ``request.text``), never the prompt template. It is no claim about what an LLM judge would do.
 
-    python -m guardrails.offline.text_judge            # fit, pick the cut, write calibration/probes/text-judge.*
+    python -m guardrails.offline.text_judge   # fit, pick the cut, write calibration/probes/text-judge.safetensors
     judge = bundled_judge()                            # the committed artifact
     guard = GuardedModel(model, tok, policy, judges={"text-judge": judge})
 
-Saved as a pair: ``<name>.json`` (settings, vocabulary, cut, provenance) + ``<name>.npz`` (idf, weights,
-intercept): no pickle. Scoring re-implements ``TfidfVectorizer.transform`` (sublinear tf, l2 norm) over
+Saved as one ``.safetensors`` file (``idf`` and ``coef`` tensors; settings, vocabulary, cut, intercept and
+provenance in its metadata): no pickle. Scoring re-implements ``TfidfVectorizer.transform`` (sublinear tf, l2 norm) over
 scikit-learn's own analyzer, so it equals the fitted pipeline (checked when fitting).
 """
 
@@ -35,6 +35,7 @@ VECTORIZER = {"analyzer": "word", "ngram_range": [1, 2], "lowercase": True, "min
 """TF-IDF settings (scikit-learn ``TfidfVectorizer`` arguments)."""
 TRAIN_FILES = ("harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl")
 CAL_FILES = ("harmful_requests.cal.jsonl", "jailbreak_wrapped.cal.jsonl")
+FORMAT = "sae-guardrails text judge"
 TARGET_FPR = 0.05
 """The cut: the lowest probability whose false-positive rate on the calibration split is at most this."""
 
@@ -98,30 +99,34 @@ class TextJudge:
                f"{len(self.vocabulary)} terms, cut {self.cut:.3f})"
 
     # -- save / load ---------------------------------------------------------------------------------
-    def save(self, stem: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``<stem>.json`` and ``<stem>.npz``."""
-        stem = Path(stem)
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one ``.safetensors`` file: ``idf`` and ``coef`` tensors, settings/vocabulary/cut in its metadata."""
+        from safetensors.numpy import save_file
+
+        path = Path(path).with_suffix(".safetensors")
         terms = [""] * len(self.vocabulary)
         for t, j in self.vocabulary.items():
             terms[j] = t
-        meta = {"format": "sae-guardrails text judge", "version": 1, "settings": self.settings, "cut": self.cut,
-                "intercept": self.intercept, "terms": terms, "meta": self.meta or {}}
-        js, npz = stem.with_suffix(".json"), stem.with_suffix(".npz")
-        js.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        np.savez_compressed(npz, idf=self.idf.astype(np.float32), coef=self.coef.astype(np.float32))
-        return js, npz
+        meta = {"format": FORMAT, "version": "1", "settings": json.dumps(self.settings), "cut": repr(self.cut),
+                "intercept": repr(self.intercept), "terms": json.dumps(terms, ensure_ascii=False),
+                "meta": json.dumps(self.meta or {})}
+        save_file({"idf": self.idf.astype(np.float32), "coef": self.coef.astype(np.float32)}, str(path), metadata=meta)
+        return path
 
     @classmethod
-    def load(cls, stem: str | os.PathLike[str]) -> TextJudge:
-        """Read a pair written by :meth:`save`."""
-        stem = Path(stem)
-        meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
-        if meta.get("format") != "sae-guardrails text judge":
-            raise ValueError(f"{stem}.json is not a text judge (format {meta.get('format')!r})")
-        with np.load(stem.with_suffix(".npz"), allow_pickle=False) as z:
-            idf, coef = z["idf"].astype(np.float64), z["coef"].astype(np.float64)
-        vocab = {t: j for j, t in enumerate(meta["terms"])}
-        return cls(meta["settings"], vocab, idf, coef, float(meta["intercept"]), float(meta["cut"]), meta.get("meta"))
+    def load(cls, path: str | os.PathLike[str]) -> TextJudge:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path).with_suffix(".safetensors")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a text judge (format {meta.get('format')!r})")
+            idf, coef = f.get_tensor("idf").astype(np.float64), f.get_tensor("coef").astype(np.float64)
+        vocab = {t: j for j, t in enumerate(json.loads(meta["terms"]))}
+        return cls(json.loads(meta["settings"]), vocab, idf, coef, float(meta["intercept"]), float(meta["cut"]),
+                   json.loads(meta["meta"]))
 
 
 def _rows(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
@@ -171,7 +176,7 @@ def artifact_stem() -> Path:
 
 
 def bundled_judge() -> TextJudge:
-    """The committed judge (``calibration/probes/text-judge.{json,npz}``); use as ``--judge
+    """The committed judge (``calibration/probes/text-judge.safetensors``); use as ``--judge
     guardrails.offline.text_judge:bundled_judge()``."""
     return TextJudge.load(artifact_stem())
 
@@ -179,6 +184,5 @@ def bundled_judge() -> TextJudge:
 if __name__ == "__main__":
     root = Path(__file__).resolve().parents[2] / "calibration" / "data"
     j = fit([root / f for f in TRAIN_FILES], [root / f for f in CAL_FILES])
-    paths = j.save(artifact_stem())
-    print(json.dumps({"wrote": [str(p) for p in paths], "terms": len(j.vocabulary), "cut": j.cut,
+    print(json.dumps({"wrote": str(j.save(artifact_stem())), "terms": len(j.vocabulary), "cut": j.cut,
                       **{k: v for k, v in (j.meta or {}).items() if k.startswith("cal_")}}))

@@ -82,6 +82,10 @@ def _window_dense(scores: np.ndarray, window: int, how: str) -> np.ndarray:
     return np.where(np.isnan(scores), np.nan, agg).astype(scores.dtype)
 
 
+def _num(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     """Largest ``|a - b|`` over the NaN-free entries, divided by ``max(1, max |b|)`` of those entries."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -324,7 +328,7 @@ class OnnxGuard:
             else:
                 text = judge_input
             request = JudgeRequest(render_prompt(spec["prompt"], text), text, specs[r].id,
-                                   "output" if out else "input", float(windowed[r][t] or math.nan), spec["name"],
+                                   "output" if out else "input", _num(windowed[r][t]), spec["name"],
                                    specs[r].category)
             return call_judge(self.judges.get(spec["name"]), request, spec.get("timeout_s"))
 
