@@ -292,12 +292,9 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
     if judge is not None:  # the cascade: the band goes to the judge (every judge name bound to it)
-        from guardrails.core.cascade import import_judge
         from guardrails.offline.cascade_eval import cascade_metrics
 
-        out["cascade"] = cascade_metrics(guard, lambda r: rows[rule_row_key(policy, r)], data, import_judge(judge),
-                                         rule_id)
-        out["cascade"]["judge_path"] = judge
+        out["cascade"] = cascade_metrics(guard, lambda r: rows[rule_row_key(policy, r)], data, judge, rule_id)
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
@@ -494,10 +491,7 @@ def register(app: typer.Typer) -> None:
                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
         console.print(t)
         if "cascade" in res:
-            c = res["cascade"]
-            console.print(f"cascade with judge {c['judge_path']} (rules {', '.join(c['escalating_rules']) or 'none'} "
-                          f"escalate): TPR {_fmt(c['tpr'])}, FPR {_fmt(c['fpr'])}, escalated {_fmt(c['escalated'])} "
-                          f"of rows ({c['judge_calls']} judge calls, {c['judge_errors']} errors)")
+            console.print(res["cascade"]["summary"])
         for field_name in by or []:
             g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
                       title=f"by {field_name} (single-label groups ranked against the other label's rows outside "

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.cascade import JudgeRequest, judge_settings, render_prompt, to_verdict
+from guardrails.core.cascade import JudgeRequest, import_judge, judge_settings, render_prompt, to_verdict
 from guardrails.core.semantics import cascade_band
 
 
@@ -35,8 +35,13 @@ def cascade_row(scores: Sequence[float], threshold: float, escalate_above: float
 def cascade_metrics(guard: Any, rows_of: Any, data: Any, judge: Any, rule_id: str | None = None) -> dict[str, Any]:
     """TPR, FPR and share escalated of the policy's rules (``rule_id``: one) with ``judge`` on ``data``.
 
-    ``rows_of(rule)`` gives the rule's residual rows (as ``guardrails eval`` caches them)."""
+    ``rows_of(rule)`` gives the rule's residual rows (as ``guardrails eval`` caches them); ``judge`` is a
+    judge or its ``module:callable`` path (``--judge``)."""
     from guardrails.offline.calibrate import rule_scope, token_scores
+
+    path = judge if isinstance(judge, str) else None
+    if path is not None:
+        judge = import_judge(path)
 
     policy = guard.policy
     rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]
@@ -71,13 +76,22 @@ def cascade_metrics(guard: Any, rows_of: Any, data: Any, judge: Any, rule_id: st
             escalated[i] |= e
     y = np.asarray(data.labels)
     pos, neg = y == 1, y == 0
-    return {
+    out: dict[str, Any] = {
         "rules": [r.id for r in rules], "escalating_rules": [r.id for r in rules if r.escalate_above is not None],
-        "judge": repr(judge), "escalated": float(escalated.mean()) if n else math.nan, "judge_calls": calls,
-        "judge_errors": errors, "judge_ms_mean": round(1e3 * seconds / calls, 3) if calls else None,
+        "judge": repr(judge), "judge_path": path, "escalated": float(escalated.mean()) if n else math.nan,
+        "judge_calls": calls, "judge_errors": errors,
+        "judge_ms_mean": round(1e3 * seconds / calls, 3) if calls else None,
         "tpr": float(caught[pos].mean()) if pos.any() else math.nan,
         "fpr": float(caught[neg].mean()) if neg.any() else math.nan,
     }
+
+    def fmt(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:.3f}"
+
+    out["summary"] = (f"cascade with judge {path or out['judge']} (escalating rules: "
+                      f"{', '.join(out['escalating_rules']) or 'none'}): TPR {fmt(out['tpr'])}, FPR {fmt(out['fpr'])}, "
+                      f"escalated {fmt(out['escalated'])} of rows ({calls} judge calls, {errors} errors)")
+    return out
 
 
 __all__ = ["cascade_metrics", "cascade_row"]
