@@ -338,6 +338,33 @@ def test_stop_and_sampling_arguments_map_to_generation(client: Any, guard: Guard
     assert a == b == _expected_text(expected)
 
 
+def test_text_completions_continue_the_prompt_as_given(client: Any, guard: GuardedModel) -> None:
+    """/v1/completions: the prompt without chat template, answers and streams equal ``generate(chat=False)``;
+    a block answers the refusal with the verdict; echo/suffix/logprobs are refused by name."""
+    refs = {p: guard.generate(p, max_new_tokens=NEW, do_sample=False, chat=False) for p in PROMPTS}
+    assert any(r.blocked for r in refs.values()) and not all(r.blocked for r in refs.values())
+    for p, ref in refs.items():
+        c = client.completions.create(model="guardrails", prompt=p, max_tokens=NEW, temperature=0)
+        assert c.object == "text_completion"
+        assert c.choices[0].text == _expected_text(ref), p
+        assert c.choices[0].finish_reason == ("content_filter" if ref.blocked else "length"
+                                              if len(ref.output_ids) == NEW else "stop")
+        g = c.model_extra["guardrails"]
+        assert g["blocked"] == ref.blocked and [d["position"] for d in g["decisions"]] == \
+            [d.position for d in ref.decisions]
+        assert c.usage.prompt_tokens == ref.prompt_length
+    p = next(p for p, r in refs.items() if not r.blocked)
+    streamed = list(client.completions.create(model="guardrails", prompt=p, max_tokens=NEW, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == refs[p].text
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+    for extra, name in (({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"logprobs": 2}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="guardrails", prompt=p, max_tokens=2, **extra)  # type: ignore[call-overload]
+        assert e.value.body["param"] == name and "not supported" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="exactly one"):
+        client.completions.create(model="guardrails", prompt=[p, p], max_tokens=2)
+
+
 def test_guard_check_scans_without_generating(server: Served, guard: GuardedModel) -> None:
     h = {"Authorization": f"Bearer {KEY}"}
     sched = server.server.config.app.state.guardrails.scheduler

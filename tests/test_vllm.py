@@ -216,15 +216,16 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
     return Policy.from_dict({"name": name, "saes": d["saes"], "refusal": f"{name} refused", "rules": [rule]})
 
 
-def _gated_steering(threshold: float) -> Any:
+def _shipped_steering(name: str, threshold: float, always: bool = False) -> Any:
     """The shipped harmful-requests-steer policy (a layer-18 flag rule gating refusal steering at layer 12, a
-    layer the rules do not read), its gate at ``threshold``, steering from the first generated token."""
+    layer no rule reads), its gate at ``threshold``; ``always``: the steering on for every request instead."""
     from guardrails.core.policy import Policy
 
     pol = Policy.from_path(ROOT / "policies" / "harmful-requests-steer.yaml")
     entry = pol.steering[0]
-    entry = entry.model_copy(update={"steer": entry.steer.model_copy(update={"positions": "generated"})})
-    return pol.model_copy(update={"name": "gated-steer", "steering": [entry],
+    if always:
+        entry = entry.model_copy(update={"always": True, "when": None})
+    return pol.model_copy(update={"name": name, "steering": [entry],
                                   "rules": [pol.rules[0].model_copy(update={"threshold": threshold})]})
 
 
@@ -249,7 +250,8 @@ def hf() -> dict[str, Any]:
     pols = {"base": _policy("harmful-requests", "input", mid),
             "steer": _policy("steer-harmful", "input", mid, action="steer"),
             "trip": _policy("tripwire", "output", ranked[0] - 0.01, window=1),
-            "gated": _gated_steering(mid)}
+            "gated": _shipped_steering("gated-steer", mid),
+            "always": _shipped_steering("always-steer", 1e9, always=True)}
     return {name: GuardedModel(lm, tok, p) for name, p in pols.items()} | {"_policies": pols}
 
 
@@ -263,7 +265,7 @@ def guard(hf: dict[str, Any]) -> Any:
     pols = hf["_policies"]
     args = {"max_model_len": 256, "max_num_seqs": 8, "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
             "dtype": "float32", "gpu_memory_utilization": 0.1, "seed": 0}
-    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"]])
+    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"], pols["always"]])
 
 
 def _unguarded(guard: Any, prompts: list[str], n: int = N_NEW) -> list[list[int]]:
@@ -309,8 +311,10 @@ def _same_decisions(a: list[Any], b: list[Any]) -> None:
 def test_start_up_checks(guard: Any) -> None:
     """The self-check ran: a hook fired and the residual matched HF hidden_states[16] on the V1 CPU runner."""
     assert guard.setup_info["runner"] == "CPUModelRunner"
-    layers = sorted({layer for p in guard.policies.values() for layer in p.layers()})
-    assert guard.setup_info["layers"] == layers
+    layers = {layer for p in guard.policies.values() for layer in p.layers()}
+    steered = {layer for p in guard.policies.values() for e in p.steering for layer in (e.steer.layers or [])}
+    assert steered - layers  # the gated-steer policy steers a layer no rule reads: it is hooked too
+    assert guard.setup_info["layers"] == sorted(layers | steered)
     assert guard.self_check_error is not None and guard.self_check_error < 1e-3
 
 
@@ -381,18 +385,24 @@ def test_steering_changes_only_the_flagged_request(guard: Any, hf: dict[str, Any
 @needs_vllm
 @pytest.mark.model
 def test_steering_entries_at_a_layer_no_rule_reads(guard: Any, hf: dict[str, Any]) -> None:
-    """A policy's ``steering:`` entry (layer 12, gated by a layer-18 rule) is hooked and steers exactly as HF."""
+    """A policy's ``steering:`` entry at layer 12 (no rule reads it) is hooked: always on, it steers exactly as
+    HF; gated by the layer-18 rule, it steers the request that opened the gate and no other."""
     gated = hf["_policies"]["gated"]
     assert set(gated.steering[0].steer.layers or []) - set(gated.layers()), "the test needs a steering-only layer"
-    assert set(gated.steering[0].steer.layers or []) <= set(guard.setup_info["layers"])
     prompts = [BENIGN[1], HARMFUL]
-    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="gated-steer")
     plain = _unguarded(guard, prompts)
-    ref = hf["gated"].generate(prompts, max_new_tokens=N_NEW)
-    assert [r.steered for r in ref] == [False, True]  # the test needs the gate to open on HARMFUL only
+    always = guard.generate(prompts, max_new_tokens=N_NEW, policy="always-steer")
+    ref = hf["always"].generate(prompts, max_new_tokens=N_NEW)
+    assert all(r.steered for r in ref) and all(r.steered for r in always)
+    assert [r.output_ids for r in always] == [r.output_ids for r in ref]
+    assert all(a.output_ids != p for a, p in zip(always, plain, strict=True))
+    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="gated-steer")
+    assert [r.steered for r in hf["gated"].generate(prompts, max_new_tokens=N_NEW)] == [False, True]
     assert [r.steered for r in got] == [False, True]
     assert got[0].output_ids == plain[0] and got[1].output_ids != plain[1]
-    assert [g.output_ids for g in got] == [r.output_ids for r in ref]
+    # (HF scans the prompt first, so its gate is open when the prefill passes layer 12 and the last prompt
+    # token is steered too; inside vLLM the gate opens in the prefill, after layer 12: steering starts with
+    # the first generated token's forward, one token later, so the texts differ: docs/serving.md)
 
 
 @needs_vllm
