@@ -516,3 +516,30 @@ def test_bundled_model_with_the_offline_text_judge() -> None:
         "unsafe" if w else "safe" for w in want]
     r = g.generate(texts[0], max_new_tokens=4)
     assert r.blocked == want[0] and calls[-1] == texts[0] and r.decisions[0].escalated
+
+
+def test_cascade_benchmark_sweep(tmp_path: Path) -> None:
+    """``benchmarks/cascade.py sweep`` on the committed score cache: its probe-only rows equal "max score >=
+    threshold" computed here, and a cascade row never catches more than probe-or-judge."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cache = root / "benchmarks" / "results" / "cascade_scores.json"
+    if not cache.is_file():
+        pytest.skip("no score cache (python benchmarks/cascade.py score)")
+    out = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "cascade.py"), "sweep", "--cache", str(cache),
+                    "--json-out", str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    data = json.loads(cache.read_text())
+    y = np.array([lab for st in data["sets"].values() for lab in st["labels"]])
+    peak = np.array([max(s) if s else -np.inf for st in data["sets"].values() for s in st["scores"]])
+    for row in res["grid"]:
+        hit = peak >= row["threshold"]
+        if row["escalate_above"] is None:
+            assert row["all"]["tpr"] == pytest.approx(hit[y == 1].mean())
+            assert row["all"]["fpr"] == pytest.approx(hit[y == 0].mean()) and row["all"]["escalated"] == 0
+        else:
+            assert row["all"]["tpr"] <= hit[y == 1].mean() + 1e-9 and row["all"]["escalated"] <= hit.mean() + 1e-9
