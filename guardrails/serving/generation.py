@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from guardrails.core.cascade import judge_input_text
+from guardrails.core.cascade import bind_judges, judge_input_text
 from guardrails.core.decision import TextScore
 from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
 from guardrails.core.policy import Policy
@@ -93,8 +93,10 @@ class GuardedModel:
             self.compiled = policy
         else:
             self.compiled = compile_policy(policy, model, saes, score_mode, keep_full_saes=keep_full_saes)
-        if judges is not None or require_judges:  # cascade: bind by name, check every escalating rule has one
-            self.compiled = self.compiled.with_judges(judges or {}, require=require_judges)
+        if judges is not None:  # the cascade: bind by name, check every escalating rule has one
+            self.compiled = self.compiled.with_judges(judges, require=require_judges)
+        elif require_judges:
+            bind_judges(self.compiled.policy, self.compiled.judges)  # raises naming a rule whose judge is unbound
         self.chat = chat
         from guardrails.serving.sink import resolve_audit
 
