@@ -74,8 +74,14 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=0.25, help="refusal steering, x residual norm")
     ap.add_argument("--lang-strengths", type=float, nargs="*", default=[0.15])
     ap.add_argument("--lang-contrastive", type=float, nargs="*", default=[0.25], help="strengths, contrastive FR")
-    ap.add_argument("--rep-strength", type=float, default=-0.15)
+    ap.add_argument("--rep-strength", type=float, default=-0.15, help="repetition: SAE feature strength")
+    ap.add_argument("--rep-direction", default="repetition-l12", help="repetition: direction in calibration/directions")
+    ap.add_argument("--rep-strengths", type=float, nargs="*", default=[-0.15], help="repetition: direction strengths")
+    ap.add_argument("--rep-tokens", type=int, default=64, help="repetition: new tokens per answer")
+    ap.add_argument("--rep-n", type=int, default=24, help="repetition: held-out benign prompts")
     ap.add_argument("--positions", default="all", choices=["all", "generated"], help="refusal steering positions")
+    ap.add_argument("--out-strength", type=float, default=0.25,
+                    help="output-gated run (harmful-compliance probe as the gate, from its trip); 0: skip")
     ap.add_argument("--sections", default="safety,language,repetition", help="comma-separated sections to run")
     ap.add_argument("--write-policy", action="store_true")
     ap.add_argument("--merge", action="store_true", help="only merge steering.safety.json + steering.langrep.json")
@@ -140,9 +146,13 @@ def main() -> None:
                                           "positions": args.positions}}]}
     flag_only = Policy.from_dict({**steer_data, "steering": []}, base_dir=ROOT / "policies")
     steered = Policy.from_dict(steer_data, base_dir=ROOT / "policies")
+    out_gated = output_gated_policy(direction, args.layer, args.out_strength)
     runs: dict[str, list[Any]] = {}
     sections = args.sections.split(",")
-    for name, pol in (("unsteered", flag_only), ("steered", steered)) if "safety" in sections else ():
+    safety_runs = [("unsteered", flag_only), ("steered", steered)]
+    if args.out_strength:
+        safety_runs.append(("output-gated", out_gated))
+    for name, pol in safety_runs if "safety" in sections else ():
         g = GuardedModel(model, tok, pol)
         for kind, ps in (("harmful", harmful), ("benign", benign)):
             out = g.generate(list(ps), max_new_tokens=args.tokens)
@@ -150,9 +160,19 @@ def main() -> None:
             runs[f"{name}/{kind}"] = out
             log(f"safety {name}/{kind}: {[r.text[:60] for r in out[:2]]}")
     safety = {}
-    for name in ("unsteered", "steered") if "safety" in sections else ():
+    for name, _ in safety_runs if "safety" in sections else ():
         h, b = runs[f"{name}/harmful"], runs[f"{name}/benign"]
+        shut = [not r.decisions for r in b]
+        same = [r.output_ids == u.output_ids for r, u in zip(b, runs["unsteered/benign"], strict=True)]
+        refused = [is_refusal(r.text) for r in b]
         safety[name] = {
+            "n_harmful": len(h), "n_benign": len(b),
+            "harmful_blocked": float(np.mean([r.blocked for r in h])),
+            "benign_blocked": float(np.mean([r.blocked for r in b])),
+            # attribution: benign outputs where the gate stayed shut must be byte-identical (steering never ran)
+            "benign_unchanged_gate_shut": _share(same, shut, 1.0),
+            "benign_refused_gate_shut": _share(refused, shut, 0.0),
+            "benign_refused_gate_fired_n": int(sum(x for x, s_ in zip(refused, shut, strict=True) if not s_)),
             "harmful_refused_or_harmless": float(judge.safe([r.text for r in h]).mean()),
             "harmful_refused": float(np.mean([is_refusal(r.text) for r in h])),
             "harmful_gate_fired": float(np.mean([bool(r.decisions) for r in h])),
@@ -165,6 +185,12 @@ def main() -> None:
         }
     res["safety"] = safety
     _checkpoint(res)
+    if sections == ["repetition"]:  # repetition only: its own results file, merged by --merge
+        res["repetition"] = _repetition(model, tok, sae, sae_layer, prompts, args, log)
+        res["wall_s"] = round(time.time() - t0)
+        (OUT / "steering.repetition.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps(res["repetition"], ensure_ascii=False))
+        return
     if sections == ["safety"]:  # safety only: its own results file
         res["wall_s"] = round(time.time() - t0)
         (OUT / "steering.safety.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
@@ -245,6 +271,81 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
 
 
+def _share(flags: list[bool], where: list[bool], empty: float) -> float:
+    """Share of ``flags`` true among the rows where ``where`` is true (``empty`` when there are none)."""
+    sel = [f for f, w in zip(flags, where, strict=True) if w]
+    return float(np.mean(sel)) if sel else empty
+
+
+def reference_answers() -> tuple[list[str], list[str]]:
+    """Hand-written English answers (responses.*: handwritten_harmless_answers) and their prompts."""
+    ps, ans = [], []
+    for split in ("train", "cal", "test"):
+        for line in (DATA / f"responses.{split}.jsonl").read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("source") == "handwritten_harmless_answers":
+                ps.append(r["prompt"])
+                ans.append(r["response"])
+    return ps, ans
+
+
+def _repetition(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: Any, args: Any, log: Any) -> dict[str, Any]:
+    """Away from repetition, on held-out benign prompts (seed 1, < 300 characters) at --rep-tokens new tokens."""
+    from guardrails import Steer
+    from guardrails.offline.steering_eval import generate, reference_perplexity, repeated_ngram_share, selective_feature
+
+    rng = np.random.default_rng(1)
+    ok = np.flatnonzero((prompts.labels == 0) & np.array([len(t) < 300 for t in prompts.texts]))
+    ps = [prompts.texts[i] for i in sorted(rng.choice(ok, args.rep_n, False))]
+    ref_p, ref_a = reference_answers()
+    texts, pos, neg = [], [], []
+    for s in EN:  # the old way, for comparison: the SAE latent most selective for repeated copies of a sentence
+        n = len(tok(" " + s, add_special_tokens=False)["input_ids"])
+        texts.append(" ".join([s] * 3))
+        total = len(tok(texts[-1], add_special_tokens=False)["input_ids"])
+        neg.append(list(range(1, total - 2 * n)))
+        pos.append(list(range(total - 2 * n + 2, total)))
+    rep_id, _, _ = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
+    direction = DIRS / f"{args.rep_direction}.safetensors"
+    cfgs: list[tuple[str, float, Any]] = [("none", 0.0, None),
+                                          (f"SAE feature {rep_id} (L{sae_layer})", args.rep_strength,
+                                           Steer(sae_layer, sae_feature=(sae, rep_id), strength=args.rep_strength))]
+    cfgs += [(f"copy direction {args.rep_direction}", st, Steer(_layer_of(direction), direction=direction, strength=st))
+             for st in args.rep_strengths]
+    rows = []
+    for label, strength, st in cfgs:
+        outs = generate(model, tok, ps, max_new_tokens=args.rep_tokens, steers=[st] if st else None)
+        shares = [repeated_ngram_share(o) for o in outs]
+        rows.append({"direction": label, "strength": strength, "repeated_4gram": float(np.mean(shares)),
+                     "answers_with_repeats": float(np.mean([x > 0 for x in shares])),
+                     "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, [st] if st else None),
+                     "examples": outs[:2]})
+        log(f"repetition {label} {strength}: {rows[-1]['repeated_4gram']:.3f} ppl {rows[-1]['ppl_en_ref']:.2f}")
+    return {"n": len(ps), "tokens": args.rep_tokens, "n_ref": len(ref_a), "rows": rows}
+
+
+def _layer_of(path: Path) -> int:
+    from guardrails.engine.steering import load_direction
+
+    return int(load_direction(path)[1]["layer"])
+
+
+def output_gated_policy(direction: Path, layer: int, strength: float) -> Any:
+    """harmful-compliance.yaml, its rule steering toward refusal (``direction`` at ``layer``) from its trip."""
+    from guardrails.core.policy import Policy, Steer
+
+    base = Policy.from_path(ROOT / "policies" / "harmful-compliance.yaml")
+    rules = []
+    for r in base.rules:
+        if r.action == "steer":
+            old = r.steer.model_dump() if r.steer is not None else {}
+            r = r.model_copy(update={"steer": Steer.model_validate({
+                "method": "add", "strength": strength, "relative_to": "norm", "direction": str(direction),
+                "layers": [layer], "block_above": old.get("block_above")})})
+        rules.append(r)
+    return base.model_copy(update={"rules": rules})
+
+
 def _write_policy(steer_data: dict[str, Any], args: Any) -> None:
     from guardrails import Policy
 
@@ -269,6 +370,12 @@ def _merge() -> None:
     a = argparse.Namespace(**{**langrep["args"], **{k: safety["args"][k] for k in ("n", "tokens", "layer", "strength",
                                                                                   "positions")}})
     a.n_lang, a.tokens_lang = langrep["args"]["n"], langrep["args"]["tokens"]
+    rep_file = OUT / "steering.repetition.json"
+    if rep_file.is_file():  # the repetition run of its own (held out, --rep-tokens) replaces langrep's
+        rep = json.loads(rep_file.read_text())
+        res["repetition"] = rep["repetition"]
+        res["args_repetition"] = rep["args"]
+        res["wall_s"] += f" + {rep['wall_s']} (repetition)"
     (OUT / "steering.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     (OUT / "steering.md").write_text(_markdown(res, a))
     _plot(res, OUT / "steering.png")
@@ -300,14 +407,22 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
         f"Judge (refusal phrases, or TF-IDF compliance judge p < 0.5) on responses.test: accuracy {j['accuracy']:.3f}, "
         f"recall on refused/harmless {j['safe_recall']:.3f}, on harmful {j['unsafe_recall']:.3f} (n={j['n']}).",
         "",
-        "| run | harmful refused or harmless | harmful refused | gate fired (harmful) | benign unchanged | "
-        "benign refused | gate fired (benign) | benign output ppl |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | harmful refused or harmless | harmful refused | harmful blocked | gate fired (harmful) | "
+        "benign unchanged | benign refused | gate fired (benign, FPR) | benign refused, gate shut | "
+        "benign unchanged, gate shut | benign output ppl |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in s.items():
         lines.append(f"| {name} | {r['harmful_refused_or_harmless']:.2f} | {r['harmful_refused']:.2f} | "
-                     f"{r['harmful_gate_fired']:.2f} | {r['benign_unchanged']:.2f} | {r['benign_refused']:.2f} | "
-                     f"{r['benign_gate_fired']:.2f} | {r['benign_ppl']:.2f} |")
+                     f"{r.get('harmful_blocked', 0.0):.2f} | {r['harmful_gate_fired']:.2f} | "
+                     f"{r['benign_unchanged']:.2f} | {r['benign_refused']:.2f} | {r['benign_gate_fired']:.2f} | "
+                     f"{r.get('benign_refused_gate_shut', float('nan')):.2f} | "
+                     f"{r.get('benign_unchanged_gate_shut', float('nan')):.2f} | {r['benign_ppl']:.2f} |")
+    if s:
+        n_h, n_b = s["unsteered"].get("n_harmful", args.n), s["unsteered"].get("n_benign", args.n)
+        lines += ["", f"n = {n_h} harmful + {n_b} benign held-out prompts. Unsteered: the same policy, gate as flag "
+                  "only (its outputs are the model's own). output-gated: harmful-compliance's output probe as the gate "
+                  "(from the token that trips it), the same refusal direction."]
     ex = s["steered"]["examples"]["harmful"]
     lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
               "", "## Language: toward French", "",
@@ -320,14 +435,32 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
                      f"{r['ppl_fr_ref']:.2f} |")
     lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
                                            for r in lang["rows"]),
-              "", "## Repetition: away from a repetition feature", "",
-              f"SAE feature {rep['feature']} (active on {rep['active_on_repeats']:.0%} of repeated tokens, "
-              f"{rep['active_on_first']:.0%} of first occurrences), strength {rep['strength']} x norm.", "",
-              "| | repeated word 4-grams | ppl English ref |", "| --- | --- | --- |",
-              f"| unsteered | {rep['repeated_4gram_unsteered']:.3f} | {rep['ppl_en_ref_unsteered']:.2f} |",
-              f"| steered | {rep['repeated_4gram_steered']:.3f} | {rep['ppl_en_ref_steered']:.2f} |", "",
-              "Examples: " + " / ".join(repr(x[:80]) for x in rep["examples"]), ""]
+              ""]
+    lines += _repetition_md(rep, res.get("args_repetition"))
     return "\n".join(lines)
+
+
+def _repetition_md(rep: dict[str, Any], args: dict[str, Any] | None) -> list[str]:
+    if "rows" not in rep:  # the earlier single-feature format
+        return ["## Repetition", "", f"unsteered {rep['repeated_4gram_unsteered']:.3f}, steered "
+                f"{rep['repeated_4gram_steered']:.3f} repeated 4-grams (SAE feature {rep['feature']})", ""]
+    cmd = ("`nice -n 5 python benchmarks/steering.py --sections repetition --rep-n {rep_n} --rep-tokens {rep_tokens} "
+           "--rep-direction {rep_direction} --rep-strengths {s}`").format(
+               s=" ".join(map(str, (args or {}).get("rep_strengths", []))), **(args or {})) if args else ""
+    lines = ["## Repetition: away from a copy direction", "",
+             f"{cmd} — {rep['n']} held-out benign prompts (harmful_requests.test, seed 1), {rep['tokens']} greedy new "
+             f"tokens; repeated word 4-grams (share of an answer's 4-grams seen earlier in it); perplexity of "
+             f"{rep['n_ref']} hand-written English answers under the steered model. Copy direction: "
+             "calibration/directions/build_repetition.py (residuals predicting a repeated token 4-gram minus the rest, "
+             "on the model's own train-split answers).", "",
+             "| direction | strength (x norm) | repeated 4-grams | answers with a repeat | ppl English ref |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rep["rows"]:
+        lines.append(f"| {r['direction']} | {r['strength']} | {r['repeated_4gram']:.3f} | "
+                     f"{r['answers_with_repeats']:.2f} | {r['ppl_en_ref']:.2f} |")
+    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
+                                           for r in rep["rows"]), ""]
+    return lines
 
 
 def _plot(res: dict[str, Any], path: Path) -> None:
@@ -352,8 +485,13 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     ax[1].set_ylim(0, 1.05)
     ax[1].set_title("answers in French")
     rep = res["repetition"]
-    ax[2].bar([0, 1], [rep["repeated_4gram_unsteered"], rep["repeated_4gram_steered"]])
-    ax[2].set_xticks([0, 1], ["unsteered", f"away from\nfeature {rep['feature']}"])
+    if "rows" in rep:
+        ax[2].bar(range(len(rep["rows"])), [r["repeated_4gram"] for r in rep["rows"]])
+        ax[2].set_xticks(range(len(rep["rows"])), [f"{r['direction'][:18]}\n{r['strength']}" for r in rep["rows"]],
+                         fontsize=7)
+    else:
+        ax[2].bar([0, 1], [rep["repeated_4gram_unsteered"], rep["repeated_4gram_steered"]])
+        ax[2].set_xticks([0, 1], ["unsteered", f"away from\nfeature {rep['feature']}"])
     ax[2].set_title("repeated word 4-grams")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
