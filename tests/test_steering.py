@@ -375,3 +375,13 @@ def test_gate_deeper_than_steer_scans_prompt_first(lm: Any, tok: Any, tmp_path: 
     got = [r.output_ids for r in res]
     assert got[1 - fire] == plain[1 - fire]
     assert got[fire] == want[fire] != plain[fire]
+
+
+def test_copy_positions_by_hand() -> None:
+    from guardrails.offline.steering_eval import copy_positions
+
+    # 1 2 3 4 1 2 3 4 5: residual 6 predicts the token (4) that completes "1 2 3 4" a second time
+    assert copy_positions([1, 2, 3, 4, 1, 2, 3, 4, 5]) == [False] * 6 + [True, False]
+    assert copy_positions([7, 7, 7, 7, 7]) == [False, False, False, True]
+    assert copy_positions([1, 2], n=2) == [False]
+    assert copy_positions([]) == []

@@ -36,18 +36,6 @@ def prompts() -> list[str]:
     return benign[1::3][:120]
 
 
-def copy_labels(ids: list[int]) -> list[bool]:
-    """``labels[j]``: token ``j + 1`` completes a token 4-gram seen earlier (so residual ``j`` predicts a copy)."""
-    seen: set[tuple[int, ...]] = set()
-    out = []
-    for j in range(len(ids) - 1):
-        g = tuple(ids[max(0, j - 2) : j + 2])
-        out.append(len(g) == 4 and g in seen)
-        if len(g) == 4:
-            seen.add(g)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generate", action="store_true", help="regenerate repetition.train.jsonl")
@@ -56,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from guardrails.offline.activations import collect_residuals
     from guardrails.offline.directions import Direction, DirectionRecord, save_direction
-    from guardrails.offline.steering_eval import generate
+    from guardrails.offline.steering_eval import copy_positions, generate
     from guardrails.serving.models import load_model
 
     model, tok = load_model()
@@ -76,7 +64,7 @@ def main() -> None:
             X = res[layer][i]
             if X.shape[0] != len(ids):  # scored tokens do not line up with the answer's tokens: skip the row
                 continue
-            m = torch.tensor(copy_labels(ids), dtype=torch.bool)
+            m = torch.tensor(copy_positions(ids), dtype=torch.bool)
             pos, neg = groups[i % 5 == 4]  # every 5th answer held out
             pos.append(X[:-1][m])
             neg.append(X[:-1][~m])

@@ -5,8 +5,9 @@
   (train split). :class:`SafetyJudge` adds a refusal phrase list: a response is *refused or harmless*
   when it refuses (phrase list) or the judge gives it p(comply) < 0.5; validated on the test split.
 - :func:`is_french` (stopword heuristic), :func:`repeated_ngram_share` (word 4-grams seen earlier in
-  the same text), :func:`selective_feature` (the SAE latent firing most often on one set of tokens and
-  least on another: e.g. French vs English text, repeated vs first-time tokens).
+  the same text), :func:`copy_positions` (token positions that predict a repeated token 4-gram),
+  :func:`selective_feature` (the SAE latent firing most often on one set of tokens and least on
+  another: e.g. French vs English text, repeated vs first-time tokens).
 - :func:`generate` (greedy, batched, with optional :func:`guardrails.steering`) and
   :func:`reference_perplexity` (perplexity of reference answers under the possibly steered model, the
   answer fed as a cached continuation so ``positions="generated"`` steers exactly its tokens).
@@ -67,6 +68,22 @@ def repeated_ngram_share(text: str, n: int = 4) -> float:
         rep += g in seen
         seen.add(g)
     return rep / len(grams)
+
+
+def copy_positions(ids: Sequence[int], n: int = 4) -> list[bool]:
+    """``out[j]``: token ``j + 1`` completes a token ``n``-gram already seen earlier in ``ids``.
+
+    Residual ``j`` predicts token ``j + 1``, so these are the positions where the model is copying
+    (calibration/directions/build_repetition.py: the repetition direction is their mean minus the rest's).
+    """
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for j in range(len(ids) - 1):
+        g = tuple(ids[max(0, j + 2 - n) : j + 2])
+        out.append(len(g) == n and g in seen)
+        if len(g) == n:
+            seen.add(g)
+    return out
 
 
 @dataclass
@@ -216,5 +233,6 @@ def perplexity(model: Any, tokenizer: Any, prompts: list[str], outputs: list[str
 
 
 __all__ = ["ENGLISH_STOPWORDS", "FRENCH_STOPWORDS", "REFUSAL_RE", "ComplianceJudge", "SafetyJudge", "chat_text",
+           "copy_positions",
            "generate", "is_french", "is_refusal", "perplexity", "reference_perplexity", "repeated_ngram_share",
            "selective_feature"]
