@@ -36,7 +36,10 @@ fi
 import importlib.util, subprocess, sys
 needed = {"safetensors": "safetensors", "pydantic": "pydantic", "yaml": "PyYAML", "typer": "typer",
           "rich": "rich", "tqdm": "tqdm", "numpy": "numpy", "gguf": "gguf", "accelerate": "accelerate",
-          "huggingface_hub": "huggingface_hub", "pytest": "pytest"}
+          "huggingface_hub": "huggingface_hub", "pytest": "pytest",
+          # guardrails serve --engine vllm and its tests (vLLM brings these; checked anyway)
+          "fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx", "prometheus_client": "prometheus_client",
+          "openai": "openai"}
 missing = [pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None]
 if missing:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *missing])

@@ -155,6 +155,8 @@ def test_harmful_blocked_with_verdict_benign_equal_to_unguarded(engine: dict[str
         good = c.chat.completions.create(model="guardrails", max_tokens=N, messages=_chat(engine["benign"][0]))
         chunks = list(c.chat.completions.create(model="guardrails", max_tokens=N, stream=True,
                                                 messages=_chat(engine["benign"][1])))
+        with pytest.raises(openai.BadRequestError, match="max_model_len 256"):  # a 400, not a failed generation
+            c.chat.completions.create(model="guardrails", max_tokens=300, messages=_chat(harmful))
         import httpx
 
         h = httpx.get(url.replace("/v1", "/healthz")).json()

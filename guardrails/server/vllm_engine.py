@@ -124,6 +124,11 @@ class VLLMScheduler:
         check_generation_args([prompt], max_new_tokens, kw.get("temperature", 1.0), kw.get("top_p", 1.0),
                               kw.get("top_k", 0))
         req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens, **kw)
+        limit = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
+        if isinstance(limit, int) and len(req.prompt_ids) + max_new_tokens + 1 > limit:
+            raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens and max_tokens is {max_new_tokens}: "
+                             f"together (plus the one token the guard scores the last with) over the engine's "
+                             f"max_model_len {limit}")
         ticket = Ticket(prompt, max_new_tokens, kw, tuple(x for x in stop if x), sink, next(self._ids))
         with self._cond:
             if self._closed:
