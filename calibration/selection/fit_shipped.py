@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from select_detectors import Set, concat, fit_few_features, fit_probe, fit_sparse_sae, load_sae, weights  # noqa: E402
 
-from guardrails.core.policy import Feature, Policy  # noqa: E402
+from guardrails.core.policy import Feature, LinearDetector, Policy  # noqa: E402
 from guardrails.offline.baselines import save_linear  # noqa: E402
 from guardrails.offline.calibrate import explain_direction  # noqa: E402
 
@@ -200,8 +200,49 @@ def fit_compliance(window: int | None = None) -> None:
     print(json.dumps({"compliance_window": det.window, "loso": results}))
 
 
+def fit_jailbreak() -> None:
+    """A second rule of ``harmful-requests``: jailbreak framing (a role-play / persona / "developer mode"
+    template around the request), whatever the request inside. Same objective as the request probe
+    (``maxwin.fit``, layer 18, window 16, L2 1e-2); label = the row is template-wrapped (jailbreak_wrapped.train,
+    harmful and benign requests alike) vs a plain request (harmful_requests.train, both labels), equal weight
+    per label. Threshold: midway between the highest plain cal row and the lowest wrapped cal row (the cal
+    split separates them completely). Action ``flag``: the request rule decides blocking, so a template around
+    a benign request is recorded, not refused; set ``action: block`` to refuse jailbreak framing as such."""
+    import maxwin
+
+    pool = maxwin.Pool(["requests.train", "wrapped.train"], [18])
+    yj = np.array([1 if "template" in r else 0 for r in pool.rows])
+    w = np.where(yj == 1, 0.5 / yj.mean(), 0.5 / (1 - yj.mean()))
+    coef, bias = maxwin.fit(pool.x, pool.offsets, yj, w, window=16, wd=1e-2, steps=40)
+    cal = maxwin.Pool(["requests.cal", "wrapped.cal"], [18])
+    yc = np.array([1 if "template" in r else 0 for r in cal.rows])
+    sc = maxwin.score(cal.x, cal.offsets, coef, bias, 16)
+    lo, hi = float(sc[yc == 0].max()), float(sc[yc == 1].min())
+    thr = round((lo + hi) / 2, 4)
+    path = ROOT / "calibration" / "probes" / "jailbreak-framing-probe.safetensors"
+    save_linear(path, coef, bias, {"method": "probe", "layer": "18", "objective": "maxwin L2 1e-2",
+                                   "train": "harmful_requests.train (label 0) + jailbreak_wrapped.train (label 1)",
+                                   "train_sha256": data_hash(), "cal_plain_max": f"{lo:.4f}",
+                                   "cal_wrapped_min": f"{hi:.4f}"})
+    pol_path = ROOT / "policies" / "harmful-requests.yaml"
+    pol = Policy.from_path(pol_path)
+    base = pol.rules[0]
+    det = LinearDetector(kind="linear", layer=18, weights="../calibration/probes/jailbreak-framing-probe.safetensors",
+                         method="probe", window=16, aggregate="mean")
+    rule = base.model_copy(update={
+        "id": "jailbreak-framing", "detector": det, "threshold": thr, "action": "flag", "category": "jailbreak",
+        "description": "Jailbreak framing (persona, role-play, 'developer mode' templates) whatever the request inside: "
+                       "linear probe at layer 18 (highest mean over 16 tokens) fitted on wrapped vs plain requests "
+                       "through the served aggregation; flags (the request rule decides blocking)"})
+    rules = [r for r in pol.rules if r.id != "jailbreak-framing"] + [rule]
+    write_policy(pol_path, pol.model_copy(update={"rules": rules}))
+    print(json.dumps({"jailbreak_threshold": thr, "cal_plain_max": lo, "cal_wrapped_min": hi}))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compliance"]:
         fit_compliance()
+    elif sys.argv[1:2] == ["jailbreak"]:
+        fit_jailbreak()
     else:
         main()

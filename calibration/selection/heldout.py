@@ -40,12 +40,15 @@ RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks",
 class Scorer:
     """Served row scores of one policy's input rule over cached sets."""
 
-    def __init__(self, policy_path: Path, probe: str | None = None) -> None:
+    def __init__(self, policy_path: Path, probe: str | None = None, rule: str | None = None) -> None:
         pol = Policy.from_path(policy_path)
-        self.rule = pol.rules[0]
+        known = [r.id for r in pol.rules]
+        if rule is not None and rule not in known:
+            raise SystemExit(f"heldout.py: --rule {rule!r} is not a rule of {policy_path} (rules: {', '.join(known)})")
+        self.rule = next(r for r in pol.rules if rule is None or r.id == rule)
         det = self.rule.detector
         self.window, self.threshold = int(det.window), float(self.rule.threshold)
-        self.name = pol.name if probe is None else f"{pol.name} with {Path(probe).name}"
+        self.name = f"{pol.name}/{self.rule.id}" + ("" if probe is None else f" with {Path(probe).name}")
         if isinstance(det, LinearDetector):
             from safetensors.numpy import load_file
 
@@ -132,17 +135,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", action="append", required=True, help="policy YAML (repeatable)")
     ap.add_argument("--probe", default=None, help="score the first policy with this probe file instead")
+    ap.add_argument("--rule", default=None, help="rule id (default: each policy's first rule)")
     ap.add_argument("--json", default="", help="write the report here")
     args = ap.parse_args()
     full = {}
     for i, p in enumerate(args.policy):
-        sc = Scorer(Path(p), args.probe if i == 0 else None)
+        sc = Scorer(Path(p), args.probe if i == 0 else None, args.rule)
         rep = report(sc)
         full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer, "sets": rep}
         print(f"== {sc.name} (threshold {sc.threshold:.4f}, window {sc.window})")
         for k, v in rep.items():
             extra = f" auroc {v['auroc']:.3f} {v.get('auroc_ci', '')}" if "auroc" in v else ""
-            print(f"  {k:62s} n={v['n']:<4} blocked {v['blocked']:.3f} {v['blocked_ci']}{extra}")
+            print(f"  {k:62s} n={v['n']:<4} fired {v['blocked']:.3f} {v['blocked_ci']}{extra}")
     if args.json:
         Path(args.json).write_text(json.dumps(full, indent=1) + "\n")
 
