@@ -82,9 +82,9 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
 
 def main() -> None:
     torch.set_num_threads(2)
-    from guardrails.serving.models import load_model
-
     import os
+
+    from guardrails.serving.models import load_model
 
     global LAYERS
     args = sys.argv[1:]

