@@ -367,8 +367,8 @@ def _merge() -> None:
     res = {**langrep, "safety": safety["safety"], "judge": safety["judge"],
            "wall_s": f"{safety['wall_s']} (safety) + {langrep['wall_s']} (language, repetition)",
            "args_safety": safety["args"]}
-    a = argparse.Namespace(**{**langrep["args"], **{k: safety["args"][k] for k in ("n", "tokens", "layer", "strength",
-                                                                                  "positions")}})
+    a = argparse.Namespace(**{**langrep["args"], **{k: safety["args"].get(k) for k in (
+        "n", "tokens", "layer", "strength", "positions", "out_strength")}})
     a.n_lang, a.tokens_lang = langrep["args"]["n"], langrep["args"]["tokens"]
     rep_file = OUT / "steering.repetition.json"
     if rep_file.is_file():  # the repetition run of its own (held out, --rep-tokens) replaces langrep's
@@ -393,8 +393,9 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
         "# Steering on the bundled model (benchmarks/steering.py)",
         "",
         f"Commands: `nice -n 5 python benchmarks/steering.py --sections safety --n {args.n} --tokens {args.tokens} "
-        f"--strength {args.strength} --positions {args.positions} --write-policy`, `... --sections language,repetition "
-        f"--n {getattr(args, 'n_lang', args.n)} --tokens {getattr(args, 'tokens_lang', args.tokens)}`, `... --merge`; "
+        f"--strength {args.strength} --positions {args.positions} --out-strength {getattr(args, 'out_strength', 0)}`, "
+        f"`... --sections language,repetition --n {getattr(args, 'n_lang', args.n)} "
+        f"--tokens {getattr(args, 'tokens_lang', args.tokens)}` (language: an earlier run), `... --merge`; "
         f"greedy; wall {res['wall_s']} s. Held-out prompts: harmful and benign of "
         "calibration/data/harmful_requests.test.jsonl (seed 0, < 400 characters); language and repetition use "
         "the benign ones.",
