@@ -474,9 +474,10 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(13, 4))
     keys = ["harmful_refused_or_harmless", "benign_unchanged", "benign_refused"]
     x = np.arange(len(keys))
+    w = 0.8 / max(len(s), 1)
     for i, name in enumerate(s):
-        ax[0].bar(x + 0.38 * i, [s[name][k] for k in keys], 0.38, label=name)
-    ax[0].set_xticks(x + 0.19, ["harmful refused\nor harmless", "benign\nunchanged", "benign\nrefused"])
+        ax[0].bar(x + w * i, [s[name][k] for k in keys], w, label=name)
+    ax[0].set_xticks(x + w * (len(s) - 1) / 2, ["harmful refused\nor harmless", "benign\nunchanged", "benign\nrefused"])
     ax[0].set_ylim(0, 1.05)
     ax[0].legend()
     ax[0].set_title("safety (gated refusal steering)")
