@@ -14,15 +14,15 @@ token (the engine adds them; see ``guardrails.engine.scorers``).
 
 Data: the residual caches ``collect.py`` writes (``--dtype=float32`` -> ``<cache>/selection-float32``).
 
-    python calibration/selection/maxwin.py cv   [--layers 18] [--window 16] [--wd 1e-3,1e-2]
-    python calibration/selection/maxwin.py heldout [--layers 18] ...   # fit on train, score held-out sources
-    python calibration/selection/maxwin.py fit --out calibration/probes/NAME.safetensors ...
+    python calibration/selection/maxwin.py cv [--layers 18] [--window 16] [--wd 1e-3,1e-2] [--kind ridge]
+
+The shipped probes are fitted by ``fit_shipped.py --probe-kind maxwin`` / ``--sae-objective maxwin``;
+``heldout.py`` scores the shipped policies on the held-out sources.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -232,86 +232,21 @@ def row_weights(pool: Pool, hard: float) -> np.ndarray:
     return w
 
 
-def _fit_train(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[np.ndarray, float]:
-    pool = Pool(list(names), args.layers)
-    w = row_weights(pool, args.hard)
-    return fit(pool.x, pool.offsets, pool.y, w, window=args.window, wd=args.wd[0], steps=args.steps)
-
-
-def heldout_report(coef: np.ndarray, bias: float, layers: list[int], window: int,
-                   threshold: float | None = None) -> dict[str, dict[str, float]]:
-    """Per held-out family of the test split, the wrapped test split and the reserved sets: AUROC against
-    the held-out benign rows (and, at ``threshold`` or the cal 3%-FPR point, the share flagged)."""
-    def rows_scores(name: str) -> tuple[Pool, np.ndarray]:
-        p = Pool([name], layers)
-        return p, score(p.x, p.offsets, coef, bias, window)
-
-    cal, sc_cal = rows_scores("requests.cal")
-    if threshold is None:
-        threshold = float(np.quantile(sc_cal[cal.y == 0], 0.97))
-    test, sc = rows_scores("requests.test")
-    src = np.array(test.sources)
-    benign = (test.y == 0)
-    out: dict[str, dict[str, float]] = {}
-    held_benign = benign & np.isin(src, list(HELD_OUT_SOURCES))
-    for g in sorted(set(src[test.y == 1])):
-        m = (src == g) & (test.y == 1)
-        out[g] = {"n": int(m.sum()), "auroc": auroc(sc[m], sc[benign]), "tpr": float((sc[m] >= threshold).mean()),
-                  "held_out": g in HELD_OUT_SOURCES}
-    held = np.isin(src, list(HELD_OUT_SOURCES)) & (test.y == 1)
-    out["ALL held-out harmful"] = {"n": int(held.sum()), "auroc": auroc(sc[held], sc[benign]),
-                                   "tpr": float((sc[held] >= threshold).mean())}
-    out["held-out benign (FPR)"] = {"n": int(held_benign.sum()), "fpr": float((sc[held_benign] >= threshold).mean())}
-    contrast = benign & np.array([s.startswith("handwritten") for s in src])
-    out["handwritten contrast+alarming test (FPR)"] = {"n": int(contrast.sum()),
-                                                       "fpr": float((sc[contrast] >= threshold).mean())}
-    out["all test benign (FPR)"] = {"n": int(benign.sum()), "fpr": float((sc[benign] >= threshold).mean())}
-    wr, sw = rows_scores("wrapped.test")
-    kind = np.array([str(r["template"]).split("/")[0] for r in wr.rows])
-    for k in sorted(set(kind)):
-        m = kind == k
-        out[f"wrapped {k}"] = {"n": int(m.sum()), "auroc": auroc(sw[m & (wr.y == 1)], sw[m & (wr.y == 0)]),
-                               "tpr": float((sw[m & (wr.y == 1)] >= threshold).mean()),
-                               "fpr": float((sw[m & (wr.y == 0)] >= threshold).mean())}
-    _, so = rows_scores("over_refusal")
-    out["over_refusal (FPR)"] = {"n": len(so), "fpr": float((so >= threshold).mean())}
-    for name in ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer"):
-        try:
-            p, s = rows_scores(name)
-        except FileNotFoundError:
-            continue
-        out[name] = {"n": len(s), "flagged": float((s >= threshold).mean()),
-                     "auroc_vs_test_benign": auroc(s[p.y == 1], sc[benign]) if (p.y == 1).any() else float("nan")}
-    out["threshold"] = {"value": threshold}
-    return out
-
-
-def cmd_heldout(args: argparse.Namespace) -> None:
-    coef, bias = _fit_train(args, TRAIN)
-    rep = heldout_report(coef, bias, args.layers, args.window)
-    for k, v in rep.items():
-        print(f"{k:45s} " + " ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["cv", "heldout", "fit"])
+    ap.add_argument("cmd", choices=["cv"])
     ap.add_argument("--layers", default="18", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--wd", default="1e-3", type=lambda s: [float(v) for v in s.split(",")])
     ap.add_argument("--steps", type=int, default=60, help="L-BFGS iterations")
-    ap.add_argument("--json", default="")
     ap.add_argument("--kind", choices=["maxwin", "ridge"], default="maxwin",
                     help="ridge: the mean-pooled probe of select_detectors.py under the same folds (--wd = C)")
     ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
     ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
                     help="grouped family folds (FOLDS) instead of one fold per family")
-    ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"cv": cmd_cv, "heldout": cmd_heldout}.get(args.cmd, lambda a: None)(args)
+    cmd_cv(args)
 
 
 if __name__ == "__main__":
