@@ -90,9 +90,9 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     src = np.array(test.sources)
     benign = s[test.labels == 0]
 
-    def harmful(name: str, pos: np.ndarray) -> None:
-        out[name] = {"n": len(pos), "auroc": round(auroc(pos, benign), 4),
-                     "auroc_ci": boot(lambda p, b: auroc(p, b), pos, benign),
+    def harmful(name: str, pos: np.ndarray, neg: np.ndarray = benign) -> None:
+        out[name] = {"n": len(pos), "auroc": round(auroc(pos, neg), 4),
+                     "auroc_ci": boot(lambda p, b: auroc(p, b), pos, neg),
                      "blocked": round(float((pos >= thr).mean()), 4),
                      "blocked_ci": boot(lambda p: float((p >= thr).mean()), pos)}
 
@@ -113,10 +113,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     kind = np.array([str(r["template"]).split("/")[0] for r in wr.rows])
     for k, label in (("walledeval", "walledeval templates (held out whole)"), ("pyrit", "pyrit test templates")):
         m = kind == k
-        harmful(f"wrapped harmful, {label}", sw[m & (wr.labels == 1)])
-        out[f"wrapped harmful, {label}"]["auroc"] = round(auroc(sw[m & (wr.labels == 1)], sw[m & (wr.labels == 0)]), 4)
+        harmful(f"wrapped harmful, {label}", sw[m & (wr.labels == 1)], sw[m & (wr.labels == 0)])
         out[f"wrapped harmful, {label}"]["auroc_note"] = "against the same templates wrapping benign requests"
-        out[f"wrapped harmful, {label}"].pop("auroc_ci")
         benign_rate(f"wrapped benign, {label}", sw[m & (wr.labels == 0)])
     for name in RESERVED:
         try:
