@@ -171,3 +171,25 @@ def qwen_scope_encode(x: torch.Tensor, tensors: dict[str, torch.Tensor], k: int)
     pre = x.float() @ tensors["W_enc"].T + tensors["b_enc"]
     values, indices = pre.topk(k, dim=-1)
     return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+def watch_policy(path: Any, threshold: float = 1e9, *, name: str = "tiny", layer: int = 1, k: int = 32,
+                 features: list[int] | None = None, scope: str = "output", action: str = "block",
+                 refusal: str = "Sorry, no.", rule_extra: str = "") -> Any:
+    """A one-rule policy over a Qwen-Scope file at ``path``: the sum of ``features`` (default: every even id
+    below 128) at ``layer``; ``rule_extra``: more YAML lines of the rule (indented four spaces)."""
+    from guardrails import Policy
+
+    feats = ", ".join(str(f) for f in (features if features is not None else range(0, 128, 2)))
+    return Policy.from_yaml(f"""
+name: {name}
+refusal: "{refusal}"
+saes:
+  main: {{path: "{path}", layer: {layer}, k: {k}}}
+rules:
+  - id: watch
+    scope: {scope}
+    detector: {{sae: main, features: [{feats}], combine: sum}}
+    threshold: {threshold}
+    action: {action}
+{rule_extra}""")

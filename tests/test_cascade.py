@@ -28,7 +28,7 @@ from guardrails.core.cascade import (
     verdict_from_text,
 )
 from guardrails.core.semantics import RuleSpec, cascade_band, decide_scan
-from tests.builders import qwen_scope_tensors, write_qwen_scope
+from tests.builders import qwen_scope_tensors, watch_policy, write_qwen_scope
 
 LAYER, D_SAE, K = 1, 128, 32
 FEATURES = list(range(0, D_SAE, 2))
@@ -58,23 +58,10 @@ def sae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _policy(path: Path, threshold: float, escalate_above: float | None, *, scope: str = "output",
             action: str = "block", judge: str = "judge: {name: j}", on_error: str = "") -> Policy:
-    feats = ", ".join(str(f) for f in FEATURES)
-    esc = f"escalate_above: {escalate_above}" if escalate_above is not None else ""
-    return Policy.from_yaml(f"""
-name: tiny-cascade
-refusal: "Sorry, no."
-saes:
-  main: {{path: "{path}", layer: {LAYER}, k: {K}}}
-rules:
-  - id: watch
-    scope: {scope}
-    detector: {{sae: main, features: [{feats}], combine: sum}}
-    threshold: {threshold}
-    action: {action}
-    {esc}
-    {judge if escalate_above is not None else ""}
-    {on_error}
-""")
+    extra = [f"escalate_above: {escalate_above}", judge] if escalate_above is not None else []
+    lines = "".join(f"    {x}\n" for x in [*extra, on_error] if x)
+    return watch_policy(path, threshold, name="tiny-cascade", layer=LAYER, k=K, features=FEATURES, scope=scope,
+                        action=action, rule_extra=lines)
 
 
 def _scores(lm: Any, tok: Any, path: Path, scope: str = "output") -> list[float]:

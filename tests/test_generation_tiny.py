@@ -12,7 +12,13 @@ import torch
 
 from guardrails import GuardedModel, Policy, SAEError
 from guardrails.engine.hooks import hooks_on
-from tests.builders import qwen_scope_encode, qwen_scope_tensors, tiny_qwen3_5_multimodal, write_qwen_scope
+from tests.builders import (
+    qwen_scope_encode,
+    qwen_scope_tensors,
+    tiny_qwen3_5_multimodal,
+    watch_policy,
+    write_qwen_scope,
+)
 
 LAYER, D_SAE, K = 1, 128, 32
 FEATURES = list(range(0, D_SAE, 2))
@@ -29,19 +35,8 @@ def sae_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 def _policy(path: Path, *, threshold: float = 1e9, action: str = "block", scope: str = "output",
             features: list[int] | None = None, steer: str = "", k: int = K) -> Policy:
-    feats = ", ".join(str(f) for f in (features or FEATURES))
-    return Policy.from_yaml(f"""
-name: tiny
-refusal: "{REFUSAL}"
-saes:
-  main: {{path: "{path}", layer: {LAYER}, k: {k}}}
-rules:
-  - id: watch
-    scope: {scope}
-    detector: {{sae: main, features: [{feats}], combine: sum}}
-    threshold: {threshold}
-    action: {action}
-{steer}""")
+    return watch_policy(path, threshold, layer=LAYER, k=k, features=features or FEATURES, scope=scope,
+                        action=action, refusal=REFUSAL, rule_extra=steer)
 
 
 def _greedy(model: Any, tok: Any, prompt: str, n: int = NEW) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 from guardrails import GuardedModel, Policy
 from guardrails.engine.hooks import hooks_on
 from guardrails.serving.scheduler import Event, Scheduler
-from tests.builders import qwen_scope_tensors, write_qwen_scope
+from tests.builders import qwen_scope_tensors, watch_policy, write_qwen_scope
 
 LAYER, D_SAE, K = 1, 128, 32
 FEATURES = list(range(0, D_SAE, 2))
@@ -24,19 +24,7 @@ PROMPTS = [
 
 
 def _policy(path: Path, threshold: float) -> Policy:
-    feats = ", ".join(str(f) for f in FEATURES)
-    return Policy.from_yaml(f"""
-name: tiny
-refusal: "{REFUSAL}"
-saes:
-  main: {{path: "{path}", layer: {LAYER}, k: {K}}}
-rules:
-  - id: watch
-    scope: output
-    detector: {{sae: main, features: [{feats}], combine: sum}}
-    threshold: {threshold}
-    action: block
-""")
+    return watch_policy(path, threshold, layer=LAYER, k=K, features=FEATURES, refusal=REFUSAL)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the a
 from guardrails import GuardedModel, Policy  # noqa: E402
 from guardrails.engine.hooks import hooks_on  # noqa: E402
 from guardrails.server import ServerConfig, create_app  # noqa: E402
-from tests.builders import qwen_scope_tensors, tiny_tokenizer, write_qwen_scope  # noqa: E402
+from tests.builders import qwen_scope_tensors, tiny_tokenizer, watch_policy, write_qwen_scope  # noqa: E402
 
 LAYER, D_SAE, K = 1, 128, 32
 FEATURES = list(range(0, D_SAE, 2))
@@ -86,19 +86,7 @@ class Served:
 
 
 def _policy(path: Path, threshold: float) -> Policy:
-    feats = ", ".join(str(f) for f in FEATURES)
-    return Policy.from_yaml(f"""
-name: tiny
-refusal: "{REFUSAL}"
-saes:
-  main: {{path: "{path}", layer: {LAYER}, k: {K}}}
-rules:
-  - id: watch
-    scope: output
-    detector: {{sae: main, features: [{feats}], combine: sum}}
-    threshold: {threshold}
-    action: block
-""")
+    return watch_policy(path, threshold, layer=LAYER, k=K, features=FEATURES, refusal=REFUSAL)
 
 
 def _chat(p: str) -> list[dict[str, str]]:

@@ -19,15 +19,21 @@ Stop strings are checked on the released text the same way (the request is then 
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from guardrails.serving.scheduler import Completion, Event, FinishReason, Ticket, _first_stop, _held_back
+from guardrails.serving.scheduler import (
+    Completion,
+    Event,
+    FinishReason,
+    ThreadedScheduler,
+    Ticket,
+    _first_stop,
+    _held_back,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,56 +58,30 @@ class _Live:
     sent: str = ""
 
 
-class VLLMScheduler:
+class VLLMScheduler(ThreadedScheduler):
     """Runs server requests in a guarded vLLM engine, continuously batched (see the module docstring)."""
+
+    thread_name = "guardrails-vllm"
 
     def __init__(self, guard: Any, *, policy: str | None = None, gather_ms: float = 2.0,
                  max_queue: int = 256) -> None:
         if policy is not None and policy not in guard.policies:
             raise ValueError(f"policy: {policy!r} is not loaded; loaded: {', '.join(guard.policies)}")
-        self.guard = guard
+        super().__init__(guard, gather_ms=gather_ms, max_queue=max_queue)
         self.policy = policy
         """The loaded policy every request runs under (None: the guard's default)."""
         self.engine = guard.llm.llm_engine
-        self.gather_s = gather_ms / 1000
-        self.max_queue = max_queue
         self._waiting: list[tuple[Ticket, Any]] = []
         self._live: dict[str, _Live] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self.batches_run = 0
-        """Engine steps run so far."""
-        self.batch_sizes: list[int] = []
-        """Requests in the engine at each step (the last 1,000): several means one forward served them all."""
-        self.finish_counts: dict[str, int] = {}
-        """How many requests ended with each finish reason."""
-
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> VLLMScheduler:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="guardrails-vllm", daemon=True)
-            self._thread.start()
-        return self
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the thread; requests still waiting or running end with ``error``."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        with self._cond:
-            left, self._waiting = self._waiting, []
-        for t, _ in left:
-            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
 
     @property
     def queued(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def _drain(self) -> list[Ticket]:
+        left, self._waiting = self._waiting, []
+        return [t for t, _ in left]
 
     # -- submission -----------------------------------------------------------------------------------
     def submit(self, prompt: str, *, max_new_tokens: int, sampling: dict[str, Any] | None = None,
@@ -207,8 +187,7 @@ class VLLMScheduler:
         self._end(ended)
         if not self._live:
             return
-        self.batches_run += 1
-        self.batch_sizes = [*self.batch_sizes[-999:], len(self._live)]
+        self._record_batch(len(self._live))
         outs = self.engine.step()
         ended = []
         for out in outs:
@@ -281,9 +260,6 @@ class VLLMScheduler:
         assert reason is not None
         self._count(reason)
         t.emit(Event("done", completion=Completion(out, reason, result, lv.prompt_tokens, n_out)))
-
-    def _count(self, reason: str) -> None:
-        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
 
     def _fail_all(self, why: str) -> None:
         with self._cond:

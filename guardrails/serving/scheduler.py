@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self
 
 import torch
 
@@ -141,58 +141,92 @@ class _Row:
         self.ended = False
 
 
-class Scheduler:
-    """Gathers waiting requests into batched guarded decode steps (see the module docstring)."""
+class ThreadedScheduler:
+    """What both engines' schedulers share: one worker thread, a condition guarding the waiting queue, the
+    lifecycle (``start``, ``close``, context manager) and the counters the server's metrics read.
+    Subclasses implement ``_loop`` (the thread) and ``_drain`` (the requests ``close`` ends)."""
 
-    def __init__(self, guard: GuardedModel, *, max_batch: int = 16, gather_ms: float = 2.0,
-                 max_queue: int = 256) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    thread_name = "guardrails-scheduler"
+
+    def __init__(self, guard: Any, *, gather_ms: float, max_queue: int) -> None:
         self.guard = guard
-        self.max_batch = max_batch
         self.gather_s = gather_ms / 1000
         self.max_queue = max_queue
-        self._waiting: list[Ticket] = []
         self._cond = threading.Condition()
         self._closed = False
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self.batches_run = 0
-        """Number of batches run so far (for tests and metrics)."""
+        """Batches (engine steps) run so far (for tests and metrics)."""
         self.batch_sizes: list[int] = []
-        """Size of each batch run (the last 1,000)."""
+        """Requests in each batch (engine step) run (the last 1,000)."""
         self.finish_counts: dict[str, int] = {}
         """How many requests ended with each finish reason."""
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> Scheduler:
+    def start(self) -> Self:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="guardrails-scheduler", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
             self._thread.start()
         return self
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the thread after the running batch; waiting requests end with ``error``."""
+        """Stop the thread; requests still waiting (and, per engine, running) end with ``error``."""
         with self._cond:
             self._closed = True
-            left, self._waiting = self._waiting, []
+            left = self._drain()
             self._cond.notify_all()
         for t in left:
             t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cond:
+            late = self._drain()
+        for t in late:
+            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
 
-    def __enter__(self) -> Scheduler:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _count(self, reason: str) -> None:
+        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
+
+    def _record_batch(self, size: int) -> None:
+        self.batches_run += 1
+        self.batch_sizes = [*self.batch_sizes[-999:], size]
+
+    def _drain(self) -> list[Ticket]:
+        """Take the waiting tickets out of the queue (called holding ``_cond``)."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(ThreadedScheduler):
+    """Gathers waiting requests into batched guarded decode steps (see the module docstring)."""
+
+    def __init__(self, guard: GuardedModel, *, max_batch: int = 16, gather_ms: float = 2.0,
+                 max_queue: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        super().__init__(guard, gather_ms=gather_ms, max_queue=max_queue)
+        self.guard: GuardedModel = guard
+        self.max_batch = max_batch
+        self._waiting: list[Ticket] = []
+
     @property
     def queued(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def _drain(self) -> list[Ticket]:
+        left, self._waiting = self._waiting, []
+        return left
 
     # -- submission -----------------------------------------------------------------------------------
     def submit(self, prompt: str, *, max_new_tokens: int, sampling: dict[str, Any] | None = None,
@@ -280,8 +314,7 @@ class Scheduler:
         """Run ``tickets`` (same sampling settings) as one batch, finalizing each row when it ends."""
         guard = self.guard
         tok = guard.tokenizer
-        self.batches_run += 1
-        self.batch_sizes = [*self.batch_sizes[-999:], len(tickets)]
+        self._record_batch(len(tickets))
         prompts = [t.prompt for t in tickets]
         rows = [_Row(t, len(tok(t.prompt, add_special_tokens=False)["input_ids"])) for t in tickets]
         limit = max(t.max_new_tokens for t in tickets)
@@ -328,7 +361,7 @@ class Scheduler:
     def _finish(self, row: _Row, b: int, run: Any, ids: list[int], reason: FinishReason,
                 text: str | None = None) -> None:
         row.ended = True
-        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
+        self._count(reason)
         guard = self.guard
         result = guard._result(run, b, row.ticket.prompt, list(ids))
         # the row's place in the batch is no business of the request: number it as a run of its own
