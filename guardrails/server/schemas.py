@@ -76,11 +76,11 @@ def _sampling(temp: float | None, top_p: float | None, seed: int | None) -> dict
             "top_p": 1.0 if top_p is None else top_p, "top_k": 0, "seed": seed}
 
 
-class ChatCompletionRequest(_Strict):
+class _GenerationRequest(_Strict):
+    """Fields and helpers both generation endpoints share (OpenAI's names and ranges)."""
+
     model: str | None = Field(default=None, description="Model id (see GET /v1/models); default: the served model")
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation")
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens (newer name)")
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer (not included)")
@@ -91,6 +91,21 @@ class ChatCompletionRequest(_Strict):
     user: str | None = Field(default=None, description="End-user id (recorded nowhere)")
     presence_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
     frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def stops(self) -> list[str]:
+        return _stops(self.stop)
+
+    def sampling(self) -> dict[str, Any]:
+        """``model.generate`` arguments: temperature 0, or absent with top_p absent, is greedy (top_k off)."""
+        return _sampling(self.temperature, self.top_p, self.seed)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens (newer name)")
     logprobs: bool | None = Field(default=None, description="Only false (not implemented)")
     store: bool | None = Field(default=None, description="Ignored")
     metadata: dict[str, str] | None = Field(default=None, description="Ignored")
@@ -111,13 +126,6 @@ class ChatCompletionRequest(_Strict):
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def stops(self) -> list[str]:
-        return _stops(self.stop)
-
-    def sampling(self) -> dict[str, Any]:
-        """``model.generate`` arguments: temperature 0, or absent with top_p absent, is greedy (top_k off)."""
-        return _sampling(self.temperature, self.top_p, self.seed)
-
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
@@ -126,24 +134,12 @@ COMPLETION_UNSUPPORTED = {"suffix": None, "logit_bias": None, "logprobs": None}
 """Fields of OpenAI's completions API accepted only when absent or null."""
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_GenerationRequest):
     """OpenAI's (legacy) completions API: one prompt, continued as given (no chat template)."""
 
-    model: str | None = Field(default=None, description="Model id (see GET /v1/models); default: the served model")
     prompt: str | list[str] = Field(description="The text to continue (a list: exactly one string)")
-    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass")
-    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer (not included)")
-    seed: int | None = Field(default=None, description="Seed for sampling (reproducible answers)")
-    stream: bool = Field(default=False, description="Answer as server-sent events")
-    stream_options: StreamOptions | None = Field(default=None, description="Streaming options")
-    n: int | None = Field(default=None, ge=1, le=1, description="Number of answers: only 1")
     best_of: int | None = Field(default=None, ge=1, le=1, description="Only 1 (not implemented)")
     echo: bool | None = Field(default=None, description="Only false (not implemented)")
-    user: str | None = Field(default=None, description="End-user id (recorded nowhere)")
-    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 (not implemented)")
     suffix: Any = None
     logit_bias: Any = None
     logprobs: Any = None
@@ -155,15 +151,6 @@ class CompletionRequest(_Strict):
             raise APIError(400, f"'prompt' has {len(self.prompt)} strings; this server takes exactly one",
                            param="prompt", code="invalid_value")
         return self.prompt[0]
-
-    def limit(self) -> int | None:
-        return self.max_tokens
-
-    def stops(self) -> list[str]:
-        return _stops(self.stop)
-
-    def sampling(self) -> dict[str, Any]:
-        return _sampling(self.temperature, self.top_p, self.seed)
 
 
 class GuardCheckRequest(_Strict):
@@ -210,7 +197,9 @@ def _field_error(exc: ValidationError, schema: type[BaseModel]) -> APIError:
     if err["type"] == "extra_forbidden":
         model = _model_at(schema, err["loc"][:-1])
         hidden = UNSUPPORTED if schema is not CompletionRequest else {**UNSUPPORTED, **COMPLETION_UNSUPPORTED}
-        valid = ", ".join(n for n in model.model_fields if n not in hidden)
+        names = [n for n in model.model_fields if n not in hidden]  # "model", then the required ones, then the rest
+        rank = {n: (n != "model", not model.model_fields[n].is_required()) for n in names}
+        valid = ", ".join(sorted(names, key=rank.__getitem__))
         return APIError(400, f"unknown field '{loc}'; valid: {valid}", param=loc, code="unknown_parameter")
     if err["type"] == "missing":
         return APIError(400, f"'{loc}' is required", param=loc, code="missing_parameter")
