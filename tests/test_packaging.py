@@ -30,6 +30,10 @@ def test_shipped_policies_by_name_resolve_their_probes() -> None:
             if weights:
                 assert weights.startswith("../calibration/probes/")
                 assert Path(policy.resolve(weights)).is_file(), (name, weights)
+        for entry in policy.steering:  # steering directions ship too (calibration/directions)
+            d = entry.steer.direction
+            if d and not d.startswith("sae:"):
+                assert d.startswith("../calibration/directions/") and Path(policy.resolve(d)).is_file(), (name, d)
     assert shipped_policy("harmful-requests.yaml") == policies_dir() / "harmful-requests.yaml"
     assert shipped_policy("../pyproject") is None and shipped_policy("nope") is None
 
@@ -66,7 +70,7 @@ def _copy_source(dst: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "guardrails", dst / "guardrails", ignore=ignore)
     shutil.copytree(ROOT / "policies", dst / "policies", ignore=ignore)
-    for sub in ("probes", "records"):
+    for sub in ("probes", "records", "directions"):
         shutil.copytree(ROOT / "calibration" / sub, dst / "calibration" / sub, ignore=ignore)
 
 
@@ -85,6 +89,9 @@ def test_wheel_in_a_fresh_venv_runs_generate_from_another_directory(tmp_path: Pa
         assert f"guardrails/_data/policies/{name}.yaml" in names
     assert "guardrails/_data/calibration/probes/harmful-requests-probe.safetensors" in names
     assert "guardrails/_data/calibration/records/harmful-requests.json" in names
+    assert "guardrails/_data/calibration/directions/refusal-l12.safetensors" in names  # harmful-requests-steer
+    assert not any(n.startswith("guardrails/_data/") and n.endswith(".py") and not n.endswith("__init__.py")
+                   for n in names), "build scripts of the data folders must not travel in the wheel"
     assert any(n.startswith("guardrails/assets/sae/") for n in names)
 
     venv = tmp_path / "venv"
