@@ -5,8 +5,9 @@
 (a) language: the most French-selective latent of the bundled SAE (found at run time: active on French
     tokens, not on the English translations) added at its layer, on English prompts: share of answers
     detected as French (stopword heuristic), perplexity of reference answers (English and French)
-    under the steered model; and the same with a contrastive French-vs-English direction (the parallel
-    sentences below as the two continuations of the same prompts) for comparison.
+    under the steered model; and French-vs-English contrastive directions (the model's own French and
+    English answers to the same train-split prompts, calibration/directions/build_french.py) added
+    together at layers --lang-layers (``--sections language`` writes steering.language.json).
 (b) repetition: steering away from the latent most selective for repeated tokens (a sentence's second
     and third copy vs its first): share of repeated word 4-grams, reference perplexity.
 (c) safety: the harmful-requests input probe as the gate (action flag) and a ``steering:`` entry
@@ -73,9 +74,16 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=12, help="refusal direction layer")
     ap.add_argument("--strength", type=float, default=0.25, help="refusal steering, x residual norm")
     ap.add_argument("--lang-strengths", type=float, nargs="*", default=[0.15])
-    ap.add_argument("--lang-contrastive", type=float, nargs="*", default=[0.25], help="strengths, contrastive FR")
+    ap.add_argument("--lang-contrastive", type=float, nargs="*", default=[0.12], help="strengths, contrastive FR")
+    ap.add_argument("--lang-layers", type=int, nargs="+", default=[6, 9, 12],
+                    help="layers of the french-l<L> directions (calibration/directions/build_french.py)")
+    ap.add_argument("--lang-positions", default="all", choices=["all", "generated"],
+                    help="language steering positions (all: the prompt too)")
     ap.add_argument("--rep-strength", type=float, default=-0.15, help="repetition: SAE feature strength")
-    ap.add_argument("--rep-direction", default="repetition-l12", help="repetition: direction in calibration/directions")
+    ap.add_argument("--rep-direction", nargs="+", default=["repetition-l12"],
+                    help="repetition: direction(s) in calibration/directions, each at its own layer")
+    ap.add_argument("--rep-methods", nargs="+", choices=["add", "clamp"], default=["clamp"],
+                    help="repetition: add (h + s·u) or clamp (projection on u capped at s x norm)")
     ap.add_argument("--rep-strengths", type=float, nargs="*", default=[-0.15], help="repetition: direction strengths")
     ap.add_argument("--rep-tokens", type=int, default=64, help="repetition: new tokens per answer")
     ap.add_argument("--rep-n", type=int, default=24, help="repetition: held-out benign prompts")
@@ -92,18 +100,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from guardrails import GuardedModel, Policy, Steer
+    from guardrails import GuardedModel, Policy
     from guardrails.offline.calibrate import load_labeled
-    from guardrails.offline.directions import save_direction
     from guardrails.offline.steering_eval import (
         ComplianceJudge,
         SafetyJudge,
         generate,
-        is_french,
         is_refusal,
         reference_perplexity,
-        repeated_ngram_share,
-        selective_feature,
     )
     from guardrails.sae.model import SAE
     from guardrails.serving.models import load_model
@@ -119,9 +123,6 @@ def main() -> None:
     short = np.array([len(t) < 400 for t in prompts.texts])
     pick = [sorted(rng.choice(np.flatnonzero((prompts.labels == y) & short), args.n, False)) for y in (1, 0)]
     harmful, benign = ([prompts.texts[i] for i in p] for p in pick)
-    ref_rows = [i for i, s in enumerate(test.sources) if s == "handwritten_harmless_answers"][:6]
-    ref_p = [test.texts[i] for i in ref_rows]
-    ref_a = [test.responses[i] for i in ref_rows]
     model, tok = load_model()
     sae = SAE.load("bundled")
     sae_layer = int(sae.cfg.layer if sae.cfg.layer is not None else 15)
@@ -200,67 +201,26 @@ def main() -> None:
         return
     base_out = ([r.text for r in runs["unsteered/benign"]] if "safety" in sections
                 else generate(model, tok, benign, max_new_tokens=args.tokens))
-    ppl_en0 = reference_perplexity(model, tok, ref_p, ref_a)
-    ppl_fr0 = reference_perplexity(model, tok, [NEUTRAL] * len(FR), FR)
 
     # -- (a) language ------------------------------------------------------------------------------------------
-    texts, pos, neg = [], [], []
-    for s in FR + EN:
-        n = len(tok(s, add_special_tokens=False)["input_ids"])
-        texts.append(s)
-        pos.append(list(range(1, n)) if s in FR else [])
-        neg.append([] if s in FR else list(range(1, n)))
-    fr_id, fr_on, en_on = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
-    lang_rows = [{"direction": "none", "strength": 0.0, "french": float(np.mean([is_french(o) for o in base_out])),
-                  "ppl_en_ref": ppl_en0, "ppl_fr_ref": ppl_fr0, "examples": base_out[:2]}]
-    from guardrails.offline.directions import build_direction
-
-    contrast = ROOT / "benchmarks" / "results" / "_lang_contrast.jsonl"
-    contrast.write_text("".join(json.dumps({"prompt": NEUTRAL, "response": s, "label": int(s in FR)}) + "\n"
-                                for s in FR + EN))
-    fr_dir = build_direction(model, tok, contrast, kind="contrastive", layer=args.layer, holdout=0)
-    save_direction(fr_dir, DIRS / f"french-l{args.layer}")
-    contrast.unlink()
-    lang_cfgs = [("sae feature", s, Steer(sae_layer, sae_feature=(sae, fr_id), strength=s))
-                 for s in args.lang_strengths]
-    lang_cfgs += [("contrastive FR-EN", s, Steer(args.layer, direction=fr_dir.vector, strength=s))
-                  for s in args.lang_contrastive]
-    for label, s, st in lang_cfgs:
-        outs = generate(model, tok, benign, max_new_tokens=args.tokens, steers=[st])
-        lang_rows.append({"direction": f"{label} (L{st.layers[0]})", "strength": s,
-                          "french": float(np.mean([is_french(o) for o in outs])),
-                          "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, [st]),
-                          "ppl_fr_ref": reference_perplexity(model, tok, [NEUTRAL] * len(FR), FR, [st]),
-                          "examples": outs[:2]})
-        log(f"language {label} {s}: {lang_rows[-1]['french']:.2f} {outs[:2]}")
-    res["language"] = {"feature": fr_id, "active_on_french": fr_on, "active_on_english": en_on, "rows": lang_rows}
+    res["language"] = _language(model, tok, sae, sae_layer, benign, args, log, base_out)
     _checkpoint(res)
+    if sections == ["language"]:  # language only: its own results file, merged by --merge
+        res["wall_s"] = round(time.time() - t0)
+        (OUT / "steering.language.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps(res["language"], ensure_ascii=False))
+        return
 
     # -- (b) repetition ----------------------------------------------------------------------------------------
-    texts, pos, neg = [], [], []
-    for s in EN:
-        n = len(tok(" " + s, add_special_tokens=False)["input_ids"])
-        texts.append(" ".join([s] * 3))
-        total = len(tok(texts[-1], add_special_tokens=False)["input_ids"])
-        neg.append(list(range(1, total - 2 * n)))
-        pos.append(list(range(total - 2 * n + 2, total)))  # copies 2-3, past their first two tokens
-    rep_id, rep_on, first_on = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
-    st = Steer(sae_layer, sae_feature=(sae, rep_id), strength=args.rep_strength)
-    outs = generate(model, tok, benign, max_new_tokens=args.tokens, steers=[st])
-    res["repetition"] = {
-        "feature": rep_id, "active_on_repeats": rep_on, "active_on_first": first_on, "strength": args.rep_strength,
-        "repeated_4gram_unsteered": float(np.mean([repeated_ngram_share(o) for o in base_out])),
-        "repeated_4gram_steered": float(np.mean([repeated_ngram_share(o) for o in outs])),
-        "ppl_en_ref_unsteered": ppl_en0, "ppl_en_ref_steered": reference_perplexity(model, tok, ref_p, ref_a, [st]),
-        "examples": outs[:2],
-    }
-    log(f"repetition: {res['repetition']}")
+    res["repetition"] = _repetition(model, tok, sae, sae_layer, prompts, args, log)
+    res["args_repetition"] = vars(args)
     res["wall_s"] = round(time.time() - t0)
     OUT.mkdir(parents=True, exist_ok=True)
     if "safety" not in sections:  # language/repetition only: merged with steering.safety.json by --merge
         (OUT / "steering.langrep.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
         print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
         return
+    res["args_language"] = vars(args)
     (OUT / "steering.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     (OUT / "steering.md").write_text(_markdown(res, args))
     _plot(res, OUT / "steering.png")
@@ -289,6 +249,44 @@ def reference_answers() -> tuple[list[str], list[str]]:
     return ps, ans
 
 
+def _language(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: list[str], args: Any, log: Any,
+              base_out: list[str]) -> dict[str, Any]:
+    """Toward French on held-out English prompts: the most French-selective SAE latent at its layer, and the
+    French-vs-English contrastive directions of calibration/directions/build_french.py added together at
+    their layers (--lang-layers). Perplexity of English (hand-written answers) and French reference text."""
+    from guardrails import Steer
+    from guardrails.offline.steering_eval import generate, is_french, reference_perplexity, selective_feature
+
+    ref_p, ref_a = reference_answers()
+    texts, pos, neg = [], [], []
+    for sent in FR + EN:
+        n = len(tok(sent, add_special_tokens=False)["input_ids"])
+        texts.append(sent)
+        pos.append(list(range(1, n)) if sent in FR else [])
+        neg.append([] if sent in FR else list(range(1, n)))
+    fr_id, fr_on, en_on = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
+    cfgs: list[tuple[str, float, Any, str]] = [("none", 0.0, None, "generated")]
+    cfgs += [(f"SAE feature {fr_id} (L{sae_layer})", s, [Steer(sae_layer, sae_feature=(sae, fr_id), strength=s)],
+              "generated") for s in args.lang_strengths]
+    files = [DIRS / f"french-l{L}.safetensors" for L in args.lang_layers]
+    cfgs += [(f"contrastive FR-EN (L{'+'.join(map(str, args.lang_layers))})", s,
+              [Steer(_layer_of(f), direction=f, strength=s) for f in files], args.lang_positions)
+             for s in args.lang_contrastive]
+    rows = []
+    for label, s, st, where in cfgs:
+        outs = (base_out if st is None and len(base_out) == len(prompts)
+                else generate(model, tok, prompts, max_new_tokens=args.tokens, steers=st, positions=where))
+        rows.append({"direction": label, "strength": s, "positions": where,
+                     "french": float(np.mean([is_french(o) for o in outs])),
+                     "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, st),
+                     "ppl_fr_ref": reference_perplexity(model, tok, [NEUTRAL] * len(FR), FR, st),
+                     "examples": outs[:2]})
+        log(f"language {label} {s}: {rows[-1]['french']:.2f} ppl en {rows[-1]['ppl_en_ref']:.1f} "
+            f"fr {rows[-1]['ppl_fr_ref']:.1f} {outs[:2]}")
+    return {"feature": fr_id, "active_on_french": fr_on, "active_on_english": en_on, "n": len(prompts),
+            "tokens": args.tokens, "n_ref_en": len(ref_a), "n_ref_fr": len(FR), "rows": rows}
+
+
 def _repetition(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: Any, args: Any, log: Any) -> dict[str, Any]:
     """Away from repetition, on held-out benign prompts (seed 1, < 300 characters) at --rep-tokens new tokens."""
     from guardrails import Steer
@@ -306,21 +304,26 @@ def _repetition(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: Any, ar
         neg.append(list(range(1, total - 2 * n)))
         pos.append(list(range(total - 2 * n + 2, total)))
     rep_id, _, _ = selective_feature(model, tok, sae, sae_layer, pos, neg, texts)
-    direction = DIRS / f"{args.rep_direction}.safetensors"
-    cfgs: list[tuple[str, float, Any]] = [("none", 0.0, None),
-                                          (f"SAE feature {rep_id} (L{sae_layer})", args.rep_strength,
-                                           Steer(sae_layer, sae_feature=(sae, rep_id), strength=args.rep_strength))]
-    cfgs += [(f"copy direction {args.rep_direction}", st, Steer(_layer_of(direction), direction=direction, strength=st))
-             for st in args.rep_strengths]
+    names = args.rep_direction
+    files = [DIRS / f"{n}.safetensors" for n in names]
+    cfgs: list[tuple[str, str, float, Any]] = [
+        ("none", "", 0.0, None),
+        (f"SAE feature {rep_id} (L{sae_layer})", "add", args.rep_strength,
+         [Steer(sae_layer, sae_feature=(sae, rep_id), strength=args.rep_strength)])]
+    cfgs += [(f"copy direction {'+'.join(names)}", method, st,
+              [Steer(_layer_of(f), direction=f, strength=st, method=method) for f in files])
+             for method in args.rep_methods for st in args.rep_strengths]
     rows = []
-    for label, strength, st in cfgs:
-        outs = generate(model, tok, ps, max_new_tokens=args.rep_tokens, steers=[st] if st else None)
+    for label, method, strength, st in cfgs:
+        outs = generate(model, tok, ps, max_new_tokens=args.rep_tokens, steers=st)
         shares = [repeated_ngram_share(o) for o in outs]
-        rows.append({"direction": label, "strength": strength, "repeated_4gram": float(np.mean(shares)),
+        rows.append({"direction": label, "method": method, "strength": strength,
+                     "repeated_4gram": float(np.mean(shares)),
                      "answers_with_repeats": float(np.mean([x > 0 for x in shares])),
-                     "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, [st] if st else None),
+                     "ppl_en_ref": reference_perplexity(model, tok, ref_p, ref_a, st),
                      "examples": outs[:2]})
-        log(f"repetition {label} {strength}: {rows[-1]['repeated_4gram']:.3f} ppl {rows[-1]['ppl_en_ref']:.2f}")
+        log(f"repetition {label} {method} {strength}: {rows[-1]['repeated_4gram']:.3f} "
+            f"ppl {rows[-1]['ppl_en_ref']:.2f}")
     return {"n": len(ps), "tokens": args.rep_tokens, "n_ref": len(ref_a), "rows": rows}
 
 
@@ -376,6 +379,12 @@ def _merge() -> None:
         res["repetition"] = rep["repetition"]
         res["args_repetition"] = rep["args"]
         res["wall_s"] += f" + {rep['wall_s']} (repetition)"
+    lang_file = OUT / "steering.language.json"
+    if lang_file.is_file():  # the language run of its own (build_french.py directions) replaces langrep's
+        lang = json.loads(lang_file.read_text())
+        res["language"] = lang["language"]
+        res["args_language"] = lang["args"]
+        res["wall_s"] += f" + {lang['wall_s']} (language)"
     (OUT / "steering.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     (OUT / "steering.md").write_text(_markdown(res, a))
     _plot(res, OUT / "steering.png")
@@ -426,42 +435,69 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
                   "(from the token that trips it), the same refusal direction."]
     ex = s["steered"]["examples"]["harmful"]
     lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
-              "", "## Language: toward French", "",
-              f"SAE feature {lang['feature']} (bundled SAE; active on {lang['active_on_french']:.0%} of French tokens, "
-              f"{lang['active_on_english']:.0%} of English ones), and a contrastive French-vs-English direction.",
-              "", "| direction | strength (x norm) | answers in French | ppl English ref | ppl French ref |",
-              "| --- | --- | --- | --- | --- |"]
-    for r in lang["rows"]:
-        lines.append(f"| {r['direction']} | {r['strength']} | {r['french']:.2f} | {r['ppl_en_ref']:.2f} | "
-                     f"{r['ppl_fr_ref']:.2f} |")
-    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
-                                           for r in lang["rows"]),
               ""]
+    lines += _language_md(lang, res.get("args_language"))
     lines += _repetition_md(rep, res.get("args_repetition"))
     return "\n".join(lines)
+
+
+def _language_md(lang: dict[str, Any], args: dict[str, Any] | None) -> list[str]:
+    cmd = ("" if args is None else
+           f"`nice -n 5 python benchmarks/steering.py --sections language --n {args['n']} --tokens {args['tokens']} "
+           f"--lang-strengths {' '.join(map(str, args['lang_strengths']))} --lang-contrastive "
+           f"{' '.join(map(str, args['lang_contrastive']))} "
+           f"--lang-layers {' '.join(map(str, args['lang_layers']))}` — ")
+    lines = ["## Language: toward French", "",
+             cmd + f"{lang.get('n', '?')} held-out English prompts (benign, harmful_requests.test, seed 0), "
+             f"{lang.get('tokens', '?')} greedy new tokens; French = more French than English stopwords. "
+             f"SAE feature {lang['feature']} (bundled SAE; active on {lang['active_on_french']:.0%} of French tokens, "
+             f"{lang['active_on_english']:.0%} of English ones); contrastive directions: the model's own answers to "
+             "train-split prompts in French (asked to) vs English, after the same plain prompt "
+             "(calibration/directions/build_french.py), one per layer, added together. Perplexity of reference text "
+             "under the steered model: hand-written English answers and French sentences.",
+             "", "| direction | strength (x norm) | positions | answers in French | ppl English ref | ppl French ref |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in lang["rows"]:
+        lines.append(f"| {r['direction']} | {r['strength']} | {r.get('positions', 'generated')} | {r['french']:.2f} | "
+                     f"{r['ppl_en_ref']:.2f} | {r['ppl_fr_ref']:.2f} |")
+    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
+                                           for r in lang["rows"]), ""]
+    return lines
 
 
 def _repetition_md(rep: dict[str, Any], args: dict[str, Any] | None) -> list[str]:
     if "rows" not in rep:  # the earlier single-feature format
         return ["## Repetition", "", f"unsteered {rep['repeated_4gram_unsteered']:.3f}, steered "
                 f"{rep['repeated_4gram_steered']:.3f} repeated 4-grams (SAE feature {rep['feature']})", ""]
-    cmd = ("`nice -n 5 python benchmarks/steering.py --sections repetition --rep-n {rep_n} --rep-tokens {rep_tokens} "
-           "--rep-direction {rep_direction} --rep-strengths {s}`").format(
-               s=" ".join(map(str, (args or {}).get("rep_strengths", []))), **(args or {})) if args else ""
+    cmd = ""
+    if args:
+        dirs = args["rep_direction"] if isinstance(args["rep_direction"], list) else [args["rep_direction"]]
+        cmd = (f"`nice -n 5 python benchmarks/steering.py --sections repetition --rep-n {args['rep_n']} "
+               f"--rep-tokens {args['rep_tokens']} --rep-direction {' '.join(dirs)} "
+               f"--rep-methods {' '.join(args.get('rep_methods', ['add']))} "
+               f"--rep-strengths {' '.join(map(str, args.get('rep_strengths', [])))}`")
     lines = ["## Repetition: away from a copy direction", "",
              f"{cmd} — {rep['n']} held-out benign prompts (harmful_requests.test, seed 1), {rep['tokens']} greedy new "
              f"tokens; repeated word 4-grams (share of an answer's 4-grams seen earlier in it); perplexity of "
              f"{rep['n_ref']} hand-written English answers under the steered model. Copy direction: "
              "calibration/directions/build_repetition.py (residuals predicting a repeated token 4-gram minus the rest, "
-             "on the model's own train-split answers).", "",
-             "| direction | strength (x norm) | repeated 4-grams | answers with a repeat | ppl English ref |",
-             "| --- | --- | --- | --- | --- |"]
+             "on the model's own train-split answers); add: h + s·u; clamp: the projection on u capped at s x the "
+             "token's norm (only tokens above the cap change). Method and strength chosen on train-split prompts.", "",
+             "| direction | method | strength (x norm) | repeated 4-grams | answers with a repeat | ppl English ref |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rep["rows"]:
-        lines.append(f"| {r['direction']} | {r['strength']} | {r['repeated_4gram']:.3f} | "
+        lines.append(f"| {r['direction']} | {r.get('method', 'add')} | {r['strength']} | {r['repeated_4gram']:.3f} | "
                      f"{r['answers_with_repeats']:.2f} | {r['ppl_en_ref']:.2f} |")
     lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
                                            for r in rep["rows"]), ""]
     return lines
+
+
+def _short(row: dict[str, Any]) -> str:
+    """A bar's label: the kind of direction, then method and strength."""
+    kind = row["direction"].split(" (")[0].replace("copy direction repetition-", "copy ").replace("contrastive ", "")
+    kind = kind.replace("SAE feature", "SAE #")
+    return f"{kind[:16]}\n{row.get('method') or ''} {row['strength']}".strip()
 
 
 def _plot(res: dict[str, Any], path: Path) -> None:
@@ -483,14 +519,13 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     ax[0].set_title("safety (gated refusal steering)")
     rows = res["language"]["rows"]
     ax[1].bar(range(len(rows)), [r["french"] for r in rows])
-    ax[1].set_xticks(range(len(rows)), [f"{r['direction'][:18]}\n{r['strength']}" for r in rows], fontsize=7)
+    ax[1].set_xticks(range(len(rows)), [_short(r) for r in rows], fontsize=7)
     ax[1].set_ylim(0, 1.05)
     ax[1].set_title("answers in French")
     rep = res["repetition"]
     if "rows" in rep:
         ax[2].bar(range(len(rep["rows"])), [r["repeated_4gram"] for r in rep["rows"]])
-        ax[2].set_xticks(range(len(rep["rows"])), [f"{r['direction'][:18]}\n{r['strength']}" for r in rep["rows"]],
-                         fontsize=7)
+        ax[2].set_xticks(range(len(rep["rows"])), [_short(r) for r in rep["rows"]], fontsize=7)
     else:
         ax[2].bar([0, 1], [rep["repeated_4gram_unsteered"], rep["repeated_4gram_steered"]])
         ax[2].set_xticks([0, 1], ["unsteered", f"away from\nfeature {rep['feature']}"])

@@ -81,3 +81,37 @@ def test_features_cli_shows_top_features(bundled: tuple[Any, Any]) -> None:
     direct = top_features_per_token("The cat sat on the mat.", model=model, tokenizer=tok, top=3)
     assert [r["features"] for r in rows] == [[list(p) for p in r["features"]] for r in direct]
     assert all(len(r["features"]) == 3 for r in rows[1:])  # TopK: every token has k >= 3 active
+
+
+def test_shipped_french_directions_steer_the_answer_language(bundled: tuple[Any, Any]) -> None:
+    """The shipped French directions (layers 6/9/12, 0.08x norm, prompt included) turn English answers French,
+    through the API and through an ``always: true`` policy alike (same tokens)."""
+    from guardrails import GuardedModel, Policy, Steer
+    from guardrails._data import data_root
+    from guardrails.offline.steering_eval import generate, is_french
+
+    model, tok = bundled
+    d = data_root() / "calibration" / "directions"
+    prompts = ["Why is the sky blue?", "Describe your favourite season."]
+    plain = generate(model, tok, prompts, max_new_tokens=20)
+    french = [Steer(L, direction=d / f"french-l{L}.safetensors", strength=0.08) for L in (6, 9, 12)]
+    steered = generate(model, tok, prompts, max_new_tokens=20, steers=french, positions="all")
+    assert not any(map(is_french, plain)) and all(map(is_french, steered)), (plain, steered)
+    entries = "\n".join(f"""  - id: fr{L}
+    always: true
+    steer: {{direction: {d}/french-l{L}.safetensors, method: add, strength: 0.08, relative_to: norm,
+            layers: [{L}], positions: all}}""" for L in (6, 9, 12))
+    policy = Policy.from_yaml(f"""
+name: french
+saes: {{l15: {{path: bundled, layer: 15}}}}
+rules:
+  - id: never
+    detector: {{sae: l15, features: [1]}}
+    threshold: 1.0e9
+steering:
+{entries}
+""")
+    via_policy = GuardedModel(model, tok, policy).generate(prompts, max_new_tokens=20)
+    assert isinstance(via_policy, list)
+    assert [r.text for r in via_policy] == steered
+    assert hooks_on(model) == 0
