@@ -153,6 +153,8 @@ def main() -> None:
     safety_runs = [("unsteered", flag_only), ("steered", steered)]
     if args.out_strength:
         safety_runs.append(("output-gated", out_gated))
+        # the output guard's v0.2 steer (subtract its own probe direction, 17.5 units), for comparison
+        safety_runs.append(("output-gated, probe subtracted", output_gated_policy(None, 15, 17.5)))
     for name, pol in safety_runs if "safety" in sections else ():
         g = GuardedModel(model, tok, pol)
         for kind, ps in (("harmful", harmful), ("benign", benign)):
@@ -333,8 +335,9 @@ def _layer_of(path: Path) -> int:
     return int(load_direction(path)[1]["layer"])
 
 
-def output_gated_policy(direction: Path, layer: int, strength: float) -> Any:
-    """harmful-compliance.yaml, its rule steering toward refusal (``direction`` at ``layer``) from its trip."""
+def output_gated_policy(direction: Path | None, layer: int, strength: float) -> Any:
+    """harmful-compliance.yaml, its rule steering toward refusal (``direction`` at ``layer``, x norm) from its
+    trip; ``direction`` None: subtracting the probe's own direction (``strength`` residual units)."""
     from guardrails.core.policy import Policy, Steer
 
     base = Policy.from_path(ROOT / "policies" / "harmful-compliance.yaml")
@@ -342,9 +345,10 @@ def output_gated_policy(direction: Path, layer: int, strength: float) -> Any:
     for r in base.rules:
         if r.action == "steer":
             old = r.steer.model_dump() if r.steer is not None else {}
-            r = r.model_copy(update={"steer": Steer.model_validate({
-                "method": "add", "strength": strength, "relative_to": "norm", "direction": str(direction),
-                "layers": [layer], "block_above": old.get("block_above")})})
+            new = ({"method": "subtract", "strength": strength} if direction is None else
+                   {"method": "add", "strength": strength, "relative_to": "norm", "direction": str(direction),
+                    "layers": [layer]})
+            r = r.model_copy(update={"steer": Steer.model_validate({**new, "block_above": old.get("block_above")})})
         rules.append(r)
     return base.model_copy(update={"rules": rules})
 
@@ -432,7 +436,8 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
         n_h, n_b = s["unsteered"].get("n_harmful", args.n), s["unsteered"].get("n_benign", args.n)
         lines += ["", f"n = {n_h} harmful + {n_b} benign held-out prompts. Unsteered: the same policy, gate as flag "
                   "only (its outputs are the model's own). output-gated: harmful-compliance's output probe as the gate "
-                  "(from the token that trips it), the same refusal direction."]
+                  "(from the token that trips it), the same refusal direction; probe subtracted: the same gate, harmful-compliance.yaml's "
+                  "own steer (its probe direction subtracted, 17.5 units; blocks above block_above)."]
     ex = s["steered"]["examples"]["harmful"]
     lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
               ""]
