@@ -437,7 +437,8 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
         lines += ["", f"n = {n_h} harmful + {n_b} benign held-out prompts. Unsteered: the same policy, gate as flag "
                   "only (its outputs are the model's own). output-gated: harmful-compliance's output probe as the gate "
                   "(from the token that trips it), the same refusal direction; probe subtracted: the same gate, "
-                  "harmful-compliance.yaml's own steer (its probe direction subtracted, 17.5 units; blocks above block_above)."]
+                  "harmful-compliance.yaml's own steer (its probe direction subtracted, 17.5 units; blocks above "
+                  "block_above)."]
     ex = s["steered"]["examples"]["harmful"]
     lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
               ""]
