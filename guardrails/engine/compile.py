@@ -264,6 +264,10 @@ def _load_linear(policy: Policy, hidden: int) -> dict[str, tuple[Tensor, Tensor]
             shape = None if w is None else tuple(w.shape)
             raise PolicyError(f"rules[{i}].detector.weights: 'weight' must have shape ({hidden},), got {shape}")
         bias = t.get("bias", torch.zeros(()))
+        fed = sorted(int(k.removeprefix("weight.L")) for k in t if k.startswith("weight.L"))
+        if fed and not set(fed) <= set(det.extra_layers or []):  # a part of a multi-layer probe is another probe
+            raise PolicyError(f"rules[{i}].detector.weights: {path!r} is a multi-layer probe (terms for layers {fed} "
+                              f"and {det.layer}); set detector.extra_layers: {fed}")
         if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
             raise PolicyError(f"rules[{i}].detector.weights: {path!r} holds NaN or infinite values (would fail open)")
         out[rule.id] = (w.float(), bias.float())
