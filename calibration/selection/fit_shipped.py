@@ -51,6 +51,9 @@ def write_policy(path: Path, policy: Policy) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe-layer", type=int, default=15)
+    ap.add_argument("--probe-layers", default="", type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="maxwin: a multi-layer probe over these layers (token score = sum of one term per layer); "
+                         "overrides --probe-layer")
     ap.add_argument("--probe-c", type=float, default=0.1)
     ap.add_argument("--probe-window", type=int, default=16)
     ap.add_argument("--sae-kind", choices=("sparse", "few"), default="sparse")
@@ -80,35 +83,43 @@ def main() -> None:
 
 
 def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-untyped-def]
-    L = args.probe_layer
+    layers = sorted(args.probe_layers) or [args.probe_layer]
+    L = layers[-1]  # the rule decides at its deepest layer; the shallower ones add their terms there
+    if len(layers) > 1 and (args.probe_kind != "maxwin" or args.probe_anchor):
+        raise SystemExit("fit_shipped.py: --probe-layers needs --probe-kind maxwin (without --probe-anchor)")
     X = np.concatenate([s.mean_pooled(L) for s in sets])
     coef, bias = fit_probe(X, y, w, args.probe_c)
     how = f"ridge C={args.probe_c} on mean-pooled rows"
+    extra: dict[int, np.ndarray] = {}
     if args.probe_kind == "maxwin":
         import maxwin
 
-        pool = maxwin.Pool(list(TRAIN_SETS), [L])
+        pool = maxwin.Pool(list(TRAIN_SETS), layers)
         coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0),
                                 window=args.probe_window, wd=args.probe_wd, steps=40,
                                 anchor=(coef, bias) if args.probe_anchor else None)
+        parts = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
+        coef, extra = parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
         how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
                + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else ""))
     probe_path = ROOT / "calibration" / "probes" / "harmful-requests-probe.safetensors"
     save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
-                                         "objective": how})
+                                         "layers": ",".join(map(str, layers)), "objective": how}, extra=extra)
     pol_path = ROOT / "policies" / "harmful-requests.yaml"
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")
             for i, c in explain_direction(sae, coef)] if L == 15 else []
     det = rule.detector.model_copy(update={"layer": L, "window": args.probe_window, "aggregate": "mean",
-                                           "explained_by": expl})
-    desc = (f"Linear probe on the layer-{L} residual stream (highest mean over {args.probe_window} tokens), "
+                                           "explained_by": expl, "extra_layers": layers[:-1] or None})
+    where = f"layer-{L} residual stream" if len(layers) == 1 else \
+        f"residual streams of layers {' + '.join(map(str, layers))} (one term per layer, summed per token)"
+    desc = (f"Linear probe on the {where} (highest mean over {args.probe_window} tokens), "
             f"fitted on harmful_requests.train + jailbreak_wrapped.train with form-balanced row weights ({how}); "
             f"configuration chosen by leave-source-out CV (docs/results.md)")
-    pol = pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det, "description": desc})]})
-    write_policy(pol_path, pol)
-    print(json.dumps({"probe": str(probe_path), "probe_layer": L}))
+    rules = [rule.model_copy(update={"detector": det, "description": desc}), *pol.rules[1:]]  # jailbreak rule kept
+    write_policy(pol_path, pol.model_copy(update={"rules": rules}))
+    print(json.dumps({"probe": str(probe_path), "probe_layers": layers}))
 
 
 def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped-def]

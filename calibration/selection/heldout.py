@@ -56,6 +56,7 @@ class Scorer:
             f = load_file(str(probe or (base / det.weights)))
             self.layer, self.coef = det.layer, f["weight"].astype(np.float32)
             self.bias, self.sae = float(f.get("bias", np.zeros(()))), None
+            self.extra = {x: f[f"weight.L{x}"].astype(np.float32) for x in det.extra_layers or []}
         else:
             self.sae, self.tag = load_sae()
             self.coef = np.zeros(self.sae.d_sae, np.float32)
@@ -64,8 +65,10 @@ class Scorer:
             self.bias, self.layer = float(det.bias), 15
 
     def rows(self, s: Set) -> np.ndarray:
-        if self.sae is None:
+        if self.sae is None:  # a multi-layer probe: one term per layer at the same token
             tok = np.asarray(s.x(self.layer), np.float32) @ self.coef + self.bias
+            for layer, w in self.extra.items():
+                tok = tok + np.asarray(s.x(layer), np.float32) @ w
         else:
             v, ids = s.sae_codes(self.sae, self.tag)
             tok = (v.astype(np.float32) * self.coef[ids.astype(np.int64)]).sum(1) + self.bias

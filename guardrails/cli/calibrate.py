@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 
 from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals
+from guardrails.offline.evaluate import json_safe as _json_safe
+from guardrails.offline.evaluate import round_up
 
 RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
 
@@ -52,6 +53,11 @@ class Session:
             self._rows[key] = residuals(lm, tok, data, layer, scope, model_name=self.model_name,
                                         progress=self.progress)
         return self._rows[key]
+
+    def rule_rows(self, data: LabeledData, rule: Any, layer: int, scope: Scope) -> Any:
+        """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
+        extra = getattr(rule.detector, "extra_layers", None) or []
+        return {L: self.rows(data, L, scope) for L in (*extra, layer)} if extra else self.rows(data, layer, scope)
 
     def guard(self, policy: Any, score_mode: str | None = None, judges: dict[str, Any] | None = None) -> Any:
         from guardrails.serving.generation import GuardedModel
@@ -191,7 +197,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 new_rules[rule.id] = rule
                 policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
-        scores = text_scores(guard, rule.id, session.rows(cal, layer, sc))
+        scores = text_scores(guard, rule.id, session.rule_rows(cal, rule, layer, sc))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
         if rule.steer is not None and rule.steer.block_above is not None:
@@ -207,7 +213,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
         if "test" in files and evaluate_test:
             test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
-            ts = text_scores(guard, rule.id, session.rows(test, layer, sc))
+            ts = text_scores(guard, rule.id, session.rule_rows(test, rule, layer, sc))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test.labels, thr)}
             if any(test.sources):
@@ -239,12 +245,6 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     return report
 
 
-def round_up(x: float, digits: int = 4) -> float:
-    """Round a threshold up (never below the fitted value, so the fitted FPR still holds)."""
-    f = 10**digits
-    return math.ceil(x * f) / f
-
-
 def _header(policy: Any) -> str:
     return (f"# {policy.name}: calibrated with `guardrails calibrate`; see calibration/records/{policy.name}.json\n")
 
@@ -267,7 +267,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         metrics,
         policy_row_scores,
         round_metrics,
-        rule_row_key,
+        rule_row_keys,
+        rule_rows,
         worst_group,
     )
 
@@ -275,10 +276,10 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     guard = session.guard(policy)
     rows: dict[tuple[str, int], list[Any]] = {}
-    for r in policy.rules:  # one set of rows per (scope, layer): each rule scores its own layer
-        key = rule_row_key(policy, r)
-        if key not in rows:
-            rows[key] = session.rows(data, key[1], key[0])  # type: ignore[arg-type]
+    for r in policy.rules:  # one set of rows per (scope, layer): each rule scores its own layer(s)
+        for key in rule_row_keys(policy, r):
+            if key not in rows:
+                rows[key] = session.rows(data, key[1], key[0])  # type: ignore[arg-type]
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
@@ -294,7 +295,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if judge is not None:  # the cascade: the band goes to the judge (every judge name bound to it)
         from guardrails.offline.cascade_eval import cascade_metrics
 
-        out["cascade"] = cascade_metrics(guard, lambda r: rows[rule_row_key(policy, r)], data, judge, rule_id)
+        out["cascade"] = cascade_metrics(guard, lambda r: rule_rows(rows, policy, r), data, judge, rule_id)
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
@@ -504,15 +505,3 @@ def register(app: typer.Typer) -> None:
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

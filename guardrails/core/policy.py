@@ -84,13 +84,29 @@ class LinearDetector(_Strict):
     """Score = x · w + b on the raw residual stream (a linear probe or a DiffMean direction)."""
 
     kind: Literal["linear"] = Field(description="Detector kind")
-    layer: StrictInt = Field(ge=0, description="Decoder block whose output is read")
-    weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' []; relative to YAML")
+    layer: StrictInt = Field(ge=0, description="Decoder block whose output is read (the deepest, for a multi-layer "
+                             "probe: the rule decides there)")
+    weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' [], and 'weight.L<l>' "
+                         "[d_model] for each of extra_layers; relative to YAML")
+    extra_layers: list[StrictInt] | None = Field(
+        default=None, min_length=1, description="Shallower layers whose residual adds to the token score "
+        "(a multi-layer probe: score = sum over layers of x_l · w_l + b, at the same token)")
     method: Literal["probe", "diffmean"] = Field(default="probe", description="How the direction was fitted")
     window: StrictInt = Field(default=1, ge=1, le=4096,
                               description="Tokens aggregated (the current and the previous ones)")
     aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
     explained_by: list[Feature] = Field(default_factory=list, description="SAE features that explain the direction")
+
+    @model_validator(mode="after")
+    def _extra_layers(self) -> LinearDetector:
+        extra = self.extra_layers or []
+        bad = [x for x in extra if not 0 <= x < self.layer]
+        if bad:
+            raise ValueError(f"extra_layers: {bad} must be shallower than layer {self.layer}; "
+                             f"valid: 0..{self.layer - 1}")
+        if len(set(extra)) != len(extra):
+            raise ValueError(f"extra_layers: {extra} lists a layer twice")
+        return self
 
 
 Detector = SAEFeaturesDetector | LinearDetector
@@ -335,7 +351,8 @@ class Policy(_Strict):
         """Residual-stream layers the rules read."""
         from guardrails.core.semantics import rule_layer
 
-        return sorted({rule_layer(self, rule) for rule in self.rules})
+        extra = {x for rule in self.rules for x in (getattr(rule.detector, "extra_layers", None) or [])}
+        return sorted({rule_layer(self, rule) for rule in self.rules} | extra)
 
     def check_against(self, n_layers: int, sae_widths: dict[str, int], d_model: int | None = None) -> None:
         """Check layers and feature ids against the model and the loaded SAEs."""

@@ -35,6 +35,16 @@ from guardrails.sae.model import SAE, SAEConfig, SAEError
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """The shallower-layer terms of multi-layer linear rules at one layer: the token term ``x · weight[i]`` is
+    carried to rule ``rule_ids[i]``'s own (deepest) layer and added to its score there, in the same forward."""
+
+    rule_ids: tuple[str, ...]
+    weight: Tensor
+    """``[n_rules, d_model]`` float32, on the layer's device."""
+
+
 @dataclass
 class CompiledPolicy:
     """A policy bound to a model: its scorers per layer and the SAEs kept for audits."""
@@ -59,6 +69,8 @@ class CompiledPolicy:
     """Steering plan per layer (:func:`guardrails.engine.steering.compile_steers`); hooked with the scorers."""
     judges: dict[str, Judge] = field(default_factory=dict)
     """Judges of the cascade rules, by name (:mod:`guardrails.core.cascade`); see :meth:`with_judges`."""
+    feeds: dict[int, Feed] = field(default_factory=dict)
+    """Multi-layer linear rules' shallower layers (``detector.extra_layers``): hooked like the scorers."""
     _variants: dict[Any, CompiledPolicy] = field(default_factory=dict, repr=False)
 
     @property
@@ -78,7 +90,13 @@ class CompiledPolicy:
         return GuardRun(
             self.policy, self.scorers, len(prompt_lengths), prompt_lengths, record_trace=record_trace, steer=steer,
             decide=self.decide, input_roles=self.input_role_codes, steers=self.steers, judges=self.judges,
+            feeds=self.feeds,
         )
+
+    @property
+    def hooked_layers(self) -> set[int]:
+        """Every layer a guarded forward hooks: scored, feeding a multi-layer rule, or steered."""
+        return {*self.scorers, *self.feeds, *self.steers}
 
     def with_judges(self, judges: Mapping[str, Any], *, require: bool = True) -> CompiledPolicy:
         """This policy with ``judges`` bound by name (callables or LangChain chat models), sharing its tensors;
@@ -99,7 +117,13 @@ class CompiledPolicy:
                     clone = copy.copy(sc)
                     clone.heads = heads
                     scorers[layer] = clone
-            self._variants[key] = dataclasses.replace(self, policy=policy, scorers=scorers, scope=mode, _variants={})
+            feeds = {}
+            for layer, fd in self.feeds.items():
+                keep = [j for j, rid in enumerate(fd.rule_ids) if rid in rules]
+                if keep:
+                    feeds[layer] = Feed(tuple(fd.rule_ids[j] for j in keep), fd.weight[keep])
+            self._variants[key] = dataclasses.replace(self, policy=policy, scorers=scorers, scope=mode, feeds=feeds,
+                                                      _variants={})
         if self._variants[key].judges is not self.judges:  # bound after the variant was made
             self._variants[key] = dataclasses.replace(self._variants[key], judges=self.judges)
         return self._variants[key]
@@ -127,7 +151,7 @@ class CompiledPolicy:
         ``positions`` default to ``0..T-1``. Pass ``run`` to continue a call (cached decode steps); the
         run is returned with its decisions and traced scores. Steering is not applied (nothing to steer).
         """
-        missing = sorted(set(self.scorers) - set(residuals))
+        missing = sorted((set(self.scorers) | set(self.feeds)) - set(residuals))
         if missing:
             raise ValueError(f"score_residuals: no residuals for watched layer(s) {missing}; got {sorted(residuals)}")
         B, T = score_mask.shape
@@ -138,7 +162,7 @@ class CompiledPolicy:
         run.ctx = StepContext(positions=positions, score_mask=score_mask, is_output=is_output,
                               steer_mask=score_mask.clone(), roles=roles)
         try:
-            for layer in sorted(self.scorers):
+            for layer in sorted(set(self.scorers) | set(self.feeds)):
                 run.on_layer(layer, residuals[layer])
             run.check_all_scored()
         finally:
@@ -191,7 +215,9 @@ def compile_policy(
         kept = {id(sc.audit_sae) for sc in scorers.values()}
         loaded = {sid: s for sid, s in loaded.items() if id(s) in kept}
     bound = bind_judges(pol, judges, require=judges is not None)
-    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound)
+    feeds = {layer: Feed(fd.rule_ids, fd.weight.to(next(layers[layer].parameters()).device))
+             for layer, fd in _load_feeds(pol, hidden).items()}
+    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound, feeds=feeds)
 
 
 def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:
@@ -238,10 +264,36 @@ def _load_linear(policy: Policy, hidden: int) -> dict[str, tuple[Tensor, Tensor]
             shape = None if w is None else tuple(w.shape)
             raise PolicyError(f"rules[{i}].detector.weights: 'weight' must have shape ({hidden},), got {shape}")
         bias = t.get("bias", torch.zeros(()))
+        fed = sorted(int(k.removeprefix("weight.L")) for k in t if k.startswith("weight.L"))
+        if fed and not set(fed) <= set(det.extra_layers or []):  # a part of a multi-layer probe is another probe
+            raise PolicyError(f"rules[{i}].detector.weights: {path!r} is a multi-layer probe (terms for layers {fed} "
+                              f"and {det.layer}); set detector.extra_layers: {fed}")
         if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
             raise PolicyError(f"rules[{i}].detector.weights: {path!r} holds NaN or infinite values (would fail open)")
         out[rule.id] = (w.float(), bias.float())
     return out
 
 
-__all__ = ["CompiledPolicy", "compile_policy"]
+def _load_feeds(policy: Policy, hidden: int) -> dict[int, Feed]:
+    """``weight.L<l>`` of each multi-layer linear rule (its file was read and checked by :func:`_load_linear`)."""
+    from safetensors.torch import load_file
+
+    rows: dict[int, list[tuple[str, Tensor]]] = {}
+    for i, rule in enumerate(policy.rules):
+        det = rule.detector
+        if not isinstance(det, LinearDetector) or not det.extra_layers:
+            continue
+        t = load_file(policy.resolve(det.weights))
+        for layer in det.extra_layers:
+            w = t.get(f"weight.L{layer}")
+            if w is None or tuple(w.shape) != (hidden,):
+                got = "missing" if w is None else f"shape {tuple(w.shape)}"
+                raise PolicyError(f"rules[{i}].detector.weights: extra layer {layer} needs 'weight.L{layer}' of shape "
+                                  f"({hidden},), {got}; the file holds: {', '.join(sorted(t))}")
+            if not bool(torch.isfinite(w.float()).all()):
+                raise PolicyError(f"rules[{i}].detector.weights: 'weight.L{layer}' holds NaN or infinite values")
+            rows.setdefault(layer, []).append((rule.id, w.float()))
+    return {layer: Feed(tuple(r for r, _ in v), torch.stack([w for _, w in v])) for layer, v in rows.items()}
+
+
+__all__ = ["CompiledPolicy", "Feed", "compile_policy"]

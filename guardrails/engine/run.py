@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,8 +106,13 @@ class GuardRun:
     a judge call is an error and follows on_error)."""
     verdicts: dict[tuple[str, int], JudgeOutcome] = field(default_factory=dict)
     """Judge outcome per (rule id, row): a judge is asked at most once per rule and sequence."""
+    feeds: dict[int, Any] = field(default_factory=dict)
+    """Shallower-layer terms of multi-layer linear rules (:class:`~guardrails.engine.compile.Feed` per layer):
+    their token scores are carried to the rule's own layer within the same forward and added there."""
     _pending: list[PendingJudge] = field(default_factory=list)
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
+    _carry: dict[str, Tensor] = field(default_factory=dict)
+    _feed_error: Exception | None = None
 
     def __post_init__(self) -> None:
         self.blocked_at = [None] * self.batch
@@ -149,7 +155,10 @@ class GuardRun:
         ctx = self.ctx
         if ctx is None:
             return None
-        if layer not in self.scorers:  # a layer only steered (steering plan), nothing scored here
+        feed = self.feeds.get(layer)
+        if feed is not None:
+            self._feed(feed, hidden)
+        if layer not in self.scorers:  # a layer only steered (steering plan) or feeding a deeper rule
             return self._steer_planned(layer, hidden, None)
         self.seen_layers.add(layer)
         scorer = self.scorers[layer]
@@ -159,6 +168,10 @@ class GuardRun:
         is_output = ctx.is_output.to(dev)[:, -T:]
         positions = ctx.positions.to(dev)[:, -T:]
         try:
+            carried = {h_i: self._carry.pop(h.rule.id) for h_i, h in enumerate(scorer.heads)
+                       if h.rule.id in self._carry}
+            if carried and self._feed_error is not None:  # a shallower term of a rule here could not be computed
+                raise self._feed_error
             if bool(score_mask.all()):  # decode steps: every row's one new token (no gather/scatter)
                 feats_all = scorer.feature_matrix(hidden)
                 check_finite(feats_all, f"layer {layer} feature activations")  # NaN/inf in x propagates here
@@ -175,7 +188,10 @@ class GuardRun:
                 raw[score_mask] = scorer.rule_scores(feats_sel)
             else:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
+            for h_i, part in carried.items():  # multi-layer linear rules: add their shallower layers' terms
+                raw[..., h_i] += part.to(raw.device, raw.dtype)
         except Exception as exc:
+            self._feed_error = None
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
@@ -216,6 +232,20 @@ class GuardRun:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
 
+    def _feed(self, feed: Any, hidden: Tensor) -> None:
+        """Token terms ``x_l · w_l`` of the multi-layer rules fed by this layer, kept for their own layer (a
+        failure is kept too: the rule's layer then follows on_error instead of scoring without this term)."""
+        try:
+            part = hidden.float() @ feed.weight.to(hidden.device).T  # [B, T, n_rules_fed]
+            check_finite(part, "multi-layer probe term")
+        except Exception as exc:
+            self._feed_error = exc
+            part = None
+        for j, rid in enumerate(feed.rule_ids):
+            term = part[..., j] if part is not None else torch.zeros(hidden.shape[:2], device=hidden.device)
+            prev = self._carry.get(rid)
+            self._carry[rid] = term if prev is None else prev + term
+
     def token_features(self, b: int) -> dict[int, list[tuple[int, float]]]:
         """Top SAE features (id, activation) at each scored position of sequence ``b`` (built lazily)."""
         out: dict[int, list[tuple[int, float]]] = {}
@@ -232,6 +262,8 @@ class GuardRun:
         """After a forward: a watched layer whose hook never ran could not score; apply on_error. Then the
         judges decide the band hits of this forward (:meth:`resolve_escalations`)."""
         ctx = self.ctx
+        self._carry.clear()  # terms of a forward that never reached their rule's layer (a cut forward)
+        self._feed_error = None
         if ctx is not None:
             for layer, scorer in self.scorers.items():
                 if layer not in self.seen_layers and bool(ctx.score_mask.any()):

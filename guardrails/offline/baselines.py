@@ -103,14 +103,20 @@ def fit_diffmean(rows: list[Tensor], labels: np.ndarray) -> tuple[np.ndarray, fl
     return w.astype(np.float32), float(-w @ (m1 + m0) / 2)
 
 
-def save_linear(path: str | Path, w: np.ndarray, b: float, meta: dict[str, str] | None = None) -> Path:
-    """Write a linear detector's weights (``weight`` [d_model], ``bias`` []) as safetensors."""
+def save_linear(path: str | Path, w: np.ndarray, b: float, meta: dict[str, str] | None = None,
+                extra: dict[int, np.ndarray] | None = None) -> Path:
+    """Write a linear detector's weights (``weight`` [d_model], ``bias`` []) as safetensors; ``extra``: the
+    shallower layers' weights of a multi-layer probe (``weight.L<l>``, the detector's ``extra_layers``)."""
     from safetensors.torch import save_file
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
-               "bias": torch.tensor(float(b), dtype=torch.float32)}, str(p), metadata=meta or {})
+    tensors = {"weight": t(w), "bias": torch.tensor(float(b), dtype=torch.float32)}
+    tensors |= {f"weight.L{layer}": t(v) for layer, v in (extra or {}).items()}
+    save_file(tensors, str(p), metadata=meta or {})
     return p
 
 

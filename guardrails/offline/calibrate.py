@@ -260,8 +260,12 @@ def unthresholded(policy: Policy) -> Policy:
     return policy.model_copy(update={"rules": rules})
 
 
-def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: int = 32) -> list[np.ndarray]:
+def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[Tensor]], *,
+                 batch_size: int = 32) -> list[np.ndarray]:
     """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun).
+
+    A multi-layer linear rule (``extra_layers``) takes ``{layer: rows}`` with the rows of each layer it reads
+    (the same data and positions); the engine adds the shallower layers' terms as it does in a forward.
 
     With :class:`ResidualRows` positions, each row is laid out at its positions in the sequence (gaps
     unscored), exactly as a prefill presents it to the engine.
@@ -273,44 +277,56 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor], *, batch_size: in
         raise CalibrationError(f"no rule {rule_id!r}; rules: {', '.join(r.id for r in guard.policy.rules)}")
     det = rule.detector
     layer = det.layer if not isinstance(det, SAEFeaturesDetector) else guard.policy.saes[det.sae].layer
+    extra = list(getattr(det, "extra_layers", None) or [])
+    layered = rows if isinstance(rows, dict) else {layer: rows}
+    missing = sorted({*extra, layer} - set(layered))
+    if missing:
+        raise CalibrationError(f"rule {rule_id!r} reads layers {sorted({*extra, layer})}: no rows for {missing}")
     policy = unthresholded(guard.policy)
-    scorers = _scorers_for(guard, policy)
+    scorers, feeds = _scorers_for(guard, policy)
     is_out = rule_scope(rule) == "output"
-    positions = getattr(rows, "positions", None) or [list(range(1, len(r) + 1)) for r in rows]
+    base = layered[layer]
+    positions = getattr(base, "positions", None) or [list(range(1, len(r) + 1)) for r in base]
     out: list[np.ndarray] = []
-    d = next((r.shape[-1] for r in rows if r.ndim == 2), 1)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    d = next((r.shape[-1] for r in base if r.ndim == 2), 1)
+    for start in range(0, len(base), batch_size):
         pchunk = positions[start : start + batch_size]
         width = max(1, max((p[-1] + 1 if p else 1) for p in pchunk))
-        hidden = torch.zeros(len(chunk), width, d)
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for b, (r, p) in enumerate(zip(chunk, pchunk, strict=True)):
-            if len(r):
-                idx = torch.tensor(p)
-                hidden[b, idx] = r.float()
-                mask[b, idx] = True
-        pos = torch.arange(width).expand(len(chunk), width)
-        run = GuardRun(policy, scorers, len(chunk), [0 if is_out else width + 1] * len(chunk))
+        hidden = {L: torch.zeros(len(pchunk), width, d) for L in (*extra, layer)}
+        mask = torch.zeros(len(pchunk), width, dtype=torch.bool)
+        for L in hidden:
+            for b, (r, p) in enumerate(zip(layered[L][start : start + batch_size], pchunk, strict=True)):
+                if len(r):
+                    idx = torch.tensor(p)
+                    hidden[L][b, idx] = r.float()
+                    mask[b, idx] = True
+        pos = torch.arange(width).expand(len(pchunk), width)
+        run = GuardRun(policy, scorers, len(pchunk), [0 if is_out else width + 1] * len(pchunk),
+                       feeds={L: f for L, f in feeds.items() if L in hidden})
         run.ctx = StepContext(pos, mask, torch.full_like(mask, is_out), torch.ones_like(mask))
         with torch.inference_mode():
-            run.on_layer(layer, hidden)
+            for L in sorted(hidden):
+                run.on_layer(L, hidden[L])
         ts = run.trace_scores[rule_id][0][1]
         for b, p in enumerate(pchunk):
             out.append(ts[b, torch.tensor(p, dtype=torch.long)].numpy().astype(np.float64) if p else np.zeros(0))
     return out
 
 
-def _scorers_for(guard: Any, policy: Policy) -> dict[int, Any]:
-    """The serving scorers of ``policy`` on ``guard``'s model (its loaded SAEs reused), on the CPU."""
+def _scorers_for(guard: Any, policy: Policy) -> tuple[dict[int, Any], dict[int, Any]]:
+    """The serving scorers (and multi-layer feeds) of ``policy`` on ``guard``'s model (its loaded SAEs reused),
+    on the CPU."""
+    import dataclasses
+
     from guardrails.serving.generation import GuardedModel
 
     serving = GuardedModel(guard.model, guard.tokenizer, policy, saes=guard.saes, score_mode=guard.score_mode,
                            keep_full_saes=True, require_judges=False)  # scores only: no cascade judge is asked
-    return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}
+    feeds = {layer: dataclasses.replace(f, weight=f.weight.cpu()) for layer, f in serving.compiled.feeds.items()}
+    return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}, feeds
 
 
-def text_scores(guard: Any, rule_id: str, rows: list[Tensor]) -> np.ndarray:
+def text_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[Tensor]]) -> np.ndarray:
     """Per-row decision score: the highest windowed token score (NaN where no token is scored)."""
     return np.array([float(np.max(s)) if len(s) else math.nan for s in token_scores(guard, rule_id, rows)])
 

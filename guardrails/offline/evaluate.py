@@ -109,6 +109,22 @@ def rule_row_key(policy: Any, rule: Any) -> RowKey:
     return rule_scope(rule), int(layer)
 
 
+def rule_row_keys(policy: Any, rule: Any) -> list[RowKey]:
+    """Every ``(scope, layer)`` a rule reads: a multi-layer linear rule's extra layers, then its own."""
+    scope, layer = rule_row_key(policy, rule)
+    return [(scope, int(x)) for x in getattr(rule.detector, "extra_layers", None) or []] + [(scope, layer)]
+
+
+def rule_rows(rows_by_key: Mapping[RowKey, list[Any]], policy: Any, rule: Any) -> list[Any] | dict[int, list[Any]]:
+    """A rule's residual rows as :func:`~guardrails.offline.calibrate.token_scores` takes them (``{layer: rows}``
+    for a multi-layer rule)."""
+    keys = rule_row_keys(policy, rule)
+    missing = [k for k in keys if k not in rows_by_key]
+    if missing:
+        raise KeyError(f"no residual rows for rule {rule.id!r} at (scope, layer) {missing}; have {sorted(rows_by_key)}")
+    return rows_by_key[keys[0]] if len(keys) == 1 else {k[1]: rows_by_key[k] for k in keys}
+
+
 def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule: str | None = None) -> tuple[
     np.ndarray, float, str
 ]:
@@ -130,11 +146,8 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
     else:
         chosen = list(rules)
 
-    def rows_of(r: Any) -> list[Any]:
-        key = rule_row_key(guard.policy, r)
-        if key not in rows_by_key:
-            raise KeyError(f"no residual rows for rule {r.id!r} at (scope, layer) {key}; have {sorted(rows_by_key)}")
-        return rows_by_key[key]
+    def rows_of(r: Any) -> list[Any] | dict[int, list[Any]]:
+        return rule_rows(rows_by_key, guard.policy, r)
 
     if len(chosen) == 1:
         r = chosen[0]
@@ -197,3 +210,22 @@ def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") 
 def round_metrics(m: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else
                 (None if isinstance(v, float) else v)) for k, v in m.items()}
+
+
+def round_up(x: float, digits: int = 4) -> float:
+    """Round a threshold up (never below the fitted value, so the fitted FPR still holds)."""
+    f = 10**digits
+    return math.ceil(x * f) / f
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -153,6 +153,15 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
             self.heads = nn.ModuleDict(heads)
             order = [p for layer in sorted(guard.scorers) for p in heads[str(layer)].order]
             self.register_buffer("perm", torch.tensor([order.index(i) for i in range(len(order))], dtype=torch.long))
+            # multi-layer linear rules: each feeding layer's term x · w_l, routed to its rule's column
+            self.feed_layers = sorted(guard.compiled.feeds)
+            for layer in self.feed_layers:
+                fd = guard.compiled.feeds[layer]
+                route = torch.zeros(len(fd.rule_ids), len(order))
+                for j, rid in enumerate(fd.rule_ids):
+                    route[j, rule_pos[rid]] = 1.0
+                self.register_buffer(f"feed_w{layer}", fd.weight.detach().float().cpu())
+                self.register_buffer(f"feed_route{layer}", route)
 
         def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
             h = self.embed(input_ids)
@@ -162,11 +171,16 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
             mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)
             outs = []
+            carry: Tensor | None = None
             for i, block in enumerate(self.blocks):
                 h = hidden_of(block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin))
+                if i in self.feed_layers:
+                    term = (h.float() @ getattr(self, f"feed_w{i}").T) @ getattr(self, f"feed_route{i}")
+                    carry = term if carry is None else carry + term
                 if str(i) in self.heads:
                     outs.append(self.heads[str(i)](h))
-            return torch.cat(outs, dim=-1).index_select(-1, self.perm)
+            scores = torch.cat(outs, dim=-1).index_select(-1, self.perm)
+            return scores if carry is None else scores + carry
 
     return ScoringGraph().eval()
 

@@ -231,7 +231,7 @@ class GuardedModel:
             return token_roles(self.tokenizer, prompt_text, self._spans.get(prompt_text))
 
     def _hooks(self, run: GuardRun) -> dict[int, Any]:
-        return {layer: run.on_layer for layer in {*self.scorers, *self.compiled.steers}}  # steered layers too
+        return {layer: run.on_layer for layer in self.compiled.hooked_layers}  # fed and steered layers too
 
     def _scorable(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         if self._special_lut.device != ids.device:

@@ -48,7 +48,8 @@ class CompiledGuard:
     """The deepest hooked layer: a request's step is finished there."""
 
     def __post_init__(self) -> None:
-        self.layers = frozenset({*self.compiled.scorers, *getattr(self.compiled, "steers", {})})
+        self.layers = frozenset({*self.compiled.scorers, *getattr(self.compiled, "steers", {}),
+                                 *getattr(self.compiled, "feeds", {})})
         self.last = max(self.layers)
 
     @property
