@@ -88,14 +88,14 @@ class LinearDetector(_Strict):
                              "probe: the rule decides there)")
     weights: str = Field(description="safetensors with 'weight' [d_model], optional 'bias' [], and 'weight.L<l>' "
                          "[d_model] for each of extra_layers; relative to YAML")
-    extra_layers: list[StrictInt] | None = Field(
-        default=None, min_length=1, description="Shallower layers whose residual adds to the token score "
-        "(a multi-layer probe: score = sum over layers of x_l · w_l + b, at the same token)")
     method: Literal["probe", "diffmean"] = Field(default="probe", description="How the direction was fitted")
     window: StrictInt = Field(default=1, ge=1, le=4096,
                               description="Tokens aggregated (the current and the previous ones)")
     aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
     explained_by: list[Feature] = Field(default_factory=list, description="SAE features that explain the direction")
+    extra_layers: list[StrictInt] | None = Field(
+        default=None, min_length=1, description="Shallower layers whose residual adds to the token score "
+        "(a multi-layer probe: score = sum over layers of x_l · w_l + b, at the same token)")
 
     @model_validator(mode="after")
     def _extra_layers(self) -> LinearDetector:
