@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--out-strength", type=float, default=0.25,
                     help="output-gated run (harmful-compliance probe as the gate, from its trip); 0: skip")
     ap.add_argument("--sections", default="safety,language,repetition", help="comma-separated sections to run")
+    ap.add_argument("--split", choices=["test", "train"], default="test",
+                    help="language/repetition prompts: held-out test prompts, or train-split prompts (for choosing "
+                         "method and strength; not the directions' own prompts); train writes steering.*.train.json")
     ap.add_argument("--write-policy", action="store_true")
     ap.add_argument("--merge", action="store_true", help="only merge steering.safety.json + steering.langrep.json")
     args = ap.parse_args()
@@ -191,7 +194,8 @@ def main() -> None:
     if sections == ["repetition"]:  # repetition only: its own results file, merged by --merge
         res["repetition"] = _repetition(model, tok, sae, sae_layer, prompts, args, log)
         res["wall_s"] = round(time.time() - t0)
-        (OUT / "steering.repetition.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        (OUT / f"steering.repetition{_suffix(args)}.json").write_text(json.dumps(res, indent=2, ensure_ascii=False)
+                                                                      + "\n")
         print(json.dumps(res["repetition"], ensure_ascii=False))
         return
     if sections == ["safety"]:  # safety only: its own results file
@@ -205,11 +209,13 @@ def main() -> None:
                 else generate(model, tok, benign, max_new_tokens=args.tokens))
 
     # -- (a) language ------------------------------------------------------------------------------------------
-    res["language"] = _language(model, tok, sae, sae_layer, benign, args, log, base_out)
+    lang_prompts = benign if args.split == "test" else train_prompts(200, 1, args.n)
+    res["language"] = _language(model, tok, sae, sae_layer, lang_prompts, args, log, base_out)
     _checkpoint(res)
     if sections == ["language"]:  # language only: its own results file, merged by --merge
         res["wall_s"] = round(time.time() - t0)
-        (OUT / "steering.language.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        (OUT / f"steering.language{_suffix(args)}.json").write_text(json.dumps(res, indent=2, ensure_ascii=False)
+                                                                    + "\n")
         print(json.dumps(res["language"], ensure_ascii=False))
         return
 
@@ -231,6 +237,18 @@ def main() -> None:
         _write_policy(steer_data, args)
     print(_markdown(res, args), file=sys.stderr)
     print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))
+
+
+def train_prompts(max_chars: int, start: int, n: int) -> list[str]:
+    """Benign train-split prompts for choosing method and strength: every 3rd from ``start`` of those under
+    ``max_chars`` (language: start 1 of the < 200 list, whose start 0 build_french.py uses; repetition: start 2
+    of the < 300 list, whose start 1 build_repetition.py uses)."""
+    rows = [json.loads(x) for x in (DATA / "harmful_requests.train.jsonl").read_text().splitlines() if x.strip()]
+    return [r["text"] for r in rows if r["label"] == 0 and len(r["text"]) < max_chars][start::3][:n]
+
+
+def _suffix(args: Any) -> str:
+    return "" if getattr(args, "split", "test") == "test" else f".{args.split}"
 
 
 def _share(flags: list[bool], where: list[bool], empty: float) -> float:
@@ -276,7 +294,7 @@ def _language(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: list[str]
              for s in args.lang_contrastive]
     rows = []
     for label, s, st, where in cfgs:
-        outs = (base_out if st is None and len(base_out) == len(prompts)
+        outs = (base_out if st is None and args.split == "test" and len(base_out) == len(prompts)
                 else generate(model, tok, prompts, max_new_tokens=args.tokens, steers=st, positions=where))
         rows.append({"direction": label, "strength": s, "positions": where,
                      "french": float(np.mean([is_french(o) for o in outs])),
@@ -296,7 +314,8 @@ def _repetition(model: Any, tok: Any, sae: Any, sae_layer: int, prompts: Any, ar
 
     rng = np.random.default_rng(1)
     ok = np.flatnonzero((prompts.labels == 0) & np.array([len(t) < 300 for t in prompts.texts]))
-    ps = [prompts.texts[i] for i in sorted(rng.choice(ok, args.rep_n, False))]
+    ps = ([prompts.texts[i] for i in sorted(rng.choice(ok, args.rep_n, False))] if args.split == "test"
+          else train_prompts(300, 2, args.rep_n))
     ref_p, ref_a = reference_answers()
     texts, pos, neg = [], [], []
     for s in EN:  # the old way, for comparison: the SAE latent most selective for repeated copies of a sentence

@@ -217,12 +217,15 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
 
 
 def _shipped_steering(name: str, threshold: float, always: bool = False) -> Any:
-    """The shipped harmful-requests-steer policy (a layer-18 flag rule gating refusal steering at layer 12, a
-    layer no rule reads), its gate at ``threshold``; ``always``: the steering on for every request instead."""
+    """The shipped harmful-requests-steer policy (a flag rule reading layers 12 + 18 gating refusal steering),
+    its gate at ``threshold``, the steering moved to layer 10 (a layer no rule reads, so it is hooked for the
+    steering alone; there the refusal direction changes both test prompts); ``always``: the steering on for
+    every request instead."""
     from guardrails.core.policy import Policy
 
     pol = Policy.from_path(ROOT / "policies" / "harmful-requests-steer.yaml")
     entry = pol.steering[0]
+    entry = entry.model_copy(update={"steer": entry.steer.model_copy(update={"layers": [10]})})
     if always:
         entry = entry.model_copy(update={"always": True, "when": None})
     return pol.model_copy(update={"name": name, "steering": [entry],
@@ -385,8 +388,8 @@ def test_steering_changes_only_the_flagged_request(guard: Any, hf: dict[str, Any
 @needs_vllm
 @pytest.mark.model
 def test_steering_entries_at_a_layer_no_rule_reads(guard: Any, hf: dict[str, Any]) -> None:
-    """A policy's ``steering:`` entry at layer 12 (no rule reads it) is hooked: always on, it steers exactly as
-    HF; gated by the layer-18 rule, it steers the request that opened the gate and no other."""
+    """A policy's ``steering:`` entry at layer 10 (no rule reads it) is hooked: always on, it steers exactly as
+    HF; gated by the layer-12+18 rule, it steers the request that opened the gate and no other."""
     gated = hf["_policies"]["gated"]
     assert set(gated.steering[0].steer.layers or []) - set(gated.layers()), "the test needs a steering-only layer"
     prompts = [BENIGN[1], HARMFUL]
@@ -400,8 +403,8 @@ def test_steering_entries_at_a_layer_no_rule_reads(guard: Any, hf: dict[str, Any
     assert [r.steered for r in hf["gated"].generate(prompts, max_new_tokens=N_NEW)] == [False, True]
     assert [r.steered for r in got] == [False, True]
     assert got[0].output_ids == plain[0] and got[1].output_ids != plain[1]
-    # (HF scans the prompt first, so its gate is open when the prefill passes layer 12 and the last prompt
-    # token is steered too; inside vLLM the gate opens in the prefill, after layer 12: steering starts with
+    # (HF scans the prompt first, so its gate is open when the prefill passes layer 10 and the last prompt
+    # token is steered too; inside vLLM the gate opens in the prefill, after layer 18: steering starts with
     # the first generated token's forward, one token later, so the texts differ: docs/serving.md)
 
 
