@@ -55,7 +55,7 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
     for path in sorted(EVAL.glob("*.jsonl")):
         t0 = time.perf_counter()
         data = load_labeled(path, limit=limit)
-        rows = session.rows(data, _layer(policy, rule), rule_scope(rule))
+        rows = session.rule_rows(data, rule, _layer(policy, rule), rule_scope(rule))  # every layer the rule reads
         per_row = token_scores(session.guard(policy), rule.id, rows)
         sets[path.stem] = {
             "path": str(path.relative_to(ROOT)), "sha256": data.sha256, "texts": list(data.texts),

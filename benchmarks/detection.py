@@ -42,7 +42,7 @@ def scores_of(session: Session, policy: Policy, path: Path, limit: int | None = 
               mrc: int | None = None) -> tuple[Any, np.ndarray]:
     data = load_labeled(path, limit=limit, max_response_chars=mrc)
     rule = policy.rules[0]
-    rows = session.rows(data, _layer(policy, rule), rule_scope(rule))
+    rows = session.rule_rows(data, rule, _layer(policy, rule), rule_scope(rule))  # every layer the rule reads
     return data, text_scores(session.guard(policy), rule.id, rows)
 
 

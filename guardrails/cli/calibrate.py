@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals
+from guardrails.offline.calibrate import CalibrationError, LabeledData, Scope, load_labeled, residuals
 from guardrails.offline.evaluate import json_safe as _json_safe
 from guardrails.offline.evaluate import round_up
 
@@ -176,6 +176,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         if fit_weights and not isinstance(det, SAEFeaturesDetector):
             from guardrails.offline.baselines import fit_diffmean, fit_probe, save_linear
 
+            if getattr(det, "extra_layers", None):
+                raise CalibrationError(f"rules: {rule.id!r} is a multi-layer probe (extra_layers {det.extra_layers}); "
+                                       "--fit-weights fits one layer: calibrate its threshold without it")
             train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
             fit = fit_probe if det.method == "probe" else fit_diffmean
