@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardrails.core.cascade import JudgeSpec, RuleJudge, check_cascade_policy, check_cascade_rule
 from guardrails.core.errors import GuardrailsError
 from guardrails.core.normalize import NormalizeSpec
+from guardrails.core.yaml_io import MAX_YAML_NODES, UniqueKeyLoader
+from guardrails.core.yaml_io import DuplicateKeyError as DuplicateKeyError  # re-exported
+from guardrails.core.yaml_io import regular_file as regular_file  # re-exported
+from guardrails.core.yaml_io import too_big as _too_big
 
 Action = Literal["flag", "block", "steer"]
 Scope = Literal["input", "output", "both"]
@@ -380,77 +384,6 @@ class Policy(_Strict):
                     problems.append(f"rules[{i}].steer.features[{j}]: {fid} out of range; valid: 0..{width - 1}")
         if problems:
             raise PolicyError(f"policy {self.name!r}: " + "; ".join(problems))
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping names the same key twice (YAML would silently keep the last one)."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping, naming the key and both lines."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # keys merged in with '<<' may be overridden on purpose
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # an unhashable key: SafeLoader reports it
-                    continue
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first}); "
-                                            "each key may appear once per mapping")
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
-# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: 1e9, 1.0e9, 2E-3 (a strict number field would
-# otherwise refuse them); 1e400 then reads as inf and is refused as non-finite
-UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
-    list("-+0123456789."),
-)
-
-
-def regular_file(path: str | os.PathLike[str], where: str) -> Path:
-    """``path`` if it is a regular file (a FIFO, device or folder would hang or fail a reader); else PolicyError."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise PolicyError(f"{where}: {str(p)!r} not found ({exc.strerror})") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a file"
-        raise PolicyError(f"{where}: {str(p)!r} is {kind}; valid: a regular file")
-    return p
-
-
-MAX_YAML_NODES = 200_000
-"""Largest policy, in YAML nodes after alias expansion."""
-
-
-def _too_big(data: Any, limit: int) -> bool:
-    """True if walking ``data`` (aliases expanded) visits more than ``limit`` nodes; stops early."""
-    stack, seen = [data], 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > limit:
-            return True
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
