@@ -42,7 +42,7 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
     """Per-row windowed token scores of the policy's first rule on every eval set (cached to ``out``)."""
     import torch
 
-    from guardrails.cli.calibrate import Session, _layer
+    from guardrails.cli.calibrate import Session
     from guardrails.cli.main import resolve_policy_path
     from guardrails.core.policy import Policy
     from guardrails.offline.calibrate import load_labeled, rule_scope, token_scores
@@ -55,7 +55,7 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
     for path in sorted(EVAL.glob("*.jsonl")):
         t0 = time.perf_counter()
         data = load_labeled(path, limit=limit)
-        rows = session.rule_rows(data, rule, _layer(policy, rule), rule_scope(rule))  # every layer the rule reads
+        rows = session.rule_rows(data, policy, rule, rule_scope(rule))  # every layer the rule reads
         per_row = token_scores(session.guard(policy), rule.id, rows)
         sets[path.stem] = {
             "path": str(path.relative_to(ROOT)), "sha256": data.sha256, "texts": list(data.texts),

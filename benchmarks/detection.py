@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.cli.calibrate import Session, _json_safe, _layer  # noqa: E402
+from guardrails.cli.calibrate import Session, _json_safe  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
 from guardrails.offline.calibrate import load_labeled, rule_scope, text_scores  # noqa: E402
 from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
@@ -42,7 +42,7 @@ def scores_of(session: Session, policy: Policy, path: Path, limit: int | None = 
               mrc: int | None = None) -> tuple[Any, np.ndarray]:
     data = load_labeled(path, limit=limit, max_response_chars=mrc)
     rule = policy.rules[0]
-    rows = session.rule_rows(data, rule, _layer(policy, rule), rule_scope(rule))  # every layer the rule reads
+    rows = session.rule_rows(data, policy, rule, rule_scope(rule))  # every layer the rule reads
     return data, text_scores(session.guard(policy), rule.id, rows)
 
 

@@ -485,8 +485,7 @@ def _language_md(lang: dict[str, Any], args: dict[str, Any] | None) -> list[str]
     for r in lang["rows"]:
         lines.append(f"| {r['direction']} | {r['strength']} | {r.get('positions', 'generated')} | {r['french']:.2f} | "
                      f"{r['ppl_en_ref']:.2f} | {r['ppl_fr_ref']:.2f} |")
-    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
-                                           for r in lang["rows"]), ""]
+    lines += ["", _examples(lang["rows"]), ""]
     return lines
 
 
@@ -513,9 +512,13 @@ def _repetition_md(rep: dict[str, Any], args: dict[str, Any] | None) -> list[str
     for r in rep["rows"]:
         lines.append(f"| {r['direction']} | {r.get('method', 'add')} | {r['strength']} | {r['repeated_4gram']:.3f} | "
                      f"{r['answers_with_repeats']:.2f} | {r['ppl_en_ref']:.2f} |")
-    lines += ["", "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}"
-                                           for r in rep["rows"]), ""]
+    lines += ["", _examples(rep["rows"]), ""]
     return lines
+
+
+def _examples(rows: list[dict[str, Any]]) -> str:
+    """The first output of each row of a table, cut to 80 characters."""
+    return "Examples: " + " / ".join(f"{r['direction']} {r['strength']}: {r['examples'][0][:80]!r}" for r in rows)
 
 
 def _short(row: dict[str, Any]) -> str:

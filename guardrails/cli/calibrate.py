@@ -54,10 +54,12 @@ class Session:
                                         progress=self.progress)
         return self._rows[key]
 
-    def rule_rows(self, data: LabeledData, rule: Any, layer: int, scope: Scope) -> Any:
+    def rule_rows(self, data: LabeledData, policy: Any, rule: Any, scope: Scope) -> Any:
         """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
-        extra = getattr(rule.detector, "extra_layers", None) or []
-        return {L: self.rows(data, L, scope) for L in (*extra, layer)} if extra else self.rows(data, layer, scope)
+        from guardrails.core.semantics import rule_layers
+
+        reads = rule_layers(policy, rule)
+        return {L: self.rows(data, L, scope) for L in reads} if len(reads) > 1 else self.rows(data, reads[0], scope)
 
     def guard(self, policy: Any, score_mode: str | None = None, judges: dict[str, Any] | None = None) -> Any:
         from guardrails.serving.generation import GuardedModel
@@ -200,7 +202,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 new_rules[rule.id] = rule
                 policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
-        scores = text_scores(guard, rule.id, session.rule_rows(cal, rule, layer, sc))
+        scores = text_scores(guard, rule.id, session.rule_rows(cal, policy, rule, sc))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
         if rule.steer is not None and rule.steer.block_above is not None:
@@ -216,7 +218,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
         if "test" in files and evaluate_test:
             test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
-            ts = text_scores(guard, rule.id, session.rule_rows(test, rule, layer, sc))
+            ts = text_scores(guard, rule.id, session.rule_rows(test, policy, rule, sc))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test.labels, thr)}
             if any(test.sources):

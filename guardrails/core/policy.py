@@ -353,10 +353,9 @@ class Policy(_Strict):
 
     def layers(self) -> list[int]:
         """Residual-stream layers the rules read."""
-        from guardrails.core.semantics import rule_layer
+        from guardrails.core.semantics import rule_layers
 
-        extra = {x for rule in self.rules for x in (getattr(rule.detector, "extra_layers", None) or [])}
-        return sorted({rule_layer(self, rule) for rule in self.rules} | extra)
+        return sorted({layer for rule in self.rules for layer in rule_layers(self, rule)})
 
     def check_against(self, n_layers: int, sae_widths: dict[str, int], d_model: int | None = None) -> None:
         """Check layers and feature ids against the model and the loaded SAEs."""

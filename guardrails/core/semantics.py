@@ -46,6 +46,12 @@ def rule_layer(policy: Policy, rule: Rule) -> int:
     return int(policy.saes[det.sae].layer)  # type: ignore[union-attr]
 
 
+def rule_layers(policy: Policy, rule: Rule) -> list[int]:
+    """Every layer ``rule`` reads, shallowest first: a multi-layer linear rule's ``extra_layers``, then its own
+    (:func:`rule_layer`, where it decides)."""
+    return sorted({*(getattr(rule.detector, "extra_layers", None) or []), rule_layer(policy, rule)})
+
+
 def scores_token(
     scope: str, *, is_output: bool, role: str | None, input_roles: Iterable[str], scorable: bool = True
 ) -> bool:
@@ -315,6 +321,7 @@ __all__ = [
     "on_error_of",
     "refusal_for",
     "rule_layer",
+    "rule_layers",
     "scoped_rules",
     "scores_token",
     "strongest_action",

@@ -151,7 +151,8 @@ class CompiledPolicy:
         ``positions`` default to ``0..T-1``. Pass ``run`` to continue a call (cached decode steps); the
         run is returned with its decisions and traced scores. Steering is not applied (nothing to steer).
         """
-        missing = sorted((set(self.scorers) | set(self.feeds)) - set(residuals))
+        read = sorted({*self.scorers, *self.feeds})  # scored or feeding a deeper multi-layer rule
+        missing = sorted(set(read) - set(residuals))
         if missing:
             raise ValueError(f"score_residuals: no residuals for watched layer(s) {missing}; got {sorted(residuals)}")
         B, T = score_mask.shape
@@ -162,7 +163,7 @@ class CompiledPolicy:
         run.ctx = StepContext(positions=positions, score_mask=score_mask, is_output=is_output,
                               steer_mask=score_mask.clone(), roles=roles)
         try:
-            for layer in sorted(set(self.scorers) | set(self.feeds)):
+            for layer in read:
                 run.on_layer(layer, residuals[layer])
             run.check_all_scored()
         finally:
@@ -193,7 +194,7 @@ def compile_policy(
     hidden = int(getattr(cfg, "hidden_size", 0) or cfg.get_text_config().hidden_size)
     loaded = _load_saes(pol, saes or {}, hidden)
     pol.check_against(len(layers), {k: s.d_sae for k, s in loaded.items()})
-    linear = _load_linear(pol, hidden)
+    linear, fed = _load_linear(pol, hidden)
     by_layer: dict[int, list[Any]] = {}
     for i, rule in enumerate(pol.rules):
         by_layer.setdefault(rule_layer(pol, rule), []).append((i, rule))
@@ -216,7 +217,7 @@ def compile_policy(
         loaded = {sid: s for sid, s in loaded.items() if id(s) in kept}
     bound = bind_judges(pol, judges, require=judges is not None)
     feeds = {layer: Feed(fd.rule_ids, fd.weight.to(next(layers[layer].parameters()).device))
-             for layer, fd in _load_feeds(pol, hidden).items()}
+             for layer, fd in fed.items()}
     return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound, feeds=feeds)
 
 
@@ -245,10 +246,13 @@ def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, 
     return out
 
 
-def _load_linear(policy: Policy, hidden: int) -> dict[str, tuple[Tensor, Tensor]]:
+def _load_linear(policy: Policy, hidden: int) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[int, Feed]]:
+    """Each linear rule's ``(weight, bias)`` at its own layer, and the ``weight.L<l>`` terms of multi-layer
+    rules grouped by the shallower layer that feeds them (one read of each file)."""
     from safetensors.torch import load_file
 
     out = {}
+    fed_rows: dict[int, list[tuple[str, Tensor]]] = {}
     for i, rule in enumerate(policy.rules):
         det = rule.detector
         if not isinstance(det, LinearDetector):
@@ -271,29 +275,17 @@ def _load_linear(policy: Policy, hidden: int) -> dict[str, tuple[Tensor, Tensor]
         if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
             raise PolicyError(f"rules[{i}].detector.weights: {path!r} holds NaN or infinite values (would fail open)")
         out[rule.id] = (w.float(), bias.float())
-    return out
-
-
-def _load_feeds(policy: Policy, hidden: int) -> dict[int, Feed]:
-    """``weight.L<l>`` of each multi-layer linear rule (its file was read and checked by :func:`_load_linear`)."""
-    from safetensors.torch import load_file
-
-    rows: dict[int, list[tuple[str, Tensor]]] = {}
-    for i, rule in enumerate(policy.rules):
-        det = rule.detector
-        if not isinstance(det, LinearDetector) or not det.extra_layers:
-            continue
-        t = load_file(policy.resolve(det.weights))
-        for layer in det.extra_layers:
-            w = t.get(f"weight.L{layer}")
-            if w is None or tuple(w.shape) != (hidden,):
-                got = "missing" if w is None else f"shape {tuple(w.shape)}"
+        for layer in det.extra_layers or []:
+            we = t.get(f"weight.L{layer}")
+            if we is None or tuple(we.shape) != (hidden,):
+                got = "missing" if we is None else f"shape {tuple(we.shape)}"
                 raise PolicyError(f"rules[{i}].detector.weights: extra layer {layer} needs 'weight.L{layer}' of shape "
                                   f"({hidden},), {got}; the file holds: {', '.join(sorted(t))}")
-            if not bool(torch.isfinite(w.float()).all()):
+            if not bool(torch.isfinite(we.float()).all()):
                 raise PolicyError(f"rules[{i}].detector.weights: 'weight.L{layer}' holds NaN or infinite values")
-            rows.setdefault(layer, []).append((rule.id, w.float()))
-    return {layer: Feed(tuple(r for r, _ in v), torch.stack([w for _, w in v])) for layer, v in rows.items()}
+            fed_rows.setdefault(layer, []).append((rule.id, we.float()))
+    feeds = {layer: Feed(tuple(r for r, _ in v), torch.stack([x for _, x in v])) for layer, v in fed_rows.items()}
+    return out, feeds
 
 
 __all__ = ["CompiledPolicy", "Feed", "compile_policy"]

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
-from guardrails.core.policy import Policy, Rule, SAEFeaturesDetector
+from guardrails.core.policy import Policy, Rule
+from guardrails.core.semantics import rule_layers
 
 logger = logging.getLogger(__name__)
 
@@ -275,13 +276,12 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[T
     rule = next((r for r in guard.policy.rules if r.id == rule_id), None)
     if rule is None:
         raise CalibrationError(f"no rule {rule_id!r}; rules: {', '.join(r.id for r in guard.policy.rules)}")
-    det = rule.detector
-    layer = det.layer if not isinstance(det, SAEFeaturesDetector) else guard.policy.saes[det.sae].layer
-    extra = list(getattr(det, "extra_layers", None) or [])
+    reads = rule_layers(guard.policy, rule)
+    layer = reads[-1]  # where the rule decides; the shallower ones feed it
     layered = rows if isinstance(rows, dict) else {layer: rows}
-    missing = sorted({*extra, layer} - set(layered))
+    missing = sorted(set(reads) - set(layered))
     if missing:
-        raise CalibrationError(f"rule {rule_id!r} reads layers {sorted({*extra, layer})}: no rows for {missing}")
+        raise CalibrationError(f"rule {rule_id!r} reads layers {reads}: no rows for {missing}")
     policy = unthresholded(guard.policy)
     scorers, feeds = _scorers_for(guard, policy)
     is_out = rule_scope(rule) == "output"
@@ -292,20 +292,20 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[T
     for start in range(0, len(base), batch_size):
         pchunk = positions[start : start + batch_size]
         width = max(1, max((p[-1] + 1 if p else 1) for p in pchunk))
-        hidden = {L: torch.zeros(len(pchunk), width, d) for L in (*extra, layer)}
+        hidden = {L: torch.zeros(len(pchunk), width, d) for L in reads}
         mask = torch.zeros(len(pchunk), width, dtype=torch.bool)
-        for L in hidden:
-            for b, (r, p) in enumerate(zip(layered[L][start : start + batch_size], pchunk, strict=True)):
-                if len(r):
-                    idx = torch.tensor(p)
-                    hidden[L][b, idx] = r.float()
-                    mask[b, idx] = True
+        for b, p in enumerate(pchunk):
+            if len(base[start + b]):
+                idx = torch.tensor(p)
+                mask[b, idx] = True
+                for L in reads:  # the same tokens at every layer the rule reads
+                    hidden[L][b, idx] = layered[L][start + b].float()
         pos = torch.arange(width).expand(len(pchunk), width)
         run = GuardRun(policy, scorers, len(pchunk), [0 if is_out else width + 1] * len(pchunk),
                        feeds={L: f for L, f in feeds.items() if L in hidden})
         run.ctx = StepContext(pos, mask, torch.full_like(mask, is_out), torch.ones_like(mask))
         with torch.inference_mode():
-            for L in sorted(hidden):
+            for L in reads:
                 run.on_layer(L, hidden[L])
         ts = run.trace_scores[rule_id][0][1]
         for b, p in enumerate(pchunk):

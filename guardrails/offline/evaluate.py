@@ -99,20 +99,12 @@ RowKey = tuple[str, int]
 """``(scope, layer)``: residual rows are collected once per scope and layer."""
 
 
-def rule_row_key(policy: Any, rule: Any) -> RowKey:
-    """The ``(scope, layer)`` whose residual rows a rule scores, as serving reads them."""
-    from guardrails.core.policy import SAEFeaturesDetector
-    from guardrails.offline.calibrate import rule_scope
-
-    det = rule.detector
-    layer = policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
-    return rule_scope(rule), int(layer)
-
-
 def rule_row_keys(policy: Any, rule: Any) -> list[RowKey]:
     """Every ``(scope, layer)`` a rule reads: a multi-layer linear rule's extra layers, then its own."""
-    scope, layer = rule_row_key(policy, rule)
-    return [(scope, int(x)) for x in getattr(rule.detector, "extra_layers", None) or []] + [(scope, layer)]
+    from guardrails.core.semantics import rule_layers
+    from guardrails.offline.calibrate import rule_scope
+
+    return [(rule_scope(rule), layer) for layer in rule_layers(policy, rule)]
 
 
 def rule_rows(rows_by_key: Mapping[RowKey, list[Any]], policy: Any, rule: Any) -> list[Any] | dict[int, list[Any]]:
@@ -130,7 +122,7 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
 ]:
     """Decision score per row and the threshold it is compared with: one rule's, or the max-margin combination.
 
-    ``rows_by_key`` maps ``(scope, layer)`` (see :func:`rule_row_key`) to residual rows (see
+    ``rows_by_key`` maps ``(scope, layer)`` (see :func:`rule_row_keys`) to residual rows (see
     :func:`guardrails.offline.calibrate.residuals`): each rule is scored on the activations of its own
     layer, as serving scores it, even when two rules of one scope read different layers.
     Returns ``(scores, threshold, what)``.

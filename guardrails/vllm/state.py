@@ -48,8 +48,7 @@ class CompiledGuard:
     """The deepest hooked layer: a request's step is finished there."""
 
     def __post_init__(self) -> None:
-        self.layers = frozenset({*self.compiled.scorers, *getattr(self.compiled, "steers", {}),
-                                 *getattr(self.compiled, "feeds", {})})
+        self.layers = frozenset(self.compiled.hooked_layers)  # as GuardedModel hooks: scored, fed and steered
         self.last = max(self.layers)
 
     @property
