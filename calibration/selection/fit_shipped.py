@@ -157,58 +157,49 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
 
 
 
-def fit_compliance(window: int | None = None) -> None:
-    """Output guard: probe on layer-15 residuals of response tokens (responses.train, replies cut to 300
-    characters as calibrated), leave-one-source-out over the response sources to choose the window, then
-    fitted on the whole train split. Row weights: each (source, label) cell gets equal total weight."""
+def fit_compliance() -> None:
+    """Output guard: the configuration ``responses_probe.py`` chose by leave-one-family-out (its JSON,
+    ``benchmarks/results/compliance_selection.json``), fitted on the whole train split of the response
+    caches (``collect.py``: replies cut to 400 characters; every family but the held-out many-shot
+    answers; equal total weight per (source, label) cell). The threshold is then fitted on the cal split
+    by ``guardrails calibrate --max-response-chars 400`` (docs/results.md)."""
+    import maxwin
     import torch
-    from select_detectors import auroc, windowed_max
-
-    from guardrails.cli.calibrate import Session
-    from guardrails.offline.calibrate import load_labeled
+    from responses_probe import MANY_SHOT, cell_weights, subset
 
     torch.set_num_threads(2)
-    session = Session("bundled", progress=False, dtype="bfloat16")
-    data = load_labeled(ROOT / "calibration/data/responses.train.jsonl", max_response_chars=300)
-    rows = session.rows(data, 15, "output")
-    y = data.labels
-    src = np.array(["handwritten" if s.startswith("handwritten") else s for s in data.sources])
-    X = np.stack([r.float().mean(0).numpy() if len(r) else np.zeros(576, np.float32) for r in rows])
-    cells: dict[tuple[str, int], int] = {}
-    for s_, l_ in zip(src, y, strict=True):
-        cells[(s_, int(l_))] = cells.get((s_, int(l_)), 0) + 1
-    w = np.array([1.0 / cells[(s_, int(l_))] for s_, l_ in zip(src, y, strict=True)])
-    w *= len(w) / w.sum()
-    offsets = np.cumsum([0] + [len(r) for r in rows])
-    tok = np.concatenate([r.float().numpy() for r in rows])
-    results = {}
-    for W in ([window] if window is not None else [4, 16, 64]):
-        per = {}
-        for g in sorted(set(src)):
-            tr = src != g
-            coef, b = fit_probe(X[tr], y[tr], w[tr], 0.1)
-            sc = windowed_max(tok @ coef + b, offsets, W)
-            m = ~tr
-            if len(set(y[m].tolist())) == 2:
-                per[g] = auroc(sc[m & (y == 1)], sc[m & (y == 0)])
-        results[W] = per
-        print(f"compliance LOSO W={W}: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()), flush=True)
-    best = max(results, key=lambda k: np.mean(list(results[k].values())))
-    coef, b = fit_probe(X, y, w, 0.1)
+    sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_selection.json").read_text())["best"]
+    layer, kind, window = int(sel["layer"]), sel["kind"], int(sel["window"])
+    pool = maxwin.Pool(["responses.train"], [layer])
+    keep = np.array([s != MANY_SHOT for s in pool.sources])
+    x, off, y, src = subset(pool, keep)
+    w = cell_weights(src, y)
+    if kind == "ridge":
+        pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
+        coef, b = fit_probe(pooled, y, w, 0.1)
+        how = "ridge C=0.1 on mean-pooled replies"
+    else:
+        coef, b = maxwin.fit(x, off, y, w, window=16, wd=1e-2, steps=40)
+        how = "logistic loss on the served max-of-rolling-means score (W16), L2 0.01"
+    digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()
     path = ROOT / "calibration" / "probes" / "harmful-compliance-probe.safetensors"
-    save_linear(path, coef, b, {"method": "probe", "layer": "15", "train": "calibration/data/responses.train.jsonl",
-                                "train_sha256": data.sha256, "max_response_chars": "300",
-                                "row_weights": "equal per (source, label)", "loso_auroc": json.dumps(results)})
+    save_linear(path, coef, b, {"method": "probe", "layer": str(layer),
+                                "train": "calibration/data/responses.train.jsonl", "train_sha256": digest,
+                                "max_response_chars": "400", "objective": how,
+                                "row_weights": "equal per (source, label)",
+                                "selection": json.dumps({k: sel[k] for k in ("layer", "kind", "window", "criterion",
+                                                                             "worst")})})
     pol_path = ROOT / "policies" / "harmful-compliance.yaml"
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
-    det = rule.detector.model_copy(update={"window": int(best), "aggregate": "mean"})
-    desc = (f"Linear probe on layer-15 residuals of response tokens (highest mean over {det.window} tokens), "
-            f"fitted on calibration/data/responses.train.jsonl (replies cut to 300 characters, equal weight per "
-            f"source and label); window chosen by leave-one-source-out CV")
+    det = rule.detector.model_copy(update={"layer": layer, "window": window, "aggregate": "mean"})
+    desc = (f"Linear probe on layer-{layer} residuals of response tokens (highest mean over {window} tokens), "
+            f"fitted on calibration/data/responses.train.jsonl ({how}; replies cut to 400 characters, equal "
+            "weight per source and label); layer, detector and window chosen by leave-one-family-out CV "
+            "(calibration/selection/responses_probe.py)")
     write_policy(pol_path, pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det,
                                                                                     "description": desc})]}))
-    print(json.dumps({"compliance_window": det.window, "loso": results}))
+    print(json.dumps({"compliance": {"layer": layer, "kind": kind, "window": window}}))
 
 
 def fit_jailbreak() -> None:

@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""Output-guard candidates on the cached response-token residuals (not shipped: none generalizes).
+"""Output-guard selection by leave-one-family-out over the response sources.
 
-Fits on ``responses.train`` (equal weight per (source, label) cell), threshold at 3% FPR on
-``responses.cal``, scores ``responses.test`` whose ``pyrit_many_shot_llm_judged`` source is held out whole:
-mean-pooled ridge probes and probes trained through the served max-of-rolling-means score, windows 16 / 64.
+Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
+``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``); the pyrit many-shot
+answers (LLM-judged labels) are held out of every fit. For each candidate (layer, detector, window) and
+each family F: fit on the *train* split of the other families (equal weight per (source, label) cell),
+threshold at 3% FPR on their *cal* split, then score every row of F (all splits); the many-shot rows are
+scored by the fit on all three families (as shipped).
+Criterion: mean of the three held-out family AUROCs (the worst is printed too).
 
-    python calibration/selection/collect.py --layers=15,18 responses.train responses.cal responses.test
-    python calibration/selection/responses_probe.py 15
+    python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test
+    python calibration/selection/responses_probe.py [--layers 12,15,18] [--json out.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,37 +27,92 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maxwin import Pool, auroc, fit, score
 from select_detectors import fit_probe
 
-HELD_OUT = "pyrit_many_shot_llm_judged"
+MANY_SHOT = "pyrit_many_shot_llm_judged"
+FAMILIES = ("pyrit", "handwritten", "bundled")
 
 
-def rates(s: np.ndarray, y: np.ndarray, thr: float) -> str:
-    return (f"auroc {auroc(s[y == 1], s[y == 0]):.3f} tpr {np.mean(s[y == 1] >= thr):.3f} "
-            f"fpr {np.mean(s[y == 0] >= thr):.3f}")
+def family(source: str) -> str:
+    if source == MANY_SHOT:
+        return "many_shot"
+    if source.startswith("handwritten"):
+        return "handwritten"
+    if source.startswith("bundled_answers"):
+        return "bundled"
+    return "pyrit"
+
+
+def cell_weights(sources: list[str], y: np.ndarray) -> np.ndarray:
+    cells: dict[tuple[str, int], int] = {}
+    for s_, y_ in zip(sources, y, strict=True):
+        cells[(s_, int(y_))] = cells.get((s_, int(y_)), 0) + 1
+    w = np.array([1.0 / cells[(s_, int(y_))] for s_, y_ in zip(sources, y, strict=True)])
+    return w * len(w) / w.sum()
+
+
+def subset(pool: Pool, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    x, off = pool.subset(keep)
+    return x, off, pool.y[keep], [s for s, k in zip(pool.sources, keep, strict=True) if k]
+
+
+def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float]:
+    neg = s[y == 0]
+    return {"auroc": round(auroc(s[y == 1], neg), 4), "tpr": round(float(np.mean(s[y == 1] >= thr)), 4),
+            "fpr": round(float(np.mean(neg >= thr)), 4),
+            "tpr_at_own_3pct": round(float(np.mean(s[y == 1] >= np.quantile(neg, 0.97))), 4), "n": len(y)}
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    layer = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    tr, ca, te = (Pool([f"responses.{s}"], [layer]) for s in ("train", "cal", "test"))
-    src = ["handwritten" if s.startswith("handwritten") else s for s in tr.sources]
-    cells: dict[tuple[str, int], int] = {}
-    for s_, y_ in zip(src, tr.y, strict=True):
-        cells[(s_, int(y_))] = cells.get((s_, int(y_)), 0) + 1
-    w = np.array([1.0 / cells[(s_, int(y_))] for s_, y_ in zip(src, tr.y, strict=True)])
-    w *= len(w) / w.sum()
-    pooled = tr.sets[0].pool(tr.sets[0].x(layer), 0)
-    heads = {f"ridge C={c}": fit_probe(pooled, tr.y, w, c) for c in (0.03, 0.1)}
-    for wd in (1e-2, 1e-3):
-        heads[f"maxwin wd={wd}"] = fit(tr.x, tr.offsets, tr.y, w, window=16, wd=wd, steps=40)
-    held = np.array(te.sources) == HELD_OUT
-    for name, (c, b) in heads.items():
-        for window in (16, 64):
-            sc = score(ca.x, ca.offsets, c, b, window)
-            thr = float(np.quantile(sc[ca.y == 0], 0.97))
-            st = score(te.x, te.offsets, c, b, window)
-            print(f"L{layer} {name:16s} W={window}: cal auroc {auroc(sc[ca.y == 1], sc[ca.y == 0]):.3f} | "
-                  f"test {rates(st, te.y, thr)} | {HELD_OUT} (held out) {rates(st[held], te.y[held], thr)}",
-                  flush=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", default="12,15,18", type=lambda v: [int(x) for x in v.split(",")])
+    ap.add_argument("--kinds", default="ridge,maxwin", type=lambda v: v.split(","))
+    ap.add_argument("--windows", default="4,16,64", type=lambda v: [int(x) for x in v.split(",")])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    results = []
+    for layer in args.layers:
+        tr, ca, te = (Pool([f"responses.{s}"], [layer]) for s in ("train", "cal", "test"))
+        fam = {n: np.array([family(s) for s in p.sources]) for n, p in (("tr", tr), ("ca", ca), ("te", te))}
+        for kind in args.kinds:
+            per: dict[int, dict[str, dict[str, float]]] = {w: {} for w in args.windows}
+            for held in (*FAMILIES, "none"):  # "none": fitted on every family, scored on the many-shot rows
+                keep = (fam["tr"] != held) & (fam["tr"] != "many_shot")
+                x, off, y, src = subset(tr, keep)
+                w = cell_weights(src, y)
+                if kind == "ridge":
+                    pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
+                    heads = {W: fit_probe(pooled, y, w, 0.1) for W in args.windows}
+                else:
+                    head = fit(x, off, y, w, window=16, wd=1e-2, steps=40)
+                    heads = {W: head for W in args.windows}
+                for W, (c, b) in heads.items():
+                    cmask = (fam["ca"] != held) & (fam["ca"] != "many_shot")
+                    cx, coff, cy, _ = subset(ca, cmask)
+                    sc = score(cx, coff, c, b, W)
+                    thr = float(np.quantile(sc[cy == 0], 0.97))
+                    if held == "none":
+                        mx, moff, my, _ = subset(te, fam["te"] == "many_shot")
+                        per[W]["many_shot"] = rates(score(mx, moff, c, b, W), my, thr)
+                        continue
+                    hs, hy = [], []
+                    for p, f in ((tr, fam["tr"]), (ca, fam["ca"]), (te, fam["te"])):
+                        if (f == held).any():
+                            hx, hoff, yy, _ = subset(p, f == held)
+                            hs.append(score(hx, hoff, c, b, W))
+                            hy.append(yy)
+                    per[W][held] = rates(np.concatenate(hs), np.concatenate(hy), thr)
+            for W, d in per.items():
+                fams = [d[f]["auroc"] for f in FAMILIES]
+                row = {"layer": layer, "kind": kind, "window": W, "criterion": round(float(np.mean(fams)), 4),
+                       "worst": round(float(min(fams)), 4), "held_out": d}
+                results.append(row)
+                print(f"L{layer} {kind:6s} W={W:3d}: crit {row['criterion']:.3f} worst {row['worst']:.3f} | "
+                      + " ".join(f"{f} auroc {d[f]['auroc']:.3f} tpr {d[f]['tpr']:.2f} fpr {d[f]['fpr']:.2f}"
+                                 for f in (*FAMILIES, "many_shot")), flush=True)
+    best = max(results, key=lambda r: r["criterion"])
+    print(f"best: L{best['layer']} {best['kind']} W={best['window']} criterion {best['criterion']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "best": best}, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""The committed labeled data: well-formed rows, splits that never share a prompt, categories from the taxonomy.
+
+These files are what calibration, selection and the README's numbers are computed on; a broken row or a
+prompt leaking between splits would silently inflate every held-out figure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "calibration" / "data"
+SPLITS = ("train", "cal", "test")
+CATEGORIES = {"violent_crimes", "nonviolent_crimes", "weapons_cbrne", "cyber", "self_harm", "hate_harassment",
+              "sexual_content", "privacy", "specialized_advice", "misinformation", "other"}
+
+
+def _rows(name: str) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(x) for x in (DATA / name).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@pytest.mark.parametrize("kind", ["harmful_requests", "responses"])
+def test_rows_are_well_formed_and_splits_share_no_prompt(kind: str) -> None:
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for r in _rows(f"{kind}.{split}.jsonl"):
+            assert r["label"] in (0, 1) and r["source"], r
+            prompt = r["text"] if kind == "harmful_requests" else r["prompt"]
+            assert prompt.strip(), r
+            if kind == "responses":
+                assert r["response"].strip(), r
+            other = seen.setdefault(_key(prompt), split)
+            assert other == split, f"{kind}: prompt in both {other} and {split}: {prompt[:80]!r}"
+
+
+def test_harmful_rows_carry_a_hazard_category() -> None:
+    for split in SPLITS:
+        for r in _rows(f"harmful_requests.{split}.jsonl"):
+            if r["label"] == 1:
+                assert r.get("category") in CATEGORIES, r
+
+
+def test_handwritten_files_parse_and_use_known_categories() -> None:
+    hw = ROOT / "calibration" / "handwritten"
+    for name, n_cols in (("harmful_forms.tsv", 3), ("benign_contrast.tsv", 4)):
+        lines = [ln for ln in (hw / name).read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+        assert len(lines) >= 300, name  # the issue asks for several hundred hand-written rows each side
+        for ln in lines:
+            cols = ln.split("\t")
+            assert len(cols) == n_cols and cols[0] in CATEGORIES, (name, ln)
+
+
+def test_bundled_model_answers_are_labelled_by_refusal() -> None:
+    """Answers the bundled model wrote: a refusal is never label 1, an answer to a benign request never
+    label 1, and both labels occur in the train split (the output guard is fitted on them)."""
+    from guardrails.offline.steering_eval import is_refusal
+
+    gen = [json.loads(x) for x in (ROOT / "calibration/generated/bundled_answers.jsonl").read_text().splitlines()]
+    assert {g["variant"] for g in gen} == {"plain", "prefill", "refusal"}
+    for g in gen:
+        cont = g["response"] if g["variant"] != "prefill" else g["response"][len("Sure, here is"):]
+        assert g["label"] == int(g["request_label"] == 1 and not is_refusal(cont)), g
+    train = [r for r in _rows("responses.train.jsonl") if r["source"].startswith("bundled_answers_")]
+    assert {r["label"] for r in train} == {0, 1}
+    assert all(re.fullmatch(r"bundled_answers_(plain|prefill|refusal)", r["source"]) for r in train)
