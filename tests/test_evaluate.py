@@ -112,7 +112,9 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({"name": "two", "rules": rules}))
     words = ["bread", "robot", "fox", "paint", "flour", "dog", "world", "capital", "story", "yeast"]
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(_json.dumps({"text": f"{words[i % 10]} {words[(i * 3) % 10]} {words[(i * 7) % 10]}",
+    # unique texts: a repeated text ties with itself when served one at a time, but batched (padded)
+    # collection may break the tie by float noise, moving AUROC by half a pair
+    data.write_text("".join(_json.dumps({"text": f"{words[i % 10]} {words[i // 10 + 3]} {words[(i * 7) % 10]}",
                                          "label": int(i % 3 == 0), "source": "s" + str(i % 2),
                                          "category": "c" + str(i % 4 == 0)}) + "\n" for i in range(24)))
     _register_extensions()

@@ -442,7 +442,11 @@ def test_prompts_input_rule_scores_every_scorable_prompt_token(prompt: str, chat
         return
     # input rules read the user's turn (input_roles), not the template's default system prompt
     where = [i for i in _scorable(r.prompt) if i < len(r.roles) and r.roles[i] in ("user", "tool")]
-    assert r.blocked == bool(where)
+    # the normalisation pre-scan also scores decoded segments (e.g. leet-decoded '<|endoftext|>' ->
+    # '<lendoftextl>'); its decisions carry position -1 and say where they came from
+    pre = [d for d in r.decisions if d.position == -1]
+    assert all("normalized prompt" in (d.reason or "") for d in pre)
+    assert r.blocked == bool(where or pre)
     if where:
         assert r.text == REFUSAL and r.released_text == "" and r.output_ids == []
         d = r.decisions[0]
