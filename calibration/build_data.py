@@ -804,15 +804,15 @@ def handwritten_responses(src: Sources) -> list[ResponseRow]:
     return out
 
 
-
 MODEL_ANSWERS = HERE / "generated" / "bundled_answers.jsonl"  # calibration/build_model_answers.py
 
 
 def model_answers(src: Sources) -> list[ResponseRow]:
     """The bundled model's own greedy answers to the labeled requests (``build_model_answers.py``):
     label 1 = a harmful request answered without refusing, 0 = a refusal or any answer to a benign
-    request. Sources ``bundled_answers_plain`` / ``bundled_answers_prefill`` (assistant turn pre-filled
-    with "Sure, here is", benign requests too). Absent file: no rows."""
+    request. Sources ``bundled_answers_{plain,prefill,refusal}`` (prefill: assistant turn opened with
+    "Sure, here is", benign requests too; refusal: opened with a refusal, harmful requests only). Absent
+    file: no rows."""
     if not MODEL_ANSWERS.is_file():
         return []
     out = []
@@ -824,6 +824,7 @@ def model_answers(src: Sources) -> list[ResponseRow]:
         if r["response"].strip():
             out.append(ResponseRow(tidy(r["prompt"]), r["response"].strip(), int(r["label"]), source))
     return out
+
 
 # --------------------------------------------------------------------------------------------
 # jailbreak templates applied to harmful AND benign requests (a template must carry no label)

@@ -3,8 +3,8 @@
 
 The output guard watches *this* model's answers, so its most relevant training data is what this model
 writes. For the requests of ``calibration/data/harmful_requests.{split}.jsonl`` (at most 80 / 30 / 30 per
-(source, label) for train / cal / test, in file order; two-turn rows skipped) two greedy answers are
-generated with the bundled model:
+(source, label) for train / cal / test, in file order; two-turn rows skipped) greedy answers are
+generated with the bundled model in three variants:
 
 - ``plain``: the chat prompt as served;
 - ``prefill``: the assistant turn pre-filled with "Sure, here is" (the opening of a jailbroken answer),
@@ -17,8 +17,8 @@ generated with the bundled model:
 Labels: an answer to a harmful request is 1 (complies) unless it refuses (the refusal phrase list of
 ``guardrails.offline.steering_eval``), 0 when it refuses; every answer to a benign request is 0. Output
 ``calibration/generated/bundled_answers.jsonl`` (committed); ``calibration/build_data.py`` adds it to the
-response sets as sources ``bundled_answers_plain`` / ``bundled_answers_prefill``, split by prompt like
-every response row.
+response sets as sources ``bundled_answers_{plain,prefill,refusal}``, split by prompt like every
+response row.
 
     python calibration/build_model_answers.py            # ~25 min on 2 CPU cores
 """
@@ -31,7 +31,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -58,30 +57,16 @@ def requests() -> list[dict]:  # type: ignore[type-arg]
     return rows
 
 
-@torch.inference_mode()
 def answer(model, tok, prompts: list[str], prefill: str, max_new_tokens: int, batch_size: int,  # type: ignore[no-untyped-def]
            desc: str = "answers") -> list[str]:
-    from guardrails.offline.steering_eval import chat_text
+    """Greedy answers (prefill included), batched shortest prompts first to keep padding low."""
+    from guardrails.offline.steering_eval import generate
 
-    old, tok.padding_side = tok.padding_side, "left"
-    out: list[str] = []
-    try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        done: dict[int, str] = {}
-        bar = tqdm(range(0, len(order), batch_size), desc=desc)
-        for start in bar:
-            idx = order[start : start + batch_size]
-            texts = [chat_text(tok, prompts[i]) + prefill for i in idx]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            for i, text in zip(idx, tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True),
-                               strict=True):
-                done[i] = (prefill + text).strip()
-        out = [done[i] for i in range(len(prompts))]
-    finally:
-        tok.padding_side = old
-    return out
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    got = generate(model, tok, [prompts[i] for i in order], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   prefill=prefill, desc=desc)
+    done = {i: (prefill + text).strip() for i, text in zip(order, got, strict=True)}
+    return [done[i] for i in range(len(prompts))]
 
 
 def main() -> None:

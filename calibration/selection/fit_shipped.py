@@ -165,7 +165,7 @@ def fit_compliance() -> None:
     by ``guardrails calibrate --max-response-chars 400`` (docs/results.md)."""
     import maxwin
     import torch
-    from responses_probe import MANY_SHOT, cell_weights, subset
+    from responses_probe import MANY_SHOT, cell_weights, fit_head, subset
 
     torch.set_num_threads(2)
     sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_selection.json").read_text())["best"]
@@ -173,14 +173,9 @@ def fit_compliance() -> None:
     pool = maxwin.Pool(["responses.train"], [layer])
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
-    w = cell_weights(src, y)
-    if kind == "ridge":
-        pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
-        coef, b = fit_probe(pooled, y, w, 0.1)
-        how = "ridge C=0.1 on mean-pooled replies"
-    else:
-        coef, b = maxwin.fit(x, off, y, w, window=16, wd=1e-2, steps=40)
-        how = "logistic loss on the served max-of-rolling-means score (W16), L2 0.01"
+    coef, b = fit_head(kind, x, off, y, cell_weights(src, y))  # exactly the head the selection scored
+    how = ("ridge C=0.1 on mean-pooled replies" if kind == "ridge"
+           else "logistic loss on the served max-of-rolling-means score (W16), L2 0.01")
     digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()
     path = ROOT / "calibration" / "probes" / "harmful-compliance-probe.safetensors"
     save_linear(path, coef, b, {"method": "probe", "layer": str(layer),

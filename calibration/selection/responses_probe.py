@@ -54,6 +54,15 @@ def subset(pool: Pool, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, off, pool.y[keep], [s for s, k in zip(pool.sources, keep, strict=True) if k]
 
 
+def fit_head(kind: str, x: np.ndarray, off: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """One candidate's head: ``ridge`` (C=0.1 on mean-pooled replies) or ``maxwin`` (logistic loss on the
+    served max-of-rolling-means score, W16, L2 1e-2). ``fit_shipped.py compliance`` ships the chosen one."""
+    if kind == "ridge":
+        pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
+        return fit_probe(pooled, y, w, 0.1)
+    return fit(x, off, y, w, window=16, wd=1e-2, steps=40)
+
+
 def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float]:
     neg = s[y == 0]
     return {"auroc": round(auroc(s[y == 1], neg), 4), "tpr": round(float(np.mean(s[y == 1] >= thr)), 4),
@@ -76,31 +85,20 @@ def main() -> None:
         for kind in args.kinds:
             per: dict[int, dict[str, dict[str, float]]] = {w: {} for w in args.windows}
             for held in (*FAMILIES, "none"):  # "none": fitted on every family, scored on the many-shot rows
-                keep = (fam["tr"] != held) & (fam["tr"] != "many_shot")
-                x, off, y, src = subset(tr, keep)
-                w = cell_weights(src, y)
-                if kind == "ridge":
-                    pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
-                    heads = {W: fit_probe(pooled, y, w, 0.1) for W in args.windows}
-                else:
-                    head = fit(x, off, y, w, window=16, wd=1e-2, steps=40)
-                    heads = {W: head for W in args.windows}
-                for W, (c, b) in heads.items():
-                    cmask = (fam["ca"] != held) & (fam["ca"] != "many_shot")
-                    cx, coff, cy, _ = subset(ca, cmask)
+                x, off, y, src = subset(tr, (fam["tr"] != held) & (fam["tr"] != "many_shot"))
+                c, b = fit_head(kind, x, off, y, cell_weights(src, y))  # the head does not depend on W
+                cx, coff, cy, _ = subset(ca, (fam["ca"] != held) & (fam["ca"] != "many_shot"))
+                name = "many_shot" if held == "none" else held
+                splits = ((tr, fam["tr"]), (ca, fam["ca"]), (te, fam["te"]))
+                parts = ([(te, fam["te"] == "many_shot")] if held == "none"
+                         else [(p, f == held) for p, f in splits if (f == held).any()])
+                evals = [subset(p, m)[:3] for p, m in parts]
+                hy = np.concatenate([yy for _, _, yy in evals])
+                for W in args.windows:
                     sc = score(cx, coff, c, b, W)
                     thr = float(np.quantile(sc[cy == 0], 0.97))
-                    if held == "none":
-                        mx, moff, my, _ = subset(te, fam["te"] == "many_shot")
-                        per[W]["many_shot"] = rates(score(mx, moff, c, b, W), my, thr)
-                        continue
-                    hs, hy = [], []
-                    for p, f in ((tr, fam["tr"]), (ca, fam["ca"]), (te, fam["te"])):
-                        if (f == held).any():
-                            hx, hoff, yy, _ = subset(p, f == held)
-                            hs.append(score(hx, hoff, c, b, W))
-                            hy.append(yy)
-                    per[W][held] = rates(np.concatenate(hs), np.concatenate(hy), thr)
+                    hs = np.concatenate([score(hx, hoff, c, b, W) for hx, hoff, _ in evals])
+                    per[W][name] = rates(hs, hy, thr)
             for W, d in per.items():
                 fams = [d[f]["auroc"] for f in FAMILIES]
                 row = {"layer": layer, "kind": kind, "window": W, "criterion": round(float(np.mean(fams)), 4),

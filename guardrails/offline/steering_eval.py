@@ -171,17 +171,21 @@ def chat_text(tokenizer: Any, prompt: str) -> str:
 @torch.inference_mode()
 def generate(
     model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 32, steers: Any = None,
-    positions: str = "generated", batch_size: int = 16,
+    positions: str = "generated", batch_size: int = 16, prefill: str = "", desc: str | None = None,
 ) -> list[str]:
-    """Greedy chat answers (batched, left-padded), under :func:`guardrails.steering` when ``steers`` given."""
+    """Greedy chat answers (batched, left-padded), under :func:`guardrails.steering` when ``steers`` given.
+
+    ``prefill`` opens the assistant turn (the returned text is what follows it); ``desc`` shows a tqdm bar."""
+    from tqdm import tqdm
+
     from guardrails.engine.steering import steering
 
     out: list[str] = []
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer([chat_text(tokenizer, p) for p in prompts[start : start + batch_size]],
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
+            enc = tokenizer([chat_text(tokenizer, p) + prefill for p in prompts[start : start + batch_size]],
                             return_tensors="pt", padding=True, add_special_tokens=False)
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             if steers:
