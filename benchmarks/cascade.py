@@ -45,7 +45,8 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
     from guardrails.cli.calibrate import Session
     from guardrails.cli.main import resolve_policy_path
     from guardrails.core.policy import Policy
-    from guardrails.offline.calibrate import load_labeled, rule_scope, token_scores
+    from guardrails.offline.calibrate import load_labeled, rule_scope
+    from guardrails.offline.scoring import token_scores
 
     torch.set_num_threads(2)
     policy = Policy.from_path(resolve_policy_path(policy_name))

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from guardrails.cli.calibrate import Session, _json_safe  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
-from guardrails.offline.calibrate import load_labeled, rule_scope, text_scores  # noqa: E402
+from guardrails.offline.calibrate import load_labeled, rule_scope  # noqa: E402
 from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
+from guardrails.offline.scoring import rule_text_scores  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
 EVAL = DATA / "eval"  # per-source capped test files: python calibration/selection/eval_subsets.py
@@ -41,9 +42,9 @@ RESPONSE_LIMIT, RESPONSE_CHARS = 300, 300
 def scores_of(session: Session, policy: Policy, path: Path, limit: int | None = None,
               mrc: int | None = None) -> tuple[Any, np.ndarray]:
     data = load_labeled(path, limit=limit, max_response_chars=mrc)
-    rule = policy.rules[0]
-    rows = session.rule_rows(data, policy, rule, rule_scope(rule))  # every layer the rule reads
-    return data, text_scores(session.guard(policy), rule.id, rows)
+    rule = policy.rules[0]  # every layer the rule reads; a gated rule's gate reads the prompts
+    return data, rule_text_scores(session.guard(policy), rule,
+                                  lambda r: session.rule_rows(data, policy, r, rule_scope(r)))
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -77,6 +77,9 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
             if len(r["response"]) > MAX_RESPONSE_CHARS:
                 r["response"] = r["response"][:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
         out[f"responses.{s}"] = (rows, "output")
+        # the same rows' prompts alone, scored as the input rules score them (the request score of an answer)
+        out[f"responses_prompts.{s}"] = ([{"text": r["prompt"], "label": int(r["label"]), "source": r["source"]}
+                                          for r in rows], "input")
     return out
 
 

@@ -192,9 +192,50 @@ def fit_compliance() -> None:
             f"fitted on calibration/data/responses.train.jsonl ({how}; replies cut to 400 characters, equal "
             "weight per source and label); layer, detector and window chosen by leave-one-family-out CV "
             "(calibration/selection/responses_probe.py)")
-    write_policy(pol_path, pol.model_copy(update={"rules": [rule.model_copy(update={"detector": det,
-                                                                                    "description": desc})]}))
+    new = rule.model_copy(update={"detector": det, "description": desc})
+    write_policy(pol_path, pol.model_copy(update={"rules": [new, *pol.rules[1:]]}))
     print(json.dumps({"compliance": {"layer": layer, "kind": kind, "window": window}}))
+
+
+def fit_compliance_gate() -> None:
+    """Gate the output guard by the request (``compliance_composite.py`` measured it, leave-one-family-out):
+    harmful compliance = a harmful request *and* an answer that goes along. ``harmful-compliance`` gets the
+    shipped request rule of ``harmful-requests`` as a flag-only input rule, and its answer rule a gate
+    ``min(answer score, scale * request score + offset)`` that puts both scores in the same units: each
+    standardised on the label-0 rows of the response cal split (every family but the held-out many-shot
+    answers), the request's loosened by the slack ``compliance_composite.py`` chose (``k`` request SDs, so the
+    cap binds only on requests that look benign): ``scale = sd_answer / sd_request``, ``offset = mean_answer -
+    scale * mean_request + k * sd_answer``. The
+    threshold is then fitted on the cal split by ``guardrails calibrate --rule harmful-compliance``."""
+    from heldout import Scorer
+    from responses_probe import MANY_SHOT
+
+    from guardrails.core.policy import Gate
+
+    pol_path = ROOT / "policies" / "harmful-compliance.yaml"
+    req_path = ROOT / "policies" / "harmful-requests.yaml"
+    answers = Scorer(pol_path, rule="harmful-compliance")
+    request = Scorer(req_path, rule="harmful-request")
+    cal, prompts = Set("responses.cal"), Set("responses_prompts.cal")
+    neg = (cal.labels == 0) & np.array([s != MANY_SHOT for s in cal.sources])
+    a, r = answers.rows(cal)[neg], request.rows(prompts)[neg]
+    slack = float(json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())["slack"])
+    scale = float(a.std() / r.std())
+    offset = float(a.mean() - scale * r.mean() + slack * a.std())  # min(z_answer, z_request + slack)
+    pol = Policy.from_path(pol_path)
+    req_pol = Policy.from_path(req_path)
+    src = next(x for x in req_pol.rules if x.id == "harmful-request")
+    det = src.detector.model_copy(update={"weights": "../calibration/probes/harmful-requests-probe.safetensors"})
+    gate_rule = src.model_copy(update={
+        "detector": det, "action": "flag",
+        "description": "The request rule of harmful-requests (same probe and threshold), flag-only: it gates "
+                       "harmful-compliance (an answer counts as harmful compliance only as far as its request "
+                       "scored harmful)"})
+    comp = next(x for x in pol.rules if x.id == "harmful-compliance")
+    comp = comp.model_copy(update={"gate": Gate(rule="harmful-request", scale=round(scale, 4),
+                                                offset=round(offset, 4))})
+    write_policy(pol_path, pol.model_copy(update={"rules": [comp, gate_rule]}))
+    print(json.dumps({"gate": {"scale": scale, "offset": offset, "slack": slack, "n_label0": int(neg.sum())}}))
 
 
 def fit_jailbreak() -> None:
@@ -240,6 +281,8 @@ def fit_jailbreak() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compliance"]:
         fit_compliance()
+    elif sys.argv[1:2] == ["compliance-gate"]:
+        fit_compliance_gate()
     elif sys.argv[1:2] == ["jailbreak"]:
         fit_jailbreak()
     else:

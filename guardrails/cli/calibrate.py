@@ -10,6 +10,7 @@ thresholds the cal split, and the record reports the test split too.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ class Session:
 
         lm, tok = self.lm()  # without judges a cascade policy's scores still serve (calibration, eval)
         return GuardedModel(lm, tok, policy, score_mode=score_mode, judges=judges, require_judges=judges is not None)
+
+
+def _scope_rows(session: Session, data: LabeledData, policy: Any, rule: Any) -> Any:
+    """``rule``'s residual rows of ``data`` in its own scope (a gated rule's gate reads the prompts)."""
+    from guardrails.offline.calibrate import rule_scope
+
+    return session.rule_rows(data, policy, rule, rule_scope(rule))
 
 
 def split_files(data: str) -> dict[str, Path]:
@@ -143,9 +151,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         make_record,
         prefix_aware_pooled,
         rule_scope,
-        text_scores,
     )
     from guardrails.offline.evaluate import bootstrap_intervals, grouped_with_intervals, metrics, round_metrics
+    from guardrails.offline.scoring import rule_text_scores
 
     if target_fpr is None and target_recall is None:
         target_fpr = 0.01
@@ -202,7 +210,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 new_rules[rule.id] = rule
                 policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
-        scores = text_scores(guard, rule.id, session.rule_rows(cal, policy, rule, sc))
+        scores = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, cal, policy))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
         if rule.steer is not None and rule.steer.block_above is not None:
@@ -218,7 +226,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
         if "test" in files and evaluate_test:
             test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
-            ts = text_scores(guard, rule.id, session.rule_rows(test, policy, rule, sc))
+            ts = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, test, policy))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test.labels, thr)}
             if any(test.sources):
@@ -332,8 +340,8 @@ def run_baselines(session: Session, data: LabeledData, train: LabeledData | None
         linear_policy,
         save_linear,
     )
-    from guardrails.offline.calibrate import text_scores
     from guardrails.offline.evaluate import metrics, round_metrics
+    from guardrails.offline.scoring import text_scores
 
     out: dict[str, Any] = {}
     if data.responses is not None:

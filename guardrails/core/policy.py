@@ -116,6 +116,20 @@ class LinearDetector(_Strict):
 Detector = SAEFeaturesDetector | LinearDetector
 
 
+class Gate(_Strict):
+    """An output rule that counts only as far as the request was harmful (``gate: {rule, scale, offset}``).
+
+    The gated rule's score at a token is ``min(own score, scale * g + offset)``, where ``g`` is the gate rule's
+    highest windowed score on the prompt so far: an answer is scored as harmful compliance only when its
+    request scored harmful too. Without a scored prompt (an output-only guard), the rule scores the answer
+    alone. See :func:`guardrails.core.semantics.gate_cap`.
+    """
+
+    rule: str = Field(min_length=1, description="Input rule of this policy whose prompt score gates this rule")
+    scale: FiniteFloat = Field(default=1.0, gt=0, description="Maps the gate rule's score into this rule's units")
+    offset: FiniteFloat = Field(default=0.0, description="Added after scaling")
+
+
 class Steer(_Strict):
     """Steering applied from the token that tripped the rule onwards (or always, or when another rule fires).
 
@@ -187,6 +201,8 @@ class Rule(_Strict):
                                                "the rule's judge, whose verdict decides (guardrails.core.cascade)")
     judge: RuleJudge | None = Field(default=None, description="Judge of the uncertain band: a name bound at runtime, "
                                     "or {name, prompt, on_error, timeout_s}; default: the policy's only judge")
+    gate: Gate | None = Field(default=None, description="Output rules: capped by an input rule's prompt score "
+                              "(score = min(own, scale * request score + offset)); see Gate")
 
     @field_validator("detector", mode="before")
     @classmethod
@@ -266,6 +282,7 @@ class Policy(_Strict):
                 raise ValueError(f"rules[{i}].detector.sae: unknown SAE id {det.sae!r}; valid: {valid}")
             if rule.steer and rule.steer.features and not isinstance(det, SAEFeaturesDetector):
                 raise ValueError(f"rules[{i}].steer.features: only valid with an sae_features detector")
+        self._check_gates()
         for i, sr in enumerate(self.steering):  # steering entries: ids, gates and SAE references
             if sr.id in seen:
                 raise ValueError(f"steering[{i}].id: duplicate id {sr.id!r} (rules and steering share ids)")
@@ -285,6 +302,29 @@ class Policy(_Strict):
                     raise ValueError(f"{where}.direction: unknown SAE id {parts[1]!r}; valid: {valid}")
         check_cascade_policy(self)
         return self
+
+    def _check_gates(self) -> None:
+        from guardrails.core.semantics import rule_layer
+
+        by_id = {r.id: r for r in self.rules}
+        for i, rule in enumerate(self.rules):
+            if rule.gate is None:
+                continue
+            where = f"rules[{i}].gate"
+            gate = by_id.get(rule.gate.rule)
+            inputs = [r.id for r in self.rules if r.scope == "input" and r.gate is None and r.id != rule.id]
+            valid = ", ".join(inputs) or "(no input rule in this policy)"
+            if gate is None or gate is rule:
+                raise ValueError(f"{where}.rule: unknown rule {rule.gate.rule!r}; valid: {valid}")
+            if rule.scope != "output":
+                raise ValueError(f"{where}: only an output rule can be gated (this rule's scope is {rule.scope!r}); "
+                                 "valid: scope: output, or remove 'gate'")
+            if gate.scope != "input" or gate.gate is not None:
+                raise ValueError(f"{where}.rule: {gate.id!r} must be an ungated input rule; valid: {valid}")
+            if rule_layer(self, gate) > rule_layer(self, rule):  # a one-forward scan decides layers in order
+                raise ValueError(f"{where}.rule: {gate.id!r} decides at layer {rule_layer(self, gate)}, deeper than "
+                                 f"this rule's layer {rule_layer(self, rule)}; valid: a gate at layer <= "
+                                 f"{rule_layer(self, rule)}")
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -391,7 +431,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
     "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
-    "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec,
+    "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec, "gate": Gate,
 }
 
 

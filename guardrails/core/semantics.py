@@ -8,6 +8,7 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
   and the tokens no rule scores: padding, special tokens, position 0);
 - :func:`window_reference`: windowed aggregation (reference implementation; the torch engine and the
   numpy ONNX path are property-tested against it);
+- :func:`gate_cap`: an output rule gated by an input rule's prompt score (``gate:``);
 - :func:`escalate` and :func:`threshold_of`: a steer rule's ``block_above`` turning it into a block;
 - :func:`on_error_of`, :func:`refusal_for`: what a failure does, what a block says;
 - :func:`is_block`, :func:`is_flag`, :func:`strongest_action`: predicates over decisions;
@@ -84,6 +85,19 @@ def window_reference(scores: Sequence[float | None], window: int, how: str) -> l
         seen.append(float(s))
         win = seen[-window:]
         out.append(sum(win) / len(win) if how == "mean" else max(win) if how == "max" else sum(win))
+    return out
+
+
+def gate_cap(gate_scores: Sequence[float | None], scale: float, offset: float) -> list[float | None]:
+    """A gated rule's cap at each token (reference): ``scale * g + offset`` with ``g`` the gate rule's highest
+    windowed score up to that token; None before the gate scored anything (the rule then scores alone).
+    The gated rule's score is ``min(own, cap)`` (:class:`~guardrails.core.policy.Gate`)."""
+    out: list[float | None] = []
+    best: float | None = None
+    for g in gate_scores:
+        if g is not None and not (isinstance(g, float) and math.isnan(g)):
+            best = float(g) if best is None else max(best, float(g))
+        out.append(None if best is None else scale * best + offset)
     return out
 
 
@@ -296,7 +310,9 @@ def scoped_rules(policy: Policy, mode: Literal["input", "output"]) -> list[Rule]
     """
     from guardrails.core.policy import PolicyError
 
-    rules = [r.model_copy(update={"scope": mode}) for r in policy.rules if r.scope in (mode, "both")]
+    kept = {r.id for r in policy.rules if r.scope in (mode, "both")}
+    rules = [r.model_copy(update={"scope": mode, **({"gate": None} if r.gate and r.gate.rule not in kept else {})})
+             for r in policy.rules if r.scope in (mode, "both")]  # a gate left out: the rule scores alone
     if not rules:
         scopes = ", ".join(f"{r.id}: {r.scope}" for r in policy.rules)
         raise PolicyError(f"policy {policy.name!r} has no {mode} rules (rule scopes: {scopes}); an {mode} guard "
@@ -314,6 +330,7 @@ __all__ = [
     "cascade_band",
     "decide_scan",
     "escalate",
+    "gate_cap",
     "is_block",
     "is_flag",
     "judge_fields",

@@ -28,6 +28,7 @@ from guardrails.core.semantics import (
     rule_layer,
     threshold_of,
 )
+from guardrails.engine.gates import Gates
 from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
 from guardrails.engine.steering import PlannedSteer, SteerState, uses_plan
 
@@ -109,6 +110,9 @@ class GuardRun:
     feeds: dict[int, Any] = field(default_factory=dict)
     """Shallower-layer terms of multi-layer linear rules (:class:`~guardrails.engine.compile.Feed` per layer):
     their token scores are carried to the rule's own layer within the same forward and added there."""
+    gate_preset: dict[str, Tensor] | None = None
+    """Per gate rule id, each row's prompt score when the prompt is not part of this run (calibrating a gated
+    rule on answers alone; :class:`~guardrails.engine.gates.Gates`). Generation and scans compute it."""
     _pending: list[PendingJudge] = field(default_factory=list)
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
     _carry: dict[str, Tensor] = field(default_factory=dict)
@@ -126,6 +130,7 @@ class GuardRun:
                 steer_from=torch.full((self.batch,), 2**62, dtype=torch.long),
             )
             self.trace_scores[rule.id] = []
+        self._gates = Gates(self.policy, self.batch, self.gate_preset)
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         self._rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
 
@@ -196,12 +201,16 @@ class GuardRun:
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
         roles = self._roles(ctx, positions)
-        for h_i, head in enumerate(scorer.heads):
+        # gated rules after the others: a gate at this layer is known before the rules it caps
+        for h_i in sorted(range(len(scorer.heads)), key=lambda i: scorer.heads[i].rule.gate is not None):
+            head = scorer.heads[h_i]
             rule = head.rule
             st = self.states[rule.id]
             scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
             windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
+            if self._gates:
+                windowed = self._gates.apply(rule, windowed)  # rules[].gate: an answer capped by its request
             if self.record_trace:
                 self.trace_scores[rule.id].append((positions.cpu(), windowed))
             if not self.decide:
@@ -263,6 +272,7 @@ class GuardRun:
         judges decide the band hits of this forward (:meth:`resolve_escalations`)."""
         ctx = self.ctx
         self._carry.clear()  # terms of a forward that never reached their rule's layer (a cut forward)
+        self._gates.end_forward()
         self._feed_error = None
         if ctx is not None:
             for layer, scorer in self.scorers.items():

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
 from guardrails.core.policy import Policy, Rule
-from guardrails.core.semantics import rule_layers
 
 logger = logging.getLogger(__name__)
 
@@ -255,82 +254,6 @@ def rule_scope(rule: Rule) -> Scope:
     return "input" if rule.scope in ("input", "both") else "output"
 
 
-def unthresholded(policy: Policy) -> Policy:
-    """The policy with every threshold out of reach, so scoring records scores but decides nothing."""
-    rules = [r.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None}) for r in policy.rules]
-    return policy.model_copy(update={"rules": rules})
-
-
-def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[Tensor]], *,
-                 batch_size: int = 32) -> list[np.ndarray]:
-    """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun).
-
-    A multi-layer linear rule (``extra_layers``) takes ``{layer: rows}`` with the rows of each layer it reads
-    (the same data and positions); the engine adds the shallower layers' terms as it does in a forward.
-
-    With :class:`ResidualRows` positions, each row is laid out at its positions in the sequence (gaps
-    unscored), exactly as a prefill presents it to the engine.
-    """
-    from guardrails.engine.run import GuardRun, StepContext
-
-    rule = next((r for r in guard.policy.rules if r.id == rule_id), None)
-    if rule is None:
-        raise CalibrationError(f"no rule {rule_id!r}; rules: {', '.join(r.id for r in guard.policy.rules)}")
-    reads = rule_layers(guard.policy, rule)
-    layer = reads[-1]  # where the rule decides; the shallower ones feed it
-    layered = rows if isinstance(rows, dict) else {layer: rows}
-    missing = sorted(set(reads) - set(layered))
-    if missing:
-        raise CalibrationError(f"rule {rule_id!r} reads layers {reads}: no rows for {missing}")
-    policy = unthresholded(guard.policy)
-    scorers, feeds = _scorers_for(guard, policy)
-    is_out = rule_scope(rule) == "output"
-    base = layered[layer]
-    positions = getattr(base, "positions", None) or [list(range(1, len(r) + 1)) for r in base]
-    out: list[np.ndarray] = []
-    d = next((r.shape[-1] for r in base if r.ndim == 2), 1)
-    for start in range(0, len(base), batch_size):
-        pchunk = positions[start : start + batch_size]
-        width = max(1, max((p[-1] + 1 if p else 1) for p in pchunk))
-        hidden = {L: torch.zeros(len(pchunk), width, d) for L in reads}
-        mask = torch.zeros(len(pchunk), width, dtype=torch.bool)
-        for b, p in enumerate(pchunk):
-            if len(base[start + b]):
-                idx = torch.tensor(p)
-                mask[b, idx] = True
-                for L in reads:  # the same tokens at every layer the rule reads
-                    hidden[L][b, idx] = layered[L][start + b].float()
-        pos = torch.arange(width).expand(len(pchunk), width)
-        run = GuardRun(policy, scorers, len(pchunk), [0 if is_out else width + 1] * len(pchunk),
-                       feeds={L: f for L, f in feeds.items() if L in hidden})
-        run.ctx = StepContext(pos, mask, torch.full_like(mask, is_out), torch.ones_like(mask))
-        with torch.inference_mode():
-            for L in reads:
-                run.on_layer(L, hidden[L])
-        ts = run.trace_scores[rule_id][0][1]
-        for b, p in enumerate(pchunk):
-            out.append(ts[b, torch.tensor(p, dtype=torch.long)].numpy().astype(np.float64) if p else np.zeros(0))
-    return out
-
-
-def _scorers_for(guard: Any, policy: Policy) -> tuple[dict[int, Any], dict[int, Any]]:
-    """The serving scorers (and multi-layer feeds) of ``policy`` on ``guard``'s model (its loaded SAEs reused),
-    on the CPU."""
-    import dataclasses
-
-    from guardrails.serving.generation import GuardedModel
-
-    serving = GuardedModel(guard.model, guard.tokenizer, policy, saes=guard.saes, score_mode=guard.score_mode,
-                           keep_full_saes=True, require_judges=False)  # scores only: no cascade judge is asked
-    feeds = {layer: dataclasses.replace(f, weight=f.weight.cpu()) for layer, f in serving.compiled.feeds.items()}
-    return {layer: scorer.to(torch.device("cpu")) for layer, scorer in serving.scorers.items()}, feeds
-
-
-def text_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[Tensor]]) -> np.ndarray:
-    """Per-row decision score: the highest windowed token score (NaN where no token is scored)."""
-    return np.array([float(np.max(s)) if len(s) else math.nan for s in token_scores(guard, rule_id, rows)])
-
-
 def check_against_serving(
     guard: Any, data: LabeledData, rule_id: str, computed: np.ndarray, *, n: int = 8, rtol: float = 1e-3
 ) -> float:
@@ -505,3 +428,11 @@ def _sae_file(ref: str) -> Path | None:
         files = sorted(p.glob("*.safetensors"))
         return files[0] if files else None
     return p if p.is_file() else None
+
+
+# scoring residual rows through the engine lives in guardrails.offline.scoring; these names stay importable here
+from guardrails.offline.scoring import gate_scores as gate_scores  # noqa: E402
+from guardrails.offline.scoring import rule_text_scores as rule_text_scores  # noqa: E402
+from guardrails.offline.scoring import text_scores as text_scores  # noqa: E402
+from guardrails.offline.scoring import token_scores as token_scores  # noqa: E402
+from guardrails.offline.scoring import unthresholded as unthresholded  # noqa: E402

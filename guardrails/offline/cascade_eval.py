@@ -37,7 +37,8 @@ def cascade_metrics(guard: Any, rows_of: Any, data: Any, judge: Any, rule_id: st
 
     ``rows_of(rule)`` gives the rule's residual rows (as ``guardrails eval`` caches them); ``judge`` is a
     judge or its ``module:callable`` path (``--judge``)."""
-    from guardrails.offline.calibrate import rule_scope, token_scores
+    from guardrails.offline.calibrate import rule_scope
+    from guardrails.offline.scoring import gate_scores, token_scores
 
     path = judge if isinstance(judge, str) else None
     if path is not None:
@@ -50,7 +51,7 @@ def cascade_metrics(guard: Any, rows_of: Any, data: Any, judge: Any, rule_id: st
     escalated = np.zeros(n, dtype=bool)
     calls, seconds, errors = 0, 0.0, 0
     for rule in rules:
-        per_row = token_scores(guard, rule.id, rows_of(rule))
+        per_row = token_scores(guard, rule.id, rows_of(rule), gate=gate_scores(guard, rule, rows_of))
         settings = judge_settings(policy, rule)
         scope = rule_scope(rule)
         for i, sc in enumerate(per_row):

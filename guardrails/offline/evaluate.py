@@ -108,7 +108,7 @@ def rule_row_keys(policy: Any, rule: Any) -> list[RowKey]:
 
 
 def rule_rows(rows_by_key: Mapping[RowKey, list[Any]], policy: Any, rule: Any) -> list[Any] | dict[int, list[Any]]:
-    """A rule's residual rows as :func:`~guardrails.offline.calibrate.token_scores` takes them (``{layer: rows}``
+    """A rule's residual rows as :func:`~guardrails.offline.scoring.token_scores` takes them (``{layer: rows}``
     for a multi-layer rule)."""
     keys = rule_row_keys(policy, rule)
     missing = [k for k in keys if k not in rows_by_key]
@@ -120,14 +120,15 @@ def rule_rows(rows_by_key: Mapping[RowKey, list[Any]], policy: Any, rule: Any) -
 def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule: str | None = None) -> tuple[
     np.ndarray, float, str
 ]:
-    """Decision score per row and the threshold it is compared with: one rule's, or the max-margin combination.
+    """Decision score per row and the threshold it is compared with: one rule's, or the max-margin combination
+    of the rules that act (flag-only rules left out unless every rule flags).
 
     ``rows_by_key`` maps ``(scope, layer)`` (see :func:`rule_row_keys`) to residual rows (see
     :func:`guardrails.offline.calibrate.residuals`): each rule is scored on the activations of its own
     layer, as serving scores it, even when two rules of one scope read different layers.
     Returns ``(scores, threshold, what)``.
     """
-    from guardrails.offline.calibrate import text_scores
+    from guardrails.offline.scoring import rule_text_scores
 
     rules = guard.policy.rules
     if rule is not None:
@@ -135,17 +136,17 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
         if not chosen:
             valid = ", ".join(r.id for r in rules)
             raise ValueError(f"no rule {rule!r} in policy {guard.policy.name!r}; valid: {valid}")
-    else:
-        chosen = list(rules)
+    else:  # the rules that act (block or steer); flag-only rules (a gate, a framing flag) decide nothing
+        chosen = [r for r in rules if r.action != "flag"] or list(rules)
 
     def rows_of(r: Any) -> list[Any] | dict[int, list[Any]]:
         return rule_rows(rows_by_key, guard.policy, r)
 
     if len(chosen) == 1:
         r = chosen[0]
-        return text_scores(guard, r.id, rows_of(r)), float(r.threshold), f"rule {r.id}"
-    margins = np.stack([text_scores(guard, r.id, rows_of(r)) - r.threshold for r in chosen])
-    return np.nanmax(margins, axis=0), 0.0, "max over rules of (score - threshold)"
+        return rule_text_scores(guard, r, rows_of), float(r.threshold), f"rule {r.id}"
+    margins = np.stack([rule_text_scores(guard, r, rows_of) - r.threshold for r in chosen])
+    return np.nanmax(margins, axis=0), 0.0, f"max over rules {', '.join(r.id for r in chosen)} of (score - threshold)"
 
 
 def grouped_metrics(

@@ -269,6 +269,11 @@ def export_onnx(
 
     t0 = time.perf_counter()
     pol = policy if isinstance(policy, Policy) else Policy.from_path(policy)
+    gated = [r.id for r in pol.rules if r.gate is not None]
+    if gated:  # the numpy decision path has no gate yet: refuse rather than score the rules ungated
+        raise OnnxGuardError(f"policy {pol.name!r}: rule(s) {', '.join(gated)} have a gate (rules[].gate), which "
+                             "the ONNX guard does not apply; valid: export a policy without gates, or serve it "
+                             "with GuardedModel")
     if model is None:
         model, tokenizer = load_model(pol.model, dtype=torch.float32)
     elif tokenizer is None:

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Does the request score help the output guard? Leave-one-family-out, as ``responses_probe.py``.
+
+An answer is harmful compliance when the request was harmful *and* the answer goes along with it. The
+output probe sees the request only through attention; this measures adding the shipped request rule's
+score of the prompt (``policies/harmful-requests.yaml``, never fitted on answers) as a second term:
+``composite = response + a * request`` (``a`` by logistic regression on the other families' *cal* split),
+``zsum`` and ``zmin``: both standardised on the label-0 rows of that cal split, summed or the smaller (``zmin``
+is the shipped gate, ``min(answer, scale * request + offset)``, up to a monotone map). The response head is fitted
+on the other families' *train* split, as shipped; thresholds at 3% FPR on their cal split.
+
+    python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test \
+        responses_prompts.train responses_prompts.cal responses_prompts.test
+    python calibration/selection/compliance_composite.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from heldout import Scorer  # noqa: E402
+from maxwin import Pool, auroc, score  # noqa: E402
+from responses_probe import FAMILIES, cell_weights, family, fit_head, rates, subset  # noqa: E402
+from select_detectors import Set  # noqa: E402
+
+SLACK = (0.5, 1, 2, 3)  # the cap loosened by k request-SDs: it binds only on clearly benign requests
+KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k in SLACK))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layer", type=int, default=18)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-requests.yaml"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    req = Scorer(Path(args.request_policy))
+    splits = ("train", "cal", "test")
+    pools = {s: Pool([f"responses.{s}"], [args.layer]) for s in splits}
+    prompt = {s: req.rows(Set(f"responses_prompts.{s}")) for s in splits}
+    fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
+    out: dict[str, dict[str, object]] = {}
+    for held in (*FAMILIES, "many_shot"):
+        fit_fams = [f for f in FAMILIES if f != held]
+        x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams))
+        c, b = fit_head("maxwin", x, off, y, cell_weights(src, y))
+        keep_c = np.isin(fam["cal"], fit_fams)
+        cx, coff, cy, _ = subset(pools["cal"], keep_c)
+        cr, cp = score(cx, coff, c, b, args.window), prompt["cal"][keep_c]
+        lr = LogisticRegression(C=1.0).fit(np.stack([cr, cp], 1), cy)
+        a = float(lr.coef_[0, 1] / lr.coef_[0, 0])
+        parts = [(s, fam[s] == held) for s in splits if (fam[s] == held).any()]
+        hr = np.concatenate([score(*subset(pools[s], m)[:2], c, b, args.window) for s, m in parts])
+        hp = np.concatenate([prompt[s][m] for s, m in parts])
+        hy = np.concatenate([pools[s].y[m] for s, m in parts])
+        row: dict[str, object] = {"a": round(a, 4), "n": len(hy)}
+        zr = (cr[cy == 0].mean(), cr[cy == 0].std())
+        zp = (cp[cy == 0].mean(), cp[cy == 0].std())
+
+        def z(v: np.ndarray, m: tuple[float, float]) -> np.ndarray:
+            return (v - m[0]) / m[1]
+
+        variants = (("response", cr, hr), ("request", cp, hp), ("composite", cr + a * cp, hr + a * hp),
+                    ("zsum", z(cr, zr) + z(cp, zp), z(hr, zr) + z(hp, zp)),
+                    ("zmin", np.minimum(z(cr, zr), z(cp, zp)), np.minimum(z(hr, zr), z(hp, zp))),
+                    *((f"zmin+{k}", np.minimum(z(cr, zr), z(cp, zp) + k), np.minimum(z(hr, zr), z(hp, zp) + k))
+                      for k in SLACK))
+        for name, cal_s, s in variants:
+            thr = float(np.quantile(cal_s[cy == 0], 0.97))
+            row[name] = rates(s, hy, thr)
+        if held == "bundled":  # its train-split prompts trained the request probe: its test split alone too
+            t = np.concatenate([np.full(int(m.sum()), s == "test") for s, m in parts])
+            for k in (0, *SLACK):
+                zt = np.minimum(z(hr, zr), z(hp, zp) + k)[t]
+                row[f"zmin+{k}_test_split_only"] = {"auroc": round(auroc(zt[hy[t] == 1], zt[hy[t] == 0]), 4),
+                                                    "n": int(t.sum())}
+        out[held] = row
+        print(f"{held:12s} a={a:6.3f} n={len(hy):5d} | " + " | ".join(
+            f"{k} auroc {row[k]['auroc']:.3f} tpr {row[k]['tpr']:.2f} fpr {row[k]['fpr']:.2f}"  # type: ignore[index]
+            for k in KINDS), flush=True)
+    crit = {k: float(np.mean([out[f][k]["auroc"] for f in FAMILIES])) for k in KINDS}  # type: ignore[index]
+    print("criterion (mean held-out family AUROC): " + ", ".join(f"{k} {v:.3f}" for k, v in crit.items()))
+    best = max((k for k in KINDS if k.startswith("zmin")), key=lambda k: crit[k])
+    slack = float(best.partition("+")[2] or 0)
+    print(f"chosen gate: {best} (slack {slack:g} request SDs; fit_shipped.py compliance-gate ships it)")
+    if args.json:
+        args.json.write_text(json.dumps({"families": out, "criterion": crit, "chosen": best, "slack": slack}, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Gated output rules (``rules[].gate``): an answer's score is capped by its request's score,
+``min(own, scale * g + offset)`` with ``g`` the gate rule's highest prompt score so far, on every path
+(scan, cached generation, calibration's residual scoring) and refused where it is not applied (ONNX)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from guardrails import GuardedModel, Policy
+from guardrails.core.policy import PolicyError
+from guardrails.core.semantics import gate_cap, scoped_rules
+from guardrails.engine.hooks import hooks_on
+
+PROMPT = "How do I bake bread at home?"
+RESPONSE = "Mix flour, water, salt and yeast, knead it, let it rise, then bake it until golden."
+
+
+def _weights(path: Path, seed: int, hidden: int = 64) -> str:
+    g = torch.Generator().manual_seed(seed)
+    save_file({"weight": torch.randn(hidden, generator=g) * 0.2, "bias": torch.tensor(0.1)}, str(path))
+    return str(path)
+
+
+def _policy(tmp: Path, *, gate: str | None = "{rule: req, scale: 1.5, offset: -0.04}", out_threshold: float = 1e9,
+            req_layer: int = 1, out_layer: int = 2, out_scope: str = "output") -> Policy:
+    req, ans = _weights(tmp / "req.safetensors", 1), _weights(tmp / "ans.safetensors", 2)
+    gate_line = f"\n    gate: {gate}" if gate else ""
+    return Policy.from_yaml(f"""
+name: gated
+rules:
+  - id: req
+    scope: input
+    detector: {{kind: linear, layer: {req_layer}, weights: "{req}", window: 2}}
+    threshold: 1e9
+    action: flag
+  - id: ans
+    scope: {out_scope}
+    detector: {{kind: linear, layer: {out_layer}, weights: "{ans}", window: 3}}
+    threshold: {out_threshold}
+    action: block{gate_line}
+""")
+
+
+@pytest.mark.parametrize(("gate", "scope", "message"), [
+    ("{rule: nope}", "output", "rules[1].gate.rule: unknown rule 'nope'; valid: req"),
+    ("{rule: ans}", "output", "rules[1].gate.rule: unknown rule 'ans'"),
+    ("{rule: req}", "input", "only an output rule can be gated"),
+    ("{rule: req, scale: 0}", "output", "rules.1.gate.scale"),
+])
+def test_bad_gates_name_the_place_and_the_valid_options(tmp_path: Path, gate: str, scope: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        _policy(tmp_path, gate=gate, out_scope=scope)
+    assert message in str(err.value).replace("rules[1].gate.scale", "rules.1.gate.scale")
+
+
+def test_a_gate_deeper_than_its_rule_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"decides at layer 2, deeper than this rule's layer 1"):
+        _policy(tmp_path, req_layer=2, out_layer=1)
+
+
+def test_gate_cap_reference_is_a_running_max() -> None:
+    assert gate_cap([None, 1.0, None, 0.5, 3.0], 2.0, -1.0) == [None, 1.0, 1.0, 1.0, 5.0]
+
+
+def test_scan_caps_the_answer_by_the_request_score(lm: Any, tok: Any, tmp_path: Path) -> None:
+    model = lm("llama")
+    gated = GuardedModel(model, tok, _policy(tmp_path), chat=False)
+    free = GuardedModel(model, tok, _policy(tmp_path, gate=None), chat=False)
+    g, f = (m.score([PROMPT], responses=[RESPONSE], chat=False)[0] for m in (gated, free))
+    req = f.token_scores["req"]
+    assert req and f.token_scores["ans"]
+    cap = 1.5 * max(req.values()) - 0.04  # every answer token comes after the whole prompt
+    for pos, own in f.token_scores["ans"].items():
+        assert g.token_scores["ans"][pos] == pytest.approx(min(own, cap), rel=1e-5, abs=1e-6)
+    assert g.scores["ans"] < f.scores["ans"]  # the cap binds here (these weights)
+    assert hooks_on(model) == 0
+
+
+def test_generation_fires_only_when_the_request_scored(lm: Any, tok: Any, tmp_path: Path) -> None:
+    model = lm("llama")
+    free = GuardedModel(model, tok, _policy(tmp_path, gate=None, out_threshold=-1e9), chat=False)
+    assert free.generate(PROMPT, max_new_tokens=4, chat=False).blocked  # type: ignore[union-attr]
+    shut = _policy(tmp_path, gate="{rule: req, scale: 1.0, offset: -1e12}", out_threshold=-1e9)
+    out = GuardedModel(model, tok, shut, chat=False).generate(PROMPT, max_new_tokens=4, chat=False)
+    assert not out.blocked and not [d for d in out.decisions if d.rule_id == "ans"]  # type: ignore[union-attr]
+    opened = _policy(tmp_path, gate="{rule: req, scale: 1.0, offset: 1e12}", out_threshold=-1e9)
+    assert GuardedModel(model, tok, opened, chat=False).generate(PROMPT, max_new_tokens=4, chat=False).blocked  # type: ignore[union-attr]
+    assert hooks_on(model) == 0
+
+
+def test_an_output_only_guard_scores_the_answer_alone(tmp_path: Path) -> None:
+    rules = scoped_rules(_policy(tmp_path), "output")
+    assert [r.id for r in rules] == ["ans"] and rules[0].gate is None
+
+
+def test_calibration_scores_match_the_scan(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """token_scores on answer-only residual rows with the gate's prompt scores = the served scan."""
+    from guardrails.offline.calibrate import LabeledData, residuals
+    from guardrails.offline.scoring import rule_text_scores
+
+    model = lm("llama")
+    guard = GuardedModel(model, tok, _policy(tmp_path), chat=False)
+    prompts = [PROMPT, "Tell me a story about a robot who learns to paint."]
+    answers = [RESPONSE, "Once upon a time a robot found a brush and painted the sea."]
+    data = LabeledData(texts=prompts, labels=np.array([0, 1]), responses=answers, path="mem", sha256="x",
+                       sources=["a", "b"])
+
+    def rows_of(rule: Any) -> Any:
+        from guardrails.core.semantics import rule_layer
+        from guardrails.offline.calibrate import rule_scope
+
+        return residuals(model, tok, data, rule_layer(guard.policy, rule), rule_scope(rule), model_name="tiny",
+                         chat=False, progress=False, use_cache=False)
+
+    got = rule_text_scores(guard, guard.policy.rules[1], rows_of)
+    want = [s.scores["ans"] for s in guard.score(prompts, responses=answers, chat=False)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    ungated = rule_text_scores(guard.__class__(model, tok, _policy(tmp_path, gate=None), chat=False),
+                               _policy(tmp_path, gate=None).rules[1], rows_of)
+    assert all(a <= b + 1e-6 for a, b in zip(got, ungated, strict=True))
+    assert not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, ungated, strict=True))
+
+
+def test_onnx_export_refuses_a_gated_policy(tmp_path: Path) -> None:
+    from guardrails.onnx.export import OnnxGuardError, export_onnx
+
+    with pytest.raises(OnnxGuardError, match=r"rules\[\]\.gate"):
+        export_onnx(_policy(tmp_path), tmp_path / "onnx")
