@@ -95,7 +95,8 @@ def main() -> None:
     slack = float(best.partition("+")[2] or 0)
     print(f"chosen gate: {best} (slack {slack:g} request SDs; fit_shipped.py compliance-gate ships it)")
     if args.json:
-        args.json.write_text(json.dumps({"families": out, "criterion": crit, "chosen": best, "slack": slack}, indent=1) + "\n", encoding="utf-8")
+        doc = {"families": out, "criterion": crit, "chosen": best, "slack": slack}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
