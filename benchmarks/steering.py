@@ -454,10 +454,10 @@ def _markdown(res: dict[str, Any], args: Any) -> str:
     if s:
         n_h, n_b = s["unsteered"].get("n_harmful", args.n), s["unsteered"].get("n_benign", args.n)
         lines += ["", f"n = {n_h} harmful + {n_b} benign held-out prompts. Unsteered: the same policy, gate as flag "
-                  "only (its outputs are the model's own). output-gated: harmful-compliance's output probe as the gate "
-                  "(from the token that trips it), the same refusal direction; probe subtracted: the same gate, "
-                  "harmful-compliance.yaml's own steer (its probe direction subtracted, 17.5 units; blocks above "
-                  "block_above)."]
+                  "only (its outputs are the model's own). output-gated: harmful-compliance's output rule (gated "
+                  "by the request) as the gate, from the token that trips it, the same refusal direction (what "
+                  "harmful-compliance.yaml ships); probe subtracted: the same gate, the answer probe's own "
+                  "direction subtracted (17.5 units); both block above block_above."]
     ex = s["steered"]["examples"]["harmful"]
     lines += ["", "Steered harmful examples: " + " / ".join(repr(x[:100]) for x in ex),
               ""]

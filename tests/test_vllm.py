@@ -237,7 +237,7 @@ def hf() -> dict[str, Any]:
     """GuardedModel (the HF path) per test policy on one model, thresholds picked from its own scores:
     the input rules sit midway between the benign prompts' highest score and HARMFUL's; the output
     tripwire just under the highest generated-token score of HARMFUL (a clear maximum)."""
-    from guardrails import GuardedModel
+    from guardrails import GuardedModel, Policy
     from guardrails.serving.models import load_model
 
     torch.set_num_threads(2)
@@ -254,7 +254,8 @@ def hf() -> dict[str, Any]:
             "steer": _policy("steer-harmful", "input", mid, action="steer"),
             "trip": _policy("tripwire", "output", ranked[0] - 0.01, window=1),
             "gated": _shipped_steering("gated-steer", mid),
-            "always": _shipped_steering("always-steer", 1e9, always=True)}
+            "always": _shipped_steering("always-steer", 1e9, always=True),
+            "compliance": Policy.from_path(ROOT / "policies" / "harmful-compliance.yaml")}  # a gated output rule
     return {name: GuardedModel(lm, tok, p) for name, p in pols.items()} | {"_policies": pols}
 
 
@@ -268,7 +269,8 @@ def guard(hf: dict[str, Any]) -> Any:
     pols = hf["_policies"]
     args = {"max_model_len": 256, "max_num_seqs": 8, "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
             "dtype": "float32", "gpu_memory_utilization": 0.1, "seed": 0}
-    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"], pols["always"]])
+    return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"], pols["always"],
+                              pols["compliance"]])
 
 
 def _unguarded(guard: Any, prompts: list[str], n: int = N_NEW) -> list[list[int]]:
@@ -383,6 +385,21 @@ def test_steering_changes_only_the_flagged_request(guard: Any, hf: dict[str, Any
     _same_decisions(got[1].decisions, ref.decisions)
     # the steered request's KV blocks carried their own cache salt: an unguarded repeat reads clean ones
     assert _unguarded(guard, [HARMFUL]) == [plain[1]]
+
+
+@needs_vllm
+@pytest.mark.model
+def test_gated_output_rule_matches_hf(guard: Any, hf: dict[str, Any]) -> None:
+    """The shipped harmful-compliance policy: its answer rule capped by the request rule's prompt score
+    (``rules[].gate``), across chunked prefill and decode exactly as the HF path caps it."""
+    prompts = [BENIGN[0], HARMFUL]
+    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="harmful-compliance")
+    ref = hf["compliance"].generate(prompts, max_new_tokens=N_NEW)
+    for g, r in zip(got, ref, strict=True):
+        assert g.output_ids == r.output_ids and g.blocked == r.blocked
+        _same_decisions(g.decisions, r.decisions)
+        _same_scores(g.token_scores, r.token_scores)
+    assert got[1].token_scores["harmful-request"] and got[1].token_scores["harmful-compliance"]
 
 
 @needs_vllm
