@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guardrails import GuardedModel, Policy, PolicyError, SAEError
@@ -434,6 +434,7 @@ def test_prompts_output_rule_releases_nothing_unscored(prompt: str, chat: bool) 
 
 @FAST
 @given(prompts(), st.booleans())
+@example("<|endoftext|>", False)  # its leet decoding fires in the pre-scan: a decoded-segment decision
 def test_prompts_input_rule_scores_every_scorable_prompt_token(prompt: str, chat: bool) -> None:
     count("prompts: generate, input rule fires on every token")
     guard = _guard("input")
@@ -445,7 +446,7 @@ def test_prompts_input_rule_scores_every_scorable_prompt_token(prompt: str, chat
     # the normalisation pre-scan also scores decoded segments (e.g. leet-decoded '<|endoftext|>' ->
     # '<lendoftextl>'); its decisions carry position -1 and say where they came from
     pre = [d for d in r.decisions if d.position == -1]
-    assert all("normalized prompt" in (d.reason or "") for d in pre)
+    assert all(any(k in (d.reason or "") for k in ("normalized prompt", "decoded from the input")) for d in pre)
     assert r.blocked == bool(where or pre)
     if where:
         assert r.text == REFUSAL and r.released_text == "" and r.output_ids == []

@@ -95,15 +95,26 @@ def test_generation_fires_only_when_the_request_scored(lm: Any, tok: Any, tmp_pa
     assert hooks_on(model) == 0
 
 
-def test_an_output_only_guard_scores_the_answer_alone(tmp_path: Path) -> None:
-    rules = scoped_rules(_policy(tmp_path), "output")
-    assert [r.id for r in rules] == ["ans"] and rules[0].gate is None
+def test_an_output_guard_keeps_its_gate_as_a_score_only_rule(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """The output-only guard (LangChain's mode='output') applies the gate to the prompt it is given, and
+    the gate rule decides nothing."""
+    pol = _policy(tmp_path)
+    rules = scoped_rules(pol, "output")
+    assert [r.id for r in rules] == ["ans", "req"] and rules[0].gate is not None
+    assert rules[1].scope == "input" and rules[1].threshold == math.inf and rules[1].action == "flag"
+    assert [r.id for r in scoped_rules(pol, "input")] == ["req"]
+    model = lm("llama")
+    full = GuardedModel(model, tok, pol, chat=False)
+    out_only = full.scoped("output")
+    a, b = (g.score([PROMPT], responses=[RESPONSE], chat=False)[0] for g in (full, out_only))
+    assert a.token_scores["ans"] == pytest.approx(b.token_scores["ans"], rel=1e-5, abs=1e-6)
+    assert not [d for d in b.decisions if d.rule == "req"]
 
 
 def test_calibration_scores_match_the_scan(lm: Any, tok: Any, tmp_path: Path) -> None:
     """token_scores on answer-only residual rows with the gate's prompt scores = the served scan."""
     from guardrails.offline.calibrate import LabeledData, residuals
-    from guardrails.offline.scoring import rule_text_scores
+    from guardrails.offline.scoring import rule_text_scores, text_scores
 
     model = lm("llama")
     guard = GuardedModel(model, tok, _policy(tmp_path), chat=False)
@@ -125,6 +136,9 @@ def test_calibration_scores_match_the_scan(lm: Any, tok: Any, tmp_path: Path) ->
     ungated = rule_text_scores(guard.__class__(model, tok, _policy(tmp_path, gate=None), chat=False),
                                _policy(tmp_path, gate=None).rules[1], rows_of)
     assert all(a <= b + 1e-6 for a, b in zip(got, ungated, strict=True))
+    # no prompt scored (no gate scores given): the gated rule scores the answer alone
+    alone = text_scores(guard, "ans", rows_of(guard.policy.rules[1]))
+    np.testing.assert_allclose(alone, ungated, rtol=1e-5, atol=1e-6)
     assert not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, ungated, strict=True))
 
 
@@ -133,3 +147,38 @@ def test_onnx_export_refuses_a_gated_policy(tmp_path: Path) -> None:
 
     with pytest.raises(OnnxGuardError, match=r"rules\[\]\.gate"):
         export_onnx(_policy(tmp_path), tmp_path / "onnx")
+
+
+def test_fit_gate_standardises_both_scores_on_label_0(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """``guardrails calibrate --fit-gate K``: scale = sd_own / sd_gate, offset = mean_own - scale * mean_gate
+    + K * sd_own over the label-0 rows; bad input is refused with the reason."""
+    from guardrails.offline.calibrate import CalibrationError, LabeledData, residuals, rule_scope
+    from guardrails.offline.scoring import fit_gate, gate_scores, text_scores
+
+    model = lm("llama")
+    guard = GuardedModel(model, tok, _policy(tmp_path), chat=False)
+    prompts = [PROMPT, "Tell me a story about a robot.", "What is the capital of France?", "Name three colours."]
+    answers = [RESPONSE, "A robot found a brush and painted.", "Paris is the capital.", "Red, green and blue."]
+    labels = np.array([0, 0, 0, 1])
+    data = LabeledData(texts=prompts, labels=labels, responses=answers, path="mem", sha256="y", sources=[""] * 4)
+
+    def rows_of(rule: Any) -> Any:
+        from guardrails.core.semantics import rule_layer
+
+        return residuals(model, tok, data, rule_layer(guard.policy, rule), rule_scope(rule), model_name="tiny",
+                         chat=False, progress=False, use_cache=False)
+
+    rule = guard.policy.rules[1]
+    gate = fit_gate(guard, rule, rows_of, labels, slack=1.0)
+    own, g = text_scores(guard, "ans", rows_of(rule)), gate_scores(guard, rule, rows_of)
+    assert g is not None
+    neg = labels == 0
+    scale = own[neg].std() / g[neg].std()
+    assert gate.rule == "req" and gate.scale == pytest.approx(scale, abs=1e-4)
+    assert gate.offset == pytest.approx(own[neg].mean() - scale * g[neg].mean() + own[neg].std(), abs=1e-4)
+    with pytest.raises(CalibrationError, match="slack"):
+        fit_gate(guard, rule, rows_of, labels, slack=-1.0)
+    with pytest.raises(CalibrationError, match="has no gate"):
+        fit_gate(guard, guard.policy.rules[0], rows_of, labels)
+    with pytest.raises(CalibrationError, match="label-0 rows"):
+        fit_gate(guard, rule, rows_of, np.ones(4, dtype=int))

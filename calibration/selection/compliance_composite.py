@@ -39,7 +39,8 @@ KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layer", type=int, default=18)
+    ap.add_argument("--layers", default="18", type=lambda v: [int(x) for x in v.split(",")],
+                    help="answer head layers (several: a multi-layer probe, one term per layer)")
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-requests.yaml"))
     ap.add_argument("--json", type=Path, default=None)
@@ -47,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(2)
     req = Scorer(Path(args.request_policy))
     splits = ("train", "cal", "test")
-    pools = {s: Pool([f"responses.{s}"], [args.layer]) for s in splits}
+    pools = {s: Pool([f"responses.{s}"], args.layers) for s in splits}
     prompt = {s: req.rows(Set(f"responses_prompts.{s}")) for s in splits}
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}

@@ -141,8 +141,10 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
                   train_limit: int | None = None, record_path: Path | None = None,
-                  evaluate_test: bool = True) -> dict[str, Any]:
-    """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data."""
+                  evaluate_test: bool = True, fit_gate: float | None = None) -> dict[str, Any]:
+    """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
+    ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
+    :func:`~guardrails.offline.scoring.fit_gate`)."""
     from guardrails.core.policy import Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -210,6 +212,13 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 new_rules[rule.id] = rule
                 policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
+        if fit_gate is not None and rule.gate is not None:  # scale/offset of the gate, then the threshold
+            from guardrails.offline.scoring import fit_gate as _fit_gate
+
+            gate = _fit_gate(guard, rule, functools.partial(_scope_rows, session, cal, policy), cal.labels, fit_gate)
+            rule = new_rules[rule.id] = rule.model_copy(update={"gate": gate})
+            policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+            guard = session.guard(policy)
         scores = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, cal, policy))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
@@ -237,6 +246,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                              rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
                              metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
                                                          "weights_fitted": bool(fit_weights),
+                                                         "gate": rule.gate.model_dump() if rule.gate else None,
                                                          "model_dtype": session.dtype or "float32",
                                                          "max_response_chars": max_response_chars,
                                                          "limit": limit, "train_limit": train_limit})
@@ -313,6 +323,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
         tr = load_labeled(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
+        from guardrails.cli.baselines import run_baselines
+
         out["baselines"] = run_baselines(session, data, tr, _layer(policy, rule),
                                          rule_scope(rule), window=rule.detector.window)
     return out
@@ -323,50 +335,6 @@ def _layer(policy: Any, rule: Any) -> int:
 
     det = rule.detector
     return policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
-
-
-def run_baselines(session: Session, data: LabeledData, train: LabeledData | None, layer: int, scope: Scope, *,
-                  window: int = 1) -> dict[str, Any]:
-    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``)."""
-    import tempfile
-
-    from guardrails.offline.baselines import (
-        HARM_KEYWORDS,
-        TOXIC_KEYWORDS,
-        compliance_keyword_scores,
-        fit_diffmean,
-        fit_probe,
-        keyword_scores,
-        linear_policy,
-        save_linear,
-    )
-    from guardrails.offline.evaluate import metrics, round_metrics
-    from guardrails.offline.scoring import text_scores
-
-    out: dict[str, Any] = {}
-    if data.responses is not None:
-        kw = compliance_keyword_scores(data.responses)
-        out["keyword(refusal phrases, negated)"] = round_metrics(metrics(kw, data.labels, -0.5))
-    else:
-        words = TOXIC_KEYWORDS if scope == "output" else HARM_KEYWORDS
-        kw = keyword_scores(data.texts, words)
-        out["keyword"] = round_metrics(metrics(kw, data.labels, 0.5))
-    if train is None:
-        return out
-    tr_rows = session.rows(train, layer, scope)
-    rows = session.rows(data, layer, scope)
-    with tempfile.TemporaryDirectory() as tmp:
-        for method, fit in (("probe", fit_probe), ("diffmean", fit_diffmean)):
-            w, b = fit(tr_rows, train.labels)
-            path = save_linear(Path(tmp) / f"{method}.safetensors", w, b)
-            guard = session.guard(linear_policy(path, layer, scope, method=method, window=window))
-            tr_scores = text_scores(guard, "linear", tr_rows)
-            from guardrails.offline.calibrate import fit_threshold
-
-            thr = fit_threshold(tr_scores, train.labels, target_fpr=0.01)
-            s = text_scores(guard, "linear", rows)
-            out[f"{method}(L{layer}, window {window})"] = round_metrics(metrics(s, data.labels, thr))
-    return out
 
 
 # -- the commands --------------------------------------------------------------------------------------------
@@ -434,6 +402,9 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
         test: Annotated[bool, typer.Option(help="Also report the test split in the record")] = True,
+        fit_gate: Annotated[float | None, typer.Option(help="Gated rules: fit gate scale/offset on the cal split "
+                                                       "first, the request loosened by this many SDs (shipped: 1)")]
+        = None,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
@@ -450,7 +421,7 @@ def register(app: typer.Typer) -> None:
             Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
-            max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test))
+            max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return

@@ -121,8 +121,8 @@ class Gate(_Strict):
 
     The gated rule's score at a token is ``min(own score, scale * g + offset)``, where ``g`` is the gate rule's
     highest windowed score on the prompt so far: an answer is scored as harmful compliance only when its
-    request scored harmful too. Without a scored prompt (an output-only guard), the rule scores the answer
-    alone. See :func:`guardrails.core.semantics.gate_cap`.
+    request scored harmful too. An output-only guard keeps the gate rule to score the prompt it is given;
+    without a scored prompt, the rule scores the answer alone. See :func:`guardrails.core.semantics.gate_cap`.
     """
 
     rule: str = Field(min_length=1, description="Input rule of this policy whose prompt score gates this rule")

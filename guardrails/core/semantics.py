@@ -306,13 +306,18 @@ def decide_scan(
 def scoped_rules(policy: Policy, mode: Literal["input", "output"]) -> list[Rule]:
     """The rules of ``policy`` for an ``mode``-only guard (``both`` rules included, rescoped to ``mode``).
 
-    Raises :class:`~guardrails.core.policy.PolicyError` when none applies.
+    An output guard keeps the input rules that gate its rules (``rules[].gate``) as gate-only rules: they
+    score the prompt it is given (a threshold out of reach, so they decide nothing); given no prompt, the
+    gated rules score the answer alone. Raises :class:`~guardrails.core.policy.PolicyError` when none applies.
     """
     from guardrails.core.policy import PolicyError
 
-    kept = {r.id for r in policy.rules if r.scope in (mode, "both")}
-    rules = [r.model_copy(update={"scope": mode, **({"gate": None} if r.gate and r.gate.rule not in kept else {})})
-             for r in policy.rules if r.scope in (mode, "both")]  # a gate left out: the rule scores alone
+    rules = [r.model_copy(update={"scope": mode}) for r in policy.rules if r.scope in (mode, "both")]
+    gates = {r.gate.rule for r in rules if r.gate is not None}
+    if mode == "output" and gates:
+        rules += [r.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None,
+                                       "escalate_above": None, "judge": None})
+                  for r in policy.rules if r.id in gates]
     if not rules:
         scopes = ", ".join(f"{r.id}: {r.scope}" for r in policy.rules)
         raise PolicyError(f"policy {policy.name!r} has no {mode} rules (rule scopes: {scopes}); an {mode} guard "

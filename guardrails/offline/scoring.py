@@ -27,7 +27,7 @@ def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[T
     """Windowed per-token scores of one rule over residual rows, computed by the engine (GuardRun).
 
     ``gate``: for a gated rule (``Rule.gate``) scored on answers alone, each row's prompt score by the gate
-    rule (:func:`gate_scores`); without it a gated rule scores the answer alone, as an output-only guard does.
+    rule (:func:`gate_scores`); without it a gated rule scores the answer alone, as a guard given no prompt does.
 
     A multi-layer linear rule (``extra_layers``) takes ``{layer: rows}`` with the rows of each layer it reads
     (the same data and positions); the engine adds the shallower layers' terms as it does in a forward.
@@ -112,3 +112,31 @@ def gate_scores(guard: Any, rule: Rule, rows_of: Any) -> np.ndarray | None:
 def rule_text_scores(guard: Any, rule: Rule, rows_of: Any) -> np.ndarray:
     """:func:`text_scores` of ``rule``, a gated rule capped by its gate's prompt scores as serving caps it."""
     return text_scores(guard, rule.id, rows_of(rule), gate=gate_scores(guard, rule, rows_of))
+
+
+def fit_gate(guard: Any, rule: Rule, rows_of: Any, labels: np.ndarray, slack: float = 1.0) -> Any:
+    """``rule``'s gate with ``scale``/``offset`` fitted on labeled rows (``guardrails calibrate --fit-gate``).
+
+    Both scores are standardised on the label-0 rows (the rule's own, ungated score; the gate rule's prompt
+    score), and the request's is loosened by ``slack`` standard deviations, so the cap binds only on requests
+    that look benign: ``min(z_own, z_gate + slack)``, i.e. ``scale = sd_own / sd_gate`` and ``offset =
+    mean_own - scale * mean_gate + slack * sd_own``. The shipped harmful-compliance gate uses slack 1, chosen
+    by leave-one-family-out (``calibration/selection/compliance_composite.py``).
+    """
+    from guardrails.offline.calibrate import CalibrationError
+
+    if rule.gate is None:
+        raise CalibrationError(f"rule {rule.id!r} has no gate to fit; valid: a rule with gate: {{rule: <input rule>}}")
+    if not math.isfinite(slack) or slack < 0:
+        raise CalibrationError(f"--fit-gate {slack!r}: the slack is a number of standard deviations >= 0")
+    own = text_scores(guard, rule.id, rows_of(rule))  # no gate preset: the answer alone
+    g = gate_scores(guard, rule, rows_of)
+    if g is None:
+        raise CalibrationError(f"rule {rule.id!r}: its gate rule {rule.gate.rule!r} is not in the policy")
+    neg = (np.asarray(labels) == 0) & np.isfinite(own) & np.isfinite(g)
+    if neg.sum() < 2 or float(own[neg].std()) == 0 or float(g[neg].std()) == 0:
+        raise CalibrationError(f"rule {rule.id!r}: fitting its gate needs label-0 rows whose scores vary "
+                               f"(have {int(neg.sum())} scored label-0 rows)")
+    scale = float(own[neg].std() / g[neg].std())
+    offset = float(own[neg].mean() - scale * g[neg].mean() + slack * own[neg].std())
+    return rule.gate.model_copy(update={"scale": round(scale, 4), "offset": round(offset, 4)})

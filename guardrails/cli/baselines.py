@@ -1,0 +1,53 @@
+"""``guardrails eval --baselines``: keyword, probe and DiffMean baselines next to a policy's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from guardrails.cli.calibrate import Session
+from guardrails.offline.calibrate import LabeledData, Scope
+
+
+def run_baselines(session: Session, data: LabeledData, train: LabeledData | None, layer: int, scope: Scope, *,
+                  window: int = 1) -> dict[str, Any]:
+    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``)."""
+    import tempfile
+
+    from guardrails.offline.baselines import (
+        HARM_KEYWORDS,
+        TOXIC_KEYWORDS,
+        compliance_keyword_scores,
+        fit_diffmean,
+        fit_probe,
+        keyword_scores,
+        linear_policy,
+        save_linear,
+    )
+    from guardrails.offline.evaluate import metrics, round_metrics
+    from guardrails.offline.scoring import text_scores
+
+    out: dict[str, Any] = {}
+    if data.responses is not None:
+        kw = compliance_keyword_scores(data.responses)
+        out["keyword(refusal phrases, negated)"] = round_metrics(metrics(kw, data.labels, -0.5))
+    else:
+        words = TOXIC_KEYWORDS if scope == "output" else HARM_KEYWORDS
+        kw = keyword_scores(data.texts, words)
+        out["keyword"] = round_metrics(metrics(kw, data.labels, 0.5))
+    if train is None:
+        return out
+    tr_rows = session.rows(train, layer, scope)
+    rows = session.rows(data, layer, scope)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, fit in (("probe", fit_probe), ("diffmean", fit_diffmean)):
+            w, b = fit(tr_rows, train.labels)
+            path = save_linear(Path(tmp) / f"{method}.safetensors", w, b)
+            guard = session.guard(linear_policy(path, layer, scope, method=method, window=window))
+            tr_scores = text_scores(guard, "linear", tr_rows)
+            from guardrails.offline.calibrate import fit_threshold
+
+            thr = fit_threshold(tr_scores, train.labels, target_fpr=0.01)
+            s = text_scores(guard, "linear", rows)
+            out[f"{method}(L{layer}, window {window})"] = round_metrics(metrics(s, data.labels, thr))
+    return out
