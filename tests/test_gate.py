@@ -182,3 +182,20 @@ def test_fit_gate_standardises_both_scores_on_label_0(lm: Any, tok: Any, tmp_pat
         fit_gate(guard, guard.policy.rules[0], rows_of, labels)
     with pytest.raises(CalibrationError, match="label-0 rows"):
         fit_gate(guard, rule, rows_of, np.ones(4, dtype=int))
+
+
+def test_langchain_output_guard_applies_the_gate_to_its_prompt(tmp_path: Path) -> None:
+    """SAEGuard(mode="output") on {'input', 'output'}: the gated answer score is the full scan's."""
+    from guardrails.integrations.langchain.chat import SAEGuard
+    from tests.builders import bundled_tokenizer, tiny_lm
+
+    tok = bundled_tokenizer()  # a real chat template
+    model = tiny_lm("llama", tok)
+    full = GuardedModel(model, tok, _policy(tmp_path))
+    guard = SAEGuard(guard=full, mode="output")
+    _, meta = guard.check({"input": PROMPT, "output": RESPONSE})
+    want = full.score([[{"role": "user", "content": PROMPT}]], responses=[RESPONSE])[0]
+    assert meta["scores"]["ans"] == pytest.approx(want.scores["ans"], rel=1e-5, abs=1e-6)
+    assert meta["scores"]["req"] == pytest.approx(want.scores["req"], rel=1e-5, abs=1e-6)
+    assert not meta["blocked"] and not meta["flagged"]  # the gate-only rule decides nothing
+    assert hooks_on(model) == 0
