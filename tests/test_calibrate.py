@@ -299,3 +299,23 @@ def test_offline_scores_skip_the_default_system_turn_as_serving_does(tmp_path: P
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         seen = tok.decode([ids[j] for j in pos])
         assert text in seen and "helpful AI assistant" not in seen and len(pos) == len(r)
+
+
+def test_record_names_the_sources_held_out_of_the_train_split(tmp_path: Path) -> None:
+    """The calibration record's ``sources_held_out``: cal/test sources the train split does not contain."""
+    import hashlib
+    import json as _json
+
+    from guardrails.cli.calibrate import _split_provenance, split_files
+
+    rows = {"train": [("x", 0, "a"), ("y", 1, "b")], "cal": [("z", 0, "a"), ("w", 1, "c")],
+            "test": [("v", 1, "d"), ("u", 0, "")]}
+    for split, rs in rows.items():
+        (tmp_path / f"toy.{split}.jsonl").write_text(
+            "".join(_json.dumps({"text": t, "label": lab, "source": s}) + "\n" for t, lab, s in rs), encoding="utf-8")
+    files = split_files(str(tmp_path / "toy"))
+    cal, test = (load_labeled(files[s]) for s in ("cal", "test"))
+    got = _split_provenance(files, cal, test)
+    assert got["sources_held_out"] == ["c", "d"]
+    assert got["train_data"]["sha256"] == hashlib.sha256(files["train"].read_bytes()).hexdigest()
+    assert _split_provenance({"file": files["cal"]}, cal, None) == {}

@@ -76,6 +76,20 @@ def _scope_rows(session: Session, data: LabeledData, policy: Any, rule: Any) -> 
     return session.rule_rows(data, policy, rule, rule_scope(rule))
 
 
+def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledData | None) -> dict[str, Any]:
+    """The record's view of the splits: the train file's hash and the cal/test sources it does not contain
+    (held out whole from whatever was fitted on the train split)."""
+    import hashlib
+
+    train = files.get("train")
+    if train is None:
+        return {}
+    sources = {json.loads(x).get("source", "") for x in train.read_text(encoding="utf-8").splitlines() if x.strip()}
+    seen = set(cal.sources) | set(test.sources if test is not None else [])
+    return {"train_data": {"path": str(train), "sha256": hashlib.sha256(train.read_bytes()).hexdigest()},
+            "sources_held_out": sorted(s for s in seen - sources if s)}
+
+
 def split_files(data: str) -> dict[str, Path]:
     """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix."""
     p = Path(data)
@@ -167,6 +181,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
     new_rules = {r.id: r for r in policy.rules}
     report: dict[str, Any] = {"policy": policy.name, "rules": {}}
+    test_data = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
+        if "test" in files and evaluate_test else None
+    splits = _split_provenance(files, cal, test_data)
     for rule in rules:
         det = rule.detector
         sc = rule_scope(rule)
@@ -233,13 +250,12 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                                                                                      thr)}}
         if any(cal.sources):
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
-        if "test" in files and evaluate_test:
-            test = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars)
-            ts = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, test, policy))
-            rec_metrics["test"] = {**round_metrics(metrics(ts, test.labels, thr)),
-                                   "ci95": bootstrap_intervals(ts, test.labels, thr)}
-            if any(test.sources):
-                rec_metrics["test"]["per_source"] = grouped_with_intervals(ts, test.labels, test.sources, thr)
+        if test_data is not None:
+            ts = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, test_data, policy))
+            rec_metrics["test"] = {**round_metrics(metrics(ts, test_data.labels, thr)),
+                                   "ci95": bootstrap_intervals(ts, test_data.labels, thr)}
+            if any(test_data.sources):
+                rec_metrics["test"]["per_source"] = grouped_with_intervals(ts, test_data.labels, test_data.sources, thr)
         drift = check_against_serving(guard, cal, rule.id, scores, n=check) if check else math.nan
         target = {"fpr": target_fpr} if target_fpr is not None else {"recall": target_recall}
         record = make_record(policy=policy, data=cal, model_name=session.model_name, score_mode=guard.score_mode,
@@ -249,7 +265,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                                          "gate": rule.gate.model_dump() if rule.gate else None,
                                                          "model_dtype": session.dtype or "float32",
                                                          "max_response_chars": max_response_chars,
-                                                         "limit": limit, "train_limit": train_limit})
+                                                         "limit": limit, "train_limit": train_limit, **splits})
         report["rules"][rule.id] = record
     summary = {rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
                      "record": f"calibration/records/{policy.name}.json"} for rid, r in report["rules"].items()}
