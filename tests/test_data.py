@@ -71,3 +71,27 @@ def test_bundled_model_answers_are_labelled_by_refusal() -> None:
     train = [r for r in _rows("responses.train.jsonl") if r["source"].startswith("bundled_answers_")]
     assert {r["label"] for r in train} == {0, 1}
     assert all(re.fullmatch(r"bundled_answers_(plain|prefill|refusal)", r["source"]) for r in train)
+
+
+def test_every_shipped_threshold_was_fitted_on_the_current_cal_split() -> None:
+    """Each shipped policy's calibration record names the data it was fitted on; its hash must be the current
+    file's (read as the record says: limit, response cut), and the policy's threshold the record's. A split
+    rebuilt without recalibrating (a stale threshold) fails here."""
+
+    from guardrails import Policy
+    from guardrails.offline.calibrate import load_labeled
+
+    checked = 0
+    for path in sorted((ROOT / "policies").glob("*.yaml")):
+        pol = Policy.from_path(path)
+        for rid, entry in (pol.calibration or {}).items():
+            rec = json.loads((ROOT / entry["record"]).read_text(encoding="utf-8"))["rules"][rid]
+            rule = next(r for r in pol.rules if r.id == rid)
+            assert rule.threshold == rec["threshold"] == entry["threshold"], (path.name, rid)
+            data = ROOT / rec["data"]
+            if not data.is_file():  # a generated split not built here (calibration/build_data.py)
+                continue
+            got = load_labeled(data, limit=rec.get("limit"), max_response_chars=rec.get("max_response_chars"))
+            assert got.sha256 == rec["data_sha256"] == entry["data_sha256"], f"{path.name}/{rid}: recalibrate"
+            checked += 1
+    assert checked >= 3
