@@ -228,6 +228,20 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert got["fpr"] == pytest.approx((ts[test.labels == 0] >= thr).mean(), abs=1e-4)
     assert set(got["baselines"]) >= {"keyword"}
     assert any(k.startswith("probe") for k in got["baselines"])
+    assert "in_sample" not in got  # the test split: rows the threshold never saw
+    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "toy.cal.jsonl"), "--model", str(t["model"])])
+    assert res.exit_code == 0, res.output
+    assert "were fitted on this file" in res.output and "in-sample" in res.output
+
+
+def test_fit_weights_on_one_file_warns_in_sample(saved_tiny) -> None:
+    t = saved_tiny
+    one = t["tmp"] / "one.jsonl"
+    one.write_text((t["tmp"] / "toy.cal.jsonl").read_text(encoding="utf-8"), encoding="utf-8")  # no splits
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(one), "--target-fpr", "0.1", "--fit-weights",
+                "--model", str(t["model"]), "--out", str(t["tmp"] / "one.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "fitted on the same rows" in " ".join(res.output.split())
 
 
 def test_cli_discover_writes_draft(saved_tiny) -> None:

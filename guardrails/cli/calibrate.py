@@ -181,6 +181,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
     new_rules = {r.id: r for r in policy.rules}
     report: dict[str, Any] = {"policy": policy.name, "rules": {}}
+    if fit_weights and "train" not in files:
+        report["warnings"] = [f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
+                              "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones"]
     test_data = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
         if "test" in files and evaluate_test else None
     splits = _split_provenance(files, cal, test_data)
@@ -322,6 +325,9 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
+    fitted_here = sorted(rid for rid, e in (policy.calibration or {}).items() if e.get("data_sha256") == data.sha256)
+    if fitted_here:  # the thresholds were fitted on these very rows
+        out["in_sample"] = fitted_here
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
@@ -448,6 +454,8 @@ def register(app: typer.Typer) -> None:
             if "test" in m:
                 line += f"  | test AUROC {m['test']['auroc']}, FPR {m['test']['fpr']:.3f}, TPR {m['test']['tpr']:.3f}"
             console.print(line)
+        for w in rep.get("warnings", []):
+            console.print(f"[yellow]warning[/]: {w}")
         console.print(f"wrote {rep['out']}")
 
     @app.command("eval")
@@ -491,6 +499,9 @@ def register(app: typer.Typer) -> None:
             t.add_row(name, *(_fmt(m.get(k)) for k in
                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
         console.print(t)
+        if res.get("in_sample"):
+            console.print(f"[yellow]warning[/]: the thresholds of {', '.join(res['in_sample'])} were fitted on this "
+                          "file (same sha256): these numbers are in-sample; evaluate on rows the policy never saw")
         if "cascade" in res:
             console.print(res["cascade"]["summary"])
         for field_name in by or []:
