@@ -211,17 +211,16 @@ def fit_compliance_gate() -> None:
     from responses_probe import MANY_SHOT
 
     from guardrails.core.policy import Gate
+    from guardrails.offline.scoring import gate_from_scores
 
     pol_path = ROOT / "policies" / "harmful-compliance.yaml"
     req_path = ROOT / "policies" / "harmful-requests.yaml"
     answers = Scorer(pol_path, rule="harmful-compliance")
     request = Scorer(req_path, rule="harmful-request")
     cal, prompts = Set("responses.cal"), Set("responses_prompts.cal")
-    neg = (cal.labels == 0) & np.array([s != MANY_SHOT for s in cal.sources])
-    a, r = answers.rows(cal)[neg], request.rows(prompts)[neg]
+    keep = np.array([s != MANY_SHOT for s in cal.sources])
     slack = float(json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())["slack"])
-    scale = float(a.std() / r.std())
-    offset = float(a.mean() - scale * r.mean() + slack * a.std())  # min(z_answer, z_request + slack)
+    scale, offset = gate_from_scores(answers.rows(cal)[keep], request.rows(prompts)[keep], cal.labels[keep], slack)
     pol = Policy.from_path(pol_path)
     req_pol = Policy.from_path(req_path)
     src = next(x for x in req_pol.rules if x.id == "harmful-request")
@@ -235,7 +234,8 @@ def fit_compliance_gate() -> None:
     comp = comp.model_copy(update={"gate": Gate(rule="harmful-request", scale=round(scale, 4),
                                                 offset=round(offset, 4))})
     write_policy(pol_path, pol.model_copy(update={"rules": [comp, gate_rule]}))
-    print(json.dumps({"gate": {"scale": scale, "offset": offset, "slack": slack, "n_label0": int(neg.sum())}}))
+    n0 = int((keep & (cal.labels == 0)).sum())
+    print(json.dumps({"gate": {"scale": scale, "offset": offset, "slack": slack, "n_label0": n0}}))
 
 
 def fit_jailbreak() -> None:

@@ -79,15 +79,12 @@ def _scope_rows(session: Session, data: LabeledData, policy: Any, rule: Any) -> 
 def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledData | None) -> dict[str, Any]:
     """The record's view of the splits: the train file's hash and the cal/test sources it does not contain
     (held out whole from whatever was fitted on the train split)."""
-    import hashlib
-
-    train = files.get("train")
-    if train is None:
+    if "train" not in files:
         return {}
-    sources = {json.loads(x).get("source", "") for x in train.read_text(encoding="utf-8").splitlines() if x.strip()}
+    train = load_labeled(files["train"])
     seen = set(cal.sources) | set(test.sources if test is not None else [])
-    return {"train_data": {"path": str(train), "sha256": hashlib.sha256(train.read_bytes()).hexdigest()},
-            "sources_held_out": sorted(s for s in seen - sources if s)}
+    return {"train_data": {"path": train.path, "sha256": train.sha256},
+            "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
 
 
 def split_files(data: str) -> dict[str, Path]:

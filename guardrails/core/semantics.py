@@ -303,6 +303,13 @@ def decide_scan(
     return sorted(events, key=lambda e: e.position)
 
 
+def score_only(rule: Rule) -> Rule:
+    """``rule`` with its threshold out of reach: it records scores and decides nothing (no flag, steer, block or
+    judge); used for calibration and for the gate rules an output guard keeps."""
+    return rule.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None, "escalate_above": None,
+                                   "judge": None})
+
+
 def scoped_rules(policy: Policy, mode: Literal["input", "output"]) -> list[Rule]:
     """The rules of ``policy`` for an ``mode``-only guard (``both`` rules included, rescoped to ``mode``).
 
@@ -315,9 +322,7 @@ def scoped_rules(policy: Policy, mode: Literal["input", "output"]) -> list[Rule]
     rules = [r.model_copy(update={"scope": mode}) for r in policy.rules if r.scope in (mode, "both")]
     gates = {r.gate.rule for r in rules if r.gate is not None}
     if mode == "output" and gates:
-        rules += [r.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None,
-                                       "escalate_above": None, "judge": None})
-                  for r in policy.rules if r.id in gates]
+        rules += [score_only(r) for r in policy.rules if r.id in gates]
     if not rules:
         scopes = ", ".join(f"{r.id}: {r.scope}" for r in policy.rules)
         raise PolicyError(f"policy {policy.name!r} has no {mode} rules (rule scopes: {scopes}); an {mode} guard "
@@ -345,6 +350,7 @@ __all__ = [
     "rule_layer",
     "rule_layers",
     "scoped_rules",
+    "score_only",
     "scores_token",
     "strongest_action",
     "threshold_of",

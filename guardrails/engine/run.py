@@ -131,6 +131,11 @@ class GuardRun:
             )
             self.trace_scores[rule.id] = []
         self._gates = Gates(self.policy, self.batch, self.gate_preset)
+        # per layer, the heads in scoring order: gated rules after the others, so a gate at the same layer is
+        # known before the rules it caps
+        self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None]
+                            + [i for i, h in enumerate(s.heads) if h.rule.gate is not None]
+                            for layer, s in self.scorers.items()}
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         self._rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
 
@@ -201,8 +206,7 @@ class GuardRun:
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
         roles = self._roles(ctx, positions)
-        # gated rules after the others: a gate at this layer is known before the rules it caps
-        for h_i in sorted(range(len(scorer.heads)), key=lambda i: scorer.heads[i].rule.gate is not None):
+        for h_i in self._head_order[layer]:
             head = scorer.heads[h_i]
             rule = head.rule
             st = self.states[rule.id]

@@ -13,13 +13,12 @@ import torch
 from torch import Tensor
 
 from guardrails.core.policy import Policy, Rule
-from guardrails.core.semantics import rule_layers
+from guardrails.core.semantics import rule_layers, score_only
 
 
 def unthresholded(policy: Policy) -> Policy:
     """The policy with every threshold out of reach, so scoring records scores but decides nothing."""
-    rules = [r.model_copy(update={"threshold": math.inf, "action": "flag", "steer": None}) for r in policy.rules]
-    return policy.model_copy(update={"rules": rules})
+    return policy.model_copy(update={"rules": [score_only(r) for r in policy.rules]})
 
 
 def token_scores(guard: Any, rule_id: str, rows: list[Tensor] | dict[int, list[Tensor]], *,
@@ -133,10 +132,20 @@ def fit_gate(guard: Any, rule: Rule, rows_of: Any, labels: np.ndarray, slack: fl
     g = gate_scores(guard, rule, rows_of)
     if g is None:
         raise CalibrationError(f"rule {rule.id!r}: its gate rule {rule.gate.rule!r} is not in the policy")
-    neg = (np.asarray(labels) == 0) & np.isfinite(own) & np.isfinite(g)
-    if neg.sum() < 2 or float(own[neg].std()) == 0 or float(g[neg].std()) == 0:
-        raise CalibrationError(f"rule {rule.id!r}: fitting its gate needs label-0 rows whose scores vary "
-                               f"(have {int(neg.sum())} scored label-0 rows)")
-    scale = float(own[neg].std() / g[neg].std())
-    offset = float(own[neg].mean() - scale * g[neg].mean() + slack * own[neg].std())
+    scale, offset = gate_from_scores(own, g, labels, slack, what=f"rule {rule.id!r}")
     return rule.gate.model_copy(update={"scale": round(scale, 4), "offset": round(offset, 4)})
+
+
+def gate_from_scores(own: np.ndarray, gate: np.ndarray, labels: np.ndarray, slack: float, *,
+                     what: str = "the gate") -> tuple[float, float]:
+    """``(scale, offset)`` of :func:`fit_gate` from per-row scores: the rule's own (ungated) score and its gate
+    rule's prompt score, standardised on the scored label-0 rows."""
+    from guardrails.offline.calibrate import CalibrationError
+
+    own, gate = np.asarray(own, dtype=np.float64), np.asarray(gate, dtype=np.float64)
+    neg = (np.asarray(labels) == 0) & np.isfinite(own) & np.isfinite(gate)
+    if neg.sum() < 2 or float(own[neg].std()) == 0 or float(gate[neg].std()) == 0:
+        raise CalibrationError(f"{what}: fitting its gate needs label-0 rows whose scores vary "
+                               f"(have {int(neg.sum())} scored label-0 rows)")
+    scale = float(own[neg].std() / gate[neg].std())
+    return scale, float(own[neg].mean() - scale * gate[neg].mean() + slack * own[neg].std())
