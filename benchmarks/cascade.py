@@ -42,8 +42,8 @@ def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> 
     """Per-row windowed token scores of the policy's first rule on every eval set (cached to ``out``)."""
     import torch
 
-    from guardrails.cli.calibrate import Session
     from guardrails.cli.main import resolve_policy_path
+    from guardrails.cli.session import Session
     from guardrails.core.policy import Policy
     from guardrails.offline.calibrate import load_labeled, rule_scope
     from guardrails.offline.scoring import token_scores

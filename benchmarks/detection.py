@@ -25,9 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardrails.cli.calibrate import Session, _json_safe  # noqa: E402
+from guardrails.cli.session import Session  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
 from guardrails.offline.calibrate import load_labeled, rule_scope  # noqa: E402
+from guardrails.offline.evaluate import json_safe as _json_safe  # noqa: E402
 from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
 from guardrails.offline.scoring import rule_text_scores  # noqa: E402
 

@@ -320,7 +320,7 @@ def test_record_names_the_sources_held_out_of_the_train_split(tmp_path: Path) ->
     import hashlib
     import json as _json
 
-    from guardrails.cli.calibrate import _split_provenance, split_files
+    from guardrails.cli.session import _split_provenance, split_files
 
     rows = {"train": [("x", 0, "a"), ("y", 1, "b")], "cal": [("z", 0, "a"), ("w", 1, "c")],
             "test": [("v", 1, "d"), ("u", 0, "")]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from guardrails.cli.calibrate import Session
+from guardrails.cli.session import Session
 from guardrails.offline.calibrate import LabeledData, Scope
 
 

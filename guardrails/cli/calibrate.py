@@ -13,101 +13,17 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from guardrails.offline.calibrate import CalibrationError, LabeledData, Scope, load_labeled, residuals
+from guardrails.cli.session import Session, _scope_of_data, _split_provenance, split_files
+from guardrails.offline.calibrate import CalibrationError, load_labeled
 from guardrails.offline.evaluate import json_safe as _json_safe
 from guardrails.offline.evaluate import round_up
 
 RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
-
-
-@dataclass
-class Session:
-    """The model, its tokenizer, and residuals per (data, layer, scope), loaded once."""
-
-    model_name: str = "bundled"
-    progress: bool = True
-    dtype: str | None = None
-    """Model weights dtype (None: float32). Residual caches are keyed by it; thresholds fitted in one dtype
-    hold for serving in that dtype (bfloat16 activations differ from float32 by ~0.6%)."""
-    _lm: Any = None
-    _tok: Any = None
-    _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
-
-    def lm(self) -> tuple[Any, Any]:
-        if self._lm is None:
-            from guardrails.serving.models import load_model
-
-            self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name,
-                                             dtype=self.dtype)
-        return self._lm, self._tok
-
-    def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
-        key = (data.sha256, layer, scope)
-        if key not in self._rows:
-            lm, tok = self.lm()
-            self._rows[key] = residuals(lm, tok, data, layer, scope, model_name=self.model_name,
-                                        progress=self.progress)
-        return self._rows[key]
-
-    def rule_rows(self, data: LabeledData, policy: Any, rule: Any, scope: Scope) -> Any:
-        """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
-        from guardrails.core.semantics import rule_layers
-
-        reads = rule_layers(policy, rule)
-        return {L: self.rows(data, L, scope) for L in reads} if len(reads) > 1 else self.rows(data, reads[0], scope)
-
-    def guard(self, policy: Any, score_mode: str | None = None, judges: dict[str, Any] | None = None) -> Any:
-        from guardrails.serving.generation import GuardedModel
-
-        lm, tok = self.lm()  # without judges a cascade policy's scores still serve (calibration, eval)
-        return GuardedModel(lm, tok, policy, score_mode=score_mode, judges=judges, require_judges=judges is not None)
-
-
-def _scope_rows(session: Session, data: LabeledData, policy: Any, rule: Any) -> Any:
-    """``rule``'s residual rows of ``data`` in its own scope (a gated rule's gate reads the prompts)."""
-    from guardrails.offline.calibrate import rule_scope
-
-    return session.rule_rows(data, policy, rule, rule_scope(rule))
-
-
-def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledData | None) -> dict[str, Any]:
-    """The record's view of the splits: the train file's hash and the cal/test sources it does not contain
-    (held out whole from whatever was fitted on the train split)."""
-    if "train" not in files:
-        return {}
-    train = load_labeled(files["train"])
-    seen = set(cal.sources) | set(test.sources if test is not None else [])
-    return {"train_data": {"path": train.path, "sha256": train.sha256},
-            "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
-
-
-def split_files(data: str) -> dict[str, Path]:
-    """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix."""
-    p = Path(data)
-    if p.is_file():
-        out = {"file": p}
-        for split in ("train", "cal", "test"):
-            if p.name.endswith(f".{split}.jsonl"):
-                base = p.name[: -len(f".{split}.jsonl")]
-                out.update({s: p.with_name(f"{base}.{s}.jsonl") for s in ("train", "cal", "test")
-                            if p.with_name(f"{base}.{s}.jsonl").is_file()})
-        return out
-    found = {s: Path(f"{data}.{s}.jsonl") for s in ("train", "cal", "test") if Path(f"{data}.{s}.jsonl").is_file()}
-    if not found:
-        raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl")
-    return found
-
-
-def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
-    if scope in ("input", "output"):
-        return scope  # type: ignore[return-value]
-    return "output" if data.responses is not None else "input"
 
 
 # -- discover ----------------------------------------------------------------------------------------------
@@ -232,11 +148,11 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         if fit_gate is not None and rule.gate is not None:  # scale/offset of the gate, then the threshold
             from guardrails.offline.scoring import fit_gate as _fit_gate
 
-            gate = _fit_gate(guard, rule, functools.partial(_scope_rows, session, cal, policy), cal.labels, fit_gate)
+            gate = _fit_gate(guard, rule, functools.partial(session.own_rows, cal, policy), cal.labels, fit_gate)
             rule = new_rules[rule.id] = rule.model_copy(update={"gate": gate})
             policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
             guard = session.guard(policy)
-        scores = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, cal, policy))
+        scores = rule_text_scores(guard, rule, functools.partial(session.own_rows, cal, policy))
         thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
         upd: dict[str, Any] = {"threshold": thr}
         if rule.steer is not None and rule.steer.block_above is not None:
@@ -251,7 +167,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         if any(cal.sources):
             rec_metrics["cal"]["per_source"] = grouped_with_intervals(scores, cal.labels, cal.sources, thr)
         if test_data is not None:
-            ts = rule_text_scores(guard, rule, functools.partial(_scope_rows, session, test_data, policy))
+            ts = rule_text_scores(guard, rule, functools.partial(session.own_rows, test_data, policy))
             rec_metrics["test"] = {**round_metrics(metrics(ts, test_data.labels, thr)),
                                    "ci95": bootstrap_intervals(ts, test_data.labels, thr)}
             if any(test_data.sources):

@@ -1,0 +1,94 @@
+"""The workflows' shared state: :class:`Session` (the model, its tokenizer and residual rows per data, layer
+and scope, loaded once) and the split files behind ``--data`` (a file, or the prefix of
+``<prefix>.{train,cal,test}.jsonl``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals
+
+
+@dataclass
+class Session:
+    """The model, its tokenizer, and residuals per (data, layer, scope), loaded once."""
+
+    model_name: str = "bundled"
+    progress: bool = True
+    dtype: str | None = None
+    """Model weights dtype (None: float32). Residual caches are keyed by it; thresholds fitted in one dtype
+    hold for serving in that dtype (bfloat16 activations differ from float32 by ~0.6%)."""
+    _lm: Any = None
+    _tok: Any = None
+    _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
+
+    def lm(self) -> tuple[Any, Any]:
+        if self._lm is None:
+            from guardrails.serving.models import load_model
+
+            self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name,
+                                             dtype=self.dtype)
+        return self._lm, self._tok
+
+    def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
+        key = (data.sha256, layer, scope)
+        if key not in self._rows:
+            lm, tok = self.lm()
+            self._rows[key] = residuals(lm, tok, data, layer, scope, model_name=self.model_name,
+                                        progress=self.progress)
+        return self._rows[key]
+
+    def rule_rows(self, data: LabeledData, policy: Any, rule: Any, scope: Scope) -> Any:
+        """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
+        from guardrails.core.semantics import rule_layers
+
+        reads = rule_layers(policy, rule)
+        return {L: self.rows(data, L, scope) for L in reads} if len(reads) > 1 else self.rows(data, reads[0], scope)
+
+    def own_rows(self, data: LabeledData, policy: Any, rule: Any) -> Any:
+        """:meth:`rule_rows` in the rule's own scope (a gated rule's gate reads the prompts)."""
+        from guardrails.offline.calibrate import rule_scope
+
+        return self.rule_rows(data, policy, rule, rule_scope(rule))
+
+    def guard(self, policy: Any, score_mode: str | None = None, judges: dict[str, Any] | None = None) -> Any:
+        from guardrails.serving.generation import GuardedModel
+
+        lm, tok = self.lm()  # without judges a cascade policy's scores still serve (calibration, eval)
+        return GuardedModel(lm, tok, policy, score_mode=score_mode, judges=judges, require_judges=judges is not None)
+
+
+def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledData | None) -> dict[str, Any]:
+    """The record's view of the splits: the train file's hash and the cal/test sources it does not contain
+    (held out whole from whatever was fitted on the train split)."""
+    if "train" not in files:
+        return {}
+    train = load_labeled(files["train"])
+    seen = set(cal.sources) | set(test.sources if test is not None else [])
+    return {"train_data": {"path": train.path, "sha256": train.sha256},
+            "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
+
+
+def split_files(data: str) -> dict[str, Path]:
+    """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix."""
+    p = Path(data)
+    if p.is_file():
+        out = {"file": p}
+        for split in ("train", "cal", "test"):
+            if p.name.endswith(f".{split}.jsonl"):
+                base = p.name[: -len(f".{split}.jsonl")]
+                out.update({s: p.with_name(f"{base}.{s}.jsonl") for s in ("train", "cal", "test")
+                            if p.with_name(f"{base}.{s}.jsonl").is_file()})
+        return out
+    found = {s: Path(f"{data}.{s}.jsonl") for s in ("train", "cal", "test") if Path(f"{data}.{s}.jsonl").is_file()}
+    if not found:
+        raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl")
+    return found
+
+
+def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
+    if scope in ("input", "output"):
+        return scope  # type: ignore[return-value]
+    return "output" if data.responses is not None else "input"
