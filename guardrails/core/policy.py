@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardrails.core.cascade import JudgeSpec, RuleJudge, check_cascade_policy, check_cascade_rule
 from guardrails.core.errors import GuardrailsError
 from guardrails.core.normalize import NormalizeSpec
+from guardrails.core.policy_errors import field_names as _field_names
+from guardrails.core.policy_errors import format_validation_error as format_validation_error  # re-exported
 from guardrails.core.yaml_io import MAX_YAML_NODES, UniqueKeyLoader
 from guardrails.core.yaml_io import DuplicateKeyError as DuplicateKeyError  # re-exported
 from guardrails.core.yaml_io import regular_file as regular_file  # re-exported
@@ -423,62 +424,6 @@ class Policy(_Strict):
                     problems.append(f"rules[{i}].steer.features[{j}]: {fid} out of range; valid: 0..{width - 1}")
         if problems:
             raise PolicyError(f"policy {self.name!r}: " + "; ".join(problems))
-
-
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [n for n in model.model_fields if n != "base_dir"]
-
-
-_MODELS_BY_FIELD: dict[str, type[BaseModel]] = {
-    "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
-    "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec, "gate": Gate,
-}
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("SAEFeaturesDetector", "LinearDetector", "sae_features", "linear"):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``source: path: message; valid: ...``."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err.get("loc", ()))
-        where = _loc(loc)
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            parent = [p for p in loc[:-1] if isinstance(p, str) and p in _MODELS_BY_FIELD]
-            model = _MODELS_BY_FIELD[parent[-1]] if parent else Policy
-            if parent and parent[-1] == "detector" and ("linear" in loc or "LinearDetector" in loc):
-                model = LinearDetector
-            msg = f"unknown key {loc[-1]!r}; valid: {', '.join(_field_names(model))}"
-        elif err.get("type") == "literal_error":
-            expected = (err.get("ctx") or {}).get("expected", "")
-            msg = f"invalid value {err.get('input')!r}; valid: {expected}"
-        elif err.get("type") == "union_tag_invalid":
-            msg = f"unknown detector kind {(err.get('input') or {}).get('kind')!r}; valid: sae_features, linear"
-        elif err.get("type") == "missing":
-            msg = f"missing required key {loc[-1]!r}" if loc else "missing required key"
-        elif err.get("type") == "value_error":
-            # our validators say "<path relative to the model>: <problem>"
-            text = str(msg).removeprefix("Value error, ")
-            rel, sep, rest = text.partition(": ")
-            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", rel):
-                where = rel if where == "(top level)" else f"{where}.{rel}"
-                text = rest
-            msg = text
-        elif "input" in err and not isinstance(err.get("input"), dict | list):
-            msg = f"{msg}; got {err.get('input')!r}"
-        lines.append(f"{where}: {msg}")
-    return f"{source}: invalid policy:\n  " + "\n  ".join(lines)
 
 
 def _shipped_hint() -> str:

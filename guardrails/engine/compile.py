@@ -27,9 +27,9 @@ from guardrails.core.cascade import Judge, bind_judges
 from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector, regular_file
 from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
 from guardrails.engine.hooks import decoder_layers
+from guardrails.engine.policy_steering import PlannedSteer, compile_steers
 from guardrails.engine.run import GuardRun, StepContext
 from guardrails.engine.scorers import LayerScorer
-from guardrails.engine.steering import PlannedSteer, compile_steers
 from guardrails.sae.model import SAE, SAEConfig, SAEError
 
 logger = logging.getLogger(__name__)

@@ -15,22 +15,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guardrails.core.cascade import Judge, JudgeOutcome, JudgeRequest, call_judge, judge_settings, render_prompt
+from guardrails.core.cascade import Judge, JudgeOutcome
 from guardrails.core.decision import Decision, DecisionAction
 from guardrails.core.policy import Policy, Rule
 from guardrails.core.semantics import (
     ROLE_CODES,
     ROLES,
     escalate,
-    judge_fields,
-    judged_action,
     on_error_of,
     rule_layer,
     threshold_of,
 )
+from guardrails.engine import escalation
+from guardrails.engine.escalation import PendingJudge
 from guardrails.engine.gates import Gates
+from guardrails.engine.policy_steering import PlannedSteer, SteerState, uses_plan
 from guardrails.engine.scorers import LayerScorer, check_finite, window_aggregate
-from guardrails.engine.steering import PlannedSteer, SteerState, uses_plan
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ class StepContext:
     """[B, T] columns that may be steered (real tokens)."""
     roles: Tensor | None = None
     """[B, T] role code of each prompt column (``ROLE_CODES``; -1 none); None: every prompt token is the user's."""
-
-
-@dataclass(frozen=True)
-class PendingJudge:
-    """A cascade rule's first hit in its uncertain band, waiting for the judge (after the forward pass)."""
-
-    rule: Rule
-    b: int
-    pos: int
-    score: float
-    out: bool
-    role: str
-    top: tuple[tuple[int, float], ...]
 
 
 @dataclass
@@ -225,8 +212,8 @@ class GuardRun:
             block_above = rule.steer.block_above if rule.action == "steer" and rule.steer else None
             for b in hits.any(dim=1).nonzero().flatten().tolist():
                 if rule.escalate_above is not None:  # cascade: the band waits for the judge (resolve_escalations)
-                    self._cascade_hits(rule, head, scorer, b, windowed[b], positions[b], is_output[b], hidden,
-                                       roles)
+                    escalation.cascade_hits(self, rule, head, scorer, b, windowed[b], positions[b], is_output[b],
+                                            hidden, roles)
                     continue
                 # the first hit fires; for a steer rule with block_above, so does the first score reaching it
                 # (token by token, a later forward would see it: a scan of many tokens must too)
@@ -286,78 +273,10 @@ class GuardRun:
             self.seen_layers.clear()
         self.resolve_escalations()
 
-    # -- the cascade ------------------------------------------------------------------------------------
-    def _cascade_hits(
-        self, rule: Rule, head: object, scorer: LayerScorer, b: int, w: Tensor, positions: Tensor,
-        is_output: Tensor, hidden: Tensor, roles: Tensor | None,
-    ) -> None:
-        """Row ``b``'s hits of a cascade rule in this forward: a first hit in the band waits for the judge
-        (once per rule and row); the first score at or above ``escalate_above`` acts directly."""
-        esc = float(rule.escalate_above)  # type: ignore[arg-type]
-        first = int(((w >= rule.threshold) & ~torch.isnan(w)).nonzero()[0])
-        high_at = (w >= esc).nonzero()
-        high = int(high_at[0]) if len(high_at) else None
-
-        def role_of(t: int) -> int | None:
-            return None if roles is None else int(roles[b, t])
-
-        if high != first and (rule.id, b) not in self.verdicts and not bool(self.states[rule.id].fired[b]) \
-                and not any(p.rule.id == rule.id and p.b == b for p in self._pending):
-            pos, out = int(positions[first]), bool(is_output[first])
-            if self.accepts(b, pos):
-                top = tuple(scorer.top_features(hidden[b, first].detach()))
-                self._pending.append(PendingJudge(rule, b, pos, float(w[first]), out,
-                                                  self._role_name(out, role_of(first)), top))
-        if high is not None and self.accepts(b, int(positions[high])):
-            self._fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
-                       hidden, role_of(high), threshold=esc)
-
+    # -- the cascade (its queue and judges: guardrails/engine/escalation.py) ---------------------------------
     def resolve_escalations(self) -> None:
-        """Ask the judges about the pending band hits (position order, layers then policy order), skipping any
-        at or after a block, and apply the verdicts as :func:`guardrails.core.semantics.decide_scan` does."""
-        if not self._pending:
-            return
-        pending = sorted(self._pending, key=lambda p: (p.b, p.pos, self._rank[p.rule.id]))
-        self._pending = []
-        for p in pending:
-            rule, b = p.rule, p.b
-            if not self.accepts(b, p.pos) or (rule.id, b) in self.verdicts:
-                continue
-            settings = judge_settings(self.policy, rule)
-            assert settings is not None
-            outcome = self._ask(p, settings.name, settings.prompt, settings.timeout_s)
-            self.verdicts[(rule.id, b)] = outcome
-            action, resolution = judged_action(rule.action, outcome, settings.on_error)
-            if action == "flag":  # the judged flag is the rule's first firing: its later direct flag is latched away
-                self.decisions = [d for d in self.decisions
-                                  if not (d.sequence == b and d.rule == rule.id and d.position > p.pos)]
-            if action in ("flag", "block"):
-                self.states[rule.id].fired[b] = True
-            if action == "error":
-                self.errors.append(f"judge {outcome.judge!r} (rule {rule.id!r}): {outcome.reason}")
-            self.decisions.append(Decision(
-                action=action,  # type: ignore[arg-type]
-                rule=rule.id, score=p.score, threshold=float(rule.threshold), position=p.pos,
-                scope="output" if p.out else "input", sequence=b,
-                output_index=p.pos - self.prompt_lengths[b] if p.out else None, top_features=p.top,
-                reason=outcome.reason if action == "error" else None, resolution=resolution, role=p.role,
-                category=rule.category, **judge_fields(outcome),
-            ))
-            if action == "block" or resolution == "block":
-                self._block(b, p.pos, rule.id)
-            elif action == "flag" and self.steer_state is not None:
-                self.steer_state.on_fire(rule.id, b, p.pos)
-
-    def _ask(self, p: PendingJudge, name: str, prompt: str, timeout_s: float | None) -> JudgeOutcome:
-        scope = "output" if p.out else "input"
-        try:
-            if self.judge_text is None:
-                raise RuntimeError("this path gives the judge no text (only GuardedModel generation and scans do)")
-            text = self.judge_text(p.b, scope, p.pos)
-        except Exception as exc:
-            return JudgeOutcome(name, "error", 0.0, f"no text for the judge: {type(exc).__name__}: {exc}")
-        request = JudgeRequest(render_prompt(prompt, text), text, p.rule.id, scope, p.score, name, p.rule.category)
-        return call_judge(self.judges.get(name), request, timeout_s)
+        """Ask the judges about this forward's pending band hits and apply the verdicts."""
+        escalation.resolve_escalations(self)
 
     def _roles(self, ctx: StepContext, positions: Tensor) -> Tensor | None:
         """[B, T] role codes of the columns at ``positions`` (from the context, else from ``prompt_roles``)."""

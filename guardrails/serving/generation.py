@@ -214,7 +214,7 @@ class GuardedModel:
         if prompts is not None:
             run.prompt_roles = [self.prompt_roles(p) for p in prompts]
             if self.compiled.steers:  # steering gated by a deeper input rule: scan the prompts first (steering.py)
-                from guardrails.engine.steering import arm_from_scan
+                from guardrails.engine.policy_steering import arm_from_scan
 
                 arm_from_scan(self, run, prompts)
         return run
