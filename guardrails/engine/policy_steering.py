@@ -19,8 +19,8 @@ from guardrails.engine.hooks import decoder_layers
 from guardrails.engine.steering import (
     SteeringError,
     SteerVector,
-    _hidden_size,
     apply_steer,
+    hidden_size,
     load_direction,
     unit_direction,
 )
@@ -63,7 +63,7 @@ def compile_steers(
     from guardrails.core.semantics import rule_layer
 
     n_layers = len(decoder_layers(model))
-    d_model = _hidden_size(model)
+    d_model = hidden_size(model)
     plan: dict[int, list[PlannedSteer]] = {}
     entries: list[tuple[str, Any, Any, str | None, str, Any]] = []
     for i, r in enumerate(policy.rules):

@@ -213,7 +213,7 @@ def steering(
     if positions not in POSITIONS:
         raise SteeringError(f"steering: positions={positions!r}; valid: {', '.join(POSITIONS)}")
     row_set = None if rows is None else sorted({int(r) for r in rows})
-    d_model = _hidden_size(model)
+    d_model = hidden_size(model)
     plan: dict[int, list[SteerVector]] = {}
     for i, s in enumerate(items):
         vec = s.vector(d_model)
@@ -306,7 +306,8 @@ def _past_length(kwargs: dict[str, Any]) -> int:
     return 0
 
 
-def _hidden_size(model: nn.Module) -> int | None:
+def hidden_size(model: nn.Module) -> int | None:
+    """The model's residual width from its config (a multimodal config's text part), None when it has none."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
