@@ -40,7 +40,7 @@ def test_bundled_sae_reads_layer_15(bundled: tuple[Any, Any]) -> None:
     keep[:, 0] = False  # attention sink
     fvu = {layer: sae.fvu(store[layer][keep]) for layer in (14, 15, 16)}
     assert fvu[15] < fvu[14] and fvu[15] < fvu[16], fvu  # the hook index is right
-    assert fvu[15] < 0.35, fvu  # close to the recorded held-out 0.179 on unseen text
+    assert fvu[15] < 0.35, fvu  # the recorded held-out FVU is 0.120 (TRAINING.json); these few texts are noisier
     assert hooks_on(model) == 0
 
 

@@ -95,3 +95,29 @@ def test_every_shipped_threshold_was_fitted_on_the_current_cal_split() -> None:
             assert got.sha256 == rec["data_sha256"] == entry["data_sha256"], f"{path.name}/{rid}: recalibrate"
             checked += 1
     assert checked >= 3
+
+
+def test_every_sae_rule_was_calibrated_on_the_sae_it_ships_with() -> None:
+    """A policy that watches SAE features names feature ids of one particular SAE; retraining the bundled
+    SAE renumbers them. Each calibration record stores the SAE file's sha256: it must be the shipped file's,
+    or the features and threshold belong to another SAE."""
+    import hashlib
+
+    from guardrails import Policy
+    from guardrails.offline.calibrate import sae_weights_file
+
+    checked = 0
+    for path in sorted((ROOT / "policies").glob("*.yaml")):
+        pol = Policy.from_path(path)
+        for rid, entry in (pol.calibration or {}).items():
+            rule = next(r for r in pol.rules if r.id == rid)
+            sae_name = getattr(rule.detector, "sae", None)
+            if sae_name is None:
+                continue
+            rec = json.loads((ROOT / entry["record"]).read_text(encoding="utf-8"))["rules"][rid]
+            sae_file = sae_weights_file(pol.resolve(pol.saes[sae_name].path))
+            assert sae_file is not None, (path.name, rid)
+            digest = hashlib.sha256(sae_file.read_bytes()).hexdigest()
+            assert rec["saes"][sae_name]["sha256"] == digest, f"{path.name}/{rid}: refit and recalibrate on this SAE"
+            checked += 1
+    assert checked >= 1

