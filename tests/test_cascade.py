@@ -214,8 +214,14 @@ def test_scan_equals_generation(lm: Any, tok: Any, sae_path: Path, answer: str) 
         if not ids or tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids:
             continue  # the scan re-tokenizes text: compare where that gives back the generated ids
         s = [plain.token_scores["watch"][p] for p in sorted(plain.token_scores["watch"])]
-        thr = sorted(s)[len(s) // 2]  # the first hit is somewhere in the middle, later tokens above the band
-        pol = _policy(sae_path, thr, max(s) - 1e-4 if max(s) > thr + 1e-3 else max(s) + 1, action="flag")
+        # the first hit is somewhere in the middle, later tokens above the band; both cut points lie midway
+        # between two distinct scores, so a scan's float noise (~1e-6: one forward vs cached decode steps,
+        # which differ by CPU kernel) cannot move a token across them
+        ss = sorted(set(s))
+        m = len(ss) // 2
+        thr = (ss[m - 1] + ss[m]) / 2
+        esc = (ss[-2] + ss[-1]) / 2 if len(ss) - m >= 2 else ss[-1] + 1
+        pol = _policy(sae_path, thr, esc, action="flag")
         gen_judge, scan_judge = Recorder(answer), Recorder(answer)
         r = _guard(lm, tok, pol, gen_judge).generate(prompt, max_new_tokens=NEW, chat=False)
         (ts,) = _guard(lm, tok, pol, scan_judge).score([prompt], responses=[tok.decode(ids)], chat=False)
