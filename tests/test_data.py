@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,27 +75,35 @@ def test_bundled_model_answers_are_labelled_by_refusal() -> None:
     assert all(re.fullmatch(r"bundled_answers_(plain|prefill|refusal)", r["source"]) for r in train)
 
 
-def test_every_shipped_threshold_was_fitted_on_the_current_cal_split() -> None:
-    """Each shipped policy's calibration record names the data it was fitted on; its hash must be the current
-    file's (read as the record says: limit, response cut), and the policy's threshold the record's. A split
-    rebuilt without recalibrating (a stale threshold) fails here."""
-
+def _calibrated_rules() -> Iterator[tuple[str, Any, Any, dict[str, Any]]]:
+    """Each calibrated rule of each shipped policy: ``(where, policy, rule, record)``, the record read from
+    the file the policy's calibration entry names (and checked to agree with the entry and the rule)."""
     from guardrails import Policy
-    from guardrails.offline.calibrate import load_labeled
 
-    checked = 0
     for path in sorted((ROOT / "policies").glob("*.yaml")):
         pol = Policy.from_path(path)
         for rid, entry in (pol.calibration or {}).items():
             rec = json.loads((ROOT / entry["record"]).read_text(encoding="utf-8"))["rules"][rid]
             rule = next(r for r in pol.rules if r.id == rid)
             assert rule.threshold == rec["threshold"] == entry["threshold"], (path.name, rid)
-            data = ROOT / rec["data"]
-            if not data.is_file():  # a generated split not built here (calibration/build_data.py)
-                continue
-            got = load_labeled(data, limit=rec.get("limit"), max_response_chars=rec.get("max_response_chars"))
-            assert got.sha256 == rec["data_sha256"] == entry["data_sha256"], f"{path.name}/{rid}: recalibrate"
-            checked += 1
+            assert rec["data_sha256"] == entry["data_sha256"], (path.name, rid)
+            yield f"{path.name}/{rid}", pol, rule, rec
+
+
+def test_every_shipped_threshold_was_fitted_on_the_current_cal_split() -> None:
+    """Each shipped policy's calibration record names the data it was fitted on; its hash must be the current
+    file's (read as the record says: limit, response cut), and the policy's threshold the record's. A split
+    rebuilt without recalibrating (a stale threshold) fails here."""
+    from guardrails.offline.calibrate import load_labeled
+
+    checked = 0
+    for where, _, _, rec in _calibrated_rules():
+        data = ROOT / rec["data"]
+        if not data.is_file():  # a generated split not built here (calibration/build_data.py)
+            continue
+        got = load_labeled(data, limit=rec.get("limit"), max_response_chars=rec.get("max_response_chars"))
+        assert got.sha256 == rec["data_sha256"], f"{where}: recalibrate"
+        checked += 1
     assert checked >= 3
 
 
@@ -103,21 +113,16 @@ def test_every_sae_rule_was_calibrated_on_the_sae_it_ships_with() -> None:
     or the features and threshold belong to another SAE."""
     import hashlib
 
-    from guardrails import Policy
     from guardrails.offline.calibrate import sae_weights_file
 
     checked = 0
-    for path in sorted((ROOT / "policies").glob("*.yaml")):
-        pol = Policy.from_path(path)
-        for rid, entry in (pol.calibration or {}).items():
-            rule = next(r for r in pol.rules if r.id == rid)
-            sae_name = getattr(rule.detector, "sae", None)
-            if sae_name is None:
-                continue
-            rec = json.loads((ROOT / entry["record"]).read_text(encoding="utf-8"))["rules"][rid]
-            sae_file = sae_weights_file(pol.resolve(pol.saes[sae_name].path))
-            assert sae_file is not None, (path.name, rid)
-            digest = hashlib.sha256(sae_file.read_bytes()).hexdigest()
-            assert rec["saes"][sae_name]["sha256"] == digest, f"{path.name}/{rid}: refit and recalibrate on this SAE"
-            checked += 1
+    for where, pol, rule, rec in _calibrated_rules():
+        sae_name = getattr(rule.detector, "sae", None)
+        if sae_name is None:
+            continue
+        sae_file = sae_weights_file(pol.resolve(pol.saes[sae_name].path))
+        assert sae_file is not None, where
+        digest = hashlib.sha256(sae_file.read_bytes()).hexdigest()
+        assert rec["saes"][sae_name]["sha256"] == digest, f"{where}: refit and recalibrate on this SAE"
+        checked += 1
     assert checked >= 1

@@ -29,12 +29,17 @@ RESERVED_SAMPLE = 150  # rows per reserved tense file (evaluation only; never fi
 DTYPE = "bfloat16"  # --dtype=float32 writes <cache>/selection-float32/ instead
 
 
-def out_dir() -> Path:
+def selection_dtype() -> str:
+    """The model dtype of the caches read and written: ``SELECTION_DTYPE``, else bfloat16."""
     import os
 
+    return os.environ.get("SELECTION_DTYPE", DTYPE)
+
+
+def out_dir() -> Path:
     from guardrails.serving.models import cache_dir
 
-    dtype = os.environ.get("SELECTION_DTYPE", DTYPE)
+    dtype = selection_dtype()
     d = cache_dir() / ("selection" if dtype == "bfloat16" else f"selection-{dtype}")
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -91,7 +96,7 @@ def main() -> None:
 
     global LAYERS
     args = sys.argv[1:]
-    dtype = os.environ.get("SELECTION_DTYPE", DTYPE)
+    dtype = selection_dtype()
     while args and args[0].startswith("--"):
         key, _, value = args.pop(0).partition("=")
         if key == "--layers":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+from collect import selection_dtype  # noqa: E402
 from maxwin import HELD_OUT_SOURCES  # noqa: E402
 from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
 
@@ -146,7 +146,7 @@ def main() -> None:
         sc = Scorer(Path(p), args.probe if i == 0 else None, args.rule)
         rep = report(sc)
         full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer,
-                         "model_dtype": os.environ.get("SELECTION_DTYPE", "bfloat16"), "sets": rep}
+                         "model_dtype": selection_dtype(), "sets": rep}
         print(f"== {sc.name} (threshold {sc.threshold:.4f}, window {sc.window})")
         for k, v in rep.items():
             extra = f" auroc {v['auroc']:.3f} {v.get('auroc_ci', '')}" if "auroc" in v else ""

@@ -95,11 +95,11 @@ def bundled_model_path() -> Path:
     return target
 
 
-def cpu_has_half_units() -> bool:
+def cpu_has_half_units(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16/fp16 in hardware (AMX, AVX512-BF16, AVX512-FP16; read from
-    ``/proc/cpuinfo``). Where it can't tell (not Linux), it says yes, so no warning is given."""
+    ``cpuinfo``). Where it can't tell (not Linux), it says yes, so no warning is given."""
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        flags = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return True
     return any(f in flags for f in ("amx_bf16", "avx512_bf16", "avx512_fp16"))
