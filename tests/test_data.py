@@ -113,7 +113,7 @@ def test_every_sae_rule_was_calibrated_on_the_sae_it_ships_with() -> None:
     or the features and threshold belong to another SAE."""
     import hashlib
 
-    from guardrails.offline.calibrate import sae_weights_file
+    from guardrails.offline.records import sae_weights_file
 
     checked = 0
     for where, pol, rule, rec in _calibrated_rules():

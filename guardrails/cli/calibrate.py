@@ -77,11 +77,11 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         check_against_serving,
         fit_sparse_weights,
         fit_threshold,
-        make_record,
         prefix_aware_pooled,
         rule_scope,
     )
     from guardrails.offline.evaluate import bootstrap_intervals, grouped_with_intervals, metrics, round_metrics
+    from guardrails.offline.records import make_record
     from guardrails.offline.scoring import rule_text_scores
 
     if target_fpr is None and target_recall is None:

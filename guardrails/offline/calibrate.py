@@ -13,7 +13,6 @@ rules read it as the reply to :data:`CONTINUE_PROMPT`), or ``{"prompt", "respons
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
-from guardrails.core.policy import Policy, Rule
+from guardrails.core.policy import Rule
 
 logger = logging.getLogger(__name__)
 
@@ -391,45 +390,6 @@ def explain_direction(sae: Any, weight: np.ndarray, *, n: int = 5) -> list[tuple
     cos = (dec @ w) / (dec.norm(dim=-1) * w.norm()).clamp_min(1e-12)
     vals, idx = cos.topk(n)
     return [(int(i), round(float(v), 3)) for v, i in zip(vals, idx, strict=True)]
-
-
-# -- records ----------------------------------------------------------------------------------------------------
-
-
-def make_record(
-    *, policy: Policy, data: LabeledData, model_name: str, score_mode: str, rule_id: str, threshold: float,
-    target: dict[str, float], metrics: dict[str, Any], extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The calibration record kept in the policy and under calibration/records/."""
-    saes = {k: {"path": v.path, "layer": v.layer} for k, v in policy.saes.items()}
-    for k, spec in policy.saes.items():
-        sae_file = sae_weights_file(policy.resolve(spec.path))
-        if sae_file is not None:
-            saes[k]["sha256"] = hashlib.sha256(sae_file.read_bytes()).hexdigest()
-    return {
-        "date": _dt.date.today().isoformat(),
-        "data": data.path, "data_sha256": data.sha256, "rows": len(data),
-        "positives": int(data.labels.sum()), "negatives": int((data.labels == 0).sum()),
-        "model": model_name, "saes": saes, "score_mode": score_mode, "rule": rule_id,
-        "threshold": threshold, "target": target, "metrics": metrics, **(extra or {}),
-    }
-
-
-def sae_weights_file(ref: str) -> Path | None:
-    """The weights file behind an SAE reference (``bundled...``, a folder or a file) whose sha256 a
-    calibration record stores; ``None`` where there is none to hash (a hub id, a missing path)."""
-    if ref.startswith("bundled"):
-        try:
-            from guardrails.sae.loaders import resolve_bundled
-
-            ref = str(resolve_bundled(ref))
-        except Exception:
-            return None
-    p = Path(ref)
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors"))
-        return files[0] if files else None
-    return p if p.is_file() else None
 
 
 # scoring residual rows through the engine lives in guardrails.offline.scoring; these names stay importable here

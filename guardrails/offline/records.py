@@ -1,0 +1,53 @@
+"""Calibration records: what a fitted threshold was fitted on (data, model, SAE files by sha256, metrics).
+
+A record is kept in the policy (``calibration:``) and in full under ``calibration/records/``; the SAE
+file hashes let a test (and a user) see when a policy's features belong to another SAE than the one shipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardrails.core.policy import Policy
+
+if TYPE_CHECKING:
+    from guardrails.offline.calibrate import LabeledData
+
+
+def make_record(
+    *, policy: Policy, data: LabeledData, model_name: str, score_mode: str, rule_id: str, threshold: float,
+    target: dict[str, float], metrics: dict[str, Any], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The calibration record kept in the policy and under calibration/records/."""
+    saes = {k: {"path": v.path, "layer": v.layer} for k, v in policy.saes.items()}
+    for k, spec in policy.saes.items():
+        sae_file = sae_weights_file(policy.resolve(spec.path))
+        if sae_file is not None:
+            saes[k]["sha256"] = hashlib.sha256(sae_file.read_bytes()).hexdigest()
+    return {
+        "date": _dt.date.today().isoformat(),
+        "data": data.path, "data_sha256": data.sha256, "rows": len(data),
+        "positives": int(data.labels.sum()), "negatives": int((data.labels == 0).sum()),
+        "model": model_name, "saes": saes, "score_mode": score_mode, "rule": rule_id,
+        "threshold": threshold, "target": target, "metrics": metrics, **(extra or {}),
+    }
+
+
+def sae_weights_file(ref: str) -> Path | None:
+    """The weights file behind an SAE reference (``bundled...``, a folder or a file) whose sha256 a
+    calibration record stores; ``None`` where there is none to hash (a hub id, a missing path)."""
+    if ref.startswith("bundled"):
+        try:
+            from guardrails.sae.loaders import resolve_bundled
+
+            ref = str(resolve_bundled(ref))
+        except Exception:
+            return None
+    p = Path(ref)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        return files[0] if files else None
+    return p if p.is_file() else None
