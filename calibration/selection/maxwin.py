@@ -23,14 +23,12 @@ The shipped probes are fitted by ``fit_shipped.py --probe-kind maxwin`` / ``--sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-os.environ.setdefault("SELECTION_DTYPE", "bfloat16")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max
 

@@ -91,7 +91,8 @@ class Set:
         path = out_dir() / f"{self.name}.sae-{tag}.npz"
         if path.is_file():
             z = np.load(path)
-            return z["v"], z["i"]
+            if len(z["v"]) == int(self.offsets[-1]):  # else codes of residuals collected before these
+                return z["v"], z["i"]
         import torch
 
         x = self.x(15)

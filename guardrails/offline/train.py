@@ -149,11 +149,20 @@ def train_topk_sae(
     model_name: str | None = None,
     progress: bool = True,
     max_seconds: float | None = None,
+    init: SAE | None = None,
+    lr_decay: float = 0.0,
 ) -> tuple[SAE, TrainReport]:
     """Train a TopK SAE on ``activations`` ``[n, d_model]`` and measure it on a held-out slice.
 
     ``max_seconds`` ends training early (after the step that passes it); the report counts the steps run.
+    ``init`` warm-starts from a trained TopK SAE of the same shape (fine-tuning it on new activations).
+    ``lr_decay`` is the final fraction of training over which the learning rate falls linearly to zero;
+    progress is the larger of steps done and, under ``max_seconds``, time used.
     """
+    if not 0.0 <= lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must be in [0, 1], got {lr_decay}")
+    if init is not None and (init.cfg.d_sae, init.cfg.d_model) != (d_sae, activations.shape[1]):
+        raise ValueError(f"init SAE is {init.cfg.d_sae}x{init.cfg.d_model}; expected {d_sae}x{activations.shape[1]}")
     g = torch.Generator().manual_seed(seed)
     data = activations[torch.randperm(len(activations), generator=g)]
     n_held = max(1, int(len(data) * heldout_fraction))
@@ -162,12 +171,20 @@ def train_topk_sae(
     lr = lr if lr is not None else 2e-4 / math.sqrt(d_sae / 16384)
     aux_k = aux_k if aux_k is not None else min(d_model // 2, d_sae)
 
-    W_dec = torch.randn(d_sae, d_model, generator=g)
-    _unit_norm_(W_dec)
-    W_dec.requires_grad_(True)
-    W_enc = W_dec.detach().clone().requires_grad_(True)
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = train[:100_000].float().mean(0).clone().requires_grad_(True)
+    if init is None:
+        W_dec = torch.randn(d_sae, d_model, generator=g)
+        _unit_norm_(W_dec)
+        W_dec.requires_grad_(True)
+        W_enc = W_dec.detach().clone().requires_grad_(True)
+        b_enc = torch.zeros(d_sae, requires_grad=True)
+        b_dec = train[:100_000].float().mean(0).clone().requires_grad_(True)
+    else:
+        W_dec = init.W_dec.detach().float().clone()
+        _unit_norm_(W_dec)
+        W_dec.requires_grad_(True)
+        W_enc = init.W_enc.detach().float().clone().requires_grad_(True)
+        b_enc = init.b_enc.detach().float().clone().requires_grad_(True)
+        b_dec = init.b_dec.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
 
@@ -179,8 +196,13 @@ def train_topk_sae(
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=g)
         for i in range(steps_per_epoch):
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            elapsed = time.perf_counter() - start
+            if max_seconds is not None and elapsed > max_seconds:
                 break
+            if lr_decay > 0:
+                done = max(step / max(total, 1), elapsed / max_seconds if max_seconds else 0.0)
+                for group in opt.param_groups:
+                    group["lr"] = lr * min(1.0, max(0.0, 1.0 - done) / lr_decay)
             x = train[order[i * batch_size : (i + 1) * batch_size]].float()
             pre = x @ W_enc.T + b_enc
             vals, idx = pre.topk(k, dim=-1, sorted=False)
@@ -250,6 +272,8 @@ def train_topk_sae(
         "lr": lr,
         "aux_k": aux_k,
         "aux_coef": aux_coef,
+        "lr_decay": lr_decay,
+        "warm_start": init is not None,
         **{f"report_{key}": value for key, value in report.__dict__.items()},
     }
     object.__setattr__(sae.cfg, "metadata", meta)
