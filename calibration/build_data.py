@@ -75,7 +75,10 @@ HELD_OUT = {
     "strongreject",  # harmful, half questions (StrongREJECT), harmful_requests
     "harmbench_contextual",  # harmful, context + task (HarmBench), harmful_requests
     "walledeval_jailbreak_wrapped",  # both labels, jailbreak_wrapped: templates never seen in training
+    "handwritten_blind_harmful",  # harmful, hand-written blind (v0.2.5), thin categories, harmful_requests
+    "handwritten_blind_contrast",  # benign topic-matched contrasts, hand-written blind (v0.2.5), harmful_requests
 }
+BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
 # category whose keywords match, else the source's default.
@@ -787,6 +790,25 @@ def handwritten_benign(src: Sources) -> list[Row]:
     return rows
 
 
+def handwritten_blind(src: Sources) -> list[Row]:
+    """The blind hand-written rows (``blind_harmful.tsv``, ``blind_contrast.tsv``): one held-out source per
+    label, the form, contrast type and category kept as row fields."""
+    rows = []
+    for name, n_cols, label in (("blind_harmful.tsv", 3, 1), ("blind_contrast.tsv", 4, 0)):
+        path = HANDWRITTEN_DIR / name
+        source = BLIND[1 - label]
+        src.paths[source] = [f"calibration/handwritten/{name} (this repo)"]
+        for cols in read_tsv(path, n_cols):
+            cat, raw = cols[0], cols[-1]
+            if cat not in CATEGORIES:
+                raise SystemExit(f"error: {path}: unknown category {cat!r}; valid: {', '.join(CATEGORIES)}")
+            text, turns = _turns(raw)
+            contrast = cols[1] if label == 0 else None
+            rows.append(set_meta(Row(text, label, source), category=cat, phrasing=cols[-2], contrast=contrast,
+                                 turns=turns))
+    return rows
+
+
 HANDWRITTEN_RESPONSE_SOURCES = {
     "harmful_answer": ("handwritten_harmful_answers", 1),
     "refusal": ("handwritten_refusals", 0),
@@ -842,7 +864,8 @@ def build_wrapped(
     for name, template in sorted(templates.items()):
         split = split_of(name) if split_by_template else "test"
         for label in (1, 0):
-            pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text]
+            pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text
+                    and r.source not in BLIND]
             pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
             for r in pool[:per_label]:
                 out[split].append(
@@ -1097,7 +1120,10 @@ def main() -> None:
     )
     # Topic-matched benign counterparts (XSTest contrast types), hand-written, all kept.
     contrast = dedupe(handwritten_benign(src), taken)
-    requests = harmful + benign + alarming + contrast
+    # Blind hand-written rows of both labels: a whole held-out source (test only), added after the benign
+    # matching so the train and cal splits do not change.
+    blind = dedupe(handwritten_blind(src), taken)
+    requests = harmful + benign + alarming + contrast + blind
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -1479,7 +1505,7 @@ def _license(source: str) -> tuple[str, str]:
         return LICENSES["phrasing"]
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
-    if source.startswith(("handwritten_harmful_", "handwritten_contrast_")) or source in (
+    if source.startswith(("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_")) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):
         return LICENSES["handwritten"]

