@@ -398,10 +398,13 @@ def _surrogate(text: str) -> bool:
 
 
 def _may_refuse(guard: GuardedModel, prompt: str, chat: bool) -> bool:
-    """A ValueError is the right answer: blank, not valid Unicode, or no token at all (e.g. '\\x06' alone)."""
+    """A ValueError is the right answer: blank, not valid Unicode, or no token at all (e.g. '\\x06' alone), as
+    given or once normalised (the guard also scores the normalised prompt: '\\x06\\u202e' is '\\x06' then)."""
     if not prompt.strip() or _surrogate(prompt):
         return True
-    return not _btok()(guard.format_prompt(prompt, chat), add_special_tokens=False)["input_ids"]
+    tok = _btok()
+    return any(not tok(guard.format_prompt(p, chat), add_special_tokens=False)["input_ids"]
+               for p in (prompt, _normalized(prompt)))
 
 
 def _generate(guard: GuardedModel, prompt: str, chat: bool) -> Any:
