@@ -5,7 +5,8 @@ Same formatting and scored positions as serving (``guardrails.offline.activation
 chat template, no attention sink, no special tokens). Model weights in bfloat16 for speed (activations
 differ from float32 by ~0.6%; the shipped thresholds are fitted afterwards by ``guardrails calibrate``
 in the serving dtype). Output: ``<cache>/selection/<set>.L<layer>.npy`` (float16, all scored tokens
-stacked) + ``<set>.json`` (rows and per-row offsets).
+stacked) + ``<set>.json`` (rows and per-row offsets). A set whose data file changed (other rows than its
+cache holds) is collected again, the model run only on rows no cached set holds (``Reuse``).
 
     nice -n 5 python calibration/selection/collect.py
 """
