@@ -52,24 +52,24 @@ def cascade_hits(
         return None if roles is None else int(roles[b, t])
 
     if high != first and (rule.id, b) not in run.verdicts and not bool(run.states[rule.id].fired[b]) \
-            and not any(p.rule.id == rule.id and p.b == b for p in run._pending):
+            and not any(p.rule.id == rule.id and p.b == b for p in run.pending_judges):
         pos, out = int(positions[first]), bool(is_output[first])
         if run.accepts(b, pos):
             top = tuple(scorer.top_features(hidden[b, first].detach()))
-            run._pending.append(PendingJudge(rule, b, pos, float(w[first]), out,
-                                             run._role_name(out, role_of(first)), top))
+            run.pending_judges.append(PendingJudge(rule, b, pos, float(w[first]), out,
+                                             run.role_name(out, role_of(first)), top))
     if high is not None and run.accepts(b, int(positions[high])):
-        run._fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
+        run.fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
                   hidden, role_of(high), threshold=esc)
 
 
 def resolve_escalations(run: GuardRun) -> None:
     """Ask the judges about the pending band hits (position order, layers then policy order), skipping any
     at or after a block, and apply the verdicts as :func:`guardrails.core.semantics.decide_scan` does."""
-    if not run._pending:
+    if not run.pending_judges:
         return
-    pending = sorted(run._pending, key=lambda p: (p.b, p.pos, run._rank[p.rule.id]))
-    run._pending = []
+    pending = sorted(run.pending_judges, key=lambda p: (p.b, p.pos, run.rule_rank[p.rule.id]))
+    run.pending_judges = []
     for p in pending:
         rule, b = p.rule, p.b
         if not run.accepts(b, p.pos) or (rule.id, b) in run.verdicts:
@@ -95,7 +95,7 @@ def resolve_escalations(run: GuardRun) -> None:
             category=rule.category, **judge_fields(outcome),
         ))
         if action == "block" or resolution == "block":
-            run._block(b, p.pos, rule.id)
+            run.block_row(b, p.pos, rule.id)
         elif action == "flag" and run.steer_state is not None:
             run.steer_state.on_fire(rule.id, b, p.pos)
 

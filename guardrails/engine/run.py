@@ -100,7 +100,8 @@ class GuardRun:
     gate_preset: dict[str, Tensor] | None = None
     """Per gate rule id, each row's prompt score when the prompt is not part of this run (calibrating a gated
     rule on answers alone; :class:`~guardrails.engine.gates.Gates`). Generation and scans compute it."""
-    _pending: list[PendingJudge] = field(default_factory=list)
+    pending_judges: list[PendingJudge] = field(default_factory=list)
+    """Cascade band hits of this forward, waiting for the judge (:mod:`guardrails.engine.escalation`)."""
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
     _carry: dict[str, Tensor] = field(default_factory=dict)
     _feed_error: Exception | None = None
@@ -124,7 +125,8 @@ class GuardRun:
                             + [i for i, h in enumerate(s.heads) if h.rule.gate is not None]
                             for layer, s in self.scorers.items()}
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
-        self._rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
+        # rule id -> place in scoring order (layer, then policy order): ties at one position resolve so
+        self.rule_rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
 
     # -- queries ----------------------------------------------------------------------------------
     def active(self, b: int) -> bool:
@@ -226,7 +228,7 @@ class GuardRun:
                     pos = int(positions[b, t])
                     if not self.accepts(b, pos):
                         break
-                    self._fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden,
+                    self.fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden,
                                None if roles is None else int(roles[b, t]))
         if not self.steer:
             return None
@@ -307,13 +309,16 @@ class GuardRun:
         return prompt_ok | is_output
 
     @staticmethod
-    def _role_name(out: bool, role: int | None) -> str:
+    def role_name(out: bool, role: int | None) -> str:
+        """The chat role a decision names: generated tokens are the assistant's, prompt tokens their turn's."""
         return "assistant" if out else (ROLES[role] if role is not None and 0 <= role < len(ROLES) else "user")
 
-    def _fire(
+    def fire(
         self, rule: Rule, head: object, scorer: LayerScorer, b: int, t: int, pos: int, score: float, out: bool,
         hidden: Tensor, role: int | None = None, threshold: float | None = None,
     ) -> None:
+        """Rule ``rule`` fires on row ``b`` at token ``t`` (absolute position ``pos``): record the decision
+        (latched after the first unless it blocks), then block the row or start its steering."""
         st = self.states[rule.id]
         action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
         if bool(st.fired[b]) and action != "block":
@@ -330,18 +335,18 @@ class GuardRun:
             sequence=b,
             output_index=pos - self.prompt_lengths[b] if out else None,
             top_features=top,
-            role=self._role_name(out, role),
+            role=self.role_name(out, role),
             category=rule.category,
         )
         self.decisions.append(d)
         if action == "block":
-            self._block(b, pos, rule.id)
+            self.block_row(b, pos, rule.id)
         elif action == "steer":
             st.steer_from[b] = pos
         if action != "block" and self.steer_state is not None:
             self.steer_state.on_fire(rule.id, b, pos)  # starts steer plans gated by this rule (steering.py)
 
-    def _block(self, b: int, pos: int, rule_id: str) -> None:
+    def block_row(self, b: int, pos: int, rule_id: str) -> None:
         """Row ``b`` stops at ``pos``; decisions a token-by-token run would never reach are dropped."""
         self.blocked_at[b] = pos
         self.block_rule[b] = rule_id
@@ -371,7 +376,7 @@ class GuardRun:
                     reason=reason, resolution=resolution,
                 ))
                 if resolution == "block":
-                    self._block(b, pos, rule.id)
+                    self.block_row(b, pos, rule.id)
 
     def _steer(self, scorer: LayerScorer, hidden: Tensor, positions: Tensor, steer_mask: Tensor) -> Tensor | None:
         out: Tensor | None = None
