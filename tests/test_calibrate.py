@@ -17,6 +17,7 @@ from guardrails.offline.calibrate import (
     fit_threshold,
     load_labeled,
     residuals,
+    residuals_at,
     text_scores,
 )
 from guardrails.serving.generation import GuardedModel
@@ -144,6 +145,29 @@ def test_residual_cache_round_trip(tiny_setup) -> None:
     # a different layer is a different key
     residuals(s["model"], s["tok"], data, 2, "input", model_name="tiny", progress=False)
     assert len(list((s["tmp"] / "cache" / "activations").glob("*.safetensors"))) == 2
+
+
+def test_residuals_at_several_layers_one_pass(tiny_setup, monkeypatch) -> None:
+    """Layers not cached yet come from one forward pass, each cached under its single-layer key."""
+    import guardrails.offline.activations as acts
+
+    s = tiny_setup
+    data = load_labeled(_write(s["tmp"] / "m.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]))
+    one = {L: residuals(s["model"], s["tok"], data, L, "input", model_name="tiny", progress=False, use_cache=False)
+           for L in (1, 2)}
+    calls: list[list[int]] = []
+    real = acts.collect_residuals
+    monkeypatch.setattr(acts, "collect_residuals", lambda *a, **k: calls.append(list(a[3])) or real(*a, **k))
+    both = residuals_at(s["model"], s["tok"], data, [2, 1, 2], "input", model_name="tiny", progress=False)
+    assert calls == [[2, 1]] and list(both) == [2, 1]
+    for L in (1, 2):
+        assert both[L].positions is not None
+        for a, b in zip(both[L], one[L], strict=True):
+            torch.testing.assert_close(a, b)
+    again = residuals(s["model"], s["tok"], data, 1, "input", model_name="tiny", progress=False)
+    assert calls == [[2, 1]]  # a cache hit per layer
+    for a, b in zip(again, both[1], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_load_labeled_errors(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ PLAN = {  # file -> (cap per (source, label), sources kept or None for all)
                                          "handwritten_harmful_question", "handwritten_harmful_indirect",
                                          "advbench", "writingbench", "freshqa"}),
     "jailbreak_wrapped.test.jsonl": (10, {"walledeval_jailbreak_wrapped"}),
+    # the blind hand-written rows (held out whole): harmful vs their topic-matched benign twins
+    "harmful_requests.test.jsonl:blind": (60, {"handwritten_blind_harmful", "handwritten_blind_contrast"}),
     "over_refusal.jsonl": (1000, None),
     "reserved_eval/phrasing_past_tense.jsonl": (50, None),  # already collected at 50; keep
     "reserved_eval/phrasing_future_tense.jsonl": (50, None),
@@ -47,11 +49,13 @@ def subset(path: Path, cap: int, keep: set[str] | None) -> list[str]:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, (cap, keep) in PLAN.items():
-        src = DATA / name
+        file, _, tag = name.partition(":")  # "file:tag" writes a second subset of the same file
+        src = DATA / file
         if not src.is_file():
             continue
         lines = subset(src, cap, keep)
-        (OUT / Path(name).name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out = Path(file).name if not tag else Path(file).name.replace(".test.", f".{tag}.")
+        (OUT / out).write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(name, len(lines))
 
 

@@ -230,11 +230,12 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     guard = session.guard(policy)
+    # one set of rows per (scope, layer): each rule scores its own layer(s); one forward pass per scope
+    keys = list(dict.fromkeys(key for r in policy.rules for key in rule_row_keys(policy, r)))
     rows: dict[tuple[str, int], list[Any]] = {}
-    for r in policy.rules:  # one set of rows per (scope, layer): each rule scores its own layer(s)
-        for key in rule_row_keys(policy, r):
-            if key not in rows:
-                rows[key] = session.rows(data, key[1], key[0])  # type: ignore[arg-type]
+    for scope in dict.fromkeys(k[0] for k in keys):
+        got = session.rows_at(data, [k[1] for k in keys if k[0] == scope], scope)  # type: ignore[arg-type]
+        rows.update({(scope, layer): r for layer, r in got.items()})
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals
+from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals_at
 
 
 @dataclass
@@ -33,19 +33,24 @@ class Session:
         return self._lm, self._tok
 
     def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
-        key = (data.sha256, layer, scope)
-        if key not in self._rows:
+        return self.rows_at(data, [layer], scope)[layer]
+
+    def rows_at(self, data: LabeledData, layers: list[int], scope: Scope) -> dict[int, list[Any]]:
+        """:meth:`rows` at several layers; the ones not loaded yet come from one forward pass."""
+        missing = [L for L in dict.fromkeys(layers) if (data.sha256, L, scope) not in self._rows]
+        if missing:
             lm, tok = self.lm()
-            self._rows[key] = residuals(lm, tok, data, layer, scope, model_name=self.model_name,
-                                        progress=self.progress)
-        return self._rows[key]
+            got = residuals_at(lm, tok, data, missing, scope, model_name=self.model_name, progress=self.progress)
+            for L in missing:
+                self._rows[(data.sha256, L, scope)] = got[L]
+        return {L: self._rows[(data.sha256, L, scope)] for L in layers}
 
     def rule_rows(self, data: LabeledData, policy: Any, rule: Any, scope: Scope) -> Any:
         """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
         from guardrails.core.semantics import rule_layers
 
-        reads = rule_layers(policy, rule)
-        return {L: self.rows(data, L, scope) for L in reads} if len(reads) > 1 else self.rows(data, reads[0], scope)
+        reads = list(rule_layers(policy, rule))
+        return self.rows_at(data, reads, scope) if len(reads) > 1 else self.rows(data, reads[0], scope)
 
     def own_rows(self, data: LabeledData, policy: Any, rule: Any) -> Any:
         """:meth:`rule_rows` in the rule's own scope (a gated rule's gate reads the prompts)."""

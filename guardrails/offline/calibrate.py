@@ -196,53 +196,79 @@ def residuals(
     chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
 ) -> ResidualRows:
     """Per-row residuals ``[n_scored_i, d_model]`` at ``layer`` over the tokens ``scope`` rules score."""
+    return residuals_at(model, tokenizer, data, [layer], scope, model_name=model_name, chat=chat, progress=progress,
+                        use_cache=use_cache, batch_size=batch_size)[layer]
+
+
+def residuals_at(
+    model: Any, tokenizer: Any, data: LabeledData, layers: Sequence[int], scope: Scope, *, model_name: str,
+    chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
+) -> dict[int, ResidualRows]:
+    """:func:`residuals` at several layers: the layers not cached yet are collected in one forward pass
+    (cached per layer, so a later call for any one of them is a cache hit)."""
     from safetensors.torch import load_file, save_file
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    key = hashlib.sha256(
-        json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v2-no-system"]).encode()
-    ).hexdigest()[:24]
-    path = cache_root() / f"{key}.safetensors"
+
+    def cache_path(layer: int) -> Path:
+        key = hashlib.sha256(
+            json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v2-no-system"]).encode()
+        ).hexdigest()[:24]
+        return cache_root() / f"{key}.safetensors"
+
     prompts, responses = rows_for_scope(data, scope)
-    if use_cache and path.is_file():
-        t = load_file(str(path))
-        x, offsets = t["x"], t["offsets"].tolist()
-        res = ResidualRows(x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
-    else:
-        res = ResidualRows(collect_sorted(model, tokenizer, prompts, responses, layer, scope, chat, progress,
-                                          batch_size))
-        if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ends = np.cumsum([0] + [len(r) for r in res])
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"x": torch.cat(list(res)).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
-                      metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
-            tmp.replace(path)
+    got: dict[int, list[Tensor]] = {}
+    for layer in dict.fromkeys(layers):
+        if use_cache and cache_path(layer).is_file():
+            t = load_file(str(cache_path(layer)))
+            x, offsets = t["x"], t["offsets"].tolist()
+            got[layer] = [x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    missing = [layer for layer in dict.fromkeys(layers) if layer not in got]
+    if missing:
+        fresh = collect_sorted(model, tokenizer, prompts, responses, missing, scope, chat, progress, batch_size)
+        for layer in missing:
+            got[layer] = fresh[layer]
+            if use_cache:
+                path = cache_path(layer)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ends = np.cumsum([0] + [len(r) for r in fresh[layer]])
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"x": torch.cat(list(fresh[layer])).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
+                          metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
+                tmp.replace(path)
     pos = scored_positions(tokenizer, prompts, responses, scope, chat)
-    if [len(p) for p in pos] == [len(r) for r in res]:
-        res.positions = pos
-    else:
-        logger.warning("scored positions do not match the cached residuals of %s; windows assume no gaps", data.path)
-    return res
+    out: dict[int, ResidualRows] = {}
+    for layer in dict.fromkeys(layers):
+        res = ResidualRows(got[layer])
+        if [len(p) for p in pos] == [len(r) for r in res]:
+            res.positions = pos
+        else:
+            logger.warning("scored positions do not match the cached residuals of %s; windows assume no gaps",
+                           data.path)
+        out[layer] = res
+    return out
 
 
 def collect_sorted(
-    model: Any, tokenizer: Any, prompts: list[str], responses: list[str] | None, layer: int, scope: Scope,
-    chat: bool, progress: bool, batch_size: int,
-) -> list[Tensor]:
+    model: Any, tokenizer: Any, prompts: list[str], responses: list[str] | None, layers: Sequence[int],
+    scope: Scope, chat: bool, progress: bool, batch_size: int,
+) -> dict[int, list[Tensor]]:
     """collect_residuals over rows sorted by length (less padding), returned in the original order."""
     from guardrails.offline.activations import collect_residuals
 
     lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
     order = np.argsort(lengths, kind="stable")
     got = collect_residuals(
-        model, tokenizer, [prompts[i] for i in order], [layer],
+        model, tokenizer, [prompts[i] for i in order], list(layers),
         responses=[responses[i] for i in order] if responses is not None else None,
         chat=chat, scope=scope, batch_size=batch_size, max_tokens=MAX_TOKENS, progress=progress,
-    )[layer]
-    out: list[Tensor] = [torch.empty(0)] * len(prompts)
-    for pos, i in enumerate(order):
-        out[int(i)] = got[pos]
+    )
+    out: dict[int, list[Tensor]] = {}
+    for layer in layers:
+        rows: list[Tensor] = [torch.empty(0)] * len(prompts)
+        for pos, i in enumerate(order):
+            rows[int(i)] = got[layer][pos]
+        out[layer] = rows
     return out
 
 
