@@ -157,6 +157,10 @@ def main() -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
+    sys.path.insert(0, str(ROOT / "calibration" / "selection"))
+    import eval_subsets  # the capped subsets are derived files (git-ignored): write them from the splits
+
+    eval_subsets.main()
     session = Session("bundled", progress=True, dtype=args.dtype)
     result: dict[str, Any] = {}
     for name in args.policies:

@@ -9,6 +9,7 @@ held-out benchmark fits a 2-core CPU budget; every source keeps rows, none is re
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def main() -> None:
         lines = subset(src, cap, keep)
         out = Path(file).name if not tag else Path(file).name.replace(".test.", f".{tag}.")
         (OUT / out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        print(name, len(lines))
+        print(name, len(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":
