@@ -67,10 +67,18 @@ def main() -> None:
                     help="maxwin: start from the ridge probe and penalise the distance to it instead of the norm")
     ap.add_argument("--sae-objective", choices=("mean", "maxwin"), default="mean",
                     help="maxwin: the sparse SAE probe fitted on the served row score (maxwin.fit_sae)")
+    ap.add_argument("--resample-seed", type=int, default=None,
+                    help="sae: refit on a bootstrap of the train rows (Poisson(1) row weights, this seed) to "
+                         "measure how much the fitted rule varies; use with --sae-out")
+    ap.add_argument("--sae-out", default=None, help="sae: write the policy here instead of policies/")
     args = ap.parse_args()
     sets = [Set(n) for n in TRAIN_SETS]
     rows, y, sources = concat(sets)
     w = weights(rows, y, sources)
+    if args.resample_seed is not None:
+        if args.only != "sae" or not args.sae_out:
+            raise SystemExit("fit_shipped.py: --resample-seed needs --only sae and --sae-out (not the shipped policy)")
+        w = w * np.random.default_rng(args.resample_seed).poisson(1.0, len(w))
     names = [n.replace("requests", "harmful_requests").replace("wrapped", "jailbreak_wrapped") for n in TRAIN_SETS]
     meta = {"train": ",".join(f"calibration/data/{n}.jsonl" for n in names),
             "train_sha256": data_hash(), "row_weights": "form- and source-balanced (select_detectors.weights)"}
@@ -143,13 +151,17 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
     feats = [Feature(id=int(i), weight=round(float(wt[i]), 6)) for i in ids[np.argsort(-np.abs(wt[ids]))]]
     sp = ROOT / "policies" / "harmful-requests-sae.yaml"
     spol = Policy.from_path(sp)
+    if args.sae_out:
+        sp = Path(args.sae_out)
+        sp.write_text((ROOT / "policies" / "harmful-requests-sae.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     srule = spol.rules[0]
     sdet = srule.detector.model_copy(update={"features": feats, "bias": round(b, 6), "combine": "sum",
                                              "window": args.sae_window, "aggregate": "mean"})
     chosen = ("objective by the probe's leave-source-out CV, feature count (32 / 64 / 128) on the cal split"
               if args.sae_objective == "maxwin" else "chosen by leave-one-source-out CV")
     sdesc = (f"{how} (bundled SAE {tag}), highest mean over {args.sae_window} tokens; fitted on "
-             f"harmful_requests.train + jailbreak_wrapped.train; {chosen}")
+             f"harmful_requests.train + jailbreak_wrapped.train; {chosen}"
+             + (f"; bootstrap of the train rows, seed {args.resample_seed}" if args.resample_seed is not None else ""))
     spol = spol.model_copy(update={"rules": [srule.model_copy(update={"detector": sdet, "description": sdesc})]})
     write_policy(sp, spol)
     print(json.dumps({"sae_tag": tag, "sae_features": len(feats)}))
