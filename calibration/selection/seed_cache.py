@@ -8,7 +8,6 @@ so a ``--dtype bfloat16`` calibration does not run the model again. bfloat16 val
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from collect import DATA, LAYERS, out_dir  # noqa: E402
 
-from guardrails.offline.calibrate import MAX_TOKENS, cache_root, load_labeled  # noqa: E402
+from guardrails.offline.calibrate import load_labeled  # noqa: E402
+from guardrails.offline.residuals import cache_path  # noqa: E402
 
 FILES = {"requests.train": ("harmful_requests.train.jsonl", None), "requests.cal": ("harmful_requests.cal.jsonl", None),
          "requests.test": ("harmful_requests.test.jsonl", None),
@@ -56,9 +56,7 @@ def main() -> None:
         assert len(meta["rows"]) == len(data)
         assert all(r["text"] == t for r, t in zip(meta["rows"], data.texts, strict=True))
         for layer in LAYERS:
-            key = hashlib.sha256(json.dumps([data.sha256, "bundled", layer, "input", True, "bfloat16", MAX_TOKENS,
-                                             "v2-no-system"]).encode()).hexdigest()[:24]
-            path = cache_root() / f"{key}.safetensors"
+            path = cache_path(data.sha256, "bundled", layer, "input", True, "bfloat16")
             if path.is_file() or not (out_dir() / f"{name}.L{layer}.npy").is_file():
                 continue
             x = np.load(out_dir() / f"{name}.L{layer}.npy")

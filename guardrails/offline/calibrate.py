@@ -4,8 +4,8 @@ The score a threshold is fitted on is the score serving computes: the residuals 
 :func:`guardrails.offline.activations.collect_residuals` (same chat formatting and scored positions as
 ``GuardedModel``) and go through the policy engine's own layer scorers and window rule
 (:class:`guardrails.engine.run.GuardRun`), so ``GuardedModel.score`` on the same text gives the same number
-(checked by :func:`check_against_serving`). Residuals are cached on disk, keyed by the data file's
-sha256, the model, the layer, the scope and the chat flag, so recalibrating is instant.
+(checked by :func:`check_against_serving`). Residuals are cached on disk per layer
+(:mod:`guardrails.offline.residuals`), so recalibrating is instant.
 
 Data files are JSONL: ``{"text", "label"}`` (input rules read ``text`` as the user prompt; output
 rules read it as the reply to :data:`CONTINUE_PROMPT`), or ``{"prompt", "response", "label"}``.
@@ -154,124 +154,6 @@ def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[str], list[str
     return [CONTINUE_PROMPT] * len(data), data.texts
 
 
-# -- activations, cached -------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    from guardrails.serving.models import cache_dir
-
-    return cache_dir() / "activations"
-
-
-class ResidualRows(list[Tensor]):
-    """Per-row residuals ``[n_scored_i, d_model]``, with each scored token's position in its sequence.
-
-    Positions matter for windows: in a prefill the engine's window spans positions, so an unscored
-    token (a special token, a prompt token for an output rule) inside a window leaves a gap.
-    """
-
-    positions: list[list[int]] | None = None
-
-    def take(self, idx: Sequence[int] | np.ndarray) -> ResidualRows:
-        """The rows at ``idx``, positions kept."""
-        out = ResidualRows(self[int(i)] for i in idx)
-        out.positions = [self.positions[int(i)] for i in idx] if self.positions is not None else None
-        return out
-
-
-def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: Scope,
-                     chat: bool = True) -> list[list[int]]:
-    """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
-    from guardrails.offline.activations import scored_positions as keep_of
-    from guardrails.offline.activations import system_prefix_tokens, tokenize_rows
-
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    rows = tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS)
-    skip = system_prefix_tokens(tokenizer, chat)
-    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input", skip) for ids, n_prompt in rows]
-
-
-def residuals(
-    model: Any, tokenizer: Any, data: LabeledData, layer: int, scope: Scope, *, model_name: str,
-    chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
-) -> ResidualRows:
-    """Per-row residuals ``[n_scored_i, d_model]`` at ``layer`` over the tokens ``scope`` rules score."""
-    return residuals_at(model, tokenizer, data, [layer], scope, model_name=model_name, chat=chat, progress=progress,
-                        use_cache=use_cache, batch_size=batch_size)[layer]
-
-
-def residuals_at(
-    model: Any, tokenizer: Any, data: LabeledData, layers: Sequence[int], scope: Scope, *, model_name: str,
-    chat: bool = True, progress: bool = True, use_cache: bool = True, batch_size: int = 8,
-) -> dict[int, ResidualRows]:
-    """:func:`residuals` at several layers: the layers not cached yet are collected in one forward pass
-    (cached per layer, so a later call for any one of them is a cache hit)."""
-    from safetensors.torch import load_file, save_file
-
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-
-    def cache_path(layer: int) -> Path:
-        key = hashlib.sha256(
-            json.dumps([data.sha256, model_name, layer, scope, chat, dtype, MAX_TOKENS, "v2-no-system"]).encode()
-        ).hexdigest()[:24]
-        return cache_root() / f"{key}.safetensors"
-
-    prompts, responses = rows_for_scope(data, scope)
-    got: dict[int, list[Tensor]] = {}
-    for layer in dict.fromkeys(layers):
-        if use_cache and cache_path(layer).is_file():
-            t = load_file(str(cache_path(layer)))
-            x, offsets = t["x"], t["offsets"].tolist()
-            got[layer] = [x[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    missing = [layer for layer in dict.fromkeys(layers) if layer not in got]
-    if missing:
-        fresh = collect_sorted(model, tokenizer, prompts, responses, missing, scope, chat, progress, batch_size)
-        for layer in missing:
-            got[layer] = fresh[layer]
-            if use_cache:
-                path = cache_path(layer)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                ends = np.cumsum([0] + [len(r) for r in fresh[layer]])
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"x": torch.cat(list(fresh[layer])).contiguous(), "offsets": torch.tensor(ends)}, str(tmp),
-                          metadata={"data": data.path, "model": model_name, "layer": str(layer), "scope": scope})
-                tmp.replace(path)
-    pos = scored_positions(tokenizer, prompts, responses, scope, chat)
-    out: dict[int, ResidualRows] = {}
-    for layer in dict.fromkeys(layers):
-        res = ResidualRows(got[layer])
-        if [len(p) for p in pos] == [len(r) for r in res]:
-            res.positions = pos
-        else:
-            logger.warning("scored positions do not match the cached residuals of %s; windows assume no gaps",
-                           data.path)
-        out[layer] = res
-    return out
-
-
-def collect_sorted(
-    model: Any, tokenizer: Any, prompts: list[str], responses: list[str] | None, layers: Sequence[int],
-    scope: Scope, chat: bool, progress: bool, batch_size: int,
-) -> dict[int, list[Tensor]]:
-    """collect_residuals over rows sorted by length (less padding), returned in the original order."""
-    from guardrails.offline.activations import collect_residuals
-
-    lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
-    order = np.argsort(lengths, kind="stable")
-    got = collect_residuals(
-        model, tokenizer, [prompts[i] for i in order], list(layers),
-        responses=[responses[i] for i in order] if responses is not None else None,
-        chat=chat, scope=scope, batch_size=batch_size, max_tokens=MAX_TOKENS, progress=progress,
-    )
-    out: dict[int, list[Tensor]] = {}
-    for layer in layers:
-        rows: list[Tensor] = [torch.empty(0)] * len(prompts)
-        for pos, i in enumerate(order):
-            rows[int(i)] = got[layer][pos]
-        out[layer] = rows
-    return out
-
-
 # -- serving-exact scores ---------------------------------------------------------------------------------
 
 
@@ -418,7 +300,14 @@ def explain_direction(sae: Any, weight: np.ndarray, *, n: int = 5) -> list[tuple
     return [(int(i), round(float(v), 3)) for v, i in zip(vals, idx, strict=True)]
 
 
-# scoring residual rows through the engine lives in guardrails.offline.scoring; these names stay importable here
+# cached residuals live in guardrails.offline.residuals and scoring them through the engine in
+# guardrails.offline.scoring; these names stay importable here
+from guardrails.offline.residuals import ResidualRows as ResidualRows  # noqa: E402
+from guardrails.offline.residuals import cache_root as cache_root  # noqa: E402
+from guardrails.offline.residuals import collect_sorted as collect_sorted  # noqa: E402
+from guardrails.offline.residuals import residuals as residuals  # noqa: E402
+from guardrails.offline.residuals import residuals_at as residuals_at  # noqa: E402
+from guardrails.offline.residuals import scored_positions as scored_positions  # noqa: E402
 from guardrails.offline.scoring import gate_scores as gate_scores  # noqa: E402
 from guardrails.offline.scoring import rule_text_scores as rule_text_scores  # noqa: E402
 from guardrails.offline.scoring import text_scores as text_scores  # noqa: E402

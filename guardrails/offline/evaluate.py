@@ -124,7 +124,7 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
     of the rules that act (flag-only rules left out unless every rule flags).
 
     ``rows_by_key`` maps ``(scope, layer)`` (see :func:`rule_row_keys`) to residual rows (see
-    :func:`guardrails.offline.calibrate.residuals`): each rule is scored on the activations of its own
+    :func:`guardrails.offline.residuals.residuals`): each rule is scored on the activations of its own
     layer, as serving scores it, even when two rules of one scope read different layers.
     Returns ``(scores, threshold, what)``.
     """

@@ -1,7 +1,7 @@
 """Rule scores over residual rows, computed by the engine (:class:`~guardrails.engine.run.GuardRun`): what
 calibration, ``guardrails eval`` and the cascade evaluation score, exactly as serving scores it (multi-layer
 rules, gated rules capped by their gate's prompt scores). Residual rows come from
-:func:`guardrails.offline.calibrate.residuals`."""
+:func:`guardrails.offline.residuals.residuals`."""
 
 from __future__ import annotations
 
