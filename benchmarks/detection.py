@@ -111,15 +111,16 @@ def blind_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]
     """The blind hand-written rows: harmful requests against their topic-matched benign twins, per category."""
     d, s = scores_of(session, policy, EVAL / "harmful_requests.blind.jsonl")
     y, cats = d.labels, np.array(d.categories or ["-"] * len(d))
+
+    def blocked(m: np.ndarray) -> float:
+        return float((s[m] >= thr).mean()) if m.any() else math.nan
+
     per = {c: {"n_harmful": int(((cats == c) & (y == 1)).sum()), "n_contrast": int(((cats == c) & (y == 0)).sum()),
-               "harmful_blocked": float((s[(cats == c) & (y == 1)] >= thr).mean()) if ((cats == c) & (y == 1)).any()
-               else math.nan,
-               "contrast_blocked": float((s[(cats == c) & (y == 0)] >= thr).mean()) if ((cats == c) & (y == 0)).any()
-               else math.nan}
+               "harmful_blocked": blocked((cats == c) & (y == 1)), "contrast_blocked": blocked((cats == c) & (y == 0))}
            for c in sorted(set(cats))}
     return {"n_harmful": int((y == 1).sum()), "n_contrast": int((y == 0).sum()),
-            "auroc": auroc(s[y == 1], s[y == 0]), "harmful_blocked": float((s[y == 1] >= thr).mean()),
-            "contrast_blocked": float((s[y == 0] >= thr).mean()), "per_category": per}
+            "auroc": auroc(s[y == 1], s[y == 0]), "harmful_blocked": blocked(y == 1),
+            "contrast_blocked": blocked(y == 0), "per_category": per}
 
 
 def responses_report(session: Session, policy: Policy) -> dict[str, Any]:

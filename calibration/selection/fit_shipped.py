@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -149,11 +150,11 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
         how = f"few-feature rule: {args.sae_n} features by standardised mean difference, no trained head"
     ids = np.flatnonzero(wt)
     feats = [Feature(id=int(i), weight=round(float(wt[i]), 6)) for i in ids[np.argsort(-np.abs(wt[ids]))]]
-    sp = ROOT / "policies" / "harmful-requests-sae.yaml"
-    spol = Policy.from_path(sp)
-    if args.sae_out:
-        sp = Path(args.sae_out)
-        sp.write_text((ROOT / "policies" / "harmful-requests-sae.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    shipped = ROOT / "policies" / "harmful-requests-sae.yaml"
+    spol = Policy.from_path(shipped)
+    sp = Path(args.sae_out) if args.sae_out else shipped
+    if sp != shipped:
+        shutil.copyfile(shipped, sp)  # write_policy keeps the file's first (comment) line
     srule = spol.rules[0]
     sdet = srule.detector.model_copy(update={"features": feats, "bias": round(b, 6), "combine": "sum",
                                              "window": args.sae_window, "aggregate": "mean"})

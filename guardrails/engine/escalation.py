@@ -57,10 +57,10 @@ def cascade_hits(
         if run.accepts(b, pos):
             top = tuple(scorer.top_features(hidden[b, first].detach()))
             run.pending_judges.append(PendingJudge(rule, b, pos, float(w[first]), out,
-                                             run.role_name(out, role_of(first)), top))
+                                                   run.role_name(out, role_of(first)), top))
     if high is not None and run.accepts(b, int(positions[high])):
         run.fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
-                  hidden, role_of(high), threshold=esc)
+                 hidden, role_of(high), threshold=esc)
 
 
 def resolve_escalations(run: GuardRun) -> None:

@@ -229,7 +229,7 @@ class GuardRun:
                     if not self.accepts(b, pos):
                         break
                     self.fire(rule, head, scorer, b, t, pos, float(windowed[b, t]), bool(is_output[b, t]), hidden,
-                               None if roles is None else int(roles[b, t]))
+                              None if roles is None else int(roles[b, t]))
         if not self.steer:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
