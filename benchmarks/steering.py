@@ -134,7 +134,7 @@ def main() -> None:
         print(f"[{time.time() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
     # -- (c) safety through the policy -------------------------------------------------------------------------
-    gate_policy = Policy.from_path(ROOT / "policies" / "harmful-requests.yaml")
+    gate_policy = Policy.from_path(ROOT / "policies" / "harmful-requests-probe.yaml")
     gate = next(r for r in gate_policy.rules if r.scope == "input")
     flag_rules = [r.model_copy(update={"action": "flag"}) if r.id == gate.id else r for r in gate_policy.rules]
     direction = DIRS / f"refusal-l{args.layer}.safetensors"

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--layers", default="18", type=lambda v: [int(x) for x in v.split(",")],
                     help="answer head layers (several: a multi-layer probe, one term per layer)")
     ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-requests.yaml"))
+    ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-requests-probe.yaml"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)

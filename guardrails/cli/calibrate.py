@@ -72,7 +72,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
     ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
     :func:`~guardrails.offline.scoring.fit_gate`)."""
-    from guardrails.core.policy import Policy, SAEFeaturesDetector
+    from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
         fit_sparse_weights,
@@ -117,8 +117,11 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             rule = rule.model_copy(update={"detector": det})
             new_rules[rule.id] = rule
             policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
-        layer = det.layer if not isinstance(det, SAEFeaturesDetector) else policy.saes[det.sae].layer
-        if fit_weights and not isinstance(det, SAEFeaturesDetector):
+        layer = _layer(policy, rule)
+        if fit_weights and isinstance(det, EnsembleDetector):
+            raise CalibrationError(f"rules: {rule.id!r} is an ensemble; --fit-weights fits one detector: fit its "
+                                   "members on their own, or calibrate the ensemble's threshold without it")
+        if fit_weights and isinstance(det, LinearDetector):
             from guardrails.offline.baselines import fit_diffmean, fit_probe, save_linear
 
             if getattr(det, "extra_layers", None):
@@ -267,10 +270,9 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
 
 
 def _layer(policy: Any, rule: Any) -> int:
-    from guardrails.core.policy import SAEFeaturesDetector
+    from guardrails.core.semantics import rule_layer
 
-    det = rule.detector
-    return policy.saes[det.sae].layer if isinstance(det, SAEFeaturesDetector) else det.layer
+    return rule_layer(policy, rule)
 
 
 # -- the commands --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from guardrails.core.policy import LinearDetector, Policy
+from guardrails.core.policy import LinearDetector, Policy, parts_where
 
 
 class SAEHeader(NamedTuple):
@@ -112,15 +112,16 @@ def check_policy(policy: Policy) -> tuple[list[str], list[str]]:
         if head.d_model is not None and hidden is not None and head.d_model != hidden:
             problems.append(f"saes.{sid}: reads d_model={head.d_model} but the model's hidden size is {hidden}")
     for i, rule in enumerate(policy.rules):
-        det = rule.detector
-        if isinstance(det, LinearDetector):
+        for where, det in parts_where(f"rules[{i}].detector", rule.detector):
+            if not isinstance(det, LinearDetector):
+                continue
             path = Path(policy.resolve(det.weights))
             if not path.is_file():
-                problems.append(f"rules[{i}].detector.weights: {str(path)!r} not found")
+                problems.append(f"{where}.weights: {str(path)!r} not found")
                 continue
             shape = _safetensors_shapes(path).get("weight")
             if hidden is not None and shape != [hidden]:
-                problems.append(f"rules[{i}].detector.weights: 'weight' has shape {shape}, the model needs [{hidden}]")
+                problems.append(f"{where}.weights: 'weight' has shape {shape}, the model needs [{hidden}]")
     try:
         policy.check_against(n_layers if n_layers is not None else 1 << 30, widths)
     except Exception as exc:

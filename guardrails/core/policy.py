@@ -114,7 +114,73 @@ class LinearDetector(_Strict):
         return self
 
 
-Detector = SAEFeaturesDetector | LinearDetector
+class EnsembleMember(_Strict):
+    """One detector of an ensemble, standardised: its token score enters as ``(score - mean) / std``."""
+
+    detector: SAEFeaturesDetector | LinearDetector = Field(discriminator="kind", description="The member's detector "
+                                                           "(its token score; window and aggregate are the ensemble's)")
+    weight: FiniteFloat = Field(default=1.0, gt=0, description="Weight of the standardised score in the mean")
+    mean: FiniteFloat = Field(default=0.0, description="Subtracted from the member's score (e.g. its mean on benign "
+                              "calibration rows)")
+    std: FiniteFloat = Field(default=1.0, gt=0, description="Divides the member's score after the mean")
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _default_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            return {"kind": "sae_features", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _no_own_window(self) -> EnsembleMember:
+        if self.detector.window != 1:
+            raise ValueError(f"detector.window: {self.detector.window}; a member is scored per token (valid: 1): "
+                             "set window and aggregate on the ensemble detector")
+        if isinstance(self.detector, LinearDetector) and self.detector.explained_by:
+            raise ValueError("detector.explained_by: not valid on an ensemble member")
+        return self
+
+
+class EnsembleDetector(_Strict):
+    """Score = weighted mean of standardised member token scores, then aggregated over a window.
+
+    Token score ``sum_i weight_i * (s_i - mean_i) / std_i / sum_i weight_i``, where ``s_i`` is member ``i``'s
+    token score (a linear probe at its layers, an SAE-feature combination at its SAE's layer). The rule decides
+    at the deepest layer any member reads; shallower members' terms are carried there within the same forward.
+    """
+
+    kind: Literal["ensemble"] = Field(description="Detector kind")
+    members: list[EnsembleMember] = Field(min_length=2, description="The detectors combined")
+    window: StrictInt = Field(default=1, ge=1, le=4096,
+                              description="Tokens aggregated (the current and the previous ones)")
+    aggregate: Aggregate = Field(default="mean", description="Aggregation over the window")
+
+
+Detector = SAEFeaturesDetector | LinearDetector | EnsembleDetector
+
+
+def detector_parts(det: Detector) -> list[tuple[float, SAEFeaturesDetector | LinearDetector]]:
+    """The single detectors behind ``det`` with the scale of each one's token score in the rule's score
+    (an ensemble: ``weight / (std * sum of weights)``; the constant terms are :func:`detector_offset`)."""
+    if isinstance(det, EnsembleDetector):
+        total = sum(m.weight for m in det.members)
+        return [(m.weight / (m.std * total), m.detector) for m in det.members]
+    return [(1.0, det)]
+
+
+def detector_offset(det: Detector) -> float:
+    """The constant an ensemble adds to its scaled members (``-sum_i weight_i * mean_i / std_i / sum of weights``)."""
+    if isinstance(det, EnsembleDetector):
+        total = sum(m.weight for m in det.members)
+        return -sum(m.weight * m.mean / m.std for m in det.members) / total
+    return 0.0
+
+
+def parts_where(where: str, det: Detector) -> list[tuple[str, SAEFeaturesDetector | LinearDetector]]:
+    """Each single detector of ``det`` with its YAML path (an ensemble's: ``<where>.members[i].detector``)."""
+    if isinstance(det, EnsembleDetector):
+        return [(f"{where}.members[{i}].detector", m.detector) for i, m in enumerate(det.members)]
+    return [(where, det)]
 
 
 class Gate(_Strict):
@@ -216,6 +282,10 @@ class Rule(_Strict):
     def _steer_settings(self) -> Rule:
         if self.action == "steer" and self.steer is None:
             object.__setattr__(self, "steer", Steer())
+        if isinstance(self.detector, EnsembleDetector) and self.steer is not None and (
+                self.steer.direction is None or self.steer.features):
+            raise ValueError("steer.direction: an ensemble detector has no direction of its own; give a direction "
+                             "file or 'sae:<sae id>:<feature>' (steer.features is not valid with an ensemble)")
         if self.action != "steer" and self.steer is not None:
             raise ValueError(
                 f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
@@ -278,9 +348,10 @@ class Policy(_Strict):
                 raise ValueError(f"rules[{i}].id: duplicate rule id {rule.id!r}")
             seen.add(rule.id)
             det = rule.detector
-            if isinstance(det, SAEFeaturesDetector) and det.sae not in self.saes:
-                valid = ", ".join(self.saes) or "(none declared under 'saes')"
-                raise ValueError(f"rules[{i}].detector.sae: unknown SAE id {det.sae!r}; valid: {valid}")
+            for where, part in parts_where(f"rules[{i}].detector", det):
+                if isinstance(part, SAEFeaturesDetector) and part.sae not in self.saes:
+                    valid = ", ".join(self.saes) or "(none declared under 'saes')"
+                    raise ValueError(f"{where}.sae: unknown SAE id {part.sae!r}; valid: {valid}")
             if rule.steer and rule.steer.features and not isinstance(det, SAEFeaturesDetector):
                 raise ValueError(f"rules[{i}].steer.features: only valid with an sae_features detector")
         self._check_gates()
@@ -405,20 +476,23 @@ class Policy(_Strict):
             if spec.layer >= n_layers:
                 problems.append(f"saes.{sid}.layer: {spec.layer} out of range; valid: 0..{n_layers - 1}")
         for i, rule in enumerate(self.rules):
-            det = rule.detector
-            if isinstance(det, LinearDetector):
-                if det.layer >= n_layers:
-                    problems.append(f"rules[{i}].detector.layer: {det.layer} out of range; valid: 0..{n_layers - 1}")
+            width = None
+            for where, det in parts_where(f"rules[{i}].detector", rule.detector):
+                if isinstance(det, LinearDetector):
+                    if det.layer >= n_layers:
+                        problems.append(f"{where}.layer: {det.layer} out of range; valid: 0..{n_layers - 1}")
+                    continue
+                width = sae_widths.get(det.sae)
+                if width is None:
+                    continue
+                for j, f in enumerate(det.features):
+                    if f.id >= width:
+                        problems.append(
+                            f"{where}.features[{j}].id: {f.id} out of range; valid: 0..{width - 1} "
+                            f"(SAE {det.sae!r} has {width} features)"
+                        )
+            if width is None or not isinstance(rule.detector, SAEFeaturesDetector):
                 continue
-            width = sae_widths.get(det.sae)
-            if width is None:
-                continue
-            for j, f in enumerate(det.features):
-                if f.id >= width:
-                    problems.append(
-                        f"rules[{i}].detector.features[{j}].id: {f.id} out of range; valid: 0..{width - 1} "
-                        f"(SAE {det.sae!r} has {width} features)"
-                    )
             for j, fid in enumerate((rule.steer.features if rule.steer else None) or []):
                 if not 0 <= fid < width:
                     problems.append(f"rules[{i}].steer.features[{j}]: {fid} out of range; valid: 0..{width - 1}")

@@ -20,11 +20,21 @@ def _models_by_field() -> dict[str, type[BaseModel]]:
     """The model behind each policy key that holds a mapping (for the valid keys of an unknown-key error)."""
     from guardrails.core.cascade import JudgeSpec, RuleJudge
     from guardrails.core.normalize import NormalizeSpec
-    from guardrails.core.policy import Feature, Gate, Rule, SAEFeaturesDetector, SAESpec, Steer, SteerRule
+    from guardrails.core.policy import (
+        EnsembleMember,
+        Feature,
+        Gate,
+        Rule,
+        SAEFeaturesDetector,
+        SAESpec,
+        Steer,
+        SteerRule,
+    )
 
     return {
         "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
         "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec, "gate": Gate,
+        "members": EnsembleMember,
     }
 
 
@@ -33,7 +43,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("SAEFeaturesDetector", "LinearDetector", "sae_features", "linear"):
+        elif part in ("SAEFeaturesDetector", "LinearDetector", "EnsembleDetector", "sae_features", "linear",
+                      "ensemble"):
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -42,7 +53,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: ``source: path: message; valid: ...``."""
-    from guardrails.core.policy import LinearDetector, Policy
+    from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy
 
     models_by_field = _models_by_field()
     lines = []
@@ -53,14 +64,19 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err.get("type") == "extra_forbidden":
             parent = [p for p in loc[:-1] if isinstance(p, str) and p in models_by_field]
             model = models_by_field[parent[-1]] if parent else Policy
-            if parent and parent[-1] == "detector" and ("linear" in loc or "LinearDetector" in loc):
-                model = LinearDetector
+            if parent and parent[-1] == "detector":  # the detector kind's model (the tag follows 'detector')
+                at = max(i for i, x in enumerate(loc[:-1]) if x == "detector")
+                tag = loc[at + 1] if at + 1 < len(loc) - 1 else None
+                kinds: dict[str, type[BaseModel]] = {"linear": LinearDetector, "LinearDetector": LinearDetector,
+                                                     "ensemble": EnsembleDetector, "EnsembleDetector": EnsembleDetector}
+                model = kinds.get(str(tag), model)
             msg = f"unknown key {loc[-1]!r}; valid: {', '.join(field_names(model))}"
         elif err.get("type") == "literal_error":
             expected = (err.get("ctx") or {}).get("expected", "")
             msg = f"invalid value {err.get('input')!r}; valid: {expected}"
         elif err.get("type") == "union_tag_invalid":
-            msg = f"unknown detector kind {(err.get('input') or {}).get('kind')!r}; valid: sae_features, linear"
+            kind = (err.get("input") or {}).get("kind")
+            msg = f"unknown detector kind {kind!r}; valid: sae_features, linear, ensemble"
         elif err.get("type") == "missing":
             msg = f"missing required key {loc[-1]!r}" if loc else "missing required key"
         elif err.get("type") == "value_error":

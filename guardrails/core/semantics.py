@@ -39,18 +39,27 @@ ACTION_ORDER: dict[str, int] = {"allow": 0, "flag": 1, "steer": 2, "block": 3}
 
 
 def rule_layer(policy: Policy, rule: Rule) -> int:
-    """The residual-stream layer ``rule`` reads: its linear detector's layer, or its SAE's."""
-    det = rule.detector
+    """The residual-stream layer where ``rule`` decides: its linear detector's layer, or its SAE's; an
+    ensemble's deepest member's (shallower members' terms are carried there)."""
+    from guardrails.core.policy import detector_parts
+
+    return max(_single_layer(policy, det) for _, det in detector_parts(rule.detector))
+
+
+def _single_layer(policy: Policy, det: Any) -> int:
     layer = getattr(det, "layer", None)
-    if layer is not None:
-        return int(layer)
-    return int(policy.saes[det.sae].layer)  # type: ignore[union-attr]
+    return int(layer) if layer is not None else int(policy.saes[det.sae].layer)
 
 
 def rule_layers(policy: Policy, rule: Rule) -> list[int]:
     """Every layer ``rule`` reads, shallowest first: a multi-layer linear rule's ``extra_layers``, then its own
-    (:func:`rule_layer`, where it decides)."""
-    return sorted({*(getattr(rule.detector, "extra_layers", None) or []), rule_layer(policy, rule)})
+    (:func:`rule_layer`, where it decides); for an ensemble, every member's."""
+    from guardrails.core.policy import detector_parts
+
+    out: set[int] = set()
+    for _, det in detector_parts(rule.detector):
+        out |= {*(getattr(det, "extra_layers", None) or []), _single_layer(policy, det)}
+    return sorted(out)
 
 
 def scores_token(

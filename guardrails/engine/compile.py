@@ -24,7 +24,17 @@ import torch
 from torch import Tensor
 
 from guardrails.core.cascade import Judge, bind_judges
-from guardrails.core.policy import LinearDetector, Policy, PolicyError, SAEFeaturesDetector, regular_file
+from guardrails.core.policy import (
+    EnsembleDetector,
+    LinearDetector,
+    Policy,
+    PolicyError,
+    Rule,
+    SAEFeaturesDetector,
+    detector_offset,
+    detector_parts,
+    regular_file,
+)
 from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
 from guardrails.engine.hooks import decoder_layers
 from guardrails.engine.policy_steering import PlannedSteer, compile_steers
@@ -113,6 +123,8 @@ class CompiledPolicy:
             scorers: dict[int, LayerScorer] = {}
             for layer, sc in self.scorers.items():
                 heads = [dataclasses.replace(h, rule=rules[h.rule.id]) for h in sc.heads if h.rule.id in rules]
+                heads += [dataclasses.replace(h, rule=h.rule.model_copy(update={"scope": rules[h.carry[0]].scope}))
+                          for h in sc.heads if h.carry is not None and h.carry[0] in rules]  # ensembles' SAE members
                 if heads:
                     clone = copy.copy(sc)
                     clone.heads = heads
@@ -198,9 +210,13 @@ def compile_policy(
     by_layer: dict[int, list[Any]] = {}
     for i, rule in enumerate(pol.rules):
         by_layer.setdefault(rule_layer(pol, rule), []).append((i, rule))
+    carries: dict[str, tuple[str, float]] = {}
+    for i, member, carry in _carry_rules(pol):  # ensembles' SAE members: heads at their SAE's layer
+        by_layer.setdefault(rule_layer(pol, member), []).append((i, member))
+        carries[member.id] = carry
     scorers: dict[int, LayerScorer] = {}
     for layer, rules in by_layer.items():
-        scorer = LayerScorer(layer, rules, pol, loaded, linear, mode)
+        scorer = LayerScorer(layer, rules, pol, loaded, linear, mode, carries)
         if scorer.sae is None:
             here = [s for s, spec in pol.saes.items() if spec.layer == layer and s in loaded]
             scorer.audit_sae = loaded[here[0]] if here else None
@@ -222,7 +238,7 @@ def compile_policy(
 
 
 def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:
-    used = {r.detector.sae for r in policy.rules if isinstance(r.detector, SAEFeaturesDetector)}
+    used = {d.sae for r in policy.rules for _, d in detector_parts(r.detector) if isinstance(d, SAEFeaturesDetector)}
     rule_layers = set(policy.layers())
     # an SAE declared at a layer where only linear rules read still explains their decisions
     used |= {sid for sid, spec in policy.saes.items() if spec.layer in rule_layers}
@@ -247,45 +263,89 @@ def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, 
 
 
 def _load_linear(policy: Policy, hidden: int) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[int, Feed]]:
-    """Each linear rule's ``(weight, bias)`` at its own layer, and the ``weight.L<l>`` terms of multi-layer
-    rules grouped by the shallower layer that feeds them (one read of each file)."""
-    from safetensors.torch import load_file
-
-    out = {}
+    """Each linear (or ensemble) rule's ``(weight, bias)`` at the layer where it decides, and the terms read at
+    shallower layers (a multi-layer probe's ``weight.L<l>``, an ensemble's linear members elsewhere), grouped by
+    the layer that feeds them (one read of each file). An ensemble's weights are scaled as its mean of
+    standardised members says (:func:`~guardrails.core.policy.detector_parts`); its SAE members are carried by
+    their own heads (:func:`_carry_rules`), and its constant part is in the bias here."""
+    out: dict[str, tuple[Tensor, Tensor]] = {}
     fed_rows: dict[int, list[tuple[str, Tensor]]] = {}
     for i, rule in enumerate(policy.rules):
-        det = rule.detector
-        if not isinstance(det, LinearDetector):
+        if isinstance(rule.detector, SAEFeaturesDetector):
             continue
-        path = policy.resolve(det.weights)
-        regular_file(path, f"rules[{i}].detector.weights")  # a FIFO would hang load_file (issue 16)
-        try:
-            t = load_file(path)
-        except Exception as exc:
-            raise PolicyError(f"rules[{i}].detector.weights: cannot read {path!r}: {exc}") from exc
-        w = t.get("weight")
-        if w is None or tuple(w.shape) != (hidden,):
-            shape = None if w is None else tuple(w.shape)
-            raise PolicyError(f"rules[{i}].detector.weights: 'weight' must have shape ({hidden},), got {shape}")
-        bias = t.get("bias", torch.zeros(()))
-        fed = sorted(int(k.removeprefix("weight.L")) for k in t if k.startswith("weight.L"))
-        if fed and not set(fed) <= set(det.extra_layers or []):  # a part of a multi-layer probe is another probe
-            raise PolicyError(f"rules[{i}].detector.weights: {path!r} is a multi-layer probe (terms for layers {fed} "
-                              f"and {det.layer}); set detector.extra_layers: {fed}")
-        if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
-            raise PolicyError(f"rules[{i}].detector.weights: {path!r} holds NaN or infinite values (would fail open)")
-        out[rule.id] = (w.float(), bias.float())
-        for layer in det.extra_layers or []:
-            we = t.get(f"weight.L{layer}")
-            if we is None or tuple(we.shape) != (hidden,):
-                got = "missing" if we is None else f"shape {tuple(we.shape)}"
-                raise PolicyError(f"rules[{i}].detector.weights: extra layer {layer} needs 'weight.L{layer}' of shape "
-                                  f"({hidden},), {got}; the file holds: {', '.join(sorted(t))}")
-            if not bool(torch.isfinite(we.float()).all()):
-                raise PolicyError(f"rules[{i}].detector.weights: 'weight.L{layer}' holds NaN or infinite values")
-            fed_rows.setdefault(layer, []).append((rule.id, we.float()))
+        at = rule_layer(policy, rule)
+        weight, bias = torch.zeros(hidden), torch.tensor(detector_offset(rule.detector))
+        for where, (scale, det) in zip(_part_paths(i, rule.detector), detector_parts(rule.detector), strict=True):
+            if not isinstance(det, LinearDetector):
+                continue
+            w, b, extra = _read_probe(policy, det, where, hidden)
+            bias = bias + scale * b.reshape(())
+            for layer, row in [(det.layer, w), *extra.items()]:
+                if layer == at:
+                    weight = weight + scale * row
+                else:
+                    fed_rows.setdefault(layer, []).append((rule.id, scale * row))
+        out[rule.id] = (weight, bias)
     feeds = {layer: Feed(tuple(r for r, _ in v), torch.stack([x for _, x in v])) for layer, v in fed_rows.items()}
     return out, feeds
+
+
+def _part_paths(i: int, det: Any) -> list[str]:
+    if isinstance(det, EnsembleDetector):
+        return [f"rules[{i}].detector.members[{j}].detector" for j in range(len(det.members))]
+    return [f"rules[{i}].detector"]
+
+
+def _read_probe(
+    policy: Policy, det: LinearDetector, where: str, hidden: int
+) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """``(weight, bias, {extra layer: weight})`` of one linear detector's file, checked."""
+    from safetensors.torch import load_file
+
+    path = policy.resolve(det.weights)
+    regular_file(path, f"{where}.weights")  # a FIFO would hang load_file (issue 16)
+    try:
+        t = load_file(path)
+    except Exception as exc:
+        raise PolicyError(f"{where}.weights: cannot read {path!r}: {exc}") from exc
+    w = t.get("weight")
+    if w is None or tuple(w.shape) != (hidden,):
+        shape = None if w is None else tuple(w.shape)
+        raise PolicyError(f"{where}.weights: 'weight' must have shape ({hidden},), got {shape}")
+    bias = t.get("bias", torch.zeros(()))
+    fed = sorted(int(k.removeprefix("weight.L")) for k in t if k.startswith("weight.L"))
+    if fed and not set(fed) <= set(det.extra_layers or []):  # a part of a multi-layer probe is another probe
+        raise PolicyError(f"{where}.weights: {path!r} is a multi-layer probe (terms for layers {fed} "
+                          f"and {det.layer}); set detector.extra_layers: {fed}")
+    if not (bool(torch.isfinite(w.float()).all()) and bool(torch.isfinite(bias.float()).all())):
+        raise PolicyError(f"{where}.weights: {path!r} holds NaN or infinite values (would fail open)")
+    extra: dict[int, Tensor] = {}
+    for layer in det.extra_layers or []:
+        we = t.get(f"weight.L{layer}")
+        if we is None or tuple(we.shape) != (hidden,):
+            got = "missing" if we is None else f"shape {tuple(we.shape)}"
+            raise PolicyError(f"{where}.weights: extra layer {layer} needs 'weight.L{layer}' of shape "
+                              f"({hidden},), {got}; the file holds: {', '.join(sorted(t))}")
+        if not bool(torch.isfinite(we.float()).all()):
+            raise PolicyError(f"{where}.weights: 'weight.L{layer}' holds NaN or infinite values")
+        extra[layer] = we.float()
+    return w.float(), bias.float(), extra
+
+
+def _carry_rules(policy: Policy) -> list[tuple[int, Rule, tuple[str, float]]]:
+    """The SAE members of ensemble rules as rules of their own (``<rule id>/members[j]``, scored at their SAE's
+    layer), each with the ensemble rule it feeds and its scale there."""
+    out = []
+    for i, rule in enumerate(policy.rules):
+        det = rule.detector
+        if not isinstance(det, EnsembleDetector):
+            continue
+        for j, (scale, part) in enumerate(detector_parts(det)):
+            if isinstance(part, SAEFeaturesDetector):
+                member = Rule(id=f"{rule.id}/members[{j}]", scope=rule.scope, detector=part, threshold=0.0,
+                              action="flag", on_error=rule.on_error)
+                out.append((i, member, (rule.id, scale)))
+    return out
 
 
 __all__ = ["CompiledPolicy", "Feed", "compile_policy"]

@@ -121,8 +121,8 @@ class GuardRun:
         self._gates = Gates(self.policy, self.batch, self.gate_preset)
         # per layer, the heads in scoring order: gated rules after the others, so a gate at the same layer is
         # known before the rules it caps
-        self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None]
-                            + [i for i, h in enumerate(s.heads) if h.rule.gate is not None]
+        self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
+                            + [i for i, h in enumerate(s.heads) if h.rule.gate is not None and h.carry is None]
                             for layer, s in self.scorers.items()}
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         # rule id -> place in scoring order (layer, then policy order): ties at one position resolve so
@@ -189,8 +189,15 @@ class GuardRun:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
             for h_i, part in carried.items():  # multi-layer linear rules: add their shallower layers' terms
                 raw[..., h_i] += part.to(raw.device, raw.dtype)
+            self._carry_members(scorer, raw)
         except Exception as exc:
-            self._feed_error = None
+            if any(h.carry is not None for h in scorer.heads):  # the ensemble a member feeds cannot score either
+                self._feed_error = exc
+                for h in scorer.heads:
+                    if h.carry is not None and h.carry[0] not in self._carry:
+                        self._carry[h.carry[0]] = torch.zeros(B, T, device=dev)
+            else:
+                self._feed_error = None
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
@@ -233,6 +240,21 @@ class GuardRun:
         if not self.steer:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
+
+    def _carry_members(self, scorer: LayerScorer, raw: Tensor) -> None:
+        """Ensembles' SAE members scored at this layer: each one's scaled token score added to its ensemble's
+        column here, or kept for the ensemble's deeper layer (as a multi-layer probe's terms are)."""
+        here = {h.rule.id: i for i, h in enumerate(scorer.heads) if h.carry is None}
+        for h_i, head in enumerate(scorer.heads):
+            if head.carry is None:
+                continue
+            target, scale = head.carry
+            term = raw[..., h_i] * scale
+            if target in here:
+                raw[..., here[target]] += term
+            else:
+                prev = self._carry.get(target)
+                self._carry[target] = term if prev is None else prev + term
 
     def _feed(self, feed: Any, hidden: Tensor) -> None:
         """Token terms ``x_l · w_l`` of the multi-layer rules fed by this layer, kept for their own layer (a
@@ -359,6 +381,8 @@ class GuardRun:
         self.errors.append(reason)
         logger.warning("guard could not score at layer %d: %s", scorer.layer, reason)
         for head in scorer.heads:
+            if head.carry is not None:  # an ensemble's member: the ensemble follows on_error at its own layer
+                continue
             rule = head.rule
             roles = self._roles(self.ctx, positions) if self.ctx is not None else None
             scope_ok = self._scope_mask(rule, is_output, roles) & score_mask

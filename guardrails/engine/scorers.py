@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
-from guardrails.core.policy import LinearDetector, Policy, Rule, SAEFeaturesDetector
+from guardrails.core.policy import Policy, Rule, SAEFeaturesDetector
 from guardrails.sae.model import SAE, SAEError
 
 
@@ -36,6 +36,9 @@ class _RuleHead:
     clamp_columns: Tensor | None  # columns of features to clamp, for 'clamp'
     clamp_dirs: Tensor | None  # decoder rows [n, d_model] of those features
     linear: bool = False
+    carry: tuple[str, float] | None = None
+    """An ensemble's SAE member: ``(ensemble rule id, scale)``; its token score times scale adds to that rule's
+    (at the same layer, or carried to the rule's deeper layer), and it decides nothing itself."""
 
 
 class WatchedEncoder(torch.nn.Module):
@@ -78,6 +81,7 @@ class LayerScorer:
         saes: dict[str, SAE],
         linear: dict[str, tuple[Tensor, Tensor]],
         mode: str,
+        carries: dict[str, tuple[str, float]] | None = None,
     ) -> None:
         self.layer = layer
         self.mode = mode
@@ -126,8 +130,7 @@ class LayerScorer:
                     else:
                         clamp_cols = torch.tensor([col[f] for f in sf])
                         clamp_dirs = self.sae.W_dec.data[torch.tensor(sf)].float()
-            else:
-                assert isinstance(det, LinearDetector)
+            else:  # a linear rule, or an ensemble's linear part at this layer (its SAE members are carry heads)
                 weight, bias_t = linear[r.id]
                 lin_rows.append(weight.float())
                 lin_bias.append(bias_t.float().reshape(()))
@@ -143,7 +146,8 @@ class LayerScorer:
                         clamp_cols = cols
                         clamp_dirs = unit[None]
             self.heads.append(_RuleHead(
-                r, i, cols, w, combine, bias, steer_dir, clamp_cols, clamp_dirs, linear=isinstance(det, LinearDetector)
+                r, i, cols, w, combine, bias, steer_dir, clamp_cols, clamp_dirs,
+                linear=not isinstance(det, SAEFeaturesDetector), carry=(carries or {}).get(r.id),
             ))
         if lin_rows:
             self.linear_W = torch.stack(lin_rows)

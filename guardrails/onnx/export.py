@@ -115,7 +115,9 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
             for i, h in enumerate(scorer.heads):
                 self.register_buffer(f"hc{i}", h.columns.detach().cpu().long())
                 self.register_buffer(f"hw{i}", h.weights.detach().cpu().float())
-            self.order = [rule_pos[h.rule.id] for h in scorer.heads]
+            # (rule column, scale) per head: an ensemble's SAE member adds its scaled score to its ensemble's
+            self.order = [(rule_pos[h.rule.id], 1.0) if h.carry is None else (rule_pos[h.carry[0]], h.carry[1])
+                          for h in scorer.heads]
 
         def forward(self, hidden: Tensor) -> Tensor:
             x = hidden.float()
@@ -142,7 +144,7 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
     class ScoringGraph(nn.Module):
         """Embeddings, decoder blocks 0..L, and the policy's heads."""
 
-        perm: Tensor
+        route: Tensor
 
         def __init__(self) -> None:
             super().__init__()
@@ -152,12 +154,15 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
             heads = {str(layer): LayerHead(s, guard.score_mode) for layer, s in guard.scorers.items()}
             self.heads = nn.ModuleDict(heads)
             order = [p for layer in sorted(guard.scorers) for p in heads[str(layer)].order]
-            self.register_buffer("perm", torch.tensor([order.index(i) for i in range(len(order))], dtype=torch.long))
+            route = torch.zeros(len(order), len(rule_pos))  # head columns -> rule columns
+            for col, (pos, scale) in enumerate(order):
+                route[col, pos] = scale
+            self.register_buffer("route", route)
             # multi-layer linear rules: each feeding layer's term x · w_l, routed to its rule's column
             self.feed_layers = sorted(guard.compiled.feeds)
             for layer in self.feed_layers:
                 fd = guard.compiled.feeds[layer]
-                route = torch.zeros(len(fd.rule_ids), len(order))
+                route = torch.zeros(len(fd.rule_ids), len(rule_pos))
                 for j, rid in enumerate(fd.rule_ids):
                     route[j, rule_pos[rid]] = 1.0
                 self.register_buffer(f"feed_w{layer}", fd.weight.detach().float().cpu())
@@ -179,7 +184,7 @@ def build_scoring_graph(model: Any, guard: Any) -> Any:
                     carry = term if carry is None else carry + term
                 if str(i) in self.heads:
                     outs.append(self.heads[str(i)](h))
-            scores = torch.cat(outs, dim=-1).index_select(-1, self.perm)
+            scores = torch.cat(outs, dim=-1) @ self.route
             return scores if carry is None else scores + carry
 
     return ScoringGraph().eval()
