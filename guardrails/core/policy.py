@@ -114,6 +114,13 @@ class LinearDetector(_Strict):
         return self
 
 
+def _sae_by_default(v: Any) -> Any:
+    """A detector mapping without ``kind`` is an SAE-feature detector (the policy format's default kind)."""
+    if isinstance(v, dict) and "kind" not in v:
+        return {"kind": "sae_features", **v}
+    return v
+
+
 class EnsembleMember(_Strict):
     """One detector of an ensemble, standardised: its token score enters as ``(score - mean) / std``."""
 
@@ -124,12 +131,7 @@ class EnsembleMember(_Strict):
                               "calibration rows)")
     std: FiniteFloat = Field(default=1.0, gt=0, description="Divides the member's score after the mean")
 
-    @field_validator("detector", mode="before")
-    @classmethod
-    def _default_kind(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "kind" not in v:
-            return {"kind": "sae_features", **v}
-        return v
+    _default_kind = field_validator("detector", mode="before")(classmethod(lambda cls, v: _sae_by_default(v)))
 
     @model_validator(mode="after")
     def _no_own_window(self) -> EnsembleMember:
@@ -271,12 +273,7 @@ class Rule(_Strict):
     gate: Gate | None = Field(default=None, description="Output rules: capped by an input rule's prompt score "
                               "(score = min(own, scale * request score + offset)); see Gate")
 
-    @field_validator("detector", mode="before")
-    @classmethod
-    def _default_kind(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "kind" not in v:
-            return {"kind": "sae_features", **v}
-        return v
+    _default_kind = field_validator("detector", mode="before")(classmethod(lambda cls, v: _sae_by_default(v)))
 
     @model_validator(mode="after")
     def _steer_settings(self) -> Rule:
