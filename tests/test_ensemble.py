@@ -121,6 +121,16 @@ def test_cached_generation_scores_and_trips_as_a_full_forward(lm: Any, tok: Any,
     assert not isinstance(res, list) and res.blocked
     assert res.decisions[0].rule == "ens" and res.decisions[0].position == pick
     assert res.decisions[0].score == pytest.approx(got[pick], rel=1e-4)
+    # the audit names what fired: the SAE member's top features at the tripping token (the probe's layer has none)
+    ids = prompt + out.output_ids[: pick - len(prompt) + 1]
+    with torch.no_grad(), capture(model, [1]) as store:
+        model(input_ids=torch.tensor([ids]))
+    acts = qwen_scope_encode(store[1][0, pick], tensors, K)
+    vals, idx = acts.topk(5)
+    want_top = [(int(i), round(float(v), 3)) for v, i in zip(vals, idx, strict=True) if v > 0]
+    got_top = list(res.decisions[0].top_features)
+    assert [f for f, _ in got_top] == [f for f, _ in want_top]
+    assert [a for _, a in got_top] == pytest.approx([a for _, a in want_top], abs=2e-3)
     assert hooks_on(model) == 0
 
 

@@ -124,6 +124,8 @@ class GuardRun:
         self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
                             + [i for i, h in enumerate(s.heads) if h.rule.gate is not None and h.carry is None]
                             for layer, s in self.scorers.items()}
+        self._sae_fed = {h.carry[0] for sc in self.scorers.values() for h in sc.heads if h.carry is not None}
+        """Ensemble rules with an SAE member (their decisions list that member's top features)."""
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         # rule id -> place in scoring order (layer, then policy order): ties at one position resolve so
         self.rule_rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
@@ -347,6 +349,9 @@ class GuardRun:
             return  # latched: first firing recorded; steering already on
         st.fired[b] = True
         top = tuple(scorer.top_features(hidden[b, t].detach()))
+        if not top and self.record_trace and rule.id in self._sae_fed:
+            # an ensemble deciding at a layer without an SAE: the top features its SAE member saw at this token
+            top = tuple(self.token_features(b).get(pos, []))
         d = Decision(
             action=action,
             rule=rule.id,
