@@ -5,7 +5,9 @@ Each member is a shipped rule scored as served (``heldout.Scorer``). Members are
 benign rows of the *cal* split (mean, std), combined per row (``sum``: mean of the z-scores; ``max``: the
 larger z-score, the same decisions as two block rules calibrated jointly), and the combined threshold is
 set at ``--target-fpr`` on the cal split, as ``guardrails calibrate`` does for one rule. The report is
-``heldout.report``'s, so the rows line up with ``benchmarks/results/detection_heldout.json``.
+``heldout.report``'s, so the rows line up with ``benchmarks/results/detection_heldout.json``. These row-level
+combinations are a measurement only; the servable one (token scores combined, then windowed: ``kind:
+ensemble``) is built by ``fit_ensemble.py`` and scored by ``heldout.py`` like any shipped policy.
 
     python calibration/selection/ensemble.py --policy policies/harmful-requests.yaml \
         --policy policies/harmful-requests-sae.yaml [--json out.json]

@@ -5,7 +5,8 @@ Weights are fitted on the *train* splits only (``harmful_requests.train`` + ``ja
 form- and source-balanced row weights, see ``select_detectors.weights``); the thresholds are then fitted
 on the cal split by ``guardrails calibrate`` through the serving path (see the commands in
 docs/results.md). Writes ``calibration/probes/harmful-requests-probe.safetensors`` and the detector
-sections of ``policies/harmful-requests.yaml`` / ``policies/harmful-requests-sae.yaml``.
+sections of ``policies/harmful-requests-probe.yaml`` / ``policies/harmful-requests-sae.yaml``; the shipped
+``policies/harmful-requests.yaml`` is their ensemble, rebuilt from both by ``fit_ensemble.py`` after a refit.
 
     nice -n 5 python calibration/selection/fit_shipped.py --probe-layer 15 --probe-c 0.1 --probe-window 16 \
         --sae-kind sparse --sae-n 16 --sae-window 16
