@@ -211,3 +211,40 @@ def test_bad_ensembles_name_the_problem(tmp_path: Path) -> None:
     steer = _policy(sae, probe).to_yaml().replace("action: block", "action: steer")
     with pytest.raises(PolicyError, match=r"steer\.direction: an ensemble detector has no direction of its own"):
         Policy.from_yaml(steer)
+
+
+def test_fit_members_standardises_each_member_on_label_0(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """``guardrails calibrate --fit-ensemble``: each member's mean/std are those of its own served row score
+    (highest windowed score of the prompt) over the label-0 rows; a non-ensemble rule is refused."""
+    from guardrails.core.semantics import rule_layers
+    from guardrails.offline.calibrate import CalibrationError, LabeledData, residuals, rule_scope
+    from guardrails.offline.scoring import fit_members
+
+    model = lm("llama")
+    sae, probe, _ = _files(tmp_path)
+    pol = _policy(sae, probe, scope="input", window=4)
+    texts = [*PROMPTS, "What is the capital of France?", "Name three colours.", "Write a poem about the sea."]
+    labels = np.array([0, 0, 0, 0, 1])
+    data = LabeledData(texts=texts, labels=labels, responses=[None] * 5, path="mem", sha256="z", sources=[""] * 5)
+
+    def rows_of(p: Policy, rule: Any) -> Any:
+        got = {layer: residuals(model, tok, data, layer, rule_scope(rule), model_name="tiny", chat=False,
+                                progress=False, use_cache=False) for layer in rule_layers(p, rule)}
+        return next(iter(got.values())) if len(got) == 1 else got
+
+    def guard_of(p: Policy) -> Any:
+        return GuardedModel(model, tok, p, chat=False)
+
+    fitted = fit_members(guard_of, pol, pol.rules[0], rows_of, labels)
+    assert fitted.detector.kind == "ensemble"
+    for m, orig in zip(fitted.detector.members, pol.rules[0].detector.members, strict=True):
+        alone = pol.model_copy(update={"rules": [pol.rules[0].model_copy(update={
+            "detector": m.detector.model_copy(update={"window": 4})})]})
+        rows = [max(r.token_scores["ens"].values()) for r in GuardedModel(model, tok, alone, chat=False).score(
+            texts, chat=False)]
+        neg = np.array(rows)[labels == 0]
+        assert m.mean == pytest.approx(neg.mean(), abs=1e-4) and m.std == pytest.approx(neg.std(), abs=1e-4)
+        assert m.weight == orig.weight
+    with pytest.raises(CalibrationError, match="not an ensemble"):
+        plain = pol.rules[0].model_copy(update={"detector": pol.rules[0].detector.members[0].detector})
+        fit_members(guard_of, pol, plain, rows_of, labels)

@@ -68,10 +68,12 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   out: str | None = None, record_dir: Path | None = RECORDS, check: int = 8,
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
                   train_limit: int | None = None, record_path: Path | None = None,
-                  evaluate_test: bool = True, fit_gate: float | None = None) -> dict[str, Any]:
+                  evaluate_test: bool = True, fit_gate: float | None = None,
+                  fit_ensemble: bool = False) -> dict[str, Any]:
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
     ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
-    :func:`~guardrails.offline.scoring.fit_gate`)."""
+    :func:`~guardrails.offline.scoring.fit_gate`); ``fit_ensemble``: standardise ensemble rules' members on the
+    cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -147,6 +149,12 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 rule = rule.model_copy(update={"detector": det})
                 new_rules[rule.id] = rule
                 policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+        if fit_ensemble and isinstance(rule.detector, EnsembleDetector):
+            from guardrails.offline.scoring import fit_members
+
+            rule = new_rules[rule.id] = fit_members(session.guard, policy, rule,
+                                                    functools.partial(session.own_rows, cal), cal.labels)
+            policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         guard = session.guard(policy)
         if fit_gate is not None and rule.gate is not None:  # scale/offset of the gate, then the threshold
             from guardrails.offline.scoring import fit_gate as _fit_gate
@@ -343,6 +351,8 @@ def register(app: typer.Typer) -> None:
         fit_gate: Annotated[float | None, typer.Option(help="Gated rules: fit gate scale/offset on the cal split "
                                                        "first, the request loosened by this many SDs (shipped: 1)")]
         = None,
+        fit_ensemble: Annotated[bool, typer.Option(help="Ensemble rules: set each member's mean/std from its own "
+                                                   "score on the cal split's label-0 rows first")] = False,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
@@ -359,7 +369,8 @@ def register(app: typer.Typer) -> None:
             Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
-            max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate))
+            max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate,
+            fit_ensemble=fit_ensemble))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return

@@ -149,3 +149,32 @@ def gate_from_scores(own: np.ndarray, gate: np.ndarray, labels: np.ndarray, slac
                                f"(have {int(neg.sum())} scored label-0 rows)")
     scale = float(own[neg].std() / gate[neg].std())
     return scale, float(own[neg].mean() - scale * gate[neg].mean() + slack * own[neg].std())
+
+
+def fit_members(guard_of: Any, policy: Policy, rule: Rule, rows_of: Any, labels: np.ndarray) -> Rule:
+    """``rule`` (an ensemble) with each member's ``mean``/``std`` set to those of the member's own row score on the
+    label-0 rows (``guardrails calibrate --fit-ensemble``): each member scored alone with the ensemble's window
+    and aggregation, through the serving path (``guard_of(policy)`` builds a guard; ``rows_of(policy, rule)``
+    gives a rule's residual rows). Weights are kept; the threshold is fitted afterwards as for any rule."""
+    from guardrails.core.policy import EnsembleDetector
+    from guardrails.offline.calibrate import CalibrationError
+
+    det = rule.detector
+    if not isinstance(det, EnsembleDetector):
+        raise CalibrationError(f"rule {rule.id!r} is not an ensemble (detector kind {det.kind!r}); --fit-ensemble "
+                               "standardises the members of kind: ensemble rules")
+    neg = np.asarray(labels) == 0
+    members = []
+    for j, m in enumerate(det.members):
+        part = m.detector.model_copy(update={"window": det.window, "aggregate": det.aggregate})
+        alone = rule.model_copy(update={"id": f"{rule.id}/members[{j}]", "detector": part, "action": "flag",
+                                        "steer": None, "gate": None, "escalate_above": None, "judge": None})
+        pol = policy.model_copy(update={"rules": [alone], "steering": []})
+        s = np.asarray(text_scores(guard_of(pol), alone.id, rows_of(pol, alone)), dtype=np.float64)
+        ok = neg & np.isfinite(s)
+        if ok.sum() < 2 or float(s[ok].std()) == 0:
+            raise CalibrationError(f"rule {rule.id!r}: members[{j}] needs label-0 rows whose scores vary to be "
+                                   f"standardised (have {int(ok.sum())} scored label-0 rows)")
+        members.append(m.model_copy(update={"mean": round(float(s[ok].mean()), 6),
+                                            "std": round(float(s[ok].std()), 6)}))
+    return rule.model_copy(update={"detector": det.model_copy(update={"members": members})})
