@@ -79,6 +79,9 @@ HELD_OUT = {
     "handwritten_blind_contrast",  # benign topic-matched contrasts, hand-written blind (v0.2.5), harmful_requests
 }
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
+# Short hand-written questions and their benign twins (v0.2.7): train split only, never wrapped, added after the
+# benign matching and the template sampling, so every other row keeps its split and its wrappers.
+SHORT = ("handwritten_short_harmful", "handwritten_short_contrast")
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
 # category whose keywords match, else the source's default.
@@ -809,6 +812,23 @@ def handwritten_blind(src: Sources) -> list[Row]:
     return rows
 
 
+def handwritten_short(src: Sources) -> list[Row]:
+    """The short questions (``short_questions.tsv``): harmful ones and their topic-matched benign twins, one
+    source per label, category kept; train split only (:func:`assign_splits`)."""
+    path = HANDWRITTEN_DIR / "short_questions.tsv"
+    rows = []
+    for cat, kind, raw in read_tsv(path, 3):
+        if cat not in CATEGORIES:
+            raise SystemExit(f"error: {path}: unknown category {cat!r}; valid: {', '.join(CATEGORIES)}")
+        if kind not in ("harmful", "contrast"):
+            raise SystemExit(f"error: {path}: unknown kind {kind!r}; valid: harmful, contrast")
+        label = 1 if kind == "harmful" else 0
+        source = SHORT[1 - label]
+        src.paths[source] = [f"calibration/handwritten/short_questions.tsv (this repo), kind '{kind}'"]
+        rows.append(set_meta(Row(tidy(raw), label, source), category=cat, phrasing="question"))
+    return rows
+
+
 HANDWRITTEN_RESPONSE_SOURCES = {
     "harmful_answer": ("handwritten_harmful_answers", 1),
     "refusal": ("handwritten_refusals", 0),
@@ -865,7 +885,7 @@ def build_wrapped(
         split = split_of(name) if split_by_template else "test"
         for label in (1, 0):
             pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text
-                    and r.source not in BLIND]
+                    and r.source not in BLIND and r.source not in SHORT]
             pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
             for r in pool[:per_label]:
                 out[split].append(
@@ -946,6 +966,8 @@ def assign_splits(rows: list[Row], forced_test: set[str]) -> dict[str, list[Row]
     out: dict[str, list[Row]] = {s: [] for s in SPLITS}
     for r in rows:
         split = "test" if r.source in HELD_OUT or norm(r.text) in forced_test else split_of(r.text)
+        if r.source in SHORT:  # train only, unless the text also occurs in a held-out source
+            split = "test" if norm(r.text) in forced_test else "train"
         out[split].append(r)
     return out
 
@@ -1123,7 +1145,8 @@ def main() -> None:
     # Blind hand-written rows of both labels: a whole held-out source (test only), added after the benign
     # matching so the train and cal splits do not change.
     blind = dedupe(handwritten_blind(src), taken)
-    requests = harmful + benign + alarming + contrast + blind
+    short = dedupe(handwritten_short(src), taken)  # train only (SHORT), after everything the splits depend on
+    requests = harmful + benign + alarming + contrast + blind + short
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -1505,7 +1528,7 @@ def _license(source: str) -> tuple[str, str]:
         return LICENSES["phrasing"]
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
-    if source.startswith(("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_")) or source in (
+    if source.startswith(("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_")) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):
         return LICENSES["handwritten"]
