@@ -1528,7 +1528,8 @@ def _license(source: str) -> tuple[str, str]:
         return LICENSES["phrasing"]
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
-    if source.startswith(("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_")) or source in (
+    hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_")
+    if source.startswith(hand) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):
         return LICENSES["handwritten"]
