@@ -193,3 +193,39 @@ rules:
     threshold: {threshold}
     action: {action}
 {rule_extra}""")
+
+
+def assert_onnx_matches_torch(policy: Any, model: Any, tok: Any, out: Any, prompts: list[str], rule_id: str,
+                              **export_kw: Any) -> None:
+    """Export ``policy`` to ONNX at ``out`` and check its parity report and ``rule_id``'s per-token scores on
+    ``prompts`` (the first with a response) against the torch guard's."""
+    from guardrails import GuardedModel
+    from guardrails.onnx import PARITY_RTOL, OnnxGuard, export_onnx
+
+    report = export_onnx(policy, out, model=model, tokenizer=tok, **export_kw)
+    assert report.parity is not None and report.parity <= PARITY_RTOL
+    responses = ["Mix flour and water.", *[None] * (len(prompts) - 1)]
+    ref = GuardedModel(model, tok, policy).score(prompts, responses=responses)
+    got = OnnxGuard.load(out).score(prompts, responses=responses)
+    for a, b in zip(got, ref, strict=True):
+        assert set(a.token_scores[rule_id]) == set(b.token_scores[rule_id])
+        for p, v in b.token_scores[rule_id].items():
+            assert abs(a.token_scores[rule_id][p] - v) <= PARITY_RTOL * max(1.0, abs(v))
+
+
+def assert_token_scores(got: dict[int, float], want: Any, *, tol: float = 1e-4) -> None:
+    """Per-position scores ``got`` (a decision trace) equal ``want[pos]`` (a by-hand array) at every scored
+    position, and there is at least one."""
+    import pytest
+
+    assert got and set(got) <= set(range(len(want)))
+    for pos, val in got.items():
+        assert val == pytest.approx(float(want[pos]), rel=tol, abs=tol), pos
+
+
+def first_new_high(got: dict[int, float]) -> tuple[int, float]:
+    """A later position whose score is the first to exceed every earlier one (by 1e-3), and a threshold midway
+    between it and the earlier maximum: a rule at that threshold first trips exactly there."""
+    order = sorted(got)
+    pick = next(p for i, p in enumerate(order) if i and got[p] > max(got[q] for q in order[:i]) + 1e-3)
+    return pick, (got[pick] + max(got[q] for q in order if q < pick)) / 2

@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 from guardrails import GuardedModel, Policy
 from guardrails.core.policy import PolicyError
 from guardrails.engine.hooks import capture, hooks_on
-from tests.builders import qwen_scope_encode, qwen_scope_tensors, write_qwen_scope
+from tests.builders import (
+    assert_onnx_matches_torch,
+    assert_token_scores,
+    first_new_high,
+    qwen_scope_encode,
+    qwen_scope_tensors,
+    write_qwen_scope,
+)
 
 K = 32
 FEATURES = {f: round(0.25 + (f % 7) / 5, 2) * (-1 if f % 5 == 0 else 1) for f in range(0, 160, 3)}
@@ -95,9 +102,7 @@ def test_scan_scores_are_the_standardised_mean_by_hand(lm: Any, tok: Any, tmp_pa
     for text in PROMPTS:
         got = guard.score([text], chat=False)[0].token_scores["ens"]
         want = _by_hand(model, tok, _ids(tok, text), probe, tensors, sae_layer, mode)
-        assert got and set(got) <= set(range(len(want)))
-        for pos, val in got.items():
-            assert val == pytest.approx(float(want[pos]), rel=1e-4, abs=1e-4), pos
+        assert_token_scores(got, want)
     assert hooks_on(model) == 0
 
 
@@ -111,11 +116,8 @@ def test_cached_generation_scores_and_trips_as_a_full_forward(lm: Any, tok: Any,
     want = _by_hand(model, tok, prompt + out.output_ids, probe, tensors)
     got = out.token_scores["ens"]
     assert sorted(got) == list(range(len(prompt), len(prompt) + len(out.output_ids)))
-    for pos, val in got.items():
-        assert val == pytest.approx(float(want[pos]), rel=1e-4, abs=1e-4), pos
-    order = sorted(got)
-    pick = next(p for i, p in enumerate(order) if i and got[p] > max(got[q] for q in order[:i]) + 1e-3)
-    threshold = (got[pick] + max(got[q] for q in order if q < pick)) / 2
+    assert_token_scores(got, want)
+    pick, threshold = first_new_high(got)
     res = GuardedModel(model, tok, _policy(sae, probe, threshold=threshold, scope="output"), chat=False).generate(
         PROMPTS[0], max_new_tokens=10, chat=False)
     assert not isinstance(res, list) and res.blocked
@@ -157,19 +159,8 @@ def test_windowed_input_guard_and_residual_scan(lm: Any, tok: Any, tmp_path: Pat
 
 def test_onnx_export_matches_torch_score(lm: Any, tok: Any, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from guardrails.onnx import PARITY_RTOL, OnnxGuard, export_onnx
-
-    model = lm("llama")
     sae, probe, _ = _files(tmp_path)
-    pol = _policy(sae, probe)
-    report = export_onnx(pol, tmp_path / "out", model=model, tokenizer=tok)
-    assert report.parity is not None and report.parity <= PARITY_RTOL
-    ref = GuardedModel(model, tok, pol).score(PROMPTS, responses=["Mix flour and water.", None])
-    got = OnnxGuard.load(tmp_path / "out").score(PROMPTS, responses=["Mix flour and water.", None])
-    for a, b in zip(got, ref, strict=True):
-        assert set(a.token_scores["ens"]) == set(b.token_scores["ens"])
-        for p, v in b.token_scores["ens"].items():
-            assert abs(a.token_scores["ens"][p] - v) <= PARITY_RTOL * max(1.0, abs(v))
+    assert_onnx_matches_torch(_policy(sae, probe), lm("llama"), tok, tmp_path / "out", PROMPTS, "ens")
 
 
 def test_a_failing_member_follows_on_error(lm: Any, tok: Any, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from guardrails import GuardedModel, Policy
 from guardrails.core.policy import PolicyError
 from guardrails.engine.hooks import capture, hooks_on
+from tests.builders import assert_onnx_matches_torch, assert_token_scores, first_new_high
 
 LAYERS = (0, 1, 2)  # extra_layers [0, 1], the rule decides at layer 2
 PROMPTS = ["How do I bake bread at home?", "Tell me a story about a robot who learns to paint."]
@@ -64,9 +65,7 @@ def test_scan_scores_are_the_sum_over_layers_by_hand(lm: Any, tok: Any, tmp_path
         res = guard.score([text], chat=False)[0]
         want = _by_hand(model, tok, text, w)
         got = res.token_scores["ml"]
-        assert got and set(got) <= set(range(len(want)))
-        for pos, val in got.items():
-            assert val == pytest.approx(float(want[pos]), rel=1e-4, abs=1e-4), pos
+        assert_token_scores(got, want)
     assert hooks_on(model) == 0
 
 
@@ -80,12 +79,8 @@ def test_cached_generation_scores_and_trips_as_a_full_forward(lm: Any, tok: Any,
     want = _by_hand(model, tok, prompt_ids + out.output_ids, w)  # one uncached forward over everything
     got = out.token_scores["ml"]  # one token per cached decode step
     assert sorted(got) == list(range(len(prompt_ids), len(prompt_ids) + len(out.output_ids)))
-    for pos, val in got.items():
-        assert val == pytest.approx(float(want[pos]), rel=1e-4, abs=1e-4), pos
-    # a threshold that a later output token is the first to reach: generation stops exactly there
-    order = sorted(got)
-    pick = next(p for i, p in enumerate(order) if i and got[p] > max(got[q] for q in order[:i]) + 1e-3)
-    threshold = (got[pick] + max(got[q] for q in order if q < pick)) / 2
+    assert_token_scores(got, want)
+    pick, threshold = first_new_high(got)  # generation must stop exactly there
     res = GuardedModel(model, tok, _policy(w, threshold, scope="output"), chat=False).generate(
         PROMPTS[0], max_new_tokens=10, chat=False)
     assert not isinstance(res, list) and res.blocked
@@ -130,19 +125,8 @@ def test_bad_multilayer_detectors_name_the_problem(lm: Any, tok: Any, tmp_path: 
 
 def test_onnx_export_matches_torch_score(lm: Any, tok: Any, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from guardrails.onnx import PARITY_RTOL, OnnxGuard, export_onnx
-
-    model = lm("llama")
     w = _weights(tmp_path / "ml.safetensors")
-    pol = _policy(w)
-    report = export_onnx(pol, tmp_path / "out", model=model, tokenizer=tok, score_mode="watched")
-    assert report.parity is not None and report.parity <= PARITY_RTOL
-    ref = GuardedModel(model, tok, pol).score(PROMPTS, responses=["Mix flour and water.", None])
-    got = OnnxGuard.load(tmp_path / "out").score(PROMPTS, responses=["Mix flour and water.", None])
-    for a, b in zip(got, ref, strict=True):
-        assert set(a.token_scores["ml"]) == set(b.token_scores["ml"])
-        for p, v in b.token_scores["ml"].items():
-            assert abs(a.token_scores["ml"][p] - v) <= PARITY_RTOL * max(1.0, abs(v))
+    assert_onnx_matches_torch(_policy(w), lm("llama"), tok, tmp_path / "out", PROMPTS, "ml", score_mode="watched")
 
 
 def test_a_failing_shallower_term_follows_on_error(lm: Any, tok: Any, tmp_path: Path) -> None:
