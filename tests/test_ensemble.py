@@ -163,12 +163,13 @@ def test_onnx_export_matches_torch_score(lm: Any, tok: Any, tmp_path: Path) -> N
     assert_onnx_matches_torch(_policy(sae, probe), lm("llama"), tok, tmp_path / "out", PROMPTS, "ens")
 
 
-def test_a_failing_member_follows_on_error(lm: Any, tok: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sae_layer", [1, 2], ids=["sae-shallower", "sae-same-layer"])
+def test_a_failing_member_follows_on_error(lm: Any, tok: Any, tmp_path: Path, sae_layer: int) -> None:
     """The ensemble must not score from its probe alone when its SAE member fails: on_error (block) applies,
     and the decision names the ensemble rule, not the member."""
     model = lm("llama")
-    sae, probe, _ = _files(tmp_path)
-    guard = GuardedModel(model, tok, _policy(sae, probe), chat=False, score_mode="watched")
+    sae, probe, _ = _files(tmp_path, sae_layer)
+    guard = GuardedModel(model, tok, _policy(sae, probe, sae_layer=sae_layer), chat=False, score_mode="watched")
     member = next(sc for sc in guard.compiled.scorers.values() if any(h.carry for h in sc.heads))
     assert member.encoder is not None
     member.encoder.W = torch.zeros(3, 7)  # wrong width: the encode raises

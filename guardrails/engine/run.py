@@ -193,13 +193,11 @@ class GuardRun:
                 raw[..., h_i] += part.to(raw.device, raw.dtype)
             self._carry_members(scorer, raw)
         except Exception as exc:
-            if any(h.carry is not None for h in scorer.heads):  # the ensemble a member feeds cannot score either
-                self._feed_error = exc
-                for h in scorer.heads:
-                    if h.carry is not None and h.carry[0] not in self._carry:
-                        self._carry[h.carry[0]] = torch.zeros(B, T, device=dev)
-            else:
-                self._feed_error = None
+            here = {h.rule.id for h in scorer.heads if h.carry is None}
+            deeper = {h.carry[0] for h in scorer.heads if h.carry is not None and h.carry[0] not in here}
+            self._feed_error = exc if deeper else None  # an ensemble a member here feeds cannot score either
+            for target in deeper:
+                self._carry.setdefault(target, torch.zeros(B, T, device=dev))
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
