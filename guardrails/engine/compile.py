@@ -33,6 +33,7 @@ from guardrails.core.policy import (
     SAEFeaturesDetector,
     detector_offset,
     detector_parts,
+    parts_where,
     regular_file,
 )
 from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
@@ -275,7 +276,8 @@ def _load_linear(policy: Policy, hidden: int) -> tuple[dict[str, tuple[Tensor, T
             continue
         at = rule_layer(policy, rule)
         weight, bias = torch.zeros(hidden), torch.tensor(detector_offset(rule.detector))
-        for where, (scale, det) in zip(_part_paths(i, rule.detector), detector_parts(rule.detector), strict=True):
+        parts = zip(parts_where(f"rules[{i}].detector", rule.detector), detector_parts(rule.detector), strict=True)
+        for (where, det), (scale, _) in parts:
             if not isinstance(det, LinearDetector):
                 continue
             w, b, extra = _read_probe(policy, det, where, hidden)
@@ -288,12 +290,6 @@ def _load_linear(policy: Policy, hidden: int) -> tuple[dict[str, tuple[Tensor, T
         out[rule.id] = (weight, bias)
     feeds = {layer: Feed(tuple(r for r, _ in v), torch.stack([x for _, x in v])) for layer, v in fed_rows.items()}
     return out, feeds
-
-
-def _part_paths(i: int, det: Any) -> list[str]:
-    if isinstance(det, EnsembleDetector):
-        return [f"rules[{i}].detector.members[{j}].detector" for j in range(len(det.members))]
-    return [f"rules[{i}].detector"]
 
 
 def _read_probe(

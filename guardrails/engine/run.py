@@ -124,7 +124,13 @@ class GuardRun:
         self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
                             + [i for i, h in enumerate(s.heads) if h.rule.gate is not None and h.carry is None]
                             for layer, s in self.scorers.items()}
-        self._sae_fed = {h.carry[0] for sc in self.scorers.values() for h in sc.heads if h.carry is not None}
+        # per layer, the ensembles' SAE members scored there: (head, the ensemble's head here or None, its id, scale)
+        self._carries: dict[int, list[tuple[int, int | None, str, float]]] = {}
+        for layer, sc in self.scorers.items():
+            here = {h.rule.id: i for i, h in enumerate(sc.heads) if h.carry is None}
+            self._carries[layer] = [(i, here.get(h.carry[0]), *h.carry) for i, h in enumerate(sc.heads)
+                                    if h.carry is not None]
+        self._sae_fed = {c[2] for cs in self._carries.values() for c in cs}
         """Ensemble rules with an SAE member (their decisions list that member's top features)."""
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         # rule id -> place in scoring order (layer, then policy order): ties at one position resolve so
@@ -191,10 +197,9 @@ class GuardRun:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
             for h_i, part in carried.items():  # multi-layer linear rules: add their shallower layers' terms
                 raw[..., h_i] += part.to(raw.device, raw.dtype)
-            self._carry_members(scorer, raw)
+            self._carry_members(layer, raw)
         except Exception as exc:
-            here = {h.rule.id for h in scorer.heads if h.carry is None}
-            deeper = {h.carry[0] for h in scorer.heads if h.carry is not None and h.carry[0] not in here}
+            deeper = {target for _, j, target, _ in self._carries[layer] if j is None}
             self._feed_error = exc if deeper else None  # an ensemble a member here feeds cannot score either
             for target in deeper:
                 self._carry.setdefault(target, torch.zeros(B, T, device=dev))
@@ -241,17 +246,13 @@ class GuardRun:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
 
-    def _carry_members(self, scorer: LayerScorer, raw: Tensor) -> None:
+    def _carry_members(self, layer: int, raw: Tensor) -> None:
         """Ensembles' SAE members scored at this layer: each one's scaled token score added to its ensemble's
         column here, or kept for the ensemble's deeper layer (as a multi-layer probe's terms are)."""
-        here = {h.rule.id: i for i, h in enumerate(scorer.heads) if h.carry is None}
-        for h_i, head in enumerate(scorer.heads):
-            if head.carry is None:
-                continue
-            target, scale = head.carry
+        for h_i, j, target, scale in self._carries[layer]:
             term = raw[..., h_i] * scale
-            if target in here:
-                raw[..., here[target]] += term
+            if j is not None:
+                raw[..., j] += term
             else:
                 prev = self._carry.get(target)
                 self._carry[target] = term if prev is None else prev + term
