@@ -178,6 +178,51 @@ def test_load_labeled_errors(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match="mix"):
         load_labeled(_write(tmp_path / "mix.jsonl", [{"text": "a", "label": 0},
                                                      {"prompt": "b", "response": "c", "label": 1}]))
+    with pytest.raises(CalibrationError, match=r"no_label.jsonl:1: expected 'label'.*\['prompt'\]"):
+        load_labeled(_write(tmp_path / "no_label.jsonl", [{"prompt": "a"}]))
+    with pytest.raises(CalibrationError, match=r"word.jsonl:1: label must be 0 or 1 \(or true/false, harmful/benign"):
+        load_labeled(_write(tmp_path / "word.jsonl", [{"text": "a", "label": "maybe"}]))
+    with pytest.raises(CalibrationError, match=r"empty.jsonl:2: 'text' must be a non-empty string"):
+        load_labeled(_write(tmp_path / "empty.jsonl", [{"text": "a", "label": 0}, {"text": " ", "label": 1}]))
+    (tmp_path / "bad.csv").write_text('text,label\n"a,0\n')
+    with pytest.raises(CalibrationError, match=r"bad.csv:2: the row has 1 fields, the header 2"):
+        load_labeled(tmp_path / "bad.csv")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(CalibrationError, match=r"latin.jsonl: not UTF-8"):
+        load_labeled(tmp_path / "latin.jsonl")
+
+
+def test_load_labeled_forms(tmp_path: Path) -> None:
+    """A prompt-only file may name its text 'prompt'; labels may be words; CSV reads like JSONL."""
+    from guardrails.offline.calibrate import CalibrationError
+
+    rows = [{"prompt": "How do I bake bread?", "label": "benign"}, {"prompt": "Hurt someone", "label": "Harmful"},
+            {"prompt": "x", "label": True}, {"prompt": "y", "label": "0"}]
+    d = load_labeled(_write(tmp_path / "p.jsonl", rows))
+    assert d.texts[:2] == ["How do I bake bread?", "Hurt someone"] and d.responses is None
+    assert d.labels.tolist() == [0, 1, 1, 0]
+    (tmp_path / "d.csv").write_text('text,label,source,category\n"Bake, then cool",safe,s1,\n'
+                                    'Make a weapon,unsafe,s2,weapons\n\n', encoding="utf-8")
+    (tmp_path / "extra.csv").write_text("text,label\nBake, then cool,0\n")
+    with pytest.raises(CalibrationError, match=r"extra.csv:2: the row has 3 fields, the header 2"):
+        load_labeled(tmp_path / "extra.csv")
+    c = load_labeled(tmp_path / "d.csv")
+    assert c.texts == ["Bake, then cool", "Make a weapon"] and c.labels.tolist() == [0, 1]
+    assert c.sources == ["s1", "s2"] and c.categories == ["-", "weapons"]
+    (tmp_path / "r.csv").write_text("prompt,response,label\nHi,Hello there,0\nHow?,Sure: step one,1\n")
+    r = load_labeled(tmp_path / "r.csv")
+    assert r.responses == ["Hello there", "Sure: step one"] and r.labels.tolist() == [0, 1]
+
+
+def test_split_files_csv(tmp_path: Path) -> None:
+    from guardrails.cli.session import split_files
+
+    for s in ("train", "cal"):
+        (tmp_path / f"mine.{s}.csv").write_text("text,label\na,0\n")
+    assert set(split_files(str(tmp_path / "mine"))) == {"train", "cal"}
+    assert set(split_files(str(tmp_path / "mine.cal.csv"))) == {"file", "train", "cal"}
+    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv\)"):
+        split_files(str(tmp_path / "other"))
 
 
 # -- the CLI on a saved tiny model ----------------------------------------------------------------------------

@@ -76,21 +76,28 @@ def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledDat
             "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
 
 
+SPLIT_SUFFIXES = (".jsonl", ".csv")
+"""File endings of labeled data files (JSONL or CSV)."""
+
+
 def split_files(data: str) -> dict[str, Path]:
-    """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix."""
+    """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix (``<prefix>.train.jsonl`` ...,
+    or ``.csv``)."""
     p = Path(data)
     if p.is_file():
-        out = {"file": p}
+        out: dict[str, Path] = {"file": p}
         for split in ("train", "cal", "test"):
-            if p.name.endswith(f".{split}.jsonl"):
-                base = p.name[: -len(f".{split}.jsonl")]
-                out.update({s: p.with_name(f"{base}.{s}.jsonl") for s in ("train", "cal", "test")
-                            if p.with_name(f"{base}.{s}.jsonl").is_file()})
+            for ext in SPLIT_SUFFIXES:
+                if p.name.endswith(f".{split}{ext}"):
+                    base = p.name[: -len(f".{split}{ext}")]
+                    out.update({s: p.with_name(f"{base}.{s}{ext}") for s in ("train", "cal", "test")
+                                if p.with_name(f"{base}.{s}{ext}").is_file()})
         return out
-    found = {s: Path(f"{data}.{s}.jsonl") for s in ("train", "cal", "test") if Path(f"{data}.{s}.jsonl").is_file()}
-    if not found:
-        raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl")
-    return found
+    for ext in SPLIT_SUFFIXES:
+        found = {s: Path(f"{data}.{s}{ext}") for s in ("train", "cal", "test") if Path(f"{data}.{s}{ext}").is_file()}
+        if found:
+            return found
+    raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl (or .csv)")
 
 
 def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:

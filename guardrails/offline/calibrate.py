@@ -7,8 +7,10 @@ The score a threshold is fitted on is the score serving computes: the residuals 
 (checked by :func:`check_against_serving`). Residuals are cached on disk per layer
 (:mod:`guardrails.offline.residuals`), so recalibrating is instant.
 
-Data files are JSONL: ``{"text", "label"}`` (input rules read ``text`` as the user prompt; output
-rules read it as the reply to :data:`CONTINUE_PROMPT`), or ``{"prompt", "response", "label"}``.
+Data files are JSONL (or CSV with the same column names): ``{"text", "label"}`` (``prompt`` may stand for
+``text``; input rules read it as the user prompt, output rules as the reply to :data:`CONTINUE_PROMPT`), or
+``{"prompt", "response", "label"}``. Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`;
+optional ``source`` and ``category`` fields feed the per-source and per-category reports.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ MAX_TOKENS = 1024
 """Tokens per row at most (prompt + response); longer rows are cut, as collect_residuals does."""
 
 Scope = Literal["input", "output"]
+
+LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
+"""Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
 
 
 class CalibrationError(GuardrailsError, ValueError):
@@ -82,7 +87,7 @@ class LabeledData:
 def load_labeled(
     path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None
 ) -> LabeledData:
-    """Read a labeled JSONL file.
+    """Read a labeled JSONL or CSV file (fields: see the module docstring).
 
     ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
     cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
@@ -98,34 +103,27 @@ def load_labeled(
     sources: list[str] = []
     categories: list[str] = []
     has_resp: bool | None = None
-    for n, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{p}:{n}: not JSON: {exc}") from None
-        if not isinstance(row, dict) or "label" not in row:
-            raise CalibrationError(f"{p}:{n}: expected an object with 'label' and 'text' or 'prompt'+'response'")
+    for n, row in _read_rows(p, raw):
+        if "label" not in row:
+            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt'), or 'prompt', 'response' "
+                                   f"and 'label'; the row has {sorted(row)}")
         this_resp = "response" in row
         if has_resp is None:
             has_resp = this_resp
         elif has_resp != this_resp:
             raise CalibrationError(f"{p}:{n}: rows mix 'text' and 'prompt'/'response' forms")
-        text = row.get("prompt" if this_resp else "text")
+        key = "prompt" if this_resp or "text" not in row else "text"
+        text = row.get(key)
         if not isinstance(text, str) or not text.strip():
-            raise CalibrationError(f"{p}:{n}: {'prompt' if this_resp else 'text'} must be a non-empty string")
-        label = row["label"]
-        if label not in (0, 1, True, False):
-            raise CalibrationError(f"{p}:{n}: label must be 0 or 1, got {label!r}")
+            raise CalibrationError(f"{p}:{n}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
         texts.append(text)
         resp = str(row.get("response") or "")
         if max_response_chars is not None and len(resp) > max_response_chars:
             resp = resp[:max_response_chars].rsplit(" ", 1)[0]
         responses.append(resp)
-        labels.append(int(label))
-        sources.append(str(row.get("source", "")))
-        categories.append(str(row["category"]) if row.get("category") is not None else "-")
+        labels.append(_label(row["label"], f"{p}:{n}"))
+        sources.append(str(row.get("source") or ""))
+        categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
     if not texts:
         raise CalibrationError(f"{p}: no rows")
     digest = hashlib.sha256(raw).hexdigest()
@@ -143,6 +141,54 @@ def load_labeled(
             keep += sorted(rng.choice(ids, size=min(len(ids), max(n_keep, 1)), replace=False).tolist())
         data = data.select(sorted(keep))
     return data
+
+
+def _read_rows(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a JSONL file, or of a CSV file (``.csv``: a header row, then one row per line)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{p}: not UTF-8 text ({exc})") from None
+    if p.suffix.lower() == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows: list[tuple[int, dict[str, Any]]] = []
+        try:
+            for r in reader:
+                if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
+                    continue  # a blank line
+                if None in r.values() or None in r:  # fewer fields than the header, or more
+                    n_fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                    raise CalibrationError(f"{p}:{reader.line_num}: the row has {n_fields} fields, the header "
+                                           f"{len(reader.fieldnames or [])} (an unquoted comma?)")
+                rows.append((reader.line_num, dict(r)))
+        except csv.Error as exc:
+            raise CalibrationError(f"{p}:{reader.line_num}: not CSV: {exc}") from None
+        return rows
+    out: list[tuple[int, dict[str, Any]]] = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{p}:{n}: not JSON: {exc} (data files are JSONL, or CSV named *.csv)") from None
+        if not isinstance(row, dict):
+            raise CalibrationError(f"{p}:{n}: expected a JSON object with 'label' and 'text' (or 'prompt', 'response')")
+        out.append((n, row))
+    return out
+
+
+def _label(value: Any, where: str) -> int:
+    """0/1 from a row's label: 0/1, true/false, or a word of :data:`LABEL_WORDS`."""
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise CalibrationError(f"{where}: label must be 0 or 1 (or true/false, {'/'.join(list(LABEL_WORDS)[4:])}), "
+                           f"got {value!r}")
 
 
 def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[str], list[str] | None]:
