@@ -27,6 +27,7 @@ from guardrails.core.semantics import (
     threshold_of,
 )
 from guardrails.engine import escalation
+from guardrails.engine.carry import Carry
 from guardrails.engine.escalation import PendingJudge
 from guardrails.engine.gates import Gates
 from guardrails.engine.policy_steering import PlannedSteer, SteerState, uses_plan
@@ -103,8 +104,6 @@ class GuardRun:
     pending_judges: list[PendingJudge] = field(default_factory=list)
     """Cascade band hits of this forward, waiting for the judge (:mod:`guardrails.engine.escalation`)."""
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
-    _carry: dict[str, Tensor] = field(default_factory=dict)
-    _feed_error: Exception | None = None
 
     def __post_init__(self) -> None:
         self.blocked_at = [None] * self.batch
@@ -124,14 +123,7 @@ class GuardRun:
         self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
                             + [i for i, h in enumerate(s.heads) if h.rule.gate is not None and h.carry is None]
                             for layer, s in self.scorers.items()}
-        # per layer, the ensembles' SAE members scored there: (head, the ensemble's head here or None, its id, scale)
-        self._carries: dict[int, list[tuple[int, int | None, str, float]]] = {}
-        for layer, sc in self.scorers.items():
-            here = {h.rule.id: i for i, h in enumerate(sc.heads) if h.carry is None}
-            self._carries[layer] = [(i, here.get(h.carry[0]), *h.carry) for i, h in enumerate(sc.heads)
-                                    if h.carry is not None]
-        self._sae_fed = {c[2] for cs in self._carries.values() for c in cs}
-        """Ensemble rules with an SAE member (their decisions list that member's top features)."""
+        self._carry = Carry(self.scorers, self.feeds)  # cross-layer terms (multi-layer probes, ensembles)
         order = sorted(range(len(self.policy.rules)), key=lambda i: (rule_layer(self.policy, self.policy.rules[i]), i))
         # rule id -> place in scoring order (layer, then policy order): ties at one position resolve so
         self.rule_rank = {self.policy.rules[i].id: n for n, i in enumerate(order)}
@@ -162,9 +154,7 @@ class GuardRun:
         ctx = self.ctx
         if ctx is None:
             return None
-        feed = self.feeds.get(layer)
-        if feed is not None:
-            self._feed(feed, hidden)
+        self._carry.feed(layer, hidden)
         if layer not in self.scorers:  # a layer only steered (steering plan) or feeding a deeper rule
             return self._steer_planned(layer, hidden, None)
         self.seen_layers.add(layer)
@@ -175,10 +165,7 @@ class GuardRun:
         is_output = ctx.is_output.to(dev)[:, -T:]
         positions = ctx.positions.to(dev)[:, -T:]
         try:
-            carried = {h_i: self._carry.pop(h.rule.id) for h_i, h in enumerate(scorer.heads)
-                       if h.rule.id in self._carry}
-            if carried and self._feed_error is not None:  # a shallower term of a rule here could not be computed
-                raise self._feed_error
+            carried = self._carry.take(scorer)  # raises when a shallower term of a rule here failed
             if bool(score_mask.all()):  # decode steps: every row's one new token (no gather/scatter)
                 feats_all = scorer.feature_matrix(hidden)
                 check_finite(feats_all, f"layer {layer} feature activations")  # NaN/inf in x propagates here
@@ -197,12 +184,9 @@ class GuardRun:
                 raw = torch.full((B, T, len(scorer.heads)), float("nan"), device=dev)
             for h_i, part in carried.items():  # multi-layer linear rules: add their shallower layers' terms
                 raw[..., h_i] += part.to(raw.device, raw.dtype)
-            self._carry_members(layer, raw)
+            self._carry.add_members(layer, raw)
         except Exception as exc:
-            deeper = {target for _, j, target, _ in self._carries[layer] if j is None}
-            self._feed_error = exc if deeper else None  # an ensemble a member here feeds cannot score either
-            for target in deeper:
-                self._carry.setdefault(target, torch.zeros(B, T, device=dev))
+            self._carry.failed(layer, exc, (B, T), dev)
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
@@ -246,31 +230,6 @@ class GuardRun:
             return None
         return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:])
 
-    def _carry_members(self, layer: int, raw: Tensor) -> None:
-        """Ensembles' SAE members scored at this layer: each one's scaled token score added to its ensemble's
-        column here, or kept for the ensemble's deeper layer (as a multi-layer probe's terms are)."""
-        for h_i, j, target, scale in self._carries[layer]:
-            term = raw[..., h_i] * scale
-            if j is not None:
-                raw[..., j] += term
-            else:
-                prev = self._carry.get(target)
-                self._carry[target] = term if prev is None else prev + term
-
-    def _feed(self, feed: Any, hidden: Tensor) -> None:
-        """Token terms ``x_l · w_l`` of the multi-layer rules fed by this layer, kept for their own layer (a
-        failure is kept too: the rule's layer then follows on_error instead of scoring without this term)."""
-        try:
-            part = hidden.float() @ feed.weight.to(hidden.device).T  # [B, T, n_rules_fed]
-            check_finite(part, "multi-layer probe term")
-        except Exception as exc:
-            self._feed_error = exc
-            part = None
-        for j, rid in enumerate(feed.rule_ids):
-            term = part[..., j] if part is not None else torch.zeros(hidden.shape[:2], device=hidden.device)
-            prev = self._carry.get(rid)
-            self._carry[rid] = term if prev is None else prev + term
-
     def token_features(self, b: int) -> dict[int, list[tuple[int, float]]]:
         """Top SAE features (id, activation) at each scored position of sequence ``b`` (built lazily)."""
         out: dict[int, list[tuple[int, float]]] = {}
@@ -289,7 +248,6 @@ class GuardRun:
         ctx = self.ctx
         self._carry.clear()  # terms of a forward that never reached their rule's layer (a cut forward)
         self._gates.end_forward()
-        self._feed_error = None
         if ctx is not None:
             for layer, scorer in self.scorers.items():
                 if layer not in self.seen_layers and bool(ctx.score_mask.any()):
@@ -348,7 +306,7 @@ class GuardRun:
             return  # latched: first firing recorded; steering already on
         st.fired[b] = True
         top = tuple(scorer.top_features(hidden[b, t].detach()))
-        if not top and self.record_trace and rule.id in self._sae_fed:
+        if not top and self.record_trace and rule.id in self._carry.sae_fed:
             # an ensemble deciding at a layer without an SAE: the top features its SAE member saw at this token
             top = tuple(self.token_features(b).get(pos, []))
         d = Decision(
