@@ -402,3 +402,56 @@ def test_record_names_the_sources_held_out_of_the_train_split(tmp_path: Path) ->
     assert got["sources_held_out"] == ["c", "d"]
     assert got["train_data"]["sha256"] == hashlib.sha256(files["train"].read_bytes()).hexdigest()
     assert _split_provenance({"file": files["cal"]}, cal, None) == {}
+
+
+def test_cli_calibrate_one_rule_keeps_the_others_provenance(saved_tiny, monkeypatch) -> None:
+    """Calibrating one rule of two leaves the other's calibration entry and record entry in place; the policy's
+    header and entries name the record actually written."""
+    t = saved_tiny
+    monkeypatch.chdir(t["tmp"])
+    pol = yaml.safe_load(t["policy"].read_text())
+    pol["rules"].append({**pol["rules"][0], "id": "r2", "detector": {**pol["rules"][0]["detector"], "features": [4]}})
+    two = t["tmp"] / "two.yaml"
+    two.write_text(yaml.safe_dump(pol))
+    base = ["--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1", "--model", str(t["model"]), "--no-test"]
+    assert _cli(["calibrate", "--policy", str(two), *base]).exit_code == 0
+    first = Policy.from_path(two)
+    assert set(first.calibration or {}) == {"r", "r2"}
+    assert two.read_text().splitlines()[0].endswith("see two.record.json")
+    assert all(e["record"] == "two.record.json" for e in (first.calibration or {}).values())
+    res = _cli(["calibrate", "--policy", str(two), *base, "--rule", "r2", "--target-fpr", "0.3"])
+    assert res.exit_code == 0, res.output
+    second = Policy.from_path(two)
+    assert (second.calibration or {})["r"] == (first.calibration or {})["r"]  # untouched
+    rec = json.loads((t["tmp"] / "two.record.json").read_text())
+    assert set(rec["rules"]) == {"r", "r2"} and rec["rules"]["r"]["threshold"] == second.rules[0].threshold
+    assert rec["rules"]["r2"]["threshold"] == second.rules[1].threshold == (second.calibration or {})["r2"]["threshold"]
+    assert _cli(["calibrate", "--policy", str(two), *base, "--rule", "r", "--no-record"]).exit_code == 0
+    assert two.read_text().splitlines()[0].endswith("no calibration record written")
+    assert "record" not in (Policy.from_path(two).calibration or {})["r"]
+
+
+def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:
+    """A draft remembers the rows its features were chosen on; calibrating (or evaluating) it on those very rows
+    says the numbers are in-sample, and on a split prefix it does not."""
+    t = saved_tiny
+    one = t["tmp"] / "mine.jsonl"  # one file, no splits
+    one.write_bytes((t["tmp"] / "toy.train.jsonl").read_bytes())
+    draft = t["tmp"] / "draft.yaml"
+    res = _cli(["discover", "--data", str(one), "--layer", "1", "--sae", str(t["tmp"] / "sae"), "--model",
+                str(t["model"]), "--out", str(draft), "--json"])
+    assert res.exit_code == 0, res.output
+    sha = load_labeled(one).sha256
+    assert yaml.safe_load(draft.read_text())["calibration"]["discovered"]["features_from"]["sha256"] == sha
+    res = _cli(["calibrate", "--policy", str(draft), "--data", str(one), "--target-fpr", "0.1", "--model",
+                str(t["model"]), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert any("chosen by `guardrails discover` on these same rows" in w for w in rep["warnings"])
+    assert (Policy.from_path(draft).calibration or {})["discovered"]["features_from"]["sha256"] == sha
+    res = _cli(["eval", "--policy", str(draft), "--data", str(one), "--json", "--model", str(t["model"])])
+    assert json.loads(res.stdout.strip().splitlines()[-1])["in_sample"] == ["discovered"]
+    res = _cli(["calibrate", "--policy", str(draft), "--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1",
+                "--model", str(t["model"]), "--json", "--no-test"])
+    assert res.exit_code == 0, res.output
+    assert "warnings" not in json.loads(res.stdout.strip().splitlines()[-1])

@@ -54,7 +54,9 @@ def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "b
     if feats:  # draft threshold: a max-pooled sum at the target FPR on the same data (calibrate to replace it)
         rule["threshold"] = round(fit_threshold(pooled[:, feats].sum(1), data.labels, target_fpr=target_fpr), 4)
     policy = {"name": f"draft-{Path(data.path).stem}", "model": session.model_name,
-              "saes": {"main": {"path": sae_ref, "layer": layer}}, "rules": [rule]}
+              "saes": {"main": {"path": sae_ref, "layer": layer}}, "rules": [rule],
+              # calibrate warns when it fits the threshold on the rows the features were chosen on
+              "calibration": {rule["id"]: {"features_from": {"data": data.path, "sha256": data.sha256}}}}
     return {"data": data.path, "rows": len(data), "scope": sc, "layer": layer,
             "features": [{**s.__dict__, "mean_diff": s.mean_diff, "examples": ex.get(s.feature, [])} for s in stats],
             "policy": policy}
@@ -96,9 +98,18 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
     new_rules = {r.id: r for r in policy.rules}
     report: dict[str, Any] = {"policy": policy.name, "rules": {}}
+    warnings: list[str] = []
     if fit_weights and "train" not in files:
-        report["warnings"] = [f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
-                              "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones"]
+        warnings.append(f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
+                        "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones")
+    for r in rules:
+        source = _features_from(policy, r.id)
+        if source and source.get("sha256") == cal.sha256:
+            warnings.append(f"rule {r.id!r}: its features were chosen by `guardrails discover` on these same rows "
+                            f"({source.get('data')}), so the cal metrics are in-sample; give a split prefix "
+                            "(discover reads its train split, calibrate its cal split)")
+    if warnings:
+        report["warnings"] = warnings
     test_data = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
         if "test" in files and evaluate_test else None
     splits = _split_provenance(files, cal, test_data)
@@ -194,25 +205,62 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                                          "max_response_chars": max_response_chars,
                                                          "limit": limit, "train_limit": train_limit, **splits})
         report["rules"][rule.id] = record
-    summary = {rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
-                     "record": f"calibration/records/{policy.name}.json"} for rid, r in report["rules"].items()}
-    policy = policy.model_copy(update={"calibration": summary})
-    out_path = Path(out or policy_path)
-    text = _header(policy) + policy.to_yaml()
-    Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
-    out_path.write_text(text, encoding="utf-8")
     if record_path is None and record_dir is not None:
         record_path = record_dir / f"{policy.name}.json"
+    shown = _shown(record_path) if record_path is not None else None
+    # rules not calibrated now keep their entries (in the policy and in the record they were written to)
+    ids = {r.id for r in policy.rules}
+    kept = {rid: e for rid, e in (policy.calibration or {}).items() if rid in ids and rid not in report["rules"]}
+    summary = {**kept, **{rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
+                                **({"record": shown} if shown else {}),
+                                **({"features_from": f} if (f := _features_from(policy, rid)) else {})}
+                          for rid, r in report["rules"].items()}}
+    policy = policy.model_copy(update={"calibration": summary or None})
+    out_path = Path(out or policy_path)
+    text = _header(policy, shown) + policy.to_yaml()
+    Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
+    out_path.write_text(text, encoding="utf-8")
     if record_path is not None:
+        full = {"policy": policy.name, "rules": {**_earlier_records(record_path, policy.name, set(kept)),
+                                                 **report["rules"]}}
+        full.update({k: v for k, v in report.items() if k not in full})
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        record_path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         report["record"] = str(record_path)
     report["out"] = str(out_path)
     return report
 
 
-def _header(policy: Any) -> str:
-    return (f"# {policy.name}: calibrated with `guardrails calibrate`; see calibration/records/{policy.name}.json\n")
+def _header(policy: Any, record: str | None) -> str:
+    return (f"# {policy.name}: calibrated with `guardrails calibrate`; "
+            + (f"see {record}\n" if record else "no calibration record written\n"))
+
+
+def _features_from(policy: Any, rule_id: str) -> dict[str, Any] | None:
+    """Where ``guardrails discover`` chose a rule's features (``{"data", "sha256"}``), as its draft recorded."""
+    entry = (policy.calibration or {}).get(rule_id)
+    got = entry.get("features_from") if isinstance(entry, dict) else None
+    return got if isinstance(got, dict) else None
+
+
+def _shown(path: Path) -> str:
+    """A record's path as a policy names it: relative to the working directory when under it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[str, Any]:
+    """The entries of ``rule_ids`` in an existing record of the same policy at ``path`` (rules not calibrated
+    this time keep their provenance); nothing when the file is absent, unreadable or another policy's."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("policy") != policy_name or not isinstance(old.get("rules"), dict):
+        return {}
+    return {rid: e for rid, e in old["rules"].items() if rid in rule_ids}
 
 
 # -- the commands --------------------------------------------------------------------------------------------

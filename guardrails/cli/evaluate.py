@@ -49,7 +49,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
-    fitted_here = sorted(rid for rid, e in (policy.calibration or {}).items() if e.get("data_sha256") == data.sha256)
+    fitted_here = sorted(rid for rid, e in (policy.calibration or {}).items() if isinstance(e, dict) and data.sha256 in
+                         (e.get("data_sha256"), (e.get("features_from") or {}).get("sha256")))
     if fitted_here:  # the thresholds were fitted on these very rows
         out["in_sample"] = fitted_here
     if intervals:
@@ -121,8 +122,9 @@ def register(app: typer.Typer) -> None:
                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
         console.print(t)
         if res.get("in_sample"):
-            console.print(f"[yellow]warning[/]: the thresholds of {', '.join(res['in_sample'])} were fitted on this "
-                          "file (same sha256): these numbers are in-sample; evaluate on rows the policy never saw")
+            console.print(f"[yellow]warning[/]: the thresholds (or features) of {', '.join(res['in_sample'])} were "
+                          "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
+                          "policy never saw")
         if "cascade" in res:
             console.print(res["cascade"]["summary"])
         for field_name in by or []:
