@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--resample-seed", type=int, default=None,
                     help="sae: refit on a bootstrap of the train rows (Poisson(1) row weights, this seed) to "
                          "measure how much the fitted rule varies; use with --sae-out")
+    ap.add_argument("--sae-positive", action="store_true",
+                    help="sae (maxwin objective): non-negative feature weights (maxwin.fit_sae positive=True)")
     ap.add_argument("--sae-out", default=None, help="sae: write the policy here instead of policies/")
     args = ap.parse_args()
     sets = [Set(n) for n in TRAIN_SETS]
@@ -140,8 +142,10 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
         codes = [s.sae_codes(sae, tag) for s in sets]
         offsets = np.concatenate([[0]] + [np.diff(s.offsets) for s in sets]).cumsum()
         wt, b = maxwin.fit_sae(np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes]),
-                               offsets, y, w, sae.d_sae, window=args.sae_window, n_features=args.sae_n)
-        how = (f"sparse SAE probe, {args.sae_n} features, fitted on the served max-of-rolling-means row score "
+                               offsets, y, w, sae.d_sae, window=args.sae_window, n_features=args.sae_n,
+                               positive=args.sae_positive)
+        sign = " with non-negative weights" if args.sae_positive else ""
+        how = (f"sparse SAE probe, {args.sae_n} features{sign}, fitted on the served max-of-rolling-means row score "
                "(L1 selection, then refit)")
     elif args.sae_kind == "sparse":
         wt, b = fit_sparse_sae(F, y, w, args.sae_n)

@@ -122,10 +122,13 @@ def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, win
 
 
 def fit_sae(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, d_sae: int, *,
-            window: int, n_features: int, l1: float = 3e-3, steps: int = 150) -> tuple[np.ndarray, float]:
+            window: int, n_features: int, l1: float = 3e-3, steps: int = 150,
+            positive: bool = False) -> tuple[np.ndarray, float]:
     """The same objective over TopK SAE codes (token score = sum of weight x activation of its active
     features + bias): Adam with an L1 penalty on standardised weights selects features, the ``n_features``
-    largest are kept and refitted (L-BFGS, small L2). Returns dense raw-unit weights [d_sae] and the bias."""
+    largest are kept and refitted (L-BFGS, small L2). ``positive``: weights kept >= 0 (projected Adam in
+    both stages), so no feature of a benign *form* (a question's "How do I") can pull a score down; measured
+    worse (``variants.py``). Returns dense raw-unit weights [d_sae] and the bias."""
     vt = torch.from_numpy(v.astype(np.float32))
     it = torch.from_numpy(ids.astype(np.int64))
     n = float(len(v))
@@ -149,11 +152,24 @@ def fit_sae(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, 
         loss = loss_of(beta, b) + l1 * beta.abs().sum()
         loss.backward()
         opt.step()
+        if positive:
+            with torch.no_grad():
+                beta.clamp_(min=0)
     keep = torch.argsort(-beta.detach().abs())[:n_features]
     mask = torch.zeros(d_sae)
     mask[keep] = 1.0
     beta2 = (beta.detach() * mask).requires_grad_(True)
     b2 = b.detach().clone().requires_grad_(True)
+    if positive:
+        opt2 = torch.optim.Adam([beta2, b2], lr=0.02)
+        for _ in range(2 * steps):
+            opt2.zero_grad()
+            loss = loss_of(beta2 * mask, b2) + 1e-3 * (beta2 * mask).pow(2).sum()
+            loss.backward()
+            opt2.step()
+            with torch.no_grad():
+                beta2.clamp_(min=0)
+        return ((beta2.detach() * mask) / sd).numpy(), float(b2.detach()[0])
     lb = torch.optim.LBFGS([beta2, b2], lr=1.0, max_iter=60, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Cheap variants of the shipped request detectors aimed at short prompts, scored on the held-out sets.
+
+Each variant's threshold is its 3% FPR point on the cal split's benign rows (as ``guardrails calibrate
+--target-fpr 0.03`` fits the shipped ones); every other column is held out (``heldout.py``'s sets). The
+variants, none of which needs new data:
+
+- ``window``: the shipped detectors with a shorter window (fewer template and "How do I" tokens averaged in);
+- ``last-token``: logistic probes on the last (1 or 3) scored prompt tokens, the post-instruction
+  positions ("\\n", "assistant", "\\n") where refusal work reads harmfulness, fitted on the train split;
+- ``position``: the window score minus ``a * log(tokens so far)`` (the threshold rising with the number of
+  windows a prompt has; streaming-compatible);
+- ``union``: row scores combined after standardising each on the cal benign rows (max or mean);
+- ``--sae`` adds SAE-rule policies fitted elsewhere (e.g. ``fit_shipped.py --only sae ... --sae-positive
+  --sae-out /tmp/sae_pos.yaml``: non-negative feature weights).
+
+Columns: AUROC / blocked on the four held-out harmful sources (against the held-out benign rows), the blind
+hand-written harmful (AUROC against their contrasts) / blocked / contrasts blocked, test-split prompts under
+8 words (AUROC / harmful blocked), past tense (AUROC / blocked), future blocked, over-refusal, held-out
+benign, walledeval-wrapped harmful / benign, in-the-wild jailbreaks blocked.
+
+    SELECTION_DTYPE=float32 python calibration/selection/variants.py [--sae extra.yaml ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from heldout import BLIND, HELD_OUT_HARMFUL, Scorer  # noqa: E402
+from select_detectors import Set, auroc, windowed_max  # noqa: E402
+
+SETS = ("requests.train", "requests.cal", "requests.test", "over_refusal", "reserved_past", "reserved_future",
+        "wrapped.test", "reserved_inthewild_jailbreaks")
+RowFn = Callable[[str], np.ndarray]
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.sets = {n: Set(n) for n in SETS}
+
+    def line(self, label: str, f: RowFn) -> str:
+        s = self.sets
+        te, cal = s["requests.test"], s["requests.cal"]
+        sc, src, lab = f("requests.test"), np.array(te.sources), te.labels
+        blind = np.isin(src, BLIND)
+        ben = sc[(lab == 0) & ~blind]
+        cs = f("requests.cal")
+        thr = np.quantile(cs[cal.labels == 0], 0.97)
+        four = sc[np.isin(src, HELD_OUT_HARMFUL) & (lab == 1)]
+        bh, bc = sc[src == BLIND[0]], sc[src == BLIND[1]]
+        words = np.array([len(r["text"].split()) for r in te.rows])
+        sh, sb = sc[(words < 8) & (lab == 1)], sc[(words < 8) & (lab == 0)]
+        past = f("reserved_past")[s["reserved_past"].labels == 1]
+        fut = f("reserved_future")[s["reserved_future"].labels == 1]
+        wr = s["wrapped.test"]
+        sw = f("wrapped.test")
+        walled = np.array([str(r["template"]).startswith("walledeval") for r in wr.rows])
+
+        def rate(x: np.ndarray) -> float:
+            return float((x >= thr).mean())
+
+        return (f"{label:34s} four {auroc(four, ben):.3f}/{rate(four):.3f} | blind {auroc(bh, bc):.3f}/{rate(bh):.2f}/"
+                f"{rate(bc):.2f} | <8 words {auroc(sh, sb):.3f}/{rate(sh):.2f} | past {auroc(past, ben):.3f}/"
+                f"{rate(past):.2f} fut {rate(fut):.2f} | over-refusal {rate(f('over_refusal')):.3f} benign "
+                f"{rate(ben):.3f} | walledeval {rate(sw[walled & (wr.labels == 1)]):.3f}/"
+                f"{rate(sw[walled & (wr.labels == 0)]):.3f} | in-the-wild {rate(f('reserved_inthewild_jailbreaks')):.2f}")
+
+
+def windows(b: Bench, policies: list[Path]) -> None:
+    print("# window (the shipped detectors' token scores, other windows)")
+    for pol in policies:
+        sc = Scorer(pol)
+        tok = {n: sc.tokens(s) for n, s in b.sets.items()}
+        for w in (16, 12, 10, 8, 6):
+            print(b.line(f"{pol.stem} W{w}" + (" (shipped)" if w == sc.window else ""),
+                         lambda n, w=w, tok=tok: windowed_max(tok[n], b.sets[n].offsets, w)), flush=True)
+
+
+def last_token(b: Bench) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    print("# last-token probes (logistic regression on the last k scored prompt tokens, train split)")
+
+    def feats(s: Set, layers: list[int], k: int) -> np.ndarray:
+        o = s.offsets
+        return np.concatenate([np.stack([s.x(layer)[max(e - k, a):e].mean(0) for a, e in zip(o[:-1], o[1:],
+                                                                                              strict=True)])
+                               for layer in layers], 1)
+
+    tr = b.sets["requests.train"]
+    for layers in ([15], [18], [12, 18], [12, 15, 18]):
+        for k in (1, 3):
+            x = feats(tr, layers, k)
+            std = StandardScaler().fit(x)
+            lr = LogisticRegression(C=0.01, max_iter=2000).fit(std.transform(x), tr.labels)
+            cache: dict[str, np.ndarray] = {}
+
+            def f(n: str, layers: list[int] = layers, k: int = k, lr=lr, std=std,  # type: ignore[no-untyped-def]
+                  cache: dict[str, np.ndarray] = cache) -> np.ndarray:
+                if n not in cache:
+                    cache[n] = lr.decision_function(std.transform(feats(b.sets[n], layers, k)))
+                return cache[n]
+
+            print(b.line(f"last{k} L{'+'.join(map(str, layers))}", f), flush=True)
+
+
+def position(b: Bench, policy: Path) -> None:
+    print("# position: window score - a * log(tokens so far), max over the prompt")
+    sc = Scorer(policy)
+    tok = {n: sc.tokens(s) for n, s in b.sets.items()}
+
+    def rows(n: str, a: float) -> np.ndarray:
+        o, t = b.sets[n].offsets, tok[n]
+        cs = np.concatenate([[0.0], np.cumsum(t, dtype=np.float64)])
+        lens = np.diff(o)
+        start = np.repeat(o[:-1], lens)
+        ends = np.arange(1, o[-1] + 1)
+        means = (cs[ends] - cs[np.maximum(ends - sc.window, start)]) / (ends - np.maximum(ends - sc.window, start))
+        return np.maximum.reduceat(means - a * np.log(ends - start), o[:-1])
+
+    for a in (0.0, 0.2, 0.5, 0.8):
+        print(b.line(f"{policy.stem} a={a}", lambda n, a=a: rows(n, a)), flush=True)
+
+
+def union(b: Bench, policies: list[Path]) -> None:
+    print("# union: row scores standardised on the cal benign rows, then combined")
+    z: dict[str, dict[str, np.ndarray]] = {}
+    for pol in policies:
+        sc = Scorer(pol)
+        r = {n: sc.rows(s) for n, s in b.sets.items() if n != "requests.train"}
+        ref = r["requests.cal"][b.sets["requests.cal"].labels == 0]
+        z[pol.stem] = {n: (v - ref.mean()) / ref.std() for n, v in r.items()}
+    names = list(z)
+    for i, p in enumerate(names):
+        for q in names[i + 1:]:
+            print(b.line(f"max({p}, {q})", lambda n, p=p, q=q: np.maximum(z[p][n], z[q][n])), flush=True)
+            print(b.line(f"mean({p}, {q})", lambda n, p=p, q=q: (z[p][n] + z[q][n]) / 2), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sae", action="append", default=[], help="extra SAE-rule policy YAML to score (repeatable)")
+    ap.add_argument("--only", choices=("window", "last-token", "position", "union", "sae"), default=None)
+    args = ap.parse_args()
+    b = Bench()
+    shipped = [ROOT / "policies" / f"{n}.yaml" for n in ("harmful-requests", "harmful-requests-probe",
+                                                          "harmful-requests-sae")]
+    if args.only in (None, "window"):
+        windows(b, shipped)
+    if args.only in (None, "last-token"):
+        last_token(b)
+    if args.only in (None, "position"):
+        position(b, shipped[0])
+    if args.only in (None, "union"):
+        union(b, shipped)
+    if args.sae:
+        print("# SAE-rule policies given with --sae (their own window)")
+        for p in map(Path, args.sae):
+            sc = Scorer(p)
+            print(b.line(p.stem, lambda n, sc=sc: sc.rows(b.sets[n])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
