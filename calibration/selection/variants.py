@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ class Bench:
                 f"{rate(bc):.2f} | <8 words {auroc(sh, sb):.3f}/{rate(sh):.2f} | past {auroc(past, ben):.3f}/"
                 f"{rate(past):.2f} fut {rate(fut):.2f} | over-refusal {rate(f('over_refusal')):.3f} benign "
                 f"{rate(ben):.3f} | walledeval {rate(sw[walled & (wr.labels == 1)]):.3f}/"
-                f"{rate(sw[walled & (wr.labels == 0)]):.3f} | in-the-wild {rate(f('reserved_inthewild_jailbreaks')):.2f}")
+                f"{rate(sw[walled & (wr.labels == 0)]):.3f} | in-the-wild "
+                f"{rate(f('reserved_inthewild_jailbreaks')):.2f}")
 
 
 def windows(b: Bench, policies: list[Path]) -> None:
@@ -92,8 +94,7 @@ def last_token(b: Bench) -> None:
 
     def feats(s: Set, layers: list[int], k: int) -> np.ndarray:
         o = s.offsets
-        return np.concatenate([np.stack([s.x(layer)[max(e - k, a):e].mean(0) for a, e in zip(o[:-1], o[1:],
-                                                                                              strict=True)])
+        return np.concatenate([np.stack([s.x(layer)[max(e - k, a):e].mean(0) for a, e in pairwise(o)])
                                for layer in layers], 1)
 
     tr = b.sets["requests.train"]
