@@ -11,6 +11,10 @@ variants, none of which needs new data:
 - ``position``: the window score minus ``a * log(tokens so far)`` (the threshold rising with the number of
   windows a prompt has; streaming-compatible);
 - ``union``: row scores combined after standardising each on the cal benign rows (max or mean);
+- ``data``: the shipped probe's recipe (``fit_shipped.py --probe-kind maxwin --probe-layers 12,18 --probe-wd
+  1e-3``) refitted on the train split plus (a) nothing (a check that the recipe reproduces the shipped probe),
+  (b) the 61 + 61 short questions of ``calibration/handwritten/short_questions.tsv``, (c) the four held-out
+  harmful sources' test rows (their columns are then in-sample), (d) both;
 - ``--sae`` adds SAE-rule policies fitted elsewhere (e.g. ``fit_shipped.py --only sae ... --sae-positive
   --sae-out /tmp/sae_pos.yaml``: non-negative feature weights).
 
@@ -147,10 +151,83 @@ def union(b: Bench, policies: list[Path]) -> None:
             print(b.line(f"mean({p}, {q})", lambda n, p=p, q=q: (z[p][n] + z[q][n]) / 2), flush=True)
 
 
+def _cache_short_questions() -> str:
+    """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at 12, 15, 18)."""
+    import json
+
+    import collect
+
+    d = collect.out_dir()
+    if (d / "hw.short.json").is_file():
+        return "hw.short"
+    import torch
+
+    from guardrails.serving.models import load_model
+
+    rows = []
+    for line in (ROOT / "calibration" / "handwritten" / "short_questions.tsv").read_text(encoding="utf-8").split("\n"):
+        if line.strip() and not line.startswith("#"):
+            cat, kind, text = line.split("\t")
+            rows.append({"text": text, "label": int(kind == "harmful"), "source": f"handwritten_short_{kind}",
+                         "form": "question", "category": cat})
+    collect.LAYERS = (12, 15, 18)
+    model, tok = load_model("bundled", dtype=collect.selection_dtype())
+    got = collect.collect_multi(model, tok, [r["text"] for r in rows], None, "input")
+    for layer in collect.LAYERS:
+        np.save(d / f"hw.short.L{layer}.npy", torch.cat(got[layer]).to(torch.float16).numpy())
+    offsets = np.cumsum([0] + [len(a) for a in got[12]]).tolist()
+    (d / "hw.short.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": "input",
+                                                 "system_turn_scored": False}))
+    return "hw.short"
+
+
+def _cache_held_out_harmful() -> str:
+    """The four held-out harmful sources' rows of the test split as a cached set ``requests.heldsrc``."""
+    import json
+
+    import collect
+
+    d = collect.out_dir()
+    meta = json.loads((d / "requests.test.json").read_text())
+    rows, off = meta["rows"], np.array(meta["offsets"])
+    keep = [i for i, r in enumerate(rows) if r["source"] in HELD_OUT_HARMFUL]
+    for layer in (12, 15, 18):
+        x = np.load(d / f"requests.test.L{layer}.npy", mmap_mode="r")
+        np.save(d / f"requests.heldsrc.L{layer}.npy", np.concatenate([x[off[i]:off[i + 1]] for i in keep]))
+    lens = [int(off[i + 1] - off[i]) for i in keep]
+    (d / "requests.heldsrc.json").write_text(json.dumps({**meta, "rows": [rows[i] for i in keep],
+                                                         "offsets": np.concatenate([[0], np.cumsum(lens)]).tolist()}))
+    return "requests.heldsrc"
+
+
+def data(b: Bench, out: Path) -> None:
+    import maxwin
+    from safetensors.numpy import save_file
+
+    print("# data: the shipped probe's recipe on the train split + more rows")
+    short, held = _cache_short_questions(), _cache_held_out_harmful()
+    pol = ROOT / "policies" / "harmful-requests-probe.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    for extras in ([], [short], [held], [short, held]):
+        layers = [12, 18]
+        pool = maxwin.Pool(["requests.train", "wrapped.train", *extras], layers)
+        coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0), window=16, wd=1e-3,
+                                steps=40)
+        deep, shallow = coef[len(coef) // 2:], coef[: len(coef) // 2]
+        path = out / f"probe_{'+'.join(extras) or 'train'}.safetensors"
+        save_file({"weight": deep.astype(np.float32), "bias": np.array(bias, np.float32),
+                   "weight.L12": shallow.astype(np.float32)}, str(path))
+        sc = Scorer(pol, str(path))
+        label = "probe, train" + "".join(f" + {e}" for e in extras) + (" (four sources in-sample)" if held in extras
+                                                                         else "")
+        print(b.line(label, lambda n, sc=sc: sc.rows(b.sets[n])), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sae", action="append", default=[], help="extra SAE-rule policy YAML to score (repeatable)")
-    ap.add_argument("--only", choices=("window", "last-token", "position", "union", "sae"), default=None)
+    ap.add_argument("--only", choices=("window", "last-token", "position", "union", "data", "sae"), default=None)
+    ap.add_argument("--out", default="/tmp/variants", help="where the data variants' probe files go")
     args = ap.parse_args()
     b = Bench()
     shipped = [ROOT / "policies" / f"{n}.yaml" for n in ("harmful-requests", "harmful-requests-probe",
@@ -163,6 +240,8 @@ def main() -> None:
         position(b, shipped[0])
     if args.only in (None, "union"):
         union(b, shipped)
+    if args.only in (None, "data"):
+        data(b, Path(args.out))
     if args.sae:
         print("# SAE-rule policies given with --sae (their own window)")
         for p in map(Path, args.sae):
