@@ -3,11 +3,14 @@
 Variants, for batch 1 and 8: plain ``model.generate`` (greedy) and ``GuardedModel.generate`` in
 ``exact`` and ``watched`` mode with policies of 1, 10 and 100 features whose threshold never fires,
 so the guarded output must equal the unguarded one (checked: the benchmark fails otherwise).
-Also: the bytes of SAE weights each mode keeps, the RSS growth of building a guard, the peak RSS,
+``--shipped NAME ...`` adds shipped policies with every threshold raised out of reach (the same detectors,
+layers and SAE encodes, nothing fires): what the default guard costs. Also: the bytes of SAE weights each
+mode keeps, the RSS growth of building a guard, the peak RSS,
 and with ``--profile`` where the time of one guarded generation goes (cProfile, top functions).
 
     python benchmarks/overhead.py            # full: batch 1 and 8, 64 new tokens, 5 rounds
     python benchmarks/overhead.py --quick    # smoke test
+    python benchmarks/overhead.py --batches 1 --features 10 --shipped harmful-requests harmful-compliance
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 64, quick 4)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8, quick 1)")
     p.add_argument("--features", type=int, nargs="+", default=None, help="policy sizes (default 1 10 100, quick 10)")
+    p.add_argument("--shipped", nargs="*", default=[], help="shipped policies to time too (thresholds out of reach)")
     p.add_argument("--profile", action="store_true", help="cProfile one guarded generation (batch 1, exact)")
     args = p.parse_args()
     _util.pin_threads(args.threads)
@@ -58,6 +62,8 @@ def main() -> None:
                                 score_mode=mode)
         for mode in modes for n in n_features
     }
+    for name in args.shipped:
+        guards[(f"shipped:{name}", 0)] = GuardedModel(model, tok, never_fires(name))
     any_guard = next(iter(guards.values()))
     eos = sorted(int(i) for i in any_guard._eos.tolist())
     rows: list[list[Any]] = []
@@ -124,6 +130,25 @@ def main() -> None:
     _util.emit(out, args.json_out)
 
 
+
+
+def never_fires(name: str) -> Any:
+    """A shipped policy with every threshold (and escalate/block band) out of reach: it scores as shipped and
+    decides nothing, so its output must equal unguarded generation."""
+    from guardrails.core.policy import Policy
+
+    pol = Policy.from_path(name)
+    rules = []
+    for r in pol.rules:
+        upd: dict[str, Any] = {"threshold": 1e9}
+        if r.escalate_above is not None:
+            upd["escalate_above"] = 2e9
+        if r.steer is not None and r.steer.block_above is not None:
+            upd["steer"] = r.steer.model_copy(update={"block_above": 2e9})
+        rules.append(r.model_copy(update=upd))
+    if pol.steering:
+        raise SystemExit(f"--shipped {name}: the policy steers always (steering:), so its output differs by design")
+    return pol.model_copy(update={"rules": rules})
 
 
 def _memory(model: Any, tok: Any, sae_path: str, d_sae: int, modes: list[str], n: int,
