@@ -139,6 +139,68 @@ def test_no_rule_fires_output_equals_greedy(lm: Any, tok: Any, sae_file: Any, ar
     assert hooks_on(model) == 0
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_input_only_policy_scores_no_generated_token(lm: Any, tok: Any, sae_file: Any, monkeypatch: Any,
+                                                     use_cache: bool) -> None:
+    """No rule reads generated tokens: decode steps run unhooked (one encode, the prefill's) and the last
+    scoring-only forward is skipped; the output is still the unguarded one, and an output rule still scores
+    every generated token. (An input rule that steers keeps its hooks: test_steering_cached_equals_uncached.)"""
+    from guardrails.engine.scorers import LayerScorer
+
+    model = lm("qwen3")
+    calls: list[int] = []
+    real = LayerScorer.feature_matrix
+
+    def counted(self: Any, x: torch.Tensor) -> torch.Tensor:
+        calls.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
+        return real(self, x)
+
+    monkeypatch.setattr(LayerScorer, "feature_matrix", counted)
+    from guardrails.engine.run import GuardRun
+
+    hooked: list[int] = []
+    on_layer = GuardRun.on_layer
+    monkeypatch.setattr(GuardRun, "on_layer", lambda self, layer, h: hooked.append(layer) or on_layer(self, layer, h))
+    forwards: list[int] = []
+    monkeypatch.setattr(model, "forward", _counting(model.forward, forwards))
+    prompt = PROMPTS[0]
+    ref = _greedy(model, tok, prompt)
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    n_forwards = {}
+    for scope, n_encodes in (("input", 1), ("output", len(ref) + 1)):
+        calls.clear()
+        forwards.clear()
+        hooked.clear()
+        guard = GuardedModel(model, tok, _policy(sae_file[0], scope=scope))
+        assert guard.compiled.scores_output == (scope == "output")
+        r = guard.generate(prompt, max_new_tokens=NEW, chat=False, use_cache=use_cache)
+        assert r.output_ids == ref and not r.decisions
+        assert len(calls) == n_encodes, (scope, calls)
+        assert calls[0] == n_prompt - 1  # the prefill: every prompt token but the attention sink
+        assert len(hooked) == n_encodes  # an input-only policy that does not steer hooks the prefill only
+        n_forwards[scope] = len(forwards)
+    # at the token limit an output rule needs one more (cut) forward to score the last token; after an eos, no
+    # rule does
+    assert n_forwards["input"] == n_forwards["output"] - (len(ref) == NEW)
+    # an input rule that steers: the prompt trips it, and every decode step stays hooked to steer
+    hooked.clear()
+    forwards.clear()
+    steer = "    steer: {method: subtract, strength: 40}\n"
+    guard = GuardedModel(model, tok, _policy(sae_file[0], threshold=-1e9, scope="input", action="steer", steer=steer))
+    r = guard.generate(prompt, max_new_tokens=NEW, chat=False, use_cache=use_cache)
+    assert guard.compiled.hooks_decode and r.steered and r.output_ids != ref
+    assert len(hooked) == len(forwards) > 1  # one watched layer: every forward ran its hook
+    assert hooks_on(model) == 0
+
+
+def _counting(fn: Any, log: list[int]) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        log.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def test_uncached_qwen3_5_equals_greedy(lm: Any, tok: Any, sae_file: Any) -> None:
     model = lm("qwen3_5")
     guard = GuardedModel(model, tok, _policy(sae_file[0]))

@@ -115,6 +115,18 @@ class CompiledPolicy:
         bound = bind_judges(self.policy, {**self.judges, **judges}, require=require)
         return dataclasses.replace(self, judges=bound, _variants={})
 
+    @property
+    def scores_output(self) -> bool:
+        """Whether a rule reads generated tokens. When none does, decode steps score nothing (an input-only
+        policy costs its prefill, plus the steering its rules planned) and audits hold the prompt's features."""
+        return any(r.scope in ("output", "both") for r in self.policy.rules)
+
+    @property
+    def hooks_decode(self) -> bool:
+        """Whether decode steps need the layer hooks: a rule reads generated tokens, or something may steer them
+        (a steer rule, a ``steering:`` entry). Else only the prefill runs hooked."""
+        return self.scores_output or bool(self.steers) or any(r.action == "steer" for r in self.policy.rules)
+
     def scoped(self, mode: Literal["input", "output"]) -> CompiledPolicy:
         """The rules for an ``mode``-only guard (``both`` rules rescoped), sharing this policy's tensors."""
         key = ("scoped", mode)

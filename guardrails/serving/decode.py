@@ -70,6 +70,7 @@ def steps(
     live = torch.zeros(B, dtype=torch.bool, device=device)  # pending holds a token to score and release
     all_ids, all_mask, all_pos = ids, mask, positions
     is_output = torch.zeros_like(mask, dtype=torch.bool)
+    scores_output, hooks_decode = guard.compiled.scores_output, guard.compiled.hooks_decode
     past: Any = None
     try:
         for step in range(max_new + 1):
@@ -87,7 +88,7 @@ def steps(
                 is_output = torch.cat([is_output, torch.ones_like(pending, dtype=torch.bool)[:, None]], 1)
                 active = live & torch.tensor([run.active(b) for b in range(B)], device=device)
                 new_score = guard._scorable(pending[:, None], torch.ones_like(pending)[:, None], new_pos[:, None])
-                new_score &= active[:, None]
+                new_score &= active[:, None] & scores_output  # input-only policies: nothing to score here
                 if use_cache:
                     cur_ids = pending[:, None]
                     score = new_score
@@ -111,7 +112,9 @@ def steps(
                 kwargs["logits_to_keep"] = 1
             if run.judges or escalates(guard.policy):  # the cascade's judges read these rows (after the forward)
                 run.judge_text = decode_text_source(guard, run, all_ids, all_mask, prompts)
-            logits = forward(guard, run, kwargs, truncated=last)
+            # the last forward only scores the pending token: skipped when no rule reads generated tokens
+            skip = last and step > 0 and not scores_output
+            logits = None if skip else forward(guard, run, kwargs, truncated=last, hooked=step == 0 or hooks_decode)
             run.check_all_scored()
             run.ctx = None
             # release the tokens this forward scored (those of rows still active)
@@ -175,13 +178,15 @@ def _eos_ids(args: GenerationArgs, guard: GuardedModel) -> Tensor:
     return torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
 
 
-def forward(guard: GuardedModel, run: GuardRun, kwargs: dict[str, Any], *, truncated: bool) -> Tensor | None:
-    """One forward with this run's hooks, under the model's lock; hooks exist only for its duration.
+def forward(guard: GuardedModel, run: GuardRun, kwargs: dict[str, Any], *, truncated: bool,
+            hooked: bool = True) -> Tensor | None:
+    """One forward with this run's hooks (none with ``hooked=False``: a decode step of a policy that neither
+    scores nor steers generated tokens), under the model's lock; hooks exist only for its duration.
 
     Registering per step (microseconds) keeps a suspended stream from touching other calls of
     the shared model, and lets threads interleave their steps.
     """
-    with guard._lock, output_hooks(guard.model, guard._hooks(run), guard._blocks):
+    with guard._lock, output_hooks(guard.model, guard._hooks(run) if hooked else {}, guard._blocks):
         if truncated:
             try:
                 with stop_after_layer(guard.model, guard.deepest, guard._blocks[guard.deepest]):
