@@ -135,3 +135,26 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
         assert got["worst_source"] in {"s0", "s1"}
         aurocs[rid] = got["auroc"]
     assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations
+
+
+def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> None:
+    """``--by category`` on rows without categories (or an unknown field) names the file and the fix, and never
+    loads the model."""
+    import json
+
+    from guardrails.cli.evaluate import run_eval
+
+    class NoModel:
+        def guard(self, policy):  # type: ignore[no-untyped-def]
+            raise AssertionError("scored before checking --by")
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2, "source": "s"}) + "\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"--by category: no row of .*d.jsonl has a 'category' field"):
+        run_eval(NoModel(), "harmful-requests", str(data), by=["category"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown --by 'topic'; valid: source, category"):
+        run_eval(NoModel(), "harmful-requests", str(data), by=["topic"])  # type: ignore[arg-type]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"--by source: no row of .*bare.jsonl has a 'source' field"):
+        run_eval(NoModel(), "harmful-requests", str(bare), by=["source"])  # type: ignore[arg-type]

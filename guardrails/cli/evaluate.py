@@ -39,6 +39,12 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
 
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
+    for field_name in by or []:  # before any scoring: a wrong --by costs nothing
+        if field_name not in ("source", "category"):
+            raise ValueError(f"unknown --by {field_name!r}; valid: source, category")
+        if not (data.categories is not None if field_name == "category" else any(data.sources)):
+            raise ValueError(f"--by {field_name}: no row of {data.path} has a {field_name!r} field; add one per row "
+                             f"(README, 'Labeled data') or leave out --by {field_name}")
     guard = session.guard(policy)
     # one set of rows per (scope, layer): each rule scores its own layer(s); one forward pass per scope
     keys = list(dict.fromkeys(key for r in policy.rules for key in rule_row_keys(policy, r)))
@@ -56,8 +62,6 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
-        if field_name not in ("source", "category"):
-            raise ValueError(f"unknown --by {field_name!r}; valid: source, category")
         groups = data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
         per = grouped_metrics(scores, data.labels, groups, thr)
         out[f"by_{field_name}"] = per

@@ -201,6 +201,9 @@ class GuardState:
                     guard.tokens.update(zip(pos_list[start:end], ids_list[start:end], strict=True))
                     p = pos_all[:, start:end]
                     first, last = pos_list[start], pos_list[end - 1]
+                    if first >= guard.prompt_length and not self.guards[guard.policy].compiled.hooks_decode:
+                        start = end  # decode rows of a policy that neither scores nor steers them: no hook work
+                        continue
                     # decode rows are all output (the usual case: views and cached tensors, no tensor op)
                     is_out = ones[:, start:end] if first >= guard.prompt_length else p >= guard.prompt_length
                     roles = None if guard.roles is None else self._roles_at(guard.roles, p, first, last)
