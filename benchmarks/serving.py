@@ -2,10 +2,12 @@
 at 1, 4 and 16 concurrent clients, guarded vs unguarded, in one run.
 
 Both variants go through the same server, scheduler and decode loop on the bundled model; "guarded"
-runs the shipped policy (its layer-15 probe scores every token), "unguarded" is the same loop with no
-hooks registered and nothing scored. Prompts are benign (nothing blocks), so both variants generate
-the same number of tokens. Each client streams its requests one after another over HTTP (uvicorn on
-127.0.0.1, the official ``openai`` async client); throughput counts the released tokens (``usage``).
+runs a shipped policy (``--policy``, default ``harmful-requests``: input rules, so it scores each prompt at
+prefill and its decode steps run unhooked; an output policy such as ``harmful-compliance`` scores every
+token), "unguarded" is the same loop with no hooks registered and nothing scored. Prompts are benign
+(nothing blocks), so both variants generate the same number of tokens. Each client streams its requests
+one after another over HTTP (uvicorn on 127.0.0.1, the official ``openai`` async client); throughput counts
+the released tokens (``usage``).
 Levels and variants are interleaved (each level runs guarded and unguarded back to back, ``--repeats``
 rounds in alternating order) so machine load hits both alike; the table shows the best round.
 
