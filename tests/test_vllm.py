@@ -77,7 +77,8 @@ def test_unknown_name_lists_valid_ones() -> None:
         _ = g.NoSuchThing  # type: ignore[attr-defined]
 
 
-def _linear_policy(tmp_path: Path, threshold: float, window: int = 2, action: str = "block") -> Any:
+def _linear_policy(tmp_path: Path, threshold: float, window: int = 2, action: str = "block",
+                   scope: str = "both") -> Any:
     from safetensors.torch import save_file
 
     from guardrails.core.policy import Policy
@@ -86,18 +87,18 @@ def _linear_policy(tmp_path: Path, threshold: float, window: int = 2, action: st
     g = torch.Generator().manual_seed(1)
     save_file({"weight": torch.randn(HIDDEN, generator=g), "bias": torch.zeros(())}, str(tmp_path / "w.safetensors"))
     return Policy.from_dict({"name": "lin", "saes": {}, "rules": [{
-        "id": "r", "scope": "both", "threshold": threshold, "action": action,
+        "id": "r", "scope": scope, "threshold": threshold, "action": action,
         "detector": {"kind": "linear", "layer": 1, "weights": str(tmp_path / "w.safetensors"), "window": window,
                      "aggregate": "mean"}}]})
 
 
-def _simulate(tmp_path: Path, threshold: float, roles: dict[str, list[int]] | None = None
+def _simulate(tmp_path: Path, threshold: float, roles: dict[str, list[int]] | None = None, scope: str = "both"
               ) -> tuple[Any, Any, dict[str, torch.Tensor], list[list[int]]]:
     """Three requests through GuardState in vLLM's way: mixed chunked-prefill/decode steps, order changing."""
     from guardrails.vllm.state import GuardState, compile_guard
     from tests.builders import HIDDEN, tiny_model
 
-    compiled = compile_guard(_linear_policy(tmp_path, threshold), tiny_model("llama"))
+    compiled = compile_guard(_linear_policy(tmp_path, threshold, scope=scope), tiny_model("llama"))
     state = GuardState({"lin": compiled}, special_ids=[0])
     g = torch.Generator().manual_seed(2)
     lengths = {"a": 9, "b": 7, "c": 5}  # prompt + output tokens each request will have
@@ -144,6 +145,27 @@ def test_rows_mapped_to_requests_across_steps(tmp_path: Path) -> None:
         for p_, v in want.items():
             assert math.isclose(got["token_scores"]["r"][p_], v, rel_tol=1e-5, abs_tol=1e-5)
     assert state.pop_results(["a"]) == {"a": None}  # read once
+
+
+@pytest.mark.parametrize("scope", ["input", "both"])
+def test_decode_rows_of_an_input_only_policy_get_no_hook_work(tmp_path: Path, scope: str) -> None:
+    """An input-only policy that does not steer lays out no segment for pure decode rows (the hook returns at
+    once), as the HF decode loop runs them unhooked; its prompt scores equal one whole forward's."""
+    compiled, state, data, _ = _simulate(tmp_path, threshold=1e9, scope=scope)
+    assert compiled.compiled.hooks_decode == (scope == "both")
+    assert len(state.segments) == (0 if scope == "input" else 2)  # the last step: decode rows of b and a only
+    for rid, h in data["hidden"].items():
+        n, ids = h.shape[0], data["ids"][rid]
+        pos = torch.arange(n)[None]
+        ref = compiled.compiled.score_residuals({1: h[None]}, score_mask=(pos > 0) & (ids[None] != 0),
+                                                is_output=pos >= data["prompt"][rid])
+        got = state.pop_results([rid])[rid]
+        assert got is not None
+        want = {p_: v for p_, v in ref.token_scores(0)["r"].items() if not math.isnan(v)}
+        have = {p_: v for p_, v in got["token_scores"]["r"].items() if not math.isnan(v)}
+        assert sorted(have) == sorted(want) and (scope == "both" or max(have) < data["prompt"][rid])
+        for p_, v in want.items():
+            assert math.isclose(have[p_], v, rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_prompt_roles_follow_each_request_across_chunks(tmp_path: Path) -> None:
