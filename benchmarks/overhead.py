@@ -134,7 +134,8 @@ def main() -> None:
 
 def never_fires(name: str) -> Any:
     """A shipped policy with every threshold (and escalate/block band) out of reach: it scores as shipped and
-    decides nothing, so its output must equal unguarded generation."""
+    decides nothing, so its output must equal unguarded generation. Not ``offline.scoring.unthresholded``: that
+    turns steer rules into flag rules, and a policy that may steer keeps its hooks on every decode step."""
     from guardrails.core.policy import Policy
 
     pol = Policy.from_path(name)

@@ -127,16 +127,26 @@ def main() -> None:
         for layer in LAYERS:
             for pos, i in enumerate(todo):
                 acts[layer][i] = got[layer][pos]
-        offsets = np.cumsum([0] + [len(a) for a in acts[LAYERS[0]]]).tolist()
-        for stale in d.glob(f"{name}.sae-*.npz"):  # SAE codes of the residuals this replaces
-            stale.unlink()
-        for layer in LAYERS:  # a new file, not rewritten in place: Reuse may hold the old one mapped
-            tmp = d / f"{name}.L{layer}.tmp.npy"
-            np.save(tmp, torch.cat(acts[layer]).to(torch.float16).numpy())
-            tmp.replace(d / f"{name}.L{layer}.npy")
-        (d / f"{name}.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": scope,
-                                                   "system_turn_scored": False}))
+        offsets = write_set(d, name, rows, acts, scope)
         print(name, len(rows), offsets[-1], f"({len(todo)} rows run, {len(rows) - len(todo)} reused)", flush=True)
+
+
+def write_set(d: Path, name: str, rows: list[dict], acts: dict, scope: str) -> list[int]:  # type: ignore[type-arg]
+    """Write one cached set: per layer of ``acts`` the rows' scored tokens stacked (float16; each row a tensor
+    or an array), and ``<name>.json`` with the rows and their offsets; SAE codes of an older version go.
+    Returns the offsets."""
+    first = next(iter(acts.values()))
+    offsets = np.cumsum([0] + [len(a) for a in first]).tolist()
+    for stale in d.glob(f"{name}.sae-*.npz"):  # SAE codes of the residuals this replaces
+        stale.unlink()
+    for layer, parts in acts.items():  # a new file, not rewritten in place: Reuse may hold the old one mapped
+        tmp = d / f"{name}.L{layer}.tmp.npy"
+        np.save(tmp, np.concatenate([a.to(torch.float16).numpy() if isinstance(a, torch.Tensor)
+                                     else np.asarray(a, np.float16) for a in parts]))
+        tmp.replace(d / f"{name}.L{layer}.npy")
+    (d / f"{name}.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": scope,
+                                               "system_turn_scored": False}))
+    return offsets
 
 
 def fresh(d: Path, name: str, rows: list[dict]) -> bool:  # type: ignore[type-arg]

@@ -152,57 +152,44 @@ def union(b: Bench, policies: list[Path]) -> None:
 
 
 def _cache_short_questions() -> str:
-    """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at 12, 15, 18)."""
-    import json
-
+    """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at 12, 15, 18),
+    read and named as ``build_data.py --with-short-questions`` reads them."""
     import collect
 
     d = collect.out_dir()
     if (d / "hw.short.json").is_file():
         return "hw.short"
-    import torch
+    sys.path.insert(0, str(ROOT / "calibration"))
+    from build_data import HANDWRITTEN_DIR, SHORT, read_tsv, tidy
 
     from guardrails.serving.models import load_model
 
-    rows = []
-    for line in (ROOT / "calibration" / "handwritten" / "short_questions.tsv").read_text(encoding="utf-8").split("\n"):
-        if line.strip() and not line.startswith("#"):
-            cat, kind, text = line.split("\t")
-            rows.append({"text": text, "label": int(kind == "harmful"), "source": f"handwritten_short_{kind}",
-                         "form": "question", "category": cat})
+    rows = [{"text": tidy(text), "label": int(kind == "harmful"), "form": "question", "category": cat,
+             "source": SHORT[0] if kind == "harmful" else SHORT[1]}
+            for cat, kind, text in read_tsv(HANDWRITTEN_DIR / "short_questions.tsv", 3)]
     collect.LAYERS = (12, 15, 18)
     model, tok = load_model("bundled", dtype=collect.selection_dtype())
     got = collect.collect_multi(model, tok, [r["text"] for r in rows], None, "input")
-    for layer in collect.LAYERS:
-        np.save(d / f"hw.short.L{layer}.npy", torch.cat(got[layer]).to(torch.float16).numpy())
-    offsets = np.cumsum([0] + [len(a) for a in got[12]]).tolist()
-    (d / "hw.short.json").write_text(json.dumps({"rows": rows, "offsets": offsets, "scope": "input",
-                                                 "system_turn_scored": False}))
+    collect.write_set(d, "hw.short", rows, {layer: got[layer] for layer in collect.LAYERS}, "input")
     return "hw.short"
 
 
 def _cache_held_out_harmful() -> str:
     """The four held-out harmful sources' rows of the test split as a cached set ``requests.heldsrc``."""
-    import json
-
     import collect
 
-    d = collect.out_dir()
-    meta = json.loads((d / "requests.test.json").read_text())
-    rows, off = meta["rows"], np.array(meta["offsets"])
-    keep = [i for i, r in enumerate(rows) if r["source"] in HELD_OUT_HARMFUL]
-    for layer in (12, 15, 18):
-        x = np.load(d / f"requests.test.L{layer}.npy", mmap_mode="r")
-        np.save(d / f"requests.heldsrc.L{layer}.npy", np.concatenate([x[off[i]:off[i + 1]] for i in keep]))
-    lens = [int(off[i + 1] - off[i]) for i in keep]
-    (d / "requests.heldsrc.json").write_text(json.dumps({**meta, "rows": [rows[i] for i in keep],
-                                                         "offsets": np.concatenate([[0], np.cumsum(lens)]).tolist()}))
+    test = Set("requests.test")
+    keep = [i for i, r in enumerate(test.rows) if r["source"] in HELD_OUT_HARMFUL]
+    o = test.offsets
+    acts = {layer: [test.x(layer)[o[i]:o[i + 1]] for i in keep] for layer in (12, 15, 18)}
+    collect.write_set(collect.out_dir(), "requests.heldsrc", [test.rows[i] for i in keep], acts, test.scope)
     return "requests.heldsrc"
 
 
 def data(b: Bench, out: Path) -> None:
     import maxwin
-    from safetensors.numpy import save_file
+
+    from guardrails.offline.baselines import save_linear
 
     print("# data: the shipped probe's recipe on the train split + more rows")
     short, held = _cache_short_questions(), _cache_held_out_harmful()
@@ -213,10 +200,8 @@ def data(b: Bench, out: Path) -> None:
         pool = maxwin.Pool(["requests.train", "wrapped.train", *extras], layers)
         coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0), window=16, wd=1e-3,
                                 steps=40)
-        deep, shallow = coef[len(coef) // 2:], coef[: len(coef) // 2]
-        path = out / f"probe_{'+'.join(extras) or 'train'}.safetensors"
-        save_file({"weight": deep.astype(np.float32), "bias": np.array(bias, np.float32),
-                   "weight.L12": shallow.astype(np.float32)}, str(path))
+        shallow, deep = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
+        path = save_linear(out / f"probe_{'+'.join(extras) or 'train'}.safetensors", deep, bias, extra={12: shallow})
         sc = Scorer(pol, str(path))
         label = "probe, train" + "".join(f" + {e}" for e in extras) + (" (four sources in-sample)" if held in extras
                                                                          else "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -115,13 +116,14 @@ class CompiledPolicy:
         bound = bind_judges(self.policy, {**self.judges, **judges}, require=require)
         return dataclasses.replace(self, judges=bound, _variants={})
 
-    @property
+    @functools.cached_property
     def scores_output(self) -> bool:
         """Whether a rule reads generated tokens. When none does, decode steps score nothing (an input-only
-        policy costs its prefill, plus the steering its rules planned) and audits hold the prompt's features."""
+        policy costs its prefill, plus the steering its rules planned) and audits hold the prompt's features.
+        Cached: read per request and step on the vLLM path (variants are new objects with their own cache)."""
         return any(r.scope in ("output", "both") for r in self.policy.rules)
 
-    @property
+    @functools.cached_property
     def hooks_decode(self) -> bool:
         """Whether decode steps need the layer hooks: a rule reads generated tokens, or something may steer them
         (a steer rule, a ``steering:`` entry). Else only the prefill runs hooked."""
