@@ -326,6 +326,23 @@ def test_cli_discover_writes_draft(saved_tiny) -> None:
     Policy.from_path(out)  # a valid policy
 
 
+def test_cli_discover_takes_the_layer_the_sae_records(saved_tiny) -> None:
+    """--layer defaults to the layer the SAE file records (a new user's `guardrails discover --data F` on the
+    bundled SAE); an SAE that records none gets an error that names --layer."""
+    t = saved_tiny
+    base = ["discover", "--data", str(t["tmp"] / "toy"), "--top", "3", "--model", str(t["model"]), "--json"]
+    res = _cli([*base, "--sae", str(t["tmp"] / "sae")])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["layer"] == 1 and got["policy"]["saes"]["main"]["layer"] == 1
+    explicit = json.loads(_cli([*base, "--sae", str(t["tmp"] / "sae"), "--layer", "1"]).stdout.strip().splitlines()[-1])
+    assert [f["feature"] for f in got["features"]] == [f["feature"] for f in explicit["features"]]
+    unmarked = random_sae(d_model=64, d_sae=64, k=16, layer=None).save(t["tmp"] / "sae_nolayer")
+    res = _cli([*base, "--sae", str(unmarked)])
+    assert res.exit_code != 0
+    assert "--layer" in res.output and "does not record which layer" in " ".join(res.output.split())
+
+
 @pytest.mark.model
 def test_eval_json_shipped_harmful_requests() -> None:
     root = Path(__file__).resolve().parent.parent

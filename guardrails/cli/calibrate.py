@@ -29,7 +29,7 @@ RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
 # -- discover ----------------------------------------------------------------------------------------------
 
 
-def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "bundled", *, top: int = 20,
+def run_discover(session: Session, data_path: str, layer: int | None, sae_ref: str = "bundled", *, top: int = 20,
                  scope: str | None = None, limit: int | None = None, n_examples: int = 3,
                  target_fpr: float = 0.01, max_response_chars: int | None = None) -> dict[str, Any]:
     from guardrails.offline.calibrate import fit_threshold, prefix_aware_pooled
@@ -40,6 +40,11 @@ def run_discover(session: Session, data_path: str, layer: int, sae_ref: str = "b
     data = load_labeled(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
     sc = _scope_of_data(data, scope)
     sae = SAE.load(sae_ref, layer=layer)
+    if layer is None:  # the layer the SAE file records (the bundled SAE's, a Qwen-Scope layer{n}.sae.pt's)
+        if sae.cfg.layer is None:
+            raise ValueError(f"--sae {sae_ref}: the SAE does not record which layer it reads; give --layer N "
+                             "(the decoder block whose output it was trained on)")
+        layer = int(sae.cfg.layer)
     rows = session.rows(data, layer, sc)
     pooled = prefix_aware_pooled(sae, rows)
     stats = rank_features(pooled, data.labels, top=top)
@@ -272,7 +277,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def discover(
         data: Annotated[str, typer.Option(help="Labeled JSONL, or a split prefix (uses its train split)")],
-        layer: Annotated[int, typer.Option(help="Layer the SAE reads")],
+        layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the layer its file records; "
+                                                       "the bundled SAE's is 15)")] = None,
         sae: Annotated[str, typer.Option(help="SAE path or 'bundled'")] = "bundled",
         top: Annotated[int, typer.Option(min=1, max=500, help="Features to list")] = 20,
         out: Annotated[Path | None, typer.Option(help="Write a draft policy YAML here")] = None,
@@ -298,7 +304,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table("rank", "feature", "AUROC", "fires (1)", "fires (0)", "mean diff", "top tokens in context",
-                  title=f"{res['data']}: {res['rows']} rows, {res['scope']} tokens, layer {layer}")
+                  title=f"{res['data']}: {res['rows']} rows, {res['scope']} tokens, layer {res['layer']}")
         for i, f in enumerate(res["features"], 1):
             ex = "\n".join(f"{v:.1f} {w}" for v, w in f["examples"])
             t.add_row(str(i), str(f["feature"]), f"{f['auroc']:.3f}", f"{f['freq_pos']:.0%}", f"{f['freq_neg']:.0%}",
