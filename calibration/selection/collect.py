@@ -149,6 +149,21 @@ def write_set(d: Path, name: str, rows: list[dict], acts: dict, scope: str) -> l
     return offsets
 
 
+def cache_rows(name: str, rows: list[dict], layers: tuple[int, ...] = (12, 15, 18)) -> str:  # type: ignore[type-arg]
+    """Cache the input residuals of ``rows`` (their ``text``) at ``layers`` as the set ``name``, with the bundled
+    model in the selection dtype, unless that cache already holds exactly these rows. Returns ``name``."""
+    global LAYERS
+    d = out_dir()
+    LAYERS = layers
+    if not fresh(d, name, rows):
+        from guardrails.serving.models import load_model
+
+        model, tok = load_model("bundled", dtype=selection_dtype())
+        got = collect_multi(model, tok, [r["text"] for r in rows], None, "input")
+        write_set(d, name, rows, {layer: got[layer] for layer in layers}, "input")
+    return name
+
+
 def fresh(d: Path, name: str, rows: list[dict]) -> bool:  # type: ignore[type-arg]
     """The set's cache exists for every layer and holds exactly these rows (a rebuilt data file
     with other rows makes it stale: it is collected again, reusing the rows it shares)."""

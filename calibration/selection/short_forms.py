@@ -42,21 +42,12 @@ TokFn = Callable[[Set], np.ndarray]
 
 def cache_forms() -> str:
     """``short_forms.tsv`` as the cached set ``hw.forms`` (residuals at 12, 15, 18)."""
-    d = collect.out_dir()
-    if (d / "hw.forms.json").is_file():
-        return "hw.forms"
     from build_data import form_of, read_tsv, tidy
-
-    from guardrails.serving.models import load_model
 
     rows = [{"text": tidy(t), "label": int(k == "harmful"), "form": form_of(tidy(t)), "category": c,
              "source": "handwritten_shortform_" + ("harmful" if k == "harmful" else "contrast")}
             for c, k, t in read_tsv(ROOT / "calibration/handwritten/short_forms.tsv", 3)]
-    collect.LAYERS = (12, 15, 18)
-    model, tok = load_model("bundled", dtype=collect.selection_dtype())
-    got = collect.collect_multi(model, tok, [r["text"] for r in rows], None, "input")
-    collect.write_set(d, "hw.forms", rows, {layer: got[layer] for layer in collect.LAYERS}, "input")
-    return "hw.forms"
+    return collect.cache_rows("hw.forms", rows)
 
 
 class Fit:
@@ -151,20 +142,12 @@ def cmd_lofo() -> None:
 def cache_typed() -> str:
     """Lower-cased, end-punctuation-stripped copies of the train split's request rows (``requests.train_typed``;
     source ``<source>+typed``, so the source caps of the row weights treat them as their own sources)."""
-    d, name = collect.out_dir(), "requests.train_typed"
     rows = []
     for r in Set("requests.train").rows:
         t = r["text"].lower().rstrip(" .?!")
         if t != r["text"] and len(t) > 3:
             rows.append(dict(r, text=t, source=r["source"] + "+typed"))
-    if not collect.fresh(d, name, rows):
-        from guardrails.serving.models import load_model
-
-        collect.LAYERS = (12, 15, 18)
-        model, tok = load_model("bundled", dtype=collect.selection_dtype())
-        got = collect.collect_multi(model, tok, [r["text"] for r in rows], None, "input")
-        collect.write_set(d, name, rows, {layer: got[layer] for layer in collect.LAYERS}, "input")
-    return name
+    return collect.cache_rows("requests.train_typed", rows)
 
 
 def cmd_typed() -> None:

@@ -156,25 +156,16 @@ def union(b: Bench, policies: list[Path]) -> None:
 
 def _cache_short_questions() -> str:
     """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at 12, 15, 18),
-    read and named as ``build_data.py --with-short-questions`` reads them."""
+    read and named as ``build_data.py`` reads them (train split since v0.2.9)."""
     import collect
 
-    d = collect.out_dir()
-    if (d / "hw.short.json").is_file():
-        return "hw.short"
     sys.path.insert(0, str(ROOT / "calibration"))
     from build_data import HANDWRITTEN_DIR, SHORT, read_tsv, tidy
-
-    from guardrails.serving.models import load_model
 
     rows = [{"text": tidy(text), "label": int(kind == "harmful"), "form": "question", "category": cat,
              "source": SHORT[0] if kind == "harmful" else SHORT[1]}
             for cat, kind, text in read_tsv(HANDWRITTEN_DIR / "short_questions.tsv", 3)]
-    collect.LAYERS = (12, 15, 18)
-    model, tok = load_model("bundled", dtype=collect.selection_dtype())
-    got = collect.collect_multi(model, tok, [r["text"] for r in rows], None, "input")
-    collect.write_set(d, "hw.short", rows, {layer: got[layer] for layer in collect.LAYERS}, "input")
-    return "hw.short"
+    return collect.cache_rows("hw.short", rows)
 
 
 def _cache_held_out_harmful() -> str:
@@ -220,17 +211,8 @@ def case(policies: list[Path]) -> None:
     test = Set("requests.test")
     keep = [i for i, r in enumerate(test.rows) if r["source"] in SHORT_FORMS and r["text"][:1].islower()]
     rows = [test.rows[i] for i in keep]
-    name = "short_forms.capitalised"
-    d = collect.out_dir()
     capital = [dict(r, text=r["text"][:1].upper() + r["text"][1:]) for r in rows]
-    if not collect.fresh(d, name, capital):
-        from guardrails.serving.models import load_model
-
-        collect.LAYERS = (12, 15, 18)
-        model, tok = load_model("bundled", dtype=collect.selection_dtype())
-        got = collect.collect_multi(model, tok, [r["text"] for r in capital], None, "input")
-        collect.write_set(d, name, capital, {layer: got[layer] for layer in collect.LAYERS}, "input")
-    capped = Set(name)
+    capped = Set(collect.cache_rows("short_forms.capitalised", capital))
     y = capped.labels
     print(f"# case: {len(rows)} short typed rows that start in lower case, as typed vs first letter capitalised")
     for pol in policies:
