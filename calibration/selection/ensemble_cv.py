@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""The ensemble's member weights chosen by leave-families-out CV on the train split (``maxwin.py cv``'s folds,
+scale and criterion), instead of the a-priori 1:1.
+
+Each fold refits both members with the shipped recipes (the probe: layers 12 + 18, window 16, served-score
+objective, L2 1e-3; the SAE rule: 128 features of the bundled SAE, window 16) on the other folds' rows; each member
+is standardised on the cal split's benign rows (as ``fit_ensemble.py`` does); the weighted mean of the standardised
+token scores is windowed (16) and every out-of-fold row score becomes its percentile among the same ensemble's
+scores of the cal benign rows. Per family: AUROC against the out-of-fold rows of the other label; criterion: mean
+of the mean and the worst family AUROC. Weights are probe : SAE rule (1 : 0 is the probe alone).
+
+    SELECTION_DTYPE=float32 python calibration/selection/ensemble_cv.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from maxwin import FOLDS, TRAIN, Pool, fit, fit_sae, row_weights  # noqa: E402
+from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
+
+WEIGHTS = ((1.0, 0.0), (3.0, 1.0), (2.0, 1.0), (1.0, 1.0), (1.0, 2.0), (0.0, 1.0))
+Stats = list[tuple[float, float]]
+
+
+def ensemble(p: np.ndarray, s: np.ndarray, offsets: np.ndarray, stats: Stats, a: float, b: float) -> np.ndarray:
+    """Row scores of the weighted mean of the two members' standardised token scores."""
+    z = (a * (p - stats[0][0]) / stats[0][1] + b * (s - stats[1][0]) / stats[1][1]) / (a + b)
+    return windowed_max(z, offsets, 16)
+
+
+def main() -> None:
+    sae, tag = load_sae()
+    pool = Pool(list(TRAIN), [12, 18])
+    codes = [s.sae_codes(sae, tag) for s in pool.sets]
+    v_all, ids_all = np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes])
+    cal = Set("requests.cal")
+    cal_x = np.concatenate([np.asarray(cal.x(12), np.float32), np.asarray(cal.x(18), np.float32)], 1)
+    cal_v, cal_ids = cal.sae_codes(sae, tag)
+    w = row_weights(pool, 1.0)
+    fold = np.array([FOLDS.get(f, f) for f in pool.family])
+    oof = {wt: np.full(len(pool.y), np.nan) for wt in WEIGHTS}
+    for g in sorted(set(fold)):
+        tr = fold != g
+        xt, ot = pool.subset(tr)
+        coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=16, wd=1e-3, steps=40)
+        idx = np.flatnonzero(tr)
+        spans = [np.arange(pool.offsets[i], pool.offsets[i + 1]) for i in idx]
+        t = np.concatenate(spans)
+        off = np.concatenate([[0], np.cumsum([len(s) for s in spans])])
+        ws, bs = fit_sae(v_all[t], ids_all[t], off, pool.y[tr], w[tr], sae.d_sae, window=16, n_features=128)
+        ws32 = ws.astype(np.float32)
+        cp = cal_x @ coef + bias
+        cs = (cal_v.astype(np.float32) * ws32[cal_ids.astype(np.int64)]).sum(1) + bs
+        stats = [(float(r.mean()), float(r.std()))
+                 for r in (windowed_max(m, cal.offsets, 16)[cal.labels == 0] for m in (cp, cs))]
+        xh, oh = pool.subset(~tr)
+        held = np.flatnonzero(~tr)
+        hspans = np.concatenate([np.arange(pool.offsets[i], pool.offsets[i + 1]) for i in held])
+        hp = xh @ coef + bias
+        hs = (v_all[hspans].astype(np.float32) * ws32[ids_all[hspans].astype(np.int64)]).sum(1) + bs
+        for a, b in WEIGHTS:
+            ref = np.sort(ensemble(cp, cs, cal.offsets, stats, a, b)[cal.labels == 0])
+            oof[(a, b)][~tr] = np.searchsorted(ref, ensemble(hp, hs, oh, stats, a, b)) / len(ref)
+        print(f"fold {g} done", flush=True)
+    for wt, o in oof.items():
+        per = {}
+        for g in sorted(set(pool.family)):
+            m = pool.family == g
+            labs = set(pool.y[m].tolist())
+            if labs == {1}:
+                per[g] = auroc(o[m], o[(pool.y == 0) & ~m])
+            elif labs == {0}:
+                per[g] = auroc(o[(pool.y == 1) & ~m], o[m])
+            else:
+                per[g] = auroc(o[m & (pool.y == 1)], o[m & (pool.y == 0)])
+        worst = min(per, key=per.__getitem__)
+        mean = float(np.mean(list(per.values())))
+        harm = pool.y == 1
+        print(f"probe:SAE {wt[0]:g}:{wt[1]:g}  crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} "
+              f"{per[worst]:.3f} oof TPR@3% {float((o[harm] >= 0.97).mean()):.3f} "
+              f"FPR {float((o[~harm] >= 0.97).mean()):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
