@@ -833,8 +833,7 @@ def handwritten_short(src: Sources, name: str = "short_questions.tsv",
         source = sources[1 - label]
         src.paths[source] = [f"calibration/handwritten/{name} (this repo), kind '{kind}'"]
         text = tidy(raw)
-        rows.append(set_meta(Row(text, label, source), category=cat,
-                             phrasing="question" if sources == SHORT else form_of(text)))
+        rows.append(set_meta(Row(text, label, source), category=cat, phrasing=form_of(text)))
     return rows
 
 

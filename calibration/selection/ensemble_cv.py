@@ -21,8 +21,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from maxwin import FOLDS, TRAIN, Pool, fit, fit_sae, row_weights  # noqa: E402
-from select_detectors import Set, auroc, load_sae, windowed_max  # noqa: E402
+from maxwin import FOLDS, TRAIN, Pool, criterion, family_aurocs, fit, fit_sae, row_weights  # noqa: E402
+from select_detectors import Set, load_sae, windowed_max  # noqa: E402
 
 WEIGHTS = ((1.0, 0.0), (3.0, 1.0), (2.0, 1.0), (1.0, 1.0), (1.0, 2.0), (0.0, 1.0))
 Stats = list[tuple[float, float]]
@@ -49,40 +49,25 @@ def main() -> None:
         tr = fold != g
         xt, ot = pool.subset(tr)
         coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=16, wd=1e-3, steps=40)
-        idx = np.flatnonzero(tr)
-        spans = [np.arange(pool.offsets[i], pool.offsets[i + 1]) for i in idx]
-        t = np.concatenate(spans)
-        off = np.concatenate([[0], np.cumsum([len(s) for s in spans])])
+        t, off = pool.tokens(tr)
         ws, bs = fit_sae(v_all[t], ids_all[t], off, pool.y[tr], w[tr], sae.d_sae, window=16, n_features=128)
         ws32 = ws.astype(np.float32)
         cp = cal_x @ coef + bias
         cs = (cal_v.astype(np.float32) * ws32[cal_ids.astype(np.int64)]).sum(1) + bs
         stats = [(float(r.mean()), float(r.std()))
                  for r in (windowed_max(m, cal.offsets, 16)[cal.labels == 0] for m in (cp, cs))]
-        xh, oh = pool.subset(~tr)
-        held = np.flatnonzero(~tr)
-        hspans = np.concatenate([np.arange(pool.offsets[i], pool.offsets[i + 1]) for i in held])
-        hp = xh @ coef + bias
+        hspans, oh = pool.tokens(~tr)
+        hp = pool.x[hspans] @ coef + bias
         hs = (v_all[hspans].astype(np.float32) * ws32[ids_all[hspans].astype(np.int64)]).sum(1) + bs
         for a, b in WEIGHTS:
             ref = np.sort(ensemble(cp, cs, cal.offsets, stats, a, b)[cal.labels == 0])
             oof[(a, b)][~tr] = np.searchsorted(ref, ensemble(hp, hs, oh, stats, a, b)) / len(ref)
         print(f"fold {g} done", flush=True)
     for wt, o in oof.items():
-        per = {}
-        for g in sorted(set(pool.family)):
-            m = pool.family == g
-            labs = set(pool.y[m].tolist())
-            if labs == {1}:
-                per[g] = auroc(o[m], o[(pool.y == 0) & ~m])
-            elif labs == {0}:
-                per[g] = auroc(o[(pool.y == 1) & ~m], o[m])
-            else:
-                per[g] = auroc(o[m & (pool.y == 1)], o[m & (pool.y == 0)])
-        worst = min(per, key=per.__getitem__)
-        mean = float(np.mean(list(per.values())))
+        per = family_aurocs(o, pool.y, pool.family)
+        crit, mean, worst = criterion(per)
         harm = pool.y == 1
-        print(f"probe:SAE {wt[0]:g}:{wt[1]:g}  crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} "
+        print(f"probe:SAE {wt[0]:g}:{wt[1]:g}  crit {crit:.3f} mean {mean:.3f} worst {worst} "
               f"{per[worst]:.3f} oof TPR@3% {float((o[harm] >= 0.97).mean()):.3f} "
               f"FPR {float((o[~harm] >= 0.97).mean()):.3f}", flush=True)
 

@@ -68,12 +68,16 @@ class Pool:
         self.offsets = np.array(offs)
         self.family = np.array([family(s) for s in self.sources])
 
+    def tokens(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the kept rows' tokens (into ``x``, or any per-token array stacked like it, such as the
+        sets' SAE codes) and the kept rows' offsets within them."""
+        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in np.flatnonzero(keep)]
+        return np.concatenate(spans), np.concatenate([[0], np.cumsum([len(t) for t in spans])])
+
     def subset(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token matrix and offsets of the kept rows."""
-        idx = np.flatnonzero(keep)
-        parts = [self.x[self.offsets[i] : self.offsets[i + 1]] for i in idx]
-        lens = [len(p) for p in parts]
-        return np.concatenate(parts), np.concatenate([[0], np.cumsum(lens)])
+        t, offsets = self.tokens(keep)
+        return self.x[t], offsets
 
 
 def _row_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, window: int) -> torch.Tensor:
@@ -215,24 +219,37 @@ def cmd_cv(args: argparse.Namespace) -> None:
             xh, oh = pool.subset(~tr)
             ref_scores = np.sort(score(ref.x, ref.offsets, coef, bias, args.window)[ref_benign])
             oof[~tr] = np.searchsorted(ref_scores, score(xh, oh, coef, bias, args.window)) / len(ref_scores)
-        per, flagged = {}, {}
-        for g in sorted(set(pool.family)):
-            m = pool.family == g
-            labs = set(pool.y[m].tolist())
-            flagged[g] = float((oof[m] >= 0.97).mean())
-            if labs == {1}:
-                per[g] = auroc(oof[m], oof[(pool.y == 0) & ~m])
-            elif labs == {0}:
-                per[g] = auroc(oof[(pool.y == 1) & ~m], oof[m])
-            else:
-                per[g] = auroc(oof[m & (pool.y == 1)], oof[m & (pool.y == 0)])
-        worst = min(per, key=per.__getitem__)
-        mean = float(np.mean(list(per.values())))
+        per = family_aurocs(oof, pool.y, pool.family)
+        flagged = {g: float((oof[pool.family == g] >= 0.97).mean()) for g in per}
+        crit, mean, worst = criterion(per)
         harm = pool.y == 1
         print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}: "
-              f"crit {(mean + per[worst]) / 2:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
+              f"crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
               f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} | "
               + " ".join(f"{k}={v:.3f}/{flagged[k]:.2f}" for k, v in per.items()), flush=True)
+
+
+def family_aurocs(oof: np.ndarray, y: np.ndarray, family: np.ndarray) -> dict[str, float]:
+    """Per source family, the AUROC of out-of-fold scores: a one-label family against the other label's rows
+    outside it, a two-label family within itself."""
+    per = {}
+    for g in sorted(set(family)):
+        m = family == g
+        labs = set(y[m].tolist())
+        if labs == {1}:
+            per[g] = auroc(oof[m], oof[(y == 0) & ~m])
+        elif labs == {0}:
+            per[g] = auroc(oof[(y == 1) & ~m], oof[m])
+        else:
+            per[g] = auroc(oof[m & (y == 1)], oof[m & (y == 0)])
+    return per
+
+
+def criterion(per: dict[str, float]) -> tuple[float, float, str]:
+    """The selection criterion (mean of the mean and the worst family AUROC), the mean, and the worst family."""
+    worst = min(per, key=per.__getitem__)
+    mean = float(np.mean(list(per.values())))
+    return (mean + per[worst]) / 2, mean, worst
 
 
 def row_weights(pool: Pool, hard: float) -> np.ndarray:

@@ -16,6 +16,7 @@ re-weighted so that the surface form is independent of the label.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import Counter, defaultdict
@@ -232,8 +233,10 @@ def score_rows(sets: list[Set], heads, window: int) -> np.ndarray:  # type: igno
     return np.concatenate(out)
 
 
+@functools.cache
 def load_sae():  # type: ignore[no-untyped-def]
-    """The bundled SAE and a tag naming its weights (sha256 prefix), so a retrained SAE gets new codes."""
+    """The bundled SAE and a tag naming its weights (sha256 prefix), so a retrained SAE gets new codes.
+    Loaded and hashed once per process (every scorer and fit of a script shares it; nothing mutates it)."""
     import hashlib
 
     from guardrails.sae.loaders import resolve_bundled

@@ -62,10 +62,8 @@ class Fit:
         w = weights([pool.rows[i] for i in idx], y, [pool.sources[i] for i in idx])
         coef, self.bias = maxwin.fit(x, off, y, w, window=16, wd=1e-3, steps=40)
         self.c12, self.c18 = np.split(coef, 2)  # Pool stacks the layers in the order given
-        spans = [np.arange(pool.offsets[i], pool.offsets[i + 1]) for i in idx]
-        t = np.concatenate(spans)
-        off2 = np.concatenate([[0], np.cumsum([len(p) for p in spans])])
-        self.ws, self.bs = maxwin.fit_sae(codes[0][t], codes[1][t], off2, y, w, sae.d_sae, window=16, n_features=128)
+        t, t_off = pool.tokens(keep)
+        self.ws, self.bs = maxwin.fit_sae(codes[0][t], codes[1][t], t_off, y, w, sae.d_sae, window=16, n_features=128)
 
     def probe(self, s: Set) -> np.ndarray:
         return np.asarray(s.x(18), np.float32) @ self.c18 + np.asarray(s.x(12), np.float32) @ self.c12 + self.bias
