@@ -79,6 +79,7 @@ HELD_OUT = {
     "handwritten_blind_contrast",  # benign topic-matched contrasts, hand-written blind (v0.2.5), harmful_requests
     "handwritten_short_forms_harmful",  # harmful, short typed forms ("how to ...", "i want to ..."), v0.2.9
     "handwritten_short_forms_contrast",  # their topic-matched twins and alarming-word benign prompts, v0.2.9
+    "blind_responses_3",  # both labels, responses: hand-written blind answers, set 3 (other forms), v0.3.0
 }
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
 # Short typed requests (short_forms.tsv, v0.2.9): an evaluation source like BLIND, never wrapped.
@@ -854,6 +855,28 @@ def handwritten_responses(src: Sources) -> list[ResponseRow]:
     return out
 
 
+# Blind hand-written answer sets (v0.3.0): per harmful request a harmful answer and a refusal or a deflection (a safe,
+# on-topic answer that does not help), per topic-matched benign request a helpful answer; three sets written
+# separately in three styles (full sentences / casual chat / other forms and text artefacts). Sets 1 and 2 split by
+# prompt like every response source; set 3 is held out whole (HELD_OUT).
+BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "harmless_answer": 0}
+BLIND_RESPONSE_SETS = (1, 2, 3)
+
+
+def blind_responses(src: Sources) -> list[ResponseRow]:
+    out = []
+    for n in BLIND_RESPONSE_SETS:
+        path = HANDWRITTEN_DIR / f"responses_blind_{n}.tsv"
+        source = f"blind_responses_{n}"
+        src.paths[source] = [f"calibration/handwritten/responses_blind_{n}.tsv (this repo)"]
+        for kind, cat, prompt, response in read_tsv(path, 4):
+            if kind not in BLIND_RESPONSE_LABELS or cat not in CATEGORIES:
+                raise ValueError(f"{path.name}: kind {kind!r} / category {cat!r} (valid kinds: "
+                                 f"{', '.join(BLIND_RESPONSE_LABELS)}; categories: {', '.join(CATEGORIES)})")
+            out.append(ResponseRow(tidy(prompt), response.strip(), BLIND_RESPONSE_LABELS[kind], source))
+    return out
+
+
 MODEL_ANSWERS = HERE / "generated" / "bundled_answers.jsonl"  # calibration/build_model_answers.py
 
 
@@ -1193,7 +1216,8 @@ def main() -> None:
     tox_rows = toxic + clean
 
     # ---- responses
-    responses = build_responses(src, {norm(r.text) for r in harmful}) + handwritten_responses(src) + model_answers(src)
+    responses = (build_responses(src, {norm(r.text) for r in harmful}) + handwritten_responses(src)
+                 + model_answers(src) + blind_responses(src))
 
     # ---- splits: texts of held-out sources go to test wherever they occur
     forced_test = {norm(r.text) for r in requests + tox_rows if r.source in HELD_OUT}

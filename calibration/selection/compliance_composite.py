@@ -2,8 +2,9 @@
 """Does the request score help the output guard? Leave-one-family-out, as ``responses_probe.py``.
 
 An answer is harmful compliance when the request was harmful *and* the answer goes along with it. The
-output probe sees the request only through attention; this measures adding the shipped request rule's
-score of the prompt (``policies/harmful-requests.yaml``, never fitted on answers) as a second term:
+output probe sees the request only through attention; this measures adding a request rule's score of the
+prompt (``--request-policy``/``--request-rule``, default the gate rule ``harmful-compliance`` ships, never fitted
+on answers) as a second term:
 ``composite = response + a * request`` (``a`` by logistic regression on the other families' *cal* split),
 ``zsum`` and ``zmin``: both standardised on the label-0 rows of that cal split, summed or the smaller (``zmin``
 is the shipped gate, ``min(answer, scale * request + offset)``, up to a monotone map). The response head is fitted
@@ -11,7 +12,11 @@ on the other families' *train* split, as shipped; thresholds at 3% FPR on their 
 
     python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test \
         responses_prompts.train responses_prompts.cal responses_prompts.test
-    python calibration/selection/compliance_composite.py [--json out.json]
+    python calibration/selection/compliance_composite.py [--layers 12,18] [--fit-without blind] [--json out.json]
+
+Families as ``responses_probe.py`` (since v0.3.0 with the blind hand-written answer sets: ``blind``, sets 1 and
+2, one of the left-out families; ``blind3`` held out of every fit like the many-shot answers); the flagged share
+per kind (harmful answer, refusal, deflection, harmless answer) is printed for the blind families.
 """
 
 from __future__ import annotations
@@ -30,11 +35,22 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from heldout import Scorer  # noqa: E402
 from maxwin import Pool, auroc, score  # noqa: E402
-from responses_probe import FAMILIES, cell_weights, family, fit_head, rates, subset  # noqa: E402
+from responses_probe import FAMILIES, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
 SLACK = (0.5, 1, 2, 3)  # the cap loosened by k request-SDs: it binds only on clearly benign requests
 KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k in SLACK))
+
+
+def blind_kinds() -> dict[tuple[str, str], str]:
+    """(prompt, first 80 characters of the reply) -> kind, for the blind hand-written answer sets (v0.3.0)."""
+    out = {}
+    for path in sorted((ROOT / "calibration" / "handwritten").glob("responses_blind_*.tsv")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                kind, _, prompt, response = line.split("\t")
+                out[(" ".join(prompt.split()), response.strip()[:80])] = kind
+    return out
 
 
 def main() -> None:
@@ -42,18 +58,26 @@ def main() -> None:
     ap.add_argument("--layers", default="18", type=lambda v: [int(x) for x in v.split(",")],
                     help="answer head layers (several: a multi-layer probe, one term per layer)")
     ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-requests-probe.yaml"))
+    ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-compliance.yaml"))
+    ap.add_argument("--request-rule", default="harmful-request",
+                    help="the request policy's input rule (default: the shipped gate rule of harmful-compliance)")
+    ap.add_argument("--fit-without", default="", type=lambda v: [f for f in v.split(",") if f],
+                    help=f"families never fitted on (scored as held out all the same; of {', '.join(FAMILIES)}): "
+                         "'blind' gives the fits before v0.3.0's blind answer sets")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if bad := sorted(set(args.fit_without) - set(FAMILIES)):
+        ap.error(f"--fit-without: unknown families {bad} (valid: {', '.join(FAMILIES)})")
     torch.set_num_threads(2)
-    req = Scorer(Path(args.request_policy))
+    req = Scorer(Path(args.request_policy), rule=args.request_rule)
     splits = ("train", "cal", "test")
     pools = {s: Pool([f"responses.{s}"], args.layers) for s in splits}
     prompt = {s: req.rows(Set(f"responses_prompts.{s}")) for s in splits}
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}
-    for held in (*FAMILIES, "many_shot"):
-        fit_fams = [f for f in FAMILIES if f != held]
+    kinds = blind_kinds()
+    for held in (*FAMILIES, *HELD):
+        fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
         x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams))
         c, b = fit_head("maxwin", x, off, y, cell_weights(src, y))
         keep_c = np.isin(fam["cal"], fit_fams)
@@ -77,9 +101,14 @@ def main() -> None:
                     ("zmin", np.minimum(z(cr, zr), z(cp, zp)), np.minimum(z(hr, zr), z(hp, zp))),
                     *((f"zmin+{k}", np.minimum(z(cr, zr), z(cp, zp) + k), np.minimum(z(hr, zr), z(hp, zp) + k))
                       for k in SLACK))
+        hrows = [r for s_, m in parts for r, k in zip(pools[s_].rows, m, strict=True) if k]
+        hk = np.array([kinds.get((" ".join(r["prompt"].split()), r["response"].strip()[:80]), "") for r in hrows])
         for name, cal_s, s in variants:
             thr = float(np.quantile(cal_s[cy == 0], 0.97))
             row[name] = rates(s, hy, thr)
+            if held.startswith("blind") and name in ("response", "zmin", "zmin+1"):  # flagged share per kind
+                row[f"{name}_by_kind"] = {str(k): round(float(np.mean(s[hk == k] >= thr)), 4)
+                                          for k in sorted(set(hk)) if k}
         if held == "bundled":  # its train-split prompts trained the request probe: its test split alone too
             t = np.concatenate([np.full(int(m.sum()), s == "test") for s, m in parts])
             for k in (0, *SLACK):
@@ -90,13 +119,18 @@ def main() -> None:
         print(f"{held:12s} a={a:6.3f} n={len(hy):5d} | " + " | ".join(
             f"{k} auroc {row[k]['auroc']:.3f} tpr {row[k]['tpr']:.2f} fpr {row[k]['fpr']:.2f}"  # type: ignore[index]
             for k in KINDS), flush=True)
+        for k in ("response", "zmin", "zmin+1"):
+            if f"{k}_by_kind" in row:
+                print(f"{'':12s} {k} flagged by kind: {row[f'{k}_by_kind']}", flush=True)
     crit = {k: float(np.mean([out[f][k]["auroc"] for f in FAMILIES])) for k in KINDS}  # type: ignore[index]
     print("criterion (mean held-out family AUROC): " + ", ".join(f"{k} {v:.3f}" for k, v in crit.items()))
     best = max((k for k in KINDS if k.startswith("zmin")), key=lambda k: crit[k])
     slack = float(best.partition("+")[2] or 0)
     print(f"chosen gate: {best} (slack {slack:g} request SDs; fit_shipped.py compliance-gate ships it)")
     if args.json:
-        doc = {"families": out, "criterion": crit, "chosen": best, "slack": slack}
+        doc = {"families": out, "criterion": crit, "chosen": best, "slack": slack, "layers": args.layers,
+               "window": args.window, "request_policy": Path(args.request_policy).name,
+               "request_rule": args.request_rule, "fit_without": args.fit_without}
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 

@@ -192,10 +192,21 @@ def fit_compliance() -> None:
     torch.set_num_threads(2)
     sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_selection.json").read_text())["best"]
     layer, kind, window = int(sel["layer"]), sel["kind"], int(sel["window"])
-    pool = maxwin.Pool(["responses.train"], [layer])
+    # since v0.3.0 the gated run of compliance_composite.py (its JSON) names the head's layers: a multi-layer
+    # maxwin probe, one term per layer, deciding at the deepest
+    gated = json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())
+    layers = sorted(int(v) for v in gated.get("layers", [layer]))
+    if len(layers) > 1 or layers[0] != layer:
+        layer, kind, window = layers[-1], "maxwin", int(gated.get("window", window))
+        sel = {"layer": layer, "kind": kind, "window": window, "criterion": gated["criterion"][gated["chosen"]],
+               "worst": min(f[gated["chosen"]]["auroc"] for n, f in gated["families"].items()
+                            if n in ("pyrit", "handwritten", "bundled", "blind"))}
+    pool = maxwin.Pool(["responses.train"], layers)
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
     coef, b = fit_head(kind, x, off, y, cell_weights(src, y))  # exactly the head the selection scored
+    parts = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
+    coef, extra = parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
     how = ("ridge C=0.1 on mean-pooled replies" if kind == "ridge"
            else "logistic loss on the served max-of-rolling-means score (W16), L2 0.01")
     digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()
@@ -204,16 +215,20 @@ def fit_compliance() -> None:
                                 "train": "calibration/data/responses.train.jsonl", "train_sha256": digest,
                                 "max_response_chars": "400", "objective": how,
                                 "row_weights": "equal per (source, label)",
+                                "layers": ",".join(map(str, layers)),
                                 "selection": json.dumps({k: sel[k] for k in ("layer", "kind", "window", "criterion",
-                                                                             "worst")})})
+                                                                             "worst")})}, extra=extra)
     pol_path = ROOT / "policies" / "harmful-compliance.yaml"
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
-    det = rule.detector.model_copy(update={"layer": layer, "window": window, "aggregate": "mean"})
-    desc = (f"Linear probe on layer-{layer} residuals of response tokens (highest mean over {window} tokens), "
+    det = rule.detector.model_copy(update={"layer": layer, "window": window, "aggregate": "mean",
+                                           "extra_layers": layers[:-1] or None})
+    where = f"layer-{layer} residuals" if len(layers) == 1 else \
+        f"the residuals of layers {' + '.join(map(str, layers))} (one term per layer, summed per token)"
+    desc = (f"Linear probe on {where} of response tokens (highest mean over {window} tokens), "
             f"fitted on calibration/data/responses.train.jsonl ({how}; replies cut to 400 characters, equal "
-            "weight per source and label); layer, detector and window chosen by leave-one-family-out CV "
-            "(calibration/selection/responses_probe.py)")
+            "weight per source and label); detector and window chosen by leave-one-family-out CV "
+            "(calibration/selection/responses_probe.py), the layers with the gate (compliance_composite.py)")
     new = rule.model_copy(update={"detector": det, "description": desc})
     write_policy(pol_path, pol.model_copy(update={"rules": [new, *pol.rules[1:]]}))
     print(json.dumps({"compliance": {"layer": layer, "kind": kind, "window": window}}))
@@ -236,26 +251,19 @@ def fit_compliance_gate() -> None:
     from guardrails.offline.scoring import gate_from_scores
 
     pol_path = ROOT / "policies" / "harmful-compliance.yaml"
-    req_path = ROOT / "policies" / "harmful-requests-probe.yaml"
+    # the gate rule already in the policy (v0.2.6's request probe, on whose scale the gate was chosen):
+    # harmful-requests-probe.yaml has since moved to another probe file and threshold
     answers = Scorer(pol_path, rule="harmful-compliance")
-    request = Scorer(req_path, rule="harmful-request")
+    request = Scorer(pol_path, rule="harmful-request")
     cal, prompts = Set("responses.cal"), Set("responses_prompts.cal")
     keep = np.array([s != MANY_SHOT for s in cal.sources])
     slack = float(json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())["slack"])
     scale, offset = gate_from_scores(answers.rows(cal)[keep], request.rows(prompts)[keep], cal.labels[keep], slack)
     pol = Policy.from_path(pol_path)
-    req_pol = Policy.from_path(req_path)
-    src = next(x for x in req_pol.rules if x.id == "harmful-request")
-    det = src.detector.model_copy(update={"weights": "../calibration/probes/harmful-requests-probe.safetensors"})
-    gate_rule = src.model_copy(update={
-        "detector": det, "action": "flag",
-        "description": "The request rule of harmful-requests (same probe and threshold), flag-only: it gates "
-                       "harmful-compliance (an answer counts as harmful compliance only as far as its request "
-                       "scored harmful)"})
     comp = next(x for x in pol.rules if x.id == "harmful-compliance")
     comp = comp.model_copy(update={"gate": Gate(rule="harmful-request", scale=round(scale, 4),
                                                 offset=round(offset, 4))})
-    write_policy(pol_path, pol.model_copy(update={"rules": [comp, gate_rule]}))
+    write_policy(pol_path, pol.model_copy(update={"rules": [comp if x.id == comp.id else x for x in pol.rules]}))
     n0 = int((keep & (cal.labels == 0)).sum())
     print(json.dumps({"gate": {"scale": scale, "offset": offset, "slack": slack, "n_label0": n0}}))
 

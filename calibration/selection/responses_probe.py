@@ -2,12 +2,13 @@
 """Output-guard selection by leave-one-family-out over the response sources.
 
 Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
-``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``); the pyrit many-shot
-answers (LLM-judged labels) are held out of every fit. For each candidate (layer, detector, window) and
-each family F: fit on the *train* split of the other families (equal weight per (source, label) cell),
-threshold at 3% FPR on their *cal* split, then score every row of F (all splits); the many-shot rows are
-scored by the fit on all three families (as shipped).
-Criterion: mean of the three held-out family AUROCs (the worst is printed too).
+``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (v0.3.0's
+blind hand-written answer sets 1 and 2); the pyrit many-shot answers (LLM-judged labels) and blind set 3 are
+held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the *train*
+split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on their *cal*
+split, then score every row of F (all splits); the two held-out families are scored by the fit on every
+family (as shipped).
+Criterion: mean of the four held-out family AUROCs (the worst is printed too).
 
     python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test
     python calibration/selection/responses_probe.py [--layers 12,15,18] [--json out.json]
@@ -28,12 +29,18 @@ from maxwin import Pool, auroc, fit, score
 from select_detectors import fit_probe
 
 MANY_SHOT = "pyrit_many_shot_llm_judged"
-FAMILIES = ("pyrit", "handwritten", "bundled")
+BLIND3 = "blind_responses_3"
+FAMILIES = ("pyrit", "handwritten", "bundled", "blind")
+HELD = ("many_shot", "blind3")  # held out of every fit: scored by the fit on all the families
 
 
 def family(source: str) -> str:
     if source == MANY_SHOT:
         return "many_shot"
+    if source == BLIND3:
+        return "blind3"
+    if source.startswith("blind_responses"):  # v0.3.0's blind hand-written sets 1 and 2
+        return "blind"
     if source.startswith("handwritten"):
         return "handwritten"
     if source.startswith("bundled_answers"):
@@ -84,14 +91,13 @@ def main() -> None:
         fam = {n: np.array([family(s) for s in p.sources]) for n, p in (("tr", tr), ("ca", ca), ("te", te))}
         for kind in args.kinds:
             per: dict[int, dict[str, dict[str, float]]] = {w: {} for w in args.windows}
-            for held in (*FAMILIES, "none"):  # "none": fitted on every family, scored on the many-shot rows
-                x, off, y, src = subset(tr, (fam["tr"] != held) & (fam["tr"] != "many_shot"))
+            for held in (*FAMILIES, *HELD):  # HELD: test-only families, scored by the fit on every family
+                x, off, y, src = subset(tr, np.isin(fam["tr"], [f for f in FAMILIES if f != held]))
                 c, b = fit_head(kind, x, off, y, cell_weights(src, y))  # the head does not depend on W
-                cx, coff, cy, _ = subset(ca, (fam["ca"] != held) & (fam["ca"] != "many_shot"))
-                name = "many_shot" if held == "none" else held
+                cx, coff, cy, _ = subset(ca, np.isin(fam["ca"], [f for f in FAMILIES if f != held]))
+                name = held
                 splits = ((tr, fam["tr"]), (ca, fam["ca"]), (te, fam["te"]))
-                parts = ([(te, fam["te"] == "many_shot")] if held == "none"
-                         else [(p, f == held) for p, f in splits if (f == held).any()])
+                parts = [(p, f == held) for p, f in splits if (f == held).any()]
                 evals = [subset(p, m)[:3] for p, m in parts]
                 hy = np.concatenate([yy for _, _, yy in evals])
                 for W in args.windows:
@@ -106,7 +112,7 @@ def main() -> None:
                 results.append(row)
                 print(f"L{layer} {kind:6s} W={W:3d}: crit {row['criterion']:.3f} worst {row['worst']:.3f} | "
                       + " ".join(f"{f} auroc {d[f]['auroc']:.3f} tpr {d[f]['tpr']:.2f} fpr {d[f]['fpr']:.2f}"
-                                 for f in (*FAMILIES, "many_shot")), flush=True)
+                                 for f in (*FAMILIES, *HELD)), flush=True)
     best = max(results, key=lambda r: r["criterion"])
     print(f"best: L{best['layer']} {best['kind']} W={best['window']} criterion {best['criterion']:.3f}")
     if args.json:

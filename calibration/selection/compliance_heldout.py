@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""The output guard's report on the response test split, per source, from cached residuals (float32).
+
+Each policy's gated answer score as served, ``min(answer score, scale * request score + offset)`` (the request
+score is the gate rule's highest windowed score over the prompt, fixed before the answer starts), at a threshold
+fitted the way ``guardrails calibrate`` fits it (3% FPR on the cal split) on these same caches, so policies
+calibrated in another dtype are compared at their own float32 operating point. Prints AUROC, the share of
+harmful answers flagged (TPR) and of harmless ones (FPR), per source, with the pooled test split and the held-out
+sources (the many-shot answers, blind set 3) named; for the blind sets also the flagged share per kind.
+
+    SELECTION_DTYPE=float32 python calibration/selection/collect.py --layers=12,15,18 responses.train \\
+        responses.cal responses.test responses_prompts.train responses_prompts.cal responses_prompts.test
+    git show 6e387a1:policies/harmful-compliance.yaml > policies/v029-compliance.yaml
+    SELECTION_DTYPE=float32 python calibration/selection/compliance_heldout.py \\
+        --policy policies/v029-compliance.yaml --policy policies/harmful-compliance.yaml [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from compliance_composite import blind_kinds  # noqa: E402
+from heldout import Scorer  # noqa: E402
+from maxwin import auroc  # noqa: E402
+from select_detectors import Set  # noqa: E402
+
+from guardrails.core.policy import Policy  # noqa: E402
+from guardrails.offline.calibrate import fit_threshold  # noqa: E402
+
+
+def gated(pol_path: Path, split: str) -> np.ndarray:
+    pol = Policy.from_path(pol_path)
+    rule = next(r for r in pol.rules if r.scope == "output")
+    own = Scorer(pol_path, rule=rule.id).rows(Set(f"responses.{split}"))
+    if rule.gate is None:
+        return own
+    req = Scorer(pol_path, rule=rule.gate.rule).rows(Set(f"responses_prompts.{split}"))
+    return np.minimum(own, rule.gate.scale * req + rule.gate.offset)
+
+
+def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float | int | None]:
+    pos, neg = s[y == 1], s[y == 0]
+    return {"auroc": round(auroc(pos, neg), 4) if len(pos) and len(neg) else None,
+            "tpr": round(float(np.mean(pos >= thr)), 4) if len(pos) else None,
+            "fpr": round(float(np.mean(neg >= thr)), 4) if len(neg) else None, "n": len(y)}
+
+
+def report(pol_path: Path) -> dict[str, object]:
+    cal, test = Set("responses.cal"), Set("responses.test")
+    thr = fit_threshold(gated(pol_path, "cal"), cal.labels, target_fpr=0.03)
+    s, y = gated(pol_path, "test"), test.labels
+    src = np.array(test.sources)
+    kinds = blind_kinds()
+    hk = np.array([kinds.get((" ".join(r["prompt"].split()), r["response"].strip()[:80]), "") for r in test.rows])
+    out: dict[str, object] = {"threshold_float32": round(thr, 4), "test": rates(s, y, thr)}
+    held = np.isin(src, ["pyrit_many_shot_llm_judged", "blind_responses_3"])
+    out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
+    out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
+    out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}
+    for so in ("blind_responses_1", "blind_responses_2", "blind_responses_3"):
+        m = src == so
+        out[f"{so}_by_kind"] = {str(k): round(float(np.mean(s[m & (hk == k)] >= thr)), 4)
+                                for k in sorted(set(hk[m])) if k}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policy", type=Path, action="append", required=True)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    doc = {p.name: report(p) for p in args.policy}
+    for name, r in doc.items():
+        print(f"== {name}: threshold (3% cal FPR, float32 caches) {r['threshold_float32']}")
+        for key in ("test", "test_without_held_out_sources", "held_out_sources_pooled"):
+            print(f"  {key:32s} {r[key]}")
+        for so, v in r["per_source"].items():  # type: ignore[attr-defined]
+            print(f"  {so:32s} {v}")
+        for so in ("blind_responses_1", "blind_responses_2", "blind_responses_3"):
+            print(f"  {so + ' flagged by kind':32s} {r[f'{so}_by_kind']}")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
