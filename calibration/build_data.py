@@ -1565,7 +1565,8 @@ def _license(source: str) -> tuple[str, str]:
         return LICENSES["phrasing"]
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
-    hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_")
+    hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_",
+            "blind_responses_")
     if source.startswith(hand) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):

@@ -60,6 +60,10 @@ def report(pol_path: Path) -> dict[str, object]:
     kinds = blind_kinds()
     hk = np.array([kinds.get((" ".join(r["prompt"].split()), r["response"].strip()[:80]), "") for r in test.rows])
     out: dict[str, object] = {"threshold_float32": round(thr, 4), "test": rates(s, y, thr)}
+    rule = next(r for r in Policy.from_path(pol_path).rules if r.scope == "output")
+    if rule.steer is not None and rule.steer.block_above is not None:  # blocked outright, not steered
+        out["test_blocked_above"] = {"block_above": rule.steer.block_above,
+                                     **rates(s, y, float(rule.steer.block_above))}
     held = np.isin(src, ["pyrit_many_shot_llm_judged", "blind_responses_3"])
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
@@ -79,7 +83,9 @@ def main() -> None:
     doc = {p.name: report(p) for p in args.policy}
     for name, r in doc.items():
         print(f"== {name}: threshold (3% cal FPR, float32 caches) {r['threshold_float32']}")
-        for key in ("test", "test_without_held_out_sources", "held_out_sources_pooled"):
+        for key in ("test", "test_blocked_above", "test_without_held_out_sources", "held_out_sources_pooled"):
+            if key not in r:
+                continue
             print(f"  {key:32s} {r[key]}")
         for so, v in r["per_source"].items():  # type: ignore[attr-defined]
             print(f"  {so:32s} {v}")
