@@ -42,15 +42,16 @@ SLACK = (0.5, 1, 2, 3)  # the cap loosened by k request-SDs: it binds only on cl
 KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k in SLACK))
 
 
-def blind_kinds() -> dict[tuple[str, str], str]:
-    """(prompt, first 80 characters of the reply) -> kind, for the blind hand-written answer sets (v0.3.0)."""
-    out = {}
-    for path in sorted((ROOT / "calibration" / "handwritten").glob("responses_blind_*.tsv")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.startswith("#"):
-                kind, _, prompt, response = line.split("\t")
-                out[(" ".join(prompt.split()), response.strip()[:80])] = kind
-    return out
+def blind_kinds(rows: list[dict]) -> np.ndarray:  # type: ignore[type-arg]
+    """Each response row's kind in the blind hand-written answer sets (v0.3.0: harmful_answer, refusal,
+    deflection, harmless_answer), "" for rows of other sources. The sets are read as ``build_data.py`` reads
+    them; a row is found by its prompt and the first 80 characters of its reply (the caches cut replies)."""
+    sys.path.insert(0, str(ROOT / "calibration"))
+    from build_data import BLIND_RESPONSE_SETS, HANDWRITTEN_DIR, read_tsv, tidy
+
+    kind = {(tidy(prompt), response[:80]): k for n in BLIND_RESPONSE_SETS
+            for k, _, prompt, response in read_tsv(HANDWRITTEN_DIR / f"responses_blind_{n}.tsv", 4)}
+    return np.array([kind.get((tidy(r["prompt"]), r["response"].strip()[:80]), "") for r in rows])
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     prompt = {s: req.rows(Set(f"responses_prompts.{s}")) for s in splits}
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}
-    kinds = blind_kinds()
+    kinds = {s: blind_kinds(pools[s].rows) for s in splits}
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
         x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams))
@@ -101,8 +102,7 @@ def main() -> None:
                     ("zmin", np.minimum(z(cr, zr), z(cp, zp)), np.minimum(z(hr, zr), z(hp, zp))),
                     *((f"zmin+{k}", np.minimum(z(cr, zr), z(cp, zp) + k), np.minimum(z(hr, zr), z(hp, zp) + k))
                       for k in SLACK))
-        hrows = [r for s_, m in parts for r, k in zip(pools[s_].rows, m, strict=True) if k]
-        hk = np.array([kinds.get((" ".join(r["prompt"].split()), r["response"].strip()[:80]), "") for r in hrows])
+        hk = np.concatenate([kinds[s_][m] for s_, m in parts])
         for name, cal_s, s in variants:
             thr = float(np.quantile(cal_s[cy == 0], 0.97))
             row[name] = rates(s, hy, thr)

@@ -31,13 +31,11 @@ from heldout import Scorer  # noqa: E402
 from maxwin import auroc  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
-from guardrails.core.policy import Policy  # noqa: E402
+from guardrails.core.policy import Policy, Rule  # noqa: E402
 from guardrails.offline.calibrate import fit_threshold  # noqa: E402
 
 
-def gated(pol_path: Path, split: str) -> np.ndarray:
-    pol = Policy.from_path(pol_path)
-    rule = next(r for r in pol.rules if r.scope == "output")
+def gated(pol_path: Path, rule: Rule, split: str) -> np.ndarray:
     own = Scorer(pol_path, rule=rule.id).rows(Set(f"responses.{split}"))
     if rule.gate is None:
         return own
@@ -53,14 +51,13 @@ def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float | int | N
 
 
 def report(pol_path: Path) -> dict[str, object]:
-    cal, test = Set("responses.cal"), Set("responses.test")
-    thr = fit_threshold(gated(pol_path, "cal"), cal.labels, target_fpr=0.03)
-    s, y = gated(pol_path, "test"), test.labels
-    src = np.array(test.sources)
-    kinds = blind_kinds()
-    hk = np.array([kinds.get((" ".join(r["prompt"].split()), r["response"].strip()[:80]), "") for r in test.rows])
-    out: dict[str, object] = {"threshold_float32": round(thr, 4), "test": rates(s, y, thr)}
     rule = next(r for r in Policy.from_path(pol_path).rules if r.scope == "output")
+    cal, test = Set("responses.cal"), Set("responses.test")
+    thr = fit_threshold(gated(pol_path, rule, "cal"), cal.labels, target_fpr=0.03)
+    s, y = gated(pol_path, rule, "test"), test.labels
+    src = np.array(test.sources)
+    hk = blind_kinds(test.rows)
+    out: dict[str, object] = {"threshold_float32": round(thr, 4), "test": rates(s, y, thr)}
     if rule.steer is not None and rule.steer.block_above is not None:  # blocked outright, not steered
         out["test_blocked_above"] = {"block_above": rule.steer.block_above,
                                      **rates(s, y, float(rule.steer.block_above))}

@@ -187,7 +187,7 @@ def fit_compliance() -> None:
     by ``guardrails calibrate --max-response-chars 400`` (docs/results.md)."""
     import maxwin
     import torch
-    from responses_probe import MANY_SHOT, cell_weights, fit_head, subset
+    from responses_probe import FAMILIES, MANY_SHOT, cell_weights, fit_head, subset
 
     torch.set_num_threads(2)
     sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_selection.json").read_text())["best"]
@@ -199,8 +199,7 @@ def fit_compliance() -> None:
     if len(layers) > 1 or layers[0] != layer:
         layer, kind, window = layers[-1], "maxwin", int(gated.get("window", window))
         sel = {"layer": layer, "kind": kind, "window": window, "criterion": gated["criterion"][gated["chosen"]],
-               "worst": min(f[gated["chosen"]]["auroc"] for n, f in gated["families"].items()
-                            if n in ("pyrit", "handwritten", "bundled", "blind"))}
+               "worst": min(gated["families"][f][gated["chosen"]]["auroc"] for f in FAMILIES)}
     pool = maxwin.Pool(["responses.train"], layers)
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)

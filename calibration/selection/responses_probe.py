@@ -92,10 +92,10 @@ def main() -> None:
         for kind in args.kinds:
             per: dict[int, dict[str, dict[str, float]]] = {w: {} for w in args.windows}
             for held in (*FAMILIES, *HELD):  # HELD: test-only families, scored by the fit on every family
-                x, off, y, src = subset(tr, np.isin(fam["tr"], [f for f in FAMILIES if f != held]))
+                fit_fams = [f for f in FAMILIES if f != held]
+                x, off, y, src = subset(tr, np.isin(fam["tr"], fit_fams))
                 c, b = fit_head(kind, x, off, y, cell_weights(src, y))  # the head does not depend on W
-                cx, coff, cy, _ = subset(ca, np.isin(fam["ca"], [f for f in FAMILIES if f != held]))
-                name = held
+                cx, coff, cy, _ = subset(ca, np.isin(fam["ca"], fit_fams))
                 splits = ((tr, fam["tr"]), (ca, fam["ca"]), (te, fam["te"]))
                 parts = [(p, f == held) for p, f in splits if (f == held).any()]
                 evals = [subset(p, m)[:3] for p, m in parts]
@@ -104,7 +104,7 @@ def main() -> None:
                     sc = score(cx, coff, c, b, W)
                     thr = float(np.quantile(sc[cy == 0], 0.97))
                     hs = np.concatenate([score(hx, hoff, c, b, W) for hx, hoff, _ in evals])
-                    per[W][name] = rates(hs, hy, thr)
+                    per[W][held] = rates(hs, hy, thr)
             for W, d in per.items():
                 fams = [d[f]["auroc"] for f in FAMILIES]
                 row = {"layer": layer, "kind": kind, "window": W, "criterion": round(float(np.mean(fams)), 4),
