@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -125,16 +126,54 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
     for rid in ("low", "high"):
         res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "two.yaml"), "--data", str(data),
                                        "--rule", rid, "--model", str(tmp_path / "model"), "--json",
-                                       "--by", "source", "--by", "category"])
+                                       "--by", "source", "--by", "category", "--errors", "2",
+                                       "--rows", str(tmp_path / f"{rid}.csv")])
         assert res.exit_code == 0, res.output
         got = _json.loads(res.stdout.strip().splitlines()[-1])
         want = np.array([t.scores[rid] for t in served])
+        # --rows: every row's served score and decision; --errors: the worst mistakes, taken from those rows
+        with (tmp_path / f"{rid}.csv").open() as f:
+            written = list(csv.DictReader(f))
+        assert [float(r["score"]) for r in written] == pytest.approx(want.tolist(), abs=1e-3)
+        assert [int(r["fires"]) for r in written] == (want >= 0.0).astype(int).tolist()
+        fp = [r for r in written if r["label"] == "0" and r["fires"] == "1"]
+        assert [e["row"] for e in got["errors"]["false_positives"]] == [
+            int(r["row"]) for r in sorted(fp, key=lambda r: -float(r["score"]))][:2]
+        assert all(e["label"] == 1 and e["score"] < 0.0 for e in got["errors"]["false_negatives"])
+        assert got["left_out_source"] == {} and got["left_out_category"] == {}
         assert got["auroc"] == pytest.approx(roc_auc_score(d.labels, want), abs=1e-4)
         assert got["fpr"] == pytest.approx((want[d.labels == 0] >= 0.0).mean(), abs=1e-4)
         assert set(got["by_source"]) == {"s0", "s1"} and set(got["by_category"]) == {"cTrue", "cFalse"}
         assert got["worst_source"] in {"s0", "s1"}
         aurocs[rid] = got["auroc"]
     assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations
+
+
+def test_row_errors_rank_mistakes_and_never_let_an_unscored_row_pass(tmp_path) -> None:
+    """False positives highest first, false negatives lowest first; a NaN score (could not score) on a harmful
+    row is a miss, not a pass; ``row`` is the file's 1-based data row."""
+    import json
+
+    from guardrails.cli.evaluate import row_errors, write_rows
+    from guardrails.offline.calibrate import load_labeled
+
+    data = tmp_path / "d.jsonl"
+    rows = [("a", 1, 0.9), ("b", 1, float("nan")), ("c", 1, 0.2), ("d", 0, 0.8), ("e", 0, 0.6), ("f", 0, 0.1)]
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y, _ in rows))
+    d = load_labeled(data)
+    s = np.array([r[2] for r in rows])
+    err = row_errors(d, s, 0.5, 5)
+    assert [e["text"] for e in err["false_positives"]] == ["d", "e"]
+    assert [e["text"] for e in err["false_negatives"]] == ["b", "c"]
+    assert err["false_negatives"][1]["row"] == 3
+    assert [e["text"] for e in row_errors(d, s, 0.5, 1)["false_positives"]] == ["d"]
+    write_rows(str(tmp_path / "rows.csv"), d, s, 0.5)
+    with (tmp_path / "rows.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert [r["fires"] for r in written] == ["1", "0", "0", "1", "1", "0"]
+    assert written[1]["score"] == "" and written[1]["correct"] == "0"
+    with pytest.raises(ValueError, match=r"--rows .*does not exist"):
+        write_rows(str(tmp_path / "no" / "rows.csv"), d, s, 0.5)
 
 
 def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> None:

@@ -6,9 +6,13 @@ cascade judge on request. The workflow is a plain function (:func:`run_eval`) re
 
 from __future__ import annotations
 
+import csv
 import json
-from typing import Annotated, Any
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
+import numpy as np
 import typer
 
 from guardrails.cli.session import Session, split_files
@@ -16,14 +20,67 @@ from guardrails.core.semantics import rule_layer
 from guardrails.offline.calibrate import load_labeled
 from guardrails.offline.evaluate import json_safe as _json_safe
 
+if TYPE_CHECKING:
+    from guardrails.offline.calibrate import LabeledData
+
+MIN_GROUP_ROWS = 5
+"""Groups (sources, categories) with fewer rows are not reported (their AUROC would be noise); they are listed."""
+
+
+def _row(data: LabeledData, i: int, score: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"row": i + 1, "label": int(data.labels[i]), "score": round(float(score), 4),
+                           "text": data.texts[i]}
+    if data.responses is not None:
+        row["response"] = data.responses[i]
+    if data.sources[i]:
+        row["source"] = data.sources[i]
+    if data.categories is not None:
+        row["category"] = data.categories[i]
+    return row
+
+
+def row_errors(data: LabeledData, scores: np.ndarray, threshold: float, n: int) -> dict[str, list[dict[str, Any]]]:
+    """The ``n`` worst mistakes at ``threshold`` each way: label-0 rows that fire, highest score first
+    (``false_positives``), and label-1 rows that do not, lowest first (``false_negatives``; a row that could
+    not be scored, NaN, counts as not firing). ``row`` is the 1-based data row of the file."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    y = np.asarray(data.labels)
+    fp = [i for i in np.argsort(-s, kind="stable") if y[i] == 0 and s[i] >= threshold][:n]
+    fn = [i for i in np.argsort(s, kind="stable") if y[i] == 1 and s[i] < threshold][:n]
+    return {"false_positives": [_row(data, int(i), scores[i]) for i in fp],
+            "false_negatives": [_row(data, int(i), scores[i]) for i in fn]}
+
+
+def write_rows(path: str, data: LabeledData, scores: np.ndarray, threshold: float) -> None:
+    """Every row's score and decision as CSV: row, label, score, threshold, fires, correct, source, category,
+    text (and response for answer rows)."""
+    out = Path(path)
+    if out.parent and not out.parent.is_dir():
+        raise ValueError(f"--rows {path}: folder {out.parent} does not exist")
+    cols = ["row", "label", "score", "threshold", "fires", "correct", "source", "category", "text"]
+    cols += ["response"] if data.responses is not None else []
+    with out.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for i, sc in enumerate(np.asarray(scores, dtype=np.float64)):
+            r = _row(data, i, sc)
+            fires = bool(np.isfinite(sc) and sc >= threshold)
+            r.update(threshold=threshold, fires=int(fires), correct=int(fires == bool(r["label"])),
+                     score="" if not np.isfinite(sc) else r["score"])
+            w.writerow(r)
+
 
 def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str | None = None,
              baselines: bool = False, train_path: str | None = None, limit: int | None = None,
              intervals: bool = False, max_response_chars: int | None = None,
-             train_limit: int | None = None, by: list[str] | None = None, judge: str | None = None) -> dict[str, Any]:
+             train_limit: int | None = None, by: list[str] | None = None, judge: str | None = None,
+             errors: int = 0, rows_out: str | None = None) -> dict[str, Any]:
     """Metrics of a policy on a labeled file; ``by`` ("source", "category") adds per-group metrics
-    and names the worst group (lowest AUROC). ``judge`` (``module:callable``): the cascade's rules with that
-    judge: TPR, FPR and the share of rows escalated (``cascade``; see :mod:`guardrails.offline.cascade_eval`)."""
+    and names the worst group (lowest AUROC), and lists the groups too small to report (``left_out_<field>``).
+    ``judge`` (``module:callable``): the cascade's rules with that judge: TPR, FPR and the share of rows
+    escalated (``cascade``; see :mod:`guardrails.offline.cascade_eval`). ``errors``: the that many worst
+    false positives and false negatives at the threshold (``errors``); ``rows_out``: every row's score and
+    decision written to that CSV file."""
     from guardrails.core.policy import Policy
     from guardrails.offline.calibrate import rule_scope
     from guardrails.offline.evaluate import (
@@ -37,6 +94,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         worst_group,
     )
 
+    if errors < 0:
+        raise ValueError(f"--errors must be >= 0 (rows to list per kind), got {errors}")
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     for field_name in by or []:  # before any scoring: a wrong --by costs nothing
@@ -63,9 +122,15 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
         groups = data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
-        per = grouped_metrics(scores, data.labels, groups, thr)
+        per = grouped_metrics(scores, data.labels, groups, thr, min_rows=MIN_GROUP_ROWS)
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
+        counts = Counter(groups)
+        out[f"left_out_{field_name}"] = {g: n for g, n in sorted(counts.items()) if n < MIN_GROUP_ROWS}
+    if errors:
+        out["errors"] = row_errors(data, scores, thr, errors)
+    if rows_out is not None:
+        write_rows(rows_out, data, scores, thr)
     if judge is not None:  # the cascade: the band goes to the judge (every judge name bound to it)
         from guardrails.offline.cascade_eval import cascade_metrics
 
@@ -102,6 +167,8 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
         judge: Annotated[str | None, typer.Option(help="Cascade judge as module:callable (a factory: "
                                                         "module:make()); reports the share escalated")] = None,
+        errors: Annotated[int, typer.Option(help="List the N worst false positives and false negatives")] = 0,
+        rows: Annotated[str | None, typer.Option(help="Write every row's score and decision to this CSV")] = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
         from guardrails.cli.main import _run_safely, console, resolve_policy_path
@@ -110,7 +177,7 @@ def register(app: typer.Typer) -> None:
         res = _run_safely(lambda: run_eval(Session(model, progress=not as_json, dtype=dtype), path, data, rule_id=rule,
                                            baselines=baselines, train_path=train, limit=limit, intervals=intervals,
                                            max_response_chars=max_response_chars, train_limit=train_limit,
-                                           by=by, judge=judge))
+                                           by=by, judge=judge, errors=errors, rows_out=rows))
         if as_json:
             print(json.dumps(_json_safe(res), ensure_ascii=False))
             return
@@ -139,6 +206,21 @@ def register(app: typer.Typer) -> None:
                 g.add_row(name, str(m["n"]), str(m["positives"]), str(m["negatives"]),
                           *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
             console.print(g)
+            if res.get(f"left_out_{field_name}"):
+                small = ", ".join(f"{k} ({v})" for k, v in res[f"left_out_{field_name}"].items())
+                console.print(f"not reported (under {MIN_GROUP_ROWS} rows): {small}")
+        for kind, title in (("false_positives", "label 0, fires"), ("false_negatives", "label 1, does not fire")):
+            found = (res.get("errors") or {}).get(kind)
+            if found:
+                e = Table("row", "score", "text", *(["category"] if "category" in found[0] else []),
+                          title=f"{kind.replace('_', ' ')} ({title}; threshold {res['threshold']:.4g})")
+                for r in found:
+                    text = r["text"] if "response" not in r else f"{r['text']} -> {r['response']}"
+                    e.add_row(str(r["row"]), f"{r['score']:.3f}", text[:160],
+                              *([str(r["category"])] if "category" in r else []))
+                console.print(e)
+        if rows:
+            console.print(f"per-row scores written to {rows}")
 
 
 def _fmt(v: Any) -> str:
