@@ -313,6 +313,66 @@ def test_fit_weights_on_one_file_warns_in_sample(saved_tiny) -> None:
     assert "fitted on the same rows" in " ".join(res.output.split())
 
 
+def test_calibrate_out_elsewhere_keeps_the_source_files_and_rewrites_paths(saved_tiny) -> None:
+    """A new user's first step: calibrate a policy into another folder. The written policy loads from there
+    (its relative references rewritten), and --fit-weights writes a new weights file next to it instead of
+    overwriting the source policy's."""
+    import hashlib
+
+    from guardrails.offline.baselines import save_linear
+
+    t = saved_tiny
+    src = t["tmp"] / "src"
+    (src / "probes").mkdir(parents=True)
+    lin = save_linear(src / "probes" / "lin.safetensors", np.random.default_rng(0).normal(0, 1, 64).astype(np.float32),
+                      0.0)
+    before = hashlib.sha256(lin.read_bytes()).hexdigest()
+    pol = {"name": "lin", "rules": [{"id": "r", "scope": "input", "threshold": 0.0, "action": "block",
+                                     "detector": {"kind": "linear", "layer": 1, "weights": "probes/lin.safetensors",
+                                                  "window": 2}}]}
+    (src / "lin.yaml").write_text(yaml.safe_dump(pol))
+    elsewhere = t["tmp"] / "mine"
+    elsewhere.mkdir()
+    for extra, name in (([], "thr.yaml"), (["--fit-weights"], "fit.yaml")):
+        res = _cli(["calibrate", "--policy", str(src / "lin.yaml"), "--data", str(t["tmp"] / "toy"), "--target-fpr",
+                    "0.1", "--model", str(t["model"]), "--out", str(elsewhere / name), *extra])
+        assert res.exit_code == 0, res.output
+        written = Policy.from_path(elsewhere / name)
+        ref = written.rules[0].detector.weights  # type: ignore[union-attr]
+        assert Path(written.resolve(ref)).is_file()
+        if extra:  # its own weights file, named after the output, relative to it
+            assert ref == "fit.r.safetensors"
+        else:  # the source's file, named so that it resolves from the new folder
+            assert Path(ref).resolve() == lin.resolve()
+    assert hashlib.sha256(lin.read_bytes()).hexdigest() == before  # the source policy's probe is untouched
+    res = _cli(["eval", "--policy", str(elsewhere / "fit.yaml"), "--data", str(t["tmp"] / "toy.test.jsonl"),
+                "--model", str(t["model"]), "--json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_rebased_rewrites_only_local_references(tmp_path) -> None:
+    (tmp_path / "a" / "probes").mkdir(parents=True)
+    pol = Policy.from_dict({
+        "name": "p", "saes": {"s": {"path": "bundled", "layer": 1}, "t": {"path": "sae_dir", "layer": 1}},
+        "rules": [{"id": "r", "scope": "input", "threshold": 0.0, "action": "steer",
+                   "detector": {"kind": "ensemble", "members": [
+                       {"detector": {"kind": "linear", "layer": 1, "weights": "probes/w.safetensors"}, "std": 1.0},
+                       {"detector": {"sae": "s", "features": [1]}, "std": 1.0}]},
+                   "steer": {"direction": "sae:s:1", "strength": 1.0}}],
+        "audit": {"db": "audit.db"}}, base_dir=tmp_path / "a")
+    up = pol.rebased(tmp_path)  # the files are under the new folder: relative paths through 'a/'
+    det = up.rules[0].detector
+    assert det.members[0].detector.weights == "a/probes/w.safetensors"  # type: ignore[union-attr]
+    assert up.saes["s"].path == "bundled" and up.saes["t"].path == "a/sae_dir"
+    assert up.rules[0].steer.direction == "sae:s:1"  # type: ignore[union-attr]
+    assert up.audit.db == "a/audit.db"  # type: ignore[union-attr]
+    away = pol.rebased(tmp_path / "b")  # a sibling folder: absolute paths
+    assert away.saes["t"].path == str((tmp_path / "a" / "sae_dir").resolve())
+    for moved in (up, away):  # both name the same file as the original
+        assert Path(moved.resolve(moved.saes["t"].path)).resolve() == (tmp_path / "a" / "sae_dir").resolve()
+    assert pol.rebased(tmp_path / "a") is pol
+
+
 def test_cli_discover_writes_draft(saved_tiny) -> None:
     t = saved_tiny
     out = t["tmp"] / "draft.yaml"

@@ -67,6 +67,22 @@ def test_validate_rejects_an_sae_of_another_width(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "d_model=64 but the model's hidden size is 576" in out
 
 
+def test_a_shipped_policy_copied_elsewhere_gets_a_hint(tmp_path: Path) -> None:
+    """Copying a shipped policy breaks its relative ``../calibration/probes`` references; the error names the
+    shipped file and the command that writes a working copy."""
+    from guardrails._data import shipped_policy
+
+    src = shipped_policy("harmful-requests-probe")
+    assert src is not None
+    copied = tmp_path / "mine.yaml"
+    copied.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    res = _cli(["validate", str(copied)])
+    text = " ".join(res.output.split())  # type: ignore[attr-defined]
+    assert res.exit_code == 1  # type: ignore[attr-defined]
+    assert "a shipped policy copied elsewhere?" in text and "--out FILE" in text
+    assert "calibration/probes/" in text.split("absolute path")[1]
+
+
 def test_train_sae_refuses_zero_steps(tmp_path: Path) -> None:
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("Hello there.\nA second short line.\n")

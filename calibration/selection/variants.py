@@ -53,7 +53,8 @@ class Bench:
     def __init__(self) -> None:
         self.sets = {n: Set(n) for n in SETS}
 
-    def line(self, label: str, f: RowFn) -> str:
+    def line(self, label: str, f: RowFn, thr: float | None = None) -> str:
+        """One variant's columns; ``thr``: a fixed threshold instead of the 3% cal FPR point (a decision score)."""
         s = self.sets
         te, cal = s["requests.test"], s["requests.cal"]
         sc, src, lab = f("requests.test"), np.array(te.sources), te.labels
@@ -61,7 +62,7 @@ class Bench:
         new = np.isin(src, SHORT_FORMS)  # v0.2.9's evaluation source: left out, so the columns keep their rows
         ben = sc[(lab == 0) & ~blind & ~new]
         cs = f("requests.cal")
-        thr = np.quantile(cs[cal.labels == 0], 0.97)
+        thr = np.quantile(cs[cal.labels == 0], 0.97) if thr is None else thr
         four = sc[np.isin(src, HELD_OUT_HARMFUL) & (lab == 1)]
         bh, bc = sc[src == BLIND[0]], sc[src == BLIND[1]]
         words = np.array([len(r["text"].split()) for r in te.rows])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,6 +103,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     if not rules:
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
     new_rules = {r.id: r for r in policy.rules}
+    out_path = Path(out or policy_path)
+    moving = out_path.resolve() != Path(policy.base_dir or ".", Path(policy_path).name).resolve()
     report: dict[str, Any] = {"policy": policy.name, "rules": {}}
     warnings: list[str] = []
     if fit_weights and "train" not in files:
@@ -149,6 +152,10 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                  max_response_chars=max_response_chars)
             fit = fit_probe if det.method == "probe" else fit_diffmean
             w, b = fit(session.rows(train, layer, sc), train.labels)
+            if moving:  # a copy written elsewhere gets its own weights file: the source policy's stays as it was
+                fitted = out_path.resolve().parent / f"{out_path.stem}.{rule.id}.safetensors"
+                # named from the source policy's folder for now; rebased() below names it from the output's
+                det = det.model_copy(update={"weights": os.path.relpath(fitted, policy.base_dir or ".")})
             save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
                                                              "train": train.path, "train_sha256": train.sha256})
             sae_ids = [k for k, v in policy.saes.items() if v.layer == layer]
@@ -162,9 +169,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the {det.method} direction")
                         for i, c in explain_direction(sae, w)]
                 det = det.model_copy(update={"explained_by": expl})
-                rule = rule.model_copy(update={"detector": det})
-                new_rules[rule.id] = rule
-                policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
+            rule = rule.model_copy(update={"detector": det})
+            new_rules[rule.id] = rule
+            policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
         if fit_ensemble and isinstance(rule.detector, EnsembleDetector):
             from guardrails.offline.scoring import fit_members
 
@@ -220,8 +227,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                 **({"record": shown} if shown else {}),
                                 **({"features_from": f} if (f := _features_from(policy, rid)) else {})}
                           for rid, r in report["rules"].items()}}
-    policy = policy.model_copy(update={"calibration": summary or None})
-    out_path = Path(out or policy_path)
+    # relative file references name the same files from the output's folder (a copy written elsewhere)
+    policy = policy.model_copy(update={"calibration": summary or None}).rebased(out_path.resolve().parent)
     text = _header(policy, shown) + policy.to_yaml()
     Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
     out_path.write_text(text, encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from guardrails.core.policy import LinearDetector, Policy, parts_where
+from guardrails.core.yaml_io import shipped_twin_hint
 
 
 class SAEHeader(NamedTuple):
@@ -117,7 +118,7 @@ def check_policy(policy: Policy) -> tuple[list[str], list[str]]:
                 continue
             path = Path(policy.resolve(det.weights))
             if not path.is_file():
-                problems.append(f"{where}.weights: {str(path)!r} not found")
+                problems.append(f"{where}.weights: {str(path)!r} not found{shipped_twin_hint(path)}")
                 continue
             shape = _safetensors_shapes(path).get("weight")
             if hidden is not None and shape != [hidden]:

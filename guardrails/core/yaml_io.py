@@ -55,13 +55,27 @@ def regular_file(path: str | os.PathLike[str], where: str) -> Path:
     try:
         st = p.stat()
     except OSError as exc:
-        raise PolicyError(f"{where}: {str(p)!r} not found ({exc.strerror})") from None
+        raise PolicyError(f"{where}: {str(p)!r} not found ({exc.strerror}){shipped_twin_hint(p)}") from None
     import stat
 
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a file"
         raise PolicyError(f"{where}: {str(p)!r} is {kind}; valid: a regular file")
     return p
+
+
+def shipped_twin_hint(p: Path) -> str:
+    """A hint when a missing file has a shipped namesake: the usual cause is a shipped policy copied to another
+    folder, whose relative ``../calibration/...`` references then point nowhere."""
+    from guardrails._data import data_root
+
+    for sub in ("calibration/probes", "calibration/directions"):
+        twin = data_root() / sub / p.name
+        if twin.is_file():
+            return (f"; relative paths resolve against the policy's folder (a shipped policy copied elsewhere?): "
+                    f"name the shipped file by its absolute path {str(twin)!r}, or write the copy with "
+                    "`guardrails calibrate --policy <shipped name> --out FILE`, which rewrites the paths")
+    return ""
 
 
 MAX_YAML_NODES = 200_000
