@@ -17,7 +17,8 @@ for the judge probe alone; for cascades of the shipped ensemble with it (the ens
 judge's 3% point decides); and for mixes (the ensemble's and the judge's scores, each standardised on the cal
 benign rows, averaged with weight ``a`` on the judge, thresholded at the mix's own 3% point).
 
-    SELECTION_DTYPE=float32 python calibration/selection/self_judge.py [--prompt short|cascade]
+    SELECTION_DTYPE=float32 python calibration/selection/self_judge.py [--prompt short|cascade] [--C 0.01]
+        [--layers "12,15,18;18"] [--k 1,6]
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", choices=("short", "cascade"), default="short")
     ap.add_argument("--C", default="0.003,0.01,0.03", type=lambda s: [float(v) for v in s.split(",")])
+    ap.add_argument("--layers", default="12,15,18;18;15", type=lambda s: [[int(v) for v in g.split(",")]
+                                                                            for g in s.split(";")])
+    ap.add_argument("--k", default="1,3,6", type=lambda s: [int(v) for v in s.split(",")])
     args = ap.parse_args()
     b = Bench()
     js = judge_sets(judge_prompt(args.prompt), args.prompt)
@@ -82,8 +86,8 @@ def main() -> None:
     cal = b.sets["requests.cal"]
     e_ref = np.sort(e_rows["requests.cal"][cal.labels == 0])
     print(b.line("shipped ensemble", lambda n: e_rows[n]), flush=True)
-    for layers in ([12, 15, 18], [18], [15]):
-        for k in (1, 3, 6):
+    for layers in args.layers:
+        for k in args.k:
             x = last_k(tr, layers, k)
             std = StandardScaler().fit(x)
             for c in args.C:
@@ -108,7 +112,10 @@ def main() -> None:
                         # the judge says unsafe, 0 otherwise (AUROC columns are then of a three-level score)
                         return np.where(e >= hi, 2.0, np.where((e >= lo) & (j >= j_thr), 1.0, 0.0))
 
-                    print(b.line(f"  cascade band {low_fpr:.0%}..{high_fpr:.0%} cal FPR", cascade, thr=1.0), flush=True)
+                    e_test = e_rows["requests.test"]
+                    band = float(((e_test >= lo) & (e_test < hi)).mean())  # the share the judge is called on
+                    print(b.line(f"  cascade band {low_fpr:.0%}..{high_fpr:.0%} cal FPR ({band:.0%} judged)", cascade,
+                                 thr=1.0), flush=True)
                 ref_j = f("requests.cal")[cal.labels == 0]
                 for a in (0.25, 0.5):
                     def mix(n: str, a=a, f=f, ref_j=ref_j) -> np.ndarray:  # type: ignore[no-untyped-def]
