@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from guardrails.audit.report import OVER_COLOR, render_record, render_summary
+from guardrails.audit.report import OVER_COLOR, render_record
 from guardrails.audit.store import AuditStore
+from guardrails.audit.summary import render_summary
 from guardrails.cli.main import app
 from tests.test_audit import FakeGuard, make_policy, make_result
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from guardrails.audit.report import render_record, render_summary
+from guardrails.audit.report import render_record
 from guardrails.audit.store import AuditStore
+from guardrails.audit.summary import render_summary
 from tests.test_audit import FakeGuard, make_policy, make_result
 from tests.test_report import Page
 

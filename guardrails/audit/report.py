@@ -1,4 +1,5 @@
-"""Self-contained HTML reports of audit records: a token heat map per record and a summary page.
+"""Self-contained HTML reports of audit records: a token heat map per record (the summary page of many records:
+:mod:`guardrails.audit.summary`).
 
 Pages load nothing from the network: styles and the small script are inline, charts are inline SVG.
 Every piece of recorded text is escaped (prompts may contain ``<script>``); data for the script is
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import html
 import json
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from guardrails.audit.store import ACTIONS, AuditRecord
@@ -347,135 +347,3 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
                     f"</td><td>{_e(x.get('scope'))}</td><td>{link}</td><td><code>{_e(repr(x.get('token')))}</code></td>"
                     f"<td>{_e(_fmt(x.get('score')))}</td><td>{_e(_fmt(x.get('threshold')))}</td><td>{_e(feats)}</td></tr>")
     return f'<section class="card"><h2>Decisions</h2><table><tr>{head}</tr>{"".join(rows)}</table></section>'
-
-
-# -- many records --------------------------------------------------------------------------------------------
-
-
-def time_buckets(times: list[str]) -> tuple[str, list[str]]:
-    """Bucket unit ("hour" when the records span at most 48 hours, else "day") and every bucket label
-    from the first to the last record (empty ones included)."""
-    if not times:
-        return "day", []
-    parsed = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")) for t in times)
-    unit = "hour" if parsed[-1] - parsed[0] <= timedelta(hours=48) else "day"
-    step = timedelta(hours=1) if unit == "hour" else timedelta(days=1)
-    cur = _floor(parsed[0], unit)
-    labels = []
-    while cur <= parsed[-1]:
-        labels.append(_label(cur, unit))
-        cur += step
-    return unit, labels
-
-
-def _floor(t: datetime, unit: str) -> datetime:
-    return t.replace(minute=0, second=0, microsecond=0) if unit == "hour" else t.replace(
-        hour=0, minute=0, second=0, microsecond=0)
-
-
-def _label(t: datetime, unit: str) -> str:
-    return t.strftime("%Y-%m-%d %H:00") if unit == "hour" else t.strftime("%Y-%m-%d")
-
-
-def bucket_of(time: str, unit: str) -> str:
-    return _label(_floor(datetime.fromisoformat(time.replace("Z", "+00:00")), unit), unit)
-
-
-def render_summary(records: Iterable[AuditRecord | Mapping[str, Any]], *, title: str = "Audit summary") -> str:
-    """One HTML page over many records: counts per action, per rule and action, and a bar chart over time.
-
-    A record counts once for its action (the strongest decision) and once for each distinct
-    (rule, action) pair among its decisions.
-    """
-    recs = [_data(r) for r in records]
-    by_action = Counter(str(r.get("action", "")) for r in recs)
-    by_policy = Counter(str((r.get("policy") or {}).get("name", "")) for r in recs)
-    pairs: Counter[tuple[str, str]] = Counter()
-    for r in recs:
-        for rule, act in {(str(x.get("rule")), str(x.get("action"))) for x in r.get("decisions") or []}:
-            pairs[(rule, act)] += 1
-    actions = [a for a in ACTIONS if by_action[a] or any(p[1] == a for p in pairs)]
-    unit, labels = time_buckets([str(r["time"]) for r in recs if r.get("time")])
-    over_time: dict[str, Counter[str]] = {lab: Counter() for lab in labels}
-    for r in recs:
-        if r.get("time"):
-            over_time[bucket_of(str(r["time"]), unit)][str(r.get("action", ""))] += 1
-
-    parts = [f'<header class="card"><h1>{_e(title)}</h1><dl class="meta"><dt>Records</dt><dd>{len(recs)}</dd>'
-             f"<dt>By action</dt><dd>"
-             + " ".join(f'<span class="count-action" data-action="{_e(a)}" data-count="{c}">{_badge(a)} {c}</span>'
-                        for a, c in sorted(by_action.items(), key=lambda kv: ACTIONS.index(kv[0])
-                                           if kv[0] in ACTIONS else 99))
-             + "</dd><dt>By policy</dt><dd>"
-             + ", ".join(f"{_e(p)}: {c}" for p, c in sorted(by_policy.items())) + "</dd>"
-             + (f"<dt>From</dt><dd>{_e(labels[0])} to {_e(labels[-1])} (per {unit})</dd>" if labels else "")
-             + "</dl></header>"]
-    rules = sorted({p[0] for p in pairs})
-    if rules:
-        head = "<tr><th>rule</th>" + "".join(f"<th>{_e(a)}</th>" for a in actions) + "</tr>"
-        body = "".join(
-            f'<tr><td>{_e(rule)}</td>' + "".join(
-                f'<td class="count" data-rule="{_e(rule)}" data-action="{_e(a)}">{pairs[(rule, a)]}</td>'
-                for a in actions) + "</tr>" for rule in rules)
-        parts.append(f'<section class="card"><h2>Records per rule and action</h2><table id="per-rule">{head}{body}'
-                     "</table></section>")
-    parts.append(f'<section class="card"><h2>Over time (per {unit})</h2>{_chart(labels, over_time)}</section>')
-    parts.append(_record_table(recs))
-    parts.append('<p class="note">Generated by sae-guardrails. This page is self-contained and loads nothing.</p>')
-    return _page(title, "".join(parts))
-
-
-def _chart(labels: list[str], over_time: dict[str, Counter[str]]) -> str:
-    if not labels:
-        return '<p class="note">No records.</p>'
-    bw, gap, h, top, bottom, left = 34, 8, 180, 16, 40, 36
-    peak = max(sum(c.values()) for c in over_time.values()) or 1
-    present = [a for a in ACTIONS if any(c.get(a) for c in over_time.values())]
-    width = max(480, left + len(labels) * (bw + gap) + 10)
-    out = [f'<svg id="chart" width="{width}" height="{top + h + bottom}" viewBox="0 0 {width} {top + h + bottom}" '
-           'role="img" aria-label="records over time">']
-    out.append(f'<line x1="{left}" y1="{top + h}" x2="{width - 4}" y2="{top + h}" stroke="#9ca3af"/>')
-    out.append(f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>'
-               f'<text x="{left - 6}" y="{top + h}" text-anchor="end">0</text>')
-    every = max(1, len(labels) // 12)
-    for i, lab in enumerate(labels):
-        x = left + i * (bw + gap) + gap
-        y = float(top + h)
-        counts = over_time[lab]
-        for a in ACTIONS:
-            c = counts.get(a, 0)
-            if not c:
-                continue
-            bh = h * c / peak
-            y -= bh
-            out.append(f'<rect class="bar bar-{a}" data-bucket="{_e(lab)}" data-action="{a}" data-count="{c}" '
-                       f'x="{x}" y="{y:.2f}" width="{bw}" height="{bh:.2f}" fill="{ACTION_COLORS[a]}">'
-                       f"<title>{_e(lab)}: {c} {a}</title></rect>")
-        total = sum(counts.values())
-        if total:
-            out.append(f'<text x="{x + bw / 2}" y="{y - 3:.2f}" text-anchor="middle">{total}</text>')
-        if i % every == 0:
-            short = lab[11:] if len(lab) > 10 else lab[5:]  # hour: "13:00", day: "01-31"
-            out.append(f'<text x="{x + bw / 2}" y="{top + h + 14}" text-anchor="middle">{_e(short)}</text>')
-    lx = left
-    for a in present:
-        out.append(f'<rect x="{lx}" y="{top + h + 24}" width="10" height="10" fill="{ACTION_COLORS[a]}"/>'
-                   f'<text x="{lx + 14}" y="{top + h + 33}">{a}</text>')
-        lx += 70
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _record_table(recs: list[dict[str, Any]]) -> str:
-    rows = []
-    for r in sorted(recs, key=lambda r: int(r.get("id") or 0), reverse=True)[:500]:
-        inp = (r.get("input") or {}).get("text")
-        preview = "(redacted)" if inp is None else (inp[-120:] if len(inp) > 120 else inp)
-        rules = ", ".join(sorted({str(x.get("rule")) for x in r.get("decisions") or []}))
-        rows.append(f'<tr class="record-row"><td>{_e(r.get("id"))}</td><td class="time">{_e(r.get("time"))}</td>'
-                    f'<td>{_e((r.get("policy") or {}).get("name"))}</td><td>{_badge(str(r.get("action", "")))}</td>'
-                    f"<td>{_e(rules)}</td><td><code>{_e(preview)}</code></td></tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("id", "time (UTC)", "policy", "action", "rules", "input (end)"))
-    more = '<p class="note">Showing the newest 500.</p>' if len(recs) > 500 else ""
-    return (f'<section class="card"><h2>Records</h2><table id="records"><tr>{head}</tr>{"".join(rows)}</table>'
-            f"{more}</section>")

@@ -247,7 +247,8 @@ def report(
     policy: PolicyFilter = None, action: ActionFilter = None, rule: RuleFilter = None, since: SinceFilter = None,
 ) -> None:
     """Write a self-contained HTML report: one record's token heat map, or a summary (--summary)."""
-    from guardrails.audit.report import render_record, render_summary
+    from guardrails.audit.report import render_record
+    from guardrails.audit.summary import render_summary
     from guardrails.cli.main import console
 
     if summary and record_id is not None:
