@@ -212,6 +212,13 @@ def test_load_labeled_forms(tmp_path: Path) -> None:
     (tmp_path / "r.csv").write_text("prompt,response,label\nHi,Hello there,0\nHow?,Sure: step one,1\n")
     r = load_labeled(tmp_path / "r.csv")
     assert r.responses == ["Hello there", "Sure: step one"] and r.labels.tolist() == [0, 1]
+    assert c.fields == {} and r.fields == {}
+    # other scalar columns are kept for grouping (--by form); a row without one reads '-'; nested values are not
+    f = load_labeled(_write(tmp_path / "f.jsonl", [
+        {"text": "a", "label": 0, "form": "question", "turns": 2, "meta": {"x": 1}},
+        {"text": "b", "label": 1, "form": "imperative"}, {"text": "c", "label": 1, "form": ""}]))
+    assert f.fields == {"form": ["question", "imperative", "-"], "turns": ["2", "-", "-"]}
+    assert f.select([2, 0]).fields == {"form": ["-", "question"], "turns": ["-", "2"]}
 
 
 def test_split_files_csv(tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
     # collection may break the tie by float noise, moving AUROC by half a pair
     data.write_text("".join(_json.dumps({"text": f"{words[i % 10]} {words[i // 10 + 3]} {words[(i * 7) % 10]}",
                                          "label": int(i % 3 == 0), "source": "s" + str(i % 2),
-                                         "category": "c" + str(i % 4 == 0)}) + "\n" for i in range(24)))
+                                         "category": "c" + str(i % 4 == 0), "form": f"f{i % 3}"}) + "\n"
+                        for i in range(24)))
     _register_extensions()
     model, tok = load_model(str(tmp_path / "model"))
     d = load_labeled(data)
@@ -126,7 +127,7 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
     for rid in ("low", "high"):
         res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "two.yaml"), "--data", str(data),
                                        "--rule", rid, "--model", str(tmp_path / "model"), "--json",
-                                       "--by", "source", "--by", "category", "--errors", "2",
+                                       "--by", "source", "--by", "category", "--by", "form", "--errors", "2",
                                        "--rows", str(tmp_path / f"{rid}.csv")])
         assert res.exit_code == 0, res.output
         got = _json.loads(res.stdout.strip().splitlines()[-1])
@@ -144,6 +145,7 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
         assert got["auroc"] == pytest.approx(roc_auc_score(d.labels, want), abs=1e-4)
         assert got["fpr"] == pytest.approx((want[d.labels == 0] >= 0.0).mean(), abs=1e-4)
         assert set(got["by_source"]) == {"s0", "s1"} and set(got["by_category"]) == {"cTrue", "cFalse"}
+        assert set(got["by_form"]) == {"f0", "f1", "f2"}  # any other column groups too
         assert got["worst_source"] in {"s0", "s1"}
         aurocs[rid] = got["auroc"]
     assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations
@@ -191,7 +193,7 @@ def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> 
     data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2, "source": "s"}) + "\n" for i in range(4)))
     with pytest.raises(ValueError, match=r"--by category: no row of .*d.jsonl has a 'category' field"):
         run_eval(NoModel(), "harmful-requests", str(data), by=["category"])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"unknown --by 'topic'; valid: source, category"):
+    with pytest.raises(ValueError, match=r"unknown --by 'topic'; valid: source, category \(the columns of"):
         run_eval(NoModel(), "harmful-requests", str(data), by=["topic"])  # type: ignore[arg-type]
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))

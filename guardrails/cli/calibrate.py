@@ -283,7 +283,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def discover(
-        data: Annotated[str, typer.Option(help="Labeled JSONL, or a split prefix (uses its train split)")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL or CSV, or a split prefix (uses its train split)")],
         layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the layer its file records; "
                                                        "the bundled SAE's is 15)")] = None,
         sae: Annotated[str, typer.Option(help="SAE path or 'bundled'")] = "bundled",
@@ -323,7 +323,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL, or a split prefix (thresholds on its cal split)")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL or CSV, or a split prefix (thresholds on its cal "
+                                                "split)")],
         target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default 0.01)")] = None,
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
         fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]

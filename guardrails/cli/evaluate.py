@@ -75,7 +75,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
              intervals: bool = False, max_response_chars: int | None = None,
              train_limit: int | None = None, by: list[str] | None = None, judge: str | None = None,
              errors: int = 0, rows_out: str | None = None) -> dict[str, Any]:
-    """Metrics of a policy on a labeled file; ``by`` ("source", "category") adds per-group metrics
+    """Metrics of a policy on a labeled file; ``by`` ("source", "category" or any other column) adds per-group metrics
     and names the worst group (lowest AUROC), and lists the groups too small to report (``left_out_<field>``).
     ``judge`` (``module:callable``): the cascade's rules with that judge: TPR, FPR and the share of rows
     escalated (``cascade``; see :mod:`guardrails.offline.cascade_eval`). ``errors``: the that many worst
@@ -99,9 +99,11 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
     for field_name in by or []:  # before any scoring: a wrong --by costs nothing
-        if field_name not in ("source", "category"):
-            raise ValueError(f"unknown --by {field_name!r}; valid: source, category")
-        if not (data.categories is not None if field_name == "category" else any(data.sources)):
+        if field_name not in ("source", "category", *data.fields):
+            valid = ", ".join(["source", "category", *data.fields])
+            raise ValueError(f"unknown --by {field_name!r}; valid: {valid} (the columns of {data.path})")
+        if not (data.categories is not None if field_name == "category" else any(data.sources)
+                if field_name == "source" else True):
             raise ValueError(f"--by {field_name}: no row of {data.path} has a {field_name!r} field; add one per row "
                              f"(README, 'Labeled data') or leave out --by {field_name}")
     guard = session.guard(policy)
@@ -121,7 +123,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
-        groups = data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
+        groups = (data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
+                  if field_name == "category" else data.fields[field_name])
         per = grouped_metrics(scores, data.labels, groups, thr, min_rows=MIN_GROUP_ROWS)
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
@@ -152,7 +155,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL: {text,label} or {prompt,response,label}")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL or CSV: {text,label} or {prompt,response,label}")],
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,
         train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: sibling)")] = None,
@@ -162,8 +165,8 @@ def register(app: typer.Typer) -> None:
         intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
         max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
-        by: Annotated[list[str] | None, typer.Option(help="Also per group: source and/or category (repeatable)")]
-        = None,
+        by: Annotated[list[str] | None, typer.Option(help="Also per group: source, category or any other column "
+                                                          "(repeatable)")] = None,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
         judge: Annotated[str | None, typer.Option(help="Cascade judge as module:callable (a factory: "
                                                         "module:make()); reports the share escalated")] = None,

@@ -15,6 +15,7 @@ optional ``source`` and ``category`` fields feed the per-source and per-category
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,8 @@ MAX_TOKENS = 1024
 
 Scope = Literal["input", "output"]
 
+_KNOWN_COLUMNS = frozenset({"text", "prompt", "response", "label", "source", "category"})
+
 LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
 """Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
 
@@ -68,6 +71,9 @@ class LabeledData:
     """Per-row ``source`` field (empty when absent)."""
     categories: list[str] | None = None
     """Per-row ``category`` field (hazard category; '-' when absent), or None for files without one."""
+    fields: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Any other scalar column (a ``form``, a ``language``...), per row as text ('-' when absent): what
+    ``guardrails eval --by`` can group by besides source and category."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -81,6 +87,7 @@ class LabeledData:
             [self.responses[i] for i in ix] if self.responses is not None else None,
             self.labels[ix], [self.sources[i] for i in ix],
             [self.categories[i] for i in ix] if self.categories is not None else None,
+            {k: [v[i] for i in ix] for k, v in self.fields.items()},
         )
 
 
@@ -102,6 +109,7 @@ def load_labeled(
     labels: list[int] = []
     sources: list[str] = []
     categories: list[str] = []
+    extra: list[dict[str, str]] = []
     has_resp: bool | None = None
     for n, row in _read_rows(p, raw):
         if "label" not in row:
@@ -124,6 +132,8 @@ def load_labeled(
         labels.append(_label(row["label"], f"{p}:{n}"))
         sources.append(str(row.get("source") or ""))
         categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
+        extra.append({k: str(v) for k, v in row.items()
+                      if k not in _KNOWN_COLUMNS and isinstance(v, str | int | float | bool) and v != ""})
     if not texts:
         raise CalibrationError(f"{p}: no rows")
     digest = hashlib.sha256(raw).hexdigest()
@@ -131,7 +141,8 @@ def load_labeled(
         digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
     data = LabeledData(str(p), digest, texts, responses if has_resp else None,
                        np.asarray(labels, dtype=np.int64), sources,
-                       categories if any(c != "-" for c in categories) else None)
+                       categories if any(c != "-" for c in categories) else None,
+                       {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})})
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)
         keep: list[int] = []
