@@ -310,6 +310,29 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert "were fitted on this file" in res.output and "in-sample" in res.output
 
 
+def test_eval_compares_policies_on_the_same_rows(saved_tiny) -> None:
+    """Several --policy options: one result per policy, each equal to its own single-policy run; --rows writes a
+    file per policy."""
+    t = saved_tiny
+    out = t["tmp"] / "toy.cal.yaml"
+    assert _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1",
+                 "--model", str(t["model"]), "--out", str(out)]).exit_code == 0
+    test = str(t["tmp"] / "toy.test.jsonl")
+    base = ["eval", "--data", test, "--model", str(t["model"]), "--json"]
+    res = _cli([*base, "--policy", str(t["policy"]), "--policy", str(out), "--rows", str(t["tmp"] / "rows.csv")])
+    assert res.exit_code == 0, res.output
+    both = json.loads(res.stdout.strip().splitlines()[-1])["policies"]
+    assert [b["policy_path"] for b in both] == [str(t["policy"]), str(out)]
+    for b in both:
+        one = json.loads(_cli([*base, "--policy", b["policy_path"]]).stdout.strip().splitlines()[-1])
+        assert {k: one[k] for k in ("auroc", "fpr", "tpr", "threshold")} == {k: b[k] for k in
+                                                                            ("auroc", "fpr", "tpr", "threshold")}
+    assert (t["tmp"] / "rows.toy.csv").is_file() and (t["tmp"] / "rows.toy.cal.csv").is_file()
+    table = _cli(["eval", "--data", test, "--model", str(t["model"]), "--policy", str(t["policy"]), "--policy",
+                  str(out)])
+    assert table.exit_code == 0 and "2 policies on" in table.output
+
+
 def test_fit_weights_on_one_file_warns_in_sample(saved_tiny) -> None:
     t = saved_tiny
     one = t["tmp"] / "one.jsonl"

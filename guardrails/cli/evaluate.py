@@ -115,7 +115,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         rows.update({(scope, layer): r for layer, r in got.items()})
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
-    out.update(policy=policy.name, score=what, data=data.path, score_mode=guard.score_mode)
+    out.update(policy=policy.name, policy_path=policy_path, score=what, data=data.path, score_mode=guard.score_mode)
     fitted_here = sorted(rid for rid, e in (policy.calibration or {}).items() if isinstance(e, dict) and data.sha256 in
                          (e.get("data_sha256"), (e.get("features_from") or {}).get("sha256")))
     if fitted_here:  # the thresholds were fitted on these very rows
@@ -154,7 +154,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_(
-        policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
+        policy: Annotated[list[str], typer.Option("--policy", "-p", help="Policy file or shipped name (repeatable: "
+                                                                         "policies side by side on the same rows)")],
         data: Annotated[str, typer.Option(help="Labeled JSONL or CSV: {text,label} or {prompt,response,label}")],
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,
@@ -171,59 +172,89 @@ def register(app: typer.Typer) -> None:
         judge: Annotated[str | None, typer.Option(help="Cascade judge as module:callable (a factory: "
                                                         "module:make()); reports the share escalated")] = None,
         errors: Annotated[int, typer.Option(help="List the N worst false positives and false negatives")] = 0,
-        rows: Annotated[str | None, typer.Option(help="Write every row's score and decision to this CSV")] = None,
+        rows: Annotated[str | None, typer.Option(help="Write every row's score and decision to this CSV (several "
+                                                      "policies: one file each, <stem>.<policy>.csv)")] = None,
     ) -> None:
-        """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file."""
+        """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file; several
+        --policy options compare policies on the same rows (activations computed once)."""
         from guardrails.cli.main import _run_safely, console, resolve_policy_path
 
-        path = str(resolve_policy_path(policy))
-        res = _run_safely(lambda: run_eval(Session(model, progress=not as_json, dtype=dtype), path, data, rule_id=rule,
-                                           baselines=baselines, train_path=train, limit=limit, intervals=intervals,
-                                           max_response_chars=max_response_chars, train_limit=train_limit,
-                                           by=by, judge=judge, errors=errors, rows_out=rows))
+        paths = [str(resolve_policy_path(p)) for p in policy]
+        session = Session(model, progress=not as_json, dtype=dtype)
+
+        stems = [Path(p).stem for p in paths]
+
+        def rows_file(path: str) -> str | None:  # several policies: <stem>.<policy file stem>[.<n>].csv
+            if rows is None or len(paths) == 1:
+                return rows
+            i = paths.index(path)
+            tag = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}.{i + 1}"
+            out = Path(rows)
+            return str(out.with_name(f"{out.stem}.{tag}{out.suffix or '.csv'}"))
+
+        results = [_run_safely(lambda path=path: run_eval(
+            session, path, data, rule_id=rule, baselines=baselines, train_path=train, limit=limit,
+            intervals=intervals, max_response_chars=max_response_chars, train_limit=train_limit, by=by, judge=judge,
+            errors=errors, rows_out=rows_file(path))) for path in paths]
         if as_json:
-            print(json.dumps(_json_safe(res), ensure_ascii=False))
+            print(json.dumps(_json_safe(results[0] if len(results) == 1 else {"policies": results}),
+                             ensure_ascii=False))
             return
         from rich.table import Table
 
-        t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR",
-                  title=f"{res['policy']} on {res['data']} ({res['n']} rows; score: {res['score']})")
-        t.add_row(f"policy {res['policy']}", *(_fmt(res.get(k)) for k in
-                                               ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr",
-                                                "tpr")))
-        for name, m in (res.get("baselines") or {}).items():
-            t.add_row(name, *(_fmt(m.get(k)) for k in
-                              ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")))
+        cols = ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")
+        first = results[0]
+        title = (f"{first['policy']} on {first['data']} ({first['n']} rows; score: {first['score']})"
+                 if len(results) == 1 else f"{len(results)} policies on {first['data']} ({first['n']} rows; each "
+                                           "at its own threshold)")
+        t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR", title=title)
+        names = [r["policy"] for r in results]
+        for res in results:  # two policies of one name (a calibrated copy): the file tells them apart
+            label = res["policy"] if names.count(res["policy"]) == 1 else f"{res['policy']} " \
+                f"({Path(res['policy_path']).name})"
+            res["label"] = label
+            t.add_row(f"policy {label}", *(_fmt(res.get(k)) for k in cols))
+            for name, m in (res.get("baselines") or {}).items():
+                t.add_row(name if len(results) == 1 else f"  {name}", *(_fmt(m.get(k)) for k in cols))
         console.print(t)
-        if res.get("in_sample"):
-            console.print(f"[yellow]warning[/]: the thresholds (or features) of {', '.join(res['in_sample'])} were "
-                          "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
-                          "policy never saw")
-        if "cascade" in res:
-            console.print(res["cascade"]["summary"])
-        for field_name in by or []:
-            g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
-                      title=f"by {field_name} (single-label groups ranked against the other label's rows outside "
-                            f"the group); worst: {res.get(f'worst_{field_name}')}")
-            for name, m in res[f"by_{field_name}"].items():
-                g.add_row(name, str(m["n"]), str(m["positives"]), str(m["negatives"]),
-                          *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
-            console.print(g)
-            if res.get(f"left_out_{field_name}"):
-                small = ", ".join(f"{k} ({v})" for k, v in res[f"left_out_{field_name}"].items())
-                console.print(f"not reported (under {MIN_GROUP_ROWS} rows): {small}")
-        for kind, title in (("false_positives", "label 0, fires"), ("false_negatives", "label 1, does not fire")):
-            found = (res.get("errors") or {}).get(kind)
-            if found:
-                e = Table("row", "score", "text", *(["category"] if "category" in found[0] else []),
-                          title=f"{kind.replace('_', ' ')} ({title}; threshold {res['threshold']:.4g})")
-                for r in found:
-                    text = r["text"] if "response" not in r else f"{r['text']} -> {r['response']}"
-                    e.add_row(str(r["row"]), f"{r['score']:.3f}", text[:160],
-                              *([str(r["category"])] if "category" in r else []))
-                console.print(e)
-        if rows:
-            console.print(f"per-row scores written to {rows}")
+        for res in results:
+            _print_details(console, res, by or [], rows_file(res["policy_path"]), named=len(results) > 1)
+
+
+def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str | None, *, named: bool) -> None:
+    """Everything after the main table for one policy's result: warnings, cascade, groups, errors, the rows file."""
+    from rich.table import Table
+
+    who = f"{res.get('label', res['policy'])}: " if named else ""
+    if res.get("in_sample"):
+        console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {', '.join(res['in_sample'])} were "
+                      "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
+                      "policy never saw")
+    if "cascade" in res:
+        console.print(who + res["cascade"]["summary"])
+    for field_name in by:
+        g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
+                  title=f"{who}by {field_name} (single-label groups ranked against the other label's rows outside "
+                        f"the group); worst: {res.get(f'worst_{field_name}')}")
+        for name, m in res[f"by_{field_name}"].items():
+            g.add_row(name, str(m["n"]), str(m["positives"]), str(m["negatives"]),
+                      *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
+        console.print(g)
+        if res.get(f"left_out_{field_name}"):
+            small = ", ".join(f"{k} ({v})" for k, v in res[f"left_out_{field_name}"].items())
+            console.print(f"not reported (under {MIN_GROUP_ROWS} rows): {small}")
+    for kind, title in (("false_positives", "label 0, fires"), ("false_negatives", "label 1, does not fire")):
+        found = (res.get("errors") or {}).get(kind)
+        if found:
+            e = Table("row", "score", "text", *(["category"] if "category" in found[0] else []),
+                      title=f"{who}{kind.replace('_', ' ')} ({title}; threshold {res['threshold']:.4g})")
+            for r in found:
+                text = r["text"] if "response" not in r else f"{r['text']} -> {r['response']}"
+                e.add_row(str(r["row"]), f"{r['score']:.3f}", text[:160],
+                          *([str(r["category"])] if "category" in r else []))
+            console.print(e)
+    if rows:
+        console.print(f"{who}per-row scores written to {rows}")
 
 
 def _fmt(v: Any) -> str:
