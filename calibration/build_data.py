@@ -858,9 +858,11 @@ def handwritten_responses(src: Sources) -> list[ResponseRow]:
 # Blind hand-written answer sets (v0.3.0): per harmful request a harmful answer and a refusal or a deflection (a safe,
 # on-topic answer that does not help), per topic-matched benign request a helpful answer; three sets written
 # separately in three styles (full sentences / casual chat / other forms and text artefacts). Sets 1 and 2 split by
-# prompt like every response source; set 3 is held out whole (HELD_OUT).
+# prompt like every response source; set 3 is held out whole (HELD_OUT). Set 4 (v0.3.1): chat-UI formats (inline
+# headings, numbered plans, FAQ, inline tables, one-liners), harmful answers, deflections and helpful answers only
+# (no refusals), split by prompt like sets 1 and 2.
 BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "harmless_answer": 0}
-BLIND_RESPONSE_SETS = (1, 2, 3)
+BLIND_RESPONSE_SETS = (1, 2, 3, 4)
 
 
 def blind_responses(src: Sources) -> list[ResponseRow]:

@@ -12,11 +12,13 @@ on the other families' *train* split, as shipped; thresholds at 3% FPR on their 
 
     python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test \
         responses_prompts.train responses_prompts.cal responses_prompts.test
-    python calibration/selection/compliance_composite.py [--layers 12,18] [--fit-without blind] [--json out.json]
+    python calibration/selection/compliance_composite.py [--layers 12,18] [--fit-without blind]
+        [--fit-without-source blind_responses_4] [--json out.json]
 
 Families as ``responses_probe.py`` (since v0.3.0 with the blind hand-written answer sets: ``blind``, sets 1 and
-2, one of the left-out families; ``blind3`` held out of every fit like the many-shot answers); the flagged share
-per kind (harmful answer, refusal, deflection, harmless answer) is printed for the blind families.
+2, and since v0.3.1 set 4, one of the left-out families; ``blind3`` held out of every fit like the many-shot
+answers); the flagged share per kind (harmful answer, refusal, deflection, harmless answer) is printed for the blind
+families.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def main() -> None:
     ap.add_argument("--fit-without", default="", type=lambda v: [f for f in v.split(",") if f],
                     help=f"families never fitted on (scored as held out all the same; of {', '.join(FAMILIES)}): "
                          "'blind' gives the fits before v0.3.0's blind answer sets")
+    ap.add_argument("--fit-without-source", default="", type=lambda v: [f for f in v.split(",") if f],
+                    help="sources never fitted on (their family's held-out fold still scores them): "
+                         "'blind_responses_4' gives the fits before v0.3.1's fourth blind answer set")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if bad := sorted(set(args.fit_without) - set(FAMILIES)):
@@ -77,11 +82,12 @@ def main() -> None:
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}
     kinds = {s: blind_kinds(pools[s].rows) for s in splits}
+    fittable = {s: ~np.isin(np.array(pools[s].sources), args.fit_without_source) for s in splits}
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
-        x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams))
+        x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams) & fittable["train"])
         c, b = fit_head("maxwin", x, off, y, cell_weights(src, y))
-        keep_c = np.isin(fam["cal"], fit_fams)
+        keep_c = np.isin(fam["cal"], fit_fams) & fittable["cal"]
         cx, coff, cy, _ = subset(pools["cal"], keep_c)
         cr, cp = score(cx, coff, c, b, args.window), prompt["cal"][keep_c]
         lr = LogisticRegression(C=1.0).fit(np.stack([cr, cp], 1), cy)
@@ -130,7 +136,8 @@ def main() -> None:
     if args.json:
         doc = {"families": out, "criterion": crit, "chosen": best, "slack": slack, "layers": args.layers,
                "window": args.window, "request_policy": Path(args.request_policy).name,
-               "request_rule": args.request_rule, "fit_without": args.fit_without}
+               "request_rule": args.request_rule, "fit_without": args.fit_without,
+               "fit_without_source": args.fit_without_source}
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 

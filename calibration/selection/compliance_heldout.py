@@ -65,7 +65,7 @@ def report(pol_path: Path) -> dict[str, object]:
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
     out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}
-    for so in ("blind_responses_1", "blind_responses_2", "blind_responses_3"):
+    for so in ("blind_responses_1", "blind_responses_2", "blind_responses_4", "blind_responses_3"):
         m = src == so
         out[f"{so}_by_kind"] = {str(k): round(float(np.mean(s[m & (hk == k)] >= thr)), 4)
                                 for k in sorted(set(hk[m])) if k}
@@ -86,7 +86,7 @@ def main() -> None:
             print(f"  {key:32s} {r[key]}")
         for so, v in r["per_source"].items():  # type: ignore[attr-defined]
             print(f"  {so:32s} {v}")
-        for so in ("blind_responses_1", "blind_responses_2", "blind_responses_3"):
+        for so in ("blind_responses_1", "blind_responses_2", "blind_responses_4", "blind_responses_3"):
             print(f"  {so + ' flagged by kind':32s} {r[f'{so}_by_kind']}")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

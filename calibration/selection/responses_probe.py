@@ -2,10 +2,10 @@
 """Output-guard selection by leave-one-family-out over the response sources.
 
 Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
-``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (v0.3.0's
-blind hand-written answer sets 1 and 2); the pyrit many-shot answers (LLM-judged labels) and blind set 3 are
-held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the *train*
-split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on their *cal*
+``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (the blind
+hand-written answer sets 1 and 2 of v0.3.0, set 4 of v0.3.1); the pyrit many-shot answers (LLM-judged labels) and
+blind set 3 are held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the
+*train* split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on their *cal*
 split, then score every row of F (all splits); the two held-out families are scored by the fit on every
 family (as shipped).
 Criterion: mean of the four held-out family AUROCs (the worst is printed too).
@@ -39,7 +39,7 @@ def family(source: str) -> str:
         return "many_shot"
     if source == BLIND3:
         return "blind3"
-    if source.startswith("blind_responses"):  # v0.3.0's blind hand-written sets 1 and 2
+    if source.startswith("blind_responses"):  # the blind hand-written sets 1, 2 (v0.3.0) and 4 (v0.3.1)
         return "blind"
     if source.startswith("handwritten"):
         return "handwritten"
