@@ -80,6 +80,7 @@ HELD_OUT = {
     "handwritten_short_forms_harmful",  # harmful, short typed forms ("how to ...", "i want to ..."), v0.2.9
     "handwritten_short_forms_contrast",  # their topic-matched twins and alarming-word benign prompts, v0.2.9
     "blind_responses_3",  # both labels, responses: hand-written blind answers, set 3 (other forms), v0.3.0
+    "blind_responses_4",  # both labels, responses: hand-written blind answers, set 4 (chat-UI formats), v0.3.1
 }
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
 # Short typed requests (short_forms.tsv, v0.2.9): an evaluation source like BLIND, never wrapped.
@@ -860,7 +861,8 @@ def handwritten_responses(src: Sources) -> list[ResponseRow]:
 # separately in three styles (full sentences / casual chat / other forms and text artefacts). Sets 1 and 2 split by
 # prompt like every response source; set 3 is held out whole (HELD_OUT). Set 4 (v0.3.1): chat-UI formats (inline
 # headings, numbered plans, FAQ, inline tables, one-liners), harmful answers, deflections and helpful answers only
-# (no refusals), split by prompt like sets 1 and 2.
+# (no refusals), held out whole too (training on it was measured and not shipped: calibration/selection/
+# compliance_v031.log).
 BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "harmless_answer": 0}
 BLIND_RESPONSE_SETS = (1, 2, 3, 4)
 

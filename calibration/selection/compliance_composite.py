@@ -16,7 +16,7 @@ on the other families' *train* split, as shipped; thresholds at 3% FPR on their 
         [--fit-without-source blind_responses_4] [--json out.json]
 
 Families as ``responses_probe.py`` (since v0.3.0 with the blind hand-written answer sets: ``blind``, sets 1 and
-2, and since v0.3.1 set 4, one of the left-out families; ``blind3`` held out of every fit like the many-shot
+2, one of the left-out families; ``blind3`` and, since v0.3.1, ``blind4`` held out of every fit like the many-shot
 answers); the flagged share per kind (harmful answer, refusal, deflection, harmless answer) is printed for the blind
 families.
 """

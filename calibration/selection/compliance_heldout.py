@@ -6,7 +6,7 @@ score is the gate rule's highest windowed score over the prompt, fixed before th
 fitted the way ``guardrails calibrate`` fits it (3% FPR on the cal split) on these same caches, so policies
 calibrated in another dtype are compared at their own float32 operating point. Prints AUROC, the share of
 harmful answers flagged (TPR) and of harmless ones (FPR), per source, with the pooled test split and the held-out
-sources (the many-shot answers, blind set 3) named; for the blind sets also the flagged share per kind.
+sources (the many-shot answers, blind sets 3 and 4) named; for the blind sets also the flagged share per kind.
 
     SELECTION_DTYPE=float32 python calibration/selection/collect.py --layers=12,15,18 responses.train \\
         responses.cal responses.test responses_prompts.train responses_prompts.cal responses_prompts.test
@@ -61,7 +61,7 @@ def report(pol_path: Path) -> dict[str, object]:
     if rule.steer is not None and rule.steer.block_above is not None:  # blocked outright, not steered
         out["test_blocked_above"] = {"block_above": rule.steer.block_above,
                                      **rates(s, y, float(rule.steer.block_above))}
-    held = np.isin(src, ["pyrit_many_shot_llm_judged", "blind_responses_3"])
+    held = np.isin(src, ["pyrit_many_shot_llm_judged", "blind_responses_3", "blind_responses_4"])
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
     out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}

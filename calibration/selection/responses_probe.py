@@ -3,8 +3,8 @@
 
 Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
 ``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (the blind
-hand-written answer sets 1 and 2 of v0.3.0, set 4 of v0.3.1); the pyrit many-shot answers (LLM-judged labels) and
-blind set 3 are held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the
+hand-written answer sets 1 and 2 of v0.3.0); the pyrit many-shot answers (LLM-judged labels) and blind sets 3
+(v0.3.0) and 4 (v0.3.1) are held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the
 *train* split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on their *cal*
 split, then score every row of F (all splits); the two held-out families are scored by the fit on every
 family (as shipped).
@@ -29,17 +29,17 @@ from maxwin import Pool, auroc, fit, score
 from select_detectors import fit_probe
 
 MANY_SHOT = "pyrit_many_shot_llm_judged"
-BLIND3 = "blind_responses_3"
+BLIND3, BLIND4 = "blind_responses_3", "blind_responses_4"
 FAMILIES = ("pyrit", "handwritten", "bundled", "blind")
-HELD = ("many_shot", "blind3")  # held out of every fit: scored by the fit on all the families
+HELD = ("many_shot", "blind3", "blind4")  # held out of every fit: scored by the fit on all the families
 
 
 def family(source: str) -> str:
     if source == MANY_SHOT:
         return "many_shot"
-    if source == BLIND3:
-        return "blind3"
-    if source.startswith("blind_responses"):  # the blind hand-written sets 1, 2 (v0.3.0) and 4 (v0.3.1)
+    if source in (BLIND3, BLIND4):  # held out whole (v0.3.0, v0.3.1)
+        return "blind3" if source == BLIND3 else "blind4"
+    if source.startswith("blind_responses"):  # the blind hand-written sets 1 and 2 (v0.3.0)
         return "blind"
     if source.startswith("handwritten"):
         return "handwritten"
