@@ -4,9 +4,9 @@
 Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
 ``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (the blind
 hand-written answer sets 1 and 2 of v0.3.0); the pyrit many-shot answers (LLM-judged labels) and blind sets 3
-(v0.3.0) and 4 (v0.3.1) are held out of every fit. For each candidate (layer, detector, window) and each family F: fit on the
-*train* split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on their *cal*
-split, then score every row of F (all splits); the two held-out families are scored by the fit on every
+(v0.3.0) and 4 (v0.3.1) are held out of every fit. For each candidate (layer, detector, window) and each family
+F: fit on the *train* split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on
+their *cal* split, then score every row of F (all splits); the held-out families are scored by the fit on every
 family (as shipped).
 Criterion: mean of the four held-out family AUROCs (the worst is printed too).
 
