@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,13 +17,11 @@ import typer
 from guardrails.cli.session import Session, split_files
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.calibrate import load_labeled
+from guardrails.offline.evaluate import MIN_GROUP_ROWS
 from guardrails.offline.evaluate import json_safe as _json_safe
 
 if TYPE_CHECKING:
     from guardrails.offline.calibrate import LabeledData
-
-MIN_GROUP_ROWS = 5
-"""Groups (sources, categories) with fewer rows are not reported (their AUROC would be noise); they are listed."""
 
 
 def _row(data: LabeledData, i: int, score: float) -> dict[str, Any]:
@@ -91,6 +88,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         round_metrics,
         rule_row_keys,
         rule_rows,
+        small_groups,
         worst_group,
     )
 
@@ -98,12 +96,12 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         raise ValueError(f"--errors must be >= 0 (rows to list per kind), got {errors}")
     policy = Policy.from_path(policy_path)
     data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
+    # the columns --by can group: None where no row has that field
+    columns = {"source": data.sources if any(data.sources) else None, "category": data.categories, **data.fields}
     for field_name in by or []:  # before any scoring: a wrong --by costs nothing
-        if field_name not in ("source", "category", *data.fields):
-            valid = ", ".join(["source", "category", *data.fields])
-            raise ValueError(f"unknown --by {field_name!r}; valid: {valid} (the columns of {data.path})")
-        if not (data.categories is not None if field_name == "category" else any(data.sources)
-                if field_name == "source" else True):
+        if field_name not in columns:
+            raise ValueError(f"unknown --by {field_name!r}; valid: {', '.join(columns)} (the columns of {data.path})")
+        if columns[field_name] is None:
             raise ValueError(f"--by {field_name}: no row of {data.path} has a {field_name!r} field; add one per row "
                              f"(README, 'Labeled data') or leave out --by {field_name}")
     guard = session.guard(policy)
@@ -123,13 +121,12 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
-        groups = (data.sources if field_name == "source" else (data.categories or ["-"] * len(data))
-                  if field_name == "category" else data.fields[field_name])
-        per = grouped_metrics(scores, data.labels, groups, thr, min_rows=MIN_GROUP_ROWS)
+        groups = columns[field_name]
+        assert groups is not None  # checked above
+        per = grouped_metrics(scores, data.labels, groups, thr)
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
-        counts = Counter(groups)
-        out[f"left_out_{field_name}"] = {g: n for g, n in sorted(counts.items()) if n < MIN_GROUP_ROWS}
+        out[f"left_out_{field_name}"] = small_groups(groups)
     if errors:
         out["errors"] = row_errors(data, scores, thr, errors)
     if rows_out is not None:
@@ -182,20 +179,11 @@ def register(app: typer.Typer) -> None:
         paths = [str(resolve_policy_path(p)) for p in policy]
         session = Session(model, progress=not as_json, dtype=dtype)
 
-        stems = [Path(p).stem for p in paths]
-
-        def rows_file(path: str) -> str | None:  # several policies: <stem>.<policy file stem>[.<n>].csv
-            if rows is None or len(paths) == 1:
-                return rows
-            i = paths.index(path)
-            tag = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}.{i + 1}"
-            out = Path(rows)
-            return str(out.with_name(f"{out.stem}.{tag}{out.suffix or '.csv'}"))
-
-        results = [_run_safely(lambda path=path: run_eval(
+        row_files = _row_files(rows, paths)
+        results = [_run_safely(lambda path=path, rows_out=rows_out: run_eval(
             session, path, data, rule_id=rule, baselines=baselines, train_path=train, limit=limit,
             intervals=intervals, max_response_chars=max_response_chars, train_limit=train_limit, by=by, judge=judge,
-            errors=errors, rows_out=rows_file(path))) for path in paths]
+            errors=errors, rows_out=rows_out)) for path, rows_out in zip(paths, row_files, strict=True)]
         if as_json:
             print(json.dumps(_json_safe(results[0] if len(results) == 1 else {"policies": results}),
                              ensure_ascii=False))
@@ -209,23 +197,32 @@ def register(app: typer.Typer) -> None:
                                            "at its own threshold)")
         t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR", title=title)
         names = [r["policy"] for r in results]
-        for res in results:  # two policies of one name (a calibrated copy): the file tells them apart
-            label = res["policy"] if names.count(res["policy"]) == 1 else f"{res['policy']} " \
-                f"({Path(res['policy_path']).name})"
-            res["label"] = label
+        # two policies of one name (a calibrated copy): the file tells them apart
+        labels = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
+        for res, label in zip(results, labels, strict=True):
             t.add_row(f"policy {label}", *(_fmt(res.get(k)) for k in cols))
             for name, m in (res.get("baselines") or {}).items():
                 t.add_row(name if len(results) == 1 else f"  {name}", *(_fmt(m.get(k)) for k in cols))
         console.print(t)
-        for res in results:
-            _print_details(console, res, by or [], rows_file(res["policy_path"]), named=len(results) > 1)
+        for res, label, rows_out in zip(results, labels, row_files, strict=True):
+            _print_details(console, res, by or [], rows_out, who=f"{label}: " if len(results) > 1 else "")
 
 
-def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str | None, *, named: bool) -> None:
-    """Everything after the main table for one policy's result: warnings, cascade, groups, errors, the rows file."""
+def _row_files(rows: str | None, paths: list[str]) -> list[str | None]:
+    """Where each policy's ``--rows`` CSV goes: the file itself for one policy; for several,
+    ``<stem>.<policy file stem>[.<n>].csv`` (``.<n>`` where two policy files share a stem)."""
+    if rows is None or len(paths) == 1:
+        return [rows] * len(paths)
+    out, stems = Path(rows), [Path(p).stem for p in paths]
+    tags = [s if stems.count(s) == 1 else f"{s}.{i + 1}" for i, s in enumerate(stems)]
+    return [str(out.with_name(f"{out.stem}.{tag}{out.suffix or '.csv'}")) for tag in tags]
+
+
+def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str | None, *, who: str) -> None:
+    """Everything after the main table for one policy's result (``who``: its name before each line when several
+    policies are shown): warnings, cascade, groups, errors, the rows file."""
     from rich.table import Table
 
-    who = f"{res.get('label', res['policy'])}: " if named else ""
     if res.get("in_sample"):
         console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {', '.join(res['in_sample'])} were "
                       "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "

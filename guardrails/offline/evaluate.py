@@ -9,6 +9,7 @@ margin is >= 0), so the "own threshold" of the combined score is 0.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -149,9 +150,19 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
     return np.nanmax(margins, axis=0), 0.0, f"max over rules {', '.join(r.id for r in chosen)} of (score - threshold)"
 
 
+MIN_GROUP_ROWS = 5
+"""Groups (sources, categories) with fewer rows are not reported: their AUROC would be noise (:func:`small_groups`
+names them)."""
+
+
+def small_groups(groups: list[str], min_rows: int = MIN_GROUP_ROWS) -> dict[str, int]:
+    """The groups :func:`grouped_metrics` leaves out (fewer than ``min_rows`` rows), with their row counts."""
+    return {g: n for g, n in sorted(Counter(groups).items()) if n < min_rows}
+
+
 def grouped_metrics(
     scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *,
-    min_rows: int = 5,
+    min_rows: int = MIN_GROUP_ROWS,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per group (a source or a category). A group of one label is ranked against every row of
     the other label outside it (its AUROC says how well it separates from the rest of the other side);
@@ -178,7 +189,7 @@ def grouped_metrics(
 
 def grouped_with_intervals(
     scores: np.ndarray, labels: np.ndarray, groups: list[str], threshold: float | None, *, n: int = 100,
-    min_rows: int = 5,
+    min_rows: int = MIN_GROUP_ROWS,
 ) -> dict[str, dict[str, Any]]:
     """:func:`grouped_metrics` plus 95% bootstrap intervals per group (``ci95``): a single-label group is
     resampled together with the other label's rows outside it, a mixed group on its own."""
