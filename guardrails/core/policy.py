@@ -321,48 +321,18 @@ class Policy(_Strict):
 
     def resolve(self, ref: str) -> str:
         """A path from the policy, made absolute against the policy's folder when relative."""
-        if ref.startswith(("bundled", "hf://")) or os.path.isabs(ref) or self.base_dir is None:
+        from guardrails.core.policy_refs import is_local_ref
+
+        if not is_local_ref(ref) or self.base_dir is None:
             return ref
         return str(Path(self.base_dir) / ref)
 
-    def is_local_ref(self, ref: str) -> bool:
-        """A reference that :meth:`resolve` joins to the policy's folder (not ``bundled``, ``hf://``, ``sae:`` or an
-        absolute path)."""
-        return not (ref.startswith(("bundled", "hf://", "sae:")) or os.path.isabs(ref))
-
     def rebased(self, base_dir: str | os.PathLike[str]) -> Policy:
-        """The same policy for a file written to ``base_dir``: every relative file reference (SAE paths, probe
-        weights, direction files, the audit db) rewritten to name the same file from there: relative when the
-        file is inside ``base_dir``, absolute otherwise. A policy with no folder of its own is returned with
-        ``base_dir`` set and its references as they are."""
-        new = Path(base_dir).resolve()
-        if self.base_dir is not None and Path(self.base_dir).resolve() == new:
-            return self
-        old = Path(self.base_dir) if self.base_dir is not None else None
+        """The same policy for a file written to ``base_dir``, its relative file references rewritten to name the
+        same files from there (:func:`guardrails.core.policy_refs.rebased`)."""
+        from guardrails.core.policy_refs import rebased
 
-        def fix(ref: str | None) -> str | None:
-            if ref is None or old is None or not self.is_local_ref(ref):
-                return ref
-            target = Path(os.path.normpath(old.resolve() / ref))
-            return target.relative_to(new).as_posix() if target.is_relative_to(new) else str(target)
-
-        def fix_detector(det: dict[str, Any]) -> None:
-            if "weights" in det:
-                det["weights"] = fix(det["weights"])
-            for m in det.get("members", []):
-                fix_detector(m["detector"])
-
-        data = self.model_dump(mode="json", exclude_none=True, exclude={"base_dir"})
-        for spec in data.get("saes", {}).values():
-            spec["path"] = fix(spec["path"])
-        for rule in [*data["rules"], *data.get("steering", [])]:
-            if "detector" in rule:
-                fix_detector(rule["detector"])
-            if (rule.get("steer") or {}).get("direction"):
-                rule["steer"]["direction"] = fix(rule["steer"]["direction"])
-        if (data.get("audit") or {}).get("db"):
-            data["audit"]["db"] = fix(data["audit"]["db"])
-        return Policy.from_dict(data, source=f"{self.name} rebased to {new}", base_dir=new)
+        return rebased(self, base_dir)
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True, exclude={"base_dir"})
