@@ -29,10 +29,16 @@ sys.path.insert(0, str(HERE))
 from compliance_composite import blind_kinds  # noqa: E402
 from heldout import Scorer  # noqa: E402
 from maxwin import auroc  # noqa: E402
+from responses_probe import HELD, family  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
 from guardrails.core.policy import Policy, Rule  # noqa: E402
 from guardrails.offline.calibrate import fit_threshold  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent))
+from build_data import BLIND_RESPONSE_SETS  # noqa: E402
+
+BLIND_SOURCES = tuple(f"blind_responses_{n}" for n in BLIND_RESPONSE_SETS)
 
 
 def gated(pol_path: Path, rule: Rule, split: str) -> np.ndarray:
@@ -61,11 +67,11 @@ def report(pol_path: Path) -> dict[str, object]:
     if rule.steer is not None and rule.steer.block_above is not None:  # blocked outright, not steered
         out["test_blocked_above"] = {"block_above": rule.steer.block_above,
                                      **rates(s, y, float(rule.steer.block_above))}
-    held = np.isin(src, ["pyrit_many_shot_llm_judged", "blind_responses_3", "blind_responses_4"])
+    held = np.isin([family(x) for x in src], HELD)  # the sources held out of every fit
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
     out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}
-    for so in ("blind_responses_1", "blind_responses_2", "blind_responses_4", "blind_responses_3"):
+    for so in BLIND_SOURCES:
         m = src == so
         out[f"{so}_by_kind"] = {str(k): round(float(np.mean(s[m & (hk == k)] >= thr)), 4)
                                 for k in sorted(set(hk[m])) if k}
@@ -86,7 +92,7 @@ def main() -> None:
             print(f"  {key:32s} {r[key]}")
         for so, v in r["per_source"].items():  # type: ignore[attr-defined]
             print(f"  {so:32s} {v}")
-        for so in ("blind_responses_1", "blind_responses_2", "blind_responses_4", "blind_responses_3"):
+        for so in BLIND_SOURCES:
             print(f"  {so + ' flagged by kind':32s} {r[f'{so}_by_kind']}")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
