@@ -60,6 +60,25 @@ def test_handwritten_files_parse_and_use_known_categories() -> None:
             assert len(cols) == n_cols and cols[0] in CATEGORIES, (name, ln)
 
 
+def test_form_pairs_are_twins_held_out_of_every_split() -> None:
+    """form_pairs.jsonl (evaluation only): every harmful request has exactly one benign twin with the same
+    category, frame and file, and no pair text is in a train, cal or test row."""
+    rows = _rows("form_pairs.jsonl")
+    pairs: dict[tuple[str, int], list[dict]] = {}  # type: ignore[type-arg]
+    for r in rows:
+        assert r["category"] in CATEGORIES and r["pair_set"] in ("a", "b"), r
+        pairs.setdefault((r["pair_set"], r["pair"]), []).append(r)
+    assert len(pairs) >= 400, len(pairs)
+    for key, (first, *rest) in pairs.items():
+        assert len(rest) == 1, key
+        twin = rest[0]
+        assert {first["label"], twin["label"]} == {0, 1}, key
+        assert (first["category"], first["phrasing"]) == (twin["category"], twin["phrasing"]), key
+    in_splits = {_key(r["text"]) for s in SPLITS for r in _rows(f"harmful_requests.{s}.jsonl")}
+    leaked = [r["text"] for r in rows if _key(r["text"]) in in_splits]
+    assert not leaked, leaked[:3]
+
+
 def test_bundled_model_answers_are_labelled_by_refusal() -> None:
     """Answers the bundled model wrote: a refusal is never label 1, an answer to a benign request never
     label 1, and both labels occur in the train split (the output guard is fitted on them)."""

