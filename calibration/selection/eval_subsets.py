@@ -47,8 +47,24 @@ def subset(path: Path, cap: int, keep: set[str] | None) -> list[str]:
     return out
 
 
+def pairs_subset(path: Path, per_frame: int) -> list[str]:
+    """Whole form pairs (harmful request + its twin), the first ``per_frame`` pairs of each frame in file order."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    rows = [json.loads(ln) for ln in lines]
+    kept: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for r in rows:
+        pair = (str(r["pair_set"]), int(r["pair"]))
+        if pair not in kept[r["phrasing"]] and len(kept[r["phrasing"]]) < per_frame:
+            kept[r["phrasing"]].append(pair)
+    keep = {p for pairs in kept.values() for p in pairs}
+    return [ln for ln, r in zip(lines, rows, strict=True) if (str(r["pair_set"]), int(r["pair"])) in keep]
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    pairs = DATA / "form_pairs.jsonl"  # evaluation only (v0.3.2): 5 whole pairs per frame, 120 rows
+    if pairs.is_file():
+        (OUT / pairs.name).write_text("\n".join(pairs_subset(pairs, 5)) + "\n", encoding="utf-8")
     for name, (cap, keep) in PLAN.items():
         file, _, tag = name.partition(":")  # "file:tag" writes a second subset of the same file
         src = DATA / file

@@ -164,6 +164,10 @@ def main() -> None:
     ap.add_argument("--cal-third", action="store_true",
                     help="train on two thirds of the pairs; the other third's benign rows join the cal benign rows "
                          "for the 3%% threshold, and that third is reported")
+    ap.add_argument("--sae", nargs="*", default=[],
+                    help="instead of the variants: SAE-rule policies (e.g. refitted with FIT_SETS=requests.train,"
+                         "wrapped.train,hw.pairs_a fit_shipped.py --only sae ... --sae-out F), alone and in the 3:1 "
+                         "ensemble with the shipped probe")
     ap.add_argument("--pairs-only", action="store_true",
                     help="instead of the variants: probes fitted on the pairs alone, alone and as a third member")
     ap.add_argument("--out", default="/tmp/form_pairs", help="where the refitted probe files go")
@@ -184,6 +188,19 @@ def main() -> None:
             print(matched_line(b, rows), flush=True)
     if args.pairs_only:
         pairs_only(b, sets, out)
+        return
+    if args.sae:
+        probe = Scorer(pol)
+        cal = b.sets["requests.cal"]
+        for path in args.sae:
+            rule = Scorer(Path(path))
+            for label, rows in ((f"SAE rule {Path(path).name}", {n: rule.rows(s) for n, s in sets.items()}),
+                                (f"3:1 ensemble, shipped probe + {Path(path).name}",
+                                 ensemble_rows(sets, probe, rule, member_stats(b, probe, rule)))):
+                thr = float(np.quantile(rows["requests.cal"][cal.labels == 0], 0.97))
+                print(b.line(label, lambda n, rows=rows: rows[n], thr), flush=True)
+                print(pairs_line(sets, rows, thr) + "  (a set trained on is in-sample)", flush=True)
+                print(matched_line(b, rows), flush=True)
         return
     for v in args.variants.split(","):
         part = "fit" if args.cal_third else ""
