@@ -9,11 +9,14 @@ token scores is windowed (16) and every out-of-fold row score becomes its percen
 scores of the cal benign rows. Per family: AUROC against the out-of-fold rows of the other label; criterion: mean
 of the mean and the worst family AUROC. Weights are probe : SAE rule (1 : 0 is the probe alone).
 
-    SELECTION_DTYPE=float32 python calibration/selection/ensemble_cv.py
+    SELECTION_DTYPE=float32 python calibration/selection/ensemble_cv.py [--layers 18,27]
+
+``--layers``: the probe member's layers (default 12,18, the v0.2.9 probe; v0.3.2's is 18,27).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -35,12 +38,16 @@ def ensemble(p: np.ndarray, s: np.ndarray, offsets: np.ndarray, stats: Stats, a:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", default=[12, 18], type=lambda v: [int(x) for x in v.split(",")],
+                    help="the probe member's layers (comma list; the deepest decides)")
+    layers = ap.parse_args().layers
     sae, tag = load_sae()
-    pool = Pool(list(TRAIN), [12, 18])
+    pool = Pool(list(TRAIN), layers)
     codes = [s.sae_codes(sae, tag) for s in pool.sets]
     v_all, ids_all = np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes])
     cal = Set("requests.cal")
-    cal_x = np.concatenate([np.asarray(cal.x(12), np.float32), np.asarray(cal.x(18), np.float32)], 1)
+    cal_x = np.concatenate([np.asarray(cal.x(layer), np.float32) for layer in layers], 1)
     cal_v, cal_ids = cal.sae_codes(sae, tag)
     w = row_weights(pool, 1.0)
     fold = np.array([FOLDS.get(f, f) for f in pool.family])
@@ -67,8 +74,8 @@ def main() -> None:
         per = family_aurocs(o, pool.y, pool.family)
         crit, mean, worst = criterion(per)
         harm = pool.y == 1
-        print(f"probe:SAE {wt[0]:g}:{wt[1]:g}  crit {crit:.3f} mean {mean:.3f} worst {worst} "
-              f"{per[worst]:.3f} oof TPR@3% {float((o[harm] >= 0.97).mean()):.3f} "
+        print(f"probe (L{'+'.join(map(str, layers))}):SAE {wt[0]:g}:{wt[1]:g}  crit {crit:.3f} mean {mean:.3f} "
+              f"worst {worst} {per[worst]:.3f} oof TPR@3% {float((o[harm] >= 0.97).mean()):.3f} "
               f"FPR {float((o[~harm] >= 0.97).mean()):.3f}", flush=True)
 
 
