@@ -242,7 +242,7 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
 
 
 def _shipped_steering(name: str, threshold: float, always: bool = False) -> Any:
-    """The shipped harmful-requests-steer policy (a flag rule reading layers 12 + 18 gating refusal steering),
+    """The shipped harmful-requests-steer policy (a flag rule reading layers 18 + 27 gating refusal steering),
     its gate at ``threshold``, the steering moved to layer 10 (a layer no rule reads, so it is hooked for the
     steering alone; there the refusal direction changes both test prompts); ``always``: the steering on for
     every request instead."""
