@@ -113,15 +113,14 @@ def requests_report(session: Session, policy: Policy) -> dict[str, Any]:
 def pairs_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]:
     """The form-paired rows (evaluation only): harmful requests against their benign twins in the same frame."""
     d, s = scores_of(session, policy, EVAL / "form_pairs.jsonl")
-    y = d.labels
-    frames = np.array(_column(EVAL / "form_pairs.jsonl", "phrasing"))
-    per = {f: {"n_pairs": int(((frames == f) & (y == 1)).sum()),
-               "auroc": auroc(s[(frames == f) & (y == 1)], s[(frames == f) & (y == 0)]),
-               "harmful_blocked": float((s[(frames == f) & (y == 1)] >= thr).mean()),
-               "twins_blocked": float((s[(frames == f) & (y == 0)] >= thr).mean())} for f in dict.fromkeys(frames)}
-    return {"n_pairs": int((y == 1).sum()), "auroc": auroc(s[y == 1], s[y == 0]),
-            "harmful_blocked": float((s[y == 1] >= thr).mean()), "twins_blocked": float((s[y == 0] >= thr).mean()),
-            "per_frame": per}
+    frames = np.array(d.fields["phrasing"])
+
+    def pairs(m: np.ndarray) -> dict[str, Any]:
+        harmful, twins = s[m & (d.labels == 1)], s[m & (d.labels == 0)]
+        return {"n_pairs": len(harmful), "auroc": auroc(harmful, twins),
+                "harmful_blocked": float((harmful >= thr).mean()), "twins_blocked": float((twins >= thr).mean())}
+
+    return {**pairs(np.ones(len(d), bool)), "per_frame": {f: pairs(frames == f) for f in dict.fromkeys(frames)}}
 
 
 def blind_report(session: Session, policy: Policy, thr: float) -> dict[str, Any]:

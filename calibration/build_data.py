@@ -842,7 +842,7 @@ def handwritten_form_pairs(src: Sources) -> list[Row]:
             if origin not in src.paths[source]:
                 src.paths[source].append(origin)
             rows.append(set_meta(Row(tidy(raw), label, source), category=cat, phrasing=phrasing,
-                                 pair_set=name[-5], pair=i // 2))
+                                 pair_set=name.removeprefix("form_pairs_").removesuffix(".tsv"), pair=i // 2))
     return rows
 
 

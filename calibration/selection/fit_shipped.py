@@ -113,8 +113,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
         coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0),
                                 window=args.probe_window, wd=args.probe_wd, steps=40,
                                 anchor=(coef, bias) if args.probe_anchor else None)
-        parts = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
-        coef, extra = parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
+        coef, extra = maxwin.split_layers(coef, layers)
         how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
                + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else ""))
     probe_path = ROOT / args.probe_out
@@ -204,8 +203,7 @@ def fit_compliance() -> None:
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
     coef, b = fit_head(kind, x, off, y, cell_weights(src, y))  # exactly the head the selection scored
-    parts = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
-    coef, extra = parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
+    coef, extra = maxwin.split_layers(coef, layers)
     how = ("ridge C=0.1 on mean-pooled replies" if kind == "ridge"
            else "logistic loss on the served max-of-rolling-means score (W16), L2 0.01")
     digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()

@@ -6,15 +6,16 @@ only) hold 240 + 240 hand-written pairs: a harmful request and, right after it, 
 frame, often with the same alarming words (set A: instructions, text artefacts, "describe", lists, code, context +
 task; set B: questions, past, future, hypotheticals, fiction, third person), ten hazard categories each.
 
-``--shipped`` (default on) scores the shipped policies at their own thresholds: ``variants.py``'s held-out columns,
-the pairs per set and frame (AUROC harmful vs twins / harmful blocked / twins blocked), and recall at equal
-held-out benign blocks (``matched_line``). Then, per training variant (``none``, ``a``, ``b``, ``ab``: which
-pairs join the train split), the shipped probe's recipe (``maxwin``, layers 12 + 18, window 16, wd 1e-3, the
-selection weights, the pairs' scaled by ``--pair-weight``) is refitted and scored alone and in the 3:1 ensemble
-with the shipped SAE rule (members standardised on the cal split's benign rows, as ``fit_ensemble.py`` does),
-each at its own 3% cal FPR point. A pairs set trained on is in-sample; the other is a held-out frame family.
-``--cal-third`` trains on two thirds of the pairs and adds the other third's twins to the cal benign rows that
-set the threshold. Output of the v0.3.2 runs: ``calibration/selection/form_pairs_v032.log``.
+``--shipped`` (default on) scores the shipped policies at their own thresholds: ``variants.py``'s held-out columns, the
+pairs per set and frame (AUROC harmful vs twins / harmful blocked / twins blocked), and recall at equal held-out benign
+blocks (``matched_line``). Then, per training variant (``none``, ``a``, ``b``, ``ab``: which pairs join the train
+split), the shipped probe's recipe (``maxwin`` at the layers ``harmful-requests-probe.yaml`` reads, window 16, wd 1e-3,
+the selection weights, the pairs' scaled by ``--pair-weight``) is refitted and scored alone and in the 3:1 ensemble with
+the shipped SAE rule (members standardised on the cal split's benign rows, as ``fit_ensemble.py`` does), each at its own
+3% cal FPR point. A pairs set trained on is in-sample; the other is a held-out frame family. ``--cal-third`` trains on
+two thirds of the pairs and adds the other third's twins to the cal benign rows that set the threshold. Output of the
+v0.3.2 runs: ``calibration/selection/form_pairs_v032.log`` (run while the shipped probe read layers 12 + 18, commit
+7dc15a9; the caches need the probe's layers: ``collect.py --layers=...``).
 
     SELECTION_DTYPE=float32 python calibration/selection/form_pairs.py [--variants none,a,b,ab] [--pair-weight W]
 """
@@ -30,7 +31,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from heldout import BLIND, HELD_OUT_HARMFUL, SHORT_FORMS, Scorer  # noqa: E402
+from heldout import BLIND, HELD_OUT_HARMFUL, PROBE_POLICY, SHORT_FORMS, Scorer, cache_layers, probe_layers  # noqa: E402
 from select_detectors import Set, auroc, windowed_max  # noqa: E402
 from variants import Bench  # noqa: E402
 
@@ -48,7 +49,7 @@ def cache_pairs(key: str, part: str = "") -> str:
             for r in collect.read(collect.DATA / "form_pairs.jsonl") if r["pair_set"] == key]
     if part:
         rows = [r for r in rows if (r["pair"] % 3 == 2) == (part == "cal")]
-    return collect.cache_rows(f"hw.pairs_{key}" + (f".{part}" if part else ""), rows)
+    return collect.cache_rows(f"hw.pairs_{key}" + (f".{part}" if part else ""), rows, layers=cache_layers())
 
 
 def fit_probe(extras: list[str], out: Path, pair_weight: float = 1.0) -> Path:
@@ -58,7 +59,7 @@ def fit_probe(extras: list[str], out: Path, pair_weight: float = 1.0) -> Path:
 
     from guardrails.offline.baselines import save_linear
 
-    layers = [12, 18]
+    layers = probe_layers()
     pool = maxwin.Pool(["requests.train", "wrapped.train", *extras], layers)
     w = maxwin.row_weights(pool, 1.0)
     pairs = np.array([s.startswith("handwritten_pairs_") for s in pool.sources])
@@ -67,25 +68,35 @@ def fit_probe(extras: list[str], out: Path, pair_weight: float = 1.0) -> Path:
         for y in (0, 1):  # equal total weight per label again
             w[pool.y == y] *= len(w) / 2 / w[pool.y == y].sum()
     coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, w, window=16, wd=1e-3, steps=40)
-    shallow, deep = np.split(coef, len(layers))
+    deep, extra = maxwin.split_layers(coef, layers)
     name = ("+".join(e.removeprefix("hw.") for e in extras) or "train") + f"_w{pair_weight:g}"
-    return save_linear(out / f"probe_{name}.safetensors", deep, bias, extra={12: shallow})
+    return save_linear(out / f"probe_{name}.safetensors", deep, bias, extra=extra)
 
 
-def member_stats(b: Bench, probe: Scorer, sae: Scorer) -> list[tuple[float, float]]:
+Stats = list[tuple[float, float]]
+
+
+def member_stats(b: Bench, members: list[Scorer]) -> Stats:
     """Each member's served row score mean and std on the cal split's benign rows (``fit_ensemble.py``)."""
     cal = b.sets["requests.cal"]
-    return [(float(r.mean()), float(r.std())) for r in (m.rows(cal)[cal.labels == 0] for m in (probe, sae))]
+    return [(float(r.mean()), float(r.std())) for r in (m.rows(cal)[cal.labels == 0] for m in members)]
 
 
-def ensemble_rows(sets: dict[str, Set], probe: Scorer, sae: Scorer, stats: list[tuple[float, float]],
-                  weights: tuple[float, float] = (3.0, 1.0)) -> dict[str, np.ndarray]:
-    """Row scores of the weighted mean of the members' standardised token scores (window 16), per set."""
-    out = {}
-    for n, s in sets.items():
-        tok = sum(w * (m.tokens(s) - mu) / sd for w, m, (mu, sd) in zip(weights, (probe, sae), stats, strict=True))
-        out[n] = windowed_max(np.asarray(tok, np.float32) / sum(weights), s.offsets, 16)
-    return out
+def standardised(sets: dict[str, Set], members: list[Scorer], stats: Stats) -> dict[str, list[np.ndarray]]:
+    """Per set, each member's token scores in units of its cal benign rows' standard deviation."""
+    return {n: [(m.tokens(s) - mu) / sd for m, (mu, sd) in zip(members, stats, strict=True)] for n, s in sets.items()}
+
+
+def combined(sets: dict[str, Set], z: dict[str, list[np.ndarray]], weights: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Row scores of the weighted mean of standardised token scores (window 16), per set."""
+    return {n: windowed_max(np.asarray(sum(w * t for w, t in zip(weights, z[n], strict=True)), np.float32)
+                            / sum(weights), s.offsets, 16) for n, s in sets.items()}
+
+
+def ensemble_rows(sets: dict[str, Set], members: list[Scorer], stats: Stats,
+                  weights: tuple[float, ...] = (3.0, 1.0)) -> dict[str, np.ndarray]:
+    """Row scores of the weighted ensemble of ``members`` (the shipped 3:1 probe : SAE rule by default)."""
+    return combined(sets, standardised(sets, members, stats), weights)
 
 
 def pairs_line(sets: dict[str, Set], rows: dict[str, np.ndarray], thr: float, by_form: bool = False) -> str:
@@ -131,23 +142,19 @@ def pairs_only(b: Bench, sets: dict[str, Set], out: Path) -> None:
 
     from guardrails.offline.baselines import save_linear
 
-    pol = ROOT / "policies" / "harmful-requests-probe.yaml"
-    cal = b.sets["requests.cal"]
+    layers, cal = probe_layers(), b.sets["requests.cal"]
     for keys in ("a", "b", "ab"):
-        pool = maxwin.Pool([cache_pairs(k) for k in keys], [12, 18])
+        pool = maxwin.Pool([cache_pairs(k) for k in keys], layers)
         for wd in (1e-3, 1e-2):
             coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, np.ones(len(pool.y)), window=16, wd=wd, steps=40)
-            shallow, deep = np.split(coef, 2)
-            path = save_linear(out / f"only_{keys}_{wd:g}.safetensors", deep, bias, extra={12: shallow})
+            deep, extra = maxwin.split_layers(coef, layers)
+            path = save_linear(out / f"only_{keys}_{wd:g}.safetensors", deep, bias, extra=extra)
             members = [Scorer(ROOT / "policies" / f"{n}.yaml") for n in ("harmful-requests-probe",
                                                                          "harmful-requests-sae")]
-            members.append(Scorer(pol, str(path)))
-            stats = [(float(r.mean()), float(r.std())) for r in (m.rows(cal)[cal.labels == 0] for m in members)]
-            tok = {n: [(m.tokens(s) - mu) / sd for m, (mu, sd) in zip(members, stats, strict=True)]
-                   for n, s in sets.items()}
+            members.append(Scorer(PROBE_POLICY, str(path)))
+            z = standardised(sets, members, member_stats(b, members))
             for wts in ((0, 0, 1), (3, 1, 1), (3, 1, 2)):
-                rows = {n: windowed_max(np.asarray(sum(w * t for w, t in zip(wts, tok[n], strict=True)), np.float32)
-                                        / sum(wts), sets[n].offsets, 16) for n in sets}
+                rows = combined(sets, z, wts)
                 thr = float(np.quantile(rows["requests.cal"][cal.labels == 0], 0.97))
                 label = f"pairs-only probe ({keys}, wd {wd:g}), weights probe:SAE:pairs-only {wts}"
                 print(b.line(label, lambda n, rows=rows: rows[n], thr), flush=True)
@@ -176,7 +183,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     b = Bench()
     sets = dict(b.sets) | {n: Set(n) for n in (cache_pairs("a"), cache_pairs("b"))}
-    pol = ROOT / "policies" / "harmful-requests-probe.yaml"
     sae = Scorer(ROOT / "policies" / "harmful-requests-sae.yaml")
     if args.shipped:
         print("# shipped policies, each at its own threshold", flush=True)
@@ -190,13 +196,13 @@ def main() -> None:
         pairs_only(b, sets, out)
         return
     if args.sae:
-        probe = Scorer(pol)
+        probe = Scorer(PROBE_POLICY)
         cal = b.sets["requests.cal"]
         for path in args.sae:
             rule = Scorer(Path(path))
             for label, rows in ((f"SAE rule {Path(path).name}", {n: rule.rows(s) for n, s in sets.items()}),
                                 (f"3:1 ensemble, shipped probe + {Path(path).name}",
-                                 ensemble_rows(sets, probe, rule, member_stats(b, probe, rule)))):
+                                 ensemble_rows(sets, [probe, rule], member_stats(b, [probe, rule])))):
                 thr = float(np.quantile(rows["requests.cal"][cal.labels == 0], 0.97))
                 print(b.line(label, lambda n, rows=rows: rows[n], thr), flush=True)
                 print(pairs_line(sets, rows, thr) + "  (a set trained on is in-sample)", flush=True)
@@ -205,11 +211,11 @@ def main() -> None:
     for v in args.variants.split(","):
         part = "fit" if args.cal_third else ""
         extras = [] if v == "none" else [cache_pairs(k, part) for k in v]
-        probe = Scorer(pol, str(fit_probe(extras, out, args.pair_weight)))
+        probe = Scorer(PROBE_POLICY, str(fit_probe(extras, out, args.pair_weight)))
         label = "train" + "".join(f" + pairs {e.removeprefix('hw.pairs_')}" for e in extras) + (
             f" (x{args.pair_weight:g})" if extras and args.pair_weight != 1.0 else "")
-        stats = member_stats(b, probe, sae)
-        ens = ensemble_rows(sets, probe, sae, stats)
+        stats = member_stats(b, [probe, sae])
+        ens = ensemble_rows(sets, [probe, sae], stats)
         cal = b.sets["requests.cal"]
         neg = ens["requests.cal"][cal.labels == 0]
         if not args.cal_third:
@@ -220,7 +226,7 @@ def main() -> None:
             print(matched_line(b, ens), flush=True)
             continue
         held = {n: Set(n) for n in (cache_pairs(k, "cal") for k in "ab")}
-        hs = ensemble_rows(held, probe, sae, stats)
+        hs = ensemble_rows(held, [probe, sae], stats)
         thr = float(np.quantile(np.concatenate([neg, *[hs[n][s.labels == 0] for n, s in held.items()]]), 0.97))
         print(b.line(f"3:1 ensemble, {label}, thr cal+third", lambda n, e=ens: e[n], thr), flush=True)
         print(pairs_line(held, hs, thr).replace("pairs (", "set-aside third ("), flush=True)

@@ -75,6 +75,24 @@ class Scorer:
         return windowed_max(self.tokens(s), s.offsets, self.window)
 
 
+PROBE_POLICY = ROOT / "policies" / "harmful-requests-probe.yaml"
+
+
+def probe_layers(policy_path: Path = PROBE_POLICY) -> list[int]:
+    """The layers a policy's first (linear) rule reads, shallowest first, the deciding layer last: the order
+    ``maxwin.Pool`` stacks them in and ``maxwin.split_layers`` splits them back (v0.2.9: 12, 18; v0.3.2: 18, 27)."""
+    det = Policy.from_path(policy_path).rules[0].detector
+    if not isinstance(det, LinearDetector):
+        raise SystemExit(f"heldout.py: {policy_path}: the first rule is not a linear probe")
+    return [*sorted(det.extra_layers or []), det.layer]
+
+
+def cache_layers(policy_path: Path = PROBE_POLICY) -> tuple[int, ...]:
+    """The layers a cached set needs for the shipped detectors and a refit of ``policy_path``'s probe: the
+    bundled SAE's 15 and the probe's layers (plus 12 and 18, which the older probes and the selection read)."""
+    return tuple(sorted({12, 15, 18, *probe_layers(policy_path)}))
+
+
 class _Single:
     """Token scores of one linear or SAE-feature detector over a cached set."""
 

@@ -90,6 +90,13 @@ def _row_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, 
     return out.scatter_reduce(0, row_of, means, "amax", include_self=False)
 
 
+def split_layers(coef: np.ndarray, layers: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """A multi-layer probe's stacked weights (``Pool`` stacks the layers' residuals in the order given) as the
+    deepest layer's ``weight`` and the shallower layers' terms, as ``save_linear(..., extra=)`` writes them."""
+    parts = np.split(coef, len(layers))
+    return parts[-1], dict(zip(layers[:-1], parts[:-1], strict=True))
+
+
 def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int, wd: float,
         steps: int = 60, seed: int = 0, anchor: tuple[np.ndarray, float] | None = None,
         ) -> tuple[np.ndarray, float]:

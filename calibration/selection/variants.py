@@ -11,8 +11,9 @@ variants, none of which needs new data:
 - ``position``: the window score minus ``a * log(tokens so far)`` (the threshold rising with the number of
   windows a prompt has; streaming-compatible);
 - ``union``: row scores combined after standardising each on the cal benign rows (max or mean);
-- ``data``: the shipped probe's recipe (``fit_shipped.py --probe-kind maxwin --probe-layers 12,18 --probe-wd
-  1e-3``) refitted on the train split plus (a) nothing (a check that the recipe reproduces the shipped probe),
+- ``data``: the shipped probe's recipe (``fit_shipped.py --probe-kind maxwin --probe-layers L --probe-wd 1e-3``,
+  the layers ``harmful-requests-probe.yaml`` reads: 12,18 until v0.3.1, 18,27 since) refitted on the train split
+  plus (a) nothing (a check that the recipe reproduces the shipped probe),
   (b) the 61 + 61 short questions of ``calibration/handwritten/short_questions.tsv``, (c) the four held-out
   harmful sources' test rows (their columns are then in-sample), (d) both;
 - ``case`` (only with ``--only case``): v0.2.9's short typed rows that start in lower case, scored as typed and
@@ -41,7 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from heldout import BLIND, HELD_OUT_HARMFUL, SHORT_FORMS, Scorer  # noqa: E402
+from heldout import BLIND, HELD_OUT_HARMFUL, PROBE_POLICY, SHORT_FORMS, Scorer, cache_layers, probe_layers  # noqa: E402
 from select_detectors import Set, auroc, windowed_max  # noqa: E402
 
 SETS = ("requests.train", "requests.cal", "requests.test", "over_refusal", "reserved_past", "reserved_future",
@@ -156,7 +157,7 @@ def union(b: Bench, policies: list[Path]) -> None:
 
 
 def _cache_short_questions() -> str:
-    """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at 12, 15, 18),
+    """The short questions of ``short_questions.tsv`` as a cached set ``hw.short`` (residuals at ``cache_layers()``),
     read and named as ``build_data.py`` reads them (train split since v0.2.9)."""
     import collect
 
@@ -166,7 +167,7 @@ def _cache_short_questions() -> str:
     rows = [{"text": tidy(text), "label": int(kind == "harmful"), "form": "question", "category": cat,
              "source": SHORT[0] if kind == "harmful" else SHORT[1]}
             for cat, kind, text in read_tsv(HANDWRITTEN_DIR / "short_questions.tsv", 3)]
-    return collect.cache_rows("hw.short", rows)
+    return collect.cache_rows("hw.short", rows, layers=cache_layers())
 
 
 def _cache_held_out_harmful() -> str:
@@ -176,7 +177,7 @@ def _cache_held_out_harmful() -> str:
     test = Set("requests.test")
     keep = [i for i, r in enumerate(test.rows) if r["source"] in HELD_OUT_HARMFUL]
     o = test.offsets
-    acts = {layer: [test.x(layer)[o[i]:o[i + 1]] for i in keep] for layer in (12, 15, 18)}
+    acts = {layer: [test.x(layer)[o[i]:o[i + 1]] for i in keep] for layer in cache_layers()}
     collect.write_set(collect.out_dir(), "requests.heldsrc", [test.rows[i] for i in keep], acts, test.scope)
     return "requests.heldsrc"
 
@@ -188,16 +189,15 @@ def data(b: Bench, out: Path) -> None:
 
     print("# data: the shipped probe's recipe on the train split + more rows")
     short, held = _cache_short_questions(), _cache_held_out_harmful()
-    pol = ROOT / "policies" / "harmful-requests-probe.yaml"
+    layers = probe_layers()
     out.mkdir(parents=True, exist_ok=True)
     for extras in ([], [short], [held], [short, held]):
-        layers = [12, 18]
         pool = maxwin.Pool(["requests.train", "wrapped.train", *extras], layers)
         coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0), window=16, wd=1e-3,
                                 steps=40)
-        shallow, deep = np.split(coef, len(layers))  # Pool stacks the layers' residuals in this order
-        path = save_linear(out / f"probe_{'+'.join(extras) or 'train'}.safetensors", deep, bias, extra={12: shallow})
-        sc = Scorer(pol, str(path))
+        deep, extra = maxwin.split_layers(coef, layers)
+        path = save_linear(out / f"probe_{'+'.join(extras) or 'train'}.safetensors", deep, bias, extra=extra)
+        sc = Scorer(PROBE_POLICY, str(path))
         label = "probe, train" + "".join(f" + {e}" for e in extras) + (" (four sources in-sample)" if held in extras
                                                                          else "")
         print(b.line(label, lambda n, sc=sc: sc.rows(b.sets[n])), flush=True)
