@@ -540,6 +540,25 @@ def test_cli_show_export_verify(db: Path, tmp_path: Path, monkeypatch: pytest.Mo
     assert res.exit_code == 1 and "record 2" in res.output and "edited" in res.output
 
 
+def test_cli_outputs_make_their_folder_or_fail_first(db: Path, tmp_path: Path) -> None:
+    """``--out mine/x`` makes ``mine/`` (as calibrate, discover, eval --rows and direction do: one helper); a path
+    whose folder cannot be made fails before anything is written, naming the flag."""
+    out, head = tmp_path / "new" / "x.jsonl", tmp_path / "other" / "head.json"
+    res = _cli("audit", "export", "--db", str(db), "--out", str(out), "--head", str(head))
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 3 and json.loads(head.read_text())["id"] == 3
+    res = _cli("report", "--summary", "--db", str(db), "--out", str(tmp_path / "html" / "s.html"))
+    assert res.exit_code == 0 and (tmp_path / "html" / "s.html").read_text().startswith("<!")
+    (tmp_path / "afile").write_text("")
+    bad = tmp_path / "afile" / "x.jsonl"
+    res = _cli("audit", "export", "--db", str(db), "--out", str(tmp_path / "y.jsonl"), "--head", str(bad))
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"--head {bad}: cannot create its folder" in msg, msg
+    assert not (tmp_path / "y.jsonl").exists()  # failed before the export, not after it
+    res = _cli("report", "--summary", "--db", str(db), "--out", str(tmp_path))
+    assert res.exit_code == 2 and "is a folder; give a file path" in " ".join(res.output.split())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["audit", "list", "--action", "blok"], "unknown --action 'blok'; valid: block, steer, flag, error, allow"),
     (["audit", "list", "--since", "last week"], "valid: YYYY-MM-DD"),

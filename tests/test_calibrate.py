@@ -361,8 +361,7 @@ def test_calibrate_out_elsewhere_keeps_the_source_files_and_rewrites_paths(saved
                                      "detector": {"kind": "linear", "layer": 1, "weights": "probes/lin.safetensors",
                                                   "window": 2}}]}
     (src / "lin.yaml").write_text(yaml.safe_dump(pol))
-    elsewhere = t["tmp"] / "mine"
-    elsewhere.mkdir()
+    elsewhere = t["tmp"] / "mine"  # not made here: `--out mine/thr.yaml` makes it (README: starting from a policy)
     for extra, name in (([], "thr.yaml"), (["--fit-weights"], "fit.yaml")):
         res = _cli(["calibrate", "--policy", str(src / "lin.yaml"), "--data", str(t["tmp"] / "toy"), "--target-fpr",
                     "0.1", "--model", str(t["model"]), "--out", str(elsewhere / name), *extra])

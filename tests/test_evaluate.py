@@ -149,6 +149,14 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
         assert got["worst_source"] in {"s0", "s1"}
         aurocs[rid] = got["auroc"]
     assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations
+    # a harmful-only file (a recall check): only TPR is defined, and the table says so; --rows makes its folder
+    ones = tmp_path / "ones.jsonl"
+    ones.write_text("".join(_json.dumps({"text": f"{w} {w}", "label": 1}) + "\n" for w in words[:6]))
+    res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "two.yaml"), "--data", str(ones), "--rule",
+                                   "low", "--model", str(tmp_path / "model"), "--rows", str(tmp_path / "n" / "r.csv")])
+    assert res.exit_code == 0, res.output
+    assert "every row is label 1: only TPR" in " ".join(res.output.split())
+    assert len((tmp_path / "n" / "r.csv").read_text().splitlines()) == 7
 
 
 def test_row_errors_rank_mistakes_and_never_let_an_unscored_row_pass(tmp_path) -> None:
@@ -174,8 +182,8 @@ def test_row_errors_rank_mistakes_and_never_let_an_unscored_row_pass(tmp_path) -
         written = list(csv.DictReader(f))
     assert [r["fires"] for r in written] == ["1", "0", "0", "1", "1", "0"]
     assert written[1]["score"] == "" and written[1]["correct"] == "0"
-    with pytest.raises(ValueError, match=r"--rows .*does not exist"):
-        write_rows(str(tmp_path / "no" / "rows.csv"), d, s, 0.5)
+    write_rows(str(tmp_path / "new" / "rows.csv"), d, s, 0.5)  # a missing folder is made
+    assert (tmp_path / "new" / "rows.csv").read_text() == (tmp_path / "rows.csv").read_text()
 
 
 def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> None:

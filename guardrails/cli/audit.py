@@ -189,8 +189,10 @@ def audit_export(
         "--head", help="Also write the head ({id, hash} of the newest record) to this file")] = None,
 ) -> None:
     """Export every record, in order, as JSON lines (with hashes, so the export can be verified)."""
-    from guardrails.cli.main import err_console
+    from guardrails.cli.main import err_console, output_path
 
+    out = None if out is None else output_path(out, "--out")
+    head = None if head is None else output_path(head, "--head")
     store = _open(db)
     if out is None:
         _safe(lambda: store.export_jsonl(sys.stdout))
@@ -220,8 +222,9 @@ def audit_verify(
         "--save-head", help="After a successful check, write the head to this file (for the next --head)")] = None,
 ) -> None:
     """Recompute the hash chain over every column; exit 1 and name the first bad record when tampered."""
-    from guardrails.cli.main import console, err_console
+    from guardrails.cli.main import console, err_console, output_path
 
+    save_head = None if save_head is None else output_path(save_head, "--save-head")
     store = _open(db)
     res = _safe(lambda: store.verify(head=head))
     where = markup(db_path(db))
@@ -249,13 +252,14 @@ def report(
     """Write a self-contained HTML report: one record's token heat map, or a summary (--summary)."""
     from guardrails.audit.report import render_record
     from guardrails.audit.summary import render_summary
-    from guardrails.cli.main import console
+    from guardrails.cli.main import console, output_path
 
     if summary and record_id is not None:
         fail("give either a record ID or --summary, not both")
     if not summary and record_id is None:
         fail("missing record ID; usage: guardrails report ID [--out report.html] or guardrails report --summary")
     _filters(action, since)
+    out = None if out is None else output_path(out, "--out")
     store = _open(db)
     if summary:
         recs = _safe(lambda: list(store.iter_records(policy=policy, action=action, since=since, rule=rule)))

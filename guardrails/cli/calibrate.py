@@ -299,8 +299,10 @@ def register(app: typer.Typer) -> None:
         """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
         import yaml
 
-        from guardrails.cli.main import _run_safely, console
+        from guardrails.cli.main import _run_safely, console, output_path
 
+        if out is not None:
+            out = output_path(out, "--out")
         res = _run_safely(lambda: run_discover(Session(model, progress=not as_json), data, layer, sae, top=top,
                                                scope=scope, limit=limit, max_response_chars=max_response_chars))
         if out is not None:
@@ -349,7 +351,7 @@ def register(app: typer.Typer) -> None:
                                                    "score on the cal split's label-0 rows first")] = False,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
-        from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
+        from guardrails.cli.main import _run_safely, console, fail, output_path, resolve_policy_path
 
         if target_fpr is not None and target_recall is not None:
             fail("give --target-fpr or --target-recall, not both")
@@ -357,8 +359,10 @@ def register(app: typer.Typer) -> None:
         if out is None and not Path(policy or "").is_file():
             fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
                  "calibrated copy")
-        out_path = Path(out or path)
+        out_path = output_path(out, "--out") if out is not None else Path(path)
         record_path = None if no_record else Path(record) if record else out_path.with_suffix(".record.json")
+        if record is not None and record_path is not None:
+            record_path = output_path(record_path, "--record")
         rep = _run_safely(lambda: run_calibrate(
             Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
             target_recall=target_recall,

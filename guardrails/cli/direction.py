@@ -31,7 +31,7 @@ def direction_command(
     limit: Annotated[int | None, typer.Option("--limit", help="Stratified subset of this many rows")] = None,
 ) -> None:
     """Fit a steering direction at one layer and save it (safetensors + JSON record)."""
-    from guardrails.cli.main import _run_safely, console, fail
+    from guardrails.cli.main import _run_safely, console, fail, output_path
     from guardrails.offline.directions import KINDS, DirectionError, build_direction, save_direction
     from guardrails.serving.models import load_model
 
@@ -41,6 +41,7 @@ def direction_command(
         fail(f"--pool {pool!r} unknown; valid: last, mean")
     if not data.is_file():
         fail(f"--data {str(data)!r} not found")
+    output_path(out, "--out")  # its folder made (or the flag named) before the model runs
     lm, tok = _run_safely(lambda: load_model(model, dtype="float32"))
     with console.status(f"building a {kind} direction at layer {layer} from {data} ..."):
         try:

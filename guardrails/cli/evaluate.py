@@ -50,10 +50,9 @@ def row_errors(data: LabeledData, scores: np.ndarray, threshold: float, n: int) 
 
 def write_rows(path: str, data: LabeledData, scores: np.ndarray, threshold: float) -> None:
     """Every row's score and decision as CSV: row, label, score, threshold, fires, correct, source, category,
-    text (and response for answer rows)."""
+    text (and response for answer rows). A missing folder is created."""
     out = Path(path)
-    if out.parent and not out.parent.is_dir():
-        raise ValueError(f"--rows {path}: folder {out.parent} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
     cols = ["row", "label", "score", "threshold", "fires", "correct", "source", "category", "text"]
     cols += ["response"] if data.responses is not None else []
     with out.open("w", newline="", encoding="utf-8") as f:
@@ -174,12 +173,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file; several
         --policy options compare policies on the same rows (activations computed once)."""
-        from guardrails.cli.main import _run_safely, console, resolve_policy_path
+        from guardrails.cli.main import _run_safely, console, output_path, resolve_policy_path
 
         paths = [str(resolve_policy_path(p)) for p in policy]
         session = Session(model, progress=not as_json, dtype=dtype)
 
-        row_files = _row_files(rows, paths)
+        row_files = [f if f is None else str(output_path(f, "--rows")) for f in _row_files(rows, paths)]
         results = [_run_safely(lambda path=path, rows_out=rows_out: run_eval(
             session, path, data, rule_id=rule, baselines=baselines, train_path=train, limit=limit,
             intervals=intervals, max_response_chars=max_response_chars, train_limit=train_limit, by=by, judge=judge,
@@ -227,6 +226,10 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
         console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {', '.join(res['in_sample'])} were "
                       "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
                       "policy never saw")
+    if not res.get("positives") or not res.get("negatives"):
+        only, rate = ("label 1", "TPR (the share that fires)") if res.get("positives") else ("label 0", "FPR")
+        console.print(f"[yellow]note[/]: {who}every row is {only}: only {rate} is defined here; AUROC and the "
+                      "rates at a fixed FPR need both labels")
     if "cascade" in res:
         console.print(who + res["cascade"]["summary"])
     for field_name in by:

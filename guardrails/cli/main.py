@@ -54,6 +54,20 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def output_path(path: str | Path, flag: str) -> Path:
+    """An output file named by ``flag``, checked before any work is done: its folder is created when missing
+    (``--out mine/my.yaml`` makes ``mine/``); a path that is a folder, or whose folder cannot be made (a file in the
+    way, no permission), fails here with the flag named instead of after the work, when nothing could be written."""
+    p = Path(path)
+    if p.is_dir():
+        fail(f"{flag} {p}: is a folder; give a file path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{flag} {p}: cannot create its folder {p.parent}: {exc.strerror or exc}")
+    return p
+
+
 def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None) -> Any:
     from guardrails.core.policy import Policy
     from guardrails.serving.generation import GuardedModel
