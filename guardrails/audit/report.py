@@ -331,8 +331,8 @@ def _legend(current: str | None, rules_js: dict[str, Any], redacted: bool) -> st
 def _decision_table(decisions: list[dict[str, Any]]) -> str:
     if not decisions:
         return '<section class="card"><h2>Decisions</h2><p class="note">None.</p></section>'
-    head = "".join(f"<th>{h}</th>" for h in ("action", "rule", "scope", "position", "token", "score", "threshold",
-                                               "top features"))
+    head = "".join(f"<th>{h}</th>" for h in ("action", "rule", "category", "scope", "position", "token", "score",
+                                               "threshold", "top features"))
     rows = []
     for x in decisions:
         feats = ", ".join(f"#{int(f[0])}={_fmt(float(f[1]))}" for f in (x.get("top_features") or [])[:8])
@@ -344,6 +344,6 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
             extra += (f" <span class=\"judge\">judge {_e(x.get('judge'))}: {_e(x.get('verdict'))} in "
                       f"{_e(_fmt(x.get('judge_latency_s')))}s{f' ({_e(why)})' if why else ''}</span>")
         rows.append(f"<tr class=\"decision-row\"><td>{_badge(str(x.get('action')))}{extra}</td><td>{_e(x.get('rule'))}"
-                    f"</td><td>{_e(x.get('scope'))}</td><td>{link}</td><td><code>{_e(repr(x.get('token')))}</code></td>"
+                    f"</td><td>{_e(x.get('category') or '-')}</td><td>{_e(x.get('scope'))}</td><td>{link}</td><td><code>{_e(repr(x.get('token')))}</code></td>"
                     f"<td>{_e(_fmt(x.get('score')))}</td><td>{_e(_fmt(x.get('threshold')))}</td><td>{_e(feats)}</td></tr>")
     return f'<section class="card"><h2>Decisions</h2><table><tr>{head}</tr>{"".join(rows)}</table></section>'

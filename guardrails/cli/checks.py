@@ -123,6 +123,15 @@ def check_policy(policy: Policy) -> tuple[list[str], list[str]]:
             shape = _safetensors_shapes(path).get("weight")
             if hidden is not None and shape != [hidden]:
                 problems.append(f"{where}.weights: 'weight' has shape {shape}, the model needs [{hidden}]")
+        if rule.categories is not None:  # the head's shape here; its labels and actions when loaded (--deep)
+            path = Path(policy.resolve(rule.categories.weights))
+            if not path.is_file():
+                problems.append(f"rules[{i}].categories.weights: {str(path)!r} not found{shipped_twin_hint(path)}")
+                continue
+            shape = _safetensors_shapes(path).get("weight")
+            if hidden is not None and (shape is None or len(shape) != 2 or shape[1] != hidden):
+                problems.append(f"rules[{i}].categories.weights: 'weight' has shape {shape}, the model needs "
+                                f"[n_categories, {hidden}]")
     try:
         policy.check_against(n_layers if n_layers is not None else 1 << 30, widths)
     except Exception as exc:

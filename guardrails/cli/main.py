@@ -143,11 +143,11 @@ def _print_decisions(result: Any) -> None:
     status = "[red]BLOCKED[/]" if result.blocked else "[yellow]STEERED[/]" if result.steered else "[green]allowed[/]"
     console.print(f"\n{status}  policy={markup(result.policy)}  decisions={len(result.decisions)}")
     if result.decisions:
-        t = Table("action", "rule", "scope", "pos", "token", "score", "threshold", "top features")
+        t = Table("action", "rule", "category", "scope", "pos", "token", "score", "threshold", "top features")
         for d in result.decisions:
             feats = ", ".join(f"{i}:{v:.1f}" for i, v in d.top_features[:3])
-            t.add_row(d.action, cell(d.rule), d.scope, str(d.position), cell(repr(d.token)), f"{d.score:.2f}",
-                      f"{d.threshold:.2f}", feats)
+            t.add_row(d.action, cell(d.rule), cell(d.category or "-"), d.scope, str(d.position), cell(repr(d.token)),
+                      f"{d.score:.2f}", f"{d.threshold:.2f}", feats)
         console.print(t)
 
 

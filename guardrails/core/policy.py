@@ -73,6 +73,25 @@ class Gate(_Strict):
     offset: FiniteFloat = Field(default=0.0, description="Added after scaling")
 
 
+class CategoryHead(_Strict):
+    """Which hazard category a decision names (``categories: {weights, min_prob, actions}`` on a rule).
+
+    A multinomial linear head over the residual stream at the rule's deciding layer: the file holds ``weight``
+    ``[n_categories, hidden]``, ``bias`` ``[n_categories]`` and its category names in the metadata ``labels`` (a
+    JSON list). When the rule fires, the head's logits are averaged over every token the rule scored up to the
+    deciding one, and the most probable category is named in the decision (and the audit); below ``min_prob`` the
+    decision names the rule's own ``category`` instead. ``actions`` lets a policy treat categories differently
+    (block weapons, flag the rest): the named category's action replaces the rule's. Written by
+    ``calibration/selection/fit_categories.py``; not carried by ``guardrails export-onnx`` (see there).
+    """
+
+    weights: str = Field(min_length=1, description="Head file (safetensors), relative to the YAML file")
+    min_prob: FiniteFloat = Field(default=0.0, ge=0, le=1, description="Name a category only at this probability "
+                                  "or more (else the rule's own category)")
+    actions: dict[str, Action] = Field(default_factory=dict, description="Per named category, the action taken "
+                                       "instead of the rule's (category names: the head file's labels)")
+
+
 class Steer(_Strict):
     """Steering applied from the token that tripped the rule onwards (or always, or when another rule fires).
 
@@ -140,6 +159,8 @@ class Rule(_Strict):
     category: str | None = Field(
         default=None, description="Hazard category this rule catches (e.g. weapons_cbrne); named in its decisions"
     )
+    categories: CategoryHead | None = Field(default=None, description="A head that names the hazard category of "
+                                            "each decision (and may set its action per category); see CategoryHead")
     escalate_above: FiniteFloat | None = Field(default=None, description="Cascade: scores in [threshold, this) go to "
                                                "the rule's judge, whose verdict decides (guardrails.core.cascade)")
     judge: RuleJudge | None = Field(default=None, description="Judge of the uncertain band: a name bound at runtime, "
@@ -162,6 +183,10 @@ class Rule(_Strict):
                 f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
             )
         check_cascade_rule(self)
+        if self.categories is not None and "steer" in self.categories.actions.values() and self.action != "steer":
+            bad = sorted(k for k, v in self.categories.actions.items() if v == "steer")
+            raise ValueError(f"categories.actions: {bad} steer, but this rule has no steer settings (action "
+                             f"{self.action!r}); valid: flag or block, or make the rule action: steer")
         return self
 
 

@@ -48,6 +48,8 @@ def rebased(policy: Policy, base_dir: str | os.PathLike[str]) -> Policy:
     for rule in [*data["rules"], *data.get("steering", [])]:
         if "detector" in rule:
             fix_detector(rule["detector"])
+        if (rule.get("categories") or {}).get("weights"):
+            rule["categories"]["weights"] = fix(rule["categories"]["weights"])
         if (rule.get("steer") or {}).get("direction"):
             rule["steer"]["direction"] = fix(rule["steer"]["direction"])
     if (data.get("audit") or {}).get("db"):

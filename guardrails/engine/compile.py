@@ -38,6 +38,7 @@ from guardrails.core.policy import (
     regular_file,
 )
 from guardrails.core.semantics import ROLE_CODES, rule_layer, scoped_rules
+from guardrails.engine.categories import LoadedHead, load_category_heads
 from guardrails.engine.hooks import decoder_layers
 from guardrails.engine.policy_steering import PlannedSteer, compile_steers
 from guardrails.engine.run import GuardRun, StepContext
@@ -83,6 +84,8 @@ class CompiledPolicy:
     """Judges of the cascade rules, by name (:mod:`guardrails.core.cascade`); see :meth:`with_judges`."""
     feeds: dict[int, Feed] = field(default_factory=dict)
     """Multi-layer linear rules' shallower layers (``detector.extra_layers``): hooked like the scorers."""
+    categories: dict[str, LoadedHead] = field(default_factory=dict)
+    """Category heads by rule id (``rules[].categories``), on their rule's layer device."""
     _variants: dict[Any, CompiledPolicy] = field(default_factory=dict, repr=False)
 
     @property
@@ -102,7 +105,7 @@ class CompiledPolicy:
         return GuardRun(
             self.policy, self.scorers, len(prompt_lengths), prompt_lengths, record_trace=record_trace, steer=steer,
             decide=self.decide, input_roles=self.input_role_codes, steers=self.steers, judges=self.judges,
-            feeds=self.feeds,
+            feeds=self.feeds, categories=self.categories,
         )
 
     @property
@@ -249,7 +252,11 @@ def compile_policy(
     bound = bind_judges(pol, judges, require=judges is not None)
     feeds = {layer: Feed(fd.rule_ids, fd.weight.to(next(layers[layer].parameters()).device))
              for layer, fd in fed.items()}
-    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound, feeds=feeds)
+    by_id = {r.id: r for r in pol.rules}
+    heads = {rid: h.to(next(layers[rule_layer(pol, by_id[rid])].parameters()).device)
+             for rid, h in load_category_heads(pol, hidden).items()}
+    return CompiledPolicy(pol, scorers, loaded, configs, mode, len(layers), steers=steers, judges=bound, feeds=feeds,
+                          categories=heads)
 
 
 def _load_saes(policy: Policy, given: dict[str, SAE], hidden: int) -> dict[str, SAE]:

@@ -28,6 +28,7 @@ from guardrails.core.semantics import (
 )
 from guardrails.engine import escalation
 from guardrails.engine.carry import Carry
+from guardrails.engine.categories import CategoryState, LoadedHead
 from guardrails.engine.escalation import PendingJudge
 from guardrails.engine.gates import Gates
 from guardrails.engine.policy_steering import PlannedSteer, SteerState, uses_plan
@@ -101,6 +102,8 @@ class GuardRun:
     gate_preset: dict[str, Tensor] | None = None
     """Per gate rule id, each row's prompt score when the prompt is not part of this run (calibrating a gated
     rule on answers alone; :class:`~guardrails.engine.gates.Gates`). Generation and scans compute it."""
+    categories: dict[str, LoadedHead] = field(default_factory=dict)
+    """Category heads by rule id (``rules[].categories``): what each decision names, and its action per category."""
     pending_judges: list[PendingJudge] = field(default_factory=list)
     """Cascade band hits of this forward, waiting for the judge (:mod:`guardrails.engine.escalation`)."""
     _top_chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
@@ -118,6 +121,7 @@ class GuardRun:
             )
             self.trace_scores[rule.id] = []
         self._gates = Gates(self.policy, self.batch, self.gate_preset)
+        self._categories = CategoryState(self.categories, self.batch)
         # per layer, the heads in scoring order: gated rules after the others, so a gate at the same layer is
         # known before the rules it caps
         self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
@@ -197,6 +201,8 @@ class GuardRun:
             st = self.states[rule.id]
             scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
+            if self.decide and rule.id in self.categories:
+                self._categories.observe(rule.id, hidden, scope_ok)
             windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
             if self._gates:
                 windowed = self._gates.apply(rule, windowed)  # rules[].gate: an answer capped by its request
@@ -302,6 +308,9 @@ class GuardRun:
         (latched after the first unless it blocks), then block the row or start its steering."""
         st = self.states[rule.id]
         action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
+        named = self._categories.name(rule.id, b, t)  # rules[].categories: the category this decision names
+        category = named[0] if named is not None else rule.category
+        action = self._categories.action(rule.id, named and named[0], action)  # type: ignore[assignment]
         if bool(st.fired[b]) and action != "block":
             return  # latched: first firing recorded; steering already on
         st.fired[b] = True
@@ -320,7 +329,7 @@ class GuardRun:
             output_index=pos - self.prompt_lengths[b] if out else None,
             top_features=top,
             role=self.role_name(out, role),
-            category=rule.category,
+            category=category,
         )
         self.decisions.append(d)
         if action == "block":

@@ -211,6 +211,7 @@ def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
             "action": rule.action, "window": det.window, "aggregate": det.aggregate,
             "block_above": rule.steer.block_above if rule.steer else None,
             "message": rule.message, "on_error": on_error_of(pol, rule), "category": rule.category,
+            "category_head": "not exported" if rule.categories is not None else None,
             **_cascade_manifest(pol, rule),
         })
     order = sorted(range(len(rules)), key=lambda i: (rules[i]["layer"], i))
@@ -279,6 +280,15 @@ def export_onnx(
         raise OnnxGuardError(f"policy {pol.name!r}: rule(s) {', '.join(gated)} have a gate (rules[].gate), which "
                              "the ONNX guard does not apply; valid: export a policy without gates, or serve it "
                              "with GuardedModel")
+    by_category = [r.id for r in pol.rules if r.categories is not None and r.categories.actions]
+    if by_category:  # the ONNX graph has no category head: the per-category actions would be lost
+        raise OnnxGuardError(f"policy {pol.name!r}: rule(s) {', '.join(by_category)} set actions per category "
+                             "(rules[].categories.actions), which the ONNX guard cannot apply (it carries no category "
+                             "head); valid: remove 'actions', or serve it with GuardedModel")
+    named = [r.id for r in pol.rules if r.categories is not None]
+    if named:
+        logger.warning("policy %r: the category head of rule(s) %s is not exported; the ONNX guard's decisions name "
+                       "each rule's own category instead (the same actions)", pol.name, named)
     if model is None:
         model, tokenizer = load_model(pol.model, dtype=torch.float32)
     elif tokenizer is None:
