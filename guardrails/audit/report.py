@@ -344,6 +344,7 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
             extra += (f" <span class=\"judge\">judge {_e(x.get('judge'))}: {_e(x.get('verdict'))} in "
                       f"{_e(_fmt(x.get('judge_latency_s')))}s{f' ({_e(why)})' if why else ''}</span>")
         rows.append(f"<tr class=\"decision-row\"><td>{_badge(str(x.get('action')))}{extra}</td><td>{_e(x.get('rule'))}"
-                    f"</td><td>{_e(x.get('category') or '-')}</td><td>{_e(x.get('scope'))}</td><td>{link}</td><td><code>{_e(repr(x.get('token')))}</code></td>"
+                    f"</td><td>{_e(x.get('category') or '-')}</td><td>{_e(x.get('scope'))}</td><td>{link}</td>"
+                    f"<td><code>{_e(repr(x.get('token')))}</code></td>"
                     f"<td>{_e(_fmt(x.get('score')))}</td><td>{_e(_fmt(x.get('threshold')))}</td><td>{_e(feats)}</td></tr>")
     return f'<section class="card"><h2>Decisions</h2><table><tr>{head}</tr>{"".join(rows)}</table></section>'
