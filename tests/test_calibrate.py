@@ -520,7 +520,8 @@ def test_cli_calibrate_one_rule_keeps_the_others_provenance(saved_tiny, monkeypa
     two = t["tmp"] / "two.yaml"
     two.write_text(yaml.safe_dump(pol))
     base = ["--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1", "--model", str(t["model"]), "--no-test"]
-    assert _cli(["calibrate", "--policy", str(two), *base]).exit_code == 0
+    res = _cli(["calibrate", "--policy", str(two), *base])
+    assert res.exit_code == 0 and "every rule (r, r2) was calibrated on the same labels" in " ".join(res.output.split())
     first = Policy.from_path(two)
     assert set(first.calibration or {}) == {"r", "r2"}
     assert two.read_text().splitlines()[0].endswith("see two.record.json")

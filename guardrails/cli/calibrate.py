@@ -110,6 +110,10 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     if fit_weights and "train" not in files:
         warnings.append(f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
                         "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones")
+    if rule_id is None and len(rules) > 1:
+        warnings.append(f"every rule ({', '.join(r.id for r in rules)}) was calibrated on the same labels; when the "
+                        "rules catch different things (a jailbreak framing rule beside a harm rule), pass --rule ID "
+                        "to calibrate one and keep the others' thresholds")
     for r in rules:
         source = _features_from(policy, r.id)
         if source and source.get("sha256") == cal.sha256:
