@@ -71,6 +71,16 @@ def test_actions_per_category(lm: Any, tok: Any, tmp_path: Path) -> None:
     assert r.blocked and [(d.action, d.category) for d in r.decisions] == [("block", "b")]
 
 
+def test_a_category_that_blocks_a_steer_rule_keeps_the_threshold_that_decided(lm: Any, tok: Any,
+                                                                                 tmp_path: Path) -> None:
+    _head(tmp_path / "h.safetensors", torch.zeros(2, HIDDEN), torch.tensor([0.0, 5.0]), ["a", "b"])
+    pol = _policy(tmp_path, {"weights": "h.safetensors", "actions": {"b": "block"}}, action="steer")
+    pol = pol.model_copy(update={"rules": [pol.rules[0].model_copy(update={
+        "steer": pol.rules[0].steer.model_copy(update={"block_above": 1e9})})]})  # type: ignore[union-attr]
+    r = GuardedModel(lm("llama"), tok, pol).generate(PROMPTS[0], max_new_tokens=2, chat=False)
+    assert r.blocked and [(d.action, d.category, d.threshold) for d in r.decisions] == [("block", "b", -1e9)]
+
+
 def test_the_category_reads_the_tokens_up_to_the_decision(lm: Any, tok: Any, tmp_path: Path) -> None:
     """A head that depends on the residuals: generation (prefill), a scan and a batch name the same category,
     which is the argmax of the head's mean logit over the rule's scored tokens up to the firing one."""

@@ -308,6 +308,7 @@ class GuardRun:
         (latched after the first unless it blocks), then block the row or start its steering."""
         st = self.states[rule.id]
         action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
+        decided_at = threshold_of(rule, action) if threshold is None else threshold  # before a category's action
         named = self._categories.name(rule.id, b, t)  # rules[].categories: the category this decision names
         category = named[0] if named is not None else rule.category
         action = self._categories.action(rule.id, named and named[0], action)  # type: ignore[assignment]
@@ -322,7 +323,7 @@ class GuardRun:
             action=action,
             rule=rule.id,
             score=score,
-            threshold=threshold_of(rule, action) if threshold is None else threshold,
+            threshold=decided_at,
             position=pos,
             scope="output" if out else "input",
             sequence=b,
