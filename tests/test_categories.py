@@ -158,3 +158,19 @@ def test_validate_checks_the_head_shape(tmp_path: Path) -> None:
     problems, _ = check_policy(_policy(tmp_path, {"weights": "h.safetensors"}))  # model: bundled (hidden 576)
     assert any("rules[0].categories.weights: 'weight' has shape [2, 32], the model needs [n_categories, 576]" in p
                for p in problems), problems
+
+
+def test_eval_reports_how_the_head_names_labelled_rows(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """``guardrails eval`` on rows with a ``category``: the share of fired label-1 rows named, and named right,
+    read from the decisions of a scan."""
+    from guardrails.offline.calibrate import load_labeled
+    from guardrails.offline.evaluate import category_naming
+
+    _head(tmp_path / "h.safetensors", torch.zeros(2, HIDDEN), torch.tensor([0.0, 5.0]), ["a", "b"])
+    g = GuardedModel(lm("llama"), tok, _policy(tmp_path, {"weights": "h.safetensors"}))
+    rows = [("bread", 1, "b"), ("fox", 1, "a"), ("capital", 1, "b"), ("story", 0, "b"), ("paint", 1, "-")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": y, "category": c}) + "\n"
+                                              for t, y, c in rows))
+    got = category_naming(g, load_labeled(tmp_path / "d.jsonl"), ["r"])
+    assert got == {"r": {"rows": 3, "fired": 3, "named": 1.0, "right_of_named": round(2 / 3, 4)}}
+    assert category_naming(g, load_labeled(tmp_path / "d.jsonl"), []) == {}  # no rule with a head asked for

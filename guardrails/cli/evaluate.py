@@ -126,6 +126,12 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         out[f"by_{field_name}"] = per
         out[f"worst_{field_name}"] = worst_group(per)
         out[f"left_out_{field_name}"] = small_groups(groups)
+    if data.categories is not None:  # rules[].categories: does the head name the labelled category?
+        from guardrails.offline.evaluate import category_naming
+
+        named = category_naming(guard, data, [r.id for r in policy.rules if rule_id is None or r.id == rule_id])
+        if named:
+            out["category_naming"] = named
     if errors:
         out["errors"] = row_errors(data, scores, thr, errors)
     if rows_out is not None:
@@ -232,6 +238,11 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
                       "rates at a fixed FPR need both labels")
     if "cascade" in res:
         console.print(who + res["cascade"]["summary"])
+    for rid, c in (res.get("category_naming") or {}).items():
+        named = "-" if c["named"] is None else f"{c['named']:.0%}"
+        right = "-" if c["right_of_named"] is None else f"{c['right_of_named']:.0%}"
+        console.print(f"{who}categories ({rid}): fired on {c['fired']} of {c['rows']} label-1 rows with a category; "
+                      f"named one on {named} of those, the labelled one on {right} of the named")
     for field_name in by:
         g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
                   title=f"{who}by {field_name} (single-label groups ranked against the other label's rows outside "

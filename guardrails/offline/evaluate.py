@@ -233,3 +233,31 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def category_naming(guard: Any, data: Any, rule_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """How each rule's category head (``rules[].categories``) names the label-1 rows that carry a labelled
+    ``category``, from the decisions themselves (a scan, as served): per rule, the rows it fired on, the share of
+    those it named a category for (the head reached ``min_prob``), and the share of the named ones that match the
+    row's label. Rows are scanned only when some rule has a head; {} otherwise."""
+    rules = {r.id: r for r in guard.policy.rules if r.id in rule_ids and r.categories is not None}
+    cats = data.categories or []
+    idx = [i for i, c in enumerate(cats) if int(data.labels[i]) == 1 and c not in ("", "-")]
+    if not rules or not idx:
+        return {}
+    responses = [data.responses[i] for i in idx] if data.responses is not None else None
+    scanned = guard.score([data.texts[i] for i in idx], responses=responses)
+    out: dict[str, dict[str, Any]] = {}
+    for rid, rule in rules.items():
+        fired = named = right = 0
+        for i, ts in zip(idx, scanned, strict=True):
+            d = next((d for d in ts.decisions if d.rule == rid), None)
+            if d is None:
+                continue
+            fired += 1
+            if d.category is not None and d.category != rule.category:
+                named += 1
+                right += int(d.category == cats[i])
+        out[rid] = {"rows": len(idx), "fired": fired, "named": round(named / fired, 4) if fired else None,
+                    "right_of_named": round(right / named, 4) if named else None}
+    return out
