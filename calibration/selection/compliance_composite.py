@@ -60,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default="18", type=lambda v: [int(x) for x in v.split(",")],
                     help="answer head layers (several: a multi-layer probe, one term per layer)")
-    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--window", type=int, default=16, help="the head's window, fitted and scored (shipped: 16)")
+    ap.add_argument("--wd", type=float, default=1e-2, help="the head's L2 on standardised weights (shipped: 1e-2)")
     ap.add_argument("--request-policy", default=str(ROOT / "policies" / "harmful-compliance.yaml"))
     ap.add_argument("--request-rule", default="harmful-request",
                     help="the request policy's input rule (default: the shipped gate rule of harmful-compliance)")
@@ -86,7 +87,7 @@ def main() -> None:
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
         x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams) & fittable["train"])
-        c, b = fit_head("maxwin", x, off, y, cell_weights(src, y))
+        c, b = fit_head("maxwin", x, off, y, cell_weights(src, y), window=args.window, wd=args.wd)
         keep_c = np.isin(fam["cal"], fit_fams) & fittable["cal"]
         cx, coff, cy, _ = subset(pools["cal"], keep_c)
         cr, cp = score(cx, coff, c, b, args.window), prompt["cal"][keep_c]

@@ -61,13 +61,15 @@ def subset(pool: Pool, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, off, pool.y[keep], [s for s, k in zip(pool.sources, keep, strict=True) if k]
 
 
-def fit_head(kind: str, x: np.ndarray, off: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_head(kind: str, x: np.ndarray, off: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int = 16,
+             wd: float = 1e-2) -> tuple[np.ndarray, float]:
     """One candidate's head: ``ridge`` (C=0.1 on mean-pooled replies) or ``maxwin`` (logistic loss on the
-    served max-of-rolling-means score, W16, L2 1e-2). ``fit_shipped.py compliance`` ships the chosen one."""
+    served max-of-rolling-means score, W16, L2 1e-2 unless given). ``fit_shipped.py compliance`` ships the chosen
+    one."""
     if kind == "ridge":
         pooled = np.stack([x[off[i] : off[i + 1]].mean(0) for i in range(len(off) - 1)])
         return fit_probe(pooled, y, w, 0.1)
-    return fit(x, off, y, w, window=16, wd=1e-2, steps=40)
+    return fit(x, off, y, w, window=window, wd=wd, steps=40)
 
 
 def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float]:
