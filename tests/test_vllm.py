@@ -222,8 +222,10 @@ def _detector(path: Path = POLICY) -> dict[str, Any]:
     for part in [det, *(m["detector"] for m in det.get("members", []))]:
         if "weights" in part:
             part["weights"] = shipped.resolve(part["weights"])
+    heads = shipped.rules[0].categories
     return {"detector": det, "saes": {k: {**v.model_dump(exclude_none=True), "path": shipped.resolve(v.path)}
-                                      for k, v in shipped.saes.items()}}
+                                      for k, v in shipped.saes.items()},
+            "categories": {"weights": shipped.resolve(heads.weights)} if heads is not None else None}
 
 
 def _policy(name: str, scope: str, threshold: float, action: str = "block", window: int | None = None) -> Any:
@@ -236,6 +238,8 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
     if window is not None:
         det["window"] = window
     rule: dict[str, Any] = {"id": name, "scope": scope, "detector": det, "threshold": threshold, "action": action}
+    if action != "steer":  # the shipped category head (v0.3.3), naming a category at any probability
+        rule["categories"] = {**d["categories"], "min_prob": 0.0}
     if action == "steer":
         rule["steer"] = {"method": "subtract", "strength": 40.0}
     return Policy.from_dict({"name": name, "saes": d["saes"], "refusal": f"{name} refused", "rules": [rule]})
@@ -330,8 +334,8 @@ def _same_scores(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]],
 
 
 def _same_decisions(a: list[Any], b: list[Any]) -> None:
-    assert [(d.action, d.rule, d.position, d.scope, d.output_index) for d in a] == \
-        [(d.action, d.rule, d.position, d.scope, d.output_index) for d in b]
+    assert [(d.action, d.rule, d.position, d.scope, d.output_index, d.category) for d in a] == \
+        [(d.action, d.rule, d.position, d.scope, d.output_index, d.category) for d in b]
     for x, y in zip(a, b, strict=True):
         assert math.isclose(x.score, y.score, rel_tol=1e-3, abs_tol=1e-3)
 
