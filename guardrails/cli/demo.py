@@ -65,7 +65,8 @@ def _one(guard: Any, kind: str, prompt: str, max_new_tokens: int) -> dict[str, A
     assert isinstance(result, GenerationResult)
     first = result.decisions[0] if result.decisions else None
     why = (f"{first.rule} @ {first.scope} token {first.position} {first.token!r}: "
-           f"{first.score:.2f} >= {first.threshold:.2f}") if first else ""
+           f"{first.score:.2f} >= {first.threshold:.2f}" + (f"; category {first.category}" if first.category else "")
+           ) if first else ""
     status = ("BLOCKED" if result.blocked else "steered" if result.steered
               else "flagged" if result.flagged else "allowed")
     return {"kind": kind, "prompt": prompt, "unguarded": plain, "guarded": result.text, "status": status, "why": why}
