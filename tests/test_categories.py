@@ -136,6 +136,9 @@ def test_schema_checks_actions_and_rebases_the_file(tmp_path: Path) -> None:
         _policy(tmp_path, {"weights": "h.safetensors", "actions": {"b": "steer"}})
     with pytest.raises(PolicyError, match="min_prob"):
         _policy(tmp_path, {"weights": "h.safetensors", "min_prob": 1.5})
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.categories\.weightz: unknown key 'weightz'; valid: weights, "
+                                          r"min_prob, actions"):
+        _policy(tmp_path, {"weightz": "h.safetensors"})
     pol = _policy(tmp_path, {"weights": "h.safetensors"})
     moved = pol.rebased(tmp_path / "elsewhere")
     assert Path(moved.resolve(moved.rules[0].categories.weights)) == (tmp_path / "h.safetensors").resolve()  # type: ignore[union-attr]

@@ -21,6 +21,8 @@ def _models_by_field() -> dict[str, type[BaseModel]]:
     from guardrails.core.cascade import JudgeSpec, RuleJudge
     from guardrails.core.normalize import NormalizeSpec
     from guardrails.core.policy import (
+        AuditSpec,
+        CategoryHead,
         EnsembleMember,
         Feature,
         Gate,
@@ -34,7 +36,7 @@ def _models_by_field() -> dict[str, type[BaseModel]]:
     return {
         "saes": SAESpec, "rules": Rule, "detector": SAEFeaturesDetector, "steer": Steer, "features": Feature,
         "normalize": NormalizeSpec, "steering": SteerRule, "judge": RuleJudge, "judges": JudgeSpec, "gate": Gate,
-        "members": EnsembleMember,
+        "members": EnsembleMember, "categories": CategoryHead, "audit": AuditSpec,
     }
 
 
