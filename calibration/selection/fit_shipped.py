@@ -166,7 +166,8 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
     srule = spol.rules[0]
     sdet = srule.detector.model_copy(update={"features": feats, "bias": round(b, 6), "combine": "sum",
                                              "window": args.sae_window, "aggregate": "mean"})
-    chosen = ("objective by the probe's leave-source-out CV, feature count (32 / 64 / 128) on the cal split"
+    chosen = ("objective by the probe's leave-source-out CV, feature count (v0.3.3: 128 / 256 / 512 / 1024 / 2048 / "
+              "4096) by cal-split AUROC"
               if args.sae_objective == "maxwin" else "chosen by leave-one-source-out CV")
     sdesc = (f"{how} (bundled SAE {tag}), highest mean over {args.sae_window} tokens; fitted on "
              f"harmful_requests.train + jailbreak_wrapped.train; {chosen}"
