@@ -3,11 +3,11 @@
 scale and criterion), instead of the a-priori 1:1.
 
 Each fold refits both members with the shipped recipes (the probe: layers 12 + 18, window 16, served-score
-objective, L2 1e-3; the SAE rule: 128 features of the bundled SAE, window 16) on the other folds' rows; each member
-is standardised on the cal split's benign rows (as ``fit_ensemble.py`` does); the weighted mean of the standardised
-token scores is windowed (16) and every out-of-fold row score becomes its percentile among the same ensemble's
-scores of the cal benign rows. Per family: AUROC against the out-of-fold rows of the other label; criterion: mean
-of the mean and the worst family AUROC. Weights are probe : SAE rule (1 : 0 is the probe alone).
+objective, L2 1e-3; the SAE rule: 128 features of the bundled SAE (``--sae-n``), window 16) on the other folds'
+rows; each member is standardised on the cal split's benign rows (as ``fit_ensemble.py`` does); the weighted mean of
+the standardised token scores is windowed (16) and every out-of-fold row score becomes its percentile among the same
+ensemble's scores of the cal benign rows. Per family: AUROC against the out-of-fold rows of the other label;
+criterion: mean of the mean and the worst family AUROC. Weights are probe : SAE rule (1 : 0 is the probe alone).
 
     SELECTION_DTYPE=float32 python calibration/selection/ensemble_cv.py [--layers 18,27]
 
@@ -39,9 +39,12 @@ def ensemble(p: np.ndarray, s: np.ndarray, offsets: np.ndarray, stats: Stats, a:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sae-n", type=int, default=128, help="the SAE member's feature count (128 in the shipped "
+                    "ensemble; harmful-requests-sae has 2048 since v0.3.3)")
     ap.add_argument("--layers", default=[12, 18], type=lambda v: [int(x) for x in v.split(",")],
                     help="the probe member's layers (comma list; the deepest decides)")
-    layers = ap.parse_args().layers
+    args = ap.parse_args()
+    layers = args.layers
     sae, tag = load_sae()
     pool = Pool(list(TRAIN), layers)
     codes = [s.sae_codes(sae, tag) for s in pool.sets]
@@ -57,7 +60,7 @@ def main() -> None:
         xt, ot = pool.subset(tr)
         coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=16, wd=1e-3, steps=40)
         t, off = pool.tokens(tr)
-        ws, bs = fit_sae(v_all[t], ids_all[t], off, pool.y[tr], w[tr], sae.d_sae, window=16, n_features=128)
+        ws, bs = fit_sae(v_all[t], ids_all[t], off, pool.y[tr], w[tr], sae.d_sae, window=16, n_features=args.sae_n)
         ws32 = ws.astype(np.float32)
         cp = cal_x @ coef + bias
         cs = (cal_v.astype(np.float32) * ws32[cal_ids.astype(np.int64)]).sum(1) + bs
