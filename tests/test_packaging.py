@@ -30,6 +30,9 @@ def test_shipped_policies_by_name_resolve_their_probes() -> None:
             if weights:
                 assert weights.startswith("../calibration/probes/")
                 assert Path(policy.resolve(weights)).is_file(), (name, weights)
+            if rule.categories is not None:  # category heads ship with the probes (v0.3.3)
+                head = rule.categories.weights
+                assert head.startswith("../calibration/probes/") and Path(policy.resolve(head)).is_file(), (name, head)
         for entry in policy.steering:  # steering directions ship too (calibration/directions)
             d = entry.steer.direction
             if d and not d.startswith("sae:"):
