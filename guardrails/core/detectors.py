@@ -1,4 +1,5 @@
-"""Detectors of a policy's rules: SAE-feature combinations, linear (multi-layer) probes, and ensembles of them.
+"""Detectors of a policy's rules: SAE-feature combinations, linear (multi-layer) probes, and ensembles of them; and
+a rule's category head (:class:`CategoryHead`), which reads the same residuals to name a decision's category.
 
 How each one scores a token is implemented in :mod:`guardrails.engine.scorers` (and carried across layers by
 :mod:`guardrails.engine.compile`); these are the validated YAML models. Re-exported by
@@ -12,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Aggregate = Literal["max", "mean", "sum"]
+Action = Literal["flag", "block", "steer"]
+"""What a tripped rule does (``rules[].action``; also a category's action in :class:`CategoryHead`)."""
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A number that is finite (NaN, inf and overflowing literals such as 1.0e400 are errors), never a bool or string."""
 StrictInt = Annotated[int, Field(strict=True)]
@@ -152,3 +155,22 @@ def parts_where(where: str, det: Detector) -> list[tuple[str, SAEFeaturesDetecto
     if isinstance(det, EnsembleDetector):
         return [(f"{where}.members[{i}].detector", m.detector) for i, m in enumerate(det.members)]
     return [(where, det)]
+
+
+class CategoryHead(_Strict):
+    """Which hazard category a decision names (``categories: {weights, min_prob, actions}`` on a rule).
+
+    A multinomial linear head over the residual stream at the rule's deciding layer: the file holds ``weight``
+    ``[n_categories, hidden]``, ``bias`` ``[n_categories]`` and its category names in the metadata ``labels`` (a
+    JSON list). When the rule fires, the head's logits are averaged over every token the rule scored up to the
+    deciding one, and the most probable category is named in the decision (and the audit); below ``min_prob`` the
+    decision names the rule's own ``category`` instead. ``actions`` lets a policy treat categories differently
+    (block weapons, flag the rest): the named category's action replaces the rule's. Written by
+    ``calibration/selection/fit_categories.py``; not carried by ``guardrails export-onnx`` (see there).
+    """
+
+    weights: str = Field(min_length=1, description="Head file (safetensors), relative to the YAML file")
+    min_prob: FiniteFloat = Field(default=0.0, ge=0, le=1, description="Name a category only at this probability "
+                                  "or more (else the rule's own category)")
+    actions: dict[str, Action] = Field(default_factory=dict, description="Per named category, the action taken "
+                                       "instead of the rule's (category names: the head file's labels)")

@@ -16,7 +16,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from guardrails.core.cascade import JudgeSpec, RuleJudge, check_cascade_policy, check_cascade_rule
+from guardrails.core.detectors import Action as Action  # re-exported
 from guardrails.core.detectors import Aggregate as Aggregate  # re-exported (the detector models' module)
+from guardrails.core.detectors import CategoryHead as CategoryHead  # re-exported
 from guardrails.core.detectors import (
     Detector,
     EnsembleDetector,
@@ -41,7 +43,6 @@ from guardrails.core.yaml_io import DuplicateKeyError as DuplicateKeyError  # re
 from guardrails.core.yaml_io import regular_file as regular_file  # re-exported
 from guardrails.core.yaml_io import too_big as _too_big
 
-Action = Literal["flag", "block", "steer"]
 Scope = Literal["input", "output", "both"]
 OnError = Literal["block", "flag", "allow"]
 ScoreMode = Literal["exact", "watched"]
@@ -71,25 +72,6 @@ class Gate(_Strict):
     rule: str = Field(min_length=1, description="Input rule of this policy whose prompt score gates this rule")
     scale: FiniteFloat = Field(default=1.0, gt=0, description="Maps the gate rule's score into this rule's units")
     offset: FiniteFloat = Field(default=0.0, description="Added after scaling")
-
-
-class CategoryHead(_Strict):
-    """Which hazard category a decision names (``categories: {weights, min_prob, actions}`` on a rule).
-
-    A multinomial linear head over the residual stream at the rule's deciding layer: the file holds ``weight``
-    ``[n_categories, hidden]``, ``bias`` ``[n_categories]`` and its category names in the metadata ``labels`` (a
-    JSON list). When the rule fires, the head's logits are averaged over every token the rule scored up to the
-    deciding one, and the most probable category is named in the decision (and the audit); below ``min_prob`` the
-    decision names the rule's own ``category`` instead. ``actions`` lets a policy treat categories differently
-    (block weapons, flag the rest): the named category's action replaces the rule's. Written by
-    ``calibration/selection/fit_categories.py``; not carried by ``guardrails export-onnx`` (see there).
-    """
-
-    weights: str = Field(min_length=1, description="Head file (safetensors), relative to the YAML file")
-    min_prob: FiniteFloat = Field(default=0.0, ge=0, le=1, description="Name a category only at this probability "
-                                  "or more (else the rule's own category)")
-    actions: dict[str, Action] = Field(default_factory=dict, description="Per named category, the action taken "
-                                       "instead of the rule's (category names: the head file's labels)")
 
 
 class Steer(_Strict):
