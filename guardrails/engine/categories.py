@@ -80,7 +80,6 @@ class CategoryState:
     """Per guarded call: running logit sums of each head's rule over the rows it scored."""
 
     heads: dict[str, LoadedHead]
-    batch: int
     _sums: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Committed per rule: ``([B, C] logit sums, [B] token counts)`` before the current forward."""
     _now: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -105,9 +104,9 @@ class CategoryState:
             cums, counts = self._now.pop(rule_id)
             self._sums[rule_id] = (cums[:, -1], counts[:, -1])
 
-    def name(self, rule_id: str, b: int, t: int) -> tuple[str, float] | None:
-        """The category the rule's head names for row ``b`` firing at column ``t`` of this forward, with its
-        probability; None when the rule has no head, scored nothing, or the probability is below ``min_prob``."""
+    def name(self, rule_id: str, b: int, t: int) -> str | None:
+        """The category the rule's head names for row ``b`` firing at column ``t`` of this forward; None when the
+        rule has no head, scored nothing, or the most probable category is below ``min_prob``."""
         head, now = self.heads.get(rule_id), self._now.get(rule_id)
         if head is None or now is None:
             return None
@@ -117,8 +116,7 @@ class CategoryState:
             return None
         p = torch.softmax(cums[b, t] / n, dim=-1)
         k = int(p.argmax())
-        prob = float(p[k])
-        return (head.labels[k], prob) if prob >= head.min_prob else None
+        return head.labels[k] if float(p[k]) >= head.min_prob else None
 
     def action(self, rule_id: str, category: str | None, action: str) -> str:
         """The action the named ``category`` takes instead of the rule's ``action`` (``categories.actions``)."""

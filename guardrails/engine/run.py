@@ -121,7 +121,7 @@ class GuardRun:
             )
             self.trace_scores[rule.id] = []
         self._gates = Gates(self.policy, self.batch, self.gate_preset)
-        self._categories = CategoryState(self.categories, self.batch)
+        self._categories = CategoryState(self.categories)
         # per layer, the heads in scoring order: gated rules after the others, so a gate at the same layer is
         # known before the rules it caps
         self._head_order = {layer: [i for i, h in enumerate(s.heads) if h.rule.gate is None and h.carry is None]
@@ -310,8 +310,8 @@ class GuardRun:
         action: DecisionAction = escalate(rule, score)  # type: ignore[assignment]
         decided_at = threshold_of(rule, action) if threshold is None else threshold  # before a category's action
         named = self._categories.name(rule.id, b, t)  # rules[].categories: the category this decision names
-        category = named[0] if named is not None else rule.category
-        action = self._categories.action(rule.id, named and named[0], action)  # type: ignore[assignment]
+        category = named if named is not None else rule.category
+        action = self._categories.action(rule.id, named, action)  # type: ignore[assignment]
         if bool(st.fired[b]) and action != "block":
             return  # latched: first firing recorded; steering already on
         st.fired[b] = True
