@@ -66,7 +66,8 @@ def firing_windows(tok: np.ndarray, offsets: np.ndarray, window: int, threshold:
 
 
 def features(scorer: Scorer, s: Set, layer: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The harmful rows' window-mean residuals at ``layer``, their categories and sources."""
+    """The harmful rows' mean residuals at ``layer`` over every token up to the deciding one (as the engine's head
+    reads them), their categories and sources."""
     x = s.x(layer)
     spans = firing_windows(scorer.tokens(s), s.offsets, scorer.window, scorer.threshold)
     keep = [i for i, r in enumerate(s.rows) if int(r["label"]) == 1 and r.get("category") in LABELS
