@@ -221,6 +221,44 @@ def test_load_labeled_forms(tmp_path: Path) -> None:
     assert f.select([2, 0]).fields == {"form": ["-", "question"], "turns": ["-", "2"]}
 
 
+def test_data_format_reads_a_file_in_its_own_layout(tmp_path: Path) -> None:
+    """--columns / --positive / --label: a public set's own columns (an is_safe flag, a Goal column, no label at
+    all) read as text/response/label; the hash tells the readings apart; bad mappings name the flag."""
+    from guardrails.offline.labeled import CalibrationError, DataFormat
+
+    bt = _write(tmp_path / "bt.jsonl", [{"prompt": "q1", "response": "r1", "is_safe": True, "label": "x"},
+                                        {"prompt": "q2", "response": "r2", "is_safe": False, "label": "y"}])
+    fmt = DataFormat.parse("label=is_safe", "false")
+    d = load_labeled(bt, fmt=fmt)  # the file's own 'label' column gives way to the mapped one
+    assert d.labels.tolist() == [0, 1] and d.responses == ["r1", "r2"] and d.fields == {}
+    (tmp_path / "jbb.csv").write_text("Goal,Category\nDo harm,Harassment\nDo more harm,Physical harm\n")
+    j = load_labeled(tmp_path / "jbb.csv", fmt=DataFormat.parse("text=Goal,category=Category", None, 1))
+    assert j.texts == ["Do harm", "Do more harm"] and j.labels.tolist() == [1, 1]
+    assert j.categories == ["Harassment", "Physical harm"]
+    (tmp_path / "xs.csv").write_text("prompt,type,verdict\nkill a process,homonym,Safe\nkill a man,contrast,UNSAFE\n")
+    x = load_labeled(tmp_path / "xs.csv", fmt=DataFormat.parse("label=verdict", " unsafe ,controversial"))
+    assert x.labels.tolist() == [0, 1] and x.fields == {"type": ["homonym", "contrast"]}
+    assert x.sha256 != load_labeled(tmp_path / "xs.csv", fmt=DataFormat.parse("label=verdict", "safe")).sha256
+    assert DataFormat.parse(None, None, None) is None
+    for args, msg in (((" text = Goal ,label", None, None), r"--columns: 'label' is not FIELD=COLUMN"),
+                      (("txt=Goal", None, None), r"unknown field 'txt'; valid: text, prompt, response, label"),
+                      (("text=a,text=b", None, None), "given twice"),
+                      ((",", None, None), "--columns: empty"),
+                      ((None, None, 2), "--label must be 0 or 1"),
+                      (("label=y", None, 1), "give one of the two"),
+                      ((None, "unsafe", 1), "no label column"),
+                      ((None, " , ", None), "--positive: empty")):
+        with pytest.raises(CalibrationError, match=msg):
+            DataFormat.parse(*args)
+    with pytest.raises(CalibrationError, match=r"jbb.csv:2: no column 'Gaol' \(--columns text=Gaol\); the row has "
+                                               r"\['Category', 'Goal'\]"):
+        load_labeled(tmp_path / "jbb.csv", fmt=DataFormat.parse("text=Gaol", None, 1))
+    with pytest.raises(CalibrationError, match=r"bt.jsonl:1: --label 1 gives every row one label, but the file"):
+        load_labeled(bt, fmt=DataFormat.parse(None, None, 1))
+    with pytest.raises(CalibrationError, match=r"jbb.csv:2: expected 'label'.*no label column: --label 1 or 0"):
+        load_labeled(tmp_path / "jbb.csv", fmt=DataFormat.parse("text=Goal", None, None))
+
+
 def test_split_files_csv(tmp_path: Path) -> None:
     from guardrails.cli.session import split_files
 
@@ -308,6 +346,19 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "toy.cal.jsonl"), "--model", str(t["model"])])
     assert res.exit_code == 0, res.output
     assert "were fitted on this file" in res.output and "in-sample" in res.output
+    # the same rows in another layout: read through --columns / --positive, the same numbers
+    own = [{"Question": q, "flag": "bad" if y else "ok"} for q, y in zip(test.texts, test.labels, strict=True)]
+    _write(t["tmp"] / "own.jsonl", own)
+    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--json", "--model",
+                str(t["model"]), "--columns", "text=Question,label=flag", "--positive", "bad"])
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {k: again[k] for k in ("auroc", "fpr", "tpr", "n")} == {k: got[k] for k in ("auroc", "fpr", "tpr", "n")}
+    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"])])
+    assert res.exit_code == 2 and "--columns text=COLUMN,label=COLUMN" in res.output
+    res = _cli(["calibrate", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),
+                "--columns", "text=Question", "--positive", "bad", "--label", "1"])
+    assert res.exit_code == 2 and "no label column" in res.output
 
 
 def test_eval_compares_policies_on_the_same_rows(saved_tiny) -> None:
@@ -495,7 +546,7 @@ def test_record_names_the_sources_held_out_of_the_train_split(tmp_path: Path) ->
     import hashlib
     import json as _json
 
-    from guardrails.cli.session import _split_provenance, split_files
+    from guardrails.cli.session import Session, _split_provenance, split_files
 
     rows = {"train": [("x", 0, "a"), ("y", 1, "b")], "cal": [("z", 0, "a"), ("w", 1, "c")],
             "test": [("v", 1, "d"), ("u", 0, "")]}
@@ -504,10 +555,10 @@ def test_record_names_the_sources_held_out_of_the_train_split(tmp_path: Path) ->
             "".join(_json.dumps({"text": t, "label": lab, "source": s}) + "\n" for t, lab, s in rs), encoding="utf-8")
     files = split_files(str(tmp_path / "toy"))
     cal, test = (load_labeled(files[s]) for s in ("cal", "test"))
-    got = _split_provenance(files, cal, test)
+    got = _split_provenance(Session(), files, cal, test)
     assert got["sources_held_out"] == ["c", "d"]
     assert got["train_data"]["sha256"] == hashlib.sha256(files["train"].read_bytes()).hexdigest()
-    assert _split_provenance({"file": files["cal"]}, cal, None) == {}
+    assert _split_provenance(Session(), {"file": files["cal"]}, cal, None) == {}
 
 
 def test_cli_calibrate_one_rule_keeps_the_others_provenance(saved_tiny, monkeypatch) -> None:

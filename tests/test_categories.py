@@ -175,5 +175,9 @@ def test_eval_reports_how_the_head_names_labelled_rows(lm: Any, tok: Any, tmp_pa
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": y, "category": c}) + "\n"
                                               for t, y, c in rows))
     got = category_naming(g, load_labeled(tmp_path / "d.jsonl"), ["r"])
-    assert got == {"r": {"rows": 3, "fired": 3, "named": 1.0, "right_of_named": round(2 / 3, 4)}}
+    assert got == {"r": {"rows": 3, "fired": 3, "named": 1.0, "right_of_named": round(2 / 3, 4), "labels": ["a", "b"],
+                         "unknown": []}}
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "bread", "label": 1, "category": "Physical harm"}) + "\n")
+    other = category_naming(g, load_labeled(tmp_path / "other.jsonl"), ["r"])["r"]  # another taxonomy's label
+    assert other["unknown"] == ["Physical harm"] and other["right_of_named"] == 0.0
     assert category_naming(g, load_labeled(tmp_path / "d.jsonl"), []) == {}  # no rule with a head asked for

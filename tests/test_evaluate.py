@@ -192,18 +192,19 @@ def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> 
     import json
 
     from guardrails.cli.evaluate import run_eval
+    from guardrails.cli.session import Session
 
-    class NoModel:
-        def guard(self, policy):  # type: ignore[no-untyped-def]
+    class NoModel(Session):
+        def guard(self, policy, score_mode=None, judges=None):
             raise AssertionError("scored before checking --by")
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2, "source": "s"}) + "\n" for i in range(4)))
     with pytest.raises(ValueError, match=r"--by category: no row of .*d.jsonl has a 'category' field"):
-        run_eval(NoModel(), "harmful-requests", str(data), by=["category"])  # type: ignore[arg-type]
+        run_eval(NoModel(), "harmful-requests", str(data), by=["category"])
     with pytest.raises(ValueError, match=r"unknown --by 'topic'; valid: source, category \(the columns of"):
-        run_eval(NoModel(), "harmful-requests", str(data), by=["topic"])  # type: ignore[arg-type]
+        run_eval(NoModel(), "harmful-requests", str(data), by=["topic"])
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))
     with pytest.raises(ValueError, match=r"--by source: no row of .*bare.jsonl has a 'source' field"):
-        run_eval(NoModel(), "harmful-requests", str(bare), by=["source"])  # type: ignore[arg-type]
+        run_eval(NoModel(), "harmful-requests", str(bare), by=["source"])

@@ -19,10 +19,19 @@ from typing import Annotated, Any
 
 import typer
 
-from guardrails.cli.session import Session, _scope_of_data, _split_provenance, split_files
+from guardrails.cli.session import (
+    ColumnsOption,
+    LabelOption,
+    PositiveOption,
+    Session,
+    _scope_of_data,
+    _split_provenance,
+    split_files,
+)
 from guardrails.core.semantics import rule_layer
-from guardrails.offline.calibrate import CalibrationError, load_labeled
+from guardrails.offline.calibrate import CalibrationError
 from guardrails.offline.evaluate import round_up
+from guardrails.offline.labeled import DataFormat
 
 RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
 
@@ -38,7 +47,7 @@ def run_discover(session: Session, data_path: str, layer: int | None, sae_ref: s
     from guardrails.sae.model import SAE
 
     files = split_files(data_path)
-    data = load_labeled(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    data = session.load(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
     sc = _scope_of_data(data, scope)
     sae = SAE.load(sae_ref, layer=layer)
     if layer is None:  # the layer the SAE file records (the bundled SAE's, a Qwen-Scope layer{n}.sae.pt's)
@@ -98,7 +107,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         target_fpr = 0.01
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
-    cal = load_labeled(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    cal = session.load(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
     rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]
     if not rules:
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
@@ -122,14 +131,14 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                             "(discover reads its train split, calibrate its cal split)")
     if warnings:
         report["warnings"] = warnings
-    test_data = load_labeled(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
+    test_data = session.load(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
         if "test" in files and evaluate_test else None
-    splits = _split_provenance(files, cal, test_data)
+    splits = _split_provenance(session, files, cal, test_data)
     for rule in rules:
         det = rule.detector
         sc = rule_scope(rule)
         if fit_weights and isinstance(det, SAEFeaturesDetector):
-            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+            train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
             guard0 = session.guard(policy)
             pooled = prefix_aware_pooled(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
@@ -152,7 +161,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             if getattr(det, "extra_layers", None):
                 raise CalibrationError(f"rules: {rule.id!r} is a multi-layer probe (extra_layers {det.extra_layers}); "
                                        "--fit-weights fits one layer: calibrate its threshold without it")
-            train = load_labeled(files.get("train") or files["file"], limit=train_limit or limit,
+            train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
             fit = fit_probe if det.method == "probe" else fit_diffmean
             w, b = fit(session.rows(train, layer, sc), train.labels)
@@ -299,6 +308,9 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
         max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+        columns: ColumnsOption = None,
+        positive: PositiveOption = None,
+        label: LabelOption = None,
     ) -> None:
         """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
         import yaml
@@ -307,8 +319,10 @@ def register(app: typer.Typer) -> None:
 
         if out is not None:
             out = output_path(out, "--out")
-        res = _run_safely(lambda: run_discover(Session(model, progress=not as_json), data, layer, sae, top=top,
-                                               scope=scope, limit=limit, max_response_chars=max_response_chars))
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        res = _run_safely(lambda: run_discover(Session(model, progress=not as_json, data_format=fmt), data, layer,
+                                               sae, top=top, scope=scope, limit=limit,
+                                               max_response_chars=max_response_chars))
         if out is not None:
             out.write_text(yaml.safe_dump(res["policy"], sort_keys=False, allow_unicode=True), encoding="utf-8")
         if as_json:
@@ -353,12 +367,16 @@ def register(app: typer.Typer) -> None:
         = None,
         fit_ensemble: Annotated[bool, typer.Option(help="Ensemble rules: set each member's mean/std from its own "
                                                    "score on the cal split's label-0 rows first")] = False,
+        columns: ColumnsOption = None,
+        positive: PositiveOption = None,
+        label: LabelOption = None,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, output_path, resolve_policy_path
 
         if target_fpr is not None and target_recall is not None:
             fail("give --target-fpr or --target-recall, not both")
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
         path = str(resolve_policy_path(policy))
         if out is None and not Path(policy or "").is_file():
             fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
@@ -368,7 +386,7 @@ def register(app: typer.Typer) -> None:
         if record is not None and record_path is not None:
             record_path = output_path(record_path, "--record")
         rep = _run_safely(lambda: run_calibrate(
-            Session(model, progress=not as_json, dtype=dtype), path, data, target_fpr=target_fpr,
+            Session(model, progress=not as_json, dtype=dtype, data_format=fmt), path, data, target_fpr=target_fpr,
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
             max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate,

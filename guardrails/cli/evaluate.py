@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from guardrails.cli.session import Session, split_files
+from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, Session, split_files
 from guardrails.core.semantics import rule_layer
-from guardrails.offline.calibrate import load_labeled
 from guardrails.offline.evaluate import MIN_GROUP_ROWS
 from guardrails.offline.evaluate import json_safe as _json_safe
+from guardrails.offline.labeled import DataFormat
 
 if TYPE_CHECKING:
     from guardrails.offline.calibrate import LabeledData
@@ -94,7 +94,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if errors < 0:
         raise ValueError(f"--errors must be >= 0 (rows to list per kind), got {errors}")
     policy = Policy.from_path(policy_path)
-    data = load_labeled(data_path, limit=limit, max_response_chars=max_response_chars)
+    data = session.load(data_path, limit=limit, max_response_chars=max_response_chars)
     # the columns --by can group: None where no row has that field
     columns = {"source": data.sources if any(data.sources) else None, "category": data.categories, **data.fields}
     for field_name in by or []:  # before any scoring: a wrong --by costs nothing
@@ -143,7 +143,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train = train_path or str(split_files(data_path).get("train") or "")
-        tr = load_labeled(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
+        tr = session.load(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
         from guardrails.cli.baselines import run_baselines
 
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
@@ -176,13 +176,17 @@ def register(app: typer.Typer) -> None:
         errors: Annotated[int, typer.Option(help="List the N worst false positives and false negatives")] = 0,
         rows: Annotated[str | None, typer.Option(help="Write every row's score and decision to this CSV (several "
                                                       "policies: one file each, <stem>.<policy>.csv)")] = None,
+        columns: ColumnsOption = None,
+        positive: PositiveOption = None,
+        label: LabelOption = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file; several
         --policy options compare policies on the same rows (activations computed once)."""
         from guardrails.cli.main import _run_safely, console, output_path, resolve_policy_path
 
         paths = [str(resolve_policy_path(p)) for p in policy]
-        session = Session(model, progress=not as_json, dtype=dtype)
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt)
 
         row_files = [f if f is None else str(output_path(f, "--rows")) for f in _row_files(rows, paths)]
         results = [_run_safely(lambda path=path, rows_out=rows_out: run_eval(
@@ -203,14 +207,14 @@ def register(app: typer.Typer) -> None:
         t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR", title=title)
         names = [r["policy"] for r in results]
         # two policies of one name (a calibrated copy): the file tells them apart
-        labels = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
-        for res, label in zip(results, labels, strict=True):
-            t.add_row(f"policy {label}", *(_fmt(res.get(k)) for k in cols))
+        shown = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
+        for res, name in zip(results, shown, strict=True):
+            t.add_row(f"policy {name}", *(_fmt(res.get(k)) for k in cols))
             for name, m in (res.get("baselines") or {}).items():
                 t.add_row(name if len(results) == 1 else f"  {name}", *(_fmt(m.get(k)) for k in cols))
         console.print(t)
-        for res, label, rows_out in zip(results, labels, row_files, strict=True):
-            _print_details(console, res, by or [], rows_out, who=f"{label}: " if len(results) > 1 else "")
+        for res, name, rows_out in zip(results, shown, row_files, strict=True):
+            _print_details(console, res, by or [], rows_out, who=f"{name}: " if len(results) > 1 else "")
 
 
 def _row_files(rows: str | None, paths: list[str]) -> list[str | None]:
@@ -243,6 +247,10 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
         right = "-" if c["right_of_named"] is None else f"{c['right_of_named']:.0%}"
         console.print(f"{who}categories ({rid}): fired on {c['fired']} of {c['rows']} label-1 rows with a category; "
                       f"named one on {named} of those, the labelled one on {right} of the named")
+        if c.get("unknown"):
+            shown = ", ".join(c["unknown"][:8]) + (", ..." if len(c["unknown"]) > 8 else "")
+            console.print(f"[yellow]note[/]: {who}the file's categories {shown} are not labels the head names, so they "
+                          f"never count as right; its labels: {', '.join(c['labels'])}")
     for field_name in by:
         g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
                   title=f"{who}by {field_name} (single-label groups ranked against the other label's rows outside "

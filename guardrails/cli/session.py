@@ -6,9 +6,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from guardrails.offline.calibrate import LabeledData, Scope, load_labeled, residuals_at
+import typer
+
+from guardrails.offline.calibrate import LabeledData, Scope, residuals_at
+from guardrails.offline.labeled import DataFormat, load_labeled
+
+# the options of every command that reads labeled data (discover, calibrate, eval): a file in its own layout
+ColumnsOption = Annotated[str | None, typer.Option(
+    "--columns", help="The file's own column names: FIELD=COLUMN,... (fields: text, prompt, response, label, "
+                      "source, category), e.g. text=Goal,label=is_safe")]
+PositiveOption = Annotated[str | None, typer.Option(
+    "--positive", help="Label values that mean harmful (label 1), comma-separated; every other value is 0 "
+                       "(e.g. false for an is_safe column)")]
+LabelOption = Annotated[int | None, typer.Option(
+    "--label", help="Every row's label (0 or 1), for a file without a label column")]
 
 
 @dataclass
@@ -20,6 +33,8 @@ class Session:
     dtype: str | None = None
     """Model weights dtype (None: float32). Residual caches are keyed by it; thresholds fitted in one dtype
     hold for serving in that dtype (bfloat16 activations differ from float32 by ~0.6%)."""
+    data_format: DataFormat | None = None
+    """How to read labeled files in another layout (``--columns``, ``--positive``, ``--label``); None: by name."""
     _lm: Any = None
     _tok: Any = None
     _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
@@ -31,6 +46,11 @@ class Session:
             self._lm, self._tok = load_model(None if self.model_name == "bundled" else self.model_name,
                                              dtype=self.dtype)
         return self._lm, self._tok
+
+    def load(self, path: str | Path, *, limit: int | None = None, max_response_chars: int | None = None,
+             ) -> LabeledData:
+        """A labeled file, read in the session's :attr:`data_format`."""
+        return load_labeled(path, limit=limit, max_response_chars=max_response_chars, fmt=self.data_format)
 
     def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
         return self.rows_at(data, [layer], scope)[layer]
@@ -65,12 +85,13 @@ class Session:
         return GuardedModel(lm, tok, policy, score_mode=score_mode, judges=judges, require_judges=judges is not None)
 
 
-def _split_provenance(files: dict[str, Path], cal: LabeledData, test: LabeledData | None) -> dict[str, Any]:
+def _split_provenance(session: Session, files: dict[str, Path], cal: LabeledData, test: LabeledData | None,
+                      ) -> dict[str, Any]:
     """The record's view of the splits: the train file's hash and the cal/test sources it does not contain
     (held out whole from whatever was fitted on the train split)."""
     if "train" not in files:
         return {}
-    train = load_labeled(files["train"])
+    train = session.load(files["train"])
     seen = set(cal.sources) | set(test.sources if test is not None else [])
     return {"train_data": {"path": train.path, "sha256": train.sha256},
             "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}

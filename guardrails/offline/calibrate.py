@@ -7,31 +7,28 @@ The score a threshold is fitted on is the score serving computes: the residuals 
 (checked by :func:`check_against_serving`). Residuals are cached on disk per layer
 (:mod:`guardrails.offline.residuals`), so recalibrating is instant.
 
-Data files are JSONL (or CSV with the same column names): ``{"text", "label"}`` (``prompt`` may stand for
-``text``; input rules read it as the user prompt, output rules as the reply to :data:`CONTINUE_PROMPT`), or
-``{"prompt", "response", "label"}``. Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`;
-optional ``source`` and ``category`` fields feed the per-source and per-category reports.
+Data files: :mod:`guardrails.offline.labeled` (text-only rows are, for output rules, the reply to
+:data:`CONTINUE_PROMPT`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from guardrails.core.errors import GuardrailsError
 from guardrails.core.policy import Rule
+
+# the labeled-data reader lived here until v0.3.4: its names stay importable from this module
+from guardrails.offline.labeled import LABEL_WORDS as LABEL_WORDS
+from guardrails.offline.labeled import CalibrationError as CalibrationError
+from guardrails.offline.labeled import DataFormat as DataFormat
+from guardrails.offline.labeled import LabeledData as LabeledData
+from guardrails.offline.labeled import load_labeled as load_labeled
 
 logger = logging.getLogger(__name__)
 
@@ -42,165 +39,6 @@ MAX_TOKENS = 1024
 """Tokens per row at most (prompt + response); longer rows are cut, as collect_residuals does."""
 
 Scope = Literal["input", "output"]
-
-_KNOWN_COLUMNS = frozenset({"text", "prompt", "response", "label", "source", "category"})
-
-LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
-"""Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
-
-
-class CalibrationError(GuardrailsError, ValueError):
-    """Labeled data or a calibration request is invalid; the message names the file and row."""
-
-
-@dataclass(frozen=True)
-class LabeledData:
-    """Rows of one labeled JSONL file."""
-
-    path: str
-    """Where the rows came from."""
-    sha256: str
-    """sha256 of the file's bytes."""
-    texts: list[str]
-    """User prompts (``text`` or ``prompt``)."""
-    responses: list[str] | None
-    """Assistant replies (``response``), or None for text-only files."""
-    labels: np.ndarray
-    """0/1 labels, int64."""
-    sources: list[str]
-    """Per-row ``source`` field (empty when absent)."""
-    categories: list[str] | None = None
-    """Per-row ``category`` field (hazard category; '-' when absent), or None for files without one."""
-    fields: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    """Any other scalar column (a ``form``, a ``language``...), per row as text ('-' when absent): what
-    ``guardrails eval --by`` can group by besides source and category."""
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def select(self, idx: Sequence[int] | np.ndarray) -> LabeledData:
-        """A subset of rows (hash extended by the row ids so caches never collide)."""
-        ix = [int(i) for i in idx]
-        h = hashlib.sha256((self.sha256 + ",".join(map(str, ix))).encode()).hexdigest()
-        return LabeledData(
-            self.path, h, [self.texts[i] for i in ix],
-            [self.responses[i] for i in ix] if self.responses is not None else None,
-            self.labels[ix], [self.sources[i] for i in ix],
-            [self.categories[i] for i in ix] if self.categories is not None else None,
-            {k: [v[i] for i in ix] for k, v in self.fields.items()},
-        )
-
-
-def load_labeled(
-    path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None
-) -> LabeledData:
-    """Read a labeled JSONL or CSV file (fields: see the module docstring).
-
-    ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
-    cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
-    hash covers the cut.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CalibrationError(f"data file {str(p)!r} not found")
-    raw = p.read_bytes()
-    texts: list[str] = []
-    responses: list[str] = []
-    labels: list[int] = []
-    sources: list[str] = []
-    categories: list[str] = []
-    extra: list[dict[str, str]] = []
-    has_resp: bool | None = None
-    for n, row in _read_rows(p, raw):
-        if "label" not in row:
-            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt'), or 'prompt', 'response' "
-                                   f"and 'label'; the row has {sorted(row)}")
-        this_resp = "response" in row
-        if has_resp is None:
-            has_resp = this_resp
-        elif has_resp != this_resp:
-            raise CalibrationError(f"{p}:{n}: rows mix 'text' and 'prompt'/'response' forms")
-        key = "prompt" if this_resp or "text" not in row else "text"
-        text = row.get(key)
-        if not isinstance(text, str) or not text.strip():
-            raise CalibrationError(f"{p}:{n}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
-        texts.append(text)
-        resp = str(row.get("response") or "")
-        if max_response_chars is not None and len(resp) > max_response_chars:
-            resp = resp[:max_response_chars].rsplit(" ", 1)[0]
-        responses.append(resp)
-        labels.append(_label(row["label"], f"{p}:{n}"))
-        sources.append(str(row.get("source") or ""))
-        categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
-        extra.append({k: str(v) for k, v in row.items()
-                      if k not in _KNOWN_COLUMNS and isinstance(v, str | int | float | bool) and v != ""})
-    if not texts:
-        raise CalibrationError(f"{p}: no rows")
-    digest = hashlib.sha256(raw).hexdigest()
-    if max_response_chars is not None and has_resp:
-        digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
-    data = LabeledData(str(p), digest, texts, responses if has_resp else None,
-                       np.asarray(labels, dtype=np.int64), sources,
-                       categories if any(c != "-" for c in categories) else None,
-                       {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})})
-    if limit is not None and limit < len(data):
-        rng = np.random.default_rng(0)
-        keep: list[int] = []
-        for lab in (0, 1):
-            ids = np.flatnonzero(data.labels == lab)
-            n_keep = round(limit * len(ids) / len(data))
-            keep += sorted(rng.choice(ids, size=min(len(ids), max(n_keep, 1)), replace=False).tolist())
-        data = data.select(sorted(keep))
-    return data
-
-
-def _read_rows(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a JSONL file, or of a CSV file (``.csv``: a header row, then one row per line)."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{p}: not UTF-8 text ({exc})") from None
-    if p.suffix.lower() == ".csv":
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows: list[tuple[int, dict[str, Any]]] = []
-        try:
-            for r in reader:
-                if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
-                    continue  # a blank line
-                if None in r.values() or None in r:  # fewer fields than the header, or more
-                    n_fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
-                    raise CalibrationError(f"{p}:{reader.line_num}: the row has {n_fields} fields, the header "
-                                           f"{len(reader.fieldnames or [])} (an unquoted comma?)")
-                rows.append((reader.line_num, dict(r)))
-        except csv.Error as exc:
-            raise CalibrationError(f"{p}:{reader.line_num}: not CSV: {exc}") from None
-        return rows
-    out: list[tuple[int, dict[str, Any]]] = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{p}:{n}: not JSON: {exc} (data files are JSONL, or CSV named *.csv)") from None
-        if not isinstance(row, dict):
-            raise CalibrationError(f"{p}:{n}: expected a JSON object with 'label' and 'text' (or 'prompt', 'response')")
-        out.append((n, row))
-    return out
-
-
-def _label(value: Any, where: str) -> int:
-    """0/1 from a row's label: 0/1, true/false, or a word of :data:`LABEL_WORDS`."""
-    if isinstance(value, bool) or value in (0, 1):
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
-        return LABEL_WORDS[value.strip().lower()]
-    raise CalibrationError(f"{where}: label must be 0 or 1 (or true/false, {'/'.join(list(LABEL_WORDS)[4:])}), "
-                           f"got {value!r}")
-
 
 def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[str], list[str] | None]:
     """``(prompts, responses)`` as the guard sees them for rules of ``scope``."""

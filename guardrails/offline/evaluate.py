@@ -239,7 +239,8 @@ def category_naming(guard: Any, data: Any, rule_ids: list[str]) -> dict[str, dic
     """How each rule's category head (``rules[].categories``) names the label-1 rows that carry a labelled
     ``category``, from the decisions themselves (a scan, as served): per rule, the rows it fired on, the share of
     those it named a category for (the head reached ``min_prob``), and the share of the named ones that match the
-    row's label. Rows are scanned only when some rule has a head; {} otherwise."""
+    row's label. Rows are scanned only when some rule has a head; {} otherwise. ``unknown`` lists the file's
+    categories the head cannot name (another taxonomy's labels: map them to the head's ``labels`` to compare)."""
     rules = {r.id: r for r in guard.policy.rules if r.id in rule_ids and r.categories is not None}
     cats = data.categories or []
     idx = [i for i, c in enumerate(cats) if int(data.labels[i]) == 1 and c not in ("", "-")]
@@ -258,6 +259,8 @@ def category_naming(guard: Any, data: Any, rule_ids: list[str]) -> dict[str, dic
             if d.category is not None and d.category != rule.category:
                 named += 1
                 right += int(d.category == cats[i])
+        labels = guard.compiled.categories[rid].labels
         out[rid] = {"rows": len(idx), "fired": fired, "named": round(named / fired, 4) if fired else None,
-                    "right_of_named": round(right / named, 4) if named else None}
+                    "right_of_named": round(right / named, 4) if named else None, "labels": list(labels),
+                    "unknown": sorted({cats[i] for i in idx} - set(labels))}
     return out

@@ -1,0 +1,269 @@
+"""Labeled data files: what ``discover``, ``calibrate`` and ``eval`` read.
+
+JSONL (or CSV with the same column names): ``{"text", "label"}`` (``prompt`` may stand for ``text``; input rules
+read it as the user prompt, output rules as the reply to ``calibrate.CONTINUE_PROMPT``), or ``{"prompt",
+"response", "label"}``. Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`; optional ``source`` and
+``category`` fields feed the per-source and per-category reports; any other scalar column can group ``eval --by``.
+
+A file in another layout (a public set's own columns: ``Goal``, ``is_safe``, ``prompt_label`` ...) is read through a
+:class:`DataFormat`: which of its columns holds each field, which label values mean harmful, or one label for every
+row of a file that has none (a set of harmful requests only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardrails.core.errors import GuardrailsError
+
+FIELDS = ("text", "prompt", "response", "label", "source", "category")
+"""The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
+
+LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
+"""Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
+
+
+class CalibrationError(GuardrailsError, ValueError):
+    """Labeled data or a calibration request is invalid; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """How to read a file whose columns are not named as :mod:`guardrails.offline.labeled` expects.
+
+    ``columns``: ``(field, column)`` pairs, the file's ``column`` read as ``field`` (one of :data:`FIELDS`);
+    ``positive``: label values (case and spaces ignored) that mean label 1, every other value meaning 0 (an
+    ``is_safe`` column: ``positive=("false",)``); ``label``: every row's label, for a file without a label column.
+    """
+
+    columns: tuple[tuple[str, str], ...] = ()
+    positive: tuple[str, ...] = ()
+    label: int | None = None
+
+    @classmethod
+    def parse(cls, columns: str | None = None, positive: str | None = None, label: int | None = None,
+              ) -> DataFormat | None:
+        """From the CLI's ``--columns field=column,...``, ``--positive v1,v2`` and ``--label 0|1``; None when all
+        three are absent (the file is read by its own column names)."""
+        if columns is None and positive is None and label is None:
+            return None
+        pairs: list[tuple[str, str]] = []
+        for part in (columns or "").split(","):
+            if not part.strip():
+                continue
+            field, eq, column = (x.strip() for x in part.partition("="))
+            if not eq or not field or not column:
+                raise CalibrationError(f"--columns: {part.strip()!r} is not FIELD=COLUMN (e.g. --columns "
+                                       "text=Goal,label=is_safe)")
+            if field not in FIELDS:
+                raise CalibrationError(f"--columns: unknown field {field!r}; valid: {', '.join(FIELDS)}")
+            if field in dict(pairs):
+                raise CalibrationError(f"--columns: {field!r} is given twice")
+            pairs.append((field, column))
+        if columns is not None and not pairs:
+            raise CalibrationError("--columns: empty; give FIELD=COLUMN pairs (e.g. --columns text=Goal,label=is_safe)")
+        if label is not None and label not in (0, 1):
+            raise CalibrationError(f"--label must be 0 or 1 (every row's label), got {label}")
+        if label is not None and "label" in dict(pairs):
+            raise CalibrationError("--label gives every row one label; --columns label=... reads it from a column: "
+                                   "give one of the two")
+        if label is not None and positive is not None:
+            raise CalibrationError("--positive names the label column's harmful values; with --label there is no "
+                                   "label column to read")
+        pos = tuple(v.strip().lower() for v in (positive or "").split(",") if v.strip())
+        if positive is not None and not pos:
+            raise CalibrationError("--positive: empty; give the label values that mean harmful (e.g. --positive "
+                                   "unsafe or --positive false for an is_safe column)")
+        return cls(tuple(pairs), pos, label)
+
+    def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        """``row`` with the mapped columns renamed to their fields and the label rewritten as 0/1."""
+        out = dict(row)
+        mapped = dict(self.columns)
+        for field, column in self.columns:
+            if column not in row:
+                raise CalibrationError(f"{where}: no column {column!r} (--columns {field}={column}); the row has "
+                                       f"{sorted(row)}")
+        for field in mapped:
+            out.pop(field, None)  # the file's own column of that name gives way to the mapped one
+        for _, column in self.columns:
+            out.pop(column, None)
+        out.update({field: row[column] for field, column in self.columns})
+        if self.label is not None:
+            if "label" in out:
+                raise CalibrationError(f"{where}: --label {self.label} gives every row one label, but the file has a "
+                                       "'label' column; drop --label, or map another column with --columns")
+            out["label"] = self.label
+        elif self.positive and "label" in out:
+            value = out["label"]
+            text = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
+            out["label"] = int(text in self.positive)
+        return out
+
+    def signature(self) -> str:
+        """Part of the data hash: the same file read another way is other data."""
+        return json.dumps([self.columns, self.positive, self.label])
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Rows of one labeled JSONL file."""
+
+    path: str
+    """Where the rows came from."""
+    sha256: str
+    """sha256 of the file's bytes."""
+    texts: list[str]
+    """User prompts (``text`` or ``prompt``)."""
+    responses: list[str] | None
+    """Assistant replies (``response``), or None for text-only files."""
+    labels: np.ndarray
+    """0/1 labels, int64."""
+    sources: list[str]
+    """Per-row ``source`` field (empty when absent)."""
+    categories: list[str] | None = None
+    """Per-row ``category`` field (hazard category; '-' when absent), or None for files without one."""
+    fields: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Any other scalar column (a ``form``, a ``language``...), per row as text ('-' when absent): what
+    ``guardrails eval --by`` can group by besides source and category."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, idx: Sequence[int] | np.ndarray) -> LabeledData:
+        """A subset of rows (hash extended by the row ids so caches never collide)."""
+        ix = [int(i) for i in idx]
+        h = hashlib.sha256((self.sha256 + ",".join(map(str, ix))).encode()).hexdigest()
+        return LabeledData(
+            self.path, h, [self.texts[i] for i in ix],
+            [self.responses[i] for i in ix] if self.responses is not None else None,
+            self.labels[ix], [self.sources[i] for i in ix],
+            [self.categories[i] for i in ix] if self.categories is not None else None,
+            {k: [v[i] for i in ix] for k, v in self.fields.items()},
+        )
+
+
+def load_labeled(
+    path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None,
+    fmt: DataFormat | None = None,
+) -> LabeledData:
+    """Read a labeled JSONL or CSV file (fields: see the module docstring; ``fmt``: a file in another layout).
+
+    ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
+    cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
+    hash covers the cut.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"data file {str(p)!r} not found")
+    raw = p.read_bytes()
+    texts: list[str] = []
+    responses: list[str] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    categories: list[str] = []
+    extra: list[dict[str, str]] = []
+    has_resp: bool | None = None
+    for n, row in _read_rows(p, raw):
+        if fmt is not None:
+            row = fmt.apply(row, f"{p}:{n}")
+        if "label" not in row:
+            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt'), or 'prompt', 'response' "
+                                   f"and 'label'; the row has {sorted(row)} (other column names: --columns "
+                                   "text=COLUMN,label=COLUMN; no label column: --label 1 or 0)")
+        this_resp = "response" in row
+        if has_resp is None:
+            has_resp = this_resp
+        elif has_resp != this_resp:
+            raise CalibrationError(f"{p}:{n}: rows mix 'text' and 'prompt'/'response' forms")
+        key = "prompt" if this_resp or "text" not in row else "text"
+        text = row.get(key)
+        if not isinstance(text, str) or not text.strip():
+            raise CalibrationError(f"{p}:{n}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
+        texts.append(text)
+        resp = str(row.get("response") or "")
+        if max_response_chars is not None and len(resp) > max_response_chars:
+            resp = resp[:max_response_chars].rsplit(" ", 1)[0]
+        responses.append(resp)
+        labels.append(_label(row["label"], f"{p}:{n}"))
+        sources.append(str(row.get("source") or ""))
+        categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
+        extra.append({k: str(v) for k, v in row.items()
+                      if k not in FIELDS and isinstance(v, str | int | float | bool) and v != ""})
+    if not texts:
+        raise CalibrationError(f"{p}: no rows")
+    digest = hashlib.sha256(raw).hexdigest()
+    if fmt is not None:
+        digest = hashlib.sha256(f"{digest}:{fmt.signature()}".encode()).hexdigest()
+    if max_response_chars is not None and has_resp:
+        digest = hashlib.sha256(f"{digest}:head{max_response_chars}".encode()).hexdigest()
+    data = LabeledData(str(p), digest, texts, responses if has_resp else None,
+                       np.asarray(labels, dtype=np.int64), sources,
+                       categories if any(c != "-" for c in categories) else None,
+                       {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})})
+    if limit is not None and limit < len(data):
+        rng = np.random.default_rng(0)
+        keep: list[int] = []
+        for lab in (0, 1):
+            ids = np.flatnonzero(data.labels == lab)
+            n_keep = round(limit * len(ids) / len(data))
+            keep += sorted(rng.choice(ids, size=min(len(ids), max(n_keep, 1)), replace=False).tolist())
+        data = data.select(sorted(keep))
+    return data
+
+
+def _read_rows(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a JSONL file, or of a CSV file (``.csv``: a header row, then one row per line)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{p}: not UTF-8 text ({exc})") from None
+    if p.suffix.lower() == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows: list[tuple[int, dict[str, Any]]] = []
+        try:
+            for r in reader:
+                if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
+                    continue  # a blank line
+                if None in r.values() or None in r:  # fewer fields than the header, or more
+                    n_fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                    raise CalibrationError(f"{p}:{reader.line_num}: the row has {n_fields} fields, the header "
+                                           f"{len(reader.fieldnames or [])} (an unquoted comma?)")
+                rows.append((reader.line_num, dict(r)))
+        except csv.Error as exc:
+            raise CalibrationError(f"{p}:{reader.line_num}: not CSV: {exc}") from None
+        return rows
+    out: list[tuple[int, dict[str, Any]]] = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{p}:{n}: not JSON: {exc} (data files are JSONL, or CSV named *.csv)") from None
+        if not isinstance(row, dict):
+            raise CalibrationError(f"{p}:{n}: expected a JSON object with 'label' and 'text' (or 'prompt', 'response')")
+        out.append((n, row))
+    return out
+
+
+def _label(value: Any, where: str) -> int:
+    """0/1 from a row's label: 0/1, true/false, or a word of :data:`LABEL_WORDS`."""
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise CalibrationError(f"{where}: label must be 0 or 1 (or true/false, {'/'.join(list(LABEL_WORDS)[4:])}), "
+                           f"got {value!r}")
