@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--split", choices=["test", "train"], default="test",
                     help="language/repetition prompts: held-out test prompts, or train-split prompts (for choosing "
                          "method and strength; not the directions' own prompts); train writes steering.*.train.json")
+    ap.add_argument("--gate-policy", default="harmful-requests-probe",
+                    help="safety: the policy in policies/ whose first input rule gates the refusal steering (as a "
+                         "flag; its category head left out); another gate's results: steering.safety.<name>.json")
     ap.add_argument("--write-policy", action="store_true")
     ap.add_argument("--merge", action="store_true", help="only merge steering.safety.json + steering.langrep.json")
     args = ap.parse_args()
@@ -134,12 +137,14 @@ def main() -> None:
         print(f"[{time.time() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
     # -- (c) safety through the policy -------------------------------------------------------------------------
-    gate_policy = Policy.from_path(ROOT / "policies" / "harmful-requests-probe.yaml")
+    gate_policy = Policy.from_path(ROOT / "policies" / f"{args.gate_policy}.yaml")
     gate = next(r for r in gate_policy.rules if r.scope == "input")
-    flag_rules = [r.model_copy(update={"action": "flag"}) if r.id == gate.id else r for r in gate_policy.rules]
+    flag_rules = [r.model_copy(update={"action": "flag", "categories": None}) if r.id == gate.id else r
+                  for r in gate_policy.rules]
     direction = DIRS / f"refusal-l{args.layer}.safetensors"
-    steer_data = {"name": "harmful-requests-steer", "description": "harmful-requests probe as a gate (flag); when it "
-                  "fires, steer the answer toward refusal (contrastive refusal direction, benchmarks/steering.py)",
+    steer_data = {"name": "harmful-requests-steer",
+                  "description": f"{args.gate_policy}'s request rule as a gate (flag); when it fires, steer the answer "
+                  "toward refusal (contrastive refusal direction, benchmarks/steering.py)",
                   "model": "bundled", "saes": {k: v.model_dump(exclude_none=True) for k, v in gate_policy.saes.items()},
                   "refusal": gate_policy.refusal,
                   "rules": [r.model_dump(mode="json", exclude_none=True) for r in flag_rules],
@@ -200,7 +205,8 @@ def main() -> None:
         return
     if sections == ["safety"]:  # safety only: its own results file
         res["wall_s"] = round(time.time() - t0)
-        (OUT / "steering.safety.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        gate_tag = "" if args.gate_policy == "harmful-requests-probe" else f".{args.gate_policy}"
+        (OUT / f"steering.safety{gate_tag}.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
         if args.write_policy:
             _write_policy(steer_data, args)
         print(json.dumps({k: v for k, v in res.items() if k != "args"}, ensure_ascii=False))

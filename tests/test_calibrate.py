@@ -394,6 +394,60 @@ def test_fit_weights_on_one_file_warns_in_sample(saved_tiny) -> None:
     assert "fitted on the same rows" in " ".join(res.output.split())
 
 
+def test_fit_window_rule_finds_the_feature_of_one_window() -> None:
+    """The window objective (signed weights + bias on the served max-of-rolling-means score): label-1 rows differ
+    from label-0 rows only by one feature firing on a few consecutive tokens of a long row, which a pooled mean
+    dilutes; the fitted rule weights that feature, scores every label-1 row above every label-0 row, and keeps at
+    most ``max_features``."""
+    from guardrails.offline.sparse_fit import fit_window_rule
+
+    sae = random_sae(d_model=16, d_sae=32, k=32, layer=1, architecture="relu")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, generator=gen)
+    mark = 5 * sae.W_enc[5].float() / sae.W_enc[5].float().norm()  # raises feature 5's pre-activation
+    rows, labels = [], []
+    for i in range(40):
+        x = base + 0.3 * torch.randn(30, 16, generator=gen)
+        if i % 2:
+            x[10:14] += mark
+        rows.append(x)
+        labels.append(i % 2)
+    y = np.array(labels)
+    weights, bias = fit_window_rule(sae, rows, y, window=4, max_features=3)
+    assert 0 < len(weights) <= 3 and weights.get(5, 0.0) > 0 and np.isfinite(bias)
+    served = []
+    for x in rows:  # the rule as the engine scores it: sum of weighted activations + bias, then the window rule
+        acts = sae.encode(x.float())
+        tok = (sum(w * acts[:, f] for f, w in weights.items()) + bias).tolist()
+        served.append(max(float(np.mean(tok[max(0, e - 3): e + 1])) for e in range(len(tok))))
+    s = np.array(served)
+    assert s[y == 1].min() > s[y == 0].max()
+    with pytest.raises(ValueError, match="both labels"):
+        fit_window_rule(sae, rows[:1], y[:1], window=4, max_features=3)
+
+
+def test_cli_fit_weights_window_objective(saved_tiny) -> None:
+    """calibrate --fit-weights --objective window: the rule gets signed weights, a bias, sum/mean, at most
+    --max-features features, and serves the scores it was calibrated on; --objective without --fit-weights and on a
+    probe are errors."""
+    t = saved_tiny
+    out = t["tmp"] / "win.yaml"
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1",
+                "--fit-weights", "--objective", "window", "--max-features", "5", "--model", str(t["model"]),
+                "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    det = Policy.from_path(out).rules[0].detector
+    assert 0 < len(det.features) <= 5 and det.combine == "sum" and det.aggregate == "mean"
+    assert det.bias != 0.0 and rep["rules"]["r"]["serving_check_max_rel_diff"] < 1e-3
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--objective", "window",
+                "--model", str(t["model"]), "--out", str(out)])
+    assert res.exit_code == 2 and "add --fit-weights" in res.output
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--objective", "mean",
+                "--fit-weights", "--model", str(t["model"]), "--out", str(out)])
+    assert res.exit_code == 2 and "valid: 'pooled' or 'window'" in res.output
+
+
 def test_calibrate_out_elsewhere_keeps_the_source_files_and_rewrites_paths(saved_tiny) -> None:
     """A new user's first step: calibrate a policy into another folder. The written policy loads from there
     (its relative references rewritten), and --fit-weights writes a new weights file next to it instead of

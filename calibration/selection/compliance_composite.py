@@ -36,9 +36,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from heldout import Scorer  # noqa: E402
-from maxwin import Pool, auroc, score  # noqa: E402
+from maxwin import Pool, auroc, fit_sae, sae_tokens, score  # noqa: E402
 from responses_probe import FAMILIES, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
-from select_detectors import Set  # noqa: E402
+from select_detectors import Set, load_sae, windowed_max  # noqa: E402
 
 SLACK = (0.5, 1, 2, 3)  # the cap loosened by k request-SDs: it binds only on clearly benign requests
 KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k in SLACK))
@@ -71,6 +71,14 @@ def main() -> None:
     ap.add_argument("--fit-without-source", default="", type=lambda v: [f for f in v.split(",") if f],
                     help="sources never fitted on (their family's held-out fold still scores them): "
                          "'blind_responses_4' gives the fits before v0.3.1's fourth blind answer set")
+    ap.add_argument("--sae-n", type=int, default=0,
+                    help="add a sparse answer head over this many bundled-SAE features (layer 15, fitted like the "
+                         "request rule's SAE member) to the dense head, as an ensemble (0: the dense head alone)")
+    ap.add_argument("--sae-weight", type=float, default=1.0,
+                    help="the SAE head's weight against the dense head's 1 in the ensemble (z-scores on cal label 0)")
+    ap.add_argument("--deflection-weight", type=float, default=1.0,
+                    help="training weight multiplier of the blind sets' deflections (on-topic answers that do not "
+                         "help: the false flags of the shipped head)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if bad := sorted(set(args.fit_without) - set(FAMILIES)):
@@ -83,20 +91,51 @@ def main() -> None:
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}
     kinds = {s: blind_kinds(pools[s].rows) for s in splits}
+    codes = {}
+    if args.sae_n:
+        sae, tag = load_sae()
+        codes = {s: pools[s].sets[0].sae_codes(sae, tag) for s in splits}
+
+    def sae_head(keep: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+        t, off = pools["train"].tokens(keep)
+        v, ids = codes["train"]
+        return fit_sae(v[t], ids[t], off, y, w, sae.d_sae, window=args.window, n_features=args.sae_n)
+
+    def sae_score(split: str, keep: np.ndarray, coef: np.ndarray, bias: float) -> np.ndarray:
+        t, off = pools[split].tokens(keep)
+        v, ids = codes[split]
+        return windowed_max(sae_tokens(v[t], ids[t], coef, bias), off, args.window)
+
     fittable = {s: ~np.isin(np.array(pools[s].sources), args.fit_without_source) for s in splits}
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
-        x, off, y, src = subset(pools["train"], np.isin(fam["train"], fit_fams) & fittable["train"])
-        c, b = fit_head("maxwin", x, off, y, cell_weights(src, y), window=args.window, wd=args.wd)
+        keep_t = np.isin(fam["train"], fit_fams) & fittable["train"]
+        x, off, y, src = subset(pools["train"], keep_t)
+        w = cell_weights(src, y) * np.where(kinds["train"][keep_t] == "deflection", args.deflection_weight, 1.0)
+        c, b = fit_head("maxwin", x, off, y, w, window=args.window, wd=args.wd)
         keep_c = np.isin(fam["cal"], fit_fams) & fittable["cal"]
         cx, coff, cy, _ = subset(pools["cal"], keep_c)
         cr, cp = score(cx, coff, c, b, args.window), prompt["cal"][keep_c]
-        lr = LogisticRegression(C=1.0).fit(np.stack([cr, cp], 1), cy)
-        a = float(lr.coef_[0, 1] / lr.coef_[0, 0])
         parts = [(s, fam[s] == held) for s in splits if (fam[s] == held).any()]
         hr = np.concatenate([score(*subset(pools[s], m)[:2], c, b, args.window) for s, m in parts])
-        hp = np.concatenate([prompt[s][m] for s, m in parts])
         hy = np.concatenate([pools[s].y[m] for s, m in parts])
+        if args.sae_n:  # the answer score: dense and SAE heads, each standardised on the cal label-0 rows
+            sc, sb = sae_head(keep_t, y, w)
+            cs_ = sae_score("cal", keep_c, sc, sb)
+            hs_ = np.concatenate([sae_score(s, m, sc, sb) for s, m in parts])
+            ref_d, ref_s = cr[cy == 0], cs_[cy == 0]
+
+            def ens(d: np.ndarray, e: np.ndarray, rd: np.ndarray = ref_d, rs: np.ndarray = ref_s) -> np.ndarray:
+                zd, zs = (d - rd.mean()) / rd.std(), (e - rs.mean()) / rs.std()
+                return (zd + args.sae_weight * zs) / (1.0 + args.sae_weight)
+
+            he, pos = ens(hr, hs_), hy == 1
+            print(f"{held:12s} answer heads alone (AUROC): dense {auroc(hr[pos], hr[~pos]):.3f} "
+                  f"sae {auroc(hs_[pos], hs_[~pos]):.3f} ensemble {auroc(he[pos], he[~pos]):.3f}", flush=True)
+            cr, hr = ens(cr, cs_), ens(hr, hs_)
+        lr = LogisticRegression(C=1.0).fit(np.stack([cr, cp], 1), cy)
+        a = float(lr.coef_[0, 1] / lr.coef_[0, 0])
+        hp = np.concatenate([prompt[s][m] for s, m in parts])
         row: dict[str, object] = {"a": round(a, 4), "n": len(hy)}
         zr = (cr[cy == 0].mean(), cr[cy == 0].std())
         zp = (cp[cy == 0].mean(), cp[cy == 0].std())

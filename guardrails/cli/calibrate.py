@@ -1,7 +1,8 @@
-"""``guardrails discover`` and ``guardrails calibrate`` (``guardrails eval``: :mod:`guardrails.cli.evaluate`).
+"""``guardrails calibrate`` (``guardrails discover``: :mod:`guardrails.cli.discover`; ``guardrails eval``:
+:mod:`guardrails.cli.evaluate`).
 
-The workflows are plain functions (:func:`run_discover`, :func:`run_calibrate`)
-returning dicts, so benchmarks and tests call them without the CLI.
+The workflow is a plain function (:func:`run_calibrate`) returning a dict, so benchmarks and tests call it without
+the CLI.
 
 ``--data`` takes a JSONL file, or the common prefix of split files (``calibration/data/harmful_requests``
 for ``harmful_requests.{train,cal,test}.jsonl``): discovery and weight fitting read the train split,
@@ -24,7 +25,6 @@ from guardrails.cli.session import (
     LabelOption,
     PositiveOption,
     Session,
-    _scope_of_data,
     _split_provenance,
     split_files,
 )
@@ -36,47 +36,6 @@ from guardrails.offline.labeled import DataFormat
 RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
 
 
-# -- discover ----------------------------------------------------------------------------------------------
-
-
-def run_discover(session: Session, data_path: str, layer: int | None, sae_ref: str = "bundled", *, top: int = 20,
-                 scope: str | None = None, limit: int | None = None, n_examples: int = 3,
-                 target_fpr: float = 0.01, max_response_chars: int | None = None) -> dict[str, Any]:
-    from guardrails.offline.calibrate import fit_threshold, prefix_aware_pooled
-    from guardrails.offline.discover import draft_rule, explain, rank_features, scored_tokens
-    from guardrails.sae.model import SAE
-
-    files = split_files(data_path)
-    data = session.load(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
-    sc = _scope_of_data(data, scope)
-    sae = SAE.load(sae_ref, layer=layer)
-    if layer is None:  # the layer the SAE file records (the bundled SAE's, a Qwen-Scope layer{n}.sae.pt's)
-        if sae.cfg.layer is None:
-            raise ValueError(f"--sae {sae_ref}: the SAE does not record which layer it reads; give --layer N "
-                             "(the decoder block whose output it was trained on)")
-        layer = int(sae.cfg.layer)
-    rows = session.rows(data, layer, sc)
-    pooled = prefix_aware_pooled(sae, rows)
-    stats = rank_features(pooled, data.labels, top=top)
-    _, tok = session.lm()
-    from guardrails.offline.calibrate import rows_for_scope
-
-    prompts, responses = rows_for_scope(data, sc)
-    ctx = scored_tokens(tok, prompts, responses, sc)
-    ex = explain(sae, rows, ctx, [s.feature for s in stats], n=n_examples)
-    rule = draft_rule(stats, scope=sc, explanations=ex)
-    feats = [f["id"] for f in rule["detector"]["features"]]
-    if feats:  # draft threshold: a max-pooled sum at the target FPR on the same data (calibrate to replace it)
-        rule["threshold"] = round(fit_threshold(pooled[:, feats].sum(1), data.labels, target_fpr=target_fpr), 4)
-    policy = {"name": f"draft-{Path(data.path).stem}", "model": session.model_name,
-              "saes": {"main": {"path": sae_ref, "layer": layer}}, "rules": [rule],
-              # calibrate warns when it fits the threshold on the rows the features were chosen on
-              "calibration": {rule["id"]: {"features_from": {"data": data.path, "sha256": data.sha256}}}}
-    return {"data": data.path, "rows": len(data), "scope": sc, "layer": layer,
-            "features": [{**s.__dict__, "mean_diff": s.mean_diff, "examples": ex.get(s.feature, [])} for s in stats],
-            "policy": policy}
-
-
 # -- calibrate ---------------------------------------------------------------------------------------------
 
 
@@ -86,11 +45,14 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
                   train_limit: int | None = None, record_path: Path | None = None,
                   evaluate_test: bool = True, fit_gate: float | None = None,
-                  fit_ensemble: bool = False) -> dict[str, Any]:
+                  fit_ensemble: bool = False, objective: str = "pooled") -> dict[str, Any]:
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
     ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
     :func:`~guardrails.offline.scoring.fit_gate`); ``fit_ensemble``: standardise ensemble rules' members on the
-    cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`)."""
+    cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`). ``objective`` (``fit_weights`` on
+    SAE-feature rules): ``pooled``, at most ``max_features`` positive weights by L1 logistic regression on max-pooled
+    activations; ``window``, signed weights and a bias fitted on the served window score
+    (:func:`~guardrails.offline.sparse_fit.fit_window_rule`, the shipped ``harmful-requests-sae`` recipe)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -141,13 +103,22 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
             guard0 = session.guard(policy)
-            pooled = prefix_aware_pooled(guard0.saes[det.sae], session.rows(train, policy.saes[det.sae].layer, sc))
-            weights = fit_sparse_weights(pooled, train.labels, max_features=max_features)
+            sae_rows = session.rows(train, policy.saes[det.sae].layer, sc)
+            update: dict[str, Any] = {}
+            if objective == "window":  # signed weights and a bias, fitted on the score the rule serves
+                from guardrails.offline.sparse_fit import fit_window_rule
+
+                weights, bias = fit_window_rule(guard0.saes[det.sae], sae_rows, train.labels, window=det.window,
+                                                max_features=max_features)
+                update = {"bias": bias, "combine": "sum", "aggregate": "mean"}
+            else:
+                weights = fit_sparse_weights(prefix_aware_pooled(guard0.saes[det.sae], sae_rows), train.labels,
+                                             max_features=max_features)
             from guardrails.core.policy import Feature
 
             old = {f.id: f.label for f in det.features}
-            det = det.model_copy(update={"features": [Feature(id=i, weight=w, label=old.get(i))
-                                                      for i, w in weights.items()]})
+            det = det.model_copy(update={**update, "features": [Feature(id=i, weight=w, label=old.get(i))
+                                                                for i, w in weights.items()]})
             rule = rule.model_copy(update={"detector": det})
             new_rules[rule.id] = rule
             policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
@@ -155,6 +126,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         if fit_weights and isinstance(det, EnsembleDetector):
             raise CalibrationError(f"rules: {rule.id!r} is an ensemble; --fit-weights fits one detector: fit its "
                                    "members on their own, or calibrate the ensemble's threshold without it")
+        if fit_weights and isinstance(det, LinearDetector) and objective != "pooled":
+            raise CalibrationError(f"rules: {rule.id!r} is a linear probe; --objective {objective} fits SAE-feature "
+                                   "rules (a probe's --fit-weights fits on pooled rows): leave out --objective")
         if fit_weights and isinstance(det, LinearDetector):
             from guardrails.offline.baselines import fit_diffmean, fit_probe, save_linear
 
@@ -292,53 +266,7 @@ def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[s
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``discover``, ``calibrate`` and ``eval`` to the ``guardrails`` app."""
-
-    @app.command()
-    def discover(
-        data: Annotated[str, typer.Option(help="Labeled JSONL or CSV, or a split prefix (uses its train split)")],
-        layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the layer its file records; "
-                                                       "the bundled SAE's is 15)")] = None,
-        sae: Annotated[str, typer.Option(help="SAE path or 'bundled'")] = "bundled",
-        top: Annotated[int, typer.Option(min=1, max=500, help="Features to list")] = 20,
-        out: Annotated[Path | None, typer.Option(help="Write a draft policy YAML here")] = None,
-        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
-        scope: Annotated[str | None, typer.Option(help="input or output (default: output if rows have responses)")]
-        = None,
-        limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
-        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-        columns: ColumnsOption = None,
-        positive: PositiveOption = None,
-        label: LabelOption = None,
-    ) -> None:
-        """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
-        import yaml
-
-        from guardrails.cli.main import _run_safely, console, output_path
-
-        if out is not None:
-            out = output_path(out, "--out")
-        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
-        res = _run_safely(lambda: run_discover(Session(model, progress=not as_json, data_format=fmt), data, layer,
-                                               sae, top=top, scope=scope, limit=limit,
-                                               max_response_chars=max_response_chars))
-        if out is not None:
-            out.write_text(yaml.safe_dump(res["policy"], sort_keys=False, allow_unicode=True), encoding="utf-8")
-        if as_json:
-            print(json.dumps(res, ensure_ascii=False))
-            return
-        from rich.table import Table
-
-        t = Table("rank", "feature", "AUROC", "fires (1)", "fires (0)", "mean diff", "top tokens in context",
-                  title=f"{res['data']}: {res['rows']} rows, {res['scope']} tokens, layer {res['layer']}")
-        for i, f in enumerate(res["features"], 1):
-            ex = "\n".join(f"{v:.1f} {w}" for v, w in f["examples"])
-            t.add_row(str(i), str(f["feature"]), f"{f['auroc']:.3f}", f"{f['freq_pos']:.0%}", f"{f['freq_neg']:.0%}",
-                      f"{f['mean_diff']:.2f}", ex)
-        console.print(t)
-        if out is not None:
-            console.print(f"draft policy written to {out}; next: guardrails calibrate --policy {out} --data {data}")
+    """Add ``calibrate`` to the ``guardrails`` app."""
 
     @app.command()
     def calibrate(
@@ -367,6 +295,12 @@ def register(app: typer.Typer) -> None:
         = None,
         fit_ensemble: Annotated[bool, typer.Option(help="Ensemble rules: set each member's mean/std from its own "
                                                    "score on the cal split's label-0 rows first")] = False,
+        max_features: Annotated[int, typer.Option(min=1, help="--fit-weights on an SAE-feature rule: features kept "
+                                                  "at most")] = 16,
+        objective: Annotated[str, typer.Option(help="--fit-weights on an SAE-feature rule: 'pooled' (positive "
+                                               "weights on max-pooled activations) or 'window' (signed weights and a "
+                                               "bias fitted on the served window score; generalizes better with "
+                                               "many features, e.g. --max-features 2048)")] = "pooled",
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
@@ -377,6 +311,10 @@ def register(app: typer.Typer) -> None:
         if target_fpr is not None and target_recall is not None:
             fail("give --target-fpr or --target-recall, not both")
         fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        if objective not in ("pooled", "window"):
+            fail(f"--objective {objective!r}: valid: 'pooled' or 'window'")
+        if objective != "pooled" and not fit_weights:
+            fail("--objective chooses how --fit-weights fits an SAE-feature rule; add --fit-weights")
         path = str(resolve_policy_path(policy))
         if out is None and not Path(policy or "").is_file():
             fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
@@ -390,7 +328,7 @@ def register(app: typer.Typer) -> None:
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
             max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate,
-            fit_ensemble=fit_ensemble))
+            fit_ensemble=fit_ensemble, max_features=max_features, objective=objective))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return

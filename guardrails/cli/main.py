@@ -30,8 +30,8 @@ err_console = Console(stderr=True)
 
 DEFAULT_POLICY = "harmful-requests"
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"  # the repository's; shipped: guardrails._data
-_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.calibrate", "guardrails.cli.evaluate", "guardrails.cli.onnx",
-               "guardrails.cli.serve", "guardrails.cli.direction")
+_EXTENSIONS = ("guardrails.cli.audit", "guardrails.cli.discover", "guardrails.cli.calibrate", "guardrails.cli.evaluate",
+               "guardrails.cli.onnx", "guardrails.cli.serve", "guardrails.cli.direction")
 
 
 def resolve_policy_path(policy: str | None) -> Path:
