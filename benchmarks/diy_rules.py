@@ -6,7 +6,8 @@ features and weights from the train split, the threshold at 3% FPR on the cal sp
 ``--fit-weights`` fits an SAE-feature rule: ``--objective pooled`` (at most N positive weights by L1 logistic
 regression on max-pooled activations: a short list to read) and ``--objective window`` (signed weights and a bias
 fitted on the score the rule serves, the recipe of the shipped ``harmful-requests-sae``), each at several feature
-counts; the shipped ``harmful-requests-sae`` beside them. Then ``guardrails eval`` on rows none of them saw: the test
+counts, and a linear probe at the SAE's layer (15) fitted both ways; the shipped ``harmful-requests-sae`` beside
+them. Then ``guardrails eval`` on rows none of them saw: the test
 split (its external sources and hand-written sets are held out whole) and the form-paired requests (each harmful
 request against its benign twin in the same frame).
 
@@ -59,6 +60,25 @@ def main() -> None:
             "--max-features", str(n), "--target-fpr", "0.03", "--out", str(path), "--json")
         policies[name] = str(path)
         print(f"fitted {name}: {path}", file=sys.stderr, flush=True)
+    # a linear probe at the SAE's layer, the two ways --fit-weights fits one (written from a bare policy)
+    import numpy as np
+    import yaml
+
+    from guardrails.offline.baselines import save_linear
+
+    for objective in ("pooled", "window"):
+        # a placeholder (the bundled model's hidden size) that the fit replaces
+        save_linear(out / f"probe-{objective}.safetensors", np.zeros(576, np.float32), 0.0)
+        bare = {"name": f"diy-probe-{objective}", "rules": [{
+            "id": "probe", "scope": "input", "threshold": 0.0, "action": "block",
+            "detector": {"kind": "linear", "layer": 15, "weights": f"probe-{objective}.safetensors", "window": 16}}]}
+        src = out / f"probe-{objective}.src.yaml"
+        src.write_text(yaml.safe_dump(bare), encoding="utf-8")
+        path = out / f"probe-{objective}.yaml"
+        cli("calibrate", "--policy", str(src), "--data", data, "--fit-weights", "--objective", objective,
+            "--target-fpr", "0.03", "--out", str(path), "--json")
+        policies[f"probe L15 {objective}"] = str(path)
+        print(f"fitted probe L15 {objective}: {path}", file=sys.stderr, flush=True)
     policies["shipped harmful-requests-sae"] = "harmful-requests-sae"
     flags = [x for p in policies.values() for x in ("--policy", p)]
     pairs = json.loads(cli("eval", *flags, "--data", str(DATA / "form_pairs.jsonl"), "--json"))["policies"]

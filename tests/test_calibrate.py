@@ -399,7 +399,7 @@ def test_fit_window_rule_finds_the_feature_of_one_window() -> None:
     from label-0 rows only by one feature firing on a few consecutive tokens of a long row, which a pooled mean
     dilutes; the fitted rule weights that feature, scores every label-1 row above every label-0 row, and keeps at
     most ``max_features``."""
-    from guardrails.offline.sparse_fit import fit_window_rule
+    from guardrails.offline.window_fit import fit_window_rule
 
     sae = random_sae(d_model=16, d_sae=32, k=32, layer=1, architecture="relu")
     gen = torch.Generator().manual_seed(0)
@@ -440,6 +440,25 @@ def test_cli_fit_weights_window_objective(saved_tiny) -> None:
     det = Policy.from_path(out).rules[0].detector
     assert 0 < len(det.features) <= 5 and det.combine == "sum" and det.aggregate == "mean"
     assert det.bias != 0.0 and rep["rules"]["r"]["serving_check_max_rel_diff"] < 1e-3
+    # a probe: fitted on the served window score too, its file recording the objective; the scores serve as calibrated
+    from safetensors import safe_open
+
+    from guardrails.offline.baselines import save_linear
+
+    save_linear(t["tmp"] / "lin.safetensors", np.zeros(64, np.float32), 0.0)
+    probe = {"name": "toy-probe", "rules": [{"id": "p", "scope": "input", "threshold": 0.0, "action": "block",
+                                             "detector": {"kind": "linear", "layer": 1, "weights": "lin.safetensors",
+                                                          "window": 2}}]}
+    (t["tmp"] / "probe.yaml").write_text(yaml.safe_dump(probe))
+    res = _cli(["calibrate", "--policy", str(t["tmp"] / "probe.yaml"), "--data", str(t["tmp"] / "toy"),
+                "--target-fpr", "0.1", "--fit-weights", "--objective", "window", "--model", str(t["model"]),
+                "--out", str(t["tmp"] / "probe.win.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["rules"]["p"]["serving_check_max_rel_diff"] < 1e-3
+    fitted = Policy.from_path(t["tmp"] / "probe.win.yaml")
+    with safe_open(fitted.resolve(fitted.rules[0].detector.weights), framework="np") as f:
+        assert (f.metadata() or {})["objective"] == "window" and np.abs(f.get_tensor("weight")).sum() > 0
     res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy"), "--objective", "window",
                 "--model", str(t["model"]), "--out", str(out)])
     assert res.exit_code == 2 and "add --fit-weights" in res.output

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max
 
-from guardrails.offline.sparse_fit import fit_sparse_window, window_scores
+from guardrails.offline.window_fit import fit_dense_window, fit_sparse_window
 
 TRAIN = ("requests.train", "wrapped.train")
 HELD_OUT_SOURCES = {"strongreject", "harmbench", "harmbench_contextual",
@@ -94,41 +94,17 @@ def fit(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, win
         ) -> tuple[np.ndarray, float]:
     """Weighted logistic loss on the served row score + ``wd`` x squared norm of the standardised weights
     (with ``anchor``, a raw-space probe: of their distance to it, starting from it — fine-tuning a
-    mean-pooled probe through the served aggregation). Returns raw-space (coef [d], bias)."""
-    torch.manual_seed(seed)
-    X = torch.from_numpy(x)
-    mu, sd = X.mean(0), X.std(0) + 1e-6
-    Z = (X - mu) / sd
-    off = torch.from_numpy(offsets).long()
-    row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
-    yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
-    beta0 = torch.zeros(Z.shape[1])
-    b0 = torch.zeros(1)
-    if anchor is not None:
-        beta0 = torch.from_numpy(anchor[0].astype(np.float32)) * sd
-        b0 = torch.tensor([anchor[1] + float((torch.from_numpy(anchor[0].astype(np.float32)) * mu).sum())])
-    beta = beta0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        s = window_scores(Z @ beta + b, off, row_of, window)
-        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
-        loss = loss + wd * ((beta - beta0) ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    coef = (beta.detach() / sd).numpy()
-    return coef, float(b.detach()[0] - (coef * mu.numpy()).sum())
+    mean-pooled probe through the served aggregation): ``guardrails.offline.window_fit.fit_dense_window`` (the
+    package's ``calibrate --fit-weights --objective window`` fits probes with it too). Returns raw-space
+    (coef [d], bias)."""
+    return fit_dense_window(x, offsets, y, w, window=window, wd=wd, steps=steps, seed=seed, anchor=anchor)
 
 
 def fit_sae(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, d_sae: int, *,
             window: int, n_features: int, l1: float = 3e-3, steps: int = 150,
             positive: bool = False) -> tuple[np.ndarray, float]:
     """The same objective over TopK SAE codes (token score = sum of weight x activation of its active
-    features + bias): ``guardrails.offline.sparse_fit.fit_sparse_window`` (the package's ``calibrate --fit-weights
+    features + bias): ``guardrails.offline.window_fit.fit_sparse_window`` (the package's ``calibrate --fit-weights
     --objective window`` fits with it too). ``positive``: weights kept >= 0, so no feature of a benign *form* (a
     question's "How do I") can pull a score down; measured worse (``variants.py``). Returns dense raw-unit
     weights [d_sae] and the bias."""

@@ -51,8 +51,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     :func:`~guardrails.offline.scoring.fit_gate`); ``fit_ensemble``: standardise ensemble rules' members on the
     cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`). ``objective`` (``fit_weights`` on
     SAE-feature rules): ``pooled``, at most ``max_features`` positive weights by L1 logistic regression on max-pooled
-    activations; ``window``, signed weights and a bias fitted on the served window score
-    (:func:`~guardrails.offline.sparse_fit.fit_window_rule`, the shipped ``harmful-requests-sae`` recipe)."""
+    activations (a probe: ridge on mean-pooled rows); ``window``, signed weights and a bias fitted on the served window
+    score (:mod:`guardrails.offline.window_fit`, the shipped ``harmful-requests-sae`` and probe recipes)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -106,7 +106,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             sae_rows = session.rows(train, policy.saes[det.sae].layer, sc)
             update: dict[str, Any] = {}
             if objective == "window":  # signed weights and a bias, fitted on the score the rule serves
-                from guardrails.offline.sparse_fit import fit_window_rule
+                from guardrails.offline.window_fit import fit_window_rule
 
                 weights, bias = fit_window_rule(guard0.saes[det.sae], sae_rows, train.labels, window=det.window,
                                                 max_features=max_features)
@@ -126,9 +126,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         if fit_weights and isinstance(det, EnsembleDetector):
             raise CalibrationError(f"rules: {rule.id!r} is an ensemble; --fit-weights fits one detector: fit its "
                                    "members on their own, or calibrate the ensemble's threshold without it")
-        if fit_weights and isinstance(det, LinearDetector) and objective != "pooled":
-            raise CalibrationError(f"rules: {rule.id!r} is a linear probe; --objective {objective} fits SAE-feature "
-                                   "rules (a probe's --fit-weights fits on pooled rows): leave out --objective")
+        if fit_weights and isinstance(det, LinearDetector) and objective == "window" and det.method != "probe":
+            raise CalibrationError(f"rules: {rule.id!r} is a DiffMean direction (method {det.method!r}); --objective "
+                                   "window fits probes and SAE-feature rules: leave out --objective")
         if fit_weights and isinstance(det, LinearDetector):
             from guardrails.offline.baselines import fit_diffmean, fit_probe, save_linear
 
@@ -137,14 +137,20 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                                        "--fit-weights fits one layer: calibrate its threshold without it")
             train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
                                  max_response_chars=max_response_chars)
-            fit = fit_probe if det.method == "probe" else fit_diffmean
-            w, b = fit(session.rows(train, layer, sc), train.labels)
+            if objective == "window":  # fitted on the score the rule serves (the shipped request probe's recipe)
+                from guardrails.offline.window_fit import fit_window_probe
+
+                w, b = fit_window_probe(session.rows(train, layer, sc), train.labels, window=det.window)
+            else:
+                fit = fit_probe if det.method == "probe" else fit_diffmean
+                w, b = fit(session.rows(train, layer, sc), train.labels)
             if moving:  # a copy written elsewhere gets its own weights file: the source policy's stays as it was
                 fitted = out_path.resolve().parent / f"{out_path.stem}.{rule.id}.safetensors"
                 # named from the source policy's folder for now; rebased() below names it from the output's
                 det = det.model_copy(update={"weights": os.path.relpath(fitted, policy.base_dir or ".")})
             save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
-                                                             "train": train.path, "train_sha256": train.sha256})
+                                                             "train": train.path, "train_sha256": train.sha256,
+                                                             "objective": objective})
             sae_ids = [k for k, v in policy.saes.items() if v.layer == layer]
             if sae_ids:  # name the SAE features that explain the direction (decoder cosine)
                 from guardrails.core.policy import Feature
@@ -297,10 +303,10 @@ def register(app: typer.Typer) -> None:
                                                    "score on the cal split's label-0 rows first")] = False,
         max_features: Annotated[int, typer.Option(min=1, help="--fit-weights on an SAE-feature rule: features kept "
                                                   "at most")] = 16,
-        objective: Annotated[str, typer.Option(help="--fit-weights on an SAE-feature rule: 'pooled' (positive "
-                                               "weights on max-pooled activations) or 'window' (signed weights and a "
-                                               "bias fitted on the served window score; generalizes better with "
-                                               "many features, e.g. --max-features 2048)")] = "pooled",
+        objective: Annotated[str, typer.Option(help="--fit-weights: 'pooled' (an SAE rule's positive weights on "
+                                               "max-pooled activations; a probe on mean-pooled rows) or 'window' "
+                                               "(fitted on the served window score; an SAE rule gets signed weights "
+                                               "and a bias: use many features, e.g. --max-features 2048)")] = "pooled",
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,

@@ -88,14 +88,11 @@ class DataFormat:
     def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         """``row`` with the mapped columns renamed to their fields and the label rewritten as 0/1."""
         out = dict(row)
-        mapped = dict(self.columns)
         for field, column in self.columns:
             if column not in row:
                 raise CalibrationError(f"{where}: no column {column!r} (--columns {field}={column}); the row has "
                                        f"{sorted(row)}")
-        for field in mapped:
             out.pop(field, None)  # the file's own column of that name gives way to the mapped one
-        for _, column in self.columns:
             out.pop(column, None)
         out.update({field: row[column] for field, column in self.columns})
         if self.label is not None:
@@ -104,9 +101,7 @@ class DataFormat:
                                        "'label' column; drop --label, or map another column with --columns")
             out["label"] = self.label
         elif self.positive and "label" in out:
-            value = out["label"]
-            text = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
-            out["label"] = int(text in self.positive)
+            out["label"] = int(str(out["label"]).strip().lower() in self.positive)  # JSON true reads "true"
         return out
 
     def signature(self) -> str:

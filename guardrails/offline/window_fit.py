@@ -1,16 +1,19 @@
-"""SAE-feature rules fitted on the score the guard serves: the recipe of the shipped ``harmful-requests-sae``.
+"""Rules fitted on the score the guard serves: the recipes of the shipped ``harmful-requests`` probe and SAE rule.
 
-A rule's served score is the highest mean, over ``window`` consecutive scored tokens, of a per-token score
-``sum_f weight_f * activation_f + bias``. :func:`fit_window_rule` fits that score end to end with a logistic
-loss per row (multiple-instance learning: every window of a label-0 row is pushed down, some window of a label-1
-row up): Adam with an L1 penalty on the standardised weights picks the features, the ``max_features`` largest are
-kept and refitted (L-BFGS, small L2). Weights are signed. On held-out topic-matched requests this reads a request
-far better than a few positive features of the highest mean-pooled AUROC (docs/results.md, v0.3.3: short typed
-requests against their benign twins 0.729 AUROC with 128 features, 0.869 with 2,048), at the cost of a rule that is
-no longer a short list to read.
+A rule's served score is the highest mean, over ``window`` consecutive scored tokens, of a per-token score. Both fits
+here take a logistic loss on that row score itself (multiple-instance learning: every window of a label-0 row is
+pushed down, some window of a label-1 row up; the production Gemini probes train max-of-rolling-means this way):
 
-``guardrails calibrate --fit-weights --objective window`` uses it; ``calibration/selection/`` fits the shipped rule
-with it.
+- :func:`fit_window_probe`: a linear probe (token score ``x . w + b``), L-BFGS with L2 on standardised weights;
+- :func:`fit_window_rule`: an SAE-feature rule (token score ``sum_f weight_f * activation_f + bias``): Adam with an
+  L1 penalty on the standardised weights picks the features, the ``max_features`` largest are kept and refitted
+  (L-BFGS, small L2). Weights are signed. On held-out topic-matched requests this reads a request far better than a
+  few positive features of the highest mean-pooled AUROC (docs/results.md, v0.3.3: short typed requests against
+  their benign twins 0.729 AUROC with 128 features, 0.869 with 2,048), at the cost of a rule that is no longer a
+  short list to read.
+
+``guardrails calibrate --fit-weights --objective window`` uses them; ``calibration/selection/`` fits the shipped
+rules with them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,41 @@ def window_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor
     means = (cs[ends] - cs[starts]) / (ends - starts)
     out = tok.new_full((len(offsets) - 1,), -1e9)
     return out.scatter_reduce(0, row_of, means, "amax", include_self=False)
+
+
+def fit_dense_window(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int, wd: float,
+                     steps: int = 60, seed: int = 0, anchor: tuple[np.ndarray, float] | None = None,
+                     ) -> tuple[np.ndarray, float]:
+    """A linear probe on token residuals ``x`` [tokens, d] (rows stacked, delimited by ``offsets``): weighted
+    logistic loss on the served row score + ``wd`` x squared norm of the standardised weights (with ``anchor``, a
+    raw-space probe: of their distance to it, starting from it). Returns raw-space (coef [d], bias)."""
+    torch.manual_seed(seed)
+    X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    off = torch.from_numpy(np.asarray(offsets)).long()
+    row_of = torch.repeat_interleave(torch.arange(len(off) - 1), off[1:] - off[:-1])
+    yt, wt = torch.from_numpy(y.astype(np.float32)), torch.from_numpy((w / w.mean()).astype(np.float32))
+    beta0 = torch.zeros(Z.shape[1])
+    b0 = torch.zeros(1)
+    if anchor is not None:
+        beta0 = torch.from_numpy(anchor[0].astype(np.float32)) * sd
+        b0 = torch.tensor([anchor[1] + float((torch.from_numpy(anchor[0].astype(np.float32)) * mu).sum())])
+    beta = beta0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        s = window_scores(Z @ beta + b, off, row_of, window)
+        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
+        loss = loss + wd * ((beta - beta0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    coef = (beta.detach() / sd).numpy()
+    return coef, float(b.detach()[0] - (coef * mu.numpy()).sum())
 
 
 def fit_sparse_window(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray,
@@ -116,12 +154,29 @@ def fit_window_rule(sae: Any, rows: Sequence[torch.Tensor], labels: np.ndarray, 
     ``rows`` (per-row residuals at the SAE's layer, as :func:`guardrails.offline.calibrate.residuals` gives them),
     each label carrying half the weight. (Equal weight per (source, label) cell instead was measured on the
     request data and not kept: form pairs +0.010 AUROC, blind and short typed -0.008 and -0.017.)"""
-    y = np.asarray(labels).astype(np.int64)
-    if len(set(y.tolist())) < 2:
-        raise ValueError("fitting feature weights needs rows of both labels")
-    w = np.where(y == 1, 0.5 / max(int((y == 1).sum()), 1), 0.5 / max(int((y == 0).sum()), 1)) * len(y)
+    y, w = _balanced(labels)
     v, ids, offsets = sae_codes(sae, rows)
     coef, bias = fit_sparse_window(v, ids, offsets, y, w, int(sae.cfg.d_sae), window=window, n_features=max_features)
     kept = np.flatnonzero(coef)
     order = kept[np.argsort(-np.abs(coef[kept]))]
     return {int(i): round(float(coef[i]), 6) for i in order}, round(bias, 6)
+
+
+def fit_window_probe(rows: Sequence[torch.Tensor], labels: np.ndarray, *, window: int, wd: float = 1e-3,
+                     ) -> tuple[np.ndarray, float]:
+    """A linear probe (weight [d], bias) fitted on the served window score of ``rows`` (per-row residuals at the
+    probe's layer), each label carrying half the weight; ``wd`` as the shipped request probe (L2 1e-3 on
+    standardised weights)."""
+    y, w = _balanced(labels)
+    x = torch.cat([r.float() for r in rows]).numpy()
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return fit_dense_window(x, offsets, y, w, window=window, wd=wd, steps=40)
+
+
+def _balanced(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels and row weights giving each label half the total (mean 1)."""
+    y = np.asarray(labels).astype(np.int64)
+    if len(set(y.tolist())) < 2:
+        raise ValueError("fitting weights needs rows of both labels")
+    n1, n0 = int((y == 1).sum()), int((y == 0).sum())
+    return y, np.where(y == 1, 0.5 / n1, 0.5 / n0) * len(y)
