@@ -310,6 +310,15 @@ def test_contrastive_direction_is_mean_difference_over_continuations(lm: Any, to
     means = torch.stack([r.mean(0) for r in res])
     y = torch.tensor([r["label"] for r in rows])
     torch.testing.assert_close(d.vector, means[y == 1].mean(0) - means[y == 0].mean(0))
+    # the same rows in their own layout (--columns / --positive): the same direction
+    from guardrails.offline.labeled import DataFormat
+
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"q": r["prompt"], "a": r["response"], "kind": "refuse" if r["label"] else "ok"})
+                           + "\n" for r in rows))
+    fmt = DataFormat.parse("prompt=q,response=a,label=kind", "refuse")
+    again = build_direction(lm, tok, own, kind="contrastive", layer=LAYER, holdout=0, fmt=fmt)
+    torch.testing.assert_close(again.vector, d.vector)
     path, _ = save_direction(d, tmp_path / "dir")
     vec, meta = load_direction(path)
     assert torch.equal(vec, d.vector) and meta["layer"] == str(LAYER)

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption
+
 
 def register(app: typer.Typer) -> None:
     """Add ``direction`` to the main app."""
@@ -29,6 +31,9 @@ def direction_command(
     pool: Annotated[str, typer.Option("--pool", help="diffmean/probe: last or mean prompt token")] = "last",
     holdout: Annotated[int, typer.Option("--holdout", help="Every N-th row (prompt) held out to measure; 0: none")] = 5,
     limit: Annotated[int | None, typer.Option("--limit", help="Stratified subset of this many rows")] = None,
+    columns: ColumnsOption = None,
+    positive: PositiveOption = None,
+    label: LabelOption = None,
 ) -> None:
     """Fit a steering direction at one layer and save it (safetensors + JSON record)."""
     from guardrails.cli.main import _run_safely, console, fail, output_path
@@ -42,11 +47,15 @@ def direction_command(
     if not data.is_file():
         fail(f"--data {str(data)!r} not found")
     output_path(out, "--out")  # its folder made (or the flag named) before the model runs
+    from guardrails.offline.labeled import DataFormat
+
+    fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
     lm, tok = _run_safely(lambda: load_model(model, dtype="float32"))
     with console.status(f"building a {kind} direction at layer {layer} from {data} ..."):
         try:
             d = _run_safely(lambda: build_direction(lm, tok, data, kind=kind, layer=layer, pool=pool,  # type: ignore[arg-type]
-                                                    holdout=holdout, limit=limit, model_name=model or "bundled"))
+                                                    holdout=holdout, limit=limit, model_name=model or "bundled",
+                                                    fmt=fmt))
         except DirectionError as exc:
             fail(str(exc))
     path, record = save_direction(d, out)

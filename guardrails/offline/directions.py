@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
+from guardrails.offline.labeled import DataFormat
 
 Kind = Literal["contrastive", "diffmean", "probe"]
 KINDS: tuple[str, ...] = ("contrastive", "diffmean", "probe")
@@ -115,18 +116,21 @@ def pooled_residuals(
 def build_direction(
     model: Any, tokenizer: Any, data: str | os.PathLike[str], *, kind: Kind, layer: int, pool: str = "last",
     holdout: int = 5, limit: int | None = None, batch_size: int = 8, model_name: str = "bundled",
+    fmt: DataFormat | None = None,
 ) -> Direction:
-    """Fit a direction of ``kind`` at ``layer`` on a labeled JSONL file (see the module docstring).
+    """Fit a direction of ``kind`` at ``layer`` on a labeled JSONL file (see the module docstring; ``fmt``: a file
+    in another layout, :class:`guardrails.offline.labeled.DataFormat`).
 
     Every ``holdout``-th row (0: none) is kept out of the fit and measures the separation.
     """
     return build_directions(model, tokenizer, data, kind=kind, layers=[layer], pool=pool, holdout=holdout,
-                            limit=limit, batch_size=batch_size, model_name=model_name)[layer]
+                            limit=limit, batch_size=batch_size, model_name=model_name, fmt=fmt)[layer]
 
 
 def build_directions(
     model: Any, tokenizer: Any, data: str | os.PathLike[str], *, kind: Kind, layers: list[int], pool: str = "last",
     holdout: int = 5, limit: int | None = None, batch_size: int = 8, model_name: str = "bundled",
+    fmt: DataFormat | None = None,
 ) -> dict[int, Direction]:
     """:func:`build_direction` at several layers from one pass over the data."""
     from guardrails.engine.hooks import check_layer
@@ -138,7 +142,7 @@ def build_directions(
         raise DirectionError(f"unknown pool {pool!r}; valid: last, mean")
     for layer in layers:
         check_layer(model, layer, where="direction layer")
-    ds = load_labeled(data, limit=limit)
+    ds = load_labeled(data, limit=limit, fmt=fmt)
     if kind == "contrastive" and ds.responses is None:
         raise DirectionError(f"{data}: contrastive directions need rows with 'prompt', 'response' and 'label'")
     labels = np.asarray(ds.labels)
