@@ -49,8 +49,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
     ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
     :func:`~guardrails.offline.scoring.fit_gate`); ``fit_ensemble``: standardise ensemble rules' members on the
-    cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`). ``objective`` (``fit_weights`` on
-    SAE-feature rules): ``pooled``, at most ``max_features`` positive weights by L1 logistic regression on max-pooled
+    cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`). ``objective`` (with
+    ``fit_weights``): ``pooled``, at most ``max_features`` positive weights by L1 logistic regression on max-pooled
     activations (a probe: ridge on mean-pooled rows); ``window``, signed weights and a bias fitted on the served window
     score (:mod:`guardrails.offline.window_fit`, the shipped ``harmful-requests-sae`` and probe recipes)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
@@ -141,6 +141,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 from guardrails.offline.window_fit import fit_window_probe
 
                 w, b = fit_window_probe(session.rows(train, layer, sc), train.labels, window=det.window)
+                det = det.model_copy(update={"aggregate": "mean"})  # the aggregation the fit took its loss on
             else:
                 fit = fit_probe if det.method == "probe" else fit_diffmean
                 w, b = fit(session.rows(train, layer, sc), train.labels)
@@ -320,7 +321,7 @@ def register(app: typer.Typer) -> None:
         if objective not in ("pooled", "window"):
             fail(f"--objective {objective!r}: valid: 'pooled' or 'window'")
         if objective != "pooled" and not fit_weights:
-            fail("--objective chooses how --fit-weights fits an SAE-feature rule; add --fit-weights")
+            fail("--objective chooses how --fit-weights fits a rule's weights; add --fit-weights")
         path = str(resolve_policy_path(policy))
         if out is None and not Path(policy or "").is_file():
             fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
