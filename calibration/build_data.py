@@ -81,6 +81,7 @@ HELD_OUT = {
     "handwritten_short_forms_contrast",  # their topic-matched twins and alarming-word benign prompts, v0.2.9
     "blind_responses_3",  # both labels, responses: hand-written blind answers, set 3 (other forms), v0.3.0
     "blind_responses_4",  # both labels, responses: hand-written blind answers, set 4 (chat-UI formats), v0.3.1
+    "handwritten_benign_frames",  # label 0: benign requests in AdvBench's harmful frames, v0.3.4
 }
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")  # evaluation rows: never wrapped either
 # Short typed requests (short_forms.tsv, v0.2.9): an evaluation source like BLIND, never wrapped.
@@ -89,9 +90,9 @@ SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contr
 # ``--without-short-questions`` builds the v0.2.8 data): train split only, never wrapped, added after the benign
 # matching and the template sampling, so every other row keeps its split and its wrappers.
 SHORT = ("handwritten_short_harmful", "handwritten_short_contrast")
-# Benign requests in AdvBench's harmful sentence frames (benign_frames.tsv, v0.3.4): train and test splits (the cal
-# split, on which thresholds are fitted, stays as it was), never wrapped, added after every other row, so every other
-# row keeps its split and its wrappers.
+# Benign requests in AdvBench's harmful sentence frames (benign_frames.tsv, v0.3.4): an evaluation source, held out
+# whole (HELD_OUT), never wrapped, added after every other row, so every other row keeps its split and its wrappers.
+# Training on them was measured and not shipped (docs/results.md, v0.3.4).
 FRAMES = "handwritten_benign_frames"
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
@@ -806,7 +807,7 @@ def handwritten_benign(src: Sources) -> list[Row]:
 
 def handwritten_frames(src: Sources) -> list[Row]:
     """Benign requests in the frames of AdvBench's harmful imperatives ("Develop a ...", "Write a script that ..."):
-    the train split held ~230 harmful rows in such frames and almost no benign ones (v0.3.4)."""
+    the train split holds ~230 harmful rows in such frames and about 20 benign ones (v0.3.4). Held out whole."""
     path = HANDWRITTEN_DIR / "benign_frames.tsv"
     src.paths[FRAMES] = ["calibration/handwritten/benign_frames.tsv (this repo)"]
     return [set_meta(Row(tidy(raw), 0, FRAMES), phrasing=frame) for frame, raw in read_tsv(path, 2)]
@@ -1043,8 +1044,6 @@ def assign_splits(rows: list[Row], forced_test: set[str]) -> dict[str, list[Row]
         split = "test" if r.source in HELD_OUT or norm(r.text) in forced_test else split_of(r.text)
         if r.source in SHORT:  # train only, unless the text also occurs in a held-out source
             split = "test" if norm(r.text) in forced_test else "train"
-        if r.source == FRAMES and split == "cal":  # train and test only: the cal split (thresholds) stays as it was
-            split = "train"
         out[split].append(r)
     return out
 

@@ -241,7 +241,7 @@ def _policy(name: str, scope: str, threshold: float, action: str = "block", wind
     if action != "steer":  # the shipped category head (v0.3.3), naming a category at any probability
         rule["categories"] = {**d["categories"], "min_prob": 0.0}
     if action == "steer":
-        rule["steer"] = {"method": "subtract", "strength": 120.0}  # enough to move 8 greedy tokens of HARMFUL
+        rule["steer"] = {"method": "subtract", "strength": 40.0}
     return Policy.from_dict({"name": name, "saes": d["saes"], "refusal": f"{name} refused", "rules": [rule]})
 
 

