@@ -137,12 +137,12 @@ def sae_codes(sae: Any, rows: Sequence[torch.Tensor], *, batch_tokens: int = 409
     rows' offsets."""
     flat = torch.cat([r.float() for r in rows]) if rows else torch.zeros(0, int(sae.cfg.d_model))
     vs, ids = [], []
-    with torch.inference_mode():
+    with torch.inference_mode():  # on the SAE's device and dtype, as max_pooled_features encodes
         for a in range(0, len(flat), batch_tokens):
-            out = sae.encode_sparse(flat[a : a + batch_tokens])
-            vs.append(out[0].float().numpy())
-            ids.append(out[1].numpy())
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+            out = sae.encode_sparse(flat[a : a + batch_tokens].to(sae.device, sae.dtype))
+            vs.append(out[0].float().cpu().numpy())
+            ids.append(out[1].cpu().numpy())
+    offsets = _offsets(rows)
     if not vs:
         return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64), offsets
     return np.concatenate(vs), np.concatenate(ids), offsets
@@ -168,9 +168,13 @@ def fit_window_probe(rows: Sequence[torch.Tensor], labels: np.ndarray, *, window
     probe's layer), each label carrying half the weight; ``wd`` as the shipped request probe (L2 1e-3 on
     standardised weights)."""
     y, w = _balanced(labels)
-    x = torch.cat([r.float() for r in rows]).numpy()
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-    return fit_dense_window(x, offsets, y, w, window=window, wd=wd, steps=40)
+    x = torch.cat([r.float().cpu() for r in rows]).numpy()
+    return fit_dense_window(x, _offsets(rows), y, w, window=window, wd=wd, steps=40)
+
+
+def _offsets(rows: Sequence[torch.Tensor]) -> np.ndarray:
+    """Where each row's tokens start in the rows stacked, and where the last ends: ``[rows + 1]``."""
+    return np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
 
 
 def _balanced(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
