@@ -96,12 +96,17 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     test_data = session.load(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
         if "test" in files and evaluate_test else None
     splits = _split_provenance(session, files, cal, test_data)
+
+    @functools.cache
+    def train_split() -> Any:  # read once, for every rule whose weights are fitted
+        return session.load(files.get("train") or files["file"], limit=train_limit or limit,
+                            max_response_chars=max_response_chars)
+
     for rule in rules:
         det = rule.detector
         sc = rule_scope(rule)
         if fit_weights and isinstance(det, SAEFeaturesDetector):
-            train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
-                                 max_response_chars=max_response_chars)
+            train = train_split()
             guard0 = session.guard(policy)
             sae_rows = session.rows(train, policy.saes[det.sae].layer, sc)
             update: dict[str, Any] = {}
@@ -135,8 +140,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             if getattr(det, "extra_layers", None):
                 raise CalibrationError(f"rules: {rule.id!r} is a multi-layer probe (extra_layers {det.extra_layers}); "
                                        "--fit-weights fits one layer: calibrate its threshold without it")
-            train = session.load(files.get("train") or files["file"], limit=train_limit or limit,
-                                 max_response_chars=max_response_chars)
+            train = train_split()
             if objective == "window":  # fitted on the score the rule serves (the shipped request probe's recipe)
                 from guardrails.offline.window_fit import fit_window_probe
 
