@@ -13,7 +13,8 @@ import typer
 from guardrails.offline.calibrate import LabeledData, Scope, residuals_at
 from guardrails.offline.labeled import DataFormat, load_labeled
 
-# the options of every command that reads labeled data (discover, calibrate, eval): a file in its own layout
+# the options of every command that reads labeled data (discover, calibrate, eval, direction): a file in its own
+# layout
 ColumnsOption = Annotated[str | None, typer.Option(
     "--columns", help="The file's own column names: FIELD=COLUMN,... (fields: text, prompt, response, label, "
                       "source, category), e.g. text=Goal,label=is_safe")]

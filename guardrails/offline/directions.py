@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
-from guardrails.offline.labeled import DataFormat
+from guardrails.offline.labeled import DataFormat, load_labeled
 
 Kind = Literal["contrastive", "diffmean", "probe"]
 KINDS: tuple[str, ...] = ("contrastive", "diffmean", "probe")
@@ -134,7 +134,6 @@ def build_directions(
 ) -> dict[int, Direction]:
     """:func:`build_direction` at several layers from one pass over the data."""
     from guardrails.engine.hooks import check_layer
-    from guardrails.offline.calibrate import load_labeled
 
     if kind not in KINDS:
         raise DirectionError(f"unknown direction kind {kind!r}; valid: {', '.join(KINDS)}")
