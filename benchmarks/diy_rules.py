@@ -6,8 +6,9 @@ features and weights from the train split, the threshold at 3% FPR on the cal sp
 ``--fit-weights`` fits an SAE-feature rule: ``--objective pooled`` (at most N positive weights by L1 logistic
 regression on max-pooled activations: a short list to read) and ``--objective window`` (signed weights and a bias
 fitted on the score the rule serves, the recipe of the shipped ``harmful-requests-sae``), each at several feature
-counts, and a linear probe at the SAE's layer (15) fitted both ways; the shipped ``harmful-requests-sae`` beside
-them. Then ``guardrails eval`` on rows none of them saw: the test
+counts, and a linear probe at the SAE's layer (15) fitted both ways, and once more with ``--invariant-to form`` (the
+rows' ``form`` column, imperative / question / other, erased within each label before the fit); the shipped
+``harmful-requests-sae`` beside them. Then ``guardrails eval`` on rows none of them saw: the test
 split (its external sources and hand-written sets are held out whole) and the form-paired requests (each harmful
 request against its benign twin in the same frame).
 
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "calibration" / "data"
 SOURCES = ("strongreject", "harmbench", "harmbench_contextual", "handwritten_blind_harmful",
            "handwritten_blind_contrast", "handwritten_short_forms_harmful", "handwritten_short_forms_contrast")
+FRAMES = "handwritten_benign_frames"  # benign requests in AdvBench's frames (held out whole): the share blocked
 
 
 def cli(*args: str) -> str:
@@ -66,19 +68,21 @@ def main() -> None:
 
     from guardrails.offline.baselines import save_linear
 
-    for objective in ("pooled", "window"):
+    for objective, invariant in (("pooled", ""), ("window", ""), ("window", "form")):
+        tag = objective + (f"-invariant-{invariant}" if invariant else "")
         # a placeholder (the bundled model's hidden size) that the fit replaces
-        save_linear(out / f"probe-{objective}.safetensors", np.zeros(576, np.float32), 0.0)
-        bare = {"name": f"diy-probe-{objective}", "rules": [{
+        save_linear(out / f"probe-{tag}.safetensors", np.zeros(576, np.float32), 0.0)
+        bare = {"name": f"diy-probe-{tag}", "rules": [{
             "id": "probe", "scope": "input", "threshold": 0.0, "action": "block",
-            "detector": {"kind": "linear", "layer": 15, "weights": f"probe-{objective}.safetensors", "window": 16}}]}
-        src = out / f"probe-{objective}.src.yaml"
+            "detector": {"kind": "linear", "layer": 15, "weights": f"probe-{tag}.safetensors", "window": 16}}]}
+        src = out / f"probe-{tag}.src.yaml"
         src.write_text(yaml.safe_dump(bare), encoding="utf-8")
-        path = out / f"probe-{objective}.yaml"
+        path = out / f"probe-{tag}.yaml"
         cli("calibrate", "--policy", str(src), "--data", data, "--fit-weights", "--objective", objective,
-            "--target-fpr", "0.03", "--out", str(path), "--json")
-        policies[f"probe L15 {objective}"] = str(path)
-        print(f"fitted probe L15 {objective}: {path}", file=sys.stderr, flush=True)
+            "--target-fpr", "0.03", "--out", str(path), "--json", *(["--invariant-to", invariant] if invariant else []))
+        name = f"probe L15 {objective}" + (f", invariant to {invariant}" if invariant else "")
+        policies[name] = str(path)
+        print(f"fitted {name}: {path}", file=sys.stderr, flush=True)
     policies["shipped harmful-requests-sae"] = "harmful-requests-sae"
     flags = [x for p in policies.values() for x in ("--policy", p)]
     pairs = json.loads(cli("eval", *flags, "--data", str(DATA / "form_pairs.jsonl"), "--json"))["policies"]
@@ -89,9 +93,11 @@ def main() -> None:
         row = {"test_auroc": t["auroc"], "test_tpr": t["tpr"], "test_fpr": t["fpr"], "pairs_auroc": p["auroc"],
                "pairs_harmful_fired": p["tpr"], "pairs_twins_fired": p["fpr"]}
         row.update({f"{s}_auroc": t["by_source"].get(s, {}).get("auroc") for s in SOURCES})
+        row["frames_blocked"] = t["by_source"].get(FRAMES, {}).get("fpr")
         result[name] = row
     cols = ["test_auroc", "test_tpr", "test_fpr", "pairs_auroc", "pairs_twins_fired", "strongreject_auroc",
-            "harmbench_auroc", "handwritten_blind_harmful_auroc", "handwritten_short_forms_harmful_auroc"]
+            "harmbench_auroc", "handwritten_blind_harmful_auroc", "handwritten_short_forms_harmful_auroc",
+            "frames_blocked"]
     print(f"{'rule':30s} " + " ".join(f"{c[:14]:>14s}" for c in cols))
     for name, row in result.items():
         print(f"{name:30s} " + " ".join(f"{'-' if row[c] is None else format(row[c], '.3f'):>14s}" for c in cols))

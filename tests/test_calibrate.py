@@ -686,3 +686,88 @@ def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:
                 "--model", str(t["model"]), "--json", "--no-test"])
     assert res.exit_code == 0, res.output
     assert "warnings" not in json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_invariance_basis_erases_the_attribute_not_the_label() -> None:
+    """Rows whose label moves them along ``f`` and whose form (a column, correlated with the label) moves them along
+    ``e``: the basis spans ``e`` and not ``f``; a probe fitted on the projected rows and folded back has no weight
+    along ``e`` and still separates the labels, also on rows whose form goes against the label."""
+    from guardrails.offline.baselines import fit_probe
+    from guardrails.offline.erasure import fold, invariance_basis, project
+
+    rng = np.random.default_rng(0)
+    d = 32
+    e, f = np.eye(d)[3], np.eye(d)[7]
+    y = np.array([i % 2 for i in range(1000)])
+    form = np.where(rng.random(1000) < np.where(y == 1, 0.8, 0.2), "frame", "other")  # form goes with the label
+    x = rng.normal(size=(1000, d)) + 3.0 * np.outer(y, f) + 3.0 * np.outer(form == "frame", e)
+    u = invariance_basis(x, form, y)
+    # one direction per label (e plus that label's noise): e lies in their span, f mostly not (the noise part is a
+    # random unit vector)
+    assert u.shape == (d, 2) and np.linalg.norm(u.T @ e) > 0.95 and np.linalg.norm(u.T @ f) < 0.5
+    rows = [torch.from_numpy(project(r[None].astype(np.float32).copy(), u)) for r in x]
+    w, b = fit_probe(rows, y)
+    w = fold(w, u)
+    assert np.abs(u.T @ w).max() < 1e-4 * float(np.linalg.norm(w))
+    flipped = (form == "frame") != (y == 1)  # benign rows in the frame, harmful ones out of it
+    s = x @ w + b
+    assert auroc_of(s[flipped], y[flipped]) > 0.9
+    plain_w, plain_b = fit_probe([torch.from_numpy(r[None].astype(np.float32)) for r in x], y)
+    assert auroc_of((x @ plain_w + plain_b)[flipped], y[flipped]) < auroc_of(s[flipped], y[flipped])
+    with pytest.raises(ValueError, match="two groups"):
+        invariance_basis(x, np.array(["one"] * 1000), y)
+
+
+def auroc_of(scores: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores))
+
+
+def test_cli_invariant_to_fits_a_probe_blind_to_a_column(saved_tiny) -> None:
+    """calibrate --fit-weights --invariant-to form: the probe's weights have no part along the column's within-label
+    mean differences of the train rows' residuals; the file and the record say what was erased; the scores serve as
+    calibrated. Errors: a missing column (the file's columns named), an SAE rule, no --fit-weights."""
+    from safetensors import safe_open
+
+    from guardrails.offline.baselines import pooled, save_linear
+    from guardrails.offline.erasure import column_basis
+    from guardrails.offline.labeled import load_labeled
+
+    t = saved_tiny
+    for split in ("train", "cal", "test"):
+        path = t["tmp"] / f"toy.{split}.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        for i, r in enumerate(rows):
+            r["form"] = "frame" if (i % 3 == 0) == (i % 4 != 0) else "other"
+        _write(t["tmp"] / f"formed.{split}.jsonl", rows)
+    save_linear(t["tmp"] / "lin.safetensors", np.zeros(64, np.float32), 0.0)
+    probe = {"name": "toy-probe", "rules": [{"id": "p", "scope": "input", "threshold": 0.0, "action": "block",
+                                             "detector": {"kind": "linear", "layer": 1, "weights": "lin.safetensors",
+                                                          "window": 2}}]}
+    (t["tmp"] / "probe.yaml").write_text(yaml.safe_dump(probe))
+    out = t["tmp"] / "probe.inv.yaml"
+    args = ["calibrate", "--policy", str(t["tmp"] / "probe.yaml"), "--data", str(t["tmp"] / "formed"),
+            "--target-fpr", "0.1", "--model", str(t["model"])]
+    res = _cli([*args, "--fit-weights", "--invariant-to", "form", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])["rules"]["p"]
+    assert rep["invariant_to"] == ["form"] and rep["erased_directions"] >= 1
+    assert rep["serving_check_max_rel_diff"] < 1e-3
+    fitted = Policy.from_path(out)
+    with safe_open(fitted.resolve(fitted.rules[0].detector.weights), framework="np") as f:
+        meta, w = f.metadata() or {}, f.get_tensor("weight")
+    assert json.loads(meta["invariant_to"]) == ["form"] and np.abs(w).sum() > 0
+    from guardrails.cli.session import Session
+
+    session = Session(str(t["model"]))
+    train = load_labeled(t["tmp"] / "formed.train.jsonl")
+    u = column_basis(train, ["form"], pooled(session.rows(train, 1, "input")))
+    assert np.abs(u.T @ w).max() < 1e-4 * np.linalg.norm(w)
+    res = _cli([*args, "--fit-weights", "--invariant-to", "language", "--out", str(out)])
+    assert res.exit_code == 2 and "no such column" in res.output and "form" in res.output
+    res = _cli([*args, "--invariant-to", "form", "--out", str(out)])
+    assert res.exit_code == 2 and "add --fit-weights" in res.output
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "formed"), "--target-fpr", "0.1",
+                "--model", str(t["model"]), "--fit-weights", "--invariant-to", "form", "--out", str(out)])
+    assert res.exit_code == 2 and "not a linear probe" in res.output

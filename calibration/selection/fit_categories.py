@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -114,9 +115,12 @@ def main() -> None:
                     help="probability below which a decision names no category (default: the lowest of 0.3, 0.35, "
                          "... whose named cal rows reach --target-accuracy)")
     ap.add_argument("--target-accuracy", type=float, default=0.85)
-    ap.add_argument("--write", action="store_true", help="save the head and point harmful-requests.yaml at it")
+    ap.add_argument("--write", action="store_true", help="save the head and point the policy's rule at it")
+    ap.add_argument("--policy", type=Path, default=POLICY, help="the policy whose request rule gets the head")
+    ap.add_argument("--out", type=Path, default=OUT, help="the head's file (next to the shipped probes)")
     args = ap.parse_args()
-    scorer = Scorer(POLICY)
+    policy, out = args.policy.resolve(), args.out.resolve()
+    scorer = Scorer(policy)
     layer = scorer.layer
     data = {n: features(scorer, Set(n), layer) for n in ("requests.train", "requests.cal", "requests.test",
                                                           "form_pairs")}
@@ -163,7 +167,7 @@ def main() -> None:
     from guardrails.core.policy import CategoryHead, Policy
 
     train = ROOT / "calibration" / "data" / "harmful_requests.train.jsonl"
-    save_file({"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}, str(OUT), metadata={
+    save_file({"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}, str(out), metadata={
                             "method": "category_head", "layer": str(layer), "window": str(scorer.window),
                             "labels": json.dumps(list(LABELS)),
                             "train": "calibration/data/harmful_requests.train.jsonl",
@@ -174,13 +178,13 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from fit_shipped import write_policy
 
-    pol = Policy.from_path(POLICY)
+    pol = Policy.from_path(policy)
     rule = next(r for r in pol.rules if r.id == scorer.rule.id)
-    head = CategoryHead(weights="../calibration/probes/" + OUT.name, min_prob=args.min_prob,
+    head = CategoryHead(weights=os.path.relpath(out, policy.parent), min_prob=args.min_prob,
                         actions=rule.categories.actions if rule.categories else {})
     new = rule.model_copy(update={"categories": head})
-    write_policy(POLICY, pol.model_copy(update={"rules": [new if r.id == new.id else r for r in pol.rules]}))
-    print(f"wrote {OUT.relative_to(ROOT)} and pointed {POLICY.relative_to(ROOT)} (rule {rule.id}) at it")
+    write_policy(policy, pol.model_copy(update={"rules": [new if r.id == new.id else r for r in pol.rules]}))
+    print(f"wrote {out.relative_to(ROOT)} and pointed {policy.relative_to(ROOT)} (rule {rule.id}) at it")
 
 
 if __name__ == "__main__":

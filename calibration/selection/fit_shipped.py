@@ -69,6 +69,9 @@ def main() -> None:
                     help="maxwin: weight multiplier of the hand-written hard benign rows (maxwin.row_weights)")
     ap.add_argument("--probe-anchor", action="store_true",
                     help="maxwin: start from the ridge probe and penalise the distance to it instead of the norm")
+    ap.add_argument("--probe-erase", action="store_true",
+                    help="maxwin: fit on residuals projected off the within-label directions of AdvBench's sentence "
+                         "frames in requests.train (erasure.py; the served weights are the projected ones)")
     ap.add_argument("--sae-objective", choices=("mean", "maxwin"), default="mean",
                     help="maxwin: the sparse SAE probe fitted on the served row score (maxwin.fit_sae)")
     ap.add_argument("--resample-seed", type=int, default=None,
@@ -80,6 +83,9 @@ def main() -> None:
     ap.add_argument("--probe-out", default="calibration/probes/harmful-requests-probe.safetensors",
                     help="probe: weight file to write (relative to the repo); harmful-requests-probe.yaml is "
                          "re-pointed to it (harmful-compliance's gate and harmful-requests-steer keep theirs)")
+    ap.add_argument("--probe-policy", default="policies/harmful-requests-probe.yaml",
+                    help="probe: the policy re-pointed to --probe-out (another path: a copy of the shipped probe "
+                         "policy is made there first, e.g. a member for fit_ensemble.py)")
     args = ap.parse_args()
     sets = [Set(n) for n in TRAIN_SETS]
     rows, y, sources = concat(sets)
@@ -112,16 +118,36 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
         import maxwin
 
         pool = maxwin.Pool(list(TRAIN_SETS), layers)
+        bases = []
+        if args.probe_erase:
+            import erasure
+
+            if args.probe_anchor:
+                raise SystemExit("fit_shipped.py: --probe-erase does not go with --probe-anchor")
+            plain = sets[list(TRAIN_SETS).index("requests.train")]
+            texts = [r["text"] for r in plain.rows]
+            verbs = erasure.frame_verbs(texts, plain.sources)
+            frame = erasure.opens_with(texts, verbs)
+            bases = [erasure.frame_basis(plain.mean_pooled(layer), frame, plain.labels) for layer in layers]
+            erasure.project_blocks(pool.x, bases)
+            meta = {**meta, "erasure": "within-label frame directions of requests.train projected out (erasure.py)",
+                    "frame_verbs": ",".join(sorted(verbs))}
         coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, args.probe_hard),
                                 window=args.probe_window, wd=args.probe_wd, steps=40,
                                 anchor=(coef, bias) if args.probe_anchor else None)
+        if bases:
+            coef = erasure.fold_weights(coef, bases)
         coef, extra = maxwin.split_layers(coef, layers)
         how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
-               + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else ""))
+               + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else "")
+               + ("; AdvBench's sentence frames erased from the residuals (within-label directions)" if bases else ""))
     probe_path = ROOT / args.probe_out
     save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
                                          "layers": ",".join(map(str, layers)), "objective": how}, extra=extra)
-    pol_path = ROOT / "policies" / "harmful-requests-probe.yaml"
+    shipped = ROOT / "policies" / "harmful-requests-probe.yaml"
+    pol_path = (ROOT / args.probe_policy).resolve()
+    if pol_path != shipped:
+        shutil.copyfile(shipped, pol_path)  # write_policy keeps the file's first (comment) line
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")

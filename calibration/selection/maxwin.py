@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import erasure
 from select_detectors import Set, auroc, concat, family, fit_probe, weights, windowed_max
 
 from guardrails.offline.window_fit import fit_dense_window, fit_sparse_window
@@ -131,6 +132,13 @@ def cmd_cv(args: argparse.Namespace) -> None:
     ref_benign = ref.y == 0
     w = row_weights(pool, args.hard)
     pooled = (np.concatenate([s.mean_pooled(args.layers[0]) for s in pool.sets]) if args.kind == "ridge" else None)
+    if args.erase and pooled is not None:
+        raise SystemExit("maxwin.py: --erase needs --kind maxwin")
+    plain = pool.sets[0]  # requests.train: the rows whose first word can open a frame (not the wrapped ones)
+    n_plain = len(plain.rows)
+    texts = [r["text"] for r in plain.rows]
+    frame = erasure.opens_with(texts, erasure.frame_verbs(texts, plain.sources)) if args.erase else None
+    plain_pooled = {layer: plain.mean_pooled(layer) for layer in args.layers} if args.erase else {}
     for wd in args.wd:
         oof = np.full(len(pool.y), np.nan)
         fold = np.array([FOLDS.get(f, f) if args.grouped else f for f in pool.family])
@@ -140,7 +148,15 @@ def cmd_cv(args: argparse.Namespace) -> None:
                 coef, bias = fit_probe(pooled[tr], pool.y[tr], w[tr], wd)
             else:
                 xt, ot = pool.subset(tr)
+                bases = []
+                if frame is not None:  # the form directions of this fold's training rows only
+                    keep = tr[:n_plain]
+                    bases = [erasure.frame_basis(plain_pooled[layer][keep], frame[keep], plain.labels[keep])
+                             for layer in args.layers]
+                    erasure.project_blocks(xt, bases)
                 coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=args.window, wd=wd, steps=args.steps)
+                if bases:
+                    coef = erasure.fold_weights(coef, bases)
             xh, oh = pool.subset(~tr)
             ref_scores = np.sort(score(ref.x, ref.offsets, coef, bias, args.window)[ref_benign])
             oof[~tr] = np.searchsorted(ref_scores, score(xh, oh, coef, bias, args.window)) / len(ref_scores)
@@ -148,7 +164,8 @@ def cmd_cv(args: argparse.Namespace) -> None:
         flagged = {g: float((oof[pool.family == g] >= 0.97).mean()) for g in per}
         crit, mean, worst = criterion(per)
         harm = pool.y == 1
-        print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}: "
+        print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}"
+              f"{' erase=frame2' if args.erase else ''}: "
               f"crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
               f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} | "
               + " ".join(f"{k}={v:.3f}/{flagged[k]:.2f}" for k, v in per.items()), flush=True)
@@ -198,6 +215,8 @@ def main() -> None:
     ap.add_argument("--kind", choices=["maxwin", "ridge"], default="maxwin",
                     help="ridge: the mean-pooled probe of select_detectors.py under the same folds (--wd = C)")
     ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
+    ap.add_argument("--erase", action="store_true",
+                    help="fit on residuals projected off the within-label frame directions (erasure.py, v0.3.5)")
     ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
                     help="grouped family folds (FOLDS) instead of one fold per family")
     args = ap.parse_args()

@@ -45,14 +45,17 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                   limit: int | None = None, max_features: int = 16, max_response_chars: int | None = None,
                   train_limit: int | None = None, record_path: Path | None = None,
                   evaluate_test: bool = True, fit_gate: float | None = None,
-                  fit_ensemble: bool = False, objective: str = "pooled") -> dict[str, Any]:
+                  fit_ensemble: bool = False, objective: str = "pooled",
+                  invariant_to: tuple[str, ...] = ()) -> dict[str, Any]:
     """``record_path``: where the record goes (wins over ``record_dir``/<name>.json); never the package's data.
     ``fit_gate``: fit a gated rule's scale/offset first (the slack in SDs;
     :func:`~guardrails.offline.scoring.fit_gate`); ``fit_ensemble``: standardise ensemble rules' members on the
     cal split's label-0 rows first (:func:`~guardrails.offline.scoring.fit_members`). ``objective`` (with
     ``fit_weights``): ``pooled``, at most ``max_features`` positive weights by L1 logistic regression on max-pooled
     activations (a probe: ridge on mean-pooled rows); ``window``, signed weights and a bias fitted on the served window
-    score (:mod:`guardrails.offline.window_fit`, the shipped ``harmful-requests-sae`` and probe recipes)."""
+    score (:mod:`guardrails.offline.window_fit`, the shipped ``harmful-requests-sae`` and probe recipes).
+    ``invariant_to`` (with ``fit_weights``, probes): columns of the train split whose within-label mean differences
+    are projected out of the residuals before the fit (:mod:`guardrails.offline.erasure`)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
         check_against_serving,
@@ -67,6 +70,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
 
     if target_fpr is None and target_recall is None:
         target_fpr = 0.01
+    if invariant_to and not fit_weights:
+        raise CalibrationError("invariant_to changes how weights are fitted: it needs fit_weights")
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
     cal = session.load(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
@@ -74,6 +79,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     if not rules:
         raise ValueError(f"no rule {rule_id!r} in {policy_path}")
     new_rules = {r.id: r for r in policy.rules}
+    erasures: dict[str, dict[str, Any]] = {}
     out_path = Path(out or policy_path)
     moving = out_path.resolve() != Path(policy.base_dir or ".", Path(policy_path).name).resolve()
     report: dict[str, Any] = {"policy": policy.name, "rules": {}}
@@ -105,6 +111,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     for rule in rules:
         det = rule.detector
         sc = rule_scope(rule)
+        if invariant_to and not isinstance(det, LinearDetector):
+            raise CalibrationError(f"rules: {rule.id!r} is not a linear probe; --invariant-to fits probes (an SAE "
+                                   "rule's weights are per feature, and a projection would give every feature one)")
         if fit_weights and isinstance(det, SAEFeaturesDetector):
             train = train_split()
             guard0 = session.guard(policy)
@@ -141,21 +150,31 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                 raise CalibrationError(f"rules: {rule.id!r} is a multi-layer probe (extra_layers {det.extra_layers}); "
                                        "--fit-weights fits one layer: calibrate its threshold without it")
             train = train_split()
+            rows, erased = session.rows(train, layer, sc), None
+            if invariant_to:  # fit on residuals with the columns' within-label mean differences projected out
+                from guardrails.offline.baselines import pooled
+                from guardrails.offline.erasure import column_basis, fold, project_rows
+
+                erased = column_basis(train, invariant_to, pooled(rows))
+                rows = project_rows(rows, erased)
             if objective == "window":  # fitted on the score the rule serves (the shipped request probe's recipe)
                 from guardrails.offline.window_fit import fit_window_probe
 
-                w, b = fit_window_probe(session.rows(train, layer, sc), train.labels, window=det.window)
+                w, b = fit_window_probe(rows, train.labels, window=det.window)
                 det = det.model_copy(update={"aggregate": "mean"})  # the aggregation the fit took its loss on
             else:
                 fit = fit_probe if det.method == "probe" else fit_diffmean
-                w, b = fit(session.rows(train, layer, sc), train.labels)
+                w, b = fit(rows, train.labels)
+            if erased is not None:  # w . (P h) = (P w) . h: the served weights have no part along the erased ones
+                w = fold(w, erased)
+                erasures[rule.id] = {"invariant_to": list(invariant_to), "erased_directions": int(erased.shape[1])}
             if moving:  # a copy written elsewhere gets its own weights file: the source policy's stays as it was
                 fitted = out_path.resolve().parent / f"{out_path.stem}.{rule.id}.safetensors"
                 # named from the source policy's folder for now; rebased() below names it from the output's
                 det = det.model_copy(update={"weights": os.path.relpath(fitted, policy.base_dir or ".")})
-            save_linear(policy.resolve(det.weights), w, b, {"method": det.method, "layer": str(layer),
-                                                             "train": train.path, "train_sha256": train.sha256,
-                                                             "objective": objective})
+            save_linear(policy.resolve(det.weights), w, b, {
+                "method": det.method, "layer": str(layer), "train": train.path, "train_sha256": train.sha256,
+                "objective": objective, **{k: json.dumps(v) for k, v in erasures.get(rule.id, {}).items()}})
             sae_ids = [k for k, v in policy.saes.items() if v.layer == layer]
             if sae_ids:  # name the SAE features that explain the direction (decoder cosine)
                 from guardrails.core.policy import Feature
@@ -210,6 +229,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                              rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
                              metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
                                                          "weights_fitted": bool(fit_weights),
+                                                         **erasures.get(rule.id, {}),
                                                          "gate": rule.gate.model_dump() if rule.gate else None,
                                                          "model_dtype": session.dtype or "float32",
                                                          "max_response_chars": max_response_chars,
@@ -312,6 +332,10 @@ def register(app: typer.Typer) -> None:
                                                "max-pooled activations; a probe on mean-pooled rows) or 'window' "
                                                "(fitted on the served window score; an SAE rule gets signed weights "
                                                "and a bias: use many features, e.g. --max-features 2048)")] = "pooled",
+        invariant_to: Annotated[list[str] | None, typer.Option(
+            help="--fit-weights on a probe: a column of the labeled rows (a form, a language, the source) the probe "
+                 "must not read: its groups' mean differences within each label are projected out first "
+                 "(repeatable)")] = None,
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
@@ -326,6 +350,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--objective {objective!r}: valid: 'pooled' or 'window'")
         if objective != "pooled" and not fit_weights:
             fail("--objective chooses how --fit-weights fits a rule's weights; add --fit-weights")
+        if invariant_to and not fit_weights:
+            fail("--invariant-to changes how --fit-weights fits a probe's weights; add --fit-weights")
         path = str(resolve_policy_path(policy))
         if out is None and not Path(policy or "").is_file():
             fail(f"--policy {policy or 'harmful-requests'!r} is a shipped policy (package data): give --out for the "
@@ -339,7 +365,8 @@ def register(app: typer.Typer) -> None:
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
             max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate,
-            fit_ensemble=fit_ensemble, max_features=max_features, objective=objective))
+            fit_ensemble=fit_ensemble, max_features=max_features, objective=objective,
+            invariant_to=tuple(invariant_to or ())))
         if as_json:
             print(json.dumps(rep, ensure_ascii=False, default=float))
             return
