@@ -46,9 +46,12 @@ class Probe:
         self.parts = np.split(coef.astype(np.float32), len(LAYERS))
         self.bias, self.name, self.window, self.threshold = bias, name, WINDOW, 0.0
 
-    def rows(self, s: Set) -> np.ndarray:
+    def tokens(self, s: Set) -> np.ndarray:
         tok = sum(np.asarray(s.x(layer), np.float32) @ w for layer, w in zip(LAYERS, self.parts, strict=True))
-        return windowed_max(np.asarray(tok) + self.bias, s.offsets, WINDOW)
+        return np.asarray(tok) + np.float32(self.bias)
+
+    def rows(self, s: Set) -> np.ndarray:
+        return windowed_max(self.tokens(s), s.offsets, WINDOW)
 
 
 def fit_variant(pool: Pool, keep: np.ndarray, name: str) -> Probe:

@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from erasure import fold_weights, frame_basis, frame_verbs, opens_with, project_blocks  # noqa: E402
 from heldout import Scorer, report  # noqa: E402
 from maxwin import Pool, fit  # noqa: E402
+from more_sources import Probe  # noqa: E402
 from select_detectors import Set, weights, windowed_max  # noqa: E402
 
 LAYERS = [18, 27]
@@ -96,20 +97,6 @@ def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
     return out
 
 
-class Probe:
-    """``heldout.report``'s scorer interface for a fitted multi-layer probe (raw-space weights)."""
-
-    def __init__(self, parts: list[np.ndarray], bias: float, name: str) -> None:
-        self.parts, self.bias, self.name, self.window, self.threshold = parts, bias, name, WINDOW, 0.0
-
-    def tokens(self, s: Set) -> np.ndarray:
-        tok = sum(np.asarray(s.x(layer), np.float32) @ w for layer, w in zip(LAYERS, self.parts, strict=True))
-        return np.asarray(tok) + np.float32(self.bias)
-
-    def rows(self, s: Set) -> np.ndarray:
-        return windowed_max(self.tokens(s), s.offsets, WINDOW)
-
-
 class Ensemble:
     """The shipped ensemble's arithmetic (``guardrails.core.detectors.detector_parts``) over a fitted probe and a
     shipped SAE-feature rule: each member's token score standardised by its served row scores on the cal split's
@@ -137,8 +124,7 @@ def fit_variant(pool: Pool, basis: dict[int, np.ndarray] | None, name: str, step
     coef, bias = fit(x, pool.offsets, pool.y, w, window=WINDOW, wd=WD, steps=steps)
     if basis:  # fold the projection into the weights: w . (P h) = (P w) . h (P symmetric, also for alpha < 1)
         coef = fold_weights(coef, [basis[layer] for layer in LAYERS], alpha)
-    parts = [p.astype(np.float32) for p in np.split(coef, len(LAYERS))]
-    probe = Probe(parts, bias, name)
+    probe = Probe(coef, bias, name)  # more_sources.py's: the same layers (18 + 27) and window (16)
     cal = Set("requests.cal")
     probe.threshold = float(np.quantile(probe.rows(cal)[cal.labels == 0], 0.97))
     return probe
