@@ -163,25 +163,33 @@ def cmd_cv(args: argparse.Namespace) -> None:
         per = family_aurocs(oof, pool.y, pool.family)
         flagged = {g: float((oof[pool.family == g] >= 0.97).mean()) for g in per}
         crit, mean, worst = criterion(per)
+        # the same with AdvBench's rows out of every other family's opposing label: the train split's harmful rows
+        # are mostly AdvBench imperatives, so a benign family held out is otherwise ranked against the frame
+        plain_per = family_aurocs(oof, pool.y, pool.family, exclude=pool.family == "advbench")
+        plain_crit, _, plain_worst = criterion(plain_per)
         harm = pool.y == 1
         print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}"
               f"{' erase=frame2' if args.erase else ''}: "
               f"crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
-              f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} | "
+              f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} "
+              f"[without AdvBench rows as opponents: crit {plain_crit:.3f} worst {plain_worst} "
+              f"{plain_per[plain_worst]:.3f}] | "
               + " ".join(f"{k}={v:.3f}/{flagged[k]:.2f}" for k, v in per.items()), flush=True)
 
 
-def family_aurocs(oof: np.ndarray, y: np.ndarray, family: np.ndarray) -> dict[str, float]:
+def family_aurocs(oof: np.ndarray, y: np.ndarray, family: np.ndarray, exclude: np.ndarray | None = None,
+                   ) -> dict[str, float]:
     """Per source family, the AUROC of out-of-fold scores: a one-label family against the other label's rows
-    outside it, a two-label family within itself."""
+    outside it (and outside ``exclude``), a two-label family within itself."""
     per = {}
+    other = ~exclude if exclude is not None else np.ones(len(y), bool)
     for g in sorted(set(family)):
         m = family == g
         labs = set(y[m].tolist())
         if labs == {1}:
-            per[g] = auroc(oof[m], oof[(y == 0) & ~m])
+            per[g] = auroc(oof[m], oof[(y == 0) & ~m & other])
         elif labs == {0}:
-            per[g] = auroc(oof[(y == 1) & ~m], oof[m])
+            per[g] = auroc(oof[(y == 1) & ~m & other], oof[m])
         else:
             per[g] = auroc(oof[m & (y == 1)], oof[m & (y == 0)])
     return per
