@@ -361,7 +361,7 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert res.exit_code == 2 and "no label column" in res.output
 
 
-def test_eval_compares_policies_on_the_same_rows(saved_tiny) -> None:
+def test_eval_compares_policies_on_the_same_rows(saved_tiny, monkeypatch) -> None:
     """Several --policy options: one result per policy, each equal to its own single-policy run; --rows writes a
     file per policy."""
     t = saved_tiny
@@ -379,9 +379,15 @@ def test_eval_compares_policies_on_the_same_rows(saved_tiny) -> None:
         assert {k: one[k] for k in ("auroc", "fpr", "tpr", "threshold")} == {k: b[k] for k in
                                                                             ("auroc", "fpr", "tpr", "threshold")}
     assert (t["tmp"] / "rows.toy.csv").is_file() and (t["tmp"] / "rows.toy.cal.csv").is_file()
+    from guardrails.cli.main import console
+
+    monkeypatch.setattr(console, "width", 60)  # a narrow terminal: the table must fold the names, not cut them
     table = _cli(["eval", "--data", test, "--model", str(t["model"]), "--policy", str(t["policy"]), "--policy",
                   str(out)])
     assert table.exit_code == 0 and "2 policies on" in table.output
+    # each row names its policy in full, folded in a narrow terminal rather than cut to "toy (toy…"
+    first_col = "".join(line.split("│")[1].strip() for line in table.output.splitlines() if line.startswith("│"))
+    assert "policytoy(toy.yaml)" in first_col and f"policytoy({out.name})" in first_col
 
 
 def test_fit_weights_on_one_file_warns_in_sample(saved_tiny) -> None:

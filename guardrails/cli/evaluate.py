@@ -197,14 +197,16 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(_json_safe(results[0] if len(results) == 1 else {"policies": results}),
                              ensure_ascii=False))
             return
-        from rich.table import Table
+        from rich.table import Column, Table
 
         cols = ("auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "f1", "fpr", "tpr")
         first = results[0]
         title = (f"{first['policy']} on {first['data']} ({first['n']} rows; score: {first['score']})"
                  if len(results) == 1 else f"{len(results)} policies on {first['data']} ({first['n']} rows; each "
                                            "at its own threshold)")
-        t = Table("detector", "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR", title=title)
+        # a narrow terminal folds a long policy name instead of cutting it ("harmful-req…" named two policies alike)
+        t = Table(Column("detector", overflow="fold"), "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR",
+                  title=title)
         names = [r["policy"] for r in results]
         # two policies of one name (a calibrated copy): the file tells them apart
         shown = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
