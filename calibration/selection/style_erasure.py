@@ -116,6 +116,18 @@ class Ensemble:
         return windowed_max(np.asarray(z / sum(self.weights), np.float32), s.offsets, WINDOW)
 
 
+def erased_sae(policy: Path, train: Set) -> Scorer:
+    """The policy's SAE-feature rule with its weights folded off the within-label frame directions of the train
+    split's mean-pooled SAE codes (dense afterwards)."""
+    sc = Scorer(policy)
+    part = sc.parts[0][1]
+    texts = [r["text"] for r in train.rows]
+    frame = opens_with(texts, frame_verbs(texts, train.sources))
+    basis = frame_basis(train.sae_pooled(part.sae, part.tag), frame, train.labels)
+    part.coef = fold_weights(part.coef, [basis])
+    return sc
+
+
 def fit_variant(pool: Pool, basis: dict[int, np.ndarray] | None, name: str, steps: int, alpha: float = 1.0) -> Probe:
     w = weights(pool.rows, pool.y, pool.sources)  # as maxwin.row_weights(pool, 1.0)
     x = pool.x.copy() if basis else pool.x
@@ -137,6 +149,9 @@ def main() -> None:
     ap.add_argument("--ensemble-sae", default="", help="also score each probe in an ensemble with this SAE-feature "
                     "policy's rule (the shipped harmful-requests' second member: policies/harmful-requests-sae.yaml)")
     ap.add_argument("--ensemble-weights", default="3,1", help="probe, SAE rule (the shipped 3:1)")
+    ap.add_argument("--erase-sae", action="store_true",
+                    help="also fold the SAE rule's weights off the frame directions of the train split's mean-pooled "
+                         "SAE codes (post hoc, not refitted: every feature gets a weight; a measurement only)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     pool = Pool(["requests.train", "wrapped.train"], LAYERS)
@@ -153,6 +168,9 @@ def main() -> None:
         if args.ensemble_sae:
             ew = tuple(float(t) for t in args.ensemble_weights.split(","))
             scorers.append(Ensemble(probe, Scorer(Path(args.ensemble_sae)), (ew[0], ew[1]), f"{v}+sae"))
+            if args.erase_sae:
+                scorers.append(Ensemble(probe, erased_sae(Path(args.ensemble_sae), train), (ew[0], ew[1]),
+                                        f"{v}+erased sae"))
         for sc in scorers:
             rep = report(sc)  # type: ignore[arg-type]
             results[sc.name] = rep
