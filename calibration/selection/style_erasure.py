@@ -20,6 +20,7 @@ Variants (``--variants``):
 - ``frame_harm`` / ``frame_benign``: only the harmful / benign rows' direction;
 - ``frame_cat``: the benign rows' direction and the harmful rows' taken within each hazard category (frame and
   other rows of one category), averaged over the categories weighted by their smaller side (the topic held fixed);
+- ``sources``: instead of the frame, every source's direction within each label (the sources' style, whatever it is);
 - ``VARIANT@ALPHA``: only the share ``ALPHA`` of the component removed (``frame2@0.5``);
 - ``forms``: ``frame2`` and, within the harmful rows, the hand-written forms' means (question, past, future,
   hypothetical, fiction, indirect, two-turn) against the train split's harmful mean (up to 9 directions a layer).
@@ -88,6 +89,10 @@ def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
                     per.append(mp[a].mean(0) - mp[b].mean(0))
                     n.append(min(a.sum(), b.sum()))
             vecs.append(np.average(np.stack(per), axis=0, weights=np.array(n, float))[:, None])
+        if variant == "sources":  # every source's within-label direction instead of the frame's
+            from guardrails.offline.erasure import invariance_basis
+
+            vecs = [invariance_basis(mp, src, y).astype(np.float64)]
         if variant == "forms":
             harm_mean = mp[y == 1].mean(0)
             vecs += [(mp[src == f"handwritten_harmful_{f}"].mean(0) - harm_mean)[:, None] for f in FORMS
@@ -159,9 +164,9 @@ def main() -> None:
     results = {}
     for v in args.variants.split(","):
         kind, _, a = v.partition("@")
-        if kind not in ("base", "frame2", "frame_harm", "frame_benign", "frame_cat", "forms"):
+        if kind not in ("base", "frame2", "frame_harm", "frame_benign", "frame_cat", "forms", "sources"):
             ap.error(f"--variants: unknown {v!r} "
-                     "(valid: base, frame2, frame_harm, frame_benign, frame_cat, forms; each with @ALPHA)")
+                     "(valid: base, frame2, frame_harm, frame_benign, frame_cat, forms, sources; each with @ALPHA)")
         basis = None if kind == "base" else directions(train, kind)
         probe = fit_variant(pool, basis, v, args.steps, float(a or 1.0))
         scorers: list[Probe | Ensemble] = [probe]
