@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,11 +36,13 @@ from sklearn.linear_model import LogisticRegression
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+from erasure import fold_weights, frame_basis, project_blocks  # noqa: E402
 from heldout import Scorer  # noqa: E402
 from maxwin import Pool, auroc, fit_sae, sae_tokens, score  # noqa: E402
 from responses_probe import FAMILIES, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
 from select_detectors import Set, load_sae, windowed_max  # noqa: E402
 
+MARKDOWN = re.compile(r"\*\*|^#{1,6}\s|^\s*\d+[.)]\s|^\s*[-*\u2022]\s", re.M)  # chat formatting (--erase-format)
 SLACK = (0.5, 1, 2, 3)  # the cap loosened by k request-SDs: it binds only on clearly benign requests
 KINDS = ("response", "request", "composite", "zsum", "zmin", *(f"zmin+{k}" for k in SLACK))
 
@@ -79,6 +82,9 @@ def main() -> None:
     ap.add_argument("--deflection-weight", type=float, default=1.0,
                     help="training weight multiplier of the blind sets' deflections (on-topic answers that do not "
                          "help: the false flags of the shipped head)")
+    ap.add_argument("--erase-format", action="store_true",
+                    help="fit the answer head on residuals projected off the within-label direction of chat "
+                         "formatting (answers with markdown: bold, headings, numbered or bulleted lists; erasure.py)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if bad := sorted(set(args.fit_without) - set(FAMILIES)):
@@ -112,7 +118,16 @@ def main() -> None:
         keep_t = np.isin(fam["train"], fit_fams) & fittable["train"]
         x, off, y, src = subset(pools["train"], keep_t)
         w = cell_weights(src, y) * np.where(kinds["train"][keep_t] == "deflection", args.deflection_weight, 1.0)
+        bases = []
+        if args.erase_format:  # the format directions of this fit's own training rows
+            train_set = pools["train"].sets[0]
+            fmt = np.array([bool(MARKDOWN.search(str(r.get("response", ""))[:400])) for r in train_set.rows])
+            bases = [frame_basis(train_set.mean_pooled(layer)[keep_t], fmt[keep_t], pools["train"].y[keep_t])
+                     for layer in args.layers]
+            project_blocks(x, bases)
         c, b = fit_head("maxwin", x, off, y, w, window=args.window, wd=args.wd)
+        if bases:
+            c = fold_weights(c, bases)
         keep_c = np.isin(fam["cal"], fit_fams) & fittable["cal"]
         cx, coff, cy, _ = subset(pools["cal"], keep_c)
         cr, cp = score(cx, coff, c, b, args.window), prompt["cal"][keep_c]
