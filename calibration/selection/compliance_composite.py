@@ -113,6 +113,10 @@ def main() -> None:
         return windowed_max(sae_tokens(v[t], ids[t], coef, bias), off, args.window)
 
     fittable = {s: ~np.isin(np.array(pools[s].sources), args.fit_without_source) for s in splits}
+    if args.erase_format:  # which train answers carry chat formatting, and their mean-pooled residuals per layer
+        train_set = pools["train"].sets[0]
+        fmt = np.array([bool(MARKDOWN.search(str(r.get("response", ""))[:400])) for r in train_set.rows])
+        pooled = {layer: train_set.mean_pooled(layer) for layer in args.layers}
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
         keep_t = np.isin(fam["train"], fit_fams) & fittable["train"]
@@ -120,9 +124,7 @@ def main() -> None:
         w = cell_weights(src, y) * np.where(kinds["train"][keep_t] == "deflection", args.deflection_weight, 1.0)
         bases = []
         if args.erase_format:  # the format directions of this fit's own training rows
-            train_set = pools["train"].sets[0]
-            fmt = np.array([bool(MARKDOWN.search(str(r.get("response", ""))[:400])) for r in train_set.rows])
-            bases = [frame_basis(train_set.mean_pooled(layer)[keep_t], fmt[keep_t], pools["train"].y[keep_t])
+            bases = [frame_basis(pooled[layer][keep_t], fmt[keep_t], pools["train"].y[keep_t])
                      for layer in args.layers]
             project_blocks(x, bases)
         c, b = fit_head("maxwin", x, off, y, w, window=args.window, wd=args.wd)

@@ -26,6 +26,13 @@ def opens_with(texts: Sequence[str], verbs: set[str]) -> np.ndarray:
     return np.array([bool(t.split()) and t.split()[0] in verbs for t in texts])
 
 
+def frame_rows(rows: Sequence[dict], sources: Sequence[str]) -> tuple[np.ndarray, set[str]]:  # type: ignore[type-arg]
+    """Which of a cached set's rows open with one of its AdvBench rows' frame verbs, and those verbs."""
+    texts = [r["text"] for r in rows]
+    verbs = frame_verbs(texts, sources)
+    return opens_with(texts, verbs), verbs
+
+
 def frame_basis(pooled: np.ndarray, frame: np.ndarray, y: np.ndarray, labels: Sequence[int] = (0, 1)) -> np.ndarray:
     """Orthonormal basis [d, k] of the within-label frame directions of the labels in ``labels`` (one each)."""
     keep = np.isin(y, list(labels))

@@ -125,9 +125,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
             if args.probe_anchor:
                 raise SystemExit("fit_shipped.py: --probe-erase does not go with --probe-anchor")
             plain = sets[list(TRAIN_SETS).index("requests.train")]
-            texts = [r["text"] for r in plain.rows]
-            verbs = erasure.frame_verbs(texts, plain.sources)
-            frame = erasure.opens_with(texts, verbs)
+            frame, verbs = erasure.frame_rows(plain.rows, plain.sources)
             bases = [erasure.frame_basis(plain.mean_pooled(layer), frame, plain.labels) for layer in layers]
             erasure.project_blocks(pool.x, bases)
             meta = {**meta, "erasure": "within-label frame directions of requests.train projected out (erasure.py)",

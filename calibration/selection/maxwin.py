@@ -136,8 +136,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
         raise SystemExit("maxwin.py: --erase needs --kind maxwin")
     plain = pool.sets[0]  # requests.train: the rows whose first word can open a frame (not the wrapped ones)
     n_plain = len(plain.rows)
-    texts = [r["text"] for r in plain.rows]
-    frame = erasure.opens_with(texts, erasure.frame_verbs(texts, plain.sources)) if args.erase else None
+    frame = erasure.frame_rows(plain.rows, plain.sources)[0] if args.erase else None
     plain_pooled = {layer: plain.mean_pooled(layer) for layer in args.layers} if args.erase else {}
     for wd in args.wd:
         oof = np.full(len(pool.y), np.nan)

@@ -23,8 +23,10 @@ four sources themselves are in-sample, so the leave-one-out fits give those.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +56,18 @@ class Probe:
         return windowed_max(self.tokens(s), s.offsets, WINDOW)
 
 
+@functools.cache
+def cal_set() -> Set:
+    """The cal split's cached residuals, loaded once per run."""
+    return Set("requests.cal")
+
+
+def cal_threshold(scorer: Any) -> float:
+    """A scorer's threshold at 3% FPR on the cal split's benign rows (its 97th percentile there)."""
+    cal = cal_set()
+    return float(np.quantile(scorer.rows(cal)[cal.labels == 0], 0.97))
+
+
 def fit_variant(pool: Pool, keep: np.ndarray, name: str) -> Probe:
     rows = [r for r, k in zip(pool.rows, keep, strict=True) if k]
     y = pool.y[keep]
@@ -62,8 +76,7 @@ def fit_variant(pool: Pool, keep: np.ndarray, name: str) -> Probe:
     x, off = pool.subset(keep)
     coef, bias = fit(x, off, y, w, window=WINDOW, wd=WD, steps=40)
     probe = Probe(coef, bias, name)
-    cal = Set("requests.cal")
-    probe.threshold = float(np.quantile(probe.rows(cal)[cal.labels == 0], 0.97))
+    probe.threshold = cal_threshold(probe)
     return probe
 
 

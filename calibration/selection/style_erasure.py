@@ -41,11 +41,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from erasure import fold_weights, frame_basis, frame_verbs, opens_with, project_blocks  # noqa: E402
+from erasure import fold_weights, frame_basis, frame_rows, project_blocks  # noqa: E402
 from heldout import Scorer, report  # noqa: E402
 from maxwin import Pool, fit  # noqa: E402
-from more_sources import Probe  # noqa: E402
+from more_sources import Probe, cal_set, cal_threshold  # noqa: E402
 from select_detectors import Set, weights, windowed_max  # noqa: E402
+
+from guardrails.offline.erasure import invariance_basis  # noqa: E402
 
 LAYERS = [18, 27]
 WINDOW, WD = 16, 1e-3
@@ -71,8 +73,7 @@ KEYS = {  # report rows printed (heldout.report's names)
 
 def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
     """Per layer an orthonormal basis [d, k] of the form directions to erase."""
-    texts = [r["text"] for r in train.rows]
-    frame = opens_with(texts, frame_verbs(texts, train.sources))
+    frame = frame_rows(train.rows, train.sources)[0]
     y = train.labels
     src = np.array(train.sources)
     cat = np.array([str(r.get("category", "")) for r in train.rows])
@@ -80,7 +81,9 @@ def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
     out = {}
     for layer in LAYERS:
         mp = train.mean_pooled(layer).astype(np.float64)
-        vecs = [frame_basis(mp, frame, y, labs).astype(np.float64)]
+        # "sources": every source's within-label direction instead of the frame's
+        basis = invariance_basis(mp, src, y) if variant == "sources" else frame_basis(mp, frame, y, labs)
+        vecs = [basis.astype(np.float64)]
         if variant == "frame_cat":  # the harmful rows' direction within each hazard category, averaged (topic held)
             per, n = [], []
             for c in sorted(set(cat[y == 1])):
@@ -89,10 +92,6 @@ def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
                     per.append(mp[a].mean(0) - mp[b].mean(0))
                     n.append(min(a.sum(), b.sum()))
             vecs.append(np.average(np.stack(per), axis=0, weights=np.array(n, float))[:, None])
-        if variant == "sources":  # every source's within-label direction instead of the frame's
-            from guardrails.offline.erasure import invariance_basis
-
-            vecs = [invariance_basis(mp, src, y).astype(np.float64)]
         if variant == "forms":
             harm_mean = mp[y == 1].mean(0)
             vecs += [(mp[src == f"handwritten_harmful_{f}"].mean(0) - harm_mean)[:, None] for f in FORMS
@@ -109,11 +108,10 @@ class Ensemble:
 
     def __init__(self, probe: Probe, sae: Scorer, weights: tuple[float, float], name: str) -> None:
         self.probe, self.sae, self.weights, self.name, self.window = probe, sae, weights, name, WINDOW
-        cal = Set("requests.cal")
+        cal = cal_set()
         neg = cal.labels == 0
         self.stats = [(float(r[neg].mean()), float(r[neg].std())) for r in (probe.rows(cal), sae.rows(cal))]
-        self.threshold = 0.0
-        self.threshold = float(np.quantile(self.rows(cal)[neg], 0.97))
+        self.threshold = cal_threshold(self)
 
     def rows(self, s: Set) -> np.ndarray:
         toks = (self.probe.tokens(s), self.sae.tokens(s))
@@ -126,9 +124,7 @@ def erased_sae(policy: Path, train: Set) -> Scorer:
     split's mean-pooled SAE codes (dense afterwards)."""
     sc = Scorer(policy)
     part = sc.parts[0][1]
-    texts = [r["text"] for r in train.rows]
-    frame = opens_with(texts, frame_verbs(texts, train.sources))
-    basis = frame_basis(train.sae_pooled(part.sae, part.tag), frame, train.labels)
+    basis = frame_basis(train.sae_pooled(part.sae, part.tag), frame_rows(train.rows, train.sources)[0], train.labels)
     part.coef = fold_weights(part.coef, [basis])
     return sc
 
@@ -142,8 +138,7 @@ def fit_variant(pool: Pool, basis: dict[int, np.ndarray] | None, name: str, step
     if basis:  # fold the projection into the weights: w . (P h) = (P w) . h (P symmetric, also for alpha < 1)
         coef = fold_weights(coef, [basis[layer] for layer in LAYERS], alpha)
     probe = Probe(coef, bias, name)  # more_sources.py's: the same layers (18 + 27) and window (16)
-    cal = Set("requests.cal")
-    probe.threshold = float(np.quantile(probe.rows(cal)[cal.labels == 0], 0.97))
+    probe.threshold = cal_threshold(probe)
     return probe
 
 

@@ -110,4 +110,8 @@ def project_rows(rows: Sequence[torch.Tensor], basis: np.ndarray) -> list[torch.
     import torch
 
     u = torch.from_numpy(np.ascontiguousarray(basis, np.float32))
-    return [r.float().cpu() - (r.float().cpu() @ u) @ u.T for r in rows]
+    out = []
+    for r in rows:
+        x = r.float().cpu()
+        out.append(x - (x @ u) @ u.T)
+    return out
