@@ -28,7 +28,8 @@ def shared() -> dict[str, Any]:
     return {"lm": lm, "tok": tok}
 
 
-@pytest.mark.parametrize("name", ["harmful-compliance", "harmful-requests", "harmful-requests-formfree"])
+@pytest.mark.parametrize("name", ["harmful-compliance", "harmful-requests", "harmful-requests-formfree",
+                                  "harmful-requests-paired"])
 def test_scan_equals_generation_on_shipped_policy(shared: dict[str, Any], name: str) -> None:
     tok = shared["tok"]
     pol = Policy.from_path(REPO / "policies" / f"{name}.yaml")
