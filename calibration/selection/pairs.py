@@ -37,7 +37,7 @@ from heldout import Scorer, report  # noqa: E402
 from maxwin import Pool, fit  # noqa: E402
 from more_sources import Probe, cal_set, cal_threshold  # noqa: E402
 from select_detectors import Set, weights, windowed_max  # noqa: E402
-from style_erasure import KEYS, Ensemble, directions  # noqa: E402
+from style_erasure import Ensemble, directions, print_report  # noqa: E402
 
 LAYERS = [18, 27]
 WINDOW, WD = 16, 1e-3
@@ -107,6 +107,9 @@ def main() -> None:
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"--variants: unknown {v!r} (valid: {', '.join(VARIANTS)})")
+    if args.mix and (not args.ensemble_sae or len(args.mix.split(",")) != len(args.variants.split(",")) + 1):
+        ap.error("--mix: needs --ensemble-sae and one weight per variant, then the SAE rule's "
+                 f"({len(args.variants.split(',')) + 1} numbers for --variants {args.variants})")
     torch.set_num_threads(2)
     pool = Pool(["requests.train", "wrapped.train"], LAYERS)
     train = Set("requests.train")
@@ -132,12 +135,7 @@ def main() -> None:
         for sc in scorers:
             rep = report(sc)  # type: ignore[arg-type]
             results[sc.name] = rep
-            print(f"== {sc.name}: threshold {sc.threshold:.4f}", flush=True)
-            for key, label in KEYS.items():
-                if key in rep:
-                    r = rep[key]
-                    extra = f" auroc {r['auroc']:.3f}" if "auroc" in r else ""
-                    print(f"  {label:22s} n={r['n']:<4} fired {r['blocked']:.3f}{extra}", flush=True)
+            print_report(sc.name, sc.threshold, rep)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
 

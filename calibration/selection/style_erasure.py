@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,16 @@ KEYS = {  # report rows printed (heldout.report's names)
     "held-out benign sources": "held-out benign",
     "benign requests in AdvBench's frames (held out whole)": "benign frames",
 }
+
+
+def print_report(name: str, threshold: float, rep: dict[str, dict[str, object]]) -> None:
+    """The report rows named in ``KEYS``: n, share fired and (for harmful sets) AUROC."""
+    print(f"== {name}: threshold {threshold:.4f}", flush=True)
+    for key, label in KEYS.items():
+        if key in rep:
+            r: dict[str, Any] = rep[key]
+            extra = f" auroc {r['auroc']:.3f}" if "auroc" in r else ""
+            print(f"  {label:22s} n={r['n']:<4} fired {r['blocked']:.3f}{extra}", flush=True)
 
 
 def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
@@ -175,12 +186,7 @@ def main() -> None:
             rep = report(sc)  # type: ignore[arg-type]
             results[sc.name] = rep
             k = "" if basis is None else f", {basis[LAYERS[0]].shape[1]} directions a layer erased"
-            print(f"== {sc.name}{k}: threshold {sc.threshold:.4f}", flush=True)
-            for key, label in KEYS.items():
-                if key in rep:
-                    r = rep[key]
-                    extra = f" auroc {r['auroc']:.3f}" if "auroc" in r else ""
-                    print(f"  {label:22s} n={r['n']:<4} fired {r['blocked']:.3f}{extra}", flush=True)
+            print_report(f"{sc.name}{k}", sc.threshold, rep)
     print("all report rows:", flush=True)
     for key in next(iter(results.values())):
         cells = []
