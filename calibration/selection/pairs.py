@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,25 @@ from style_erasure import Ensemble, directions, print_report  # noqa: E402
 LAYERS = [18, 27]
 WINDOW, WD = 16, 1e-3
 PAIRS = ("handwritten_pairs_harmful", "handwritten_pairs_contrast")
-VARIANTS = ("without", "with", "harm", "twins", "with+frame2", "half")
+VARIANTS = ("without", "with", "harm", "twins", "with+frame2", "half", "no-history")
+# "no-history": the pairs whose benign twin asks about the past ("How did ...", "Back in the 1990s ...", "... during
+# ...") left out, both rows: a diagnostic of why the tense rephrasings lose (measured, never a candidate to ship)
+HISTORY = re.compile(r"\b(did|was|were|used to|back in|in the (19|18|20)\d0s|during|historically|history)\b", re.I)
 
 
 def keep_mask(pool: Pool, variant: str) -> np.ndarray:
     src = np.array(pool.sources)
     if variant in ("with", "with+frame2", "half"):
         return np.ones(len(src), bool)
+    if variant == "no-history":  # the pairs as written (the split files are sorted): each harmful row, then its twin
+        drop = set()
+        for f in sorted((HERE.parents[1] / "calibration" / "handwritten").glob("train_pairs_*.tsv")):
+            rows = [ln.split("\t")[2] for ln in f.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and not ln.startswith("#")]
+            for harm, twin in zip(rows[::2], rows[1::2], strict=True):
+                if HISTORY.search(twin):
+                    drop |= {" ".join(harm.split()), " ".join(twin.split())}
+        return np.array([str(r["text"]) not in drop for r in pool.rows])
     drop = {"without": PAIRS, "harm": PAIRS[1:], "twins": PAIRS[:1]}[variant]
     return ~np.isin(src, drop)
 
