@@ -33,6 +33,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from erasure import fold_weights, project_blocks  # noqa: E402
 from heldout import HELD_OUT_HARMFUL, report  # noqa: E402
 from maxwin import Pool, fit  # noqa: E402
 from select_detectors import Set, weights, windowed_max  # noqa: E402
@@ -68,13 +69,23 @@ def cal_threshold(scorer: Any) -> float:
     return float(np.quantile(scorer.rows(cal)[cal.labels == 0], 0.97))
 
 
-def fit_variant(pool: Pool, keep: np.ndarray, name: str) -> Probe:
+def fit_variant(pool: Pool, keep: np.ndarray, name: str, *, basis: list[np.ndarray] | None = None, steps: int = 40,
+                alpha: float = 1.0, scale: np.ndarray | None = None) -> Probe:
+    """The shipped probe recipe on the kept rows of ``pool``, thresholded at 3% cal FPR. ``basis`` (one per layer):
+    fitted on residuals projected off it and folded back, ``w . (P h) = (P w) . h`` (``erasure.py``; ``alpha`` < 1:
+    only that share of the component); ``scale``: a multiplier of each kept row's selection weight."""
     rows = [r for r, k in zip(pool.rows, keep, strict=True) if k]
     y = pool.y[keep]
     src = [s for s, k in zip(pool.sources, keep, strict=True) if k]
     w = weights(rows, y, src)  # as maxwin.row_weights(pool, 1.0): source caps, form independent of label
-    x, off = pool.subset(keep)
-    coef, bias = fit(x, off, y, w, window=WINDOW, wd=WD, steps=40)
+    if scale is not None:
+        w = w * scale
+    x, off = pool.subset(keep)  # a copy: projecting it leaves the pool as it is
+    if basis:
+        project_blocks(x, basis, alpha)
+    coef, bias = fit(x, off, y, w, window=WINDOW, wd=WD, steps=steps)
+    if basis:
+        coef = fold_weights(coef, basis, alpha)
     probe = Probe(coef, bias, name)
     probe.threshold = cal_threshold(probe)
     return probe

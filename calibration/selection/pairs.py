@@ -26,19 +26,18 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from erasure import fold_weights, project_blocks  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # build_data.py (the pair files' reader)
 from heldout import Scorer, report  # noqa: E402
-from maxwin import Pool, fit  # noqa: E402
-from more_sources import Probe, cal_set, cal_threshold  # noqa: E402
-from select_detectors import Set, weights, windowed_max  # noqa: E402
-from style_erasure import Ensemble, directions, print_report  # noqa: E402
+from maxwin import Pool  # noqa: E402
+from more_sources import Probe, fit_variant  # noqa: E402
+from select_detectors import Set  # noqa: E402
+from style_erasure import Ensemble, Mix, directions, print_report  # noqa: E402
 
 LAYERS = [18, 27]
 WINDOW, WD = 16, 1e-3
@@ -54,56 +53,28 @@ def keep_mask(pool: Pool, variant: str) -> np.ndarray:
     if variant in ("with", "with+frame2", "half"):
         return np.ones(len(src), bool)
     if variant == "no-history":  # the pairs as written (the split files are sorted): each harmful row, then its twin
+        from build_data import HANDWRITTEN_DIR, read_tsv, tidy
+
         drop = set()
-        for f in sorted((HERE.parents[1] / "calibration" / "handwritten").glob("train_pairs_*.tsv")):
-            rows = [ln.split("\t")[2] for ln in f.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and not ln.startswith("#")]
-            for harm, twin in zip(rows[::2], rows[1::2], strict=True):
+        for f in sorted(HANDWRITTEN_DIR.glob("train_pairs_*.tsv")):
+            texts = [tidy(text) for _cat, _kind, text in read_tsv(f, 3)]
+            for harm, twin in zip(texts[::2], texts[1::2], strict=True):
                 if HISTORY.search(twin):
-                    drop |= {" ".join(harm.split()), " ".join(twin.split())}
+                    drop |= {harm, twin}
         return np.array([str(r["text"]) not in drop for r in pool.rows])
     drop = {"without": PAIRS, "harm": PAIRS[1:], "twins": PAIRS[:1]}[variant]
     return ~np.isin(src, drop)
 
 
-def fit_variant(pool: Pool, train: Set, variant: str, steps: int) -> Probe:
+def fit_pairs_variant(pool: Pool, train: Set, variant: str, steps: int) -> Probe:
     keep = keep_mask(pool, variant)
-    rows = [r for r, k in zip(pool.rows, keep, strict=True) if k]
-    src = [s for s, k in zip(pool.sources, keep, strict=True) if k]
-    y = pool.y[keep]
-    x, off = pool.subset(keep)
+    src = np.array(pool.sources)[keep]
     basis = None
     if variant.endswith("+frame2"):
-        basis = directions(train, "frame2")  # over the whole train split (the pairs' frame rows included)
-        x = x.copy()
-        project_blocks(x, [basis[layer] for layer in LAYERS])
-    w = weights(rows, y, src)
-    if variant == "half":  # the pair rows at half their selection weight
-        w = np.where(np.isin(np.array(src), PAIRS), 0.5 * w, w)
-    coef, bias = fit(x, off, y, w, window=WINDOW, wd=WD, steps=steps)
-    if basis is not None:
-        coef = fold_weights(coef, [basis[layer] for layer in LAYERS])
-    probe = Probe(coef, bias, variant)
-    probe.threshold = cal_threshold(probe)
-    return probe
-
-
-class Mix:
-    """Several scorers' token scores, each standardised by its served row scores on the cal split's benign rows,
-    weighted and averaged per token, then the window (the engine's ensemble arithmetic, as ``style_erasure.Ensemble``
-    for two members); threshold at 3% FPR on the same rows."""
-
-    def __init__(self, members: list[Any], weights: list[float], name: str) -> None:
-        self.members, self.weights, self.name, self.window = members, weights, name, WINDOW
-        cal = cal_set()
-        neg = cal.labels == 0
-        self.stats = [(float(r[neg].mean()), float(r[neg].std())) for r in (m.rows(cal) for m in members)]
-        self.threshold = cal_threshold(self)
-
-    def rows(self, s: Set) -> np.ndarray:
-        z = sum(w * (m.tokens(s) - mu) / sd
-                for w, m, (mu, sd) in zip(self.weights, self.members, self.stats, strict=True))
-        return windowed_max(np.asarray(z / sum(self.weights), np.float32), s.offsets, WINDOW)
+        frame2 = directions(train, "frame2")  # over the whole train split (the pairs' frame rows included)
+        basis = [frame2[layer] for layer in LAYERS]
+    scale = np.where(np.isin(src, PAIRS), 0.5, 1.0) if variant == "half" else None  # pair rows at half weight
+    return fit_variant(pool, keep, variant, basis=basis, steps=steps, scale=scale)
 
 
 def main() -> None:
@@ -140,7 +111,7 @@ def main() -> None:
             mw = [float(t) for t in args.mix.split(",")]
             scorers.append(Mix([*probes, Scorer(Path(args.ensemble_sae))], mw, "mix " + args.mix))
         else:
-            probe = fit_variant(pool, train, v, args.steps)
+            probe = fit_pairs_variant(pool, train, v, args.steps)
             probes.append(probe)
             scorers.append(probe)
             if args.ensemble_sae:

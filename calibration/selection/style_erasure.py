@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from erasure import fold_weights, frame_basis, frame_rows, project_blocks  # noqa: E402
+from erasure import fold_weights, frame_basis, frame_rows  # noqa: E402
 from heldout import Scorer, report  # noqa: E402
-from maxwin import Pool, fit  # noqa: E402
-from more_sources import Probe, cal_set, cal_threshold  # noqa: E402
-from select_detectors import Set, weights, windowed_max  # noqa: E402
+from maxwin import Pool  # noqa: E402
+from more_sources import Probe, cal_set, cal_threshold, fit_variant  # noqa: E402
+from select_detectors import Set, windowed_max  # noqa: E402
 
 from guardrails.offline.erasure import invariance_basis  # noqa: E402
 
@@ -112,22 +113,29 @@ def directions(train: Set, variant: str) -> dict[int, np.ndarray]:
     return out
 
 
-class Ensemble:
-    """The shipped ensemble's arithmetic (``guardrails.core.detectors.detector_parts``) over a fitted probe and a
-    shipped SAE-feature rule: each member's token score standardised by its served row scores on the cal split's
-    benign rows, weighted, averaged per token, then the window; threshold at 3% FPR on the same rows."""
+class Mix:
+    """The shipped ensemble's arithmetic (``guardrails.core.detectors.detector_parts``) over scorers with token
+    scores (fitted probes, shipped rules): each member's token score standardised by its served row scores on the cal
+    split's benign rows, weighted, averaged per token, then the window; threshold at 3% FPR on the same rows."""
 
-    def __init__(self, probe: Probe, sae: Scorer, weights: tuple[float, float], name: str) -> None:
-        self.probe, self.sae, self.weights, self.name, self.window = probe, sae, weights, name, WINDOW
+    def __init__(self, members: Sequence[Any], weights: Sequence[float], name: str) -> None:
+        self.members, self.weights, self.name, self.window = list(members), list(weights), name, WINDOW
         cal = cal_set()
         neg = cal.labels == 0
-        self.stats = [(float(r[neg].mean()), float(r[neg].std())) for r in (probe.rows(cal), sae.rows(cal))]
+        self.stats = [(float(r[neg].mean()), float(r[neg].std())) for r in (m.rows(cal) for m in self.members)]
         self.threshold = cal_threshold(self)
 
     def rows(self, s: Set) -> np.ndarray:
-        toks = (self.probe.tokens(s), self.sae.tokens(s))
-        z = sum(w * (t - m) / sd for w, t, (m, sd) in zip(self.weights, toks, self.stats, strict=True))
+        z = sum(w * (m.tokens(s) - mu) / sd
+                for w, m, (mu, sd) in zip(self.weights, self.members, self.stats, strict=True))
         return windowed_max(np.asarray(z / sum(self.weights), np.float32), s.offsets, WINDOW)
+
+
+class Ensemble(Mix):
+    """A fitted probe and a shipped SAE-feature rule, as the shipped two-member ensemble."""
+
+    def __init__(self, probe: Probe, sae: Scorer, weights: tuple[float, float], name: str) -> None:
+        super().__init__([probe, sae], weights, name)
 
 
 def erased_sae(policy: Path, train: Set) -> Scorer:
@@ -138,19 +146,6 @@ def erased_sae(policy: Path, train: Set) -> Scorer:
     basis = frame_basis(train.sae_pooled(part.sae, part.tag), frame_rows(train.rows, train.sources)[0], train.labels)
     part.coef = fold_weights(part.coef, [basis])
     return sc
-
-
-def fit_variant(pool: Pool, basis: dict[int, np.ndarray] | None, name: str, steps: int, alpha: float = 1.0) -> Probe:
-    w = weights(pool.rows, pool.y, pool.sources)  # as maxwin.row_weights(pool, 1.0)
-    x = pool.x.copy() if basis else pool.x
-    if basis:
-        project_blocks(x, [basis[layer] for layer in LAYERS], alpha)
-    coef, bias = fit(x, pool.offsets, pool.y, w, window=WINDOW, wd=WD, steps=steps)
-    if basis:  # fold the projection into the weights: w . (P h) = (P w) . h (P symmetric, also for alpha < 1)
-        coef = fold_weights(coef, [basis[layer] for layer in LAYERS], alpha)
-    probe = Probe(coef, bias, name)  # more_sources.py's: the same layers (18 + 27) and window (16)
-    probe.threshold = cal_threshold(probe)
-    return probe
 
 
 def main() -> None:
@@ -174,7 +169,8 @@ def main() -> None:
             ap.error(f"--variants: unknown {v!r} "
                      "(valid: base, frame2, frame_harm, frame_benign, frame_cat, forms, sources; each with @ALPHA)")
         basis = None if kind == "base" else directions(train, kind)
-        probe = fit_variant(pool, basis, v, args.steps, float(a or 1.0))
+        probe = fit_variant(pool, np.ones(len(pool.y), bool), v, steps=args.steps, alpha=float(a or 1.0),
+                            basis=None if basis is None else [basis[layer] for layer in LAYERS])
         scorers: list[Probe | Ensemble] = [probe]
         if args.ensemble_sae:
             ew = tuple(float(t) for t in args.ensemble_weights.split(","))
