@@ -928,6 +928,31 @@ def blind_responses(src: Sources) -> list[ResponseRow]:
     return out
 
 
+# Hand-written training answers (v0.3.7): per harmful request a harmful answer (non-operational) and a deflection or
+# a refusal, per topic-matched benign twin a helpful answer, in the formats and voices of chat models (markdown,
+# tables, code skeletons, role-play, disclaimers followed by compliance); four files written by helper sessions that
+# saw no evaluation row. Train split only (a row whose prompt also occurs in a held-out source is dropped), added
+# after every other response row; ``--without-train-answers`` builds v0.3.6's response splits.
+TRAIN_ANSWERS = "handwritten_train_answers"
+
+
+def train_answers(src: Sources) -> list[ResponseRow]:
+    """The rows of ``calibration/handwritten/train_answers_*.tsv`` (a literal backslash-n in a reply is a line
+    break), replies cut like every response source's."""
+    out = []
+    for path in sorted(HANDWRITTEN_DIR.glob("train_answers_*.tsv")):
+        src.paths[TRAIN_ANSWERS].append(f"calibration/handwritten/{path.name} (this repo)")
+        for kind, cat, prompt, response in read_tsv(path, 4):
+            if kind not in BLIND_RESPONSE_LABELS or cat not in CATEGORIES:
+                raise ValueError(f"{path.name}: kind {kind!r} / category {cat!r} (valid kinds: "
+                                 f"{', '.join(BLIND_RESPONSE_LABELS)}; categories: {', '.join(CATEGORIES)})")
+            reply = "\n".join(line.rstrip() for line in response.replace("\\n", "\n").split("\n")).strip()
+            if len(reply) > MAX_RESPONSE_CHARS:
+                reply = reply[:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
+            out.append(ResponseRow(tidy(prompt), reply, BLIND_RESPONSE_LABELS[kind], TRAIN_ANSWERS))
+    return out
+
+
 MODEL_ANSWERS = HERE / "generated" / "bundled_answers.jsonl"  # calibration/build_model_answers.py
 
 
@@ -1285,6 +1310,11 @@ def main() -> None:
     for rr in responses:
         split = "test" if rr.source in HELD_OUT or norm(rr.prompt) in forced_test else split_of(rr.prompt)
         resp_split[split].append(rr)
+    if "--without-train-answers" not in sys.argv[1:]:  # train only, after every other row (v0.3.7)
+        seen_answers = {(norm(r.prompt), norm(r.response)) for s in SPLITS for r in resp_split[s]}
+        elsewhere = forced_test | {norm(r.prompt) for s in ("cal", "test") for r in resp_split[s]}
+        resp_split["train"] += [rr for rr in train_answers(src) if norm(rr.prompt) not in elsewhere
+                                and (norm(rr.prompt), norm(rr.response)) not in seen_answers]
 
     # ---- jailbreak templates wrapping harmful and benign requests of the same split. pyrit templates
     # split by name (train/cal/test); walledeval templates not also in pyrit are a held-out family.
@@ -1640,7 +1670,7 @@ def _license(source: str) -> tuple[str, str]:
     if source.startswith("bundled_answers_"):
         return LICENSES["bundled_answers"]
     hand = ("handwritten_harmful_", "handwritten_contrast_", "handwritten_blind_", "handwritten_short_",
-            "handwritten_pairs_", "blind_responses_", FRAMES)
+            "handwritten_pairs_", "blind_responses_", TRAIN_ANSWERS, FRAMES)
     if source.startswith(hand) or source in (
         "handwritten_harmful_answers", "handwritten_refusals", "handwritten_harmless_answers"
     ):

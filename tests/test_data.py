@@ -94,6 +94,29 @@ def test_bundled_model_answers_are_labelled_by_refusal() -> None:
     assert all(re.fullmatch(r"bundled_answers_(plain|prefill|refusal)", r["source"]) for r in train)
 
 
+def test_handwritten_training_answers_are_train_only_and_labelled_by_kind() -> None:
+    """calibration/handwritten/train_answers_*.tsv (v0.3.7): each row parses (kind, category, prompt, reply), both
+    labels and every kind occur, and their rows are in the response train split only, labelled by kind (a harmful
+    answer 1; a refusal, a deflection or a helpful answer to a benign twin 0), with the file's line breaks."""
+    hw = ROOT / "calibration" / "handwritten"
+    labels = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "harmless_answer": 0}
+    expected: dict[tuple[str, str], int] = {}
+    for path in sorted(hw.glob("train_answers_*.tsv")):
+        for ln in path.read_text(encoding="utf-8").splitlines():
+            if not ln.strip() or ln.startswith("#"):
+                continue
+            kind, cat, prompt, reply = ln.split("\t")
+            assert kind in labels and cat in CATEGORIES and prompt.strip() and reply.strip(), (path.name, ln[:80])
+            expected[(_key(prompt), reply.replace("\\n", "\n").splitlines()[0].strip())] = labels[kind]
+    assert len(expected) >= 500 and set(expected.values()) == {0, 1}
+    got = {s: [r for r in _rows(f"responses.{s}.jsonl") if r["source"] == "handwritten_train_answers"] for s in SPLITS}
+    assert not got["cal"] and not got["test"]
+    assert len(got["train"]) >= 500
+    for r in got["train"]:
+        assert expected[(_key(r["prompt"]), r["response"].splitlines()[0].strip())] == r["label"], r
+    assert any("\n" in r["response"] for r in got["train"])  # markdown answers keep their line breaks
+
+
 def _calibrated_rules() -> Iterator[tuple[str, Any, Any, dict[str, Any]]]:
     """Each calibrated rule of each shipped policy: ``(where, policy, rule, record)``, the record read from
     the file the policy's calibration entry names (and checked to agree with the entry and the rule)."""

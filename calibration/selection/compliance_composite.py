@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from erasure import fold_weights, frame_basis, project_blocks  # noqa: E402
 from heldout import Scorer  # noqa: E402
 from maxwin import Pool, auroc, fit_sae, sae_tokens, score  # noqa: E402
-from responses_probe import FAMILIES, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
+from responses_probe import FAMILIES, FIT_ONLY, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
 from select_detectors import Set, load_sae, windowed_max  # noqa: E402
 
 MARKDOWN = re.compile(r"\*\*|^#{1,6}\s|^\s*\d+[.)]\s|^\s*[-*\u2022]\s", re.M)  # chat formatting (--erase-format)
@@ -69,8 +69,9 @@ def main() -> None:
     ap.add_argument("--request-rule", default="harmful-request",
                     help="the request policy's input rule (default: the shipped gate rule of harmful-compliance)")
     ap.add_argument("--fit-without", default="", type=lambda v: [f for f in v.split(",") if f],
-                    help=f"families never fitted on (scored as held out all the same; of {', '.join(FAMILIES)}): "
-                         "'blind' gives the fits before v0.3.0's blind answer sets")
+                    help="families never fitted on (scored as held out all the same; of "
+                         f"{', '.join((*FAMILIES, *FIT_ONLY))}): 'blind' gives the fits before v0.3.0's blind answer "
+                         "sets, 'train_answers' before v0.3.7's hand-written training answers")
     ap.add_argument("--fit-without-source", default="", type=lambda v: [f for f in v.split(",") if f],
                     help="sources never fitted on (their family's held-out fold still scores them): "
                          "'blind_responses_4' gives the fits before v0.3.1's fourth blind answer set")
@@ -82,13 +83,18 @@ def main() -> None:
     ap.add_argument("--deflection-weight", type=float, default=1.0,
                     help="training weight multiplier of the blind sets' deflections (on-topic answers that do not "
                          "help: the false flags of the shipped head)")
+    ap.add_argument("--family-weight", default="", type=lambda v: dict(
+                        (k, float(w)) for k, _, w in (kv.partition("=") for kv in v.split(",") if kv)),
+                    help="training weight multipliers per family, e.g. 'train_answers=2' (default 1 each; rows are "
+                         "first weighted equally per (source, label) cell)")
     ap.add_argument("--erase-format", action="store_true",
                     help="fit the answer head on residuals projected off the within-label direction of chat "
                          "formatting (answers with markdown: bold, headings, numbered or bulleted lists; erasure.py)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if bad := sorted(set(args.fit_without) - set(FAMILIES)):
-        ap.error(f"--fit-without: unknown families {bad} (valid: {', '.join(FAMILIES)})")
+    if bad := sorted((set(args.fit_without) | set(args.family_weight)) - set(FAMILIES) - set(FIT_ONLY)):
+        valid = ", ".join((*FAMILIES, *FIT_ONLY))
+        ap.error(f"--fit-without / --family-weight: unknown families {bad} (valid: {valid})")
     torch.set_num_threads(2)
     req = Scorer(Path(args.request_policy), rule=args.request_rule)
     splits = ("train", "cal", "test")
@@ -118,10 +124,11 @@ def main() -> None:
         fmt = np.array([bool(MARKDOWN.search(str(r.get("response", ""))[:400])) for r in train_set.rows])
         pooled = {layer: train_set.mean_pooled(layer) for layer in args.layers}
     for held in (*FAMILIES, *HELD):
-        fit_fams = [f for f in FAMILIES if f != held and f not in args.fit_without]
+        fit_fams = [f for f in (*FAMILIES, *FIT_ONLY) if f != held and f not in args.fit_without]
         keep_t = np.isin(fam["train"], fit_fams) & fittable["train"]
         x, off, y, src = subset(pools["train"], keep_t)
         w = cell_weights(src, y) * np.where(kinds["train"][keep_t] == "deflection", args.deflection_weight, 1.0)
+        w = w * np.array([args.family_weight.get(f, 1.0) for f in fam["train"][keep_t]])
         bases = []
         if args.erase_format:  # the format directions of this fit's own training rows
             bases = [frame_basis(pooled[layer][keep_t], fmt[keep_t], pools["train"].y[keep_t])

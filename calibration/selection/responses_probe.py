@@ -4,7 +4,8 @@
 Families: ``pyrit`` (human-rated pyrit answers), ``handwritten`` (this repo's answers and refusals),
 ``bundled`` (the bundled model's own answers, ``calibration/build_model_answers.py``), ``blind`` (the blind
 hand-written answer sets 1 and 2 of v0.3.0); the pyrit many-shot answers (LLM-judged labels) and blind sets 3
-(v0.3.0) and 4 (v0.3.1) are held out of every fit. For each candidate (layer, detector, window) and each family
+(v0.3.0) and 4 (v0.3.1) are held out of every fit; v0.3.7's hand-written training answers (train split only) are
+in every fit and never scored. For each candidate (layer, detector, window) and each family
 F: fit on the *train* split of the other families (equal weight per (source, label) cell), threshold at 3% FPR on
 their *cal* split, then score every row of F (all splits); the held-out families are scored by the fit on every
 family (as shipped).
@@ -32,6 +33,8 @@ MANY_SHOT = "pyrit_many_shot_llm_judged"
 BLIND3, BLIND4 = "blind_responses_3", "blind_responses_4"
 FAMILIES = ("pyrit", "handwritten", "bundled", "blind")
 HELD = ("many_shot", "blind3", "blind4")  # held out of every fit: scored by the fit on all the families
+TRAIN_ANSWERS = "handwritten_train_answers"  # v0.3.7's hand-written training answers: train split only
+FIT_ONLY = ("train_answers",)  # fitted on in every fold, never scored (no cal or test rows)
 
 
 def family(source: str) -> str:
@@ -39,6 +42,8 @@ def family(source: str) -> str:
         return "many_shot"
     if source in (BLIND3, BLIND4):  # held out whole (v0.3.0, v0.3.1)
         return "blind3" if source == BLIND3 else "blind4"
+    if source == TRAIN_ANSWERS:
+        return "train_answers"
     if source.startswith("blind_responses"):  # the blind hand-written sets 1 and 2 (v0.3.0)
         return "blind"
     if source.startswith("handwritten"):
@@ -94,7 +99,7 @@ def main() -> None:
         for kind in args.kinds:
             per: dict[int, dict[str, dict[str, float]]] = {w: {} for w in args.windows}
             for held in (*FAMILIES, *HELD):  # HELD: test-only families, scored by the fit on every family
-                fit_fams = [f for f in FAMILIES if f != held]
+                fit_fams = [f for f in (*FAMILIES, *FIT_ONLY) if f != held]
                 x, off, y, src = subset(tr, np.isin(fam["tr"], fit_fams))
                 c, b = fit_head(kind, x, off, y, cell_weights(src, y))  # the head does not depend on W
                 cx, coff, cy, _ = subset(ca, np.isin(fam["ca"], fit_fams))
