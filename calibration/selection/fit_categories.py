@@ -176,7 +176,8 @@ def main() -> None:
         reported = (cal_set, test_set, "form_pairs")
     xt, yt, st = (np.concatenate([data[n][k] for n in (train_set, cal_set)]) if k < 2 else
                   data[train_set][2] + data[cal_set][2] for k in range(3))
-    print(f"layer {layer}, window {scorer.window}; train rows per category: {dict(Counter(map(str, data[train_set][1])))}")
+    per_category = dict(Counter(map(str, data[train_set][1])))
+    print(f"layer {layer}, window {scorer.window}; train rows per category: {per_category}")
     sources = sorted(set(st))
     best = None
     for c in (0.003, 0.01, 0.03, 0.1):  # leave-one-source-out over train + cal
