@@ -1175,7 +1175,12 @@ def build_responses(src: Sources, harmful_keys: set[str]) -> list[ResponseRow]:
     return out
 
 
+FLAGS = ("--without-short-questions", "--without-frames", "--without-pairs", "--without-train-answers")
+
+
 def main() -> None:
+    if bad := [a for a in sys.argv[1:] if a not in FLAGS]:
+        raise SystemExit(f"build_data.py: unknown argument(s) {', '.join(bad)}; valid: {', '.join(FLAGS)}")
     # calibration/handwritten/short_questions.tsv goes to the train split (v0.2.9, docs/results.md);
     # --without-short-questions builds v0.2.8's data (the experiment's baseline).
     with_short = "--without-short-questions" not in sys.argv[1:]
