@@ -916,17 +916,31 @@ BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "ha
 BLIND_RESPONSE_SETS = (1, 2, 3, 4)
 
 
+def answer_file(path: Path) -> list[tuple[int, str, str]]:
+    """A hand-written answer file's rows (``kind<TAB>category<TAB>prompt<TAB>response``, kinds as
+    ``BLIND_RESPONSE_LABELS``) as ``(label, prompt, response)``, each kind and category checked."""
+    out = []
+    for kind, cat, prompt, response in read_tsv(path, 4):
+        if kind not in BLIND_RESPONSE_LABELS or cat not in CATEGORIES:
+            raise ValueError(f"{path.name}: kind {kind!r} / category {cat!r} (valid kinds: "
+                             f"{', '.join(BLIND_RESPONSE_LABELS)}; categories: {', '.join(CATEGORIES)})")
+        out.append((BLIND_RESPONSE_LABELS[kind], prompt, response))
+    return out
+
+
+def cut_response(text: str) -> str:
+    """A response cut to ``MAX_RESPONSE_CHARS`` at a word boundary (shorter ones unchanged)."""
+    return text if len(text) <= MAX_RESPONSE_CHARS else text[:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
+
+
 def blind_responses(src: Sources) -> list[ResponseRow]:
     out = []
     for n in BLIND_RESPONSE_SETS:
         path = HANDWRITTEN_DIR / f"responses_blind_{n}.tsv"
         source = f"blind_responses_{n}"
         src.paths[source] = [f"calibration/handwritten/responses_blind_{n}.tsv (this repo)"]
-        for kind, cat, prompt, response in read_tsv(path, 4):
-            if kind not in BLIND_RESPONSE_LABELS or cat not in CATEGORIES:
-                raise ValueError(f"{path.name}: kind {kind!r} / category {cat!r} (valid kinds: "
-                                 f"{', '.join(BLIND_RESPONSE_LABELS)}; categories: {', '.join(CATEGORIES)})")
-            out.append(ResponseRow(tidy(prompt), response.strip(), BLIND_RESPONSE_LABELS[kind], source))
+        out += [ResponseRow(tidy(prompt), response.strip(), label, source)
+                for label, prompt, response in answer_file(path)]
     return out
 
 
@@ -944,14 +958,9 @@ def train_answers(src: Sources) -> list[ResponseRow]:
     out = []
     for path in sorted(HANDWRITTEN_DIR.glob("train_answers_*.tsv")):
         src.paths[TRAIN_ANSWERS].append(f"calibration/handwritten/{path.name} (this repo)")
-        for kind, cat, prompt, response in read_tsv(path, 4):
-            if kind not in BLIND_RESPONSE_LABELS or cat not in CATEGORIES:
-                raise ValueError(f"{path.name}: kind {kind!r} / category {cat!r} (valid kinds: "
-                                 f"{', '.join(BLIND_RESPONSE_LABELS)}; categories: {', '.join(CATEGORIES)})")
+        for label, prompt, response in answer_file(path):
             reply = "\n".join(line.rstrip() for line in response.replace("\\n", "\n").split("\n")).strip()
-            if len(reply) > MAX_RESPONSE_CHARS:
-                reply = reply[:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
-            out.append(ResponseRow(tidy(prompt), reply, BLIND_RESPONSE_LABELS[kind], TRAIN_ANSWERS))
+            out.append(ResponseRow(tidy(prompt), cut_response(reply), label, TRAIN_ANSWERS))
     return out
 
 
@@ -1161,11 +1170,7 @@ def build_responses(src: Sources, harmful_keys: set[str]) -> list[ResponseRow]:
     # truncate long responses, dedupe on (prompt, response); drop pairs with conflicting labels
     grouped: dict[tuple[str, str], list[ResponseRow]] = defaultdict(list)
     for rr in rows:
-        resp = (
-            rr.response
-            if len(rr.response) <= MAX_RESPONSE_CHARS
-            else rr.response[:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
-        )
+        resp = cut_response(rr.response)
         if rr.prompt and resp:
             grouped[(norm(rr.prompt), norm(resp))].append(ResponseRow(rr.prompt, resp, rr.label, rr.source))
     out = []

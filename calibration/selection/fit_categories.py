@@ -88,23 +88,20 @@ def answer_categories(s: Set) -> list[str | None]:
     own column (blind sets, training answers, ``responses.tsv``), else the category of the same prompt in the request
     data (the bundled model's answers and the many-shot answers answer requests of those sources); pyrit's
     answers have none and are left out."""
-    from build_data import BLIND_RESPONSE_SETS, HANDWRITTEN_DIR, read_tsv, tidy
-
-    def key(text: str) -> str:
-        return " ".join(tidy(text).lower().split())
+    from build_data import BLIND_RESPONSE_SETS, HANDWRITTEN_DIR, norm, read_tsv
 
     by_prompt: dict[str, str] = {}
     for split in ("train", "cal", "test"):
         for line in (ROOT / "calibration" / "data" / f"harmful_requests.{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             if int(r["label"]) == 1 and r.get("category"):
-                by_prompt.setdefault(key(r["text"]), r["category"])
+                by_prompt.setdefault(norm(r["text"]), r["category"])
     blind = [HANDWRITTEN_DIR / f"responses_blind_{n}.tsv" for n in BLIND_RESPONSE_SETS]
     files = [HANDWRITTEN_DIR / "responses.tsv", *blind, *sorted(HANDWRITTEN_DIR.glob("train_answers_*.tsv"))]
     for path in files:  # the writers' own categories win
         for _kind, cat, prompt, _reply in read_tsv(path, 4):
-            by_prompt[key(prompt)] = cat
-    return [by_prompt.get(key(r["prompt"])) for r in s.rows]
+            by_prompt[norm(prompt)] = cat
+    return [by_prompt.get(norm(r["prompt"])) for r in s.rows]
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -207,9 +204,9 @@ def main() -> None:
     for n in reported:
         x, y, _ = data[n]
         metrics[n] = report(n, y, *predict(w, b, x), args.min_prob)  # type: ignore[assignment]
-    x, y, _ = data[reported[-1] if output else "form_pairs"]
+    x, y, _ = data[reported[-1]]  # the form pairs; --scope output: the many-shot answers
     pred, _ = predict(w, b, x)
-    print(f"{reported[-1] if output else 'form pairs'} by category (accuracy):",
+    print(f"{reported[-1]} by category (accuracy):",
           {c: round(float(np.mean(pred[y == c] == c)), 2) for c in LABELS if (y == c).any()})
     if not args.write:
         return

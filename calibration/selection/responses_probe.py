@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build_data import TRAIN_ANSWERS  # v0.3.7's hand-written training answers: train split only
 from maxwin import Pool, auroc, fit, score
 from select_detectors import fit_probe
 
@@ -33,7 +35,6 @@ MANY_SHOT = "pyrit_many_shot_llm_judged"
 BLIND3, BLIND4 = "blind_responses_3", "blind_responses_4"
 FAMILIES = ("pyrit", "handwritten", "bundled", "blind")
 HELD = ("many_shot", "blind3", "blind4")  # held out of every fit: scored by the fit on all the families
-TRAIN_ANSWERS = "handwritten_train_answers"  # v0.3.7's hand-written training answers: train split only
 FIT_ONLY = ("train_answers",)  # fitted on in every fold, never scored (no cal or test rows)
 
 
