@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "calibration" / "data"
 LAYERS = (9, 12, 15, 18, 21)
-MAX_RESPONSE_CHARS = 400
+MAX_RESPONSE_CHARS = 400  # responses.<split>: replies cut here; responses_full.<split>: whole replies
 RESERVED_SAMPLE = 150  # rows per reserved tense file (evaluation only; never fitted on)
 
 
@@ -84,6 +84,8 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
             if len(r["response"]) > MAX_RESPONSE_CHARS:
                 r["response"] = r["response"][:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
         out[f"responses.{s}"] = (rows, "output")
+        # whole answers (the data files cut them at 2000 characters), as the shipped rule is calibrated and served
+        out[f"responses_full.{s}"] = (read(DATA / f"responses.{s}.jsonl"), "output")
         # the same rows' prompts alone, scored as the input rules score them (the request score of an answer)
         out[f"responses_prompts.{s}"] = ([{"text": r["prompt"], "label": int(r["label"]), "source": r["source"]}
                                           for r in rows], "input")

@@ -23,15 +23,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compliance_heldout import gated  # noqa: E402
 from maxwin import auroc  # noqa: E402
-from responses_probe import HELD, family  # noqa: E402
+from responses_probe import CUTS, HELD, family  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
 from guardrails.core.policy import Policy  # noqa: E402
 
 
-def scores(path: Path) -> np.ndarray:
+def scores(path: Path, cut: str = "cut") -> np.ndarray:
     rule = next(r for r in Policy.from_path(path).rules if r.scope == "output")
-    return gated(path, rule, "test")
+    return gated(path, rule, "test", cut)
 
 
 def compare(a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
@@ -53,14 +53,16 @@ def main() -> None:
     ap.add_argument("policy_a", type=Path, help="the baseline output policy")
     ap.add_argument("policy_b", type=Path, help="the policy compared with it")
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--score-on", choices=tuple(CUTS), default="cut",
+                    help="replies cut to 400 characters (the caches up to v0.3.7) or 'whole' (as served)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     for p in (args.policy_a, args.policy_b):
         if not p.is_file():
             ap.error(f"{p}: no such policy file")
-    test = Set("responses.test")
+    test = Set(f"{CUTS[args.score_on]}.test")
     y, src = test.labels, np.array(test.sources)
-    a, b = scores(args.policy_a), scores(args.policy_b)
+    a, b = scores(args.policy_a, args.score_on), scores(args.policy_b, args.score_on)
     held = np.isin([family(s) for s in src], HELD)
     groups = {"test split": np.ones(len(y), bool), "held-out sources pooled": held}
     for s in sorted(set(src)):
@@ -76,6 +78,7 @@ def main() -> None:
               f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]", flush=True)
     if args.json:
         doc = {"policy_a": args.policy_a.name, "policy_b": args.policy_b.name, "resamples": args.resamples,
+               "score_on": args.score_on,
                "groups": out}
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 

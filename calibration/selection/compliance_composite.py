@@ -13,7 +13,7 @@ on the other families' *train* split, as shipped; thresholds at 3% FPR on their 
     python calibration/selection/collect.py --layers=12,15,18 responses.train responses.cal responses.test \
         responses_prompts.train responses_prompts.cal responses_prompts.test
     python calibration/selection/compliance_composite.py [--layers 12,18] [--fit-without blind]
-        [--fit-without-source blind_responses_4] [--json out.json]
+        [--fit-without-source blind_responses_4] [--fit-on cut|whole] [--score-on cut|whole] [--json out.json]
 
 Families as ``responses_probe.py`` (since v0.3.0 with the blind hand-written answer sets: ``blind``, sets 1 and
 2, one of the left-out families; ``blind3`` and, since v0.3.1, ``blind4`` held out of every fit like the many-shot
@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from erasure import fold_weights, frame_basis, project_blocks  # noqa: E402
 from heldout import Scorer  # noqa: E402
 from maxwin import Pool, auroc, fit_sae, sae_tokens, score  # noqa: E402
-from responses_probe import FAMILIES, FIT_ONLY, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
+from responses_probe import CUTS, FAMILIES, FIT_ONLY, HELD, cell_weights, family, fit_head, rates, subset  # noqa: E402
 from select_detectors import Set, load_sae, windowed_max  # noqa: E402
 
 MARKDOWN = re.compile(r"\*\*|^#{1,6}\s|^\s*\d+[.)]\s|^\s*[-*\u2022]\s", re.M)  # chat formatting (--erase-format)
@@ -90,6 +90,11 @@ def main() -> None:
     ap.add_argument("--erase-format", action="store_true",
                     help="fit the answer head on residuals projected off the within-label direction of chat "
                          "formatting (answers with markdown: bold, headings, numbered or bulleted lists; erasure.py)")
+    ap.add_argument("--fit-on", choices=tuple(CUTS), default="cut",
+                    help="the replies the answer head is fitted on: 'cut' to 400 characters (responses.<split>, the "
+                         "fits up to v0.3.7) or 'whole' (responses_full.<split>: as served, up to 2000 characters)")
+    ap.add_argument("--score-on", choices=tuple(CUTS), default="cut",
+                    help="the replies scored (cal thresholds, held-out families): 'cut' or 'whole' (as served)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if bad := sorted((set(args.fit_without) | set(args.family_weight)) - set(FAMILIES) - set(FIT_ONLY)):
@@ -98,7 +103,10 @@ def main() -> None:
     torch.set_num_threads(2)
     req = Scorer(Path(args.request_policy), rule=args.request_rule)
     splits = ("train", "cal", "test")
-    pools = {s: Pool([f"responses.{s}"], args.layers) for s in splits}
+    pools = {s: Pool([f"{CUTS[args.score_on]}.{s}"], args.layers) for s in splits}  # scored
+    fitp = pools["train"] if args.fit_on == args.score_on else Pool([f"{CUTS[args.fit_on]}.train"], args.layers)
+    if fitp.sources != pools["train"].sources:
+        sys.exit("compliance_composite.py: the cut and whole response caches hold other rows: collect.py them again")
     prompt = {s: req.rows(Set(f"responses_prompts.{s}")) for s in splits}
     fam = {s: np.array([family(x) for x in pools[s].sources]) for s in splits}
     out: dict[str, dict[str, object]] = {}
@@ -107,10 +115,11 @@ def main() -> None:
     if args.sae_n:
         sae, tag = load_sae()
         codes = {s: pools[s].sets[0].sae_codes(sae, tag) for s in splits}
+        fit_codes = fitp.sets[0].sae_codes(sae, tag)
 
     def sae_head(keep: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
-        t, off = pools["train"].tokens(keep)
-        v, ids = codes["train"]
+        t, off = fitp.tokens(keep)
+        v, ids = fit_codes
         return fit_sae(v[t], ids[t], off, y, w, sae.d_sae, window=args.window, n_features=args.sae_n)
 
     def sae_score(split: str, keep: np.ndarray, coef: np.ndarray, bias: float) -> np.ndarray:
@@ -120,18 +129,18 @@ def main() -> None:
 
     fittable = {s: ~np.isin(np.array(pools[s].sources), args.fit_without_source) for s in splits}
     if args.erase_format:  # which train answers carry chat formatting, and their mean-pooled residuals per layer
-        train_set = pools["train"].sets[0]
+        train_set = fitp.sets[0]
         fmt = np.array([bool(MARKDOWN.search(str(r.get("response", ""))[:400])) for r in train_set.rows])
         pooled = {layer: train_set.mean_pooled(layer) for layer in args.layers}
     for held in (*FAMILIES, *HELD):
         fit_fams = [f for f in (*FAMILIES, *FIT_ONLY) if f != held and f not in args.fit_without]
         keep_t = np.isin(fam["train"], fit_fams) & fittable["train"]
-        x, off, y, src = subset(pools["train"], keep_t)
+        x, off, y, src = subset(fitp, keep_t)
         w = cell_weights(src, y) * np.where(kinds["train"][keep_t] == "deflection", args.deflection_weight, 1.0)
         w = w * np.array([args.family_weight.get(f, 1.0) for f in fam["train"][keep_t]])
         bases = []
         if args.erase_format:  # the format directions of this fit's own training rows
-            bases = [frame_basis(pooled[layer][keep_t], fmt[keep_t], pools["train"].y[keep_t])
+            bases = [frame_basis(pooled[layer][keep_t], fmt[keep_t], fitp.y[keep_t])
                      for layer in args.layers]
             project_blocks(x, bases)
         c, b = fit_head("maxwin", x, off, y, w, window=args.window, wd=args.wd)
@@ -201,7 +210,7 @@ def main() -> None:
         doc = {"families": out, "criterion": crit, "chosen": best, "slack": slack, "layers": args.layers,
                "window": args.window, "request_policy": Path(args.request_policy).name,
                "request_rule": args.request_rule, "fit_without": args.fit_without,
-               "fit_without_source": args.fit_without_source}
+               "fit_without_source": args.fit_without_source, "fit_on": args.fit_on, "score_on": args.score_on}
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 

@@ -27,9 +27,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compliance_composite import blind_kinds  # noqa: E402
+from fit_categories import firing_windows  # noqa: E402
 from heldout import Scorer  # noqa: E402
 from maxwin import auroc  # noqa: E402
-from responses_probe import HELD, family  # noqa: E402
+from responses_probe import CUTS, HELD, family  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
 from guardrails.core.policy import Policy, Rule  # noqa: E402
@@ -41,12 +42,30 @@ from build_data import BLIND_RESPONSE_SETS  # noqa: E402
 BLIND_SOURCES = tuple(f"blind_responses_{n}" for n in BLIND_RESPONSE_SETS)
 
 
-def gated(pol_path: Path, rule: Rule, split: str) -> np.ndarray:
-    own = Scorer(pol_path, rule=rule.id).rows(Set(f"responses.{split}"))
+def cap(pol_path: Path, rule: Rule, split: str) -> np.ndarray | None:
+    """Per row of ``split``: the gate's cap on the answer score (``scale * request score + offset``, fixed by the
+    prompt before the answer starts), or None for an ungated rule."""
     if rule.gate is None:
-        return own
+        return None
     req = Scorer(pol_path, rule=rule.gate.rule).rows(Set(f"responses_prompts.{split}"))
-    return np.minimum(own, rule.gate.scale * req + rule.gate.offset)
+    return np.asarray(rule.gate.scale * req + rule.gate.offset)
+
+
+def gated(pol_path: Path, rule: Rule, split: str, cut: str = "cut") -> np.ndarray:
+    """The output rule's score of the cached response rows of ``split`` (``cut``: replies cut to 400 characters;
+    ``whole``: as served), gated by its request rule's score of their prompts where the policy says so."""
+    own = Scorer(pol_path, rule=rule.id).rows(Set(f"{CUTS[cut]}.{split}"))
+    c = cap(pol_path, rule, split)
+    return own if c is None else np.minimum(own, c)
+
+
+def trip_tokens(pol_path: Path, rule: Rule, split: str, cut: str, thr: float) -> np.ndarray:
+    """Per row: how many reply tokens the guard has read when the rule first reaches ``thr`` while streaming (the
+    end of ``fit_categories.firing_windows``' deciding window). Meaningful for the rows whose gated score reaches
+    ``thr`` (the gate's cap is fixed before the answer starts, so it trips where the answer score does)."""
+    scorer, data = Scorer(pol_path, rule=rule.id), Set(f"{CUTS[cut]}.{split}")
+    spans = firing_windows(scorer.tokens(data), data.offsets, scorer.window, thr)
+    return np.array([end - start for (_, end), start in zip(spans, data.offsets[:-1], strict=True)])
 
 
 def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float | int | None]:
@@ -56,11 +75,11 @@ def rates(s: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float | int | N
             "fpr": round(float(np.mean(neg >= thr)), 4) if len(neg) else None, "n": len(y)}
 
 
-def report(pol_path: Path) -> dict[str, object]:
+def report(pol_path: Path, cut: str = "cut") -> dict[str, object]:
     rule = next(r for r in Policy.from_path(pol_path).rules if r.scope == "output")
-    cal, test = Set("responses.cal"), Set("responses.test")
-    thr = fit_threshold(gated(pol_path, rule, "cal"), cal.labels, target_fpr=0.03)
-    s, y = gated(pol_path, rule, "test"), test.labels
+    cal, test = Set(f"{CUTS[cut]}.cal"), Set(f"{CUTS[cut]}.test")
+    thr = fit_threshold(gated(pol_path, rule, "cal", cut), cal.labels, target_fpr=0.03)
+    s, y = gated(pol_path, rule, "test", cut), test.labels
     src = np.array(test.sources)
     hk = blind_kinds(test.rows)
     out: dict[str, object] = {"threshold_float32": round(thr, 4), "test": rates(s, y, thr)}
@@ -71,6 +90,11 @@ def report(pol_path: Path) -> dict[str, object]:
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
     out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}
+    trip = trip_tokens(pol_path, rule, "test", cut, thr)[(y == 1) & (s >= thr)]  # the flagged harmful answers
+    lens = np.diff(test.offsets)[(y == 1) & (s >= thr)]
+    out["tokens_read_when_tripped"] = {"median": float(np.median(trip)), "p90": float(np.quantile(trip, 0.9)),
+                                       "median_share_of_reply": round(float(np.median(trip / lens)), 4),
+                                       "n": len(trip)}
     for so in BLIND_SOURCES:
         m = src == so
         out[f"{so}_by_kind"] = {str(k): round(float(np.mean(s[m & (hk == k)] >= thr)), 4)
@@ -81,12 +105,15 @@ def report(pol_path: Path) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policy", type=Path, action="append", required=True)
+    ap.add_argument("--score-on", choices=tuple(CUTS), default="cut",
+                    help="replies cut to 400 characters (the caches up to v0.3.7) or 'whole' (as served)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    doc = {p.name: report(p) for p in args.policy}
+    doc = {p.name: report(p, args.score_on) for p in args.policy}
     for name, r in doc.items():
         print(f"== {name}: threshold (3% cal FPR, float32 caches) {r['threshold_float32']}")
-        for key in ("test", "test_blocked_above", "test_without_held_out_sources", "held_out_sources_pooled"):
+        for key in ("test", "test_blocked_above", "test_without_held_out_sources", "held_out_sources_pooled",
+                    "tokens_read_when_tripped"):
             if key not in r:
                 continue
             print(f"  {key:32s} {r[key]}")

@@ -157,7 +157,7 @@ def main() -> None:
     out = (args.out or (OUTPUT_OUT if output else OUT)).resolve()
     scorer = Scorer(policy)
     layer = scorer.layer
-    kind = "responses" if output else "requests"
+    kind = "responses_full" if output else "requests"  # answers whole, as served (v0.3.8; v0.3.7: the first 400 chars)
     train_set, cal_set, test_set = (f"{kind}.{s_}" for s_ in ("train", "cal", "test"))
     if output:
         data = {}

@@ -208,12 +208,12 @@ def fit_sae_rule(args, sets, y, w, sae, tag) -> None:  # type: ignore[no-untyped
 def fit_compliance() -> None:
     """Output guard: the configuration ``responses_probe.py`` chose by leave-one-family-out (its JSON,
     ``benchmarks/results/compliance_selection.json``), fitted on the whole train split of the response
-    caches (``collect.py``: replies cut to 400 characters; every family but the held-out many-shot
-    answers; equal total weight per (source, label) cell). The threshold is then fitted on the cal split
-    by ``guardrails calibrate --max-response-chars 400`` (docs/results.md)."""
+    caches (``collect.py``: replies cut to 400 characters, or whole since v0.3.8 where the gated run's JSON says
+    ``"fit_on": "whole"``; every family but the held-out many-shot answers; equal total weight per (source, label)
+    cell). The threshold is then fitted on the cal split by ``guardrails calibrate`` (docs/results.md)."""
     import maxwin
     import torch
-    from responses_probe import FAMILIES, MANY_SHOT, cell_weights, fit_head, subset
+    from responses_probe import CUTS, FAMILIES, MANY_SHOT, cell_weights, fit_head, subset
 
     torch.set_num_threads(2)
     sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_selection.json").read_text())["best"]
@@ -226,18 +226,20 @@ def fit_compliance() -> None:
         layer, kind, window = layers[-1], "maxwin", int(gated.get("window", window))
         sel = {"layer": layer, "kind": kind, "window": window, "criterion": gated["criterion"][gated["chosen"]],
                "worst": min(gated["families"][f][gated["chosen"]]["auroc"] for f in FAMILIES)}
-    pool = maxwin.Pool(["responses.train"], layers)
+    fit_on = str(gated.get("fit_on", "cut"))
+    chars = "400" if fit_on == "cut" else "2000"
+    pool = maxwin.Pool([f"{CUTS[fit_on]}.train"], layers)
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
-    coef, b = fit_head(kind, x, off, y, cell_weights(src, y))  # exactly the head the selection scored
+    coef, b = fit_head(kind, x, off, y, cell_weights(src, y), window=window)  # exactly the head the selection scored
     coef, extra = maxwin.split_layers(coef, layers)
     how = ("ridge C=0.1 on mean-pooled replies" if kind == "ridge"
-           else "logistic loss on the served max-of-rolling-means score (W16), L2 0.01")
+           else f"logistic loss on the served max-of-rolling-means score (W{window}), L2 0.01")
     digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()
     path = ROOT / "calibration" / "probes" / "harmful-compliance-probe.safetensors"
     save_linear(path, coef, b, {"method": "probe", "layer": str(layer),
                                 "train": "calibration/data/responses.train.jsonl", "train_sha256": digest,
-                                "max_response_chars": "400", "objective": how,
+                                "max_response_chars": chars, "objective": how,
                                 "row_weights": "equal per (source, label)",
                                 "layers": ",".join(map(str, layers)),
                                 "selection": json.dumps({k: sel[k] for k in ("layer", "kind", "window", "criterion",
@@ -250,7 +252,7 @@ def fit_compliance() -> None:
     where = f"layer-{layer} residuals" if len(layers) == 1 else \
         f"the residuals of layers {' + '.join(map(str, layers))} (one term per layer, summed per token)"
     desc = (f"Linear probe on {where} of response tokens (highest mean over {window} tokens), "
-            f"fitted on calibration/data/responses.train.jsonl ({how}; replies cut to 400 characters, equal "
+            f"fitted on calibration/data/responses.train.jsonl ({how}; replies cut to {chars} characters, equal "
             "weight per source and label); detector and window chosen by leave-one-family-out CV "
             "(calibration/selection/responses_probe.py), the layers with the gate (compliance_composite.py)")
     new = rule.model_copy(update={"detector": det, "description": desc})
@@ -269,7 +271,7 @@ def fit_compliance_gate() -> None:
     scale * mean_request + k * sd_answer``. The
     threshold is then fitted on the cal split by ``guardrails calibrate --rule harmful-compliance``."""
     from heldout import Scorer
-    from responses_probe import MANY_SHOT
+    from responses_probe import CUTS, MANY_SHOT
 
     from guardrails.core.policy import Gate
     from guardrails.offline.scoring import gate_from_scores
@@ -279,9 +281,10 @@ def fit_compliance_gate() -> None:
     # harmful-requests-probe.yaml has since moved to another probe file and threshold
     answers = Scorer(pol_path, rule="harmful-compliance")
     request = Scorer(pol_path, rule="harmful-request")
-    cal, prompts = Set("responses.cal"), Set("responses_prompts.cal")
+    sel = json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())
+    cal, prompts = Set(f"{CUTS[sel.get('score_on', 'cut')]}.cal"), Set("responses_prompts.cal")
     keep = np.array([s != MANY_SHOT for s in cal.sources])
-    slack = float(json.loads((ROOT / "benchmarks" / "results" / "compliance_gate.json").read_text())["slack"])
+    slack = float(sel["slack"])
     scale, offset = gate_from_scores(answers.rows(cal)[keep], request.rows(prompts)[keep], cal.labels[keep], slack)
     pol = Policy.from_path(pol_path)
     comp = next(x for x in pol.rules if x.id == "harmful-compliance")

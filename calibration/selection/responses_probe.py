@@ -35,6 +35,7 @@ MANY_SHOT = "pyrit_many_shot_llm_judged"
 BLIND3, BLIND4 = "blind_responses_3", "blind_responses_4"
 FAMILIES = ("pyrit", "handwritten", "bundled", "blind")
 HELD = ("many_shot", "blind3", "blind4")  # held out of every fit: scored by the fit on all the families
+CUTS = {"cut": "responses", "whole": "responses_full"}  # collect.py's response caches: replies cut to 400, whole
 FIT_ONLY = ("train_answers",)  # fitted on in every fold, never scored (no cal or test rows)
 
 
