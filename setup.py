@@ -25,4 +25,8 @@ class DataOnly(build_py):
         return [] if package in DATA else super().find_package_modules(package, package_dir)
 
 
-setup(packages=[*find_packages(include=["guardrails*"]), *DATA], package_dir=DATA, cmdclass={"build_py": DataOnly})
+# the bundled SAE's folders hold data only (no __init__.py): named here so setuptools does not warn that they would be
+# left out (their files travel by pyproject's package-data "assets/**/*" either way)
+ASSETS = ["guardrails.assets", "guardrails.assets.sae"]
+setup(packages=[*find_packages(include=["guardrails*"]), *ASSETS, *DATA], package_dir=DATA,
+      cmdclass={"build_py": DataOnly})
