@@ -114,6 +114,42 @@ def test_the_category_reads_the_tokens_up_to_the_decision(lm: Any, tok: Any, tmp
     assert max(positions) > 2, positions  # the mean really spans several tokens somewhere
 
 
+def _output_policy(tmp: Path, reads: str) -> Policy:
+    """An output rule that fires on the first generated token, with a category head reading ``reads``."""
+    save_linear(tmp / "probe.safetensors", (torch.ones(HIDDEN) * 0.01).numpy(), 0.0)
+    rule = {"id": "r", "scope": "output", "threshold": -1e9, "action": "flag",
+            "detector": {"kind": "linear", "layer": LAYER, "weights": "probe.safetensors"},
+            "categories": {"weights": "h.safetensors", "reads": reads}}
+    (tmp / "out.yaml").write_text(yaml.safe_dump({"name": "cats-out", "rules": [rule]}))
+    return Policy.from_path(tmp / "out.yaml")
+
+
+def test_an_output_rule_reading_the_prompt_names_the_requests_category(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """``reads: prompt``: the answer's decision names the argmax of the head's mean logit over the prompt's scored
+    tokens (by hand below), in generation and in a scan of the same prompt and answer."""
+    w = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0))
+    _head(tmp_path / "h.safetensors", w, torch.zeros(3), ["a", "b", "c"])
+    g = GuardedModel(lm("llama"), tok, _output_policy(tmp_path, "prompt"))
+    model = lm("llama")
+    wants = []
+    for p in PROMPTS:
+        r = g.generate(p, max_new_tokens=2, chat=False)
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hs = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        want = ["a", "b", "c"][int((hs[1:] @ w.T).mean(0).argmax())]  # position 0 is never scored (attention sink)
+        assert [(d.rule, d.category) for d in r.decisions] == [("r", want)]
+        scan = g.score([p], responses=[r.text], chat=False)[0]
+        assert [d.category for d in scan.decisions if d.rule == "r"] == [want]
+        wants.append(want)
+    assert len(set(wants)) > 1, wants  # the head really depends on the prompt
+    with pytest.raises(PolicyError, match=r"categories\.reads: 'prompt' names an answer by its request, for output "
+                                          r"rules; this rule's scope is 'input' \(valid here: reads: scored\)"):
+        _policy(tmp_path, {"weights": "h.safetensors", "reads": "prompt"})
+    with pytest.raises(PolicyError, match=r"categories\.reads"):
+        _policy(tmp_path, {"weights": "h.safetensors", "reads": "answer"})
+
+
 @pytest.mark.parametrize(("head", "message"), [
     ("nolabels", "metadata 'labels'"),
     ("shape", "needs 'weight' (2, 64) and 'bias' (2,)"),
@@ -137,7 +173,7 @@ def test_schema_checks_actions_and_rebases_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="min_prob"):
         _policy(tmp_path, {"weights": "h.safetensors", "min_prob": 1.5})
     with pytest.raises(PolicyError, match=r"rules\[0\]\.categories\.weightz: unknown key 'weightz'; valid: weights, "
-                                          r"min_prob, actions"):
+                                          r"min_prob, actions, reads"):
         _policy(tmp_path, {"weightz": "h.safetensors"})
     pol = _policy(tmp_path, {"weights": "h.safetensors"})
     moved = pol.rebased(tmp_path / "elsewhere")

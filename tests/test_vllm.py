@@ -420,7 +420,7 @@ def test_steering_changes_only_the_flagged_request(guard: Any, hf: dict[str, Any
 @pytest.mark.model
 def test_gated_output_rule_matches_hf(guard: Any, hf: dict[str, Any]) -> None:
     """The shipped harmful-compliance policy: its answer rule capped by the request rule's prompt score
-    (``rules[].gate``), across chunked prefill and decode exactly as the HF path caps it."""
+    (``rules[].gate``), across chunked prefill and decode exactly as the HF path caps it, and named by its request."""
     prompts = [BENIGN[0], HARMFUL]
     got = guard.generate(prompts, max_new_tokens=N_NEW, policy="harmful-compliance")
     ref = hf["compliance"].generate(prompts, max_new_tokens=N_NEW)
@@ -429,6 +429,8 @@ def test_gated_output_rule_matches_hf(guard: Any, hf: dict[str, Any]) -> None:
         _same_decisions(g.decisions, r.decisions)
         _same_scores(g.token_scores, r.token_scores)
     assert got[1].token_scores["harmful-request"] and got[1].token_scores["harmful-compliance"]
+    # its category head reads the request (categories.reads: prompt), prefilled in chunks inside vLLM
+    assert [d.category for d in got[1].decisions if d.rule == "harmful-compliance"] == ["cyber"]
 
 
 @needs_vllm

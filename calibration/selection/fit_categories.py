@@ -69,16 +69,21 @@ def firing_windows(tok: np.ndarray, offsets: np.ndarray, window: int, threshold:
     return spans
 
 
-def features(scorer: Scorer, s: Set, layer: int,
-             categories: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def features(scorer: Scorer, s: Set, layer: int, categories: list[str | None] | None = None,
+             prompts: Set | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The harmful rows' mean residuals at ``layer`` over every token up to the deciding one (as the engine's head
-    reads them), their categories (``categories``, else each row's own) and sources."""
+    reads them; with ``prompts``, the cached prompts of the same rows, over their tokens instead: ``reads: prompt``),
+    their categories (``categories``, else each row's own) and sources."""
     x = s.x(layer)
     cats = categories if categories is not None else [r.get("category") for r in s.rows]
     spans = firing_windows(scorer.tokens(s), s.offsets, scorer.window, scorer.threshold)
     keep = [i for i, r in enumerate(s.rows) if int(r["label"]) == 1 and cats[i] in LABELS
             and spans[i][1] > spans[i][0]]
     # every token the rule scored up to the deciding one, as the engine's head reads them
+    if prompts is not None:  # reads: prompt (the request's tokens, as the input rules score them)
+        px = prompts.x(layer)
+        xs = np.stack([px[prompts.offsets[i]:prompts.offsets[i + 1]].mean(0) for i in keep]).astype(np.float32)
+        return xs, np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
     xs = np.stack([x[s.offsets[i]:spans[i][1]].mean(0) for i in keep]).astype(np.float32)
     return xs, np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
 
@@ -151,8 +156,13 @@ def main() -> None:
                          f"{OUTPUT_POLICY.name})")
     ap.add_argument("--out", type=Path, default=None, help=f"the head's file (default: {OUT.name}; --scope output: "
                                                              f"{OUTPUT_OUT.name}, next to the shipped probes)")
+    ap.add_argument("--reads", choices=("scored", "prompt"), default="scored",
+                    help="the tokens the head reads (categories.reads): the rule's scored tokens up to its decision, "
+                         "or (--scope output, v0.3.8) the prompt's, so an answer is named by its request")
     args = ap.parse_args()
     output = args.scope == "output"
+    if args.reads == "prompt" and not output:
+        ap.error("--reads prompt is for --scope output (an input rule's scored tokens are the prompt's)")
     policy = (args.policy or (OUTPUT_POLICY if output else POLICY)).resolve()
     out = (args.out or (OUTPUT_OUT if output else OUT)).resolve()
     scorer = Scorer(policy)
@@ -163,7 +173,10 @@ def main() -> None:
         data = {}
         for n in (train_set, cal_set, test_set):
             cached = Set(n)
-            data[n] = features(scorer, cached, layer, answer_categories(cached))
+            prompts = Set(n.replace("responses_full", "responses_prompts")) if args.reads == "prompt" else None
+            if prompts is not None and [r["prompt"] for r in cached.rows] != [r["text"] for r in prompts.rows]:
+                sys.exit(f"fit_categories.py: the caches {n} and its prompts hold other rows: collect.py them again")
+            data[n] = features(scorer, cached, layer, answer_categories(cached), prompts)
         for src in HELD_OUT_ANSWERS:  # sources held out of every answer fit, each on its own
             m = np.array([s_ == src for s_ in data[test_set][2]])
             data[src] = (data[test_set][0][m], data[test_set][1][m], [src] * int(m.sum()))
@@ -221,8 +234,9 @@ def main() -> None:
                             "labels": json.dumps(list(LABELS)),
                             "train": str(train.relative_to(ROOT)),
                             "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
-                            "objective": "multinomial logistic regression on the mean residual of every token the "
-                                         "rule scored up to its deciding one",
+                            "objective": "multinomial logistic regression on the mean residual of "
+                                         + ("the prompt's tokens (categories.reads: prompt)" if args.reads == "prompt"
+                                            else "every token the rule scored up to its deciding one"),
                             "metrics": json.dumps(metrics)})
     sys.path.insert(0, str(HERE))
     from fit_shipped import write_policy
@@ -230,7 +244,7 @@ def main() -> None:
     pol = Policy.from_path(policy)
     rule = next(r for r in pol.rules if r.id == scorer.rule.id)
     head = CategoryHead(weights=os.path.relpath(out, policy.parent), min_prob=args.min_prob,
-                        actions=rule.categories.actions if rule.categories else {})
+                        actions=rule.categories.actions if rule.categories else {}, reads=args.reads)
     new = rule.model_copy(update={"categories": head})
     write_policy(policy, pol.model_copy(update={"rules": [new if r.id == new.id else r for r in pol.rules]}))
     print(f"wrote {out.relative_to(ROOT)} and pointed {policy.relative_to(ROOT)} (rule {rule.id}) at it")

@@ -1,7 +1,8 @@
 """Category heads (``rules[].categories``): which hazard category a decision names, and its action per category.
 
 A head is a multinomial linear map over the residual stream at its rule's deciding layer. Per guarded call,
-:class:`CategoryState` keeps, for each row, the running sum of the head's logits over the tokens the rule scored;
+:class:`CategoryState` keeps, for each row, the running sum of the head's logits over the tokens the rule scored (with
+``reads: prompt``, an output rule's head: over the prompt's tokens the input rules score);
 when the rule fires at a token, the decision names the most probable category of the mean up to that token (the
 same number whether the prompt came in one forward or many, as the rule's own windows). See
 :class:`guardrails.core.policy.CategoryHead`.
@@ -30,9 +31,12 @@ class LoadedHead:
     """``[n_categories]`` float32."""
     min_prob: float
     actions: dict[str, str]
+    reads: str = "scored"
+    """``scored``: the rule's own tokens; ``prompt``: the prompt's tokens the input rules score (output rules)."""
 
     def to(self, device: torch.device | str) -> LoadedHead:
-        return LoadedHead(self.labels, self.weight.to(device), self.bias.to(device), self.min_prob, self.actions)
+        return LoadedHead(self.labels, self.weight.to(device), self.bias.to(device), self.min_prob, self.actions,
+                          self.reads)
 
 
 def load_category_heads(policy: Policy, hidden: int) -> dict[str, LoadedHead]:
@@ -71,7 +75,7 @@ def load_category_heads(policy: Policy, hidden: int) -> dict[str, LoadedHead]:
             raise PolicyError(f"{where}.weights: {path!r} holds NaN or infinite values")
         if bad := sorted(set(spec.actions) - set(labels)):
             raise PolicyError(f"{where}.actions: unknown categories {bad}; valid: {', '.join(labels)}")
-        out[rule.id] = LoadedHead(labels, w.float(), b.float(), float(spec.min_prob), dict(spec.actions))
+        out[rule.id] = LoadedHead(labels, w.float(), b.float(), float(spec.min_prob), dict(spec.actions), spec.reads)
     return out
 
 
@@ -85,8 +89,13 @@ class CategoryState:
     _now: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Per rule, this forward's cumulative ``([B, T, C], [B, T])`` including the committed part."""
 
+    def reads_prompt(self, rule_id: str) -> bool:
+        head = self.heads.get(rule_id)
+        return head is not None and head.reads == "prompt"
+
     def observe(self, rule_id: str, hidden: Tensor, scored: Tensor) -> None:
-        """The rule's head on this forward's ``hidden`` ``[B, T, d]`` at the tokens it ``scored`` ``[B, T]``."""
+        """The rule's head on this forward's ``hidden`` ``[B, T, d]`` at the tokens it reads ``[B, T]`` (the rule's
+        scored ones, or with ``reads: prompt`` the prompt's)."""
         head = self.heads.get(rule_id)
         if head is None:
             return

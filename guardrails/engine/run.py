@@ -201,8 +201,10 @@ class GuardRun:
             st = self.states[rule.id]
             scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
-            if self.decide and rule.id in self.categories:
-                self._categories.observe(rule.id, hidden, scope_ok)
+            if self.decide and rule.id in self.categories:  # the tokens its category head reads
+                reads = self._prompt_mask(is_output, roles) & score_mask if self._categories.reads_prompt(rule.id) \
+                    else scope_ok
+                self._categories.observe(rule.id, hidden, reads)
             windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
             if self._gates:
                 windowed = self._gates.apply(rule, windowed)  # rules[].gate: an answer capped by its request
@@ -285,15 +287,20 @@ class GuardRun:
 
     def _scope_mask(self, rule: Rule, is_output: Tensor, roles: Tensor | None = None) -> Tensor:
         """Columns ``rule`` scores by scope and prompt role (see :func:`guardrails.core.semantics.scores_token`)."""
-        prompt_ok = ~is_output
-        if roles is not None:
-            allowed = torch.tensor(sorted(self.input_roles), dtype=roles.dtype, device=roles.device)
-            prompt_ok = prompt_ok & torch.isin(roles, allowed)
+        prompt_ok = self._prompt_mask(is_output, roles)
         if rule.scope == "input":
             return prompt_ok
         if rule.scope == "output":
             return is_output
         return prompt_ok | is_output
+
+    def _prompt_mask(self, is_output: Tensor, roles: Tensor | None) -> Tensor:
+        """Prompt columns in the turns input rules score (``input_roles``)."""
+        prompt_ok = ~is_output
+        if roles is not None:
+            allowed = torch.tensor(sorted(self.input_roles), dtype=roles.dtype, device=roles.device)
+            prompt_ok = prompt_ok & torch.isin(roles, allowed)
+        return prompt_ok
 
     @staticmethod
     def role_name(out: bool, role: int | None) -> str:
