@@ -195,15 +195,15 @@ class GuardRun:
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
         roles = self._roles(ctx, positions)
+        prompt_ok = self._prompt_mask(is_output, roles)  # once per forward: every rule's scope starts from it
         for h_i in self._head_order[layer]:
             head = scorer.heads[h_i]
             rule = head.rule
             st = self.states[rule.id]
-            scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
+            scope_ok = self._scope_mask(rule, is_output, prompt_ok) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
             if self.decide and rule.id in self.categories:  # the tokens its category head reads
-                reads = self._prompt_mask(is_output, roles) & score_mask if self._categories.reads_prompt(rule.id) \
-                    else scope_ok
+                reads = prompt_ok & score_mask if self._categories.reads_prompt(rule.id) else scope_ok
                 self._categories.observe(rule.id, hidden, reads)
             windowed, st.history = window_aggregate(st.history, s, rule.detector.window, rule.detector.aggregate)
             if self._gates:
@@ -285,9 +285,10 @@ class GuardRun:
         roles = table.gather(1, idx)
         return roles.masked_fill((positions < 0) | (positions >= width), ROLE_CODES["assistant"])
 
-    def _scope_mask(self, rule: Rule, is_output: Tensor, roles: Tensor | None = None) -> Tensor:
-        """Columns ``rule`` scores by scope and prompt role (see :func:`guardrails.core.semantics.scores_token`)."""
-        prompt_ok = self._prompt_mask(is_output, roles)
+    @staticmethod
+    def _scope_mask(rule: Rule, is_output: Tensor, prompt_ok: Tensor) -> Tensor:
+        """Columns ``rule`` scores by scope, given the prompt columns input rules score (``_prompt_mask``; see
+        :func:`guardrails.core.semantics.scores_token`)."""
         if rule.scope == "input":
             return prompt_ok
         if rule.scope == "output":
@@ -359,12 +360,13 @@ class GuardRun:
         reason = f"{type(exc).__name__}: {exc}"
         self.errors.append(reason)
         logger.warning("guard could not score at layer %d: %s", scorer.layer, reason)
+        roles = self._roles(self.ctx, positions) if self.ctx is not None else None
+        prompt_ok = self._prompt_mask(is_output, roles)
         for head in scorer.heads:
             if head.carry is not None:  # an ensemble's member: the ensemble follows on_error at its own layer
                 continue
             rule = head.rule
-            roles = self._roles(self.ctx, positions) if self.ctx is not None else None
-            scope_ok = self._scope_mask(rule, is_output, roles) & score_mask
+            scope_ok = self._scope_mask(rule, is_output, prompt_ok) & score_mask
             for b in scope_ok.any(dim=1).nonzero().flatten().tolist():
                 t = int(scope_ok[b].nonzero()[0])
                 pos = int(positions[b, t])
