@@ -7,7 +7,7 @@ other source with both labels. A resample draws rows with replacement within eac
 rows for both policies), so the interval is that of the difference, not of either AUROC.
 
     SELECTION_DTYPE=float32 python calibration/selection/compliance_compare.py policies/v036-compliance.yaml \\
-        policies/harmful-compliance.yaml [--resamples 2000] [--json out.json]
+        policies/harmful-compliance.yaml [--score-on cut|whole] [--resamples 2000] [--json out.json]
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def main() -> None:
     if args.sae_n:
         sae, tag = load_sae()
         codes = {s: pools[s].sets[0].sae_codes(sae, tag) for s in splits}
-        fit_codes = fitp.sets[0].sae_codes(sae, tag)
+        fit_codes = codes["train"] if fitp is pools["train"] else fitp.sets[0].sae_codes(sae, tag)
 
     def sae_head(keep: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
         t, off = fitp.tokens(keep)

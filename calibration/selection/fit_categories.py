@@ -24,6 +24,7 @@ by their writers), overall and for the rows where the head's probability reaches
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -74,18 +75,17 @@ def features(scorer: Scorer, s: Set, layer: int, categories: list[str | None] | 
     """The harmful rows' mean residuals at ``layer`` over every token up to the deciding one (as the engine's head
     reads them; with ``prompts``, the cached prompts of the same rows, over their tokens instead: ``reads: prompt``),
     their categories (``categories``, else each row's own) and sources."""
-    x = s.x(layer)
     cats = categories if categories is not None else [r.get("category") for r in s.rows]
     spans = firing_windows(scorer.tokens(s), s.offsets, scorer.window, scorer.threshold)
     keep = [i for i, r in enumerate(s.rows) if int(r["label"]) == 1 and cats[i] in LABELS
             and spans[i][1] > spans[i][0]]
-    # every token the rule scored up to the deciding one, as the engine's head reads them
     if prompts is not None:  # reads: prompt (the request's tokens, as the input rules score them)
         px = prompts.x(layer)
-        xs = np.stack([px[prompts.offsets[i]:prompts.offsets[i + 1]].mean(0) for i in keep]).astype(np.float32)
-        return xs, np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
-    xs = np.stack([x[s.offsets[i]:spans[i][1]].mean(0) for i in keep]).astype(np.float32)
-    return xs, np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
+        xs = [px[prompts.offsets[i]:prompts.offsets[i + 1]].mean(0) for i in keep]
+    else:  # every token the rule scored up to the deciding one, as the engine's head reads them
+        x = s.x(layer)
+        xs = [x[s.offsets[i]:spans[i][1]].mean(0) for i in keep]
+    return np.stack(xs).astype(np.float32), np.array([cats[i] for i in keep]), [s.sources[i] for i in keep]
 
 
 def answer_categories(s: Set) -> list[str | None]:
@@ -93,6 +93,15 @@ def answer_categories(s: Set) -> list[str | None]:
     own column (blind sets, training answers, ``responses.tsv``), else the category of the same prompt in the request
     data (the bundled model's answers and the many-shot answers answer requests of those sources); pyrit's
     answers have none and are left out."""
+    from build_data import norm
+
+    by_prompt = request_categories()
+    return [by_prompt.get(norm(r["prompt"])) for r in s.rows]
+
+
+@functools.cache
+def request_categories() -> dict[str, str]:
+    """Normalised request text -> hazard category, as ``answer_categories`` reads it (read once per run)."""
     from build_data import BLIND_RESPONSE_SETS, HANDWRITTEN_DIR, norm, read_tsv
 
     by_prompt: dict[str, str] = {}
@@ -106,7 +115,7 @@ def answer_categories(s: Set) -> list[str | None]:
     for path in files:  # the writers' own categories win
         for _kind, cat, prompt, _reply in read_tsv(path, 4):
             by_prompt[norm(prompt)] = cat
-    return [by_prompt.get(norm(r["prompt"])) for r in s.rows]
+    return by_prompt
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:

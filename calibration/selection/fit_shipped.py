@@ -227,7 +227,10 @@ def fit_compliance() -> None:
         sel = {"layer": layer, "kind": kind, "window": window, "criterion": gated["criterion"][gated["chosen"]],
                "worst": min(gated["families"][f][gated["chosen"]]["auroc"] for f in FAMILIES)}
     fit_on = str(gated.get("fit_on", "cut"))
-    chars = "400" if fit_on == "cut" else "2000"
+    from build_data import MAX_RESPONSE_CHARS as WHOLE_CHARS  # the data files' own cut
+    from collect import MAX_RESPONSE_CHARS as CUT_CHARS
+
+    chars = str(CUT_CHARS if fit_on == "cut" else WHOLE_CHARS)
     pool = maxwin.Pool([f"{CUTS[fit_on]}.train"], layers)
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
