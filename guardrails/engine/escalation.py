@@ -18,6 +18,7 @@ from guardrails.core.cascade import JudgeOutcome, JudgeRequest, call_judge, judg
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Rule
 from guardrails.core.semantics import judge_fields, judged_action
+from guardrails.engine.columns import role_name
 from guardrails.engine.scorers import LayerScorer
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def cascade_hits(
         if run.accepts(b, pos):
             top = tuple(scorer.top_features(hidden[b, first].detach()))
             run.pending_judges.append(PendingJudge(rule, b, pos, float(w[first]), out,
-                                                   run.role_name(out, role_of(first)), top))
+                                                   role_name(out, role_of(first)), top))
     if high is not None and run.accepts(b, int(positions[high])):
         run.fire(rule, head, scorer, b, high, int(positions[high]), float(w[high]), bool(is_output[high]),
                  hidden, role_of(high), threshold=esc)

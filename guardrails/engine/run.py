@@ -18,17 +18,11 @@ from torch import Tensor
 from guardrails.core.cascade import Judge, JudgeOutcome
 from guardrails.core.decision import Decision, DecisionAction
 from guardrails.core.policy import Policy, Rule
-from guardrails.core.semantics import (
-    ROLE_CODES,
-    ROLES,
-    escalate,
-    on_error_of,
-    rule_layer,
-    threshold_of,
-)
+from guardrails.core.semantics import ROLE_CODES, escalate, on_error_of, rule_layer, threshold_of
 from guardrails.engine import escalation
 from guardrails.engine.carry import Carry
 from guardrails.engine.categories import CategoryState, LoadedHead
+from guardrails.engine.columns import column_roles, prompt_columns, role_name, scope_columns
 from guardrails.engine.escalation import PendingJudge
 from guardrails.engine.gates import Gates
 from guardrails.engine.policy_steering import PlannedSteer, SteerState, uses_plan
@@ -194,13 +188,13 @@ class GuardRun:
             self._scoring_failed(scorer, positions, score_mask, is_output, exc)
             return self._steer(scorer, hidden, positions, ctx.steer_mask.to(dev)[:, -T:]) if self.steer else None
 
-        roles = self._roles(ctx, positions)
-        prompt_ok = self._prompt_mask(is_output, roles)  # once per forward: every rule's scope starts from it
+        roles = column_roles(ctx.roles, self.prompt_roles, positions)
+        prompt_ok = prompt_columns(is_output, roles, self.input_roles)  # once per forward: every rule's scope uses it
         for h_i in self._head_order[layer]:
             head = scorer.heads[h_i]
             rule = head.rule
             st = self.states[rule.id]
-            scope_ok = self._scope_mask(rule, is_output, prompt_ok) & score_mask
+            scope_ok = scope_columns(rule, is_output, prompt_ok) & score_mask
             s = raw[..., h_i].masked_fill(~scope_ok, float("nan")).cpu()
             if self.decide and rule.id in self.categories:  # the tokens its category head reads
                 reads = prompt_ok & score_mask if self._categories.reads_prompt(rule.id) else scope_ok
@@ -269,45 +263,6 @@ class GuardRun:
         """Ask the judges about this forward's pending band hits and apply the verdicts."""
         escalation.resolve_escalations(self)
 
-    def _roles(self, ctx: StepContext, positions: Tensor) -> Tensor | None:
-        """[B, T] role codes of the columns at ``positions`` (from the context, else from ``prompt_roles``)."""
-        T = positions.shape[1]
-        if ctx.roles is not None:
-            return ctx.roles.to(positions.device)[:, -T:]
-        if self.prompt_roles is None:
-            return None
-        width = max(1, max(len(r) for r in self.prompt_roles))
-        table = torch.full((len(self.prompt_roles), width), -1, dtype=torch.long)
-        for b, r in enumerate(self.prompt_roles):
-            table[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        table = table.to(positions.device)
-        idx = positions.clamp(0, width - 1)
-        roles = table.gather(1, idx)
-        return roles.masked_fill((positions < 0) | (positions >= width), ROLE_CODES["assistant"])
-
-    @staticmethod
-    def _scope_mask(rule: Rule, is_output: Tensor, prompt_ok: Tensor) -> Tensor:
-        """Columns ``rule`` scores by scope, given the prompt columns input rules score (``_prompt_mask``; see
-        :func:`guardrails.core.semantics.scores_token`)."""
-        if rule.scope == "input":
-            return prompt_ok
-        if rule.scope == "output":
-            return is_output
-        return prompt_ok | is_output
-
-    def _prompt_mask(self, is_output: Tensor, roles: Tensor | None) -> Tensor:
-        """Prompt columns in the turns input rules score (``input_roles``)."""
-        prompt_ok = ~is_output
-        if roles is not None:
-            allowed = torch.tensor(sorted(self.input_roles), dtype=roles.dtype, device=roles.device)
-            prompt_ok = prompt_ok & torch.isin(roles, allowed)
-        return prompt_ok
-
-    @staticmethod
-    def role_name(out: bool, role: int | None) -> str:
-        """The chat role a decision names: generated tokens are the assistant's, prompt tokens their turn's."""
-        return "assistant" if out else (ROLES[role] if role is not None and 0 <= role < len(ROLES) else "user")
-
     def fire(
         self, rule: Rule, head: object, scorer: LayerScorer, b: int, t: int, pos: int, score: float, out: bool,
         hidden: Tensor, role: int | None = None, threshold: float | None = None,
@@ -337,7 +292,7 @@ class GuardRun:
             sequence=b,
             output_index=pos - self.prompt_lengths[b] if out else None,
             top_features=top,
-            role=self.role_name(out, role),
+            role=role_name(out, role),
             category=category,
         )
         self.decisions.append(d)
@@ -360,13 +315,13 @@ class GuardRun:
         reason = f"{type(exc).__name__}: {exc}"
         self.errors.append(reason)
         logger.warning("guard could not score at layer %d: %s", scorer.layer, reason)
-        roles = self._roles(self.ctx, positions) if self.ctx is not None else None
-        prompt_ok = self._prompt_mask(is_output, roles)
+        roles = column_roles(self.ctx.roles, self.prompt_roles, positions) if self.ctx is not None else None
+        prompt_ok = prompt_columns(is_output, roles, self.input_roles)
         for head in scorer.heads:
             if head.carry is not None:  # an ensemble's member: the ensemble follows on_error at its own layer
                 continue
             rule = head.rule
-            scope_ok = self._scope_mask(rule, is_output, prompt_ok) & score_mask
+            scope_ok = scope_columns(rule, is_output, prompt_ok) & score_mask
             for b in scope_ok.any(dim=1).nonzero().flatten().tolist():
                 t = int(scope_ok[b].nonzero()[0])
                 pos = int(positions[b, t])
