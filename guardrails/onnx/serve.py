@@ -31,8 +31,9 @@ from guardrails.core.cascade import (
     render_prompt,
 )
 from guardrails.core.decision import Decision, TextScore
-from guardrails.core.normalize import NormalizeSpec, merge_scan, plan_scan
+from guardrails.core.normalize import NormalizeSpec
 from guardrails.core.roles import Span, role_spans, roles_from_offsets
+from guardrails.core.scan_plan import merge_scan, plan_scan
 from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan, judge_fields
 from guardrails.onnx.manifest import (
     FORMAT,

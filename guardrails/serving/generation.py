@@ -21,9 +21,9 @@ from torch import Tensor
 
 from guardrails.core.cascade import bind_judges, judge_input_text
 from guardrails.core.decision import TextScore
-from guardrails.core.normalize import merge_scan, plan_scan  # issue 16
 from guardrails.core.policy import Policy
 from guardrails.core.roles import Span, token_roles
+from guardrails.core.scan_plan import merge_scan, plan_scan  # issue 16
 from guardrails.core.semantics import ROLE_CODES, ROLES, refusal_for
 from guardrails.engine.compile import CompiledPolicy, compile_policy
 from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer

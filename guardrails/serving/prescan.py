@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from guardrails.core.decision import Decision, TextScore
-from guardrails.core.normalize import plan_scan
+from guardrails.core.scan_plan import plan_scan
 
 if TYPE_CHECKING:
     from guardrails.serving.generation import GuardedModel
