@@ -11,7 +11,10 @@ Triggers can be dropped by whoever can write the file: they stop mistakes, the c
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
+
+from guardrails.audit.records import ACTIONS, parse_since
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 2
@@ -98,3 +101,24 @@ def guarded(clause: str) -> str:
     """``clause`` evaluated only on rows whose body is JSON text (others never match a filter; ``verify``
     reports them). Nested CASE because SQLite does not promise to short-circuit AND."""
     return f"(CASE WHEN typeof(body) = 'text' THEN (CASE WHEN json_valid(body) THEN ({clause}) ELSE 0 END) ELSE 0 END)"
+
+
+def where_clause(policy: str | None, action: str | None, since: str | datetime | None, rule: str | None
+                 ) -> tuple[str, list[Any]]:
+    """Filters over the hashed body (exact matches), never over the derived columns."""
+    clauses, args = [], []
+    if policy is not None:
+        clauses.append(guarded(FILTER_SQL["policy"]))
+        args.append(str(policy))
+    if action is not None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; valid: {', '.join(ACTIONS)}")
+        clauses.append(guarded(FILTER_SQL["action"]))
+        args += [action, action]
+    if rule is not None:
+        clauses.append(guarded(FILTER_SQL["rule"]))
+        args.append(str(rule))
+    if since is not None:
+        clauses.append(guarded(FILTER_SQL["since"]))
+        args.append(parse_since(since))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args

@@ -14,19 +14,18 @@ hash is read, so two writers, threads or processes, never chain to the same reco
 timeout; one connection per store and process, guarded by a lock whose waits are bounded too.
 Fork-safe: a fork waits until no thread of the parent is inside the store, and the child never touches
 the parent's connection (it opens its own; the inherited one is kept open but unused, as SQLite
-requires). Durability: ``synchronous=FULL`` with WAL (one fsync per record, small next to a generation).
+requires; :mod:`.forksafe`). Durability: ``synchronous=FULL`` with WAL (one fsync per record, small next to a
+generation). A failed open or write names its likely cause, read from the file system (:mod:`.diagnose`).
 """
 
 from __future__ import annotations
 
 import builtins
-import errno
 import json
 import logging
 import os
 import sqlite3
 import threading
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from guardrails.audit import forksafe
 from guardrails.audit.chain import Head, VerifyResult, chain_hash, read_head, verify_records, verify_rows, write_head
+from guardrails.audit.diagnose import failure_cause
 from guardrails.audit.records import (
     ACTIONS,
     SINCE_FORMS,
@@ -48,7 +49,7 @@ from guardrails.audit.records import (
     sha256_text,
     utc_now,
 )
-from guardrails.audit.schema import COLUMNS, FILTER_SQL, GENESIS, SCHEMA, SCHEMA_VERSION, derived_columns, guarded
+from guardrails.audit.schema import COLUMNS, GENESIS, SCHEMA, SCHEMA_VERSION, derived_columns, where_clause
 from guardrails.audit.schema import split_schema as _split_schema
 from guardrails.core.errors import GuardrailsError
 
@@ -57,8 +58,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 MAX_SQL_INT = 2**63 - 1
 """Largest id or limit SQLite can hold."""
-LOW_DISK_BYTES = 1 << 20
-"""Free space below which a failed write is reported as a full disk."""
 
 
 class AuditError(GuardrailsError, RuntimeError):
@@ -99,35 +98,6 @@ class AuditRecord:
         return {**self.data, "prev_hash": self.prev_hash, "hash": self.hash}
 
 
-_STORES: weakref.WeakSet[AuditStore] = weakref.WeakSet()
-_INHERITED: list[Any] = []  # connections inherited over fork: never closed, never used in the child
-_HELD: list[AuditStore] = []
-
-
-def _before_fork() -> None:
-    for s in list(_STORES):
-        if s._lock.acquire(timeout=s.busy_timeout_s):
-            _HELD.append(s)
-
-
-def _after_fork_parent() -> None:
-    while _HELD:
-        _HELD.pop()._lock.release()
-
-
-def _after_fork_child() -> None:
-    _HELD.clear()
-    for s in list(_STORES):
-        s._lock = threading.RLock()
-        if s._conn is not None:
-            _INHERITED.append(s._conn)
-        s._conn = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
-
-
 def _check_int(value: Any, what: str) -> int:
     if type(value) is not int or not 1 <= value <= MAX_SQL_INT:
         raise ValueError(f"{what} must be an integer in 1..{MAX_SQL_INT}, got {value!r}")
@@ -163,7 +133,7 @@ class AuditStore:
             if not parent.is_dir():
                 raise AuditError(f"cannot create audit database {str(self.path)!r}: directory {str(parent)!r} "
                                  "does not exist")
-        _STORES.add(self)
+        forksafe.track(self)
         with self._locked():
             self._connection()
 
@@ -181,34 +151,7 @@ class AuditStore:
 
     def _cause(self, exc: BaseException) -> str:
         """The likely cause of a failed open or write, from the file system itself (not SQLite's words)."""
-        msg = str(exc).lower()
-        folder = self.path.resolve().parent
-        if not folder.is_dir():
-            return f"folder {str(folder)!r} does not exist"
-        try:
-            st = os.statvfs(folder)
-        except OSError:
-            st = None
-        if st is not None and st.f_flag & os.ST_RDONLY:
-            return f"the file system holding {str(folder)!r} is mounted read-only"
-        free = st.f_bavail * st.f_frsize if st is not None else None
-        code = getattr(exc, "sqlite_errorname", "") or ""
-        if "full" in msg or code == "SQLITE_FULL" or getattr(exc, "errno", None) == errno.ENOSPC or (
-                free is not None and free < LOW_DISK_BYTES and ("i/o" in msg or "ioerr" in code.lower())):
-            return "disk or database full" + (f" ({free} bytes free on {str(folder)!r})" if free is not None else "")
-        if "readonly" in msg or "read-only" in msg or "unable to open" in msg or "i/o" in msg:
-            for target in (self.path, Path(str(self.path) + "-wal"), Path(str(self.path) + "-shm")):
-                if target.exists() and not os.access(target, os.W_OK):
-                    return f"no write permission on {str(target)!r} (read-only file)"
-            if not os.access(folder, os.W_OK | os.X_OK):
-                return f"no write permission on folder {str(folder)!r}"
-            if "readonly" in msg or "read-only" in msg:
-                return "the database was opened read-only"
-        if "locked" in msg or "busy" in msg:
-            return f"still locked by another writer after {self.busy_timeout_s:g} s"
-        if "not a database" in msg or "malformed" in msg:
-            return "the file is not an SQLite database or is damaged"
-        return ""
+        return failure_cause(self.path, exc, self.busy_timeout_s)
 
     def _error(self, exc: BaseException, doing: str) -> AuditError:
         cause = self._cause(exc)
@@ -221,7 +164,7 @@ class AuditStore:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         if self._conn is not None:  # inherited over fork without the hook: keep it open, never use it
-            _INHERITED.append(self._conn)
+            forksafe.keep_inherited(self._conn)
         self._conn = None
         conn = None
         try:
@@ -385,7 +328,7 @@ class AuditStore:
     def iter_records(self, *, policy: str | None = None, action: str | None = None,
                      since: str | datetime | None = None, rule: str | None = None) -> Iterator[AuditRecord]:
         """All matching records in id order (read in one snapshot)."""
-        where, args = _where(policy, action, since, rule)
+        where, args = where_clause(policy, action, since, rule)
         for row in self._query(f"SELECT id, time, body, prev_hash, hash FROM records{where} ORDER BY id", args):
             yield self._row(row)
 
@@ -415,33 +358,12 @@ class AuditStore:
              limit: int | None = 100, *, rule: str | None = None) -> builtins.list[AuditRecord]:
         """Matching records, newest first. ``action``: one of :data:`ACTIONS` (any decision with it);
         ``rule``: a rule id (exact); ``since``: datetime, ISO date/time or a duration back (``12h``, ``7d``)."""
-        where, args = _where(policy, action, since, rule)
+        where, args = where_clause(policy, action, since, rule)
         sql = f"SELECT id, time, body, prev_hash, hash FROM records{where} ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(_check_int(limit, "limit"))
         return [self._row(r) for r in self._query(sql, args)]
-
-
-def _where(policy: str | None, action: str | None, since: str | datetime | None, rule: str | None
-           ) -> tuple[str, builtins.list[Any]]:
-    """Filters over the hashed body (exact matches), never over the derived columns."""
-    clauses, args = [], []
-    if policy is not None:
-        clauses.append(guarded(FILTER_SQL["policy"]))
-        args.append(str(policy))
-    if action is not None:
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; valid: {', '.join(ACTIONS)}")
-        clauses.append(guarded(FILTER_SQL["action"]))
-        args += [action, action]
-    if rule is not None:
-        clauses.append(guarded(FILTER_SQL["rule"]))
-        args.append(str(rule))
-    if since is not None:
-        clauses.append(guarded(FILTER_SQL["since"]))
-        args.append(parse_since(since))
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 __all__ = [
