@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Policy
 from guardrails.core.roles import token_roles
-from guardrails.core.semantics import ROLE_CODES
+from guardrails.core.semantics import ROLE_CODES, refusal_for
 from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch, render_prompt
 from guardrails.serving.result import GenerationResult
 from guardrails.vllm import require_vllm
@@ -326,8 +326,7 @@ class GuardedVLLM:
             d["token"] = token_text(d["position"])
             decisions.append(Decision(**d))
         blocked = blocked_at is not None
-        rule = next((r for r in policy.rules if r.id == verdict["block_rule"]), None)
-        refusal = (rule.message if rule and rule.message else None) or policy.refusal
+        refusal = refusal_for(policy, verdict["block_rule"])
         features = {int(k): [(int(f), float(a)) for f, a in v] for k, v in verdict["token_features"].items()}
         return GenerationResult(
             text=refusal if blocked else shown,
