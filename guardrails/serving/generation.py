@@ -26,26 +26,26 @@ from guardrails.core.roles import Span, token_roles
 from guardrails.core.scan_plan import merge_scan, plan_scan  # issue 16
 from guardrails.core.semantics import ROLE_CODES, ROLES, refusal_for
 from guardrails.engine.compile import CompiledPolicy, compile_policy
-from guardrails.engine.hooks import StopForward, decoder_layers, output_hooks, stop_after_layer
-from guardrails.engine.run import Decision, GuardRun, StepContext
+from guardrails.engine.hooks import decoder_layers
+from guardrails.engine.run import Decision, GuardRun
 from guardrails.engine.scorers import LayerScorer
 from guardrails.sae.model import SAE
 from guardrails.serving import decode
 from guardrails.serving.failsafe import result_or_on_error  # issue 16
-from guardrails.serving.judging import escalates, text_source
+from guardrails.serving.judging import escalates
 from guardrails.serving.prescan import apply_prescan, prescan  # issue 16
 from guardrails.serving.prompts import (
     GenerationArgs,
     Message,
     PromptLike,
     check_prompts,
-    check_text,
     generation_args,
     is_batch,
     render_prompt,
     tokenizer_lock,
 )
-from guardrails.serving.result import GenerationResult
+from guardrails.serving.result import GenerationResult, token_text, traced_ids
+from guardrails.serving.scan import score_batch
 from guardrails.serving.stream import GuardedStream
 
 logger = logging.getLogger(__name__)
@@ -345,70 +345,8 @@ class GuardedModel:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             rchunk = resp[start : start + batch_size]
-            out += self._score_batch(chunk, rchunk, chat, offset=start)
+            out += score_batch(self, chunk, rchunk, chat, offset=start)
         return merge_scan(plan, out)  # issue 16: the first len(texts) scores, decoded decisions merged
-
-    def _score_batch(
-        self, texts: list[PromptLike], responses: list[str | None], chat: bool | None, offset: int = 0
-    ) -> list[TextScore]:
-        tok = self.tokenizer
-        rows: list[list[int]] = []
-        n_prompt: list[int] = []
-        role_rows: list[list[int]] = []
-        formatted_rows: list[str] = []
-        for text, response in zip(texts, responses, strict=True):
-            if isinstance(text, str):
-                check_text(text, f"texts[{len(rows) + offset}]")
-            if response is not None and response:
-                check_text(response, f"responses[{len(rows) + offset}]")
-            formatted = self.format_prompt(text, chat)
-            formatted_rows.append(formatted)
-            with tokenizer_lock(tok):
-                p_ids = tok(formatted, add_special_tokens=False)["input_ids"]
-            if not p_ids:
-                raise ValueError(f"texts[{len(rows) + offset}] produced no tokens")
-            with tokenizer_lock(tok):
-                r_ids = tok(response, add_special_tokens=False)["input_ids"] if response else []
-            rows.append(list(p_ids) + list(r_ids))
-            n_prompt.append(len(p_ids))
-            p_roles = self.prompt_roles(formatted)
-            if len(p_roles) != len(p_ids):  # tokenizers that differ with offsets: fall back to user turns
-                p_roles = [ROLE_CODES["user"]] * len(p_ids)
-            role_rows.append(p_roles + [ROLE_CODES["assistant"]] * len(r_ids))
-        width = max(len(r) for r in rows)
-        pad = int(tok.pad_token_id)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
-        is_output = positions >= torch.tensor(n_prompt)[:, None]
-        roles = torch.tensor([[-1] * (width - len(r)) + r for r in role_rows])
-        run = self.compiled.new_run(n_prompt, steer=False)
-        run.ctx = StepContext(positions, self._scorable(ids, mask, positions), is_output, mask.bool(), roles=roles)
-        run.judge_text = text_source(tok, lambda b: rows[b], n_prompt, lambda b: role_rows[b],  # the cascade
-                                     run.input_roles, lambda b: self._judge_inputs.get(formatted_rows[b]))
-        device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
-        with self._lock, output_hooks(self.model, self._hooks(run)), stop_after_layer(self.model, self.deepest):
-            try:
-                self.model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.masked_fill(mask == 0, 1).to(device), use_cache=False,
-                )
-            except StopForward:
-                pass
-        run.ctx = None
-        run.resolve_escalations()  # the cascade's judges, outside the model's lock
-        results = []
-        for b, row in enumerate(rows):
-            ts = run.token_scores(b)
-            scores = {rid: (max(v.values()) if v else float("nan")) for rid, v in ts.items()}
-            decisions = [
-                Decision(**{**d.__dict__, "sequence": offset + b,
-                            "token": str(tok.decode([row[d.position]])) if 0 <= d.position < len(row) else None})
-                for d in sorted((d for d in run.decisions if d.sequence == b), key=lambda d: d.position)
-            ]
-            names = [ROLES[c] if 0 <= c < len(ROLES) else None for c in role_rows[b]]
-            results.append(TextScore(scores, ts, decisions, tok.convert_ids_to_tokens(row), list(run.errors), names))
-        return results
 
     def _result(self, run: GuardRun, b: int, prompt: str, released: list[int]) -> GenerationResult:
         tok = self.tokenizer
@@ -417,17 +355,9 @@ class GuardedModel:
             prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         blocked = run.blocked_at[b] is not None
         shown = tok.decode(released, skip_special_tokens=True)
-        all_ids = list(prompt_ids) + released
-        if blocked:
-            at = int(run.blocked_at[b])  # type: ignore[arg-type]
-            extra = at - len(all_ids) + 1
-            if extra > 0:  # the tripping token itself, kept only for the audit trace
-                all_ids = all_ids + [run.tripping_token.get(b, tok.pad_token_id)] * extra
+        all_ids = traced_ids(prompt_ids, released, run.blocked_at[b], run.tripping_token.get(b, tok.pad_token_id))
         tokens = tok.convert_ids_to_tokens(all_ids)
-        def token_text(pos: int) -> str | None:
-            return str(tok.decode([all_ids[pos]])) if 0 <= pos < len(all_ids) else None
-
-        decisions = [Decision(**{**d.__dict__, "token": token_text(d.position)}) for d in decisions]
+        decisions = [Decision(**{**d.__dict__, "token": token_text(tok, all_ids, d.position)}) for d in decisions]
         refusal = refusal_for(self.policy, run.block_rule[b])
         return GenerationResult(
             text=refusal if blocked else shown,

@@ -69,3 +69,17 @@ class GenerationResult:
             "decisions": [d.to_dict() for d in self.decisions],
             "errors": self.errors,
         }
+
+
+def traced_ids(prompt_ids: list[int], released: list[int], blocked_at: int | None, tripping_token: int) -> list[int]:
+    """Prompt and released ids, extended up to a block's position with the tripping token (kept only for the audit
+    trace: the caller never sees it)."""
+    ids = list(prompt_ids) + list(released)
+    if blocked_at is not None and blocked_at >= len(ids):
+        ids += [tripping_token] * (blocked_at - len(ids) + 1)
+    return ids
+
+
+def token_text(tokenizer: Any, ids: list[int], pos: int) -> str | None:
+    """The text of the token at ``pos`` of ``ids`` (a decision's ``token``), None outside them."""
+    return str(tokenizer.decode([ids[pos]])) if 0 <= pos < len(ids) else None

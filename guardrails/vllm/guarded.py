@@ -28,7 +28,7 @@ from guardrails.core.policy import Policy
 from guardrails.core.roles import token_roles
 from guardrails.core.semantics import ROLE_CODES, refusal_for
 from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch, render_prompt
-from guardrails.serving.result import GenerationResult
+from guardrails.serving.result import GenerationResult, token_text, traced_ids
 from guardrails.vllm import require_vllm
 from guardrails.vllm.selfcheck import self_check
 from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
@@ -310,20 +310,15 @@ class GuardedVLLM:
         if cut is not None:
             released = released[:cut]
         shown = tok.decode(released, skip_special_tokens=True)
-        all_ids = list(prompt_ids) + released
-        if blocked_at is not None and blocked_at >= len(all_ids):
-            all_ids += [verdict["tripping_token"] if verdict["tripping_token"] is not None else tok.pad_token_id] * (
-                blocked_at - len(all_ids) + 1)
-
-        def token_text(pos: int) -> str | None:
-            return str(tok.decode([all_ids[pos]])) if 0 <= pos < len(all_ids) else None
+        tripping = verdict["tripping_token"] if verdict["tripping_token"] is not None else tok.pad_token_id
+        all_ids = traced_ids(prompt_ids, released, blocked_at, tripping)
 
         decisions = []
         for d in verdict["decisions"]:
             d = dict(d)
             d["top_features"] = tuple(tuple(x) for x in d.get("top_features", ()))
             d["sequence"] = b
-            d["token"] = token_text(d["position"])
+            d["token"] = token_text(tok, all_ids, d["position"])
             decisions.append(Decision(**d))
         blocked = blocked_at is not None
         refusal = refusal_for(policy, verdict["block_rule"])
