@@ -536,3 +536,64 @@ def test_cascade_benchmark_sweep(tmp_path: Path) -> None:
             assert row["all"]["fpr"] == pytest.approx(hit[y == 0].mean()) and row["all"]["escalated"] == 0
         else:
             assert row["all"]["tpr"] <= hit[y == 1].mean() + 1e-9 and row["all"]["escalated"] <= hit.mean() + 1e-9
+
+
+def always_unsafe(request: JudgeRequest) -> str:
+    """A judge for the CLI tests below (``--judge llm=tests.test_cascade:always_unsafe``)."""
+    return "unsafe S1"
+
+
+def _cascade_probe_file(tmp_path: Path) -> Path:
+    """The shipped probe policy as a cascade, every prompt in its band, written where the CLI reads it."""
+    base = Policy.from_path("harmful-requests-probe")
+    det = base.rules[0].detector
+    det = det.model_copy(update={"weights": str((Path(str(base.base_dir)) / str(det.weights)).resolve())})  # type: ignore[union-attr]
+    rule = base.rules[0].model_copy(update={"threshold": -1e6, "escalate_above": 1e6, "detector": det})
+    policy = base.model_copy(update={"name": "probe-cascade", "rules": [rule],
+                                     "judges": {"llm": JudgeSpec(prompt="harmful-request")}})
+    path = tmp_path / "cascade.yaml"
+    path.write_text(policy.to_yaml())
+    return path
+
+
+def test_cli_judges_bind_by_name_and_fail_naming_the_flag(tmp_path: Path) -> None:
+    """``--judge`` (generate, serve): NAME=module:callable or a bare path; the errors name the flag and the valid
+    judge names before any model loads."""
+    from guardrails.core.cascade import judges_from_cli
+
+    policy = Policy.from_path(_cascade_probe_file(tmp_path))
+    with pytest.raises(JudgeError, match=r"escalates to judge 'llm'; bind it with --judge llm=module:callable"):
+        judges_from_cli([], policy)
+    assert judges_from_cli(["tests.test_cascade:always_unsafe"], policy) == {"llm": always_unsafe}
+    assert judges_from_cli(["llm=tests.test_cascade:always_unsafe"], policy) == {"llm": always_unsafe}
+    with pytest.raises(JudgeError, match=r"names no judge 'other' \(valid: llm\)"):
+        judges_from_cli(["other=tests.test_cascade:always_unsafe"], policy)
+    with pytest.raises(JudgeError, match="cannot import"):
+        judges_from_cli(["llm=tests.test_cascade:nothing_here"], policy)
+    with pytest.raises(JudgeError, match="has no cascade"):
+        judges_from_cli(["tests.test_cascade:always_unsafe"], Policy.from_path("harmful-requests-probe"))
+    assert judges_from_cli([], Policy.from_path("harmful-requests-probe")) is None
+
+
+@pytest.mark.model
+def test_cli_generate_with_a_judge(tmp_path: Path) -> None:
+    """``guardrails generate --judge``: the band goes to the bound judge, the decision records its verdict; without
+    the flag the command fails naming it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from guardrails.cli.main import app
+
+    path = _cascade_probe_file(tmp_path)
+    res = CliRunner().invoke(app, ["generate", "What is the capital of France?", "--policy", str(path), "--json",
+                                   "--max-new-tokens", "2", "--judge", "llm=tests.test_cascade:always_unsafe"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    d = out["decisions"][0]
+    assert out["blocked"] and d["escalated"] and d["judge"] == "llm" and d["verdict"] == "unsafe"
+    res = CliRunner().invoke(app, ["generate", "Hi", "--policy", str(path)])
+    assert res.exit_code == 2 and "--judge llm=module:callable" in res.output
+    res = CliRunner().invoke(app, ["serve", "--policy", str(path), "--engine", "vllm", "--judge",
+                                   "tests.test_cascade:always_unsafe"])
+    assert res.exit_code != 0

@@ -68,12 +68,16 @@ def output_path(path: str | Path, flag: str) -> Path:
     return p
 
 
-def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None) -> Any:
+def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None,
+                judges: list[str] | None = None) -> Any:
+    """A GuardedModel for the CLI; ``judges``: ``--judge`` values (``[NAME=]module:callable``) for a cascade."""
+    from guardrails.core.cascade import judges_from_cli
     from guardrails.core.policy import Policy
     from guardrails.serving.generation import GuardedModel
 
     pol = Policy.from_path(resolve_policy_path(policy))
-    return GuardedModel.from_pretrained(model, policy=pol, score_mode=score_mode, audit=audit)
+    bound = judges_from_cli(judges or [], pol)  # before the model loads: a bad --judge fails fast
+    return GuardedModel.from_pretrained(model, policy=pol, score_mode=score_mode, audit=audit, judges=bound)
 
 
 def _run_safely(fn: Any) -> Any:
@@ -89,6 +93,10 @@ def _run_safely(fn: Any) -> Any:
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Hugging Face id or path; default: the bundled SmolLM2")]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", "-p", help="Policy file or shipped policy name")]
 ModeOpt = Annotated[str | None, typer.Option("--score-mode", help="exact or watched (default: the policy's)")]
+JudgeOpt = Annotated[list[str] | None, typer.Option(
+    "--judge", help="A cascade's judge: NAME=module:callable binds the policy's judge NAME, a bare module:callable "
+                    "every judge it names; 'module:make()' calls a factory (repeatable; e.g. "
+                    "guardrails.offline.text_judge:bundled_judge())")]
 
 
 @app.command()
@@ -108,6 +116,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeat the option)")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (0 = greedy)")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler")] = None,
+    judge: JudgeOpt = None,
 ) -> None:
     """Generate a reply to PROMPT under a policy and show what the guard decided."""
     gen: dict[str, Any] = {"max_new_tokens": max_new_tokens}
@@ -119,7 +128,7 @@ def generate(
         gen.update(temperature=temperature, do_sample=temperature > 0)
     if not prompt.strip():
         fail("PROMPT is empty")
-    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db))
+    guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit_db, judge))
     if stream and not as_json:
         def run_stream() -> Any:
             s = guard.stream(prompt, **gen)  # bad input fails here, before any text
@@ -143,11 +152,15 @@ def _print_decisions(result: Any) -> None:
     status = "[red]BLOCKED[/]" if result.blocked else "[yellow]STEERED[/]" if result.steered else "[green]allowed[/]"
     console.print(f"\n{status}  policy={markup(result.policy)}  decisions={len(result.decisions)}")
     if result.decisions:
-        t = Table("action", "rule", "category", "scope", "pos", "token", "score", "threshold", "top features")
+        judged = any(d.escalated for d in result.decisions)
+        t = Table("action", "rule", "category", "scope", "pos", "token", "score", "threshold", "top features",
+                  *(("judge",) if judged else ()))
         for d in result.decisions:
             feats = ", ".join(f"{i}:{v:.1f}" for i, v in d.top_features[:3])
+            verdict = (f"{d.judge}: {d.verdict}" + (f" ({d.judge_reason})" if d.judge_reason else "")
+                       if d.escalated else "-")
             t.add_row(d.action, cell(d.rule), cell(d.category or "-"), d.scope, str(d.position), cell(repr(d.token)),
-                      f"{d.score:.2f}", f"{d.threshold:.2f}", feats)
+                      f"{d.score:.2f}", f"{d.threshold:.2f}", feats, *((cell(verdict),) if judged else ()))
         console.print(t)
 
 

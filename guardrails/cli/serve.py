@@ -48,6 +48,9 @@ def serve_command(
                                                       "(default: the model's)")] = None,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1,
                                                       help="vLLM: GPUs per replica")] = 1,
+    judge: Annotated[list[str] | None, typer.Option(
+        "--judge", help="A cascade's judge (engine hf): NAME=module:callable binds the policy's judge NAME, a bare "
+                        "module:callable every judge it names; 'module:make()' calls a factory (repeatable)")] = None,
 ) -> None:
     """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/completions,
     /v1/models, /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead;
@@ -75,6 +78,8 @@ def serve_command(
             fail("--engine vllm and --upstream exclude each other: proxy mode scans with the HF model")
         if score_mode is not None:
             fail("--score-mode applies to --engine hf only (vLLM scores with the policy's own mode)")
+        if judge:
+            fail("--judge applies to --engine hf only (GuardedVLLM takes no judges: a band score follows on_error)")
     if not _loopback(host) and not api_key:
         err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
                           "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)
@@ -86,7 +91,7 @@ def serve_command(
         guard = _run_safely(lambda: _load_vllm_guard(policy, model, audit, max_model_len, tensor_parallel_size,
                                                      max_batch))
     else:
-        guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit))
+        guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit, judge))
     try:
         config = ServerConfig(model_name=model_name, api_key=api_key or None, upstream=upstream,
                               upstream_api_key=upstream_api_key, upstream_timeout=upstream_timeout,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -354,6 +354,36 @@ def import_judge(path: str) -> Any:
     return obj() if call else obj
 
 
+
+def judges_from_cli(specs: Sequence[str], policy: Policy) -> dict[str, Any] | None:
+    """Judges named on the command line (``--judge``, repeatable) bound for ``policy``: ``NAME=module:callable``
+    binds the judge that name declares; a bare ``module:callable`` binds every judge the policy's escalating rules
+    name. Without ``specs``: None, or an error naming the flag when a rule escalates (its judge would be unbound)."""
+    wanted = sorted({n for r in policy.rules if (n := judge_name(policy, r)) is not None} | set(policy.judges))
+    if not specs:
+        unbound = [(i, r.id, n) for i, r in enumerate(policy.rules) if (n := judge_name(policy, r)) is not None]
+        if unbound:
+            i, rid, n = unbound[0]
+            raise JudgeError(f"policy {policy.name!r}: rules[{i}] ({rid!r}) escalates to judge {n!r}; bind it with "
+                             f"--judge {n}=module:callable (e.g. --judge {n}=guardrails.offline.text_judge:"
+                             "bundled_judge(), the offline stand-in)")
+        return None
+    if not wanted:
+        raise JudgeError(f"--judge: policy {policy.name!r} has no cascade (no rule sets escalate_above); drop --judge")
+    out: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:  # a bare path: every judge the policy names
+            obj = import_judge(spec)
+            out.update({n: obj for n in wanted if n not in out})
+            continue
+        if name not in wanted:
+            raise JudgeError(f"--judge {spec!r}: policy {policy.name!r} names no judge {name!r} "
+                             f"(valid: {', '.join(wanted)})")
+        out[name] = import_judge(path)
+    return out
+
+
 __all__ = [
     "DEFAULT_PROMPT",
     "PROMPTS",
@@ -376,6 +406,7 @@ __all__ = [
     "judge_input_text",
     "judge_name",
     "judge_settings",
+    "judges_from_cli",
     "render_prompt",
     "to_verdict",
     "verdict_from_text",
