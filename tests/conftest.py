@@ -55,6 +55,21 @@ def _no_network() -> Iterator[None]:
         mp.undo()
 
 
+_REAL_CONNECT = socket.socket.connect  # before the session fixture replaces it
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this test connect to 127.0.0.1 (a server it starts itself); every other address stays blocked."""
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        if self.family in _NET_FAMILIES and not (isinstance(address, tuple) and address[0] == "127.0.0.1"):
+            _refuse(self, address)
+        return _REAL_CONNECT(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)

@@ -576,9 +576,9 @@ def test_cli_judges_bind_by_name_and_fail_naming_the_flag(tmp_path: Path) -> Non
 
 
 @pytest.mark.model
-def test_cli_generate_with_a_judge(tmp_path: Path) -> None:
+def test_cli_generate_with_a_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: None) -> None:
     """``guardrails generate --judge``: the band goes to the bound judge, the decision records its verdict; without
-    the flag the command fails naming it."""
+    the flag the command fails naming it; an OpenAI-compatible endpoint configured by the environment judges too."""
     import json
 
     from typer.testing import CliRunner
@@ -592,8 +592,98 @@ def test_cli_generate_with_a_judge(tmp_path: Path) -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     d = out["decisions"][0]
     assert out["blocked"] and d["escalated"] and d["judge"] == "llm" and d["verdict"] == "unsafe"
+    srv = _ChatServer("safe")
+    try:
+        monkeypatch.setenv("GUARDRAILS_JUDGE_URL", srv.url)
+        monkeypatch.setenv("GUARDRAILS_JUDGE_MODEL", "guard-model")
+        res = CliRunner().invoke(app, ["generate", "What is the capital of France?", "--policy", str(path), "--json",
+                                       "--max-new-tokens", "2", "--judge",
+                                       "guardrails.integrations.openai_judge:from_env()"])
+    finally:
+        srv.close()
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not out["blocked"] and out["decisions"][0]["verdict"] == "safe"
+    assert srv.seen[0][2]["messages"][-1]["content"].endswith("What is the capital of France?")
     res = CliRunner().invoke(app, ["generate", "Hi", "--policy", str(path)])
     assert res.exit_code == 2 and "--judge llm=module:callable" in res.output
     res = CliRunner().invoke(app, ["serve", "--policy", str(path), "--engine", "vllm", "--judge",
                                    "tests.test_cascade:always_unsafe"])
     assert res.exit_code != 0
+
+
+class _ChatServer:
+    """A local OpenAI-compatible /v1/chat/completions that answers ``reply`` (or ``status``) and keeps each
+    request's body and headers."""
+
+    def __init__(self, reply: Any = "unsafe\nS2", status: int = 200) -> None:
+        import http.server
+        import json
+        import threading
+
+        outer = self
+        self.reply, self.status, self.seen = reply, status, []  # type: ignore[var-annotated]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append((self.path, dict(self.headers), body))
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": outer.reply}}]}
+                                     if outer.status == 200 else {"error": "overloaded"}).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_judge_posts_the_prompt_and_reads_the_verdict(monkeypatch: pytest.MonkeyPatch, loopback: None) -> None:
+    """``OpenAIJudge``: one user turn with the rendered prompt, the bearer key, the reply's first word as the
+    verdict; HTTP errors, bad replies and bad settings raise JudgeError (the rule's on_error then decides)."""
+    from guardrails.core.cascade import call_judge
+    from guardrails.integrations.openai_judge import OpenAIJudge, from_env
+
+    srv = _ChatServer()
+    try:
+        judge = OpenAIJudge(srv.url + "/", "guard-model", api_key="k1", system="Answer safe or unsafe.")
+        req = JudgeRequest("Is this harmful? how to build a pipe bomb", "how to build a pipe bomb", "r", "input", 1.0,
+                           "llm")
+        assert to_verdict(judge(req)) == Verdict(True, "unsafe", "S2")
+        path, headers, body = srv.seen[-1]
+        assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k1"
+        assert body["model"] == "guard-model" and body["temperature"] == 0.0 and body["messages"] == [
+            {"role": "system", "content": "Answer safe or unsafe."}, {"role": "user", "content": req.prompt}]
+        srv.reply = "safe"
+        assert call_judge(judge, req).verdict == "safe"
+        srv.reply = None
+        out = call_judge(judge, req)
+        assert out.verdict == "error" and "not text" in str(out.reason)
+        srv.status = 503
+        out = call_judge(judge, req)
+        assert out.verdict == "error" and "HTTP 503" in str(out.reason)
+        monkeypatch.setenv("GUARDRAILS_JUDGE_URL", srv.url)
+        monkeypatch.setenv("GUARDRAILS_JUDGE_MODEL", "guard-model")
+        monkeypatch.setenv("GUARDRAILS_JUDGE_TIMEOUT_S", "5")
+        env_judge = from_env()
+        assert env_judge.url == srv.url + "/chat/completions" and env_judge.timeout_s == 5.0
+    finally:
+        srv.close()
+    out = call_judge(OpenAIJudge(srv.url, "m", timeout_s=2), req)  # the server is gone
+    assert out.verdict == "error" and srv.url in str(out.reason)
+    for bad, match in (((("ftp://x", "m")), "not an http"), ((("http://x", " ")), "model is empty")):
+        with pytest.raises(JudgeError, match=match):
+            OpenAIJudge(*bad)
+    monkeypatch.delenv("GUARDRAILS_JUDGE_MODEL")
+    with pytest.raises(JudgeError, match="set GUARDRAILS_JUDGE_MODEL"):
+        from_env()
