@@ -6,7 +6,9 @@ The policy is ``harmful-requests`` with a band: scores below ``threshold`` pass,
 ``escalate_above`` block directly, and in between the judge decides. Two judges are shown: the offline
 TF-IDF stand-in shipped with the package (``guardrails.offline.text_judge``) and a LangChain chat model
 (a ``FakeListChatModel`` standing in for, e.g., Llama Guard behind ``ChatOpenAI``). Each decision records
-whether it escalated, the judge, its verdict and its latency.
+whether it escalated, the judge, its verdict and its latency. A served classifier (Llama Guard behind vLLM or any
+OpenAI-compatible endpoint) judges with ``guardrails.integrations.openai_judge.OpenAIJudge(base_url, model)``; from the
+command line, ``guardrails generate`` / ``guardrails serve`` bind judges with ``--judge NAME=module:callable``.
 """
 
 from __future__ import annotations

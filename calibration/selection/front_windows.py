@@ -4,8 +4,12 @@ tokens, and the first tokens' windows are partial (they average what they have),
 "a stuck process" arrives. Here a rule's token scores are windowed with every window holding at least ``m`` tokens
 (the whole row when it is shorter), the threshold refitted at 3% FPR on the cal split's benign rows, and
 ``heldout.py``'s report printed for the main sets. The rule is not refitted (its weights are the shipped ones).
+``cv`` / ``heldout`` refit the request probe (the shipped recipe, the default's train rows) with and without partial
+front windows in the fit and the score: leave-families-out CV as ``maxwin.py cv``, and the held-out report.
 
     SELECTION_DTYPE=float32 python calibration/selection/front_windows.py policies/harmful-requests.yaml 1,4,8,16
+    SELECTION_DTYPE=float32 python calibration/selection/front_windows.py cv
+    SELECTION_DTYPE=float32 python calibration/selection/front_windows.py heldout
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import Scorer, report
-from select_detectors import Set
+from maxwin import FOLDS, TRAIN, Pool, criterion, family_aurocs, row_weights
+from select_detectors import Set, windowed_max
+
+from guardrails.offline.window_fit import fit_dense_window
+
+LAYERS, WINDOW, WD = [18, 27], 16, 1e-3  # the shipped request probe's recipe
 
 SETS = ("held-out harmful (all four)", "blind hand-written harmful (held out whole)",
         "blind hand-written contrasts (held out whole)", "short typed harmful (held out whole)",
@@ -58,7 +67,64 @@ class MinScorer:
         return windowed_max_min(self.base.tokens(s), s.offsets, self.window, self.m)
 
 
+def score_rows(x: np.ndarray, offsets: np.ndarray, coef: np.ndarray, bias: float, full: bool) -> np.ndarray:
+    tok = x @ coef.astype(np.float32) + bias
+    return windowed_max_min(tok, offsets, WINDOW, WINDOW) if full else windowed_max(tok, offsets, WINDOW)
+
+
+class ProbeScorer:
+    """``heldout.report``'s scorer for a refitted probe, full front windows or not."""
+
+    def __init__(self, coef: np.ndarray, bias: float, full: bool, threshold: float) -> None:
+        self.coef, self.bias, self.full, self.threshold, self.window = coef, bias, full, threshold, WINDOW
+        self.name = f"probe L18+27 {'full' if full else 'partial'} front windows"
+
+    def rows(self, s: Set) -> np.ndarray:
+        x = np.concatenate([np.asarray(s.x(L), np.float32) for L in LAYERS], 1)
+        return score_rows(x, s.offsets, self.coef, self.bias, self.full)
+
+
+def refit(cmd: str) -> None:
+    pool = Pool(list(TRAIN), LAYERS)
+    use = ~np.array([s.startswith("handwritten_pairs") for s in pool.sources])  # the default probe's train rows
+    w = row_weights(pool, 1.0)
+    ref = Pool(["requests.cal"], LAYERS)
+    ref_benign = ref.y == 0
+    fold = np.array([FOLDS.get(f, f) for f in pool.family])
+    for full in (False, True):
+        if cmd == "cv":
+            oof = np.full(len(pool.y), np.nan)
+            for g in sorted(set(fold[use])):
+                tr, held = (fold != g) & use, (fold == g) & use
+                xt, ot = pool.subset(tr)
+                coef, bias = fit_dense_window(xt, ot, pool.y[tr], w[tr], window=WINDOW, wd=WD, full_front=full)
+                refs = np.sort(score_rows(ref.x, ref.offsets, coef, bias, full)[ref_benign])
+                xh, oh = pool.subset(held)
+                oof[held] = np.searchsorted(refs, score_rows(xh, oh, coef, bias, full)) / len(refs)
+            per = family_aurocs(oof[use], pool.y[use], pool.family[use])
+            crit, mean, worst = criterion(per)
+            harm = pool.y[use] == 1
+            print(f"full_front={full}: crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
+                  f"oof TPR@3% {float((oof[use][harm] >= 0.97).mean()):.3f} "
+                  f"FPR {float((oof[use][~harm] >= 0.97).mean()):.3f} | "
+                  + " ".join(f"{k}={v:.3f}" for k, v in per.items()), flush=True)
+            continue
+        xt, ot = pool.subset(use)
+        coef, bias = fit_dense_window(xt, ot, pool.y[use], w[use], window=WINDOW, wd=WD, full_front=full)
+        thr = float(np.quantile(score_rows(ref.x, ref.offsets, coef, bias, full)[ref_benign], 0.97))
+        sc = ProbeScorer(coef, bias, full, thr)
+        rep = report(sc)  # type: ignore[arg-type]
+        print(f"== {sc.name} (threshold {thr:.4f})", flush=True)
+        for k in SETS:
+            v = rep[k]
+            extra = f" auroc {v['auroc']:.3f}" if "auroc" in v else ""
+            print(f"  {k:60s} n={v['n']:<4} fired {v['blocked']:.3f}{extra}", flush=True)
+
+
 def main() -> None:
+    if sys.argv[1] in ("cv", "heldout"):
+        refit(sys.argv[1])
+        return
     base = Scorer(Path(sys.argv[1]))
     for m in (int(v) for v in sys.argv[2].split(",")):
         sc = MinScorer(base, m)

@@ -25,19 +25,26 @@ import numpy as np
 import torch
 
 
-def window_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, window: int) -> torch.Tensor:
+def window_scores(tok: torch.Tensor, offsets: torch.Tensor, row_of: torch.Tensor, window: int,
+                  full_front: bool = False) -> torch.Tensor:
     """Differentiable served row score: max over a row's tokens of the rolling mean of up to ``window`` tokens
-    (partial windows at the front average what they have). ``offsets`` [rows + 1] delimit the rows in ``tok``."""
+    (partial windows at the front average what they have). ``offsets`` [rows + 1] delimit the rows in ``tok``.
+    ``full_front``: no partial window counts but a whole row shorter than ``window`` (an experiment, not served)."""
     cs = torch.cat([tok.new_zeros(1), torch.cumsum(tok, 0)])
     ends = torch.arange(1, len(tok) + 1)
     starts = torch.maximum(ends - window, offsets[row_of])
     means = (cs[ends] - cs[starts]) / (ends - starts)
+    if full_front:
+        lens = (offsets[1:] - offsets[:-1])[row_of]
+        means = torch.where(ends - offsets[row_of] >= torch.clamp(lens, max=window), means,
+                            torch.full_like(means, -1e9))
     out = tok.new_full((len(offsets) - 1,), -1e9)
     return out.scatter_reduce(0, row_of, means, "amax", include_self=False)
 
 
 def fit_dense_window(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray, *, window: int, wd: float,
                      steps: int = 60, seed: int = 0, anchor: tuple[np.ndarray, float] | None = None,
+                     full_front: bool = False,
                      ) -> tuple[np.ndarray, float]:
     """A linear probe on token residuals ``x`` [tokens, d] (rows stacked, delimited by ``offsets``): weighted
     logistic loss on the served row score + ``wd`` x squared norm of the standardised weights (with ``anchor``, a
@@ -60,7 +67,7 @@ def fit_dense_window(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.nd
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        s = window_scores(Z @ beta + b, off, row_of, window)
+        s = window_scores(Z @ beta + b, off, row_of, window, full_front)
         loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
         loss = loss + wd * ((beta - beta0) ** 2).sum()
         loss.backward()
