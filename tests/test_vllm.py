@@ -285,7 +285,28 @@ def hf() -> dict[str, Any]:
             "gated": _shipped_steering("gated-steer", mid),
             "always": _shipped_steering("always-steer", 1e9, always=True),
             "compliance": Policy.from_path(ROOT / "policies" / "harmful-compliance.yaml")}  # a gated output rule
-    return {name: GuardedModel(lm, tok, p) for name, p in pols.items()} | {"_policies": pols}
+    guards = {name: GuardedModel(lm, tok, p) for name, p in pols.items()}
+    pols["cascade"] = _cascade_policy()
+    guards["cascade"] = GuardedModel(lm, tok, pols["cascade"], judges={"j": _judge})
+    return guards | {"_policies": pols}
+
+
+JUDGED: list[str] = []
+
+
+def _judge(request: Any) -> str:
+    """The cascade tests' judge: unsafe when the request asks to hack; keeps what it was asked."""
+    JUDGED.append(request.text)
+    return "unsafe" if "hack" in request.text else "safe"
+
+
+def _cascade_policy() -> Any:
+    """An input rule whose band holds every prompt: the judge alone decides."""
+    from guardrails.core.cascade import JudgeSpec
+
+    pol = _policy("cascade", "input", -1e6)
+    rule = pol.rules[0].model_copy(update={"escalate_above": 1e6})
+    return pol.model_copy(update={"rules": [rule], "judges": {"j": JudgeSpec(prompt="text")}})
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +320,7 @@ def guard(hf: dict[str, Any]) -> Any:
     args = {"max_model_len": 256, "max_num_seqs": 8, "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
             "dtype": "float32", "gpu_memory_utilization": 0.1, "seed": 0}
     return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"], pols["always"],
-                              pols["compliance"]])
+                              pols["compliance"], pols["cascade"]], judges={"j": _judge})
 
 
 def _unguarded(guard: Any, prompts: list[str], n: int = N_NEW) -> list[list[int]]:
@@ -366,6 +387,26 @@ def test_same_as_hf_path(guard: Any, hf: dict[str, Any]) -> None:
         assert g.prompt_length == r.prompt_length
         _same_decisions(g.decisions, r.decisions)
         _same_scores(g.token_scores, r.token_scores)
+
+
+@needs_vllm
+@pytest.mark.model
+def test_cascade_input_band_judged_as_hf(guard: Any, hf: dict[str, Any]) -> None:
+    """An input rule's band in vLLM: the driver asks the judge once per prompt between two passes, and the results
+    (blocks, released ids, decisions with the judge's verdicts) equal the HF path's, where the engine asks."""
+    prompts = [BENIGN[0], HARMFUL]
+    JUDGED.clear()
+    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="cascade")
+    assert sorted(JUDGED) == sorted(prompts)
+    JUDGED.clear()
+    ref = hf["cascade"].generate(prompts, max_new_tokens=N_NEW)
+    assert sorted(JUDGED) == sorted(prompts) and [r.blocked for r in ref] == [False, True]
+    for g, r in zip(got, ref, strict=True):
+        assert g.blocked == r.blocked and g.text == r.text and g.output_ids == r.output_ids
+        _same_decisions(g.decisions, r.decisions)
+        assert [(d.escalated, d.judge, d.verdict, d.sequence) for d in g.decisions] == \
+            [(d.escalated, d.judge, d.verdict, d.sequence) for d in r.decisions]
+        assert not g.errors
 
 
 @needs_vllm

@@ -79,7 +79,7 @@ def serve_command(
         if score_mode is not None:
             fail("--score-mode applies to --engine hf only (vLLM scores with the policy's own mode)")
         if judge:
-            fail("--judge applies to --engine hf only (GuardedVLLM takes no judges: a band score follows on_error)")
+            fail("--judge applies to --engine hf only (the vLLM server takes no judges: a band score follows on_error)")
     if not _loopback(host) and not api_key:
         err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
                           "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)

@@ -102,6 +102,9 @@ def resolve_escalations(run: GuardRun) -> None:
 
 
 def _ask(run: GuardRun, p: PendingJudge, name: str, prompt: str, timeout_s: float | None) -> JudgeOutcome:
+    preset = run.judge_presets.get((p.rule.id, p.b))
+    if preset is not None:
+        return preset
     scope = "output" if p.out else "input"
     try:
         if run.judge_text is None:

@@ -90,6 +90,9 @@ class GuardRun:
     a judge call is an error and follows on_error)."""
     verdicts: dict[tuple[str, int], JudgeOutcome] = field(default_factory=dict)
     """Judge outcome per (rule id, row): a judge is asked at most once per rule and sequence."""
+    judge_presets: dict[tuple[str, int], JudgeOutcome] = field(default_factory=dict)
+    """Outcomes already known per (rule id, row), used instead of calling the judge (vLLM: the driver judged the
+    prompt between two passes, :mod:`guardrails.vllm.cascade`)."""
     feeds: dict[int, Any] = field(default_factory=dict)
     """Shallower-layer terms of multi-layer linear rules (:class:`~guardrails.engine.compile.Feed` per layer):
     their token scores are carried to the rule's own layer within the same forward and added there."""

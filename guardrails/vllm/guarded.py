@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+from guardrails.core.cascade import bind_judges
 from guardrails.core.decision import Decision
 from guardrails.core.policy import Policy
 from guardrails.core.roles import token_roles
@@ -30,6 +31,7 @@ from guardrails.core.semantics import ROLE_CODES, refusal_for
 from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch, render_prompt
 from guardrails.serving.result import GenerationResult, token_text, traced_ids
 from guardrails.vllm import require_vllm
+from guardrails.vllm.cascade import input_band_verdicts
 from guardrails.vllm.selfcheck import self_check
 from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
 
@@ -117,7 +119,11 @@ class GuardedVLLM:
         chat: bool = True,
         self_check: bool = True,
         record_trace: bool = True,
+        judges: Mapping[str, Any] | None = None,
     ) -> None:
+        """``judges``: the cascade's judges by name, as ``GuardedModel``'s; input rules' bands are judged between two
+        passes (:mod:`guardrails.vllm.cascade`), output rules' bands follow on_error. Without ``judges`` every band
+        hit follows on_error."""
         require_vllm()
         items: list[Any] = list(policy) if isinstance(policy, list | tuple) else [policy]
         if not items:
@@ -129,6 +135,11 @@ class GuardedVLLM:
                 raise ValueError(f"policy: two policies named {pol.name!r}; names must be unique")
             self.policies[pol.name] = pol
         self.default_policy = next(iter(self.policies))
+        self.judges: dict[str, Any] = {}
+        """Bound judges by name (empty: the cascade's bands follow on_error)."""
+        if judges is not None:  # every escalating rule of every policy must find its judge
+            for pol in self.policies.values():
+                self.judges.update(bind_judges(pol, judges))
         if isinstance(llm_or_args, dict):
             self.llm = _make_llm(guard_engine_args(**llm_or_args))
         elif llm_or_args is None or isinstance(llm_or_args, str | os.PathLike):
@@ -218,7 +229,21 @@ class GuardedVLLM:
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer, index=i)
                 for i, (text, name) in enumerate(zip(texts, names, strict=True))]
         outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
-        results = self.finish(reqs, [list(o.outputs[0].token_ids) for o in outs])
+        results = self.finish(reqs, [list(o.outputs[0].token_ids) for o in outs], audit=not self.judges)
+        if self.judges:  # the cascade: input bands judged here, those requests run again with the verdicts
+            judged = {i: v for i, r in enumerate(results)
+                      if (v := input_band_verdicts(self.policies[names[i]], self.judges, items[i], r))}
+            if judged:
+                again = [self.prepare(texts[i], policy=names[i], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer,
+                                      index=i, judged=v) for i, v in judged.items()]
+                outs = self.llm.generate([r.prompt for r in again], [r.params for r in again], use_tqdm=False)
+                verdicts = self.verdicts([r.key for r in again])
+                for i, req, o in zip(judged, again, outs, strict=True):
+                    if (verdict := verdicts.get(req.key)) is None:
+                        raise GuardSetupError(f"request {i}: the guard holds no result for its judged pass")
+                    results[i] = self.result(req, list(o.outputs[0].token_ids), verdict, sequence=i)
+            results = [self._audit(r) for r in results]
         return results if batch else results[0]
 
     def prepare(
@@ -234,11 +259,14 @@ class GuardedVLLM:
         seed: int | None = None,
         steer: bool = True,
         index: int = 0,
+        judged: Mapping[str, Sequence[Any]] | None = None,
     ) -> PreparedRequest:
         """One guarded vLLM request for ``text`` (already formatted): its prompt, sampling params and key.
 
         For callers that drive the engine themselves (``guardrails serve --engine vllm`` adds these to
-        ``llm.llm_engine`` and steps it); read the results back with :meth:`finish`.
+        ``llm.llm_engine`` and steps it); read the results back with :meth:`finish`. ``judged``: judge outcomes
+        by rule id (``[judge, verdict, latency_s, reason]``) the worker uses instead of asking (the cascade's second
+        pass, :mod:`guardrails.vllm.cascade`).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -252,7 +280,10 @@ class GuardedVLLM:
         key = uuid.uuid4().hex
         pol = self.policies[name]
         roles = self.prompt_roles(text, len(ids))
-        extra = {EXTRA_ARGS_KEY: {"policy": name, "key": key, "steer": steer, "roles": roles}}
+        settings: dict[str, Any] = {"policy": name, "key": key, "steer": steer, "roles": roles}
+        if judged:
+            settings["judged"] = {str(k): list(v) for k, v in judged.items()}
+        extra = {EXTRA_ARGS_KEY: settings}
         sp = SamplingParams(
             # one step more than asked: its forward scores the last released token (GuardedModel's last,
             # truncated forward); the extra token itself is dropped
@@ -270,11 +301,11 @@ class GuardedVLLM:
         return PreparedRequest(text, TokensPrompt(**tp), sp, key, ids, max_new_tokens)
 
     def finish(self, requests: Sequence[PreparedRequest], token_ids: Sequence[Sequence[int]],
-               *, sequence: int | None = None) -> list[GenerationResult]:
+               *, sequence: int | None = None, audit: bool = True) -> list[GenerationResult]:
         """Results of finished (or aborted) ``requests`` from vLLM's output token ids: one read-back RPC.
 
         ``sequence``: the ``Decision.sequence`` of every result (default: the request's index in ``requests``).
-        Each result is written to the audit store when one is set.
+        Each result is written to the audit store when one is set (and ``audit``).
         """
         verdicts = self.verdicts([r.key for r in requests])
         results = []
@@ -283,7 +314,7 @@ class GuardedVLLM:
             if verdict is None:
                 raise GuardSetupError(f"request {b}: the guard holds no result for it (its hooks never ran)")
             results.append(self.result(req, ids, verdict, sequence=b if sequence is None else sequence))
-        return [self._audit(r) for r in results]
+        return [self._audit(r) for r in results] if audit else results
 
     def verdicts(self, keys: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """The worker's guard state of each key as plain data (None: never seen), removed from the worker."""

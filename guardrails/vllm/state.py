@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guardrails.core.cascade import JudgeOutcome
 from guardrails.core.policy import Policy
 from guardrails.core.semantics import ROLE_CODES
 from guardrails.engine.run import GuardRun, StepContext
@@ -249,6 +250,8 @@ class GuardState:
         compiled = self.guards[name]
         run = compiled.compiled.new_run([prompt_length], steer=bool(args.get("steer", True)),
                                         record_trace=self.record_trace)
+        for rule_id, outcome in (args.get("judged") or {}).items():  # the driver's verdicts (vllm/cascade.py)
+            run.judge_presets[(str(rule_id), 0)] = JudgeOutcome(*outcome)
         roles = args.get("roles")
         role_t = None
         if roles is not None:  # role code of each prompt token (input rules read only the policy's input_roles)
