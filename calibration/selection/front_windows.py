@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import Scorer, report
-from maxwin import FOLDS, TRAIN, Pool, criterion, family_aurocs, row_weights
+from heldout import Scorer, print_report
+from maxwin import FOLDS, TRAIN, Pool, cv_line, row_weights
 from select_detectors import Set, windowed_max
 
 from guardrails.offline.window_fit import fit_dense_window
@@ -101,24 +101,13 @@ def refit(cmd: str) -> None:
                 refs = np.sort(score_rows(ref.x, ref.offsets, coef, bias, full)[ref_benign])
                 xh, oh = pool.subset(held)
                 oof[held] = np.searchsorted(refs, score_rows(xh, oh, coef, bias, full)) / len(refs)
-            per = family_aurocs(oof[use], pool.y[use], pool.family[use])
-            crit, mean, worst = criterion(per)
-            harm = pool.y[use] == 1
-            print(f"full_front={full}: crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
-                  f"oof TPR@3% {float((oof[use][harm] >= 0.97).mean()):.3f} "
-                  f"FPR {float((oof[use][~harm] >= 0.97).mean()):.3f} | "
-                  + " ".join(f"{k}={v:.3f}" for k, v in per.items()), flush=True)
+            print(cv_line(f"full_front={full}", oof[use], pool.y[use], pool.family[use]), flush=True)
             continue
         xt, ot = pool.subset(use)
         coef, bias = fit_dense_window(xt, ot, pool.y[use], w[use], window=WINDOW, wd=WD, full_front=full)
         thr = float(np.quantile(score_rows(ref.x, ref.offsets, coef, bias, full)[ref_benign], 0.97))
         sc = ProbeScorer(coef, bias, full, thr)
-        rep = report(sc)  # type: ignore[arg-type]
-        print(f"== {sc.name} (threshold {thr:.4f})", flush=True)
-        for k in SETS:
-            v = rep[k]
-            extra = f" auroc {v['auroc']:.3f}" if "auroc" in v else ""
-            print(f"  {k:60s} n={v['n']:<4} fired {v['blocked']:.3f}{extra}", flush=True)
+        print_report(sc, f"{sc.name} (threshold {thr:.4f})", SETS)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -128,12 +117,7 @@ def main() -> None:
     base = Scorer(Path(sys.argv[1]))
     for m in (int(v) for v in sys.argv[2].split(",")):
         sc = MinScorer(base, m)
-        rep = report(sc)  # type: ignore[arg-type]
-        print(f"== min{m} thr {sc.threshold:.4f}", flush=True)
-        for k in SETS:
-            v = rep[k]
-            extra = f" auroc {v['auroc']:.3f}" if "auroc" in v else ""
-            print(f"  {k:60s} n={v['n']:<4} fired {v['blocked']:.3f}{extra}", flush=True)
+        print_report(sc, f"min{m} thr {sc.threshold:.4f}", SETS)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -132,6 +132,17 @@ def boot(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]: 
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
+def print_report(sc: Scorer, title: str, keys: tuple[str, ...] | None = None) -> None:
+    """``report(sc)`` as lines: each set's size, share fired at the scorer's threshold and AUROC where it has one
+    (``keys``: these sets only, in this order)."""
+    rep = report(sc)
+    print(f"== {title}", flush=True)
+    for key in keys or tuple(rep):
+        v = rep[key]
+        extra = f" auroc {v['auroc']:.3f}" if "auroc" in v else ""
+        print(f"  {key:62s} n={v['n']:<4} fired {v['blocked']:.3f}{extra}", flush=True)
+
+
 def report(sc: Scorer) -> dict[str, dict[str, object]]:
     thr = sc.threshold
     out: dict[str, dict[str, object]] = {}

@@ -194,6 +194,17 @@ def family_aurocs(oof: np.ndarray, y: np.ndarray, family: np.ndarray, exclude: n
     return per
 
 
+def cv_line(tag: str, oof: np.ndarray, y: np.ndarray, family: np.ndarray) -> str:
+    """One CV run's summary: criterion, mean, worst family, the out-of-fold share flagged at the 3% cal point
+    (percentile >= 0.97) of each label, and every family's AUROC."""
+    per = family_aurocs(oof, y, family)
+    crit, mean, worst = criterion(per)
+    harm = y == 1
+    return (f"{tag}: crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
+            f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} | "
+            + " ".join(f"{k}={v:.3f}" for k, v in per.items()))
+
+
 def criterion(per: dict[str, float]) -> tuple[float, float, str]:
     """The selection criterion (mean of the mean and the worst family AUROC), the mean, and the worst family."""
     worst = min(per, key=per.__getitem__)

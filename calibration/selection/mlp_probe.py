@@ -32,8 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from heldout import report  # noqa: E402
-from maxwin import FOLDS, TRAIN, Pool, criterion, family_aurocs, row_weights  # noqa: E402
+from heldout import print_report  # noqa: E402
+from maxwin import FOLDS, TRAIN, Pool, cv_line, row_weights  # noqa: E402
 from select_detectors import Set, windowed_max  # noqa: E402
 
 from guardrails.offline.window_fit import fit_dense_window, window_scores  # noqa: E402
@@ -148,24 +148,14 @@ def main() -> None:
                 xh, oh = pool.subset(held)
                 refs = np.sort(head.rows(ref.x, ref.offsets, args.window)[ref_benign])
                 oof[held] = np.searchsorted(refs, head.rows(xh, oh, args.window)) / len(refs)
-            m = use
-            per = family_aurocs(oof[m], pool.y[m], pool.family[m])
-            crit, mean, worst = criterion(per)
-            harm = pool.y[m] == 1
-            print(f"{tag}: crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
-                  f"oof TPR@3% {float((oof[m][harm] >= 0.97).mean()):.3f} "
-                  f"FPR {float((oof[m][~harm] >= 0.97).mean()):.3f} | "
-                  + " ".join(f"{k}={v:.3f}" for k, v in per.items()), flush=True)
+            print(cv_line(tag, oof[use], pool.y[use], pool.family[use]), flush=True)
             continue
         xt, ot = pool.subset(use)
         head = fit(xt, ot, pool.y[use], w[use], window=args.window, wd=args.wd, hidden=hidden, wd_mlp=wd_mlp,
                    steps=args.steps, cols=cols)
         thr = float(np.quantile(head.rows(ref.x, ref.offsets, args.window)[ref_benign], 0.97))
-        rep = report(HeadScorer(head, args.layers, args.window, thr, tag))  # type: ignore[arg-type]
-        print(f"== {tag} (threshold {thr:.4f})")
-        for key, val in rep.items():
-            extra = f" auroc {val['auroc']:.3f}" if "auroc" in val else ""
-            print(f"  {key:62s} n={val['n']:<4} fired {val['blocked']:.3f}{extra}", flush=True)
+        print_report(HeadScorer(head, args.layers, args.window, thr, tag),  # type: ignore[arg-type]
+                     f"{tag} (threshold {thr:.4f})")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from heldout import Scorer, report  # noqa: E402
+from heldout import Scorer, print_report  # noqa: E402
 from maxwin import FOLDS, TRAIN, Pool, criterion, family_aurocs, row_weights  # noqa: E402
 from select_detectors import Set  # noqa: E402
 
@@ -123,11 +123,7 @@ def main() -> None:
                            TailScorer(m, layers, k, args.concat, float(np.quantile(both[cal_benign], 0.97)),
                                       f"{tag} + shipped ensemble (z-mean)", plus=(ens, stats_t, stats_e))]
                 for sc in scorers:
-                    rep = report(sc)  # type: ignore[arg-type]
-                    print(f"== {sc.name} (threshold {sc.threshold:.4f})")
-                    for key, v in rep.items():
-                        extra = f" auroc {v['auroc']:.3f}" if "auroc" in v else ""
-                        print(f"  {key:62s} n={v['n']:<4} fired {v['blocked']:.3f}{extra}", flush=True)
+                    print_report(sc, f"{sc.name} (threshold {sc.threshold:.4f})")  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
