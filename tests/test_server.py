@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import uvicorn  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the annotations of routes here)
 
 from guardrails import GuardedModel, Policy  # noqa: E402
+from guardrails.core.cascade import JudgeSpec  # noqa: E402
 from guardrails.engine.hooks import hooks_on  # noqa: E402
 from guardrails.server import ServerConfig, create_app  # noqa: E402
 from tests.builders import qwen_scope_tensors, tiny_tokenizer, watch_policy, write_qwen_scope  # noqa: E402
@@ -432,6 +434,37 @@ def test_audit_records_every_decision(lm: Any, guard: GuardedModel, refs: dict[s
     assert len(records) == 4  # one record per answer (GuardedModel audits every generation)
     assert sum(r["blocked"] for r in records) == n_blocked
     assert all(r["decisions"] for r in records if r["blocked"])
+
+
+def test_cascade_judges_input_bands_in_the_server(lm: Any, guard: GuardedModel) -> None:
+    """A cascade policy served (``guardrails serve --judge``): an input rule whose band holds every prompt, so the
+    bound judge decides each answer; batched requests are judged apart and the answer records the verdict."""
+    asked: list[str] = []
+
+    def judge(request: Any) -> str:
+        asked.append(request.text)
+        return "unsafe" if "bread" in request.text else "safe"
+
+    band = "    escalate_above: 1.0e+9\n    judge: {name: j}\n"
+    pol = watch_policy(guard.sae_path, -1e9, layer=LAYER, k=K, features=FEATURES, refusal=REFUSAL,  # type: ignore[attr-defined]
+                       scope="input", rule_extra=band)
+    pol = pol.model_copy(update={"judges": {"j": JudgeSpec(prompt="text")}})
+    judged = GuardedModel(lm("qwen3"), guard.tokenizer, pol, judges={"j": judge})
+    s = Served(create_app(judged, ServerConfig(gather_ms=20)))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(2) as ex:
+            answers = list(ex.map(lambda p: c.chat.completions.create(model="guardrails", messages=_chat(p),
+                                                                       max_tokens=4), PROMPTS[:2]))
+    finally:
+        s.close()
+    assert sorted(asked) == sorted(PROMPTS[:2])  # each prompt's user text, once
+    for p, a in zip(PROMPTS[:2], answers, strict=True):
+        g = a.model_extra["guardrails"]
+        harmful = "bread" in p
+        assert g["blocked"] is harmful and (a.choices[0].finish_reason == "content_filter") is harmful
+        d = g["decisions"][0]
+        assert d["escalated"] and d["judge"] == "j" and d["verdict"] == ("unsafe" if harmful else "safe")
 
 
 # -- proxy mode -------------------------------------------------------------------------------------------------
