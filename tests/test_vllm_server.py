@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def engine() -> dict[str, Any]:
     from guardrails import GuardedModel, Policy
     from guardrails.serving.models import load_model
     from guardrails.vllm import GuardedVLLM
-    from tests.test_vllm import BENIGN, HARMFUL, POLICY, _policy, _unguarded
+    from tests.test_vllm import BENIGN, HARMFUL, POLICY, _cascade_policy, _judge, _policy, _unguarded
 
     torch.set_num_threads(2)
     lm, tok = load_model("bundled")
@@ -116,7 +117,8 @@ def engine() -> dict[str, Any]:
     shipped = Policy.from_path(POLICY)
     guard = GuardedVLLM({"max_model_len": 256, "max_num_seqs": 8, "dtype": "float32",
                          "gpu_memory_utilization": 0.1, "seed": 0},
-                        [shipped, _policy("tripwire", "output", ranked[0] - 0.01, window=1)])
+                        [shipped, _policy("tripwire", "output", ranked[0] - 0.01, window=1), _cascade_policy()],
+                        judges={"j": _judge})
     benign = BENIGN[:4]
     refs = {
         "plain": dict(zip(benign, _unguarded(guard, benign, N), strict=True)),
@@ -178,6 +180,42 @@ def test_harmful_blocked_with_verdict_benign_equal_to_unguarded(engine: dict[str
     assert chunks[-1].model_extra["guardrails"]["blocked"] is False
     assert h["engine"] == "vllm" and h["policy"] == guard.policy.name
     assert check.status_code == 501 and "--engine hf" in check.json()["error"]["message"]
+
+
+@needs_vllm
+@pytest.mark.model
+def test_cascade_input_bands_judged_between_two_passes(engine: dict[str, Any]) -> None:
+    """``serve --engine vllm --judge``: an input rule's band held at the prefill (nothing streamed), judged off the
+    engine's thread, the request run again with the verdict: answers equal GuardedVLLM.generate's, each prompt judged
+    once per request."""
+    import openai
+
+    from tests.test_vllm import JUDGED
+
+    guard, harmful, benign = engine["guard"], engine["harmful"], engine["benign"][0]
+    want = dict(zip([benign, harmful], guard.generate([benign, harmful], max_new_tokens=N, policy="cascade"),
+                    strict=True))
+    assert [want[p].blocked for p in (benign, harmful)] == [False, True]
+    app, _ = _app(engine, policy="cascade")
+    JUDGED.clear()
+    with serving(app) as url:
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        with ThreadPoolExecutor(2) as ex:
+            good, bad = ex.map(lambda p: c.chat.completions.create(model="guardrails", max_tokens=N,
+                                                                   messages=_chat(p)), [benign, harmful])
+        chunks = list(c.chat.completions.create(model="guardrails", max_tokens=N, stream=True,
+                                                messages=_chat(harmful)))
+    assert sorted(JUDGED) == sorted([benign, harmful, harmful])
+    tok = engine["tok"]
+    assert good.choices[0].message.content == tok.decode(want[benign].output_ids, skip_special_tokens=True)
+    refusal = guard.policies["cascade"].refusal
+    assert bad.choices[0].message.content == refusal and bad.choices[0].finish_reason == "content_filter"
+    for answer, p in ((good, benign), (bad, harmful)):
+        got = answer.model_extra["guardrails"]["decisions"]
+        assert [(d["rule"], d["action"], d["position"], d["verdict"]) for d in got] == \
+            [(d.rule, d.action, d.position, d.verdict) for d in want[p].decisions]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == refusal
+    assert chunks[-1].model_extra["guardrails"]["decisions"][0]["verdict"] == "unsafe"
 
 
 @needs_vllm

@@ -49,8 +49,9 @@ def serve_command(
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1,
                                                       help="vLLM: GPUs per replica")] = 1,
     judge: Annotated[list[str] | None, typer.Option(
-        "--judge", help="A cascade's judge (engine hf): NAME=module:callable binds the policy's judge NAME, a bare "
-                        "module:callable every judge it names; 'module:make()' calls a factory (repeatable)")] = None,
+        "--judge", help="A cascade's judge: NAME=module:callable binds the policy's judge NAME, a bare "
+                        "module:callable every judge it names; 'module:make()' calls a factory (repeatable; "
+                        "engine vllm: input rules' bands only)")] = None,
 ) -> None:
     """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/completions,
     /v1/models, /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead;
@@ -78,8 +79,6 @@ def serve_command(
             fail("--engine vllm and --upstream exclude each other: proxy mode scans with the HF model")
         if score_mode is not None:
             fail("--score-mode applies to --engine hf only (vLLM scores with the policy's own mode)")
-        if judge:
-            fail("--judge applies to --engine hf only (the vLLM server takes no judges: a band score follows on_error)")
     if not _loopback(host) and not api_key:
         err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
                           "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)
@@ -89,7 +88,7 @@ def serve_command(
         torch.set_num_threads(threads)
     if engine == "vllm":
         guard = _run_safely(lambda: _load_vllm_guard(policy, model, audit, max_model_len, tensor_parallel_size,
-                                                     max_batch))
+                                                     max_batch, judge))
     else:
         guard = _run_safely(lambda: _load_guard(policy, model, score_mode, audit, judge))
     try:
@@ -107,15 +106,18 @@ def serve_command(
 
 
 def _load_vllm_guard(policy: str | None, model: str | None, audit: str | None, max_model_len: int | None,
-                     tensor_parallel_size: int, max_batch: int) -> object:
-    """A GuardedVLLM on the policy's model (the bundled one by default); vLLM batches up to ``max_batch``."""
+                     tensor_parallel_size: int, max_batch: int, judges: list[str] | None = None) -> object:
+    """A GuardedVLLM on the policy's model (the bundled one by default); vLLM batches up to ``max_batch``;
+    ``judges``: ``--judge`` values for a cascade (input bands judged between two passes)."""
     from guardrails.cli.main import resolve_policy_path
+    from guardrails.core.cascade import judges_from_cli
     from guardrails.core.policy import Policy
     from guardrails.vllm import GuardedVLLM
 
     pol = Policy.from_path(resolve_policy_path(policy))
+    bound = judges_from_cli(judges or [], pol)  # before the engine starts: a bad --judge fails fast
     args: dict[str, object] = {"model": model or pol.model, "max_num_seqs": max_batch,
                                "tensor_parallel_size": tensor_parallel_size}
     if max_model_len is not None:
         args["max_model_len"] = max_model_len
-    return GuardedVLLM(args, pol, audit=audit)
+    return GuardedVLLM(args, pol, audit=audit, judges=bound)

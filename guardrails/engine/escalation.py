@@ -64,6 +64,10 @@ def cascade_hits(
                  hidden, role_of(high), threshold=esc)
 
 
+HELD = "held for the driver's judge"
+"""The reason of an input band hit held in vLLM's first pass (:attr:`GuardRun.hold_bands`): it blocks there."""
+
+
 def resolve_escalations(run: GuardRun) -> None:
     """Ask the judges about the pending band hits (position order, layers then policy order), skipping any
     at or after a block, and apply the verdicts as :func:`guardrails.core.semantics.decide_scan` does."""
@@ -79,7 +83,8 @@ def resolve_escalations(run: GuardRun) -> None:
         assert settings is not None
         outcome = _ask(run, p, settings.name, settings.prompt, settings.timeout_s)
         run.verdicts[(rule.id, b)] = outcome
-        action, resolution = judged_action(rule.action, outcome, settings.on_error)
+        held = outcome.reason == HELD and outcome.verdict == "error"
+        action, resolution = judged_action(rule.action, outcome, "block" if held else settings.on_error)
         if action == "flag":  # the judged flag is the rule's first firing: its later direct flag is latched away
             run.decisions = [d for d in run.decisions
                              if not (d.sequence == b and d.rule == rule.id and d.position > p.pos)]
@@ -106,6 +111,8 @@ def _ask(run: GuardRun, p: PendingJudge, name: str, prompt: str, timeout_s: floa
     if preset is not None:
         return preset
     scope = "output" if p.out else "input"
+    if run.hold_bands and scope == "input":
+        return JudgeOutcome(name, "error", 0.0, HELD)
     try:
         if run.judge_text is None:
             raise RuntimeError("this path gives the judge no text (only GuardedModel generation and scans do)")

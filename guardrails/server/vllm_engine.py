@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,8 @@ class VLLMScheduler(ThreadedScheduler):
         self.engine = guard.llm.llm_engine
         self._waiting: list[tuple[Ticket, Any]] = []
         self._live: dict[str, _Live] = {}
+        self._judges_pool: ThreadPoolExecutor | None = None
+        """Threads asking the cascade's judges (never the engine's thread)."""
 
     @property
     def queued(self) -> int:
@@ -103,7 +106,8 @@ class VLLMScheduler(ThreadedScheduler):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         check_generation_args([prompt], max_new_tokens, kw.get("temperature", 1.0), kw.get("top_p", 1.0),
                               kw.get("top_k", 0))
-        req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens, **kw)
+        req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens,
+                                 hold_bands=bool(getattr(self.guard, "judges", None)), **kw)
         limit = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
         if isinstance(limit, int) and len(req.prompt_ids) + max_new_tokens + 1 > limit:
             raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens and max_tokens is {max_new_tokens}: "
@@ -236,8 +240,46 @@ class VLLMScheduler(ThreadedScheduler):
                 lv.ticket.emit(Event("done", completion=Completion("", reason or "cancelled", None,
                                                                    lv.prompt_tokens, 0)))
                 continue
-            result = self.guard._audit(self.guard.result(lv.req, ids, verdict, sequence=0))
-            self._complete(lv, result, reason, cut)
+            result = self.guard.result(lv.req, ids, verdict, sequence=0)
+            if reason is None and self._held(result):  # the cascade: judge off this thread, then run it again
+                self._judging().submit(self._judge_and_requeue, lv.ticket, result)
+                continue
+            self._complete(lv, self.guard._audit(result), reason, cut)
+
+    # -- the cascade (guardrails.vllm.cascade): an input band held in the first pass, judged, run again --------
+    def _held(self, result: Any) -> bool:
+        from guardrails.engine.escalation import HELD
+
+        return bool(self.guard.judges) and any(d.escalated and d.judge_reason == HELD for d in result.decisions)
+
+    def _judging(self) -> ThreadPoolExecutor:
+        if self._judges_pool is None:
+            self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
+        return self._judges_pool
+
+    def _judge_and_requeue(self, ticket: Ticket, result: Any) -> None:
+        """Ask the judges about the held prompt; queue the request again with their outcomes preset."""
+        from guardrails.vllm.cascade import input_band_verdicts
+
+        try:
+            policy = self.guard.policies[result.policy]
+            judged = input_band_verdicts(policy, self.guard.judges, self.guard.judge_prompt(ticket.prompt), result)
+            req = self.guard.prepare(ticket.prompt, policy=self.policy, max_new_tokens=ticket.max_new_tokens,
+                                     judged=judged, **ticket.sampling)
+        except Exception as exc:  # the request fails alone
+            logger.exception("cascade judge")
+            self._count("error")
+            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, f"{type(exc).__name__}: {exc}")))
+            return
+        with self._cond:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._waiting.append((ticket, req))
+                self._cond.notify_all()
+        if closed:
+            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
 
     def _complete(self, lv: _Live, result: Any, reason: FinishReason | None, cut: str | None) -> None:
         t = lv.ticket

@@ -3,14 +3,17 @@
 A judge (a Python callable, a LangChain chat model, an HTTP client) cannot run inside vLLM's forward pass, where the
 guard decides. So :class:`~guardrails.vllm.guarded.GuardedVLLM` with ``judges=`` generates in two passes:
 
-1. every request runs; an input rule's band hit finds no judge in the worker and follows the judge's ``on_error``
-   (default: block, so the request ends at its prefill), recorded as an escalated decision with verdict ``error``;
+1. every request runs with its input bands *held* (:attr:`~guardrails.engine.run.GuardRun.hold_bands`): a band hit
+   finds no judge in the worker, blocks at the prefill (nothing is released) and is recorded as an escalated
+   decision with verdict ``error`` (reason :data:`~guardrails.engine.escalation.HELD`);
 2. for those requests only, the driver asks the bound judge about the prompt (the turns ``input_roles`` names, as
    ``GuardedModel`` does) and runs the request again with the outcome preset in its guard settings: the worker's
    band hit then takes that verdict instead of calling (:attr:`~guardrails.engine.run.GuardRun.judge_presets`), and
    the decisions, blocking and steering follow as on the HF path.
 
-Output rules' band hits cannot pause vLLM's decoding for a judge; they keep following ``on_error``.
+Output rules' band hits cannot pause vLLM's decoding for a judge; they keep following ``on_error``. The server
+(``guardrails serve --engine vllm --judge``) runs the same two passes per request
+(:mod:`guardrails.server.vllm_engine`), its judges on threads of their own.
 """
 
 from __future__ import annotations

@@ -148,6 +148,8 @@ class GuardedVLLM:
             self.llm = llm_or_args
         self.chat = chat
         self._spans: dict[str, list[Any]] = {}
+        self._asked: dict[str, PromptLike] = {}
+        """Recently formatted prompts by their text, for the cascade's judges (bounded; see format_prompt)."""
         if isinstance(audit, str | os.PathLike):
             from guardrails.audit.store import AuditStore
 
@@ -191,7 +193,17 @@ class GuardedVLLM:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def format_prompt(self, prompt: PromptLike, chat: bool | None = None) -> str:
-        return render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
+        text = render_prompt(self.tokenizer, prompt, self.chat if chat is None else chat, self._spans)
+        if self.judges:  # the cascade: what an input rule's judge reads is the prompt's turns, not the template
+            if len(self._asked) >= 1024:
+                self._asked.pop(next(iter(self._asked)), None)
+            self._asked[text] = prompt
+        return text
+
+    def judge_prompt(self, text: str) -> PromptLike:
+        """The prompt (string or messages) that ``format_prompt`` rendered as ``text`` (``text`` itself when not
+        kept): what :func:`~guardrails.vllm.cascade.input_band_verdicts` gives the judge."""
+        return self._asked.get(text, text)
 
     def prompt_roles(self, prompt_text: str, n_tokens: int) -> list[int]:
         """Role code of each prompt token (as ``GuardedModel``: all the user's when offsets disagree)."""
@@ -226,7 +238,8 @@ class GuardedVLLM:
             if n not in self.policies:
                 raise ValueError(f"policy[{i}]: {n!r} is not loaded; loaded: {', '.join(self.policies)}")
         reqs = [self.prepare(text, policy=name, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer, index=i)
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer, index=i,
+                             hold_bands=bool(self.judges))
                 for i, (text, name) in enumerate(zip(texts, names, strict=True))]
         outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
         results = self.finish(reqs, [list(o.outputs[0].token_ids) for o in outs], audit=not self.judges)
@@ -260,13 +273,15 @@ class GuardedVLLM:
         steer: bool = True,
         index: int = 0,
         judged: Mapping[str, Sequence[Any]] | None = None,
+        hold_bands: bool = False,
     ) -> PreparedRequest:
         """One guarded vLLM request for ``text`` (already formatted): its prompt, sampling params and key.
 
         For callers that drive the engine themselves (``guardrails serve --engine vllm`` adds these to
         ``llm.llm_engine`` and steps it); read the results back with :meth:`finish`. ``judged``: judge outcomes
         by rule id (``[judge, verdict, latency_s, reason]``) the worker uses instead of asking (the cascade's second
-        pass, :mod:`guardrails.vllm.cascade`).
+        pass, :mod:`guardrails.vllm.cascade`); ``hold_bands``: an input band hit with no such outcome blocks at the
+        prefill, held for the driver's judge (the first pass).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -283,6 +298,8 @@ class GuardedVLLM:
         settings: dict[str, Any] = {"policy": name, "key": key, "steer": steer, "roles": roles}
         if judged:
             settings["judged"] = {str(k): list(v) for k, v in judged.items()}
+        if hold_bands:
+            settings["hold_bands"] = True
         extra = {EXTRA_ARGS_KEY: settings}
         sp = SamplingParams(
             # one step more than asked: its forward scores the last released token (GuardedModel's last,
