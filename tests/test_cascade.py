@@ -559,7 +559,7 @@ def _cascade_probe_file(tmp_path: Path) -> Path:
 def test_cli_judges_bind_by_name_and_fail_naming_the_flag(tmp_path: Path) -> None:
     """``--judge`` (generate, serve): NAME=module:callable or a bare path; the errors name the flag and the valid
     judge names before any model loads."""
-    from guardrails.core.cascade import judges_from_cli
+    from guardrails.core.cascade import judges_from_cli, split_judge_spec
 
     policy = Policy.from_path(_cascade_probe_file(tmp_path))
     with pytest.raises(JudgeError, match=r"escalates to judge 'llm'; bind it with --judge llm=module:callable"):
@@ -573,6 +573,8 @@ def test_cli_judges_bind_by_name_and_fail_naming_the_flag(tmp_path: Path) -> Non
     with pytest.raises(JudgeError, match="has no cascade"):
         judges_from_cli(["tests.test_cascade:always_unsafe"], Policy.from_path("harmful-requests-probe"))
     assert judges_from_cli([], Policy.from_path("harmful-requests-probe")) is None
+    assert split_judge_spec("llm=pkg.mod:make()") == ("llm", "pkg.mod:make()")  # eval --judge reads both forms
+    assert split_judge_spec("pkg.mod:f") == (None, "pkg.mod:f")
 
 
 @pytest.mark.model

@@ -171,8 +171,9 @@ def register(app: typer.Typer) -> None:
         by: Annotated[list[str] | None, typer.Option(help="Also per group: source, category or any other column "
                                                           "(repeatable)")] = None,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,
-        judge: Annotated[str | None, typer.Option(help="Cascade judge as module:callable (a factory: "
-                                                        "module:make()); reports the share escalated")] = None,
+        judge: Annotated[str | None, typer.Option(help="Cascade judge as [NAME=]module:callable (a factory: "
+                                                        "module:make()), for every escalating rule; reports the "
+                                                        "share escalated")] = None,
         errors: Annotated[int, typer.Option(help="List the N worst false positives and false negatives")] = 0,
         rows: Annotated[str | None, typer.Option(help="Write every row's score and decision to this CSV (several "
                                                       "policies: one file each, <stem>.<policy>.csv)")] = None,

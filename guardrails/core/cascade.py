@@ -355,6 +355,13 @@ def import_judge(path: str) -> Any:
 
 
 
+def split_judge_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=module:callable`` -> (NAME, path); a bare ``module:callable`` -> (None, path) (a module path holds no
+    ``=`` before its ``:``)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and ":" not in name else (None, spec)
+
+
 def judges_from_cli(specs: Sequence[str], policy: Policy) -> dict[str, Any] | None:
     """Judges named on the command line (``--judge``, repeatable) bound for ``policy``: ``NAME=module:callable``
     binds the judge that name declares; a bare ``module:callable`` binds every judge the policy's escalating rules
@@ -372,9 +379,9 @@ def judges_from_cli(specs: Sequence[str], policy: Policy) -> dict[str, Any] | No
         raise JudgeError(f"--judge: policy {policy.name!r} has no cascade (no rule sets escalate_above); drop --judge")
     out: dict[str, Any] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:  # a bare path: every judge the policy names
-            obj = import_judge(spec)
+        name, path = split_judge_spec(spec)
+        if name is None:  # a bare path: every judge the policy names
+            obj = import_judge(path)
             out.update({n: obj for n in wanted if n not in out})
             continue
         if name not in wanted:
@@ -408,6 +415,7 @@ __all__ = [
     "judge_settings",
     "judges_from_cli",
     "render_prompt",
+    "split_judge_spec",
     "to_verdict",
     "verdict_from_text",
 ]

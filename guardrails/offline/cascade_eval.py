@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.cascade import JudgeRequest, import_judge, judge_settings, render_prompt, to_verdict
+from guardrails.core.cascade import (
+    JudgeRequest,
+    import_judge,
+    judge_settings,
+    render_prompt,
+    split_judge_spec,
+    to_verdict,
+)
 from guardrails.core.semantics import cascade_band
 
 
@@ -41,8 +48,8 @@ def cascade_metrics(guard: Any, rows_of: Any, data: Any, judge: Any, rule_id: st
     from guardrails.offline.scoring import gate_scores, token_scores
 
     path = judge if isinstance(judge, str) else None
-    if path is not None:
-        judge = import_judge(path)
+    if path is not None:  # module:callable, or NAME=module:callable as generate and serve take it
+        judge = import_judge(split_judge_spec(path)[1])
 
     policy = guard.policy
     rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]

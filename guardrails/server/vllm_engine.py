@@ -268,7 +268,8 @@ class VLLMScheduler(ThreadedScheduler):
                                      judged=judged, **ticket.sampling)
         except Exception as exc:  # the request fails alone
             logger.exception("cascade judge")
-            self._count("error")
+            with self._cond:
+                self._count("error")
             ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, f"{type(exc).__name__}: {exc}")))
             return
         with self._cond:
