@@ -686,3 +686,19 @@ def test_openai_judge_posts_the_prompt_and_reads_the_verdict(monkeypatch: pytest
     monkeypatch.delenv("GUARDRAILS_JUDGE_MODEL")
     with pytest.raises(JudgeError, match="set GUARDRAILS_JUDGE_MODEL"):
         from_env()
+
+
+@pytest.mark.model
+def test_langchain_from_policy_binds_judges(tmp_path: Path) -> None:
+    """``GuardedChatModel.from_policy(..., judges=)`` and ``SAEGuard.from_policy(..., judges=)``: a cascade policy
+    in a LangChain chain, its verdicts in the response metadata; without judges it fails naming the judge."""
+    from guardrails.integrations.langchain import GuardedChatModel, SAEGuard
+
+    policy = Policy.from_path(_cascade_probe_file(tmp_path))
+    chat = GuardedChatModel.from_policy(policy, judges={"llm": always_unsafe}, max_new_tokens=2)
+    meta = chat.invoke("What is the capital of France?").response_metadata["guardrails"]
+    assert meta["blocked"] and meta["decisions"][0]["verdict"] == "unsafe"
+    guard = SAEGuard.from_policy(policy, judges={"llm": lambda req: "safe"})
+    assert guard.invoke("What is the capital of France?") == "What is the capital of France?"
+    with pytest.raises(JudgeError, match="escalates to judge 'llm', which is not bound"):
+        GuardedChatModel.from_policy(policy)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -64,13 +64,14 @@ class GuardedChatModel(BaseChatModel):
 
     @classmethod
     def from_policy(cls, policy: str | Policy, model: str | None = None, *, audit: Any = None,
-                    **fields: Any) -> GuardedChatModel:
+                    judges: Mapping[str, Any] | None = None, **fields: Any) -> GuardedChatModel:
         """Load ``model`` (default: the policy's, else the bundled SmolLM2) guarded by ``policy``.
 
         ``policy``: a path, a shipped policy's name, or a :class:`Policy`; ``audit``: an AuditStore or a
-        database path (default: the policy's ``audit.db``, else ``GUARDRAILS_AUDIT_DB``).
+        database path (default: the policy's ``audit.db``, else ``GUARDRAILS_AUDIT_DB``); ``judges``: a cascade
+        policy's judges by name (callables or chat models).
         """
-        return cls(guard=GuardedModel.from_pretrained(model, policy=policy, audit=audit), **fields)
+        return cls(guard=GuardedModel.from_pretrained(model, policy=policy, audit=audit, judges=judges), **fields)
 
     @property
     def _llm_type(self) -> str:

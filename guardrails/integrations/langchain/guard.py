@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -131,15 +131,15 @@ class SAEGuard(RunnableSerializable[Any, Any]):
     def from_policy(
         cls, policy: str | Policy, model: str | None = None,
         mode: Literal["input", "output"] | Sequence[Literal["input", "output"]] = "input", *, audit: Any = None,
-        **fields: Any,
+        judges: Mapping[str, Any] | None = None, **fields: Any,
     ) -> Any:
         """Load ``model`` (default: the policy's, else the bundled SmolLM2) and guard with ``policy``.
 
         ``mode=("input", "output")`` returns one guard per mode, all sharing the one loaded model;
         ``audit``: an AuditStore or database path (default: the policy's ``audit.db``, else
-        ``GUARDRAILS_AUDIT_DB``).
+        ``GUARDRAILS_AUDIT_DB``); ``judges``: a cascade policy's judges by name (callables or chat models).
         """
-        shared = GuardedModel.from_pretrained(model, policy=policy, audit=audit)
+        shared = GuardedModel.from_pretrained(model, policy=policy, audit=audit, judges=judges)
         if isinstance(mode, str):
             return cls(guard=shared, mode=mode, **fields)
         return tuple(cls(guard=shared, mode=m, **fields) for m in mode)
