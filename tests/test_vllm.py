@@ -288,6 +288,8 @@ def hf() -> dict[str, Any]:
     guards = {name: GuardedModel(lm, tok, p) for name, p in pols.items()}
     pols["cascade"] = _cascade_policy()
     guards["cascade"] = GuardedModel(lm, tok, pols["cascade"], judges={"j": _judge})
+    pols["ocascade"] = _output_cascade_policy()
+    guards["ocascade"] = GuardedModel(lm, tok, pols["ocascade"], judges={"o": _ojudge})
     return guards | {"_policies": pols}
 
 
@@ -298,6 +300,26 @@ def _judge(request: Any) -> str:
     """The cascade tests' judge: unsafe when the request asks to hack; keeps what it was asked."""
     JUDGED.append(request.text)
     return "unsafe" if "hack" in request.text else "safe"
+
+
+JUDGED_OUT: list[str] = []
+OUT_VERDICT = {"v": "safe"}
+
+
+def _ojudge(request: Any) -> str:
+    """The output cascade's judge: answers OUT_VERDICT["v"]; keeps the texts it was asked about."""
+    JUDGED_OUT.append(request.text)
+    return OUT_VERDICT["v"]
+
+
+def _output_cascade_policy(name: str = "ocascade", threshold: float = -1e6) -> Any:
+    """An output rule (one-token window) whose band starts at ``threshold`` (default: every generated token, so its
+    judge decides at the first) and never ends."""
+    from guardrails.core.cascade import JudgeSpec
+
+    pol = _policy(name, "output", threshold, window=1)
+    rule = pol.rules[0].model_copy(update={"escalate_above": 1e6})
+    return pol.model_copy(update={"rules": [rule], "judges": {"o": JudgeSpec(prompt="text")}})
 
 
 def _cascade_policy() -> Any:
@@ -320,7 +342,8 @@ def guard(hf: dict[str, Any]) -> Any:
     args = {"max_model_len": 256, "max_num_seqs": 8, "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
             "dtype": "float32", "gpu_memory_utilization": 0.1, "seed": 0}
     return GuardedVLLM(args, [pols["base"], pols["steer"], pols["trip"], pols["gated"], pols["always"],
-                              pols["compliance"], pols["cascade"]], judges={"j": _judge})
+                              pols["compliance"], pols["cascade"], pols["ocascade"]],
+                       judges={"j": _judge, "o": _ojudge})
 
 
 def _unguarded(guard: Any, prompts: list[str], n: int = N_NEW) -> list[list[int]]:
@@ -407,6 +430,27 @@ def test_cascade_input_band_judged_as_hf(guard: Any, hf: dict[str, Any]) -> None
         assert [(d.escalated, d.judge, d.verdict, d.sequence) for d in g.decisions] == \
             [(d.escalated, d.judge, d.verdict, d.sequence) for d in r.decisions]
         assert not g.errors
+
+
+@needs_vllm
+@pytest.mark.model
+@pytest.mark.parametrize("verdict", ["safe", "unsafe"])
+def test_cascade_output_band_judged_as_hf(guard: Any, hf: dict[str, Any], verdict: str) -> None:
+    """An output rule's band in vLLM (greedy): held at the escalating token, the generated text up to it judged by
+    the driver, the request run again with the verdict; the same texts asked and the same results as HF."""
+    prompts = [BENIGN[0], HARMFUL]
+    OUT_VERDICT["v"] = verdict
+    JUDGED_OUT.clear()
+    got = guard.generate(prompts, max_new_tokens=N_NEW, policy="ocascade")
+    asked = sorted(JUDGED_OUT)
+    JUDGED_OUT.clear()
+    ref = hf["ocascade"].generate(prompts, max_new_tokens=N_NEW)
+    assert asked == sorted(JUDGED_OUT) and len(asked) == 2 and all(asked)
+    assert [r.blocked for r in ref] == [verdict == "unsafe"] * 2
+    for g, r in zip(got, ref, strict=True):
+        assert g.blocked == r.blocked and g.text == r.text and g.output_ids == r.output_ids
+        _same_decisions(g.decisions, r.decisions)
+        assert [(d.escalated, d.verdict) for d in g.decisions] == [(d.escalated, d.verdict) for d in r.decisions]
 
 
 @needs_vllm

@@ -106,7 +106,17 @@ def engine() -> dict[str, Any]:
     from guardrails import GuardedModel, Policy
     from guardrails.serving.models import load_model
     from guardrails.vllm import GuardedVLLM
-    from tests.test_vllm import BENIGN, HARMFUL, POLICY, _cascade_policy, _judge, _policy, _unguarded
+    from tests.test_vllm import (
+        BENIGN,
+        HARMFUL,
+        POLICY,
+        _cascade_policy,
+        _judge,
+        _ojudge,
+        _output_cascade_policy,
+        _policy,
+        _unguarded,
+    )
 
     torch.set_num_threads(2)
     lm, tok = load_model("bundled")
@@ -117,8 +127,9 @@ def engine() -> dict[str, Any]:
     shipped = Policy.from_path(POLICY)
     guard = GuardedVLLM({"max_model_len": 256, "max_num_seqs": 8, "dtype": "float32",
                          "gpu_memory_utilization": 0.1, "seed": 0},
-                        [shipped, _policy("tripwire", "output", ranked[0] - 0.01, window=1), _cascade_policy()],
-                        judges={"j": _judge})
+                        [shipped, _policy("tripwire", "output", ranked[0] - 0.01, window=1), _cascade_policy(),
+                         _output_cascade_policy(), _output_cascade_policy("late", ranked[0] - 0.01)],
+                        judges={"j": _judge, "o": _ojudge})
     benign = BENIGN[:4]
     refs = {
         "plain": dict(zip(benign, _unguarded(guard, benign, N), strict=True)),
@@ -216,6 +227,38 @@ def test_cascade_input_bands_judged_between_two_passes(engine: dict[str, Any]) -
             [(d.rule, d.action, d.position, d.verdict) for d in want[p].decisions]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == refusal
     assert chunks[-1].model_extra["guardrails"]["decisions"][0]["verdict"] == "unsafe"
+
+
+@needs_vllm
+@pytest.mark.model
+@pytest.mark.parametrize("verdict", ["safe", "unsafe"])
+@pytest.mark.parametrize("policy", ["ocascade", "late"])
+def test_cascade_output_band_streams_once(engine: dict[str, Any], verdict: str, policy: str) -> None:
+    """An output rule's band through the vLLM server (greedy): the first pass streams up to the held token, the
+    second repeats those tokens without sending them again; the stream equals GuardedVLLM.generate's answer.
+    ``ocascade`` escalates at the first generated token, ``late`` at HARMFUL's highest-scoring one, mid-answer."""
+    import openai
+
+    from tests.test_vllm import JUDGED_OUT, OUT_VERDICT
+
+    guard, prompt = engine["guard"], engine["harmful"] if policy == "late" else engine["benign"][0]
+    OUT_VERDICT["v"] = verdict
+    want = guard.generate(prompt, max_new_tokens=N, policy=policy)
+    assert want.decisions and (policy == "ocascade" or want.decisions[0].output_index > 0)
+    app, _ = _app(engine, policy=policy)
+    JUDGED_OUT.clear()
+    with serving(app) as url:
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        chunks = list(c.chat.completions.create(model="guardrails", max_tokens=N, stream=True,
+                                                messages=_chat(prompt)))
+    assert len(JUDGED_OUT) == 1
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert want.blocked == (verdict == "unsafe")
+    released = engine["tok"].decode(want.output_ids, skip_special_tokens=True)
+    assert streamed == ((released + "\n" if released else "") + want.text if want.blocked else want.text)
+    got = chunks[-1].model_extra["guardrails"]["decisions"]
+    assert [(d["rule"], d["action"], d["position"], d["verdict"]) for d in got] == \
+        [(d.rule, d.action, d.position, d.verdict) for d in want.decisions]
 
 
 @needs_vllm

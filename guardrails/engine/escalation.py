@@ -65,7 +65,7 @@ def cascade_hits(
 
 
 HELD = "held for the driver's judge"
-"""The reason of an input band hit held in vLLM's first pass (:attr:`GuardRun.hold_bands`): it blocks there."""
+"""The reason of a band hit held in vLLM's first pass (:attr:`GuardRun.hold_bands`): it blocks there."""
 
 
 def resolve_escalations(run: GuardRun) -> None:
@@ -111,7 +111,7 @@ def _ask(run: GuardRun, p: PendingJudge, name: str, prompt: str, timeout_s: floa
     if preset is not None:
         return preset
     scope = "output" if p.out else "input"
-    if run.hold_bands and scope == "input":
+    if run.hold_bands == "all" or (run.hold_bands == "input" and scope == "input"):
         return JudgeOutcome(name, "error", 0.0, HELD)
     try:
         if run.judge_text is None:

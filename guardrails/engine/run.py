@@ -93,9 +93,10 @@ class GuardRun:
     judge_presets: dict[tuple[str, int], JudgeOutcome] = field(default_factory=dict)
     """Outcomes already known per (rule id, row), used instead of calling the judge (vLLM: the driver judged the
     prompt between two passes, :mod:`guardrails.vllm.cascade`)."""
-    hold_bands: bool = False
-    """An input rule's band hit without a preset outcome blocks, recorded as held for the driver's judge (vLLM's
-    first pass: the request ends at its prefill, nothing is released, and it runs again once judged)."""
+    hold_bands: str = ""
+    """``"input"``: an input rule's band hit without a preset outcome blocks, recorded as held for the driver's judge
+    (vLLM's first pass: the request ends at its prefill, nothing is released, and it runs again once judged);
+    ``"all"``: output rules' band hits too (greedy or seeded decoding, which the second pass repeats); ``""``: off."""
     feeds: dict[int, Any] = field(default_factory=dict)
     """Shallower-layer terms of multi-layer linear rules (:class:`~guardrails.engine.compile.Feed` per layer):
     their token scores are carried to the rule's own layer within the same forward and added there."""

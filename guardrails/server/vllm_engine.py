@@ -76,6 +76,8 @@ class VLLMScheduler(ThreadedScheduler):
         self._live: dict[str, _Live] = {}
         self._judges_pool: ThreadPoolExecutor | None = None
         """Threads asking the cascade's judges (never the engine's thread)."""
+        self._sent_before: dict[int, str] = {}
+        """Per ticket queued again by the cascade: the text its first pass streamed."""
 
     @property
     def queued(self) -> int:
@@ -106,8 +108,10 @@ class VLLMScheduler(ThreadedScheduler):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         check_generation_args([prompt], max_new_tokens, kw.get("temperature", 1.0), kw.get("top_p", 1.0),
                               kw.get("top_k", 0))
-        req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens,
-                                 hold_bands=bool(getattr(self.guard, "judges", None)), **kw)
+        from guardrails.vllm.cascade import holds
+
+        hold = holds(getattr(self.guard, "judges", None) or {}, bool(kw.get("do_sample")), kw.get("seed"))
+        req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens, hold_bands=hold, **kw)
         limit = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
         if isinstance(limit, int) and len(req.prompt_ids) + max_new_tokens + 1 > limit:
             raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens and max_tokens is {max_new_tokens}: "
@@ -169,7 +173,7 @@ class VLLMScheduler(ThreadedScheduler):
             prompt = pre(prompt, None)
         self.engine.add_request(rid, prompt, req.params)
         with self._cond:
-            self._live[rid] = _Live(ticket, req, rid, len(req.prompt_ids))
+            self._live[rid] = _Live(ticket, req, rid, len(req.prompt_ids), self._sent_before.pop(ticket.uid, ""))
 
     def _step(self, new: list[tuple[Ticket, Any]]) -> None:
         for ticket, req in new:
@@ -242,28 +246,30 @@ class VLLMScheduler(ThreadedScheduler):
                 continue
             result = self.guard.result(lv.req, ids, verdict, sequence=0)
             if reason is None and self._held(result):  # the cascade: judge off this thread, then run it again
-                self._judging().submit(self._judge_and_requeue, lv.ticket, result)
+                self._judging().submit(self._judge_and_requeue, lv.ticket, result, lv.sent)
                 continue
             self._complete(lv, self.guard._audit(result), reason, cut)
 
     # -- the cascade (guardrails.vllm.cascade): an input band held in the first pass, judged, run again --------
     def _held(self, result: Any) -> bool:
-        from guardrails.engine.escalation import HELD
+        from guardrails.vllm.cascade import held
 
-        return bool(self.guard.judges) and any(d.escalated and d.judge_reason == HELD for d in result.decisions)
+        return bool(self.guard.judges) and held(result)
 
     def _judging(self) -> ThreadPoolExecutor:
         if self._judges_pool is None:
             self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
         return self._judges_pool
 
-    def _judge_and_requeue(self, ticket: Ticket, result: Any) -> None:
-        """Ask the judges about the held prompt; queue the request again with their outcomes preset."""
-        from guardrails.vllm.cascade import input_band_verdicts
+    def _judge_and_requeue(self, ticket: Ticket, result: Any, sent: str) -> None:
+        """Ask the judges about the held band hits; queue the request again with their outcomes preset (``sent``:
+        the text the first pass streamed, which the second pass repeats and does not send again)."""
+        from guardrails.vllm.cascade import band_verdicts
 
         try:
             policy = self.guard.policies[result.policy]
-            judged = input_band_verdicts(policy, self.guard.judges, self.guard.judge_prompt(ticket.prompt), result)
+            judged = band_verdicts(policy, self.guard.judges, self.guard.judge_prompt(ticket.prompt), result,
+                                   self.guard.tokenizer)
             req = self.guard.prepare(ticket.prompt, policy=self.policy, max_new_tokens=ticket.max_new_tokens,
                                      judged=judged, **ticket.sampling)
         except Exception as exc:  # the request fails alone
@@ -277,6 +283,7 @@ class VLLMScheduler(ThreadedScheduler):
                 closed = True
             else:
                 closed = False
+                self._sent_before[ticket.uid] = sent
                 self._waiting.append((ticket, req))
                 self._cond.notify_all()
         if closed:

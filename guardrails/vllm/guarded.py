@@ -31,7 +31,7 @@ from guardrails.core.semantics import ROLE_CODES, refusal_for
 from guardrails.serving.prompts import PromptLike, check_generation_args, is_batch, render_prompt
 from guardrails.serving.result import GenerationResult, token_text, traced_ids
 from guardrails.vllm import require_vllm
-from guardrails.vllm.cascade import input_band_verdicts
+from guardrails.vllm.cascade import holds, rerun_judged
 from guardrails.vllm.selfcheck import self_check
 from guardrails.vllm.state import EXTRA_ARGS_KEY, GuardSetupError
 
@@ -239,24 +239,14 @@ class GuardedVLLM:
                 raise ValueError(f"policy[{i}]: {n!r} is not loaded; loaded: {', '.join(self.policies)}")
         reqs = [self.prepare(text, policy=name, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer, index=i,
-                             hold_bands=bool(self.judges))
+                             hold_bands=holds(self.judges, do_sample, seed))
                 for i, (text, name) in enumerate(zip(texts, names, strict=True))]
         outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
         results = self.finish(reqs, [list(o.outputs[0].token_ids) for o in outs], audit=not self.judges)
-        if self.judges:  # the cascade: input bands judged here, those requests run again with the verdicts
-            judged = {i: v for i, r in enumerate(results)
-                      if (v := input_band_verdicts(self.policies[names[i]], self.judges, items[i], r))}
-            if judged:
-                again = [self.prepare(texts[i], policy=names[i], max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, steer=steer,
-                                      index=i, judged=v) for i, v in judged.items()]
-                outs = self.llm.generate([r.prompt for r in again], [r.params for r in again], use_tqdm=False)
-                verdicts = self.verdicts([r.key for r in again])
-                for i, req, o in zip(judged, again, outs, strict=True):
-                    if (verdict := verdicts.get(req.key)) is None:
-                        raise GuardSetupError(f"request {i}: the guard holds no result for its judged pass")
-                    results[i] = self.result(req, list(o.outputs[0].token_ids), verdict, sequence=i)
-            results = [self._audit(r) for r in results]
+        if self.judges:  # the cascade: held bands judged here, those requests run again with the verdicts
+            settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                        "top_p": top_p, "top_k": top_k, "seed": seed, "steer": steer}
+            results = [self._audit(r) for r in rerun_judged(self, results, items, texts, names, settings)]
         return results if batch else results[0]
 
     def prepare(
@@ -273,15 +263,15 @@ class GuardedVLLM:
         steer: bool = True,
         index: int = 0,
         judged: Mapping[str, Sequence[Any]] | None = None,
-        hold_bands: bool = False,
+        hold_bands: str = "",
     ) -> PreparedRequest:
         """One guarded vLLM request for ``text`` (already formatted): its prompt, sampling params and key.
 
         For callers that drive the engine themselves (``guardrails serve --engine vllm`` adds these to
         ``llm.llm_engine`` and steps it); read the results back with :meth:`finish`. ``judged``: judge outcomes
         by rule id (``[judge, verdict, latency_s, reason]``) the worker uses instead of asking (the cascade's second
-        pass, :mod:`guardrails.vllm.cascade`); ``hold_bands``: an input band hit with no such outcome blocks at the
-        prefill, held for the driver's judge (the first pass).
+        pass, :mod:`guardrails.vllm.cascade`); ``hold_bands``: ``"input"`` (or ``"all"``: output rules' too) band hits
+        with no such outcome block, held for the driver's judge (the first pass).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -299,7 +289,7 @@ class GuardedVLLM:
         if judged:
             settings["judged"] = {str(k): list(v) for k, v in judged.items()}
         if hold_bands:
-            settings["hold_bands"] = True
+            settings["hold_bands"] = hold_bands
         extra = {EXTRA_ARGS_KEY: settings}
         sp = SamplingParams(
             # one step more than asked: its forward scores the last released token (GuardedModel's last,

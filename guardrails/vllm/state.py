@@ -252,7 +252,8 @@ class GuardState:
                                         record_trace=self.record_trace)
         for rule_id, outcome in (args.get("judged") or {}).items():  # the driver's verdicts (vllm/cascade.py)
             run.judge_presets[(str(rule_id), 0)] = JudgeOutcome(*outcome)
-        run.hold_bands = bool(args.get("hold_bands"))
+        hold = args.get("hold_bands") or ""
+        run.hold_bands = hold if hold in ("input", "all") else ""
         roles = args.get("roles")
         role_t = None
         if roles is not None:  # role code of each prompt token (input rules read only the policy's input_roles)
