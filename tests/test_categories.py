@@ -114,6 +114,28 @@ def test_the_category_reads_the_tokens_up_to_the_decision(lm: Any, tok: Any, tmp
     assert max(positions) > 2, positions  # the mean really spans several tokens somewhere
 
 
+def test_an_input_rule_reading_the_prompt_names_the_whole_request(lm: Any, tok: Any, tmp_path: Path) -> None:
+    """``reads: prompt`` on an input rule that trips early: the decision names the argmax of the head's mean logit
+    over every scored prompt token (not only those up to the firing one), in generation, a batch and a scan."""
+    w = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0))
+    _head(tmp_path / "h.safetensors", w, torch.zeros(3), ["a", "b", "c"])
+    g = GuardedModel(lm("llama"), tok, _policy(tmp_path, {"weights": "h.safetensors", "reads": "prompt"},
+                                               action="flag"))
+    model = lm("llama")
+    one = [g.generate(p, max_new_tokens=2, chat=False).decisions[0] for p in PROMPTS]
+    assert [d.category for d in one] == [r.decisions[0].category for r in
+                                         g.generate(PROMPTS, max_new_tokens=2, chat=False)]
+    assert [d.category for d in one] == [ts.decisions[0].category for ts in g.score(PROMPTS, chat=False)]
+    wants = []
+    for p, d in zip(PROMPTS, one, strict=True):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hs = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        assert d.position < len(hs) - 1  # it trips before the prompt's end ...
+        wants.append(["a", "b", "c"][int((hs[1:] @ w.T).mean(0).argmax())])  # ... and is named by all of it
+    assert [d.category for d in one] == wants and len(set(wants)) > 1, wants
+
+
 def _output_policy(tmp: Path, reads: str) -> Policy:
     """An output rule that fires on the first generated token, with a category head reading ``reads``."""
     save_linear(tmp / "probe.safetensors", (torch.ones(HIDDEN) * 0.01).numpy(), 0.0)
@@ -143,9 +165,6 @@ def test_an_output_rule_reading_the_prompt_names_the_requests_category(lm: Any, 
         assert [d.category for d in scan.decisions if d.rule == "r"] == [want]
         wants.append(want)
     assert len(set(wants)) > 1, wants  # the head really depends on the prompt
-    with pytest.raises(PolicyError, match=r"categories\.reads: 'prompt' names an answer by its request, for output "
-                                          r"rules; this rule's scope is 'input' \(valid here: reads: scored\)"):
-        _policy(tmp_path, {"weights": "h.safetensors", "reads": "prompt"})
     with pytest.raises(PolicyError, match=r"categories\.reads"):
         _policy(tmp_path, {"weights": "h.safetensors", "reads": "answer"})
 

@@ -167,11 +167,10 @@ def main() -> None:
                                                              f"{OUTPUT_OUT.name}, next to the shipped probes)")
     ap.add_argument("--reads", choices=("scored", "prompt"), default="scored",
                     help="the tokens the head reads (categories.reads): the rule's scored tokens up to its decision, "
-                         "or (--scope output, v0.3.8) the prompt's, so an answer is named by its request")
+                         "or the prompt's (--scope output, v0.3.8: an answer named by its request; --scope input, "
+                         "v0.3.9: the whole request, not only the words before the rule tripped)")
     args = ap.parse_args()
     output = args.scope == "output"
-    if args.reads == "prompt" and not output:
-        ap.error("--reads prompt is for --scope output (an input rule's scored tokens are the prompt's)")
     policy = (args.policy or (OUTPUT_POLICY if output else POLICY)).resolve()
     out = (args.out or (OUTPUT_OUT if output else OUT)).resolve()
     scorer = Scorer(policy)
@@ -191,7 +190,8 @@ def main() -> None:
             data[src] = (data[test_set][0][m], data[test_set][1][m], [src] * int(m.sum()))
         reported = (cal_set, test_set, *HELD_OUT_ANSWERS)
     else:
-        data = {n: features(scorer, Set(n), layer) for n in (train_set, cal_set, test_set, "form_pairs")}
+        data = {n: features(scorer, Set(n), layer, prompts=Set(n) if args.reads == "prompt" else None)
+                for n in (train_set, cal_set, test_set, "form_pairs")}
         reported = (cal_set, test_set, "form_pairs")
     xt, yt, st = (np.concatenate([data[n][k] for n in (train_set, cal_set)]) if k < 2 else
                   data[train_set][2] + data[cal_set][2] for k in range(3))
@@ -244,7 +244,8 @@ def main() -> None:
                             "train": str(train.relative_to(ROOT)),
                             "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
                             "objective": "multinomial logistic regression on the mean residual of "
-                                         + ("the prompt's tokens (categories.reads: prompt)" if args.reads == "prompt"
+                                         + ("the prompt's scored tokens (categories.reads: prompt)"
+                                            if args.reads == "prompt"
                                             else "every token the rule scored up to its deciding one"),
                             "metrics": json.dumps(metrics)})
     sys.path.insert(0, str(HERE))

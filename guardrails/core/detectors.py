@@ -163,7 +163,8 @@ class CategoryHead(_Strict):
     A multinomial linear head over the residual stream at the rule's deciding layer: the file holds ``weight``
     ``[n_categories, hidden]``, ``bias`` ``[n_categories]`` and its category names in the metadata ``labels`` (a
     JSON list). When the rule fires, the head's logits are averaged over every token the rule scored up to the
-    deciding one (``reads: prompt``, output rules: over the prompt's tokens instead), and the most probable category is
+    deciding one (``reads: prompt``: over all the prompt's scored tokens instead: an input rule's whole request, an
+    output rule's request), and the most probable category is
     named in the decision (and the audit); below ``min_prob`` the
     decision names the rule's own ``category`` instead. ``actions`` lets a policy treat categories differently
     (block weapons, flag the rest): the named category's action replaces the rule's. Written by
@@ -176,6 +177,7 @@ class CategoryHead(_Strict):
     actions: dict[str, Action] = Field(default_factory=dict, description="Per named category, the action taken "
                                        "instead of the rule's (category names: the head file's labels)")
     reads: Literal["scored", "prompt"] = Field(default="scored", description="The tokens the head averages: 'scored' "
-                                               "(the rule's own, up to the deciding one) or 'prompt' (output rules: "
-                                               "the prompt's tokens the input rules score, so an answer is named by "
-                                               "its request; no prompt, no category)")
+                                               "(the rule's own, up to the deciding one) or 'prompt' (the prompt's "
+                                               "tokens the input rules score, read by the end of the deciding "
+                                               "forward: an input rule's whole request, an output rule's request; "
+                                               "no prompt, no category)")

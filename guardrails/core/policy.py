@@ -165,9 +165,6 @@ class Rule(_Strict):
                 f"steer: settings given but action is {self.action!r}; valid: action: steer, or remove 'steer'"
             )
         check_cascade_rule(self)
-        if self.categories is not None and self.categories.reads == "prompt" and self.scope != "output":
-            raise ValueError(f"categories.reads: 'prompt' names an answer by its request, for output rules; this "
-                             f"rule's scope is {self.scope!r} (valid here: reads: scored)")
         if self.categories is not None and "steer" in self.categories.actions.values() and self.action != "steer":
             bad = sorted(k for k, v in self.categories.actions.items() if v == "steer")
             raise ValueError(f"categories.actions: {bad} steer, but this rule has no steer settings (action "

@@ -2,9 +2,12 @@
 
 A head is a multinomial linear map over the residual stream at its rule's deciding layer. Per guarded call,
 :class:`CategoryState` keeps, for each row, the running sum of the head's logits over the tokens the rule scored (with
-``reads: prompt``, an output rule's head: over the prompt's tokens the input rules score);
+``reads: prompt``: over the prompt's tokens the input rules score);
 when the rule fires at a token, the decision names the most probable category of the mean up to that token (the
-same number whether the prompt came in one forward or many, as the rule's own windows). See
+same number whether the prompt came in one forward or many, as the rule's own windows); with ``reads: prompt``, of the
+mean over every prompt token read by the end of the deciding forward (a prefill: the whole request, so an input rule
+is named by all of it, not by the words before it tripped; vLLM's chunked prefill: the chunks up to the deciding one).
+See
 :class:`guardrails.core.policy.CategoryHead`.
 """
 
@@ -32,7 +35,8 @@ class LoadedHead:
     min_prob: float
     actions: dict[str, str]
     reads: str = "scored"
-    """``scored``: the rule's own tokens; ``prompt``: the prompt's tokens the input rules score (output rules)."""
+    """``scored``: the rule's own tokens up to the deciding one; ``prompt``: the prompt's tokens the input rules score,
+    all those of the deciding forward."""
 
     def to(self, device: torch.device | str) -> LoadedHead:
         return LoadedHead(self.labels, self.weight.to(device), self.bias.to(device), self.min_prob, self.actions,
@@ -120,10 +124,11 @@ class CategoryState:
         if head is None or now is None:
             return None
         cums, counts = now
-        n = float(counts[b, t])
+        col = -1 if head.reads == "prompt" else t  # the whole prompt read so far, not only the tokens before t
+        n = float(counts[b, col])
         if n <= 0:
             return None
-        p = torch.softmax(cums[b, t] / n, dim=-1)
+        p = torch.softmax(cums[b, col] / n, dim=-1)
         k = int(p.argmax())
         return head.labels[k] if float(p[k]) >= head.min_prob else None
 
