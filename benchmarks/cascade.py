@@ -157,7 +157,7 @@ def main(argv: list[str]) -> None:
         r = score(a.policy, a.dtype, a.limit, Path(a.cache))
         print(json.dumps({k: v for k, v in r.items() if k != "sets"}))
         return
-    from guardrails.core.cascade import import_judge
+    from guardrails.core.judge_paths import import_judge
 
     res = sweep(json.loads(Path(a.cache).read_text(encoding="utf-8")), import_judge(a.judge), training_sources())
     _print(res)

@@ -559,7 +559,7 @@ def _cascade_probe_file(tmp_path: Path) -> Path:
 def test_cli_judges_bind_by_name_and_fail_naming_the_flag(tmp_path: Path) -> None:
     """``--judge`` (generate, serve): NAME=module:callable or a bare path; the errors name the flag and the valid
     judge names before any model loads."""
-    from guardrails.core.cascade import judges_from_cli, split_judge_spec
+    from guardrails.core.judge_paths import judges_from_cli, split_judge_spec
 
     policy = Policy.from_path(_cascade_probe_file(tmp_path))
     with pytest.raises(JudgeError, match=r"escalates to judge 'llm'; bind it with --judge llm=module:callable"):

@@ -71,7 +71,7 @@ def output_path(path: str | Path, flag: str) -> Path:
 def _load_guard(policy: str | None, model: str | None, score_mode: str | None, audit: str | None = None,
                 judges: list[str] | None = None) -> Any:
     """A GuardedModel for the CLI; ``judges``: ``--judge`` values (``[NAME=]module:callable``) for a cascade."""
-    from guardrails.core.cascade import judges_from_cli
+    from guardrails.core.judge_paths import judges_from_cli
     from guardrails.core.policy import Policy
     from guardrails.serving.generation import GuardedModel
 

@@ -51,7 +51,7 @@ def serve_command(
     judge: Annotated[list[str] | None, typer.Option(
         "--judge", help="A cascade's judge: NAME=module:callable binds the policy's judge NAME, a bare "
                         "module:callable every judge it names; 'module:make()' calls a factory (repeatable; "
-                        "engine vllm: input rules' bands only)")] = None,
+                        "engine vllm: output rules' bands only under greedy or seeded decoding)")] = None,
 ) -> None:
     """Serve the guarded model with OpenAI-compatible endpoints (/v1/chat/completions, /v1/completions,
     /v1/models, /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead;
@@ -108,9 +108,9 @@ def serve_command(
 def _load_vllm_guard(policy: str | None, model: str | None, audit: str | None, max_model_len: int | None,
                      tensor_parallel_size: int, max_batch: int, judges: list[str] | None = None) -> object:
     """A GuardedVLLM on the policy's model (the bundled one by default); vLLM batches up to ``max_batch``;
-    ``judges``: ``--judge`` values for a cascade (input bands judged between two passes)."""
+    ``judges``: ``--judge`` values for a cascade (bands judged between two passes, guardrails.vllm.cascade)."""
     from guardrails.cli.main import resolve_policy_path
-    from guardrails.core.cascade import judges_from_cli
+    from guardrails.core.judge_paths import judges_from_cli
     from guardrails.core.policy import Policy
     from guardrails.vllm import GuardedVLLM
 

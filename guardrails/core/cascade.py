@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -335,62 +335,6 @@ def judge_input_text(prompt: Any, input_roles: Collection[str]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def import_judge(path: str) -> Any:
-    """The object at ``module:attribute`` (``--judge`` on the command line); a factory named with ``()``
-    at the end is called (``pkg.mod:make_judge()``)."""
-    import importlib
-
-    mod, sep, attr = path.partition(":")
-    if not sep or not mod or not attr:
-        raise JudgeError(f"--judge {path!r}: valid: 'module:callable' (e.g. guardrails.offline.text_judge:"
-                         "bundled_judge())")
-    call = attr.endswith("()")
-    try:
-        obj: Any = importlib.import_module(mod)
-        for part in attr.removesuffix("()").split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise JudgeError(f"--judge {path!r}: cannot import: {exc}") from None
-    return obj() if call else obj
-
-
-
-def split_judge_spec(spec: str) -> tuple[str | None, str]:
-    """``NAME=module:callable`` -> (NAME, path); a bare ``module:callable`` -> (None, path) (a module path holds no
-    ``=`` before its ``:``)."""
-    name, sep, path = spec.partition("=")
-    return (name, path) if sep and ":" not in name else (None, spec)
-
-
-def judges_from_cli(specs: Sequence[str], policy: Policy) -> dict[str, Any] | None:
-    """Judges named on the command line (``--judge``, repeatable) bound for ``policy``: ``NAME=module:callable``
-    binds the judge that name declares; a bare ``module:callable`` binds every judge the policy's escalating rules
-    name. Without ``specs``: None, or an error naming the flag when a rule escalates (its judge would be unbound)."""
-    wanted = sorted({n for r in policy.rules if (n := judge_name(policy, r)) is not None} | set(policy.judges))
-    if not specs:
-        unbound = [(i, r.id, n) for i, r in enumerate(policy.rules) if (n := judge_name(policy, r)) is not None]
-        if unbound:
-            i, rid, n = unbound[0]
-            raise JudgeError(f"policy {policy.name!r}: rules[{i}] ({rid!r}) escalates to judge {n!r}; bind it with "
-                             f"--judge {n}=module:callable (e.g. --judge {n}=guardrails.offline.text_judge:"
-                             "bundled_judge(), the offline stand-in)")
-        return None
-    if not wanted:
-        raise JudgeError(f"--judge: policy {policy.name!r} has no cascade (no rule sets escalate_above); drop --judge")
-    out: dict[str, Any] = {}
-    for spec in specs:
-        name, path = split_judge_spec(spec)
-        if name is None:  # a bare path: every judge the policy names
-            obj = import_judge(path)
-            out.update({n: obj for n in wanted if n not in out})
-            continue
-        if name not in wanted:
-            raise JudgeError(f"--judge {spec!r}: policy {policy.name!r} names no judge {name!r} "
-                             f"(valid: {', '.join(wanted)})")
-        out[name] = import_judge(path)
-    return out
-
-
 __all__ = [
     "DEFAULT_PROMPT",
     "PROMPTS",
@@ -409,13 +353,10 @@ __all__ = [
     "bind_judges",
     "call_judge",
     "check_prompt",
-    "import_judge",
     "judge_input_text",
     "judge_name",
     "judge_settings",
-    "judges_from_cli",
     "render_prompt",
-    "split_judge_spec",
     "to_verdict",
     "verdict_from_text",
 ]

@@ -17,14 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.cascade import (
-    JudgeRequest,
-    import_judge,
-    judge_settings,
-    render_prompt,
-    split_judge_spec,
-    to_verdict,
-)
+from guardrails.core.cascade import JudgeRequest, judge_settings, render_prompt, to_verdict
+from guardrails.core.judge_paths import import_judge, split_judge_spec
 from guardrails.core.semantics import cascade_band
 
 
