@@ -110,7 +110,7 @@ class VLLMScheduler(ThreadedScheduler):
                               kw.get("top_k", 0))
         from guardrails.vllm.cascade import holds
 
-        hold = holds(getattr(self.guard, "judges", None) or {}, bool(kw.get("do_sample")), kw.get("seed"))
+        hold = holds(self.guard.judges, bool(kw.get("do_sample")), kw.get("seed"))
         req = self.guard.prepare(prompt, policy=self.policy, max_new_tokens=max_new_tokens, hold_bands=hold, **kw)
         limit = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
         if isinstance(limit, int) and len(req.prompt_ids) + max_new_tokens + 1 > limit:
@@ -236,6 +236,8 @@ class VLLMScheduler(ThreadedScheduler):
         with self._cond:
             for lv, *_ in ended:
                 self._live.pop(lv.request_id, None)
+        from guardrails.vllm.cascade import held
+
         verdicts = self.guard.verdicts([lv.req.key for lv, *_ in ended])
         for lv, ids, reason, cut in ended:
             verdict = verdicts.get(lv.req.key)
@@ -245,17 +247,12 @@ class VLLMScheduler(ThreadedScheduler):
                                                                    lv.prompt_tokens, 0)))
                 continue
             result = self.guard.result(lv.req, ids, verdict, sequence=0)
-            if reason is None and self._held(result):  # the cascade: judge off this thread, then run it again
+            if reason is None and held(result):  # the cascade (judges bound): judge off this thread, then run again
                 self._judging().submit(self._judge_and_requeue, lv.ticket, result, lv.sent)
                 continue
             self._complete(lv, self.guard._audit(result), reason, cut)
 
-    # -- the cascade (guardrails.vllm.cascade): an input band held in the first pass, judged, run again --------
-    def _held(self, result: Any) -> bool:
-        from guardrails.vllm.cascade import held
-
-        return bool(self.guard.judges) and held(result)
-
+    # -- the cascade (guardrails.vllm.cascade): a band hit held in the first pass, judged, run again ----------
     def _judging(self) -> ThreadPoolExecutor:
         if self._judges_pool is None:
             self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
@@ -279,10 +276,8 @@ class VLLMScheduler(ThreadedScheduler):
             ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, f"{type(exc).__name__}: {exc}")))
             return
         with self._cond:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
+            closed = self._closed
+            if not closed:
                 self._sent_before[ticket.uid] = sent
                 self._waiting.append((ticket, req))
                 self._cond.notify_all()

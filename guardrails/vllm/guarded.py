@@ -121,9 +121,9 @@ class GuardedVLLM:
         record_trace: bool = True,
         judges: Mapping[str, Any] | None = None,
     ) -> None:
-        """``judges``: the cascade's judges by name, as ``GuardedModel``'s; input rules' bands are judged between two
-        passes (:mod:`guardrails.vllm.cascade`), output rules' bands follow on_error. Without ``judges`` every band
-        hit follows on_error."""
+        """``judges``: the cascade's judges by name, as ``GuardedModel``'s; band hits are judged between two passes
+        (:mod:`guardrails.vllm.cascade`; output rules' only under greedy or seeded decoding, else on_error). Without
+        ``judges`` every band hit follows on_error."""
         require_vllm()
         items: list[Any] = list(policy) if isinstance(policy, list | tuple) else [policy]
         if not items:
@@ -202,7 +202,7 @@ class GuardedVLLM:
 
     def judge_prompt(self, text: str) -> PromptLike:
         """The prompt (string or messages) that ``format_prompt`` rendered as ``text`` (``text`` itself when not
-        kept): what :func:`~guardrails.vllm.cascade.input_band_verdicts` gives the judge."""
+        kept): what :func:`~guardrails.vllm.cascade.band_verdicts` gives an input rule's judge."""
         return self._asked.get(text, text)
 
     def prompt_roles(self, prompt_text: str, n_tokens: int) -> list[int]:
