@@ -777,3 +777,90 @@ def test_cli_invariant_to_fits_a_probe_blind_to_a_column(saved_tiny) -> None:
     res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "formed"), "--target-fpr", "0.1",
                 "--model", str(t["model"]), "--fit-weights", "--invariant-to", "form", "--out", str(out)])
     assert res.exit_code == 2 and "not a linear probe" in res.output
+
+
+def test_load_labeled_rows_in_their_deployment_context(tmp_path: Path) -> None:
+    """A row may carry a 'system' prompt or be a conversation ('messages' ending in its user turn); --system puts
+    one system prompt before every row; the hash covers it; bad rows name the place and the valid forms."""
+    from guardrails.offline.calibrate import CalibrationError, with_system
+
+    hist = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    d = load_labeled(_write(tmp_path / "c.jsonl", [
+        {"text": "a", "label": 0, "system": "Be brief."},
+        {"messages": [*hist, {"role": "user", "content": "b"}], "label": 1},
+        {"text": "c", "label": 0}]))
+    assert d.texts == ["a", "b", "c"] and d.fields == {}
+    assert d.contexts == [[{"role": "system", "content": "Be brief."}], hist, []]
+    assert d.prompt(0) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}]
+    assert d.prompt(2) == "c" and d.select([1]).contexts == [hist]
+    assert load_labeled(_write(tmp_path / "plain.jsonl", [{"text": "a", "label": 0}])).contexts is None
+    s = with_system(d, "You are Nova.")
+    assert s.sha256 != d.sha256 and s.sha256 != with_system(d, "You are Ada.").sha256
+    assert s.contexts is not None and s.contexts[0] == d.contexts[0]  # a row's own system prompt stays
+    assert s.contexts[1][0] == {"role": "system", "content": "You are Nova."} and s.contexts[2][1:] == []
+    (tmp_path / "m.csv").write_text('messages,label\n"[{""role"": ""user"", ""content"": ""x""}]",1\n')
+    assert load_labeled(tmp_path / "m.csv").texts == ["x"]
+    bad = {
+        "both": ({"text": "a", "messages": [{"role": "user", "content": "a"}], "label": 0}, "not both"),
+        "last": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": 0},
+                 r"last of 'messages' must be the user turn.*'assistant'"),
+        "role": ({"messages": [{"role": "bot", "content": "a"}, {"role": "user", "content": "b"}], "label": 0},
+                 r"messages\[0\].*system, user, assistant, tool"),
+        "two_systems": ({"system": "s", "messages": [{"role": "system", "content": "t"},
+                                                     {"role": "user", "content": "b"}], "label": 0}, "give one"),
+        "empty": ({"messages": [], "label": 0}, "non-empty list"),
+        "typed": ({"text": "a", "system": 3, "label": 0}, "'system' must be a string"),
+    }
+    for name, (row, msg) in bad.items():
+        with pytest.raises(CalibrationError, match=rf"{name}.jsonl:1: .*{msg}"):
+            load_labeled(_write(tmp_path / f"{name}.jsonl", [row]))
+    with pytest.raises(CalibrationError, match="--system: empty"):
+        with_system(d, " ")
+
+
+def test_offline_scores_of_conversations_equal_serving(tmp_path: Path, monkeypatch) -> None:
+    """Rows in a deployment context (a system prompt, earlier turns) score offline as GuardedModel.score scores
+    the same conversations: only the user turns are read, and the context moves the score."""
+    from guardrails.offline.baselines import save_linear
+    from guardrails.offline.calibrate import scored_positions
+    from tests.builders import bundled_tokenizer
+
+    monkeypatch.setenv("GUARDRAILS_CACHE", str(tmp_path / "cache"))
+    tok = bundled_tokenizer()
+    model = tiny_lm("llama", tok)
+    lin = save_linear(tmp_path / "lin.safetensors", np.random.default_rng(7).normal(0, 1, 64).astype(np.float32), 0.0)
+    pol = Policy.from_dict({"name": "t", "rules": [
+        {"id": "lin", "scope": "input", "threshold": 1e9, "action": "flag",
+         "detector": {"kind": "linear", "layer": 2, "weights": str(lin), "window": 2, "aggregate": "mean"}}]})
+    hist = [{"role": "user", "content": "Recommend a book."}, {"role": "assistant", "content": "Try Dune, a classic."}]
+    rows = [{"text": t, "label": i % 2, **({"system": "You are Nova, Acme's support bot."} if i % 3 == 0 else {}),
+             **({"messages": [*hist, {"role": "user", "content": t}], "text": None} if i % 3 == 1 else {})}
+            for i, t in enumerate(TEXTS)]
+    rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+    data = load_labeled(_write(tmp_path / "ctx.jsonl", rows))
+    guard = GuardedModel(model, tok, pol)
+    res = residuals(model, tok, data, 2, "input", model_name="tiny-bundled-tok", progress=False)
+    prompts = [data.prompt(i) for i in range(len(data))]
+    want = np.array([t.scores["lin"] for t in guard.score(prompts)])
+    np.testing.assert_allclose(text_scores(guard, "lin", res), want, rtol=1e-4, atol=1e-5)
+    bare = np.array([t.scores["lin"] for t in guard.score(data.texts)])
+    assert np.abs(want - bare)[[0, 3, 6]].min() > 1e-4  # a system prompt moves the scores of the turn after it
+    for i, (p, pos) in enumerate(zip(prompts, scored_positions(tok, prompts, None, "input"), strict=True)):
+        from guardrails.offline.activations import prompt_text
+
+        ids = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        seen = tok.decode([ids[j] for j in pos])
+        assert data.texts[i] in seen and "Nova" not in seen and "Dune" not in seen and len(pos) == len(res[i])
+        assert ("Recommend a book" in seen) == (i % 3 == 1)  # an earlier user turn is read, as serving reads it
+
+
+def test_cli_eval_and_calibrate_under_a_system_prompt(saved_tiny, monkeypatch) -> None:
+    """--system scores every row after the deployment's system prompt; a tokenizer without a chat template says
+    why it cannot, naming the flag."""
+    t = saved_tiny
+    res = _cli(["eval", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy.test.jsonl"),
+                "--model", str(t["model"]), "--system", "You are Nova.", "--json"])
+    assert res.exit_code != 0 and "chat template" in res.output and "--system" in res.output, res.output
+    res = _cli(["eval", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy.test.jsonl"),
+                "--model", str(t["model"]), "--system", "  ", "--json"])
+    assert res.exit_code != 0 and "--system: empty" in res.output, res.output

@@ -25,6 +25,7 @@ from guardrails.cli.session import (
     LabelOption,
     PositiveOption,
     Session,
+    SystemOption,
     _split_provenance,
     split_files,
 )
@@ -339,6 +340,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        system: SystemOption = None,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
         from guardrails.cli.main import _run_safely, console, fail, output_path, resolve_policy_path
@@ -360,8 +362,9 @@ def register(app: typer.Typer) -> None:
         record_path = None if no_record else Path(record) if record else out_path.with_suffix(".record.json")
         if record is not None and record_path is not None:
             record_path = output_path(record_path, "--record")
+        session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt, system=system)
         rep = _run_safely(lambda: run_calibrate(
-            Session(model, progress=not as_json, dtype=dtype, data_format=fmt), path, data, target_fpr=target_fpr,
+            session, path, data, target_fpr=target_fpr,
             target_recall=target_recall,
             fit_weights=fit_weights, rule_id=rule, out=out, limit=limit, record_dir=None, record_path=record_path,
             max_response_chars=max_response_chars, train_limit=train_limit, evaluate_test=test, fit_gate=fit_gate,

@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, Session, _scope_of_data, split_files
+from guardrails.cli.session import (
+    ColumnsOption,
+    LabelOption,
+    PositiveOption,
+    Session,
+    SystemOption,
+    _scope_of_data,
+    split_files,
+)
 from guardrails.offline.labeled import DataFormat
 
 
@@ -76,6 +84,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        system: SystemOption = None,
     ) -> None:
         """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
         import yaml
@@ -85,8 +94,8 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             out = output_path(out, "--out")
         fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
-        res = _run_safely(lambda: run_discover(Session(model, progress=not as_json, data_format=fmt), data, layer,
-                                               sae, top=top, scope=scope, limit=limit,
+        session = Session(model, progress=not as_json, data_format=fmt, system=system)
+        res = _run_safely(lambda: run_discover(session, data, layer, sae, top=top, scope=scope, limit=limit,
                                                max_response_chars=max_response_chars))
         if out is not None:
             out.write_text(yaml.safe_dump(res["policy"], sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, Session, split_files
+from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, Session, SystemOption, split_files
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.evaluate import MIN_GROUP_ROWS
 from guardrails.offline.evaluate import json_safe as _json_safe
@@ -180,6 +180,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        system: SystemOption = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file; several
         --policy options compare policies on the same rows (activations computed once)."""
@@ -187,7 +188,7 @@ def register(app: typer.Typer) -> None:
 
         paths = [str(resolve_policy_path(p)) for p in policy]
         fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
-        session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt)
+        session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt, system=system)
 
         row_files = [f if f is None else str(output_path(f, "--rows")) for f in _row_files(rows, paths)]
         results = [_run_safely(lambda path=path, rows_out=rows_out: run_eval(

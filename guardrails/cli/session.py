@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from guardrails.offline.calibrate import LabeledData, Scope, residuals_at
-from guardrails.offline.labeled import DataFormat, load_labeled
+from guardrails.offline.labeled import DataFormat, load_labeled, with_system
 
 # the options of every command that reads labeled data (discover, calibrate, eval, direction): a file in its own
 # layout
@@ -23,6 +23,9 @@ PositiveOption = Annotated[str | None, typer.Option(
                        "(e.g. false for an is_safe column)")]
 LabelOption = Annotated[int | None, typer.Option(
     "--label", help="Every row's label (0 or 1), for a file without a label column")]
+SystemOption = Annotated[str | None, typer.Option(
+    "--system", help="Score every row after this system prompt, as a deployment that sends it would (rows with "
+                     "their own 'system' or system turn keep theirs); thresholds move with it")]
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Session:
     hold for serving in that dtype (bfloat16 activations differ from float32 by ~0.6%)."""
     data_format: DataFormat | None = None
     """How to read labeled files in another layout (``--columns``, ``--positive``, ``--label``); None: by name."""
+    system: str | None = None
+    """A system prompt before every row (``--system``; :func:`guardrails.offline.labeled.with_system`)."""
     _lm: Any = None
     _tok: Any = None
     _rows: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
@@ -50,8 +55,9 @@ class Session:
 
     def load(self, path: str | Path, *, limit: int | None = None, max_response_chars: int | None = None,
              ) -> LabeledData:
-        """A labeled file, read in the session's :attr:`data_format`."""
-        return load_labeled(path, limit=limit, max_response_chars=max_response_chars, fmt=self.data_format)
+        """A labeled file, read in the session's :attr:`data_format`, after its :attr:`system` prompt."""
+        data = load_labeled(path, limit=limit, max_response_chars=max_response_chars, fmt=self.data_format)
+        return data if self.system is None else with_system(data, self.system)
 
     def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:
         return self.rows_at(data, [layer], scope)[layer]

@@ -1,10 +1,10 @@
 """Residual-stream activations of labeled texts at the positions a guard scores.
 
-The same positions as serving: prompts go through the chat template (as ``GuardedModel`` does),
-position 0 (the attention sink), special tokens and the template's default system turn (not in the
-default ``input_roles``) are left out, left padding is masked and
-``position_ids`` follow the real tokens. ``scope`` picks prompt tokens (input rules), response tokens
-(output rules) or both. The forward stops after the deepest requested layer.
+The same positions as serving: prompts (strings, or conversations) go through the chat template (as
+``GuardedModel`` does); position 0 (the attention sink), special tokens and turns outside the default
+``input_roles`` (the template's default system turn, a conversation's system and assistant turns) are left out;
+left padding is masked and ``position_ids`` follow the real tokens. ``scope`` picks prompt tokens (input rules),
+response tokens (output rules) or both. The forward stops after the deepest requested layer.
 """
 
 from __future__ import annotations
@@ -18,29 +18,82 @@ from tqdm.auto import tqdm
 
 from guardrails.engine.hooks import StopForward, capture, stop_after_layer
 
+PromptLike = str | Sequence[dict[str, str]]
+"""A row's prompt: a string (one user turn) or a conversation of ``{"role", "content"}`` turns."""
+
 
 def tokenize_rows(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[PromptLike],
     responses: Sequence[str | None] | None = None,
     *,
     chat: bool = True,
     max_tokens: int = 512,
 ) -> list[tuple[list[int], int]]:
-    """``(token ids, number of prompt tokens)`` per text, formatted as a guard formats them."""
+    """``(token ids, number of prompt tokens)`` per text (or conversation), formatted as a guard formats them."""
     resp = list(responses) if responses is not None else [None] * len(texts)
     if len(resp) != len(texts):
         raise ValueError(f"responses has {len(resp)} items but texts has {len(texts)}")
     out = []
     for text, response in zip(texts, resp, strict=True):
-        prompt = text
-        if chat and getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        p_ids = list(tokenizer(prompt_text(tokenizer, text, chat), add_special_tokens=False)["input_ids"])
         r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
         out.append(((p_ids + r_ids)[:max_tokens], len(p_ids)))
+    return out
+
+
+def prompt_text(tokenizer: Any, text: PromptLike, chat: bool = True, spans: dict[str, Any] | None = None) -> str:
+    """The prompt the model sees: a string as one user turn through the chat template (as it is without ``chat``
+    or a template), a conversation (``{"role", "content"}`` turns) through the template; ``spans`` collects its
+    turns' character spans as ``GuardedModel`` records them."""
+    if isinstance(text, str):
+        if chat and getattr(tokenizer, "chat_template", None):
+            return str(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True))
+        return text
+    from guardrails.serving.prompts import render_prompt
+
+    if not getattr(tokenizer, "chat_template", None):
+        from guardrails.offline.labeled import CalibrationError
+
+        raise CalibrationError("a conversation (a row's 'system' or 'messages', or --system) needs a tokenizer with a "
+                               "chat template; this model's tokenizer has none: give the rows as 'text' alone")
+    return render_prompt(tokenizer, list(text), True, spans if spans is not None else {})
+
+
+def scored_rows(tokenizer: Any, texts: Sequence[PromptLike], responses: Sequence[str | None] | None,
+                scope: Literal["input", "output", "both"], *, chat: bool = True, max_tokens: int = 512,
+                ) -> list[tuple[list[int], list[int]]]:
+    """``(token ids, positions collect_residuals keeps)`` per row, by tokenizing alone."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    rows = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
+    skips = unscored_prompt_tokens(tokenizer, texts, chat)
+    return [(ids, scored_positions(ids, n_prompt, special, scope, skip))
+            for (ids, n_prompt), skip in zip(rows, skips, strict=True)]
+
+
+def unscored_prompt_tokens(tokenizer: Any, texts: Sequence[PromptLike], chat: bool = True,
+                           ) -> list[int | frozenset[int]]:
+    """Per row, the prompt tokens input rules leave out besides specials and position 0: for a string, the count
+    of leading tokens in the template's default system turn (:func:`system_prefix_tokens`); for a conversation,
+    the positions of tokens in turns outside the default ``input_roles`` (user and tool), found as serving finds
+    them (:func:`guardrails.core.roles.token_roles`)."""
+    from guardrails.core.roles import token_roles
+    from guardrails.core.semantics import ROLE_CODES
+
+    keep = {ROLE_CODES["user"], ROLE_CODES["tool"]}
+    default: int | None = None
+    out: list[int | frozenset[int]] = []
+    for text in texts:
+        if isinstance(text, str):
+            if default is None:
+                default = system_prefix_tokens(tokenizer, chat)
+            out.append(default)
+            continue
+        spans: dict[str, Any] = {}
+        prompt = prompt_text(tokenizer, text, chat, spans)
+        roles = token_roles(tokenizer, prompt, spans.get(prompt))
+        out.append(frozenset(j for j, code in enumerate(roles) if code not in keep))
     return out
 
 
@@ -66,13 +119,18 @@ def system_prefix_tokens(tokenizer: Any, chat: bool = True) -> int:
 
 
 def scored_positions(
-    ids: Sequence[int], n_prompt: int, special: set[int], scope: Literal["input", "output", "both"], skip: int = 0
+    ids: Sequence[int], n_prompt: int, special: set[int], scope: Literal["input", "output", "both"],
+    skip: int | frozenset[int] = 0,
 ) -> list[int]:
     """Positions a guard scores in one row: not 0 (the attention sink), not special, in ``scope``, and for
-    prompt tokens not among the first ``skip`` (the template's default system turn)."""
+    prompt tokens not among the first ``skip`` (the template's default system turn) or, for a set, not in it
+    (a conversation's turns that input rules do not read; :func:`unscored_prompt_tokens`)."""
+    def prompt_ok(j: int) -> bool:
+        return j >= skip if isinstance(skip, int) else j not in skip
+
     return [
         j for j, t in enumerate(ids)
-        if j > 0 and t not in special and (j >= n_prompt or j >= skip)
+        if j > 0 and t not in special and (j >= n_prompt or prompt_ok(j))
         and (scope == "both" or (j >= n_prompt if scope == "output" else j < n_prompt))
     ]
 
@@ -81,7 +139,7 @@ def scored_positions(
 def collect_residuals(
     model: Any,
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[PromptLike],
     layers: Sequence[int],
     *,
     responses: Sequence[str | None] | None = None,
@@ -94,7 +152,7 @@ def collect_residuals(
     """``{layer: [tensor [n_scored_i, d_model] per text]}`` (float32, CPU)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     tokenized = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
-    skip = system_prefix_tokens(tokenizer, chat)
+    skips = unscored_prompt_tokens(tokenizer, texts, chat)
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model.device if hasattr(model, "device") else torch.device("cpu")
     bar = tqdm(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}", disable=not progress)
@@ -120,6 +178,7 @@ def collect_residuals(
             for layer in layers:
                 hidden = store[layer].float().cpu()
                 for b, (ids, n_prompt) in enumerate(chunk):
+                    skip = skips[start + b]
                     keep = [width - len(ids) + j for j in scored_positions(ids, n_prompt, special, scope, skip)]
                     out[layer].append(hidden[b][keep].clone())
             bar.update(len(rows))

@@ -29,6 +29,9 @@ from guardrails.offline.labeled import CalibrationError as CalibrationError
 from guardrails.offline.labeled import DataFormat as DataFormat
 from guardrails.offline.labeled import LabeledData as LabeledData
 from guardrails.offline.labeled import load_labeled as load_labeled
+from guardrails.offline.labeled import with_system as with_system
+
+PromptLike = str | list[dict[str, str]]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +43,13 @@ MAX_TOKENS = 1024
 
 Scope = Literal["input", "output"]
 
-def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[str], list[str] | None]:
-    """``(prompts, responses)`` as the guard sees them for rules of ``scope``."""
-    if scope == "input":
-        return data.texts, None
-    if data.responses is not None:
-        return data.texts, data.responses
-    return [CONTINUE_PROMPT] * len(data), data.texts
+def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[PromptLike], list[str] | None]:
+    """``(prompts, responses)`` as the guard sees them for rules of ``scope`` (a prompt is a conversation where
+    the row has context turns: ``LabeledData.prompt``)."""
+    if scope == "output" and data.responses is None:
+        return [data.prompt(i, CONTINUE_PROMPT) for i in range(len(data))], data.texts
+    prompts: list[PromptLike] = [data.prompt(i) for i in range(len(data))] if data.contexts else list(data.texts)
+    return prompts, (None if scope == "input" else data.responses)
 
 
 # -- serving-exact scores ---------------------------------------------------------------------------------

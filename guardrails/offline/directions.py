@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
+from guardrails.offline.activations import PromptLike
 from guardrails.offline.labeled import DataFormat, load_labeled
 
 Kind = Literal["contrastive", "diffmean", "probe"]
@@ -89,7 +91,7 @@ class Direction:
 
 
 def pooled_residuals(
-    model: Any, tokenizer: Any, texts: list[str], layers: list[int], *, responses: list[str] | None = None,
+    model: Any, tokenizer: Any, texts: Sequence[PromptLike], layers: list[int], *, responses: list[str] | None = None,
     pool: str = "mean", batch_size: int = 8,
 ) -> dict[int, tuple[Tensor, float]]:
     """Per layer: one vector per row ``[n, d_model]`` and the median token norm.
@@ -147,7 +149,7 @@ def build_directions(
     labels = np.asarray(ds.labels)
     if not ((labels == 1).any() and (labels == 0).any()):
         raise DirectionError(f"{data}: needs rows of both labels (1: steer toward, 0: away); got {sorted(set(labels))}")
-    pooled = pooled_residuals(model, tokenizer, list(ds.texts), layers,
+    pooled = pooled_residuals(model, tokenizer, [ds.prompt(i) for i in range(len(ds))], layers,
                               responses=list(ds.responses) if kind == "contrastive" and ds.responses else None,
                               pool="mean" if kind == "contrastive" else pool, batch_size=batch_size)
     idx = np.arange(len(labels))

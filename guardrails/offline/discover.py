@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
+
+PromptLike = str | Sequence[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,15 @@ def rank_features(
     return out
 
 
-def scored_tokens(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: str,
+def scored_tokens(tokenizer: Any, prompts: Sequence[PromptLike], responses: Sequence[str] | None, scope: str,
                   chat: bool = True) -> list[list[str]]:
     """Token strings at the positions collect_residuals keeps (same formatting and filters)."""
-    from guardrails.offline.activations import scored_positions, system_prefix_tokens, tokenize_rows
+    from guardrails.offline.activations import scored_rows
     from guardrails.offline.calibrate import MAX_TOKENS
 
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    skip = system_prefix_tokens(tokenizer, chat)
     out = []
-    for ids, n_prompt in tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS):
-        keep = scored_positions(ids, n_prompt, special, "output" if scope == "output" else "input", skip)
+    sc: Literal["input", "output"] = "output" if scope == "output" else "input"
+    for ids, keep in scored_rows(tokenizer, prompts, responses, sc, chat=chat, max_tokens=MAX_TOKENS):
         toks = [tokenizer.decode([t]) for t in ids]
         out.append([_context(toks, j) for j in keep])
     return out

@@ -247,7 +247,7 @@ def category_naming(guard: Any, data: Any, rule_ids: list[str]) -> dict[str, dic
     if not rules or not idx:
         return {}
     responses = [data.responses[i] for i in idx] if data.responses is not None else None
-    scanned = guard.score([data.texts[i] for i in idx], responses=responses)
+    scanned = guard.score([data.prompt(i) for i in idx], responses=responses)
     out: dict[str, dict[str, Any]] = {}
     for rid, rule in rules.items():
         fired = named = right = 0

@@ -2,8 +2,13 @@
 
 JSONL (or CSV with the same column names): ``{"text", "label"}`` (``prompt`` may stand for ``text``; input rules
 read it as the user prompt, output rules as the reply to ``calibrate.CONTINUE_PROMPT``), or ``{"prompt",
-"response", "label"}``. Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`; optional ``source`` and
-``category`` fields feed the per-source and per-category reports; any other scalar column can group ``eval --by``.
+"response", "label"}``. A row scored in its deployment context carries it: ``system`` (the system prompt before the
+row's user turn), or ``messages`` instead of ``text`` (a conversation of ``{"role", "content"}`` turns ending in the
+user turn the row is about; earlier turns are context, scored as serving scores them: input rules read the user and
+tool turns). :func:`with_system` puts one system prompt before every row (the CLI's ``--system``).
+
+Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`; optional ``source`` and ``category`` fields feed the
+per-source and per-category reports; any other scalar column can group ``eval --by``.
 
 A file in another layout (a public set's own columns: ``Goal``, ``is_safe``, ``prompt_label`` ...) is read through a
 :class:`DataFormat`: which of its columns holds each field, which label values mean harmful, or one label for every
@@ -24,8 +29,11 @@ from typing import Any
 import numpy as np
 
 from guardrails.core.errors import GuardrailsError
+from guardrails.core.semantics import ROLES
 
-FIELDS = ("text", "prompt", "response", "label", "source", "category")
+Message = dict[str, str]
+
+FIELDS = ("text", "prompt", "response", "label", "source", "category", "system", "messages")
 """The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
 
 LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
@@ -130,9 +138,18 @@ class LabeledData:
     fields: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """Any other scalar column (a ``form``, a ``language``...), per row as text ('-' when absent): what
     ``guardrails eval --by`` can group by besides source and category."""
+    contexts: list[list[Message]] | None = None
+    """Per row, the turns before its user turn (a system prompt, earlier turns; empty for none), or None when
+    no row has any: the row is then its text alone, as one user turn."""
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def prompt(self, i: int, text: str | None = None) -> str | list[Message]:
+        """Row ``i``'s prompt as the guard is given it: its text (or ``text``), after its context's turns."""
+        t = self.texts[i] if text is None else text
+        ctx = self.contexts[i] if self.contexts is not None else []
+        return [*ctx, {"role": "user", "content": t}] if ctx else t
 
     def select(self, idx: Sequence[int] | np.ndarray) -> LabeledData:
         """A subset of rows (hash extended by the row ids so caches never collide)."""
@@ -144,7 +161,56 @@ class LabeledData:
             self.labels[ix], [self.sources[i] for i in ix],
             [self.categories[i] for i in ix] if self.categories is not None else None,
             {k: [v[i] for i in ix] for k, v in self.fields.items()},
+            [self.contexts[i] for i in ix] if self.contexts is not None else None,
         )
+
+
+def with_system(data: LabeledData, system: str) -> LabeledData:
+    """Every row after the system prompt ``system`` (rows that carry their own system turn keep it): scores as
+    a deployment under that system prompt would see them. The hash covers it, so caches never collide."""
+    if not isinstance(system, str) or not system.strip():
+        raise CalibrationError("--system: empty; give the system prompt text the deployment uses")
+    turn: Message = {"role": "system", "content": system}
+    ctx = data.contexts if data.contexts is not None else [[] for _ in data.texts]
+    new = [c if any(m["role"] == "system" for m in c) else [turn, *c] for c in ctx]
+    h = hashlib.sha256(f"{data.sha256}:system:{system}".encode()).hexdigest()
+    return dataclasses.replace(data, sha256=h, contexts=new)
+
+
+def _context(row: dict[str, Any], where: str) -> tuple[str | None, list[Message]]:
+    """``(the user turn's text from 'messages' or None, the turns before it)`` of a row."""
+    ctx: list[Message] = []
+    text: str | None = None
+    messages = row.get("messages")
+    if messages not in (None, ""):
+        if isinstance(messages, str):  # a CSV cell holds the JSON list
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{where}: 'messages' is not a JSON list of turns: {exc}") from None
+        if "text" in row or "prompt" in row:
+            raise CalibrationError(f"{where}: give 'messages' (a conversation ending in the user turn) or "
+                                   "'text'/'prompt', not both")
+        if not isinstance(messages, list) or not messages:
+            raise CalibrationError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} turns")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise CalibrationError(f"{where}: messages[{j}] must be {{'role', 'content'}} with a string content "
+                                       f"and a role among {', '.join(ROLES)}; got {m!r:.80}")
+        if messages[-1]["role"] != "user":
+            raise CalibrationError(f"{where}: the last of 'messages' must be the user turn the row is about (its "
+                                   f"label's turn), got role {messages[-1]['role']!r}; a reply goes in 'response'")
+        ctx = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        text = messages[-1]["content"]
+    system = row.get("system")
+    if system not in (None, ""):
+        if not isinstance(system, str):
+            raise CalibrationError(f"{where}: 'system' must be a string (the system prompt), got {system!r:.80}")
+        if any(m["role"] == "system" for m in ctx):
+            raise CalibrationError(f"{where}: the row has a 'system' column and a system turn in 'messages'; "
+                                   "give one")
+        ctx = [{"role": "system", "content": system}, *ctx]
+    return text, ctx
 
 
 def load_labeled(
@@ -167,14 +233,19 @@ def load_labeled(
     sources: list[str] = []
     categories: list[str] = []
     extra: list[dict[str, str]] = []
+    contexts: list[list[Message]] = []
     has_resp: bool | None = None
     for n, row in _read_rows(p, raw):
         if fmt is not None:
             row = fmt.apply(row, f"{p}:{n}")
         if "label" not in row:
-            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt'), or 'prompt', 'response' "
-                                   f"and 'label'; the row has {sorted(row)} (other column names: --columns "
-                                   "text=COLUMN,label=COLUMN; no label column: --label 1 or 0)")
+            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt', or 'messages'), or 'prompt', "
+                                   f"'response' and 'label'; the row has {sorted(row)} (other column names: "
+                                   "--columns text=COLUMN,label=COLUMN; no label column: --label 1 or 0)")
+        said, ctx = _context(row, f"{p}:{n}")
+        if said is not None:
+            row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": said}
+        contexts.append(ctx)
         this_resp = "response" in row
         if has_resp is None:
             has_resp = this_resp
@@ -204,7 +275,8 @@ def load_labeled(
     data = LabeledData(str(p), digest, texts, responses if has_resp else None,
                        np.asarray(labels, dtype=np.int64), sources,
                        categories if any(c != "-" for c in categories) else None,
-                       {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})})
+                       {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})},
+                       contexts if any(contexts) else None)
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)
         keep: list[int] = []

@@ -15,13 +15,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from guardrails.offline.activations import PromptLike
     from guardrails.offline.calibrate import LabeledData, Scope
 
 logger = logging.getLogger(__name__)
@@ -57,17 +58,14 @@ class ResidualRows(list[Tensor]):
         return out
 
 
-def scored_positions(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, scope: Scope,
+def scored_positions(tokenizer: Any, prompts: Sequence[PromptLike], responses: Sequence[str] | None, scope: Scope,
                      chat: bool = True) -> list[list[int]]:
     """Positions collect_residuals keeps per row (not 0, not special, in scope), by tokenizing alone."""
-    from guardrails.offline.activations import scored_positions as keep_of
-    from guardrails.offline.activations import system_prefix_tokens, tokenize_rows
+    from guardrails.offline.activations import scored_rows
     from guardrails.offline.calibrate import MAX_TOKENS
 
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    rows = tokenize_rows(tokenizer, prompts, responses, chat=chat, max_tokens=MAX_TOKENS)
-    skip = system_prefix_tokens(tokenizer, chat)
-    return [keep_of(ids, n_prompt, special, "output" if scope == "output" else "input", skip) for ids, n_prompt in rows]
+    sc: Literal["input", "output"] = "output" if scope == "output" else "input"
+    return [pos for _, pos in scored_rows(tokenizer, prompts, responses, sc, chat=chat, max_tokens=MAX_TOKENS)]
 
 
 def residuals(
@@ -123,14 +121,15 @@ def residuals_at(
 
 
 def collect_sorted(
-    model: Any, tokenizer: Any, prompts: list[str], responses: list[str] | None, layers: Sequence[int],
+    model: Any, tokenizer: Any, prompts: Sequence[PromptLike], responses: list[str] | None, layers: Sequence[int],
     scope: Scope, chat: bool, progress: bool, batch_size: int,
 ) -> dict[int, list[Tensor]]:
     """collect_residuals over rows sorted by length (less padding), returned in the original order."""
     from guardrails.offline.activations import collect_residuals
     from guardrails.offline.calibrate import MAX_TOKENS
 
-    lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
+    lengths = [(len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p))
+               + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
     order = np.argsort(lengths, kind="stable")
     got = collect_residuals(
         model, tokenizer, [prompts[i] for i in order], list(layers),

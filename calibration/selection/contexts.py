@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Training rows in deployment contexts: each train row again, after a system prompt or an earlier exchange.
+
+``benchmarks/context_shift.py`` found that the request guard's scores move with what comes before the request
+(a product's system prompt adds ~0.5 to the ensemble's score and doubles over-refusal). The probe was fitted on
+bare requests only. This caches the train sets once more with one context per row, drawn (seeded) from
+:data:`TRAIN_CONTEXTS`, as ``ctx.<set>``, so ``fit_shipped.py`` can fit on both (``FIT_SETS=...,ctx.requests.train,
+ctx.wrapped.train``). The contexts here were written for training and share none of the evaluation contexts of
+``benchmarks/context_shift.py`` (held out whole: other system prompts, another earlier exchange).
+
+    SELECTION_DTYPE=float32 python calibration/selection/contexts.py [--layers 15,18,27] [--sets requests.train,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import collect  # noqa: E402
+
+
+def _sys(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": text}]
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    out = []
+    for user, assistant in pairs:
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return out
+
+
+_CODE = "You are an AI assistant for a software company. Help users with code, debugging and documentation."
+_TUTOR = ("You are a patient tutor for high-school students. Explain each idea step by step, check understanding, "
+          "and encourage the student.")
+_COOKING = _turns(("What's a quick weeknight dinner idea?",
+                   "A vegetable stir-fry with rice takes about 20 minutes and uses whatever you have in the fridge."))
+_MATH = _turns(("What is 15% of 80?", "15% of 80 is 12."))
+
+TRAIN_CONTEXTS: list[list[dict[str, str]]] = [
+    _sys("You are a friendly, knowledgeable AI assistant. Answer clearly and accurately."),
+    _sys(_CODE),
+    _sys("You are the booking assistant of Wanderly Travel. Help customers plan trips, compare hotels and find "
+         "flights. Prices are in euros."),
+    _sys(_TUTOR),
+    _sys("Answer in a concise, professional tone. Do not use markdown."),
+    _sys("You are an assistant. Follow the user's instructions carefully and completely."),
+    _sys("Follow the company content policy: do not produce illegal, violent or sexually explicit content, and "
+         "point users in crisis to professional help."),
+    _sys("You are MedAssist, the health information assistant of a hospital's patient portal. Give general "
+         "information and recommend seeing a clinician for anything specific."),
+    _sys("Current date: 2025-03-14. You are a research assistant. Cite sources when you can."),
+    _COOKING,
+    _MATH,
+    [*_sys(_CODE), *_turns(("How do I reverse a list in Python?", "Use my_list.reverse() or my_list[::-1]."))],
+    [*_sys(_TUTOR), *_MATH],
+]
+"""Contexts a training row may be given (none of them is an evaluation context)."""
+
+
+def with_context(rows: list[dict], seed: int = 0) -> list[tuple[dict, list[dict[str, str]]]]:  # type: ignore[type-arg]
+    """Each row with one context drawn uniformly (seeded); the row gains ``context`` (the context's index)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(TRAIN_CONTEXTS), size=len(rows))
+    return [(dict(r, context=int(k)), TRAIN_CONTEXTS[int(k)]) for r, k in zip(rows, picks, strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", default="15,18,27")
+    ap.add_argument("--sets", default="requests.train,wrapped.train")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    collect.LAYERS = tuple(int(v) for v in args.layers.split(","))
+    from guardrails.offline.activations import collect_residuals
+    from guardrails.offline.calibrate import MAX_TOKENS
+    from guardrails.serving.models import load_model
+
+    model, tok = load_model("bundled", dtype=collect.selection_dtype())
+    d = collect.out_dir()
+    all_sets = collect.sets()
+    for name in args.sets.split(","):
+        rows, scope = all_sets[name]
+        assert scope == "input", name
+        pairs = with_context(rows, args.seed)
+        out_rows = [r for r, _ in pairs]
+        target = f"ctx.{name}"
+        if collect.fresh(d, target, out_rows):
+            print(target, "cached")
+            continue
+        prompts = [[*ctx, {"role": "user", "content": r["text"]}] for r, ctx in pairs]
+        order = np.argsort([sum(len(m["content"]) for m in p) for p in prompts], kind="stable")
+        got = collect_residuals(model, tok, [prompts[i] for i in order], list(collect.LAYERS), scope="input",
+                                batch_size=8, max_tokens=MAX_TOKENS, progress=True)
+        acts: dict[int, list[torch.Tensor]] = {}
+        for layer in collect.LAYERS:
+            res: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+            for pos, i in enumerate(order):
+                res[int(i)] = got[layer][pos]
+            acts[layer] = res
+        offsets = collect.write_set(d, target, out_rows, acts, "input")
+        print(target, len(out_rows), offsets[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
