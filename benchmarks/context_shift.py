@@ -8,11 +8,11 @@ several contexts and prints, per context, the AUROC of harmful against benign ro
 how many decisions flip against the bare request.
 
     python benchmarks/context_shift.py [--policy harmful-requests ...] [--per-set 150] [--json-out FILE]
+        [--threads 2] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,6 +23,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _util  # noqa: E402
 
 from guardrails.offline.evaluate import metrics  # noqa: E402
 
@@ -111,15 +114,17 @@ def table(report: dict[str, Any], names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _util.parser(__doc__.split("\n\n")[0])
     ap.add_argument("--policy", action="append", help="a shipped policy's name or a YAML path (repeatable; default "
                                                       "harmful-requests)")
-    ap.add_argument("--per-set", type=int, default=150, help="rows per set (seeded sample)")
+    ap.add_argument("--per-set", type=int, default=150, help="rows per set (seeded sample; --quick: 3)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.per_set = 3
     if args.per_set < 2:
         ap.error("--per-set must be at least 2")
+    _util.pin_threads(args.threads)
 
     from tqdm import tqdm
 
@@ -135,12 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     for rep in reports:
         print(table(rep, list(sets)))
-    out = {"benchmark": "context_shift", "per_set": args.per_set, "dtype": args.dtype, "policies": reports}
+    out = {"benchmark": "context_shift", "quick": args.quick, "environment": _util.environment(args.threads),
+           "per_set": args.per_set, "dtype": args.dtype, "policies": reports}
     if args.json_out:
-        args.json_out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps({"benchmark": "context_shift", "policies": {
-        r["policy"]: {k: {"auroc": round(v["auroc"], 4), "changed": v["decisions_changed"]}
-                      for k, v in r["contexts"].items()} for r in reports}}))
+        Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(out))
     return 0
 
 

@@ -69,6 +69,20 @@ def test_overhead_quick_json_shape() -> None:
 
 
 @pytest.mark.model
+def test_context_shift_quick_json_shape() -> None:
+    """The request guard under each deployment context: the bare request changes no decision against itself; every
+    context scores the same rows."""
+    out = _run("context_shift.py")
+    assert out["benchmark"] == "context_shift" and out["per_set"] == 3
+    (rep,) = out["policies"]
+    assert rep["policy"] == "harmful-requests" and len(rep["contexts"]) >= 4
+    bare = rep["contexts"]["bare request (as every README figure)"]
+    assert bare["decisions_changed"] == 0 and bare["mean_score_shift"] == 0.0 and bare["messages_before"] == []
+    for r in rep["contexts"].values():
+        assert r["rows"] == 15 and 0.0 <= r["auroc"] <= 1.0 and set(r["blocked"]) == set(bare["blocked"])
+
+
+@pytest.mark.model
 @pytest.mark.slow
 def test_peers_quick_json_shape() -> None:
     out = _run("peers.py", "--no-onnx")

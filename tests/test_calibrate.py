@@ -864,3 +864,30 @@ def test_cli_eval_and_calibrate_under_a_system_prompt(saved_tiny, monkeypatch) -
     res = _cli(["eval", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy.test.jsonl"),
                 "--model", str(t["model"]), "--system", "  ", "--json"])
     assert res.exit_code != 0 and "--system: empty" in res.output, res.output
+
+
+def test_cli_calibrate_under_a_system_prompt_records_it(saved_tiny) -> None:
+    """calibrate --system fits the threshold on the rows after that system prompt: another threshold than the bare
+    rows', the record and the policy name the prompt, and the served score of the same conversation matches."""
+    from transformers import AutoTokenizer
+
+    t = saved_tiny
+    tk = AutoTokenizer.from_pretrained(t["model"])
+    tk.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    tk.save_pretrained(t["model"])
+    outs = {}
+    for name, extra in (("bare", []), ("sys", ["--system", "You are Nova, a robot that paints bread."])):
+        out = t["tmp"] / f"toy.{name}.yaml"
+        res = _cli(["calibrate", "--policy", str(t["policy"]), "--data", str(t["tmp"] / "toy.cal.jsonl"),
+                    "--target-fpr", "0.1", "--model", str(t["model"]), "--out", str(out), "--json", *extra])
+        assert res.exit_code == 0, res.output
+        outs[name] = (json.loads(res.stdout.strip().splitlines()[-1])["rules"]["r"], Policy.from_path(out))
+    (bare, _), (sys_rec, sys_pol) = outs["bare"], outs["sys"]
+    assert "context" not in bare and sys_rec["data_sha256"] != bare["data_sha256"]
+    assert sys_rec["context"] == {"rows_with_context": 15, "rows_with_earlier_turns": 0,
+                                  "system_prompts": ["You are Nova, a robot that paints bread."]}
+    assert sys_pol.calibration is not None
+    assert sys_pol.calibration["r"]["system_prompts"] == ["You are Nova, a robot that paints bread."]
+    assert sys_rec["serving_check_max_rel_diff"] < 1e-3  # offline = GuardedModel.score on the conversations
+    assert sys_rec["threshold"] != bare["threshold"]

@@ -9,6 +9,7 @@ ctx.wrapped.train``). The contexts here were written for training and share none
 ``benchmarks/context_shift.py`` (held out whole: other system prompts, another earlier exchange).
 
     SELECTION_DTYPE=float32 python calibration/selection/contexts.py [--layers 15,18,27] [--sets requests.train,...]
+        [--without-pairs]
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> None:
     ap.add_argument("--layers", default="15,18,27")
     ap.add_argument("--sets", default="requests.train,wrapped.train")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--without-pairs", action="store_true",
+                    help="then write <set>.nopairs and ctx.<set>.nopairs of requests.train: the train split without "
+                         "v0.3.6's topic-matched pairs (the default probe's rows; harmful-requests-paired adds them)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     collect.LAYERS = tuple(int(v) for v in args.layers.split(","))
@@ -107,6 +111,27 @@ def main() -> None:
             acts[layer] = res
         offsets = collect.write_set(d, target, out_rows, acts, "input")
         print(target, len(out_rows), offsets[-1], flush=True)
+    if args.without_pairs:
+        for name in ("requests.train", "ctx.requests.train"):
+            print(name + ".nopairs", *without_pairs(name), flush=True)
+
+
+PAIRS = ("handwritten_pairs_harmful", "handwritten_pairs_contrast")
+
+
+def without_pairs(name: str) -> tuple[int, int]:
+    """Write ``<name>.nopairs``: the cached set without the pair rows (same residuals). Returns (rows, tokens)."""
+    from select_detectors import Set
+
+    d = collect.out_dir()
+    s = Set(name)
+    keep = [i for i, r in enumerate(s.rows) if r.get("source") not in PAIRS]
+    acts = {}
+    for layer in collect.LAYERS:
+        x = np.load(d / f"{name}.L{layer}.npy", mmap_mode="r")
+        acts[layer] = [np.asarray(x[s.offsets[i]:s.offsets[i + 1]]) for i in keep]
+    offsets = collect.write_set(d, f"{name}.nopairs", [s.rows[i] for i in keep], acts, "input")
+    return len(keep), int(offsets[-1])
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def cmd_cv(args: argparse.Namespace) -> None:
     model's scores of the cal benign rows, so scores of different folds share one scale (the operating
     point: percentile >= 0.97 is the shipped 3%-FPR threshold). Per family: AUROC against the out-of-fold
     rows of the other label, and the share flagged at the 3% point. Criterion: mean of mean and worst AUROC."""
-    pool = Pool(list(TRAIN), args.layers)
+    train = args.train.split(",") if args.train else list(TRAIN)
+    pool = Pool(train, args.layers)
     ref = Pool(["requests.cal"], args.layers)  # the shipped threshold: 3% FPR on these benign rows
     ref_benign = ref.y == 0
     w = row_weights(pool, args.hard)
@@ -138,13 +139,25 @@ def cmd_cv(args: argparse.Namespace) -> None:
     n_plain = len(plain.rows)
     frame = erasure.frame_rows(plain.rows, plain.sources)[0] if args.erase else None
     plain_pooled = {layer: plain.mean_pooled(layer) for layer in args.layers} if args.erase else {}
+    ctx = Pool([f"ctx.{n}" for n in train], args.layers) if args.contexts in ("train", "eval") else None
+    if ctx is not None and (pooled is not None or args.erase):
+        raise SystemExit("maxwin.py: --contexts needs --kind maxwin without --erase")
     for wd in args.wd:
         oof = np.full(len(pool.y), np.nan)
+        oof_ctx = np.full(len(pool.y), np.nan)
         fold = np.array([FOLDS.get(f, f) if args.grouped else f for f in pool.family])
         for g in sorted(set(fold)):
             tr = fold != g
             if pooled is not None:  # the mean-pooled ridge probe of select_detectors.py (--wd read as C)
                 coef, bias = fit_probe(pooled[tr], pool.y[tr], w[tr], wd)
+            elif ctx is not None and args.contexts == "train":  # each training row bare and in its context
+                xt, ot = pool.subset(tr)
+                xc, oc = ctx.subset(tr)
+                x2 = np.concatenate([xt, xc])
+                o2 = np.concatenate([ot, ot[-1] + oc[1:]])
+                coef, bias = fit(x2, o2, np.r_[pool.y[tr], pool.y[tr]], np.r_[w[tr], w[tr]] / 2, window=args.window,
+                                 wd=wd, steps=args.steps)
+                bases = []
             else:
                 xt, ot = pool.subset(tr)
                 bases = []
@@ -159,6 +172,12 @@ def cmd_cv(args: argparse.Namespace) -> None:
             xh, oh = pool.subset(~tr)
             ref_scores = np.sort(score(ref.x, ref.offsets, coef, bias, args.window)[ref_benign])
             oof[~tr] = np.searchsorted(ref_scores, score(xh, oh, coef, bias, args.window)) / len(ref_scores)
+            if ctx is not None:  # the held-out rows in their training contexts, on the bare cal rows' scale
+                xh, oh = ctx.subset(~tr)
+                oof_ctx[~tr] = np.searchsorted(ref_scores, score(xh, oh, coef, bias, args.window)) / len(ref_scores)
+        if ctx is not None:
+            print(cv_line(f"{args.kind} L{'+'.join(map(str, args.layers))} wd={wd} contexts={args.contexts}: held-out "
+                          "rows in contexts", oof_ctx, pool.y, pool.family), flush=True)
         per = family_aurocs(oof, pool.y, pool.family)
         flagged = {g: float((oof[pool.family == g] >= 0.97).mean()) for g in per}
         crit, mean, worst = criterion(per)
@@ -235,6 +254,11 @@ def main() -> None:
     ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
     ap.add_argument("--erase", action="store_true",
                     help="fit on residuals projected off the within-label frame directions (erasure.py, v0.3.5)")
+    ap.add_argument("--train", default="", help="cached sets to cross-validate on, comma-separated (default: "
+                                                 "requests.train,wrapped.train)")
+    ap.add_argument("--contexts", choices=["none", "eval", "train"], default="none",
+                    help="eval: also score the held-out rows in deployment contexts (the ctx.<set> caches of "
+                         "contexts.py); train: fit on every training row bare and in its context as well")
     ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
                     help="grouped family folds (FOLDS) instead of one fold per family")
     args = ap.parse_args()

@@ -243,6 +243,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     ids = {r.id for r in policy.rules}
     kept = {rid: e for rid, e in (policy.calibration or {}).items() if rid in ids and rid not in report["rules"]}
     summary = {**kept, **{rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
+                                **({"system_prompts": r["context"]["system_prompts"]} if "context" in r else {}),
                                 **({"record": shown} if shown else {}),
                                 **({"features_from": f} if (f := _features_from(policy, rid)) else {})}
                           for rid, r in report["rules"].items()}}

@@ -32,8 +32,19 @@ def make_record(
         "data": data.path, "data_sha256": data.sha256, "rows": len(data),
         "positives": int(data.labels.sum()), "negatives": int((data.labels == 0).sum()),
         "model": model_name, "saes": saes, "score_mode": score_mode, "rule": rule_id,
-        "threshold": threshold, "target": target, "metrics": metrics, **(extra or {}),
+        "threshold": threshold, "target": target, "metrics": metrics,
+        **({"context": ctx} if (ctx := context_summary(data)) else {}), **(extra or {}),
     }
+
+
+def context_summary(data: LabeledData) -> dict[str, Any] | None:
+    """What came before the rows' user turns when they were scored (``--system``, a row's ``system`` or
+    ``messages``): how many rows had any, and the distinct system prompts (the first 3); None for bare rows."""
+    if not data.contexts or not any(data.contexts):
+        return None
+    systems = list(dict.fromkeys(m["content"] for c in data.contexts for m in c if m["role"] == "system"))
+    return {"rows_with_context": sum(1 for c in data.contexts if c), "system_prompts": systems[:3],
+            "rows_with_earlier_turns": sum(1 for c in data.contexts if any(m["role"] != "system" for m in c))}
 
 
 def sae_weights_file(ref: str) -> Path | None:
