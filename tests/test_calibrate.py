@@ -891,3 +891,33 @@ def test_cli_calibrate_under_a_system_prompt_records_it(saved_tiny) -> None:
     assert sys_pol.calibration["r"]["system_prompts"] == ["You are Nova, a robot that paints bread."]
     assert sys_rec["serving_check_max_rel_diff"] < 1e-3  # offline = GuardedModel.score on the conversations
     assert sys_rec["threshold"] != bare["threshold"]
+
+
+def test_window_fit_does_not_stall_on_a_shared_template_prefix(monkeypatch) -> None:
+    """Every row opens with the same template tokens (a chat header) that outweigh the content: from zero weights
+    each row's highest window is that shared prefix, its gradients cancel between the labels, and L-BFGS used to stop
+    at once with zero weights (leave-families-out CV folds of the request probe did; v0.3.10). The fit now starts
+    again from the mean-pooled probe and finds the label's direction."""
+    from sklearn.metrics import roc_auc_score
+
+    from guardrails.offline import window_fit as wf
+
+    rng = np.random.default_rng(0)
+    head = np.full((3, 16), 2.0, np.float32)
+    rows, y = [], np.arange(200) % 2
+    for lab in y:
+        c = rng.normal(0, 0.05, (8, 16)).astype(np.float32)
+        c[rng.integers(0, 8), 0] += 0.3 * lab
+        rows.append(np.vstack([head, c]))
+    x, off = np.concatenate(rows), np.arange(0, 11 * 200 + 1, 11)
+
+    def served(coef: np.ndarray, bias: float) -> np.ndarray:
+        t = [r @ coef + bias for r in rows]
+        return np.array([max(s[max(0, j - 3):j + 1].mean() for j in range(len(s))) for s in t])
+
+    monkeypatch.setattr(wf, "STALLED", 1e9)  # no second start: the old behaviour
+    coef, bias = wf.fit_dense_window(x, off, y, np.ones(200), window=4, wd=1e-3, steps=40)
+    assert np.linalg.norm(coef) < 1e-2  # stalled at the start
+    monkeypatch.undo()
+    coef, bias = wf.fit_dense_window(x, off, y, np.ones(200), window=4, wd=1e-3, steps=40)
+    assert roc_auc_score(y, served(coef, bias)) > 0.95

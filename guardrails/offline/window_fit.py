@@ -61,21 +61,59 @@ def fit_dense_window(x: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.nd
     if anchor is not None:
         beta0 = torch.from_numpy(anchor[0].astype(np.float32)) * sd
         b0 = torch.tensor([anchor[1] + float((torch.from_numpy(anchor[0].astype(np.float32)) * mu).sum())])
-    beta = beta0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+    def run(start: torch.Tensor, start_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        beta = start.clone().requires_grad_(True)
+        b = start_b.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+        losses: list[float] = []
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            s = window_scores(Z @ beta + b, off, row_of, window, full_front)
+            loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
+            loss = loss + wd * ((beta - beta0) ** 2).sum()
+            loss.backward()
+            losses.append(float(loss.detach()))
+            return loss
+
+        opt.step(closure)
+        return beta.detach(), b.detach(), losses[0], losses[-1]
+
+    beta, b, first, last = run(beta0, b0)
+    if anchor is None and last > STALLED * first:
+        # Stalled near the start: from zero weights every row's highest window can be the same template token (the
+        # user turn's header), whose gradients nearly cancel between the labels, and L-BFGS stops within a few steps
+        # close to the starting loss. Start again from the mean-pooled logistic probe (a convex fit); keep the better.
+        beta2, b2, _, last2 = run(*_pooled_start(Z, off, row_of, yt, wt, wd))
+        if last2 < last:
+            beta, b = beta2, b2
+    coef = (beta / sd).numpy()
+    return coef, float(b[0] - (coef * mu.numpy()).sum())
+
+
+STALLED = 0.5
+"""A window fit whose loss ends above this share of its starting loss may have stalled: it is run again from the
+mean-pooled probe and the lower loss kept (see :func:`fit_dense_window`). The shipped probes' fits end near 0.1."""
+
+
+def _pooled_start(Z: torch.Tensor, off: torch.Tensor, row_of: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                  wd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised weights and bias of a weighted logistic probe on each row's mean token (L2 ``wd``)."""
+    n = len(off) - 1
+    means = torch.zeros(n, Z.shape[1]).index_add_(0, row_of, Z) / (off[1:] - off[:-1]).clamp(min=1)[:, None]
+    beta = torch.zeros(Z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([beta, b], lr=1.0, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        s = window_scores(Z @ beta + b, off, row_of, window, full_front)
-        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(s, yt, reduction="none")).mean()
-        loss = loss + wd * ((beta - beta0) ** 2).sum()
+        loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(means @ beta + b, y, reduction="none")).mean()
+        loss = loss + wd * (beta ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    coef = (beta.detach() / sd).numpy()
-    return coef, float(b.detach()[0] - (coef * mu.numpy()).sum())
+    return beta.detach(), b.detach()
 
 
 def fit_sparse_window(v: np.ndarray, ids: np.ndarray, offsets: np.ndarray, y: np.ndarray, w: np.ndarray,
