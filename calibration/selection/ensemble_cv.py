@@ -43,10 +43,12 @@ def main() -> None:
                     "ensemble; harmful-requests-sae has 2048 since v0.3.3)")
     ap.add_argument("--layers", default=[12, 18], type=lambda v: [int(x) for x in v.split(",")],
                     help="the probe member's layers (comma list; the deepest decides)")
+    ap.add_argument("--train", default="", help="cached sets to cross-validate on, comma-separated (default: "
+                                                "requests.train,wrapped.train)")
     args = ap.parse_args()
     layers = args.layers
     sae, tag = load_sae()
-    pool = Pool(list(TRAIN), layers)
+    pool = Pool(args.train.split(",") if args.train else list(TRAIN), layers)
     codes = [s.sae_codes(sae, tag) for s in pool.sets]
     v_all, ids_all = np.concatenate([c[0] for c in codes]), np.concatenate([c[1] for c in codes])
     cal = Set("requests.cal")
