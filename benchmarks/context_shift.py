@@ -8,7 +8,7 @@ several contexts and prints, per context, the AUROC of harmful against benign ro
 how many decisions flip against the bare request.
 
     python benchmarks/context_shift.py [--policy harmful-requests ...] [--per-set 150] [--json-out FILE]
-        [--threads 2] [--quick]
+        [--threads 2] [--quick] [--answers --policy harmful-compliance]
 """
 
 from __future__ import annotations
@@ -61,15 +61,23 @@ CONTEXTS: dict[str, list[dict[str, str]]] = {
 }
 
 
-def rows_of(file: str, sources: tuple[str, ...] | None, label: int, n: int) -> list[str]:
+ANSWER_SETS: dict[str, tuple[str, tuple[str, ...] | None, int]] = {  # --answers: prompt + response rows
+    "harmful answers (test split)": ("responses.test.jsonl", None, 1),
+    "harmless answers (test split)": ("responses.test.jsonl", None, 0),
+}
+
+
+def rows_of(file: str, sources: tuple[str, ...] | None, label: int, n: int) -> list[Any]:
+    """A seeded sample of ``n`` rows of one label: their texts, or ``(prompt, response)`` for answer rows."""
     rows = [json.loads(x) for x in (DATA / file).read_text(encoding="utf-8").splitlines() if x.strip()]
-    texts = [r["text"] for r in rows if int(r["label"]) == label and (sources is None or r.get("source") in sources)]
+    texts = [(r["prompt"], r["response"]) if "response" in r else r["text"] for r in rows
+             if int(r["label"]) == label and (sources is None or r.get("source") in sources)]
     rng = np.random.default_rng(0)
     keep = sorted(rng.choice(len(texts), size=min(n, len(texts)), replace=False).tolist())
     return [texts[i] for i in keep]
 
 
-def measure(guard: Any, sets: dict[str, tuple[list[str], int]], bar: Any) -> dict[str, Any]:
+def measure(guard: Any, sets: dict[str, tuple[list[Any], int]], bar: Any) -> dict[str, Any]:
     """One policy under every context: per context, AUROC, share blocked per set, decisions changed."""
     rule = guard.policy.rules[0].id
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -77,13 +85,17 @@ def measure(guard: Any, sets: dict[str, tuple[list[str], int]], bar: Any) -> dic
     for ctx, prefix in CONTEXTS.items():
         scores[ctx], blocked[ctx] = {}, {}
         for name, (texts, _) in sets.items():
-            convs: list[Any] = [[*prefix, {"role": "user", "content": t}] if prefix else t for t in texts]
+            prompts = [t[0] if isinstance(t, tuple) else t for t in texts]
+            answers = [t[1] for t in texts] if texts and isinstance(texts[0], tuple) else None
+            convs: list[Any] = [[*prefix, {"role": "user", "content": t}] if prefix else t for t in prompts]
             out = []
             for i in range(0, len(convs), 16):
-                out += guard.score(convs[i:i + 16], batch_size=16)
+                out += guard.score(convs[i:i + 16], batch_size=16,
+                                   responses=answers[i:i + 16] if answers is not None else None)
                 bar.update(len(convs[i:i + 16]))
             scores[ctx][name] = np.asarray([s.scores.get(rule, math.nan) for s in out])
-            blocked[ctx][name] = np.asarray([s.blocked for s in out])
+            # acted on: blocked, or steered (an output rule that steers below its block_above)
+            blocked[ctx][name] = np.asarray([s.blocked or any(d.action == "steer" for d in s.decisions) for s in out])
     base = next(iter(CONTEXTS))
     names = list(sets)
     report: dict[str, Any] = {"policy": guard.policy.name, "rule": rule,
@@ -102,7 +114,8 @@ def measure(guard: Any, sets: dict[str, tuple[list[str], int]], bar: Any) -> dic
 
 
 def table(report: dict[str, Any], names: list[str]) -> str:
-    lines = [f"policy {report['policy']} (rule {report['rule']}, threshold {report['threshold']}): share blocked per "
+    lines = [f"policy {report['policy']} (rule {report['rule']}, threshold {report['threshold']}): share blocked (or "
+             "steered) per "
              "set, AUROC of every harmful row against every benign row, decisions changed against the bare request",
              "| context | AUROC | " + " | ".join(names) + " | decisions changed | mean score shift |",
              "|" + " --- |" * (len(names) + 4)]
@@ -119,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "harmful-requests)")
     ap.add_argument("--per-set", type=int, default=150, help="rows per set (seeded sample; --quick: 3)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--answers", action="store_true",
+                    help="score answers (prompt + response rows of the test split) instead of requests: for output "
+                         "policies such as harmful-compliance")
     args = ap.parse_args(argv)
     if args.quick:
         args.per_set = 3
@@ -133,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     policies = [Policy.from_path(p) for p in (args.policy or ["harmful-requests"])]
     lm, tok = load_model(policies[0].model, dtype=args.dtype)
-    sets = {name: (rows_of(f, src, lab, args.per_set), lab) for name, (f, src, lab) in SETS.items()}
+    chosen = ANSWER_SETS if args.answers else SETS
+    sets = {name: (rows_of(f, src, lab, args.per_set), lab) for name, (f, src, lab) in chosen.items()}
     total = sum(len(t) for t, _ in sets.values()) * len(CONTEXTS) * len(policies)
     bar = tqdm(total=total, unit="text", desc="contexts")
     reports = [measure(GuardedModel(lm, tok, pol), sets, bar) for pol in policies]

@@ -83,6 +83,17 @@ def test_context_shift_quick_json_shape() -> None:
 
 
 @pytest.mark.model
+def test_context_shift_answers_quick_json_shape() -> None:
+    """--answers: the output guard on prompt + response rows under the same contexts."""
+    out = _run("context_shift.py", "--answers", "--policy", "harmful-compliance")
+    (rep,) = out["policies"]
+    assert rep["policy"] == "harmful-compliance"
+    bare = rep["contexts"]["bare request (as every README figure)"]
+    assert set(bare["blocked"]) == {"harmful answers (test split)", "harmless answers (test split)"}
+    assert bare["decisions_changed"] == 0 and all(r["rows"] == 6 for r in rep["contexts"].values())
+
+
+@pytest.mark.model
 @pytest.mark.slow
 def test_peers_quick_json_shape() -> None:
     out = _run("peers.py", "--no-onnx")
