@@ -83,8 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     collect.LAYERS = tuple(int(v) for v in args.layers.split(","))
-    from guardrails.offline.activations import collect_residuals
-    from guardrails.offline.calibrate import MAX_TOKENS
+    from guardrails.offline.residuals import collect_sorted
     from guardrails.serving.models import load_model
 
     model, tok = load_model("bundled", dtype=collect.selection_dtype())
@@ -100,15 +99,7 @@ def main() -> None:
             print(target, "cached")
             continue
         prompts = [[*ctx, {"role": "user", "content": r["text"]}] for r, ctx in pairs]
-        order = np.argsort([sum(len(m["content"]) for m in p) for p in prompts], kind="stable")
-        got = collect_residuals(model, tok, [prompts[i] for i in order], list(collect.LAYERS), scope="input",
-                                batch_size=8, max_tokens=MAX_TOKENS, progress=True)
-        acts: dict[int, list[torch.Tensor]] = {}
-        for layer in collect.LAYERS:
-            res: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-            for pos, i in enumerate(order):
-                res[int(i)] = got[layer][pos]
-            acts[layer] = res
+        acts = collect_sorted(model, tok, prompts, None, collect.LAYERS, "input", True, True, 8)
         offsets = collect.write_set(d, target, out_rows, acts, "input")
         print(target, len(out_rows), offsets[-1], flush=True)
     if args.without_pairs:

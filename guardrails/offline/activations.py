@@ -17,9 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from guardrails.engine.hooks import StopForward, capture, stop_after_layer
-
-PromptLike = str | Sequence[dict[str, str]]
-"""A row's prompt: a string (one user turn) or a conversation of ``{"role", "content"}`` turns."""
+from guardrails.serving.prompts import PromptLike  # a string (one user turn) or {"role", "content"} turns
 
 
 def tokenize_rows(
@@ -31,14 +29,37 @@ def tokenize_rows(
     max_tokens: int = 512,
 ) -> list[tuple[list[int], int]]:
     """``(token ids, number of prompt tokens)`` per text (or conversation), formatted as a guard formats them."""
+    return [(ids, n_prompt) for ids, n_prompt, _ in _tokenized(tokenizer, texts, responses, chat, max_tokens)]
+
+
+def _tokenized(tokenizer: Any, texts: Sequence[PromptLike], responses: Sequence[str | None] | None, chat: bool,
+               max_tokens: int) -> list[tuple[list[int], int, int | frozenset[int]]]:
+    """Per row ``(token ids, number of prompt tokens, the prompt tokens input rules leave out besides specials and
+    position 0)``, each prompt rendered once. Left out: for a string, the leading tokens of the template's default
+    system turn (a count, :func:`system_prefix_tokens`); for a conversation, the positions of the tokens in turns
+    outside the default ``input_roles`` (user and tool), found as serving finds them
+    (:func:`guardrails.core.roles.token_roles`)."""
+    from guardrails.core.roles import token_roles
+    from guardrails.core.semantics import ROLE_CODES
+
     resp = list(responses) if responses is not None else [None] * len(texts)
     if len(resp) != len(texts):
         raise ValueError(f"responses has {len(resp)} items but texts has {len(texts)}")
-    out = []
+    keep = {ROLE_CODES["user"], ROLE_CODES["tool"]}
+    default: int | None = None
+    out: list[tuple[list[int], int, int | frozenset[int]]] = []
     for text, response in zip(texts, resp, strict=True):
-        p_ids = list(tokenizer(prompt_text(tokenizer, text, chat), add_special_tokens=False)["input_ids"])
+        spans: dict[str, Any] = {}
+        prompt = prompt_text(tokenizer, text, chat, spans)
+        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
-        out.append(((p_ids + r_ids)[:max_tokens], len(p_ids)))
+        skip: int | frozenset[int]
+        if isinstance(text, str):
+            skip = default = system_prefix_tokens(tokenizer, chat) if default is None else default
+        else:
+            roles = token_roles(tokenizer, prompt, spans.get(prompt))
+            skip = frozenset(j for j, code in enumerate(roles) if code not in keep)
+        out.append(((p_ids + r_ids)[:max_tokens], len(p_ids), skip))
     return out
 
 
@@ -66,35 +87,8 @@ def scored_rows(tokenizer: Any, texts: Sequence[PromptLike], responses: Sequence
                 ) -> list[tuple[list[int], list[int]]]:
     """``(token ids, positions collect_residuals keeps)`` per row, by tokenizing alone."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    rows = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
-    skips = unscored_prompt_tokens(tokenizer, texts, chat)
     return [(ids, scored_positions(ids, n_prompt, special, scope, skip))
-            for (ids, n_prompt), skip in zip(rows, skips, strict=True)]
-
-
-def unscored_prompt_tokens(tokenizer: Any, texts: Sequence[PromptLike], chat: bool = True,
-                           ) -> list[int | frozenset[int]]:
-    """Per row, the prompt tokens input rules leave out besides specials and position 0: for a string, the count
-    of leading tokens in the template's default system turn (:func:`system_prefix_tokens`); for a conversation,
-    the positions of tokens in turns outside the default ``input_roles`` (user and tool), found as serving finds
-    them (:func:`guardrails.core.roles.token_roles`)."""
-    from guardrails.core.roles import token_roles
-    from guardrails.core.semantics import ROLE_CODES
-
-    keep = {ROLE_CODES["user"], ROLE_CODES["tool"]}
-    default: int | None = None
-    out: list[int | frozenset[int]] = []
-    for text in texts:
-        if isinstance(text, str):
-            if default is None:
-                default = system_prefix_tokens(tokenizer, chat)
-            out.append(default)
-            continue
-        spans: dict[str, Any] = {}
-        prompt = prompt_text(tokenizer, text, chat, spans)
-        roles = token_roles(tokenizer, prompt, spans.get(prompt))
-        out.append(frozenset(j for j, code in enumerate(roles) if code not in keep))
-    return out
+            for ids, n_prompt, skip in _tokenized(tokenizer, texts, responses, chat, max_tokens)]
 
 
 def system_prefix_tokens(tokenizer: Any, chat: bool = True) -> int:
@@ -124,7 +118,7 @@ def scored_positions(
 ) -> list[int]:
     """Positions a guard scores in one row: not 0 (the attention sink), not special, in ``scope``, and for
     prompt tokens not among the first ``skip`` (the template's default system turn) or, for a set, not in it
-    (a conversation's turns that input rules do not read; :func:`unscored_prompt_tokens`)."""
+    (a conversation's turns that input rules do not read)."""
     def prompt_ok(j: int) -> bool:
         return j >= skip if isinstance(skip, int) else j not in skip
 
@@ -151,15 +145,14 @@ def collect_residuals(
 ) -> dict[int, list[Tensor]]:
     """``{layer: [tensor [n_scored_i, d_model] per text]}`` (float32, CPU)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    tokenized = tokenize_rows(tokenizer, texts, responses, chat=chat, max_tokens=max_tokens)
-    skips = unscored_prompt_tokens(tokenizer, texts, chat)
+    tokenized = _tokenized(tokenizer, texts, responses, chat, max_tokens)
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model.device if hasattr(model, "device") else torch.device("cpu")
     bar = tqdm(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}", disable=not progress)
     try:
         for start in range(0, len(texts), batch_size):
             chunk = tokenized[start : start + batch_size]
-            rows = [ids for ids, _ in chunk]
+            rows = [ids for ids, _, _ in chunk]
             width = max(len(r) for r in rows)
             pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
             ids_t = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -177,8 +170,7 @@ def collect_residuals(
                     pass
             for layer in layers:
                 hidden = store[layer].float().cpu()
-                for b, (ids, n_prompt) in enumerate(chunk):
-                    skip = skips[start + b]
+                for b, (ids, n_prompt, skip) in enumerate(chunk):
                     keep = [width - len(ids) + j for j in scored_positions(ids, n_prompt, special, scope, skip)]
                     out[layer].append(hidden[b][keep].clone())
             bar.update(len(rows))

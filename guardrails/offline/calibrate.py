@@ -30,8 +30,7 @@ from guardrails.offline.labeled import DataFormat as DataFormat
 from guardrails.offline.labeled import LabeledData as LabeledData
 from guardrails.offline.labeled import load_labeled as load_labeled
 from guardrails.offline.labeled import with_system as with_system
-
-PromptLike = str | list[dict[str, str]]
+from guardrails.serving.prompts import PromptLike
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ def rows_for_scope(data: LabeledData, scope: Scope) -> tuple[list[PromptLike], l
     the row has context turns: ``LabeledData.prompt``)."""
     if scope == "output" and data.responses is None:
         return [data.prompt(i, CONTINUE_PROMPT) for i in range(len(data))], data.texts
-    prompts: list[PromptLike] = [data.prompt(i) for i in range(len(data))] if data.contexts else list(data.texts)
-    return prompts, (None if scope == "input" else data.responses)
+    return [data.prompt(i) for i in range(len(data))], (None if scope == "input" else data.responses)
 
 
 # -- serving-exact scores ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
-PromptLike = str | Sequence[dict[str, str]]
+from guardrails.serving.prompts import PromptLike
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 
 from guardrails.core.errors import GuardrailsError
-from guardrails.core.semantics import ROLES
-
-Message = dict[str, str]
+from guardrails.serving.prompts import Message, check_messages
 
 FIELDS = ("text", "prompt", "response", "label", "source", "category", "system", "messages")
 """The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
@@ -191,16 +189,16 @@ def _context(row: dict[str, Any], where: str) -> tuple[str | None, list[Message]
         if "text" in row or "prompt" in row:
             raise CalibrationError(f"{where}: give 'messages' (a conversation ending in the user turn) or "
                                    "'text'/'prompt', not both")
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, list):
             raise CalibrationError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} turns")
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise CalibrationError(f"{where}: messages[{j}] must be {{'role', 'content'}} with a string content "
-                                       f"and a role among {', '.join(ROLES)}; got {m!r:.80}")
+        try:
+            messages = check_messages(messages)  # the checks every serving entry point makes
+        except ValueError as exc:
+            raise CalibrationError(f"{where}: 'messages': {exc}") from None
         if messages[-1]["role"] != "user":
             raise CalibrationError(f"{where}: the last of 'messages' must be the user turn the row is about (its "
                                    f"label's turn), got role {messages[-1]['role']!r}; a reply goes in 'response'")
-        ctx = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        ctx = messages[:-1]
         text = messages[-1]["content"]
     system = row.get("system")
     if system not in (None, ""):
