@@ -231,6 +231,47 @@ def test_cascade_input_bands_judged_between_two_passes(engine: dict[str, Any]) -
 
 @needs_vllm
 @pytest.mark.model
+def test_close_ends_requests_waiting_on_a_judge(engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing the vLLM scheduler while the cascade's judges are asked: the calls not started are cancelled and
+    their requests end with ``error`` at once; the ones under way end with ``error`` when their judge returns (nothing
+    is queued again), and the judge threads are not left behind."""
+    from guardrails.server.vllm_engine import VLLMScheduler
+
+    guard = engine["guard"]
+    gate, asked = threading.Event(), []
+
+    def slow(request: Any) -> str:
+        asked.append(request.text)
+        gate.wait(60)
+        return "safe"
+
+    monkeypatch.setitem(guard.judges, "j", slow)
+    ends: dict[int, Any] = {}
+    sched = VLLMScheduler(guard, policy="cascade")
+    prompt = guard.format_prompt(_chat(engine["benign"][0]))
+    for i in range(6):
+        sched.submit(prompt, max_new_tokens=N,
+                     sink=lambda e, i=i: ends.__setitem__(i, e.completion) if e.kind == "done" else None)
+    deadline = time.monotonic() + 120
+    while len(asked) < 4 and time.monotonic() < deadline:  # the pool's four threads each hold one
+        time.sleep(0.05)
+    assert len(asked) == 4 and not ends
+    sched.close()
+    assert len(ends) == 2 and {c.finish_reason for c in ends.values()} == {"error"}
+    gate.set()
+    deadline = time.monotonic() + 60
+    while len(ends) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(ends) == list(range(6)) and {c.error for c in ends.values()} == {"server shutting down"}
+    assert len(asked) == 4 and sched._judges_pool is None
+    for t in threading.enumerate():
+        if t.name.startswith("guardrails-vllm-judge"):
+            t.join(10)
+            assert not t.is_alive()
+
+
+@needs_vllm
+@pytest.mark.model
 @pytest.mark.parametrize("verdict", ["safe", "unsafe"])
 @pytest.mark.parametrize("policy", ["ocascade", "late"])
 def test_cascade_output_band_streams_once(engine: dict[str, Any], verdict: str, policy: str) -> None:

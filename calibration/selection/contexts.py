@@ -10,6 +10,10 @@ ctx.wrapped.train``). The contexts here were written for training and share none
 
     SELECTION_DTYPE=float32 python calibration/selection/contexts.py [--layers 15,18,27] [--sets requests.train,...]
         [--without-pairs]
+
+Output sets (``--sets responses.train``: answers cut as ``collect.py`` cuts them) get the context before their
+request; the answer's tokens are cached as the output guard reads them (for ``fit_shipped.py compliance``'s
+``COMPLIANCE_SETS``).
 """
 
 from __future__ import annotations
@@ -91,16 +95,16 @@ def main() -> None:
     all_sets = collect.sets()
     for name in args.sets.split(","):
         rows, scope = all_sets[name]
-        assert scope == "input", name
         pairs = with_context(rows, args.seed)
         out_rows = [r for r, _ in pairs]
         target = f"ctx.{name}"
         if collect.fresh(d, target, out_rows):
             print(target, "cached")
             continue
-        prompts = [[*ctx, {"role": "user", "content": r["text"]}] for r, ctx in pairs]
-        acts = collect_sorted(model, tok, prompts, None, collect.LAYERS, "input", True, True, 8)
-        offsets = collect.write_set(d, target, out_rows, acts, "input")
+        prompts = [[*ctx, {"role": "user", "content": r.get("prompt", r.get("text"))}] for r, ctx in pairs]
+        responses = [r["response"] for r in out_rows] if scope == "output" else None  # answers: after the request
+        acts = collect_sorted(model, tok, prompts, responses, collect.LAYERS, scope, True, True, 8)
+        offsets = collect.write_set(d, target, out_rows, acts, scope)
         print(target, len(out_rows), offsets[-1], flush=True)
     if args.without_pairs:
         for name in ("requests.train", "ctx.requests.train"):

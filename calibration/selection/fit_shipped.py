@@ -231,7 +231,9 @@ def fit_compliance() -> None:
     from collect import MAX_RESPONSE_CHARS as CUT_CHARS
 
     chars = str(CUT_CHARS if fit_on == "cut" else WHOLE_CHARS)
-    pool = maxwin.Pool([f"{CUTS[fit_on]}.train"], layers)
+    # COMPLIANCE_SETS: other cached sets to fit on (v0.3.11: ctx.responses.train beside the bare rows, contexts.py)
+    fit_sets = os.environ.get("COMPLIANCE_SETS", f"{CUTS[fit_on]}.train").split(",")
+    pool = maxwin.Pool(fit_sets, layers)
     keep = np.array([s != MANY_SHOT for s in pool.sources])
     x, off, y, src = subset(pool, keep)
     coef, b = fit_head(kind, x, off, y, cell_weights(src, y), window=window)  # exactly the head the selection scored
@@ -239,18 +241,25 @@ def fit_compliance() -> None:
     how = ("ridge C=0.1 on mean-pooled replies" if kind == "ridge"
            else f"logistic loss on the served max-of-rolling-means score (W{window}), L2 0.01")
     digest = hashlib.sha256((ROOT / "calibration/data/responses.train.jsonl").read_bytes()).hexdigest()
-    path = ROOT / "calibration" / "probes" / "harmful-compliance-probe.safetensors"
+    # COMPLIANCE_PROBE / COMPLIANCE_POLICY: write a candidate instead of the shipped files (the policy is copied
+    # from the shipped one first)
+    path = ROOT / os.environ.get("COMPLIANCE_PROBE", "calibration/probes/harmful-compliance-probe.safetensors")
     save_linear(path, coef, b, {"method": "probe", "layer": str(layer),
                                 "train": "calibration/data/responses.train.jsonl", "train_sha256": digest,
+                                "cached_sets": ",".join(fit_sets),
                                 "max_response_chars": chars, "objective": how,
                                 "row_weights": "equal per (source, label)",
                                 "layers": ",".join(map(str, layers)),
                                 "selection": json.dumps({k: sel[k] for k in ("layer", "kind", "window", "criterion",
                                                                              "worst")})}, extra=extra)
-    pol_path = ROOT / "policies" / "harmful-compliance.yaml"
+    shipped = ROOT / "policies" / "harmful-compliance.yaml"
+    pol_path = (ROOT / os.environ.get("COMPLIANCE_POLICY", "policies/harmful-compliance.yaml")).resolve()
+    if pol_path != shipped:
+        shutil.copyfile(shipped, pol_path)
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     det = rule.detector.model_copy(update={"layer": layer, "window": window, "aggregate": "mean",
+                                           "weights": os.path.relpath(path, pol_path.parent),
                                            "extra_layers": layers[:-1] or None})
     where = f"layer-{layer} residuals" if len(layers) == 1 else \
         f"the residuals of layers {' + '.join(map(str, layers))} (one term per layer, summed per token)"

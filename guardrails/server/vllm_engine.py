@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,9 @@ class VLLMScheduler(ThreadedScheduler):
         self._waiting: list[tuple[Ticket, Any]] = []
         self._live: dict[str, _Live] = {}
         self._judges_pool: ThreadPoolExecutor | None = None
-        """Threads asking the cascade's judges (never the engine's thread)."""
+        """Threads asking the cascade's judges (never the engine's thread); shut down by :meth:`close`."""
+        self._judging_now: dict[Future[None], Ticket] = {}
+        """Judge calls submitted and not finished, with their tickets (``close`` ends the ones not started)."""
         self._sent_before: dict[int, str] = {}
         """Per ticket queued again by the cascade: the text its first pass streamed."""
 
@@ -248,15 +250,42 @@ class VLLMScheduler(ThreadedScheduler):
                 continue
             result = self.guard.result(lv.req, ids, verdict, sequence=0)
             if reason is None and held(result):  # the cascade (judges bound): judge off this thread, then run again
-                self._judging().submit(self._judge_and_requeue, lv.ticket, result, lv.sent)
+                self._judge_later(lv.ticket, result, lv.sent)
                 continue
             self._complete(lv, self.guard._audit(result), reason, cut)
 
     # -- the cascade (guardrails.vllm.cascade): a band hit held in the first pass, judged, run again ----------
-    def _judging(self) -> ThreadPoolExecutor:
-        if self._judges_pool is None:
-            self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
-        return self._judges_pool
+    def _judge_later(self, ticket: Ticket, result: Any, sent: str) -> None:
+        with self._cond:
+            if self._closed:  # close() has shut the pool down: this request ends like the other waiting ones
+                late = True
+            else:
+                late = False
+                if self._judges_pool is None:
+                    self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
+                fut = self._judges_pool.submit(self._judge_and_requeue, ticket, result, sent)
+                self._judging_now[fut] = ticket
+                fut.add_done_callback(self._judged)
+        if late:
+            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
+
+    def _judged(self, fut: Future[None]) -> None:
+        with self._cond:
+            self._judging_now.pop(fut, None)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """As :meth:`ThreadedScheduler.close`; then the judge threads: calls not started are cancelled and their
+        requests end with ``error``, calls under way end by the policy's judge timeout (their requests end with
+        ``error``, as nothing is queued again after close) and the pool's threads are not waited for."""
+        super().close(timeout)
+        with self._cond:
+            pool, self._judges_pool = self._judges_pool, None
+            pending = list(self._judging_now.items())
+        cancelled = [t for fut, t in pending if fut.cancel()]
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for t in cancelled:
+            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
 
     def _judge_and_requeue(self, ticket: Ticket, result: Any, sent: str) -> None:
         """Ask the judges about the held band hits; queue the request again with their outcomes preset (``sent``:
