@@ -8,7 +8,7 @@ several contexts and prints, per context, the AUROC of harmful against benign ro
 how many decisions flip against the bare request.
 
     python benchmarks/context_shift.py [--policy harmful-requests ...] [--per-set 150] [--json-out FILE]
-        [--threads 2] [--quick] [--answers --policy harmful-compliance]
+        [--threads 2] [--quick] [--answers --policy harmful-compliance] [--contexts bare,support,exchange]
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ CONTEXTS: dict[str, list[dict[str, str]]] = {
     "support prompt + earlier exchange": [{"role": "system", "content": SUPPORT}, *HISTORY],
 }
 
+SHORT = dict(zip(("bare", "helpful", "support", "safety", "exchange", "support+exchange"), CONTEXTS, strict=True))
+"""``--contexts``' names for the contexts above (in order)."""
+
 
 ANSWER_SETS: dict[str, tuple[str, tuple[str, ...] | None, int]] = {  # --answers: prompt + response rows
     "harmful answers (test split)": ("responses.test.jsonl", None, 1),
@@ -77,12 +80,14 @@ def rows_of(file: str, sources: tuple[str, ...] | None, label: int, n: int) -> l
     return [texts[i] for i in keep]
 
 
-def measure(guard: Any, sets: dict[str, tuple[list[Any], int]], bar: Any) -> dict[str, Any]:
-    """One policy under every context: per context, AUROC, share blocked per set, decisions changed."""
+def measure(guard: Any, sets: dict[str, tuple[list[Any], int]], bar: Any,
+            contexts: dict[str, list[dict[str, str]]] = CONTEXTS) -> dict[str, Any]:
+    """One policy under each context (the first: the bare request, the others' reference): per context, AUROC,
+    share blocked per set, decisions changed."""
     rule = guard.policy.rules[0].id
     scores: dict[str, dict[str, np.ndarray]] = {}
     blocked: dict[str, dict[str, np.ndarray]] = {}
-    for ctx, prefix in CONTEXTS.items():
+    for ctx, prefix in contexts.items():
         scores[ctx], blocked[ctx] = {}, {}
         for name, (texts, _) in sets.items():
             prompts = [t[0] if isinstance(t, tuple) else t for t in texts]
@@ -96,16 +101,16 @@ def measure(guard: Any, sets: dict[str, tuple[list[Any], int]], bar: Any) -> dic
             scores[ctx][name] = np.asarray([s.scores.get(rule, math.nan) for s in out])
             # acted on: blocked, or steered (an output rule that steers below its block_above)
             blocked[ctx][name] = np.asarray([s.blocked or any(d.action == "steer" for d in s.decisions) for s in out])
-    base = next(iter(CONTEXTS))
+    base = next(iter(contexts))
     names = list(sets)
     report: dict[str, Any] = {"policy": guard.policy.name, "rule": rule,
                               "threshold": float(guard.policy.rules[0].threshold), "contexts": {}}
-    for ctx in CONTEXTS:
+    for ctx in contexts:
         pos = np.concatenate([scores[ctx][n] for n in names if sets[n][1] == 1])
         neg = np.concatenate([scores[ctx][n] for n in names if sets[n][1] == 0])
         au = float(metrics(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))])["auroc"])
         report["contexts"][ctx] = {
-            "messages_before": CONTEXTS[ctx], "auroc": au, "rows": len(pos) + len(neg),
+            "messages_before": contexts[ctx], "auroc": au, "rows": len(pos) + len(neg),
             "blocked": {n: float(blocked[ctx][n].mean()) for n in names},
             "decisions_changed": int(sum((blocked[ctx][n] != blocked[base][n]).sum() for n in names)),
             "mean_score_shift": float(np.nanmean(np.concatenate([scores[ctx][n] - scores[base][n] for n in names]))),
@@ -135,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answers", action="store_true",
                     help="score answers (prompt + response rows of the test split) instead of requests: for output "
                          "policies such as harmful-compliance")
+    ap.add_argument("--contexts", default=",".join(SHORT),
+                    help=f"comma-separated contexts to run, 'bare' first (default all: {','.join(SHORT)})")
     args = ap.parse_args(argv)
+    chosen_ctx = [c.strip() for c in args.contexts.split(",") if c.strip()]
+    bad = [c for c in chosen_ctx if c not in SHORT]
+    if bad or not chosen_ctx or chosen_ctx[0] != "bare":
+        what = f"unknown {', '.join(map(repr, bad))}" if bad else f"{args.contexts!r} does not start with 'bare'"
+        ap.error(f"--contexts: {what}; valid: {', '.join(SHORT)}, 'bare' first (the reference the others are "
+                 "compared with)")
+    contexts = {SHORT[c]: CONTEXTS[SHORT[c]] for c in chosen_ctx}
     if args.quick:
         args.per_set = 3
     if args.per_set < 2:
@@ -151,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     lm, tok = load_model(policies[0].model, dtype=args.dtype)
     chosen = ANSWER_SETS if args.answers else SETS
     sets = {name: (rows_of(f, src, lab, args.per_set), lab) for name, (f, src, lab) in chosen.items()}
-    total = sum(len(t) for t, _ in sets.values()) * len(CONTEXTS) * len(policies)
+    total = sum(len(t) for t, _ in sets.values()) * len(contexts) * len(policies)
     bar = tqdm(total=total, unit="text", desc="contexts")
-    reports = [measure(GuardedModel(lm, tok, pol), sets, bar) for pol in policies]
+    reports = [measure(GuardedModel(lm, tok, pol), sets, bar, contexts) for pol in policies]
     bar.close()
     for rep in reports:
         print(table(rep, list(sets)))

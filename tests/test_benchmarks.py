@@ -84,13 +84,22 @@ def test_context_shift_quick_json_shape() -> None:
 
 @pytest.mark.model
 def test_context_shift_answers_quick_json_shape() -> None:
-    """--answers: the output guard on prompt + response rows under the same contexts."""
-    out = _run("context_shift.py", "--answers", "--policy", "harmful-compliance")
+    """--answers: the output guard on prompt + response rows under the same contexts (--contexts: a subset)."""
+    out = _run("context_shift.py", "--answers", "--policy", "harmful-compliance", "--contexts", "bare,support")
     (rep,) = out["policies"]
     assert rep["policy"] == "harmful-compliance"
+    assert list(rep["contexts"]) == ["bare request (as every README figure)", "system: a product's support prompt"]
     bare = rep["contexts"]["bare request (as every README figure)"]
     assert set(bare["blocked"]) == {"harmful answers (test split)", "harmless answers (test split)"}
     assert bare["decisions_changed"] == 0 and all(r["rows"] == 6 for r in rep["contexts"].values())
+
+
+@pytest.mark.parametrize("bad", ["support", "bare,nope"])
+def test_context_shift_rejects_unknown_or_unanchored_contexts(bad: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "context_shift.py"), "--quick", "--contexts", bad],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--contexts" in proc.stderr and "support+exchange" in proc.stderr
+    assert "'bare' first" in proc.stderr
 
 
 @pytest.mark.model
