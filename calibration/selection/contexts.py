@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--layers", default="15,18,27")
     ap.add_argument("--sets", default="requests.train,wrapped.train")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="a seeded sample of at most this many rows of each set (a quicker pass over long answer sets)")
     ap.add_argument("--without-pairs", action="store_true",
                     help="then write <set>.nopairs and ctx.<set>.nopairs of requests.train: the train split without "
                          "v0.3.6's topic-matched pairs (the default probe's rows; harmful-requests-paired adds them)")
@@ -95,6 +97,9 @@ def main() -> None:
     all_sets = collect.sets()
     for name in args.sets.split(","):
         rows, scope = all_sets[name]
+        if args.limit is not None and len(rows) > args.limit:
+            keep = np.sort(np.random.default_rng(args.seed).choice(len(rows), size=args.limit, replace=False))
+            rows = [rows[int(i)] for i in keep]
         pairs = with_context(rows, args.seed)
         out_rows = [r for r, _ in pairs]
         target = f"ctx.{name}"
