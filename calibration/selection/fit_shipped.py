@@ -50,6 +50,16 @@ def write_policy(path: Path, policy: Policy) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def policy_to_write(shipped_name: str, target: str | None) -> Path:
+    """The policy file a fit rewrites: the shipped ``policies/<shipped_name>``, or ``target`` (relative to the repo),
+    made a copy of the shipped one first (``write_policy`` keeps the file's first, comment line)."""
+    shipped = ROOT / "policies" / shipped_name
+    path = (ROOT / target).resolve() if target else shipped
+    if path != shipped:
+        shutil.copyfile(shipped, path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe-layer", type=int, default=15)
@@ -142,10 +152,7 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
     probe_path = ROOT / args.probe_out
     save_linear(probe_path, coef, bias, {**meta, "method": "probe", "layer": str(L), "C": str(args.probe_c),
                                          "layers": ",".join(map(str, layers)), "objective": how}, extra=extra)
-    shipped = ROOT / "policies" / "harmful-requests-probe.yaml"
-    pol_path = (ROOT / args.probe_policy).resolve()
-    if pol_path != shipped:
-        shutil.copyfile(shipped, pol_path)  # write_policy keeps the file's first (comment) line
+    pol_path = policy_to_write("harmful-requests-probe.yaml", args.probe_policy)
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     expl = [Feature(id=i, weight=c, label=f"decoder cosine {c:.3f} with the probe direction")
@@ -252,10 +259,7 @@ def fit_compliance() -> None:
                                 "layers": ",".join(map(str, layers)),
                                 "selection": json.dumps({k: sel[k] for k in ("layer", "kind", "window", "criterion",
                                                                              "worst")})}, extra=extra)
-    shipped = ROOT / "policies" / "harmful-compliance.yaml"
-    pol_path = (ROOT / os.environ.get("COMPLIANCE_POLICY", "policies/harmful-compliance.yaml")).resolve()
-    if pol_path != shipped:
-        shutil.copyfile(shipped, pol_path)
+    pol_path = policy_to_write("harmful-compliance.yaml", os.environ.get("COMPLIANCE_POLICY"))
     pol = Policy.from_path(pol_path)
     rule = pol.rules[0]
     det = rule.detector.model_copy(update={"layer": layer, "window": window, "aggregate": "mean",

@@ -76,8 +76,6 @@ class VLLMScheduler(ThreadedScheduler):
         self._live: dict[str, _Live] = {}
         self._judges_pool: ThreadPoolExecutor | None = None
         """Threads asking the cascade's judges (never the engine's thread); shut down by :meth:`close`."""
-        self._judging_now: dict[Future[None], Ticket] = {}
-        """Judge calls submitted and not finished, with their tickets (``close`` ends the ones not started)."""
         self._sent_before: dict[int, str] = {}
         """Per ticket queued again by the cascade: the text its first pass streamed."""
 
@@ -187,8 +185,7 @@ class VLLMScheduler(ThreadedScheduler):
                 self._add(ticket, req)
             except Exception as exc:
                 self._count("error")
-                ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0,
-                                                                f"{type(exc).__name__}: {exc}")))
+                ticket.fail(f"{type(exc).__name__}: {exc}")
         ended: list[tuple[_Live, list[int], FinishReason | None, str | None]] = []
         for lv in list(self._live.values()):
             if lv.ticket.cancelled:  # the client went away: out of the batch before this step
@@ -258,20 +255,21 @@ class VLLMScheduler(ThreadedScheduler):
     def _judge_later(self, ticket: Ticket, result: Any, sent: str) -> None:
         with self._cond:
             if self._closed:  # close() has shut the pool down: this request ends like the other waiting ones
-                late = True
+                pool = None
             else:
-                late = False
                 if self._judges_pool is None:
                     self._judges_pool = ThreadPoolExecutor(4, thread_name_prefix="guardrails-vllm-judge")
-                fut = self._judges_pool.submit(self._judge_and_requeue, ticket, result, sent)
-                self._judging_now[fut] = ticket
-                fut.add_done_callback(self._judged)
-        if late:
-            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
+                pool = self._judges_pool
+                fut = pool.submit(self._judge_and_requeue, ticket, result, sent)
+        if pool is None:
+            ticket.fail("server shutting down")
+            return
 
-    def _judged(self, fut: Future[None]) -> None:
-        with self._cond:
-            self._judging_now.pop(fut, None)
+        def cancelled(f: Future[None]) -> None:  # by close() before it started
+            if f.cancelled():
+                ticket.fail("server shutting down")
+
+        fut.add_done_callback(cancelled)
 
     def close(self, timeout: float = 30.0) -> None:
         """As :meth:`ThreadedScheduler.close`; then the judge threads: calls not started are cancelled and their
@@ -280,12 +278,8 @@ class VLLMScheduler(ThreadedScheduler):
         super().close(timeout)
         with self._cond:
             pool, self._judges_pool = self._judges_pool, None
-            pending = list(self._judging_now.items())
-        cancelled = [t for fut, t in pending if fut.cancel()]
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        for t in cancelled:
-            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
 
     def _judge_and_requeue(self, ticket: Ticket, result: Any, sent: str) -> None:
         """Ask the judges about the held band hits; queue the request again with their outcomes preset (``sent``:
@@ -302,7 +296,7 @@ class VLLMScheduler(ThreadedScheduler):
             logger.exception("cascade judge")
             with self._cond:
                 self._count("error")
-            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, f"{type(exc).__name__}: {exc}")))
+            ticket.fail(f"{type(exc).__name__}: {exc}")
             return
         with self._cond:
             closed = self._closed
@@ -311,7 +305,7 @@ class VLLMScheduler(ThreadedScheduler):
                 self._waiting.append((ticket, req))
                 self._cond.notify_all()
         if closed:
-            ticket.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
+            ticket.fail("server shutting down")
 
     def _complete(self, lv: _Live, result: Any, reason: FinishReason | None, cut: str | None) -> None:
         t = lv.ticket

@@ -115,6 +115,10 @@ class Ticket:
         if event.kind == "done":
             self._done.set()
 
+    def fail(self, why: str) -> None:
+        """End this request with ``error`` and no output (the server shutting down, a failure before it ran)."""
+        self.emit(Event("done", completion=Completion("", "error", None, 0, 0, why)))
+
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Events as they come (only without a ``sink``); stops after ``done``."""
         while True:
@@ -177,14 +181,14 @@ class ThreadedScheduler:
             left = self._drain()
             self._cond.notify_all()
         for t in left:
-            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
+            t.fail("server shutting down")
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         with self._cond:
             late = self._drain()
         for t in late:
-            t.emit(Event("done", completion=Completion("", "error", None, 0, 0, "server shutting down")))
+            t.fail("server shutting down")
 
     def __enter__(self) -> Self:
         return self.start()
@@ -307,8 +311,7 @@ class Scheduler(ThreadedScheduler):
                 logger.exception("batch of %d failed", len(batch))
                 for t in batch:
                     if t.completion is None:
-                        t.emit(Event("done", completion=Completion("", "error", None, 0, 0,
-                                                                   f"{type(exc).__name__}: {exc}")))
+                        t.fail(f"{type(exc).__name__}: {exc}")
 
     def run_batch(self, tickets: list[Ticket]) -> None:
         """Run ``tickets`` (same sampling settings) as one batch, finalizing each row when it ends."""
