@@ -668,6 +668,35 @@ def test_cli_calibrate_one_rule_keeps_the_others_provenance(saved_tiny, monkeypa
     assert "record" not in (Policy.from_path(two).calibration or {})["r"]
 
 
+def test_cli_calibrate_leaves_a_flag_only_rule_alone(saved_tiny) -> None:
+    """Without --rule, calibrate fits the rules that act (as eval scores them): a flag-only rule beside them (a
+    framing flag, a gate) keeps the threshold fitted to its own labels, and the report says so; --rule fits it; a
+    policy whose every rule flags is calibrated whole; an unknown --rule lists the valid ids."""
+    t = saved_tiny
+    pol = yaml.safe_load(t["policy"].read_text())
+    pol["rules"].append({**pol["rules"][0], "id": "framing", "action": "flag", "threshold": 123.0,
+                         "detector": {**pol["rules"][0]["detector"], "features": [4]}})
+    two = t["tmp"] / "flag.yaml"
+    two.write_text(yaml.safe_dump(pol))
+    base = ["--data", str(t["tmp"] / "toy"), "--target-fpr", "0.1", "--model", str(t["model"]), "--no-test", "--json"]
+    res = _cli(["calibrate", "--policy", str(two), *base])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(rep["rules"]) == {"r"}
+    assert any("flag-only rules keep the thresholds" in w and "framing" in w for w in rep["warnings"])
+    got = {r.id: r.threshold for r in Policy.from_path(two).rules}
+    assert got["framing"] == 123.0 and got["r"] != 0.0
+    res = _cli(["calibrate", "--policy", str(two), *base, "--rule", "framing"])
+    assert res.exit_code == 0, res.output
+    assert {r.id: r.threshold for r in Policy.from_path(two).rules}["framing"] != 123.0
+    pol["rules"][0]["action"] = "flag"
+    two.write_text(yaml.safe_dump(pol))
+    res = _cli(["calibrate", "--policy", str(two), *base])
+    assert res.exit_code == 0 and set(json.loads(res.stdout.strip().splitlines()[-1])["rules"]) == {"r", "framing"}
+    res = _cli(["calibrate", "--policy", str(two), *base, "--rule", "nope"])
+    assert res.exit_code != 0 and "--rule 'nope'" in res.output and "valid: r, framing" in " ".join(res.output.split())
+
+
 def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:
     """A draft remembers the rows its features were chosen on; calibrating (or evaluating) it on those very rows
     says the numbers are in-sample, and on a split prefix it does not."""

@@ -76,9 +76,14 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
     cal = session.load(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
-    rules = [r for r in policy.rules if rule_id is None or r.id == rule_id]
-    if not rules:
-        raise ValueError(f"no rule {rule_id!r} in {policy_path}")
+    if rule_id is not None:
+        rules = [r for r in policy.rules if r.id == rule_id]
+        if not rules:
+            raise ValueError(f"--rule {rule_id!r}: no such rule in {policy_path}; valid: "
+                             f"{', '.join(r.id for r in policy.rules)}")
+    else:  # the rules that act, as `guardrails eval` scores them; a flag-only rule (a gate, a framing flag) keeps its
+        # threshold, which was fitted to its own labels, unless every rule only flags
+        rules = [r for r in policy.rules if r.action != "flag"] or list(policy.rules)
     new_rules = {r.id: r for r in policy.rules}
     erasures: dict[str, dict[str, Any]] = {}
     out_path = Path(out or policy_path)
@@ -88,6 +93,10 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     if fit_weights and "train" not in files:
         warnings.append(f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
                         "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones")
+    left = [r.id for r in policy.rules if r not in rules]
+    if rule_id is None and left:
+        warnings.append(f"flag-only rules keep the thresholds fitted to their own labels: {', '.join(left)} "
+                        f"(--rule {left[0]} calibrates it on these rows)")
     if rule_id is None and len(rules) > 1:
         warnings.append(f"every rule ({', '.join(r.id for r in rules)}) was calibrated on the same labels; when the "
                         "rules catch different things (a jailbreak framing rule beside a harm rule), pass --rule ID "
@@ -310,7 +319,9 @@ def register(app: typer.Typer) -> None:
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
         fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]
         = False,
-        rule: Annotated[str | None, typer.Option(help="Calibrate only this rule")] = None,
+        rule: Annotated[str | None, typer.Option(help="Calibrate only this rule (default: the rules that block or "
+                                                 "steer; flag-only rules keep their thresholds unless all flag)")]
+        = None,
         out: Annotated[str | None, typer.Option(help="Output policy (default: overwrite --policy)")] = None,
         model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
