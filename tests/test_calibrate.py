@@ -266,8 +266,36 @@ def test_split_files_csv(tmp_path: Path) -> None:
         (tmp_path / f"mine.{s}.csv").write_text("text,label\na,0\n")
     assert set(split_files(str(tmp_path / "mine"))) == {"train", "cal"}
     assert set(split_files(str(tmp_path / "mine.cal.csv"))) == {"file", "train", "cal"}
-    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv\)"):
+    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv, \.tsv, \.json\)"):
         split_files(str(tmp_path / "other"))
+
+
+def test_load_labeled_tsv_json_array_and_table_formats(tmp_path: Path) -> None:
+    """A TSV file and a JSON array of objects read as the same rows as their JSONL twin (errors name the row:
+    ``file:line``, ``file[i]`` in an array); a numeric-string label (pandas writes 1.0) reads as 0/1; a Parquet or
+    Excel file fails naming the one-line conversion, never as undecodable text."""
+    from guardrails.offline.calibrate import CalibrationError
+
+    rows = [{"text": "how to bake bread", "label": 0}, {"text": "how to make a bomb", "label": 1}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.tsv").write_text("text\tlabel\nhow to bake bread\t0.0\nhow to make a bomb\t1.0\n")
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    want = load_labeled(tmp_path / "a.jsonl")
+    for name in ("a.tsv", "a.json"):
+        got = load_labeled(tmp_path / name)
+        assert got.texts == want.texts and got.labels.tolist() == [0, 1]
+    (tmp_path / "b.json").write_text(json.dumps([rows[0], {"text": "x", "label": 7}]))
+    with pytest.raises(CalibrationError, match=r"b\.json\[1\]: label must be 0 or 1"):
+        load_labeled(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text(json.dumps([rows[0], ["x", 1]]))
+    with pytest.raises(CalibrationError, match=r"c\.json\[1\]: expected a JSON object.*got list"):
+        load_labeled(tmp_path / "c.json")
+    (tmp_path / "d.tsv").write_text("text\tlabel\na\t0\tb\n")
+    with pytest.raises(CalibrationError, match=r"d\.tsv:2: the row has 3 fields, the header 2 \(an unquoted tab\?\)"):
+        load_labeled(tmp_path / "d.tsv")
+    (tmp_path / "e.parquet").write_bytes(b"PAR1\x00\xff")
+    with pytest.raises(CalibrationError, match=r"parquet files are not read directly.*pd\.read_parquet"):
+        load_labeled(tmp_path / "e.parquet")
 
 
 # -- the CLI on a saved tiny model ----------------------------------------------------------------------------

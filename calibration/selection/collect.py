@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -208,24 +209,12 @@ class Reuse:
         return out
 
 
-def collect_multi(model, tok, prompts, responses, scope):  # type: ignore[no-untyped-def]
-    from guardrails.offline.activations import collect_residuals
-    from guardrails.offline.calibrate import MAX_TOKENS
+def collect_multi(model: Any, tok: Any, prompts: list[str], responses: list[str] | None,
+                  scope: Any) -> dict[int, list[torch.Tensor]]:
+    """The rows' residuals at ``LAYERS`` in their order (run sorted by length: less padding)."""
+    from guardrails.offline.residuals import collect_sorted
 
-    lengths = [len(p) + len(responses[i] if responses else "") for i, p in enumerate(prompts)]
-    order = np.argsort(lengths, kind="stable")
-    got = collect_residuals(
-        model, tok, [prompts[i] for i in order], list(LAYERS),
-        responses=[responses[i] for i in order] if responses is not None else None,
-        scope=scope, batch_size=8, max_tokens=MAX_TOKENS, progress=False,
-    )
-    out = {}
-    for layer in LAYERS:
-        res = [None] * len(prompts)
-        for pos, i in enumerate(order):
-            res[int(i)] = got[layer][pos]
-        out[layer] = res
-    return out
+    return collect_sorted(model, tok, prompts, responses, LAYERS, scope, True, False, 8)
 
 
 if __name__ == "__main__":

@@ -313,8 +313,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL or CSV, or a split prefix (thresholds on its cal "
-                                                "split)")],
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array, or a split prefix "
+                                                "(thresholds on its cal split)")],
         target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default 0.01)")] = None,
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
         fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]

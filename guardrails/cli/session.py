@@ -104,8 +104,8 @@ def _split_provenance(session: Session, files: dict[str, Path], cal: LabeledData
             "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
 
 
-SPLIT_SUFFIXES = (".jsonl", ".csv")
-"""File endings of labeled data files (JSONL or CSV)."""
+SPLIT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json")
+"""File endings of labeled data files (JSONL, CSV, TSV, or JSON: one array of objects or JSONL)."""
 
 
 def split_files(data: str) -> dict[str, Path]:
@@ -125,7 +125,8 @@ def split_files(data: str) -> dict[str, Path]:
         found = {s: Path(f"{data}.{s}{ext}") for s in ("train", "cal", "test") if Path(f"{data}.{s}{ext}").is_file()}
         if found:
             return found
-    raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl (or .csv)")
+    raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl (or .csv, .tsv, "
+                            ".json)")
 
 
 def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:

@@ -1,11 +1,12 @@
 """Labeled data files: what ``discover``, ``calibrate`` and ``eval`` read.
 
-JSONL (or CSV with the same column names): ``{"text", "label"}`` (``prompt`` may stand for ``text``; input rules
-read it as the user prompt, output rules as the reply to ``calibrate.CONTINUE_PROMPT``), or ``{"prompt",
-"response", "label"}``. A row scored in its deployment context carries it: ``system`` (the system prompt before the
-row's user turn), or ``messages`` instead of ``text`` (a conversation of ``{"role", "content"}`` turns ending in the
-user turn the row is about; earlier turns are context, scored as serving scores them: input rules read the user and
-tool turns). :func:`with_system` puts one system prompt before every row (the CLI's ``--system``).
+JSONL (or CSV, TSV or a JSON array of objects with the same column names): ``{"text", "label"}`` (``prompt`` may
+stand for ``text``; input rules read it as the user prompt, output rules as the reply to
+``calibrate.CONTINUE_PROMPT``), or ``{"prompt", "response", "label"}``. A row scored in its deployment context
+carries it: ``system`` (the system prompt before the row's user turn), or ``messages`` instead of ``text`` (a
+conversation of ``{"role", "content"}`` turns ending in the user turn the row is about; earlier turns are context,
+scored as serving scores them: input rules read the user and tool turns). :func:`with_system` puts one system prompt
+before every row (the CLI's ``--system``).
 
 Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`; optional ``source`` and ``category`` fields feed the
 per-source and per-category reports; any other scalar column can group ``eval --by``.
@@ -215,7 +216,8 @@ def load_labeled(
     path: str | os.PathLike[str], *, limit: int | None = None, max_response_chars: int | None = None,
     fmt: DataFormat | None = None,
 ) -> LabeledData:
-    """Read a labeled JSONL or CSV file (fields: see the module docstring; ``fmt``: a file in another layout).
+    """Read a labeled JSONL, CSV, TSV or JSON-array file (fields: see the module docstring; ``fmt``: a file in
+    another layout).
 
     ``limit`` keeps a stratified random subset (seed 0; each label in proportion); ``max_response_chars``
     cuts responses at a word boundary (the head of a reply is what a guard sees first), and the data
@@ -233,14 +235,14 @@ def load_labeled(
     extra: list[dict[str, str]] = []
     contexts: list[list[Message]] = []
     has_resp: bool | None = None
-    for n, row in _read_rows(p, raw):
+    for where, row in _read_rows(p, raw):
         if fmt is not None:
-            row = fmt.apply(row, f"{p}:{n}")
+            row = fmt.apply(row, where)
         if "label" not in row:
-            raise CalibrationError(f"{p}:{n}: expected 'label' and 'text' (or 'prompt', or 'messages'), or 'prompt', "
+            raise CalibrationError(f"{where}: expected 'label' and 'text' (or 'prompt', or 'messages'), or 'prompt', "
                                    f"'response' and 'label'; the row has {sorted(row)} (other column names: "
                                    "--columns text=COLUMN,label=COLUMN; no label column: --label 1 or 0)")
-        said, ctx = _context(row, f"{p}:{n}")
+        said, ctx = _context(row, where)
         if said is not None:
             row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": said}
         contexts.append(ctx)
@@ -248,17 +250,17 @@ def load_labeled(
         if has_resp is None:
             has_resp = this_resp
         elif has_resp != this_resp:
-            raise CalibrationError(f"{p}:{n}: rows mix 'text' and 'prompt'/'response' forms")
+            raise CalibrationError(f"{where}: rows mix 'text' and 'prompt'/'response' forms")
         key = "prompt" if this_resp or "text" not in row else "text"
         text = row.get(key)
         if not isinstance(text, str) or not text.strip():
-            raise CalibrationError(f"{p}:{n}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
+            raise CalibrationError(f"{where}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
         texts.append(text)
         resp = str(row.get("response") or "")
         if max_response_chars is not None and len(resp) > max_response_chars:
             resp = resp[:max_response_chars].rsplit(" ", 1)[0]
         responses.append(resp)
-        labels.append(_label(row["label"], f"{p}:{n}"))
+        labels.append(_label(row["label"], where))
         sources.append(str(row.get("source") or ""))
         categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
         extra.append({k: str(v) for k, v in row.items()
@@ -286,41 +288,67 @@ def load_labeled(
     return data
 
 
-def _read_rows(p: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a JSONL file, or of a CSV file (``.csv``: a header row, then one row per line)."""
+BINARY_FORMATS = {".parquet": "read_parquet", ".xlsx": "read_excel", ".xls": "read_excel", ".arrow": "read_feather",
+                  ".feather": "read_feather"}
+"""Table formats read only through pandas (not a dependency): the error names the one-line conversion."""
+
+
+def _read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` of each row, ``where`` being ``file:line`` (``file[i]`` in a JSON array): JSONL; CSV
+    (``.csv``) or TSV (``.tsv``), a header row then one row per record; or a ``.json`` file holding one array of
+    objects (a ``.json`` file of one object per line is JSONL)."""
+    suffix = p.suffix.lower()
+    if suffix in BINARY_FORMATS:
+        raise CalibrationError(
+            f"{p}: {suffix[1:]} files are not read directly (data files are JSONL, CSV, TSV or a JSON array); "
+            f"convert it once: python -c \"import pandas as pd; pd.{BINARY_FORMATS[suffix]}('{p}')"
+            f".to_json('{p.with_suffix('.jsonl')}', orient='records', lines=True, force_ascii=False)\"")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{p}: not UTF-8 text ({exc})") from None
-    if p.suffix.lower() == ".csv":
+    if suffix in (".csv", ".tsv"):
         import csv
         import io
 
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows: list[tuple[int, dict[str, Any]]] = []
+        kind = suffix[1:].upper()
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        rows: list[tuple[str, dict[str, Any]]] = []
         try:
             for r in reader:
                 if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
                     continue  # a blank line
                 if None in r.values() or None in r:  # fewer fields than the header, or more
                     n_fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                    sep = "tab" if suffix == ".tsv" else "comma"
                     raise CalibrationError(f"{p}:{reader.line_num}: the row has {n_fields} fields, the header "
-                                           f"{len(reader.fieldnames or [])} (an unquoted comma?)")
-                rows.append((reader.line_num, dict(r)))
+                                           f"{len(reader.fieldnames or [])} (an unquoted {sep}?)")
+                rows.append((f"{p}:{reader.line_num}", dict(r)))
         except csv.Error as exc:
-            raise CalibrationError(f"{p}:{reader.line_num}: not CSV: {exc}") from None
+            raise CalibrationError(f"{p}:{reader.line_num}: not {kind}: {exc}") from None
         return rows
-    out: list[tuple[int, dict[str, Any]]] = []
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{p}: not a JSON array: {exc}") from None
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise CalibrationError(f"{p}[{i}]: expected a JSON object with 'label' and 'text' (or 'prompt', "
+                                       f"'response'), got {type(item).__name__}")
+        return [(f"{p}[{i}]", item) for i, item in enumerate(items)]
+    out: list[tuple[str, dict[str, Any]]] = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid JSON text
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{p}:{n}: not JSON: {exc} (data files are JSONL, or CSV named *.csv)") from None
+            raise CalibrationError(f"{p}:{n}: not JSON: {exc} (data files are JSONL, a JSON array, or CSV/TSV named "
+                                   "*.csv/*.tsv)") from None
         if not isinstance(row, dict):
             raise CalibrationError(f"{p}:{n}: expected a JSON object with 'label' and 'text' (or 'prompt', 'response')")
-        out.append((n, row))
+        out.append((f"{p}:{n}", row))
     return out
 
 
@@ -330,5 +358,12 @@ def _label(value: Any, where: str) -> int:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
+    if isinstance(value, str):  # a numeric column written by pandas: "1.0"
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number in (0.0, 1.0):
+            return int(number)
     raise CalibrationError(f"{where}: label must be 0 or 1 (or true/false, {'/'.join(list(LABEL_WORDS)[4:])}), "
                            f"got {value!r}")
