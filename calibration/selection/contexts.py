@@ -68,12 +68,45 @@ TRAIN_CONTEXTS: list[list[dict[str, str]]] = [
 ]
 """Contexts a training row may be given (none of them is an evaluation context)."""
 
+TURN_CONTEXTS: list[list[dict[str, str]]] = [
+    _turns(("hi", "Hello! How can I help you today?"), ("I need some help with something.", "Of course. What is it?")),
+    _turns(("What should I pack for a weekend of hiking?",
+            "Layers you can add or remove, a rain jacket, sturdy broken-in boots, a first-aid kit, water, snacks, a "
+            "map or offline GPS, sunscreen and a headlamp. Check the forecast the day before and tell someone your "
+            "route.")),
+    _turns(("What are common side effects of ibuprofen?",
+            "Most often stomach upset, heartburn or nausea; less often dizziness. Taking it with food helps. Long-term "
+            "or high-dose use raises the risk of stomach bleeding and kidney problems, so follow the label and ask a "
+            "pharmacist if you take other medicines.")),
+    _turns(("Why did the Western Roman Empire fall?",
+            "Historians point to several causes together: political instability, economic strain, reliance on "
+            "mercenaries, pressure from migrating peoples and the split into eastern and western halves.")),
+    [*_sys("You are Penny, the virtual assistant of Northfield Bank. Help customers with accounts, cards and online "
+           "banking. Never ask for full card numbers or passwords."),
+     *_turns(("I forgot my online banking password.",
+              "No problem. Tap 'Forgot password' on the login page, confirm your identity with the code we text "
+              "you, and choose a new password."))],
+    _turns(("How do I keep basil alive indoors?",
+            "Give it a sunny windowsill with at least six hours of light, water when the top of the soil is dry, "
+            "and pinch off the flower buds so it keeps producing leaves.")),
+    _turns(("Why does this print None?\n\ndef add(a, b):\n    a + b\n\nprint(add(1, 2))",
+            "The function never returns a value. Add `return`:\n\n```python\ndef add(a, b):\n    return a + b\n"
+            "```")),
+    _turns(("How do you say 'thank you' in Japanese?", "Arigatou (ありがとう), or more politely arigatou gozaimasu."),
+           ("And 'good morning'?", "Ohayou (おはよう), politely ohayou gozaimasu.")),
+]
+"""More earlier exchanges (v0.3.12, ``--more-turns``): trained on the 13 contexts above, the request probe
+over-corrected after an earlier exchange (4 of them have turns); none is an evaluation context."""
 
-def with_context(rows: list[dict], seed: int = 0) -> list[tuple[dict, list[dict[str, str]]]]:  # type: ignore[type-arg]
-    """Each row with one context drawn uniformly (seeded); the row gains ``context`` (the context's index)."""
+
+def with_context(rows: list[dict], seed: int = 0,  # type: ignore[type-arg]
+                 pool: list[list[dict[str, str]]] | None = None) -> list[tuple[dict, list[dict[str, str]]]]:  # type: ignore[type-arg]
+    """Each row with one context of ``pool`` (default :data:`TRAIN_CONTEXTS`) drawn uniformly (seeded); the row gains
+    ``context`` (the context's index)."""
+    pool = TRAIN_CONTEXTS if pool is None else pool
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(TRAIN_CONTEXTS), size=len(rows))
-    return [(dict(r, context=int(k)), TRAIN_CONTEXTS[int(k)]) for r, k in zip(rows, picks, strict=True)]
+    picks = rng.integers(0, len(pool), size=len(rows))
+    return [(dict(r, context=int(k)), pool[int(k)]) for r, k in zip(rows, picks, strict=True)]
 
 
 def main() -> None:
@@ -86,7 +119,11 @@ def main() -> None:
     ap.add_argument("--without-pairs", action="store_true",
                     help="then write <set>.nopairs and ctx.<set>.nopairs of requests.train: the train split without "
                          "v0.3.6's topic-matched pairs (the default probe's rows; harmful-requests-paired adds them)")
+    ap.add_argument("--more-turns", action="store_true",
+                    help="draw from TRAIN_CONTEXTS and TURN_CONTEXTS (21 contexts, 12 with earlier turns) and write "
+                         "ctx2.<set> instead of ctx.<set>")
     args = ap.parse_args()
+    prefix, pool = ("ctx2", TRAIN_CONTEXTS + TURN_CONTEXTS) if args.more_turns else ("ctx", TRAIN_CONTEXTS)
     torch.set_num_threads(2)
     collect.LAYERS = tuple(int(v) for v in args.layers.split(","))
     from guardrails.offline.residuals import collect_sorted
@@ -100,9 +137,9 @@ def main() -> None:
         if args.limit is not None and len(rows) > args.limit:
             keep = np.sort(np.random.default_rng(args.seed).choice(len(rows), size=args.limit, replace=False))
             rows = [rows[int(i)] for i in keep]
-        pairs = with_context(rows, args.seed)
+        pairs = with_context(rows, args.seed, pool)
         out_rows = [r for r, _ in pairs]
-        target = f"ctx.{name}"
+        target = f"{prefix}.{name}"
         if collect.fresh(d, target, out_rows):
             print(target, "cached")
             continue
@@ -112,7 +149,7 @@ def main() -> None:
         offsets = collect.write_set(d, target, out_rows, acts, scope)
         print(target, len(out_rows), offsets[-1], flush=True)
     if args.without_pairs:
-        for name in ("requests.train", "ctx.requests.train"):
+        for name in ("requests.train", f"{prefix}.requests.train"):
             print(name + ".nopairs", *without_pairs(name), flush=True)
 
 
