@@ -284,18 +284,14 @@ def test_load_labeled_tsv_json_array_and_table_formats(tmp_path: Path) -> None:
     for name in ("a.tsv", "a.json"):
         got = load_labeled(tmp_path / name)
         assert got.texts == want.texts and got.labels.tolist() == [0, 1]
-    (tmp_path / "b.json").write_text(json.dumps([rows[0], {"text": "x", "label": 7}]))
-    with pytest.raises(CalibrationError, match=r"b\.json\[1\]: label must be 0 or 1"):
-        load_labeled(tmp_path / "b.json")
-    (tmp_path / "c.json").write_text(json.dumps([rows[0], ["x", 1]]))
-    with pytest.raises(CalibrationError, match=r"c\.json\[1\]: expected a JSON object.*got list"):
-        load_labeled(tmp_path / "c.json")
-    (tmp_path / "d.tsv").write_text("text\tlabel\na\t0\tb\n")
-    with pytest.raises(CalibrationError, match=r"d\.tsv:2: the row has 3 fields, the header 2 \(an unquoted tab\?\)"):
-        load_labeled(tmp_path / "d.tsv")
-    (tmp_path / "e.parquet").write_bytes(b"PAR1\x00\xff")
-    with pytest.raises(CalibrationError, match=r"parquet files are not read directly.*pd\.read_parquet"):
-        load_labeled(tmp_path / "e.parquet")
+    bad = {"b.json": (json.dumps([rows[0], {"text": "x", "label": 7}]).encode(), r"b\.json\[1\]: label must be 0 or 1"),
+           "c.json": (json.dumps([rows[0], ["x", 1]]).encode(), r"c\.json\[1\]: expected a JSON object.*got list"),
+           "d.tsv": (b"text\tlabel\na\t0\tb\n", r"d\.tsv:2: the row has 3 fields, the header 2 \(an unquoted tab\?\)"),
+           "e.parquet": (b"PAR1\x00\xff", r"parquet files are not read directly.*pd\.read_parquet")}
+    for name, (content, msg) in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CalibrationError, match=msg):
+            load_labeled(tmp_path / name)
 
 
 # -- the CLI on a saved tiny model ----------------------------------------------------------------------------
