@@ -161,7 +161,7 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
 
 def test_row_errors_rank_mistakes_and_never_let_an_unscored_row_pass(tmp_path) -> None:
     """False positives highest first, false negatives lowest first; a NaN score (could not score) on a harmful
-    row is a miss, not a pass; ``row`` is the file's 1-based data row."""
+    row is a miss, not a pass; ``row`` is the file's 1-based data row (in a subset too), ``at`` its line."""
     import json
 
     from guardrails.cli.evaluate import row_errors, write_rows
@@ -182,8 +182,17 @@ def test_row_errors_rank_mistakes_and_never_let_an_unscored_row_pass(tmp_path) -
         written = list(csv.DictReader(f))
     assert [r["fires"] for r in written] == ["1", "0", "0", "1", "1", "0"]
     assert written[1]["score"] == "" and written[1]["correct"] == "0"
+    assert written[2]["at"] == f"{data}:3"
     write_rows(str(tmp_path / "new" / "rows.csv"), d, s, 0.5)  # a missing folder is made
     assert (tmp_path / "new" / "rows.csv").read_text() == (tmp_path / "rows.csv").read_text()
+    # a subset (eval --limit) keeps the file's row numbers; a CSV row's place is its line (the header is line 1)
+    sub = d.select([2, 5])
+    got = row_errors(sub, np.array([0.2, 0.9]), 0.5, 5)
+    assert [(e["row"], e["at"]) for e in (*got["false_positives"], *got["false_negatives"])] == [
+        (6, f"{data}:6"), (3, f"{data}:3")]
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y, _ in rows))
+    got = row_errors(load_labeled(tmp_path / "d.csv").select([3]), np.array([0.8]), 0.5, 5)
+    assert [(e["row"], e["at"]) for e in got["false_positives"]] == [(4, f"{tmp_path / 'd.csv'}:5")]
 
 
 def test_eval_by_a_field_the_data_lacks_is_an_error_before_scoring(tmp_path) -> None:

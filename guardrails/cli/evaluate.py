@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 
 def _row(data: LabeledData, i: int, score: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"row": i + 1, "label": int(data.labels[i]), "score": round(float(score), 4),
+    row: dict[str, Any] = {"row": data.row(i), "label": int(data.labels[i]), "score": round(float(score), 4),
                            "text": data.texts[i]}
+    if data.where:
+        row["at"] = data.where[i]
     if data.responses is not None:
         row["response"] = data.responses[i]
     if data.sources[i]:
@@ -39,7 +41,8 @@ def _row(data: LabeledData, i: int, score: float) -> dict[str, Any]:
 def row_errors(data: LabeledData, scores: np.ndarray, threshold: float, n: int) -> dict[str, list[dict[str, Any]]]:
     """The ``n`` worst mistakes at ``threshold`` each way: label-0 rows that fire, highest score first
     (``false_positives``), and label-1 rows that do not, lowest first (``false_negatives``; a row that could
-    not be scored, NaN, counts as not firing). ``row`` is the 1-based data row of the file."""
+    not be scored, NaN, counts as not firing). ``row`` is the 1-based data row of the file (also under --limit),
+    ``at`` its place as errors name it (``file:line``, ``file[i]`` in a JSON array)."""
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
     y = np.asarray(data.labels)
     fp = [i for i in np.argsort(-s, kind="stable") if y[i] == 0 and s[i] >= threshold][:n]
@@ -48,12 +51,20 @@ def row_errors(data: LabeledData, scores: np.ndarray, threshold: float, n: int) 
             "false_negatives": [_row(data, int(i), scores[i]) for i in fn]}
 
 
+def _place(r: dict[str, Any]) -> str:
+    """Where an error row is in its file, short: the line (``28``), or ``[i]`` in a JSON array; else its row."""
+    at = r.get("at")
+    if not at:
+        return str(r["row"])
+    return at[at.rfind("["):] if at.endswith("]") else at.rpartition(":")[2]
+
+
 def write_rows(path: str, data: LabeledData, scores: np.ndarray, threshold: float) -> None:
-    """Every row's score and decision as CSV: row, label, score, threshold, fires, correct, source, category,
-    text (and response for answer rows). A missing folder is created."""
+    """Every row's score and decision as CSV: row, at (file:line), label, score, threshold, fires, correct, source,
+    category, text (and response for answer rows). A missing folder is created."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["row", "label", "score", "threshold", "fires", "correct", "source", "category", "text"]
+    cols = ["row", "at", "label", "score", "threshold", "fires", "correct", "source", "category", "text"]
     cols += ["response"] if data.responses is not None else []
     with out.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -270,11 +281,12 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
     for kind, title in (("false_positives", "label 0, fires"), ("false_negatives", "label 1, does not fire")):
         found = (res.get("errors") or {}).get(kind)
         if found:
-            e = Table("row", "score", "text", *(["category"] if "category" in found[0] else []),
+            e = Table("line" if "at" in found[0] else "row", "score", "text",
+                      *(["category"] if "category" in found[0] else []),
                       title=f"{who}{kind.replace('_', ' ')} ({title}; threshold {res['threshold']:.4g})")
             for r in found:
                 text = r["text"] if "response" not in r else f"{r['text']} -> {r['response']}"
-                e.add_row(str(r["row"]), f"{r['score']:.3f}", text[:160],
+                e.add_row(_place(r), f"{r['score']:.3f}", text[:160],
                           *([str(r["category"])] if "category" in r else []))
             console.print(e)
     if rows:

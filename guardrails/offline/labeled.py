@@ -140,6 +140,10 @@ class LabeledData:
     contexts: list[list[Message]] | None = None
     """Per row, the turns before its user turn (a system prompt, earlier turns; empty for none), or None when
     no row has any: the row is then its text alone, as one user turn."""
+    rows: list[int] = dataclasses.field(default_factory=list)
+    """Per row, its 1-based data row in the file (a subset keeps the file's numbers); empty: 1, 2, ..."""
+    where: list[str] = dataclasses.field(default_factory=list)
+    """Per row, its place in the file as errors name it (``file:line``, ``file[i]`` in a JSON array)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -161,7 +165,12 @@ class LabeledData:
             [self.categories[i] for i in ix] if self.categories is not None else None,
             {k: [v[i] for i in ix] for k, v in self.fields.items()},
             [self.contexts[i] for i in ix] if self.contexts is not None else None,
+            [self.row(i) for i in ix], [self.where[i] for i in ix] if self.where else [],
         )
+
+    def row(self, i: int) -> int:
+        """Row ``i``'s 1-based data row in its file (the file's number, also in a subset)."""
+        return self.rows[i] if self.rows else i + 1
 
 
 def with_system(data: LabeledData, system: str) -> LabeledData:
@@ -234,8 +243,10 @@ def load_labeled(
     categories: list[str] = []
     extra: list[dict[str, str]] = []
     contexts: list[list[Message]] = []
+    places: list[str] = []
     has_resp: bool | None = None
     for where, row in _read_rows(p, raw):
+        places.append(where)
         if fmt is not None:
             row = fmt.apply(row, where)
         if "label" not in row:
@@ -276,7 +287,7 @@ def load_labeled(
                        np.asarray(labels, dtype=np.int64), sources,
                        categories if any(c != "-" for c in categories) else None,
                        {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})},
-                       contexts if any(contexts) else None)
+                       contexts if any(contexts) else None, list(range(1, len(texts) + 1)), places)
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)
         keep: list[int] = []
