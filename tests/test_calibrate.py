@@ -721,6 +721,26 @@ def test_cli_calibrate_leaves_a_flag_only_rule_alone(saved_tiny) -> None:
     assert res.exit_code != 0 and "--rule 'nope'" in res.output and "valid: r, framing" in " ".join(res.output.split())
 
 
+def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(saved_tiny) -> None:
+    """A file in its own layout needs its --columns/--positive flags again: the calibrate command discover prints
+    carries them, so copying it works; it then runs as printed."""
+    import shlex
+
+    t = saved_tiny
+    rows = [json.loads(x) for x in (t["tmp"] / "toy.train.jsonl").read_text().splitlines()]
+    own = t["tmp"] / "own layout.csv"
+    own.write_text("Goal,verdict\n" + "".join(f"{r['text']},{'unsafe' if r['label'] else 'ok'}\n" for r in rows))
+    draft = t["tmp"] / "draft.yaml"
+    res = _cli(["discover", "--data", str(own), "--layer", "1", "--sae", str(t["tmp"] / "sae"), "--model",
+                str(t["model"]), "--out", str(draft), "--columns", "text=Goal,label=verdict", "--positive", "unsafe"])
+    assert res.exit_code == 0, res.output
+    printed = " ".join(res.output.split()).split("next: ", 1)[1]
+    assert printed == (f"guardrails calibrate --policy {shlex.quote(str(draft))} --data {shlex.quote(str(own))} "
+                       "--columns text=Goal,label=verdict --positive unsafe")
+    res = _cli([*shlex.split(printed)[1:], "--model", str(t["model"]), "--target-fpr", "0.1", "--no-test"])
+    assert res.exit_code == 0, res.output
+
+
 def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:
     """A draft remembers the rows its features were chosen on; calibrating (or evaluating) it on those very rows
     says the numbers are in-sample, and on a split prefix it does not."""

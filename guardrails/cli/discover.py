@@ -113,4 +113,9 @@ def register(app: typer.Typer) -> None:
                       f"{f['mean_diff']:.2f}", ex)
         console.print(t)
         if out is not None:
-            console.print(f"draft policy written to {out}; next: guardrails calibrate --policy {out} --data {data}")
+            import shlex
+
+            same = " ".join(x for x in (fmt.flags() if fmt is not None else "",
+                                        f"--system {shlex.quote(system)}" if system else "") if x)
+            console.print(f"draft policy written to {out}; next: guardrails calibrate --policy {shlex.quote(str(out))} "
+                          f"--data {shlex.quote(data)}{' ' + same if same else ''}", soft_wrap=True)

@@ -111,6 +111,19 @@ class DataFormat:
             out["label"] = int(str(out["label"]).strip().lower() in self.positive)  # JSON true reads "true"
         return out
 
+    def flags(self) -> str:
+        """The CLI flags that read a file this way (for a command line to copy)."""
+        import shlex
+
+        out = []
+        if self.columns:
+            out.append("--columns " + shlex.quote(",".join(f"{f}={c}" for f, c in self.columns)))
+        if self.positive:
+            out.append("--positive " + shlex.quote(",".join(self.positive)))
+        if self.label is not None:
+            out.append(f"--label {self.label}")
+        return " ".join(out)
+
     def signature(self) -> str:
         """Part of the data hash: the same file read another way is other data."""
         return json.dumps([self.columns, self.positive, self.label])
