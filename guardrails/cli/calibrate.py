@@ -107,6 +107,12 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             warnings.append(f"rule {r.id!r}: its features were chosen by `guardrails discover` on these same rows "
                             f"({source.get('data')}), so the cal metrics are in-sample; give a split prefix "
                             "(discover reads its train split, calibrate its cal split)")
+    n_neg = int((cal.labels == 0).sum())
+    if target_fpr is not None and 0 < target_fpr * n_neg < 5:
+        warnings.append(f"{cal.path} has {n_neg} label-0 rows: a target FPR of {target_fpr:g} lets "
+                        f"{math.floor(target_fpr * n_neg + 1e-9)} of them fire, so a row or two set the threshold and "
+                        f"the FPR it gives on new rows is loose (the record's intervals say how loose); "
+                        f"{math.ceil(5 / target_fpr)} or more label-0 rows pin it down")
     if warnings:
         report["warnings"] = warnings
     test_data = session.load(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
