@@ -59,14 +59,21 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     are projected out of the residuals before the fit (:mod:`guardrails.offline.erasure`)."""
     from guardrails.core.policy import EnsembleDetector, LinearDetector, Policy, SAEFeaturesDetector
     from guardrails.offline.calibrate import (
+        allowed_false_positives,
         check_against_serving,
         fit_sparse_weights,
         fit_threshold,
         prefix_aware_pooled,
         rule_scope,
     )
-    from guardrails.offline.evaluate import bootstrap_intervals, grouped_with_intervals, metrics, round_metrics
-    from guardrails.offline.records import make_record
+    from guardrails.offline.evaluate import (
+        bootstrap_intervals,
+        grouped_with_intervals,
+        metrics,
+        round_metrics,
+        rules_that_decide,
+    )
+    from guardrails.offline.records import make_record, write_record
     from guardrails.offline.scoring import rule_text_scores
 
     if target_fpr is None and target_recall is None:
@@ -76,14 +83,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
     cal = session.load(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
-    if rule_id is not None:
-        rules = [r for r in policy.rules if r.id == rule_id]
-        if not rules:
-            raise ValueError(f"--rule {rule_id!r}: no such rule in {policy_path}; valid: "
-                             f"{', '.join(r.id for r in policy.rules)}")
-    else:  # the rules that act, as `guardrails eval` scores them; a flag-only rule (a gate, a framing flag) keeps its
-        # threshold, which was fitted to its own labels, unless every rule only flags
-        rules = [r for r in policy.rules if r.action != "flag"] or list(policy.rules)
+    # a flag-only rule (a gate, a framing flag) keeps the threshold fitted to its own labels unless named
+    rules = rules_that_decide(policy.rules, rule_id, policy_path)
     new_rules = {r.id: r for r in policy.rules}
     erasures: dict[str, dict[str, Any]] = {}
     out_path = Path(out or policy_path)
@@ -93,7 +94,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     if fit_weights and "train" not in files:
         warnings.append(f"--fit-weights with one file ({data_path}): weights and threshold are fitted on the "
                         "same rows; give a split prefix (<prefix>.train/.cal/.test.jsonl) for held-out ones")
-    left = [r.id for r in policy.rules if r not in rules]
+    left = [r.id for r in policy.rules if r.id not in {c.id for c in rules}]
     if rule_id is None and left:
         warnings.append(f"flag-only rules keep the thresholds fitted to their own labels: {', '.join(left)} "
                         f"(--rule {left[0]} calibrates it on these rows)")
@@ -110,8 +111,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     n_neg = int((cal.labels == 0).sum())
     if target_fpr is not None and 0 < target_fpr * n_neg < 5:
         warnings.append(f"{cal.path} has {n_neg} label-0 rows: a target FPR of {target_fpr:g} lets "
-                        f"{math.floor(target_fpr * n_neg + 1e-9)} of them fire, so a row or two set the threshold and "
-                        f"the FPR it gives on new rows is loose (the record's intervals say how loose); "
+                        f"{allowed_false_positives(target_fpr, n_neg)} of them fire, so a row or two set the threshold "
+                        f"and the FPR it gives on new rows is loose (the record's intervals say how loose); "
                         f"{math.ceil(5 / target_fpr)} or more label-0 rows pin it down")
     if warnings:
         report["warnings"] = warnings
@@ -268,11 +269,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
     out_path.write_text(text, encoding="utf-8")
     if record_path is not None:
-        full = {"policy": policy.name, "rules": {**_earlier_records(record_path, policy.name, set(kept)),
-                                                 **report["rules"]}}
-        full.update({k: v for k, v in report.items() if k not in full})
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        write_record(record_path, report, set(kept))
         report["record"] = str(record_path)
     report["out"] = str(out_path)
     return report
@@ -296,18 +293,6 @@ def _shown(path: Path) -> str:
         return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return str(path)
-
-
-def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[str, Any]:
-    """The entries of ``rule_ids`` in an existing record of the same policy at ``path`` (rules not calibrated
-    this time keep their provenance); nothing when the file is absent, unreadable or another policy's."""
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(old, dict) or old.get("policy") != policy_name or not isinstance(old.get("rules"), dict):
-        return {}
-    return {rid: e for rid, e in old["rules"].items() if rid in rule_ids}
 
 
 # -- the commands --------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             import shlex
 
-            same = " ".join(x for x in (fmt.flags() if fmt is not None else "",
-                                        f"--system {shlex.quote(system)}" if system else "") if x)
-            console.print(f"draft policy written to {out}; next: guardrails calibrate --policy {shlex.quote(str(out))} "
-                          f"--data {shlex.quote(data)}{' ' + same if same else ''}", soft_wrap=True)
+            # the file is read the same way at the next step: its --columns/--positive/--label and --system again
+            nxt = shlex.join(["guardrails", "calibrate", "--policy", str(out), "--data", data])
+            nxt += f" {fmt.flags()}" if fmt is not None else ""
+            nxt += f" --system {shlex.quote(system)}" if system else ""
+            console.print(f"draft policy written to {out}; next: {nxt}", soft_wrap=True)

@@ -78,6 +78,11 @@ def check_against_serving(
 # -- thresholds -----------------------------------------------------------------------------------------------
 
 
+def allowed_false_positives(target_fpr: float, n_neg: int) -> int:
+    """How many of ``n_neg`` label-0 rows may fire at ``target_fpr`` (what :func:`fit_threshold` fits to)."""
+    return math.floor(target_fpr * n_neg + 1e-9)
+
+
 def fit_threshold(
     scores: np.ndarray, labels: np.ndarray, *, target_fpr: float | None = None, target_recall: float | None = None
 ) -> float:
@@ -95,7 +100,7 @@ def fit_threshold(
         n_neg = int((y == 0).sum())
         if n_neg == 0:
             raise CalibrationError("no negative (label 0) rows to fit a threshold on")
-        allowed = math.floor(target_fpr * n_neg + 1e-9)
+        allowed = allowed_false_positives(target_fpr, n_neg)
         if allowed >= len(neg):
             return float(np.min(s[ok])) if ok.any() else 0.0
         return float(np.nextafter(neg[allowed], np.inf))

@@ -118,6 +118,18 @@ def rule_rows(rows_by_key: Mapping[RowKey, list[Any]], policy: Any, rule: Any) -
     return rows_by_key[keys[0]] if len(keys) == 1 else {k[1]: rows_by_key[k] for k in keys}
 
 
+def rules_that_decide(rules: list[Any], rule_id: str | None, where: str) -> list[Any]:
+    """The rule ``rule_id`` names (``where``: the policy, for the error), or without one the rules that act (block or
+    steer): flag-only rules (a gate, a framing flag) decide nothing and are left out unless every rule flags.
+    ``guardrails eval`` scores these rules and ``guardrails calibrate`` fits their thresholds."""
+    if rule_id is None:
+        return [r for r in rules if r.action != "flag"] or list(rules)
+    chosen = [r for r in rules if r.id == rule_id]
+    if not chosen:
+        raise ValueError(f"--rule {rule_id!r}: no such rule in {where}; valid: {', '.join(r.id for r in rules)}")
+    return chosen
+
+
 def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule: str | None = None) -> tuple[
     np.ndarray, float, str
 ]:
@@ -131,14 +143,7 @@ def policy_row_scores(guard: Any, rows_by_key: Mapping[RowKey, list[Any]], rule:
     """
     from guardrails.offline.scoring import rule_text_scores
 
-    rules = guard.policy.rules
-    if rule is not None:
-        chosen = [r for r in rules if r.id == rule]
-        if not chosen:
-            valid = ", ".join(r.id for r in rules)
-            raise ValueError(f"no rule {rule!r} in policy {guard.policy.name!r}; valid: {valid}")
-    else:  # the rules that act (block or steer); flag-only rules (a gate, a framing flag) decide nothing
-        chosen = [r for r in rules if r.action != "flag"] or list(rules)
+    chosen = rules_that_decide(guard.policy.rules, rule, f"policy {guard.policy.name!r}")
 
     def rows_of(r: Any) -> list[Any] | dict[int, list[Any]]:
         return rule_rows(rows_by_key, guard.policy, r)

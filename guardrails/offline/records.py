@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,3 +63,25 @@ def sae_weights_file(ref: str) -> Path | None:
         files = sorted(p.glob("*.safetensors"))
         return files[0] if files else None
     return p if p.is_file() else None
+
+
+def write_record(path: Path, report: dict[str, Any], kept: set[str]) -> None:
+    """Write the calibration record ``report`` (``{"policy", "rules", ...}``) to ``path``, keeping the entries of the
+    rules in ``kept`` (not calibrated this time) from an earlier record of the same policy there."""
+    full: dict[str, Any] = {"policy": report["policy"],
+                            "rules": {**_earlier_records(path, report["policy"], kept), **report["rules"]}}
+    full.update({k: v for k, v in report.items() if k not in full})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+
+
+def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[str, Any]:
+    """The entries of ``rule_ids`` in an existing record of the same policy at ``path`` (rules not calibrated
+    this time keep their provenance); nothing when the file is absent, unreadable or another policy's."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("policy") != policy_name or not isinstance(old.get("rules"), dict):
+        return {}
+    return {rid: e for rid, e in old["rules"].items() if rid in rule_ids}
