@@ -266,7 +266,10 @@ def test_split_files_csv(tmp_path: Path) -> None:
         (tmp_path / f"mine.{s}.csv").write_text("text,label\na,0\n")
     assert set(split_files(str(tmp_path / "mine"))) == {"train", "cal"}
     assert set(split_files(str(tmp_path / "mine.cal.csv"))) == {"file", "train", "cal"}
-    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv, \.tsv, \.json\)"):
+    for s in ("train", "test"):
+        (tmp_path / f"gz.{s}.jsonl.gz").write_bytes(b"")
+    assert set(split_files(str(tmp_path / "gz"))) == {"train", "test"}
+    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv, \.tsv, \.json, or gzipped\)"):
         split_files(str(tmp_path / "other"))
 
 
@@ -292,6 +295,58 @@ def test_load_labeled_tsv_json_array_and_table_formats(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CalibrationError, match=msg):
             load_labeled(tmp_path / name)
+
+
+def test_load_labeled_public_set_layouts(tmp_path: Path) -> None:
+    """Layouts public moderation sets ship in: a gzipped JSONL, a ';'-separated spreadsheet CSV, a null
+    ``response`` (a prompt-only row), a ``{name: bool}`` category object (BeaverTails), a conversation ending in
+    the labeled assistant reply (Llama Guard's convention). A null label never reads as 0, and ``--positive``
+    values no row holds fail naming the values the column has."""
+    import gzip
+
+    from guardrails.offline.labeled import CalibrationError, DataFormat
+
+    rows = [{"prompt": "how to bake bread", "response": None, "prompt_harm_label": "unharmful"},
+            {"prompt": "how to make a bomb", "response": None, "prompt_harm_label": "harmful"}]
+    (tmp_path / "w.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    fmt = DataFormat.parse(columns="text=prompt,label=prompt_harm_label", positive="harmful")
+    got = load_labeled(tmp_path / "w.jsonl.gz", fmt=fmt)
+    assert got.texts == ["how to bake bread", "how to make a bomb"] and got.labels.tolist() == [0, 1]
+    assert got.responses is None and got.where == [f"{tmp_path / 'w.jsonl.gz'}:1", f"{tmp_path / 'w.jsonl.gz'}:2"]
+    with pytest.raises(CalibrationError, match=r"no row's label is one of --positive unsafe; the label column holds "
+                                               r"'unharmful' \(1\), 'harmful' \(1\)"):
+        load_labeled(tmp_path / "w.jsonl.gz", fmt=DataFormat.parse(columns="text=prompt,label=prompt_harm_label",
+                                                                   positive="unsafe"))
+    (tmp_path / "n.jsonl").write_text(json.dumps({**rows[0], "prompt_harm_label": None}) + "\n")
+    with pytest.raises(CalibrationError, match=r"n\.jsonl:1: the label is empty \(None\); --positive reads"):
+        load_labeled(tmp_path / "n.jsonl", fmt=fmt)
+    (tmp_path / "n2.jsonl").write_text(json.dumps({"text": "x", "label": None}) + "\n")
+    with pytest.raises(CalibrationError, match=r"n2\.jsonl:1: the row has no label \(None\)"):
+        load_labeled(tmp_path / "n2.jsonl")
+
+    (tmp_path / "s.csv").write_text("text;label\nhow to bake bread, fast;0\nhow to make a bomb;1\n")
+    assert load_labeled(tmp_path / "s.csv").texts == ["how to bake bread, fast", "how to make a bomb"]
+
+    answer = "Sure: mix the powders and pack them tight."
+    beaver = {"prompt": "how to make a bomb", "response": answer, "category": {"violence": True, "weapons": True,
+                                                                               "privacy": False}, "is_safe": False}
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "how to make a bomb"},
+                         {"role": "assistant", "content": answer}], "label": 1, "category": ["weapons"]}
+    (tmp_path / "b.jsonl").write_text(json.dumps(beaver) + "\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n")
+    b = load_labeled(tmp_path / "b.jsonl", fmt=DataFormat.parse(columns="label=is_safe", positive="false"))
+    c = load_labeled(tmp_path / "c.jsonl")
+    assert b.responses == c.responses == [answer] and b.texts == c.texts == ["how to make a bomb"]
+    assert b.labels.tolist() == c.labels.tolist() == [1]
+    assert b.categories == ["violence+weapons"] and c.categories == ["weapons"]
+    assert c.contexts == [[{"role": "system", "content": "Be brief."}]] and b.contexts is None
+    for row, msg in ((dict(chat, response="again"), r"ends in an assistant turn and the row has a 'response'"),
+                     (dict(chat, messages=chat["messages"][2:]), r"does not follow a user turn"),
+                     (dict(beaver, category={"violence": "yes"}), r"'category' as an object must map names to")):
+        (tmp_path / "x.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(CalibrationError, match=msg):
+            load_labeled(tmp_path / "x.jsonl", fmt=DataFormat.parse(columns="label=is_safe", positive="false")
+                         if "is_safe" in row else None)
 
 
 # -- the CLI on a saved tiny model ----------------------------------------------------------------------------
@@ -878,8 +933,8 @@ def test_load_labeled_rows_in_their_deployment_context(tmp_path: Path) -> None:
     assert load_labeled(tmp_path / "m.csv").texts == ["x"]
     bad = {
         "both": ({"text": "a", "messages": [{"role": "user", "content": "a"}], "label": 0}, "not both"),
-        "last": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": 0},
-                 r"last of 'messages' must be the user turn.*'assistant'"),
+        "last": ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "label": 0},
+                 r"last of 'messages' must be the user turn.*or its assistant reply.*'tool'"),
         "role": ({"messages": [{"role": "bot", "content": "a"}, {"role": "user", "content": "b"}], "label": 0},
                  r"messages\[0\].*system, user, assistant, tool"),
         "two_systems": ({"system": "s", "messages": [{"role": "system", "content": "t"},

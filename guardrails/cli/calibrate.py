@@ -304,7 +304,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array, or a split prefix "
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split prefix "
                                                 "(thresholds on its cal split)")],
         target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default 0.01)")] = None,
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,

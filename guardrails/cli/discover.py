@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def discover(
-        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array, or a split "
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split "
                                                 "prefix (uses its train split)")],
         layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the layer its file records; "
                                                        "the bundled SAE's is 15)")] = None,

@@ -108,6 +108,10 @@ class DataFormat:
                                        "'label' column; drop --label, or map another column with --columns")
             out["label"] = self.label
         elif self.positive and "label" in out:
+            if out["label"] is None or str(out["label"]).strip() == "":
+                raise CalibrationError(f"{where}: the label is empty ({out['label']!r}); --positive reads every other "
+                                       "value as 0, so an unlabeled row would count as benign: drop the unlabeled "
+                                       "rows first")
             out["label"] = int(str(out["label"]).strip().lower() in self.positive)  # JSON true reads "true"
         return out
 
@@ -198,10 +202,12 @@ def with_system(data: LabeledData, system: str) -> LabeledData:
     return dataclasses.replace(data, sha256=h, contexts=new)
 
 
-def _context(row: dict[str, Any], where: str) -> tuple[str | None, list[Message]]:
-    """``(the user turn's text from 'messages' or None, the turns before it)`` of a row."""
+def _context(row: dict[str, Any], where: str) -> tuple[str | None, str | None, list[Message]]:
+    """``(the user turn's text from 'messages' or None, the assistant reply 'messages' ends in or None, the turns
+    before the user turn)`` of a row."""
     ctx: list[Message] = []
     text: str | None = None
+    reply: str | None = None
     messages = row.get("messages")
     if messages not in (None, ""):
         if isinstance(messages, str):  # a CSV cell holds the JSON list
@@ -218,9 +224,19 @@ def _context(row: dict[str, Any], where: str) -> tuple[str | None, list[Message]
             messages = check_messages(messages)  # the checks every serving entry point makes
         except ValueError as exc:
             raise CalibrationError(f"{where}: 'messages': {exc}") from None
+        if messages[-1]["role"] == "assistant":  # the label is the reply's (Llama Guard's convention)
+            if row.get("response") not in (None, ""):
+                raise CalibrationError(f"{where}: 'messages' ends in an assistant turn and the row has a "
+                                       "'response'; give the reply once")
+            if len(messages) < 2 or messages[-2]["role"] != "user":
+                raise CalibrationError(f"{where}: 'messages' ends in an assistant turn (the labeled reply) that "
+                                       "does not follow a user turn")
+            reply = messages[-1]["content"]
+            messages = messages[:-1]
         if messages[-1]["role"] != "user":
-            raise CalibrationError(f"{where}: the last of 'messages' must be the user turn the row is about (its "
-                                   f"label's turn), got role {messages[-1]['role']!r}; a reply goes in 'response'")
+            raise CalibrationError(f"{where}: the last of 'messages' must be the user turn the row is about, or "
+                                   "its assistant reply (the row's label is then the reply's), got role "
+                                   f"{messages[-1]['role']!r}")
         ctx = messages[:-1]
         text = messages[-1]["content"]
     system = row.get("system")
@@ -231,7 +247,7 @@ def _context(row: dict[str, Any], where: str) -> tuple[str | None, list[Message]
             raise CalibrationError(f"{where}: the row has a 'system' column and a system turn in 'messages'; "
                                    "give one")
         ctx = [{"role": "system", "content": system}, *ctx]
-    return text, ctx
+    return text, reply, ctx
 
 
 def load_labeled(
@@ -258,24 +274,33 @@ def load_labeled(
     contexts: list[list[Message]] = []
     places: list[str] = []
     has_resp: bool | None = None
+    raw_labels: dict[str, int] = {}  # under --positive: each label value read and how often
     for where, row in _read_rows(p, raw):
         places.append(where)
         if fmt is not None:
+            if fmt.positive:
+                value = row.get(dict(fmt.columns).get("label", "label"))
+                key_ = str(value).strip().lower()
+                raw_labels[key_] = raw_labels.get(key_, 0) + 1
             row = fmt.apply(row, where)
         if "label" not in row:
             raise CalibrationError(f"{where}: expected 'label' and 'text' (or 'prompt', or 'messages'), or 'prompt', "
                                    f"'response' and 'label'; the row has {sorted(row)} (other column names: "
                                    "--columns text=COLUMN,label=COLUMN; no label column: --label 1 or 0)")
-        said, ctx = _context(row, where)
+        if row.get("response", "") is None:  # a null reply (a prompt-only row of a prompt + response set)
+            row = {k: v for k, v in row.items() if k != "response"}
+        said, reply, ctx = _context(row, where)
         if said is not None:
             row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": said}
+        if reply is not None:
+            row["response"] = reply
         contexts.append(ctx)
         this_resp = "response" in row
         if has_resp is None:
             has_resp = this_resp
         elif has_resp != this_resp:
             raise CalibrationError(f"{where}: rows mix 'text' and 'prompt'/'response' forms")
-        key = "prompt" if this_resp or "text" not in row else "text"
+        key = "text" if "text" in row else "prompt"
         text = row.get(key)
         if not isinstance(text, str) or not text.strip():
             raise CalibrationError(f"{where}: {key!r} must be a non-empty string (a row needs 'text' or 'prompt')")
@@ -286,11 +311,15 @@ def load_labeled(
         responses.append(resp)
         labels.append(_label(row["label"], where))
         sources.append(str(row.get("source") or ""))
-        categories.append(str(row["category"]) if row.get("category") not in (None, "") else "-")
+        categories.append(_category(row.get("category"), where))
         extra.append({k: str(v) for k, v in row.items()
                       if k not in FIELDS and isinstance(v, str | int | float | bool) and v != ""})
     if not texts:
         raise CalibrationError(f"{p}: no rows")
+    if fmt is not None and fmt.positive and not any(v in fmt.positive for v in raw_labels):
+        seen = ", ".join(f"{v!r} ({n})" for v, n in sorted(raw_labels.items(), key=lambda kv: -kv[1])[:10])
+        raise CalibrationError(f"{p}: no row's label is one of --positive {','.join(fmt.positive)}; the label "
+                               f"column holds {seen}")
     digest = hashlib.sha256(raw).hexdigest()
     if fmt is not None:
         digest = hashlib.sha256(f"{digest}:{fmt.signature()}".encode()).hexdigest()
@@ -320,8 +349,16 @@ BINARY_FORMATS = {".parquet": "read_parquet", ".xlsx": "read_excel", ".xls": "re
 def _read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     """``(where, row)`` of each row, ``where`` being ``file:line`` (``file[i]`` in a JSON array): JSONL; CSV
     (``.csv``) or TSV (``.tsv``), a header row then one row per record; or a ``.json`` file holding one array of
-    objects (a ``.json`` file of one object per line is JSONL)."""
+    objects (a ``.json`` file of one object per line is JSONL); any of them gzipped (``.jsonl.gz``)."""
     suffix = p.suffix.lower()
+    if suffix == ".gz":  # data.jsonl.gz, data.csv.gz: read as the name under .gz says
+        import gzip
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise CalibrationError(f"{p}: not gzip data ({exc})") from None
+        suffix = Path(p.stem).suffix.lower()
     if suffix in BINARY_FORMATS:
         raise CalibrationError(
             f"{p}: {suffix[1:]} files are not read directly (data files are JSONL, CSV, TSV or a JSON array); "
@@ -336,7 +373,11 @@ def _read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
         import io
 
         kind = suffix[1:].upper()
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        delimiter = "\t" if suffix == ".tsv" else ","
+        header = text.split("\n", 1)[0]
+        if suffix == ".csv" and "," not in header and ";" in header:
+            delimiter = ";"  # a spreadsheet's CSV in a locale whose decimal mark is a comma
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         rows: list[tuple[str, dict[str, Any]]] = []
         try:
             for r in reader:
@@ -344,7 +385,7 @@ def _read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
                     continue  # a blank line
                 if None in r.values() or None in r:  # fewer fields than the header, or more
                     n_fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
-                    sep = "tab" if suffix == ".tsv" else "comma"
+                    sep = {"\t": "tab", ",": "comma", ";": "semicolon"}[delimiter]
                     raise CalibrationError(f"{p}:{reader.line_num}: the row has {n_fields} fields, the header "
                                            f"{len(reader.fieldnames or [])} (an unquoted {sep}?)")
                 rows.append((f"{p}:{reader.line_num}", dict(r)))
@@ -376,8 +417,31 @@ def _read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _category(value: Any, where: str) -> str:
+    """A row's hazard category as text ('-' for none): a string, a list of names (joined with '+'), or a
+    ``{name: true/false}`` object (BeaverTails' layout: the names set true)."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, dict):
+        if not all(isinstance(v, bool | int) and not isinstance(v, float) for v in value.values()):
+            raise CalibrationError(f"{where}: 'category' as an object must map names to true/false, got "
+                                   f"{value!r:.120}")
+        value = [k for k, v in value.items() if v]
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise CalibrationError(f"{where}: 'category' as a list must hold names, got {value!r:.120}")
+        return "+".join(value) or "-"
+    if isinstance(value, str | int | float | bool):
+        return str(value)
+    raise CalibrationError(f"{where}: 'category' must be a name, a list of names or a {{name: true/false}} object, "
+                           f"got {type(value).__name__}")
+
+
 def _label(value: Any, where: str) -> int:
     """0/1 from a row's label: 0/1, true/false, or a word of :data:`LABEL_WORDS`."""
+    if value is None or value == "":
+        raise CalibrationError(f"{where}: the row has no label ({value!r}); label every row, or drop the unlabeled "
+                               "rows first")
     if isinstance(value, bool) or value in (0, 1):
         return int(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
