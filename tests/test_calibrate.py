@@ -440,6 +440,39 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert res.exit_code == 2 and "no label column" in res.output
 
 
+def test_cli_recalibrating_keeps_the_rules_target(saved_tiny) -> None:
+    """A rule recalibrated without ``--target-fpr`` keeps the target it was calibrated to (a shipped policy's 3%
+    FPR, not the 1% a new rule gets), from the policy's ``calibration`` entry or, for a policy written before that
+    entry held it, from the record file it names; a target given on the command line wins."""
+    from guardrails.offline.records import recorded_target
+
+    t = saved_tiny
+    first, second = t["tmp"] / "a.yaml", t["tmp"] / "b.yaml"
+    common = ["--data", str(t["tmp"] / "toy"), "--model", str(t["model"]), "--json"]
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--target-fpr", "0.2", "--out", str(first), *common])
+    assert res.exit_code == 0, res.output
+    assert Policy.from_path(first).calibration["r"]["target"] == {"fpr": 0.2}
+    res = _cli(["calibrate", "--policy", str(first), "--out", str(second), *common])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["rules"]["r"]["target"] == {"fpr": 0.2} and rep["target_from_policy"] == ["fpr 0.2"]
+    assert rep["rules"]["r"]["threshold"] == thr_of(first)  # the same rows, the same target
+    res = _cli(["calibrate", "--policy", str(first), "--target-recall", "0.5", "--out", str(second), *common])
+    assert json.loads(res.stdout.strip().splitlines()[-1])["rules"]["r"]["target"] == {"recall": 0.5}
+    # a policy calibrated before v0.3.13: the entry names only its record
+    old = yaml.safe_load(first.read_text())
+    del old["calibration"]["r"]["target"]
+    first.write_text(yaml.safe_dump(old))
+    assert recorded_target(Policy.from_path(first), "r") == {"fpr": 0.2}
+    assert recorded_target(Policy.from_path(t["policy"]), "r") is None  # never calibrated: the 1% default
+    res = _cli(["calibrate", "--policy", str(t["policy"]), "--out", str(second), *common])
+    assert json.loads(res.stdout.strip().splitlines()[-1])["rules"]["r"]["target"] == {"fpr": 0.01}
+    from guardrails.cli.main import resolve_policy_path
+
+    assert recorded_target(Policy.from_path(resolve_policy_path("harmful-requests")), "harmful-request",
+                           Path(__file__).resolve().parents[1]) == {"fpr": 0.03}
+
+
 def test_eval_compares_policies_on_the_same_rows(saved_tiny, monkeypatch) -> None:
     """Several --policy options: one result per policy, each equal to its own single-policy run; --rows writes a
     file per policy."""

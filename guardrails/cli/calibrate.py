@@ -73,11 +73,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         round_metrics,
         rules_that_decide,
     )
-    from guardrails.offline.records import make_record, write_record
+    from guardrails.offline.records import DEFAULT_TARGET_FPR, make_record, recorded_target, write_record
     from guardrails.offline.scoring import rule_text_scores
 
-    if target_fpr is None and target_recall is None:
-        target_fpr = 0.01
     if invariant_to and not fit_weights:
         raise CalibrationError("invariant_to changes how weights are fitted: it needs fit_weights")
     policy = Policy.from_path(policy_path)
@@ -108,12 +106,20 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             warnings.append(f"rule {r.id!r}: its features were chosen by `guardrails discover` on these same rows "
                             f"({source.get('data')}), so the cal metrics are in-sample; give a split prefix "
                             "(discover reads its train split, calibrate its cal split)")
+    # a rule recalibrated without a target keeps the one it was calibrated to (a shipped policy's 3% FPR)
+    given = {"fpr": target_fpr} if target_fpr is not None else \
+        {"recall": target_recall} if target_recall is not None else None
+    kept_t = {r.id: t for r in rules if not given and (t := recorded_target(policy, r.id, RECORDS.parents[1]))}
+    targets = {r.id: given or kept_t.get(r.id) or {"fpr": DEFAULT_TARGET_FPR} for r in rules}
+    if kept_t:
+        report["target_from_policy"] = sorted({f"{k} {v:g}" for t in kept_t.values() for k, v in t.items()})
     n_neg = int((cal.labels == 0).sum())
-    if target_fpr is not None and 0 < target_fpr * n_neg < 5:
-        warnings.append(f"{cal.path} has {n_neg} label-0 rows: a target FPR of {target_fpr:g} lets "
-                        f"{allowed_false_positives(target_fpr, n_neg)} of them fire, so a row or two set the threshold "
-                        f"and the FPR it gives on new rows is loose (the record's intervals say how loose); "
-                        f"{math.ceil(5 / target_fpr)} or more label-0 rows pin it down")
+    for fpr in sorted({t["fpr"] for t in targets.values() if "fpr" in t}):
+        if 0 < fpr * n_neg < 5:
+            warnings.append(f"{cal.path} has {n_neg} label-0 rows: a target FPR of {fpr:g} lets "
+                            f"{allowed_false_positives(fpr, n_neg)} of them fire, so a row or two set the threshold "
+                            f"and the FPR it gives on new rows is loose (the record's intervals say how loose); "
+                            f"{math.ceil(5 / fpr)} or more label-0 rows pin it down")
     if warnings:
         report["warnings"] = warnings
     test_data = session.load(files["test"], limit=train_limit or limit, max_response_chars=max_response_chars) \
@@ -221,7 +227,9 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             policy = policy.model_copy(update={"rules": [new_rules[r.id] for r in policy.rules]})
             guard = session.guard(policy)
         scores = rule_text_scores(guard, rule, functools.partial(session.own_rows, cal, policy))
-        thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target_fpr, target_recall=target_recall))
+        target = targets[rule.id]
+        thr = round_up(fit_threshold(scores, cal.labels, target_fpr=target.get("fpr"),
+                                     target_recall=target.get("recall")))
         upd: dict[str, Any] = {"threshold": thr}
         if rule.steer is not None and rule.steer.block_above is not None:
             # steer from the threshold; block above every label-0 row of the cal split (FPR 0 there)
@@ -241,9 +249,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
             if any(test_data.sources):
                 rec_metrics["test"]["per_source"] = grouped_with_intervals(ts, test_data.labels, test_data.sources, thr)
         drift = check_against_serving(guard, cal, rule.id, scores, n=check) if check else math.nan
-        target = {"fpr": target_fpr} if target_fpr is not None else {"recall": target_recall}
         record = make_record(policy=policy, data=cal, model_name=session.model_name, score_mode=guard.score_mode,
-                             rule_id=rule.id, threshold=thr, target=target,  # type: ignore[arg-type]
+                             rule_id=rule.id, threshold=thr, target=target,
                              metrics=rec_metrics, extra={"serving_check_max_rel_diff": drift,
                                                          "weights_fitted": bool(fit_weights),
                                                          **erasures.get(rule.id, {}),
@@ -258,7 +265,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
     # rules not calibrated now keep their entries (in the policy and in the record they were written to)
     ids = {r.id for r in policy.rules}
     kept = {rid: e for rid, e in (policy.calibration or {}).items() if rid in ids and rid not in report["rules"]}
-    summary = {**kept, **{rid: {"threshold": r["threshold"], "data_sha256": r["data_sha256"], "date": r["date"],
+    summary = {**kept, **{rid: {"threshold": r["threshold"], "target": r["target"], "data_sha256": r["data_sha256"],
+                                "date": r["date"],
                                 **({"system_prompts": r["context"]["system_prompts"]} if "context" in r else {}),
                                 **({"record": shown} if shown else {}),
                                 **({"features_from": f} if (f := _features_from(policy, rid)) else {})}
@@ -306,7 +314,9 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
         data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split prefix "
                                                 "(thresholds on its cal split)")],
-        target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default 0.01)")] = None,
+        target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default: the target the "
+                                                          "rule was calibrated to before, e.g. a shipped policy's "
+                                                          "0.03; a new rule's 0.01)")] = None,
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
         fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]
         = False,
@@ -383,6 +393,9 @@ def register(app: typer.Typer) -> None:
             if "test" in m:
                 line += f"  | test AUROC {m['test']['auroc']}, FPR {m['test']['fpr']:.3f}, TPR {m['test']['tpr']:.3f}"
             console.print(line)
+        if rep.get("target_from_policy"):
+            console.print(f"target: {', '.join(rep['target_from_policy'])}, as the policy was calibrated before "
+                          "(--target-fpr or --target-recall to change it)")
         for w in rep.get("warnings", []):
             console.print(f"[yellow]warning[/]: {w}")
         console.print(f"wrote {rep['out']}")

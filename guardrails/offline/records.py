@@ -85,3 +85,31 @@ def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[s
     if not isinstance(old, dict) or old.get("policy") != policy_name or not isinstance(old.get("rules"), dict):
         return {}
     return {rid: e for rid, e in old["rules"].items() if rid in rule_ids}
+
+
+DEFAULT_TARGET_FPR = 0.01
+"""The target of a rule calibrated for the first time without ``--target-fpr`` / ``--target-recall``."""
+
+
+def recorded_target(policy: Policy, rule_id: str, root: Path | None = None) -> dict[str, float] | None:
+    """The target (``{"fpr": x}`` or ``{"recall": x}``) a rule was last calibrated to: its entry in the policy's
+    ``calibration``, else the record file that entry names (policies calibrated before v0.3.13), looked up from the
+    working directory, the policy's folder and ``root`` (the source tree the shipped records are in); None if
+    neither."""
+    entry = (policy.calibration or {}).get(rule_id)
+    if not isinstance(entry, dict):
+        return None
+    target = entry.get("target")
+    if target is None and isinstance(entry.get("record"), str):
+        for base in (Path.cwd(), Path(policy.base_dir or "."), *([root] if root else [])):
+            path = base / entry["record"]
+            if path.is_file():
+                try:
+                    target = json.loads(path.read_text(encoding="utf-8"))["rules"][rule_id]["target"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    target = None
+                break
+    if (isinstance(target, dict) and len(target) == 1 and next(iter(target)) in ("fpr", "recall")
+            and isinstance(v := next(iter(target.values())), int | float) and 0 <= v <= 1):
+        return {str(k): float(x) for k, x in target.items()}
+    return None
