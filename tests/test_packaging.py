@@ -41,6 +41,20 @@ def test_shipped_policies_by_name_resolve_their_probes() -> None:
     assert shipped_policy("../pyproject") is None and shipped_policy("nope") is None
 
 
+def test_strict_variant_is_the_default_with_its_framing_rule_blocking() -> None:
+    """``harmful-requests-strict`` is the default with one action changed: a refit of the default that leaves the
+    variant behind (other weights, thresholds, calibration) fails here."""
+    default, strict = Policy.from_path("harmful-requests"), Policy.from_path("harmful-requests-strict")
+    assert [r.id for r in strict.rules] == [r.id for r in default.rules]
+    for d, s in zip(default.rules, strict.rules, strict=True):
+        assert s.model_dump(exclude={"action", "description"}) == d.model_dump(exclude={"action", "description"})
+        assert s.action == ("block" if d.id == "jailbreak-framing" else d.action)
+    assert {r.id: r.action for r in default.rules}["jailbreak-framing"] == "flag"
+    assert strict.calibration == default.calibration
+    assert strict.model_dump(exclude={"rules", "name", "description", "base_dir"}) == \
+        default.model_dump(exclude={"rules", "name", "description", "base_dir"})
+
+
 def test_unknown_policy_name_lists_the_shipped_ones(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"shipped policies.*harmful-requests"):
         Policy.from_path("harmful-requestz")
