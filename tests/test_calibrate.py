@@ -811,7 +811,8 @@ def test_cli_calibrate_leaves_a_flag_only_rule_alone(saved_tiny) -> None:
 
 def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(saved_tiny) -> None:
     """A file in its own layout needs its --columns/--positive flags again: the calibrate command discover prints
-    carries them, so copying it works; it then runs as printed."""
+    carries them, so copying it works; it then runs as printed, on the model the draft names (no --model), as eval
+    does; policies naming different models need --model."""
     import shlex
 
     t = saved_tiny
@@ -825,8 +826,18 @@ def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(sav
     printed = " ".join(res.output.split()).split("next: ", 1)[1]
     assert printed == (f"guardrails calibrate --policy {shlex.quote(str(draft))} --data {shlex.quote(str(own))} "
                        "--columns text=Goal,label=verdict --positive unsafe")
-    res = _cli([*shlex.split(printed)[1:], "--model", str(t["model"]), "--target-fpr", "0.1", "--no-test"])
+    res = _cli([*shlex.split(printed)[1:], "--target-fpr", "0.1", "--no-test"])
     assert res.exit_code == 0, res.output
+    assert Policy.from_path(draft).model == str(t["model"])
+    test = str(t["tmp"] / "toy.test.jsonl")
+    res = _cli(["eval", "--policy", str(draft), "--data", test])
+    assert res.exit_code == 0, res.output
+    res = _cli(["eval", "--policy", str(draft), "--policy", "harmful-requests", "--data", test])
+    assert res.exit_code != 0 and "name different models" in res.output and "give --model" in res.output
+    res = _cli(["discover", "--data", str(t["tmp"] / "toy"), "--layer", "1", "--sae", str(t["tmp"] / "sae"), "--model",
+                str(t["model"]), "--out", str(draft), "--max-response-chars", "300"])
+    assert res.exit_code == 0, res.output
+    assert " ".join(res.output.split()).endswith(f"--data {t['tmp'] / 'toy'} --max-response-chars 300")
 
 
 def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:

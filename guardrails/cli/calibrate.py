@@ -27,6 +27,7 @@ from guardrails.cli.session import (
     Session,
     SystemOption,
     _split_provenance,
+    model_for,
     split_files,
 )
 from guardrails.core.semantics import rule_layer
@@ -273,7 +274,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                           for rid, r in report["rules"].items()}}
     # relative file references name the same files from the output's folder (a copy written elsewhere)
     policy = policy.model_copy(update={"calibration": summary or None}).rebased(out_path.resolve().parent)
-    text = _header(policy, shown) + policy.to_yaml()
+    text = f"# {policy.name}: calibrated with `guardrails calibrate`; " + \
+        (f"see {shown}\n" if shown else "no calibration record written\n") + policy.to_yaml()
     Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
     out_path.write_text(text, encoding="utf-8")
     if record_path is not None:
@@ -281,11 +283,6 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         report["record"] = str(record_path)
     report["out"] = str(out_path)
     return report
-
-
-def _header(policy: Any, record: str | None) -> str:
-    return (f"# {policy.name}: calibrated with `guardrails calibrate`; "
-            + (f"see {record}\n" if record else "no calibration record written\n"))
 
 
 def _features_from(policy: Any, rule_id: str) -> dict[str, Any] | None:
@@ -314,9 +311,8 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
         data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split prefix "
                                                 "(thresholds on its cal split)")],
-        target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default: the target the "
-                                                          "rule was calibrated to before, e.g. a shipped policy's "
-                                                          "0.03; a new rule's 0.01)")] = None,
+        target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default: the rule's last "
+                                                          "target, shipped 0.03; a new rule's 0.01)")] = None,
         target_recall: Annotated[float | None, typer.Option(help="Recall to fit instead")] = None,
         fit_weights: Annotated[bool, typer.Option(help="Fit feature weights by L1 logistic regression (train)")]
         = False,
@@ -324,7 +320,7 @@ def register(app: typer.Typer) -> None:
                                                  "steer; flag-only rules keep their thresholds unless all flag)")]
         = None,
         out: Annotated[str | None, typer.Option(help="Output policy (default: overwrite --policy)")] = None,
-        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
+        model: Annotated[str | None, typer.Option(help="Model id or path (default: the policy's)")] = None,
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
         no_record: Annotated[bool, typer.Option(help="Do not write the calibration record")] = False,
         record: Annotated[str | None, typer.Option(help="Write the record here (default: <out>.record.json next to "
@@ -375,6 +371,7 @@ def register(app: typer.Typer) -> None:
         record_path = None if no_record else Path(record) if record else out_path.with_suffix(".record.json")
         if record is not None and record_path is not None:
             record_path = output_path(record_path, "--record")
+        model = _run_safely(lambda: model_for([path], model))
         session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt, system=system)
         rep = _run_safely(lambda: run_calibrate(
             session, path, data, target_fpr=target_fpr,

@@ -115,8 +115,10 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             import shlex
 
-            # the file is read the same way at the next step: its --columns/--positive/--label and --system again
-            nxt = shlex.join(["guardrails", "calibrate", "--policy", str(out), "--data", data])
+            # the file is read the same way at the next step: its --columns/--positive/--label, --system and the
+            # response cut again (the draft names its model, which calibrate then loads)
+            nxt = shlex.join(["guardrails", "calibrate", "--policy", str(out), "--data", data]
+                             + (["--max-response-chars", str(max_response_chars)] if max_response_chars else []))
             nxt += f" {fmt.flags()}" if fmt is not None else ""
             nxt += f" --system {shlex.quote(system)}" if system else ""
             console.print(f"draft policy written to {out}; next: {nxt}", soft_wrap=True)

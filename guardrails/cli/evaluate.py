@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, Session, SystemOption, split_files
+from guardrails.cli.session import (
+    ColumnsOption,
+    LabelOption,
+    PositiveOption,
+    Session,
+    SystemOption,
+    model_for,
+    split_files,
+)
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.evaluate import MIN_GROUP_ROWS
 from guardrails.offline.evaluate import json_safe as _json_safe
@@ -175,7 +183,7 @@ def register(app: typer.Typer) -> None:
         baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,
         train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: sibling)")] = None,
         rule: Annotated[str | None, typer.Option(help="Score one rule (default: all, max margin)")] = None,
-        model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
+        model: Annotated[str | None, typer.Option(help="Model id or path (default: the policy's)")] = None,
         limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
         intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
         max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
@@ -200,6 +208,7 @@ def register(app: typer.Typer) -> None:
 
         paths = [str(resolve_policy_path(p)) for p in policy]
         fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        model = _run_safely(lambda: model_for(paths, model))
         session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt, system=system)
 
         row_files = [f if f is None else str(output_path(f, "--rows")) for f in _row_files(rows, paths)]

@@ -108,6 +108,21 @@ SPLIT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json", ".jsonl.gz", ".csv.gz", ".t
 """File endings of labeled data files (JSONL, CSV, TSV, or JSON: one array of objects or JSONL; or gzipped)."""
 
 
+def model_for(policy_paths: list[str], model: str | None) -> str:
+    """The model to score with: ``--model`` when given, else the one the policies name (``model:``; none names
+    one: the bundled model). Policies naming different models need ``--model``."""
+    if model is not None:
+        return model
+    from guardrails.core.errors import GuardrailsError
+    from guardrails.core.policy import Policy
+
+    named = {p: Policy.from_path(p).model or "bundled" for p in policy_paths}
+    if len(set(named.values())) > 1:
+        raise GuardrailsError("--policy files name different models (" + ", ".join(f"{Path(p).name}: {m}" for p, m in
+                                                                                named.items()) + "): give --model")
+    return next(iter(named.values()), "bundled")
+
+
 def split_files(data: str) -> dict[str, Path]:
     """``{"train"|"cal"|"test"|"file": path}`` for a file or a split prefix (``<prefix>.train.jsonl`` ...,
     or ``.csv``)."""
