@@ -58,8 +58,10 @@ def test_threshold_arguments_checked() -> None:
 
     with pytest.raises(CalibrationError, match="exactly one"):
         fit_threshold(np.ones(3), np.array([0, 1, 0]))
-    with pytest.raises(CalibrationError, match="no negative"):
+    with pytest.raises(CalibrationError, match=r"no label-0 \(benign\) rows.*or fit a recall \(--target-recall\)"):
         fit_threshold(np.ones(3), np.ones(3), target_fpr=0.1)
+    with pytest.raises(CalibrationError, match=r"no label-1 \(harmful\) rows.*or fit an FPR \(--target-fpr\)"):
+        fit_threshold(np.ones(3), np.zeros(3), target_recall=0.9)
 
 
 def test_sparse_weights_find_planted_features() -> None:

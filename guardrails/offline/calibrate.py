@@ -99,7 +99,8 @@ def fit_threshold(
         neg = np.sort(s[ok & (y == 0)])[::-1]
         n_neg = int((y == 0).sum())
         if n_neg == 0:
-            raise CalibrationError("no negative (label 0) rows to fit a threshold on")
+            raise CalibrationError("no label-0 (benign) rows to fit a threshold at a target FPR on: add benign rows "
+                                   "to the calibration data, or fit a recall (--target-recall)")
         allowed = allowed_false_positives(target_fpr, n_neg)
         if allowed >= len(neg):
             return float(np.min(s[ok])) if ok.any() else 0.0
@@ -110,7 +111,8 @@ def fit_threshold(
     pos = np.sort(s[ok & (y == 1)])[::-1]
     n_pos = int((y == 1).sum())
     if n_pos == 0:
-        raise CalibrationError("no positive (label 1) rows to fit a threshold on")
+        raise CalibrationError("no label-1 (harmful) rows to fit a threshold at a target recall on: add harmful "
+                               "rows to the calibration data, or fit an FPR (--target-fpr)")
     need = math.ceil(target_recall * n_pos - 1e-9)
     if need > len(pos):
         raise CalibrationError(f"recall {target_recall} unreachable: only {len(pos)} of {n_pos} positives scored")
