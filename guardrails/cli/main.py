@@ -25,8 +25,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# output written to a file or a pipe (a log, a results file) gets 120 columns instead of rich's 80, so that the eval
+# tables' policy names and the error messages stay on one line; a terminal, or COLUMNS, sets its own width
+_PIPED_WIDTH = None if os.environ.get("COLUMNS") else 120
+console = Console(width=None if os.isatty(1) else _PIPED_WIDTH)
+err_console = Console(stderr=True, width=None if os.isatty(2) else _PIPED_WIDTH)
 
 DEFAULT_POLICY = "harmful-requests"
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"  # the repository's; shipped: guardrails._data
