@@ -4,12 +4,14 @@ JSONL (or CSV, TSV or a JSON array of objects with the same column names): ``{"t
 stand for ``text``; input rules read it as the user prompt, output rules as the reply to
 ``calibrate.CONTINUE_PROMPT``), or ``{"prompt", "response", "label"}``. A row scored in its deployment context
 carries it: ``system`` (the system prompt before the row's user turn), or ``messages`` instead of ``text`` (a
-conversation of ``{"role", "content"}`` turns ending in the user turn the row is about; earlier turns are context,
-scored as serving scores them: input rules read the user and tool turns). :func:`with_system` puts one system prompt
-before every row (the CLI's ``--system``).
+conversation of ``{"role", "content"}`` turns ending in the user turn the row is about, or in that turn's assistant
+reply, which the row's label is then about, as an answer row's ``response``; earlier turns are context, scored as
+serving scores them: input rules read the user and tool turns). A null ``response`` is no response.
+:func:`with_system` puts one system prompt before every row (the CLI's ``--system``).
 
-Labels are 0/1, true/false or the words in :data:`LABEL_WORDS`; optional ``source`` and ``category`` fields feed the
-per-source and per-category reports; any other scalar column can group ``eval --by``.
+Labels are 0/1, true/false or the words in :data:`LABEL_WORDS` (an empty or null label is an error, never a 0);
+optional ``source`` and ``category`` fields feed the per-source and per-category reports (``category`` may be a list of
+names or a ``{name: true/false}`` object); any other scalar column can group ``eval --by``. Files may be gzipped.
 
 A file in another layout (a public set's own columns: ``Goal``, ``is_safe``, ``prompt_label`` ...) is read through a
 :class:`DataFormat`: which of its columns holds each field, which label values mean harmful, or one label for every
