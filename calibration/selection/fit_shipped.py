@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--probe-kind", choices=("ridge", "maxwin"), default="ridge",
                     help="maxwin: logistic loss on the served max-of-rolling-means row score (maxwin.py)")
     ap.add_argument("--probe-wd", type=float, default=1e-2, help="maxwin: L2 on the standardised weights")
+    ap.add_argument("--probe-bag", type=int, default=1,
+                    help="maxwin: average this many fits on bootstrap resamples of the rows (a linear probe still)")
     ap.add_argument("--probe-hard", type=float, default=1.0,
                     help="maxwin: weight multiplier of the hand-written hard benign rows (maxwin.row_weights)")
     ap.add_argument("--probe-anchor", action="store_true",
@@ -140,9 +142,15 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
             erasure.project_blocks(pool.x, bases)
             meta = {**meta, "erasure": "within-label frame directions of requests.train projected out (erasure.py)",
                     "frame_verbs": ",".join(sorted(verbs))}
-        coef, bias = maxwin.fit(pool.x, pool.offsets, pool.y, maxwin.row_weights(pool, args.probe_hard),
-                                window=args.probe_window, wd=args.probe_wd, steps=40,
-                                anchor=(coef, bias) if args.probe_anchor else None)
+        w_rows = maxwin.row_weights(pool, args.probe_hard)
+        fits = []
+        for b in range(args.probe_bag):  # bagging: Poisson(1) bootstrap row weights, the fits' weights averaged
+            wb = w_rows if args.probe_bag == 1 else w_rows * np.random.default_rng(b).poisson(1.0, len(w_rows))
+            fits.append(maxwin.fit(pool.x, pool.offsets, pool.y, wb, window=args.probe_window, wd=args.probe_wd,
+                                   steps=40, anchor=(coef, bias) if args.probe_anchor else None))
+        coef, bias = np.mean([c for c, _ in fits], axis=0), float(np.mean([b for _, b in fits]))
+        if args.probe_bag > 1:
+            meta = {**meta, "bagged": f"{args.probe_bag} fits on Poisson(1) bootstrap row weights, averaged"}
         if bases:
             coef = erasure.fold_weights(coef, bases)
         coef, extra = maxwin.split_layers(coef, layers)
