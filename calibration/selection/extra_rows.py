@@ -33,7 +33,8 @@ def taken_texts() -> set[str]:
     """Every text of the data splits and of the reserved evaluation sets (where built), normalised."""
     files = [DATA / f"harmful_requests.{s}.jsonl" for s in ("train", "cal", "test")]
     files += sorted((DATA / "reserved_eval").glob("*.jsonl"))
-    return {norm(json.loads(ln)["text"]) for f in files for ln in f.read_text(encoding="utf-8").split("\n") if ln.strip()}
+    return {norm(json.loads(ln)["text"]) for f in files for ln in f.read_text(encoding="utf-8").split("\n")
+            if ln.strip()}
 
 
 def read_rows(path: Path, kinds: set[str]) -> list[dict[str, object]]:

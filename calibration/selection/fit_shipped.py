@@ -326,10 +326,15 @@ def fit_jailbreak() -> None:
     harmful and benign requests alike) vs a plain request (harmful_requests.train, both labels), equal weight
     per label. Threshold: midway between the highest plain cal row and the lowest wrapped cal row (the cal
     split separates them completely). Action ``flag``: the request rule decides blocking, so a template around
-    a benign request is recorded, not refused; set ``action: block`` to refuse jailbreak framing as such."""
+    a benign request is recorded, not refused; set ``action: block`` to refuse jailbreak framing as such.
+    Since v0.3.13 the wrapped rows include hand-written *short* framings and the plain ones benign persona requests
+    (``framing.train``: ``framing_rows.py cache`` first). ``FRAMING_SETS`` (default
+    ``requests.train,wrapped.train,framing.train``), ``FRAMING_OUT`` (the probe file) and ``FRAMING_POLICY`` (the
+    policy whose rule is rewritten, relative to the repo) fit a candidate elsewhere."""
     import maxwin
 
-    pool = maxwin.Pool(["requests.train", "wrapped.train"], [18])
+    sets = os.environ.get("FRAMING_SETS", "requests.train,wrapped.train,framing.train").split(",")
+    pool = maxwin.Pool(sets, [18])
     yj = np.array([1 if "template" in r else 0 for r in pool.rows])
     w = np.where(yj == 1, 0.5 / yj.mean(), 0.5 / (1 - yj.mean()))
     coef, bias = maxwin.fit(pool.x, pool.offsets, yj, w, window=16, wd=1e-2, steps=40)
@@ -338,16 +343,16 @@ def fit_jailbreak() -> None:
     sc = maxwin.score(cal.x, cal.offsets, coef, bias, 16)
     lo, hi = float(sc[yc == 0].max()), float(sc[yc == 1].min())
     thr = round((lo + hi) / 2, 4)
-    path = ROOT / "calibration" / "probes" / "jailbreak-framing-probe.safetensors"
+    path = ROOT / os.environ.get("FRAMING_OUT", "calibration/probes/jailbreak-framing-probe.safetensors")
     save_linear(path, coef, bias, {"method": "probe", "layer": "18", "objective": "maxwin L2 1e-2",
-                                   "train": "harmful_requests.train (label 0) + jailbreak_wrapped.train (label 1)",
+                                   "train": "+".join(sets) + " (label: the row wraps its request in a template)",
                                    "train_sha256": data_hash(), "cal_plain_max": f"{lo:.4f}",
                                    "cal_wrapped_min": f"{hi:.4f}"})
-    pol_path = ROOT / "policies" / "harmful-requests-probe.yaml"
+    pol_path = ROOT / os.environ.get("FRAMING_POLICY", "policies/harmful-requests-probe.yaml")
     pol = Policy.from_path(pol_path)
     base = pol.rules[0]
     det = LinearDetector(kind="linear", layer=18, method="probe", window=16, aggregate="mean",
-                         weights="../calibration/probes/jailbreak-framing-probe.safetensors")
+                         weights=os.path.relpath(path, pol_path.parent))
     rule = base.model_copy(update={
         "id": "jailbreak-framing", "detector": det, "threshold": thr, "action": "flag", "category": "jailbreak",
         "description": "Jailbreak framing (persona, role-play, 'developer mode' templates) whatever the request inside:"
