@@ -13,7 +13,6 @@ passage carries no label. Rendered as HarmBench's rows are (``context\\n\\ntask`
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "calibration" / "selection"))
 sys.path.insert(0, str(ROOT))
 
 from build_data import Sources, form_of, norm  # noqa: E402
-from collect import cache_rows  # noqa: E402
+from collect import cache_rows, read  # noqa: E402
 from extra_rows import taken_texts  # noqa: E402
 
 TASKS = ROOT / "calibration" / "handwritten" / "experiments" / "contextual_tasks.tsv"
@@ -35,15 +34,11 @@ _ASK = re.compile(r"(?i)^(please|i need|help me|as a|write|can you|i am|i'm)")
 def passages(n: int, seed: int = 0) -> list[str]:
     src = Sources()
     path = src.inspect / "writingbench" / "benchmark_all.jsonl"
-    held = [json.loads(ln)["text"] for s in ("cal", "test")
-            for ln in (ROOT / "calibration" / "data" / f"harmful_requests.{s}.jsonl").read_text(encoding="utf-8")
-            .split("\n") if ln.strip()]
-    held_heads = {norm(t)[:80] for t in held}
+    held_heads = {norm(r["text"])[:80] for s in ("cal", "test")
+                  for r in read(ROOT / "calibration" / "data" / f"harmful_requests.{s}.jsonl")}
     out = []
-    for ln in path.read_text(encoding="utf-8").split("\n"):
-        if not ln.strip():
-            continue
-        q = json.loads(ln)["query"]
+    for row in read(path):
+        q = row["query"]
         if len(q) < 1500 or sum(c.isascii() for c in q) < 0.97 * len(q) or norm(q)[:80] in held_heads:
             continue
         paras = [p.strip() for p in re.split(r"\n", q) if 350 < len(p.strip()) < 1100 and p.isascii()]

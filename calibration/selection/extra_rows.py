@@ -14,7 +14,6 @@ surface form (``form``, as ``build_data.py`` assigns it) feeds the fit's row wei
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT / "calibration" / "selection"))
 sys.path.insert(0, str(ROOT))
 
 from build_data import form_of, norm  # noqa: E402
-from collect import cache_rows  # noqa: E402
+from collect import cache_rows, read  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
 
@@ -33,8 +32,7 @@ def taken_texts() -> set[str]:
     """Every text of the data splits and of the reserved evaluation sets (where built), normalised."""
     files = [DATA / f"harmful_requests.{s}.jsonl" for s in ("train", "cal", "test")]
     files += sorted((DATA / "reserved_eval").glob("*.jsonl"))
-    return {norm(json.loads(ln)["text"]) for f in files for ln in f.read_text(encoding="utf-8").split("\n")
-            if ln.strip()}
+    return {norm(r["text"]) for f in files for r in read(f)}
 
 
 def read_rows(path: Path, kinds: set[str]) -> list[dict[str, object]]:

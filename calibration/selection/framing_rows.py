@@ -39,8 +39,9 @@ def read(split: str) -> tuple[list[str], list[str]]:
 
 def requests(split: str) -> tuple[list[str], list[str]]:
     """Short plain requests of a split (no template, under 200 characters): (harmful, benign)."""
-    rows = [json.loads(ln) for ln in (ROOT / "calibration" / "data" / f"harmful_requests.{split}.jsonl")
-            .read_text(encoding="utf-8").split("\n") if ln.strip()]
+    from collect import read
+
+    rows = read(ROOT / "calibration" / "data" / f"harmful_requests.{split}.jsonl")
     short = [r for r in rows if len(r["text"]) < 200]
     return [r["text"] for r in short if r["label"] == 1], [r["text"] for r in short if r["label"] == 0]
 
