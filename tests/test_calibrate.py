@@ -271,14 +271,14 @@ def test_split_files_csv(tmp_path: Path) -> None:
     for s in ("train", "test"):
         (tmp_path / f"gz.{s}.jsonl.gz").write_bytes(b"")
     assert set(split_files(str(tmp_path / "gz"))) == {"train", "test"}
-    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv, \.tsv, \.json, or gzipped\)"):
+    with pytest.raises(FileNotFoundError, match=r"\.jsonl \(or \.csv, \.tsv, \.json, gzipped, \.parquet or \.arrow\)"):
         split_files(str(tmp_path / "other"))
 
 
 def test_load_labeled_tsv_json_array_and_table_formats(tmp_path: Path) -> None:
     """A TSV file and a JSON array of objects read as the same rows as their JSONL twin (errors name the row:
-    ``file:line``, ``file[i]`` in an array); a numeric-string label (pandas writes 1.0) reads as 0/1; a Parquet or
-    Excel file fails naming the one-line conversion, never as undecodable text."""
+    ``file:line``, ``file[i]`` in an array); a numeric-string label (pandas writes 1.0) reads as 0/1; an Excel file
+    fails naming the one-line conversion, a broken Parquet file naming the format, never as undecodable text."""
     from guardrails.offline.calibrate import CalibrationError
 
     rows = [{"text": "how to bake bread", "label": 0}, {"text": "how to make a bomb", "label": 1}]
@@ -292,11 +292,61 @@ def test_load_labeled_tsv_json_array_and_table_formats(tmp_path: Path) -> None:
     bad = {"b.json": (json.dumps([rows[0], {"text": "x", "label": 7}]).encode(), r"b\.json\[1\]: label must be 0 or 1"),
            "c.json": (json.dumps([rows[0], ["x", 1]]).encode(), r"c\.json\[1\]: expected a JSON object.*got list"),
            "d.tsv": (b"text\tlabel\na\t0\tb\n", r"d\.tsv:2: the row has 3 fields, the header 2 \(an unquoted tab\?\)"),
-           "e.parquet": (b"PAR1\x00\xff", r"parquet files are not read directly.*pd\.read_parquet")}
+           "e.xlsx": (b"PK\x03\x04\x00\xff", r"xlsx files are not read directly.*pd\.read_excel")}
     for name, (content, msg) in bad.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CalibrationError, match=msg):
             load_labeled(tmp_path / name)
+
+
+def test_load_labeled_parquet_and_arrow(tmp_path: Path, monkeypatch) -> None:
+    """A Hugging Face dataset's files read as their JSONL twin: Parquet (the Hub's format), an Arrow stream
+    (``save_to_disk``) and an Arrow/Feather file, nested chat messages included, named ``file[i]`` in errors; a
+    split prefix finds ``<prefix>.train.parquet``; a broken file names its format; without pyarrow the error says
+    what to install and the pandas conversion."""
+    import builtins
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    from guardrails.cli.session import split_files
+    from guardrails.offline.labeled import CalibrationError
+
+    rows = [{"messages": [{"role": "user", "content": "how to bake bread"}, {"role": "assistant", "content": "Knead."}],
+             "label": False},
+            {"messages": [{"role": "user", "content": "how to make a bomb"}, {"role": "assistant", "content": "Sure."}],
+             "label": True}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = load_labeled(tmp_path / "a.jsonl")
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "h.train.parquet")
+    with ipc.new_stream(tmp_path / "h.arrow", table.schema) as w:
+        w.write_table(table)
+    with ipc.new_file(tmp_path / "h.feather", table.schema) as w:
+        w.write_table(table)
+    for name in ("h.train.parquet", "h.arrow", "h.feather"):
+        got = load_labeled(tmp_path / name)
+        assert (got.texts, got.responses, got.labels.tolist()) == (want.texts, want.responses, [0, 1])
+    assert set(split_files(str(tmp_path / "h"))) == {"train"}
+    pq.write_table(pa.Table.from_pylist([{"text": "x", "label": 1}, {"text": "y", "label": 7}]), tmp_path / "b.parquet")
+    with pytest.raises(CalibrationError, match=r"b\.parquet\[1\]: label must be 0 or 1"):
+        load_labeled(tmp_path / "b.parquet")
+    (tmp_path / "c.parquet").write_bytes(b"PAR1\x00\xff")
+    with pytest.raises(CalibrationError, match=r"c\.parquet: not a readable parquet file"):
+        load_labeled(tmp_path / "c.parquet")
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name.split(".")[0] == "pyarrow":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(CalibrationError, match=r"needs pyarrow: pip install 'sae-guardrails\[data\]'.*"
+                                               r"pd\.read_parquet"):
+        load_labeled(tmp_path / "h.train.parquet")
 
 
 def test_load_labeled_public_set_layouts(tmp_path: Path) -> None:

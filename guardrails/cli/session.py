@@ -104,8 +104,10 @@ def _split_provenance(session: Session, files: dict[str, Path], cal: LabeledData
             "sources_held_out": sorted(s for s in seen - set(train.sources) if s)}
 
 
-SPLIT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json", ".jsonl.gz", ".csv.gz", ".tsv.gz", ".json.gz")
-"""File endings of labeled data files (JSONL, CSV, TSV, or JSON: one array of objects or JSONL; or gzipped)."""
+SPLIT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json", ".jsonl.gz", ".csv.gz", ".tsv.gz", ".json.gz", ".parquet",
+                  ".arrow")
+"""File endings of labeled data files (JSONL, CSV, TSV, or JSON: one array of objects or JSONL; or gzipped; Parquet
+or Arrow with pyarrow)."""
 
 
 def model_for(policy_paths: list[str], model: str | None) -> str:
@@ -141,7 +143,7 @@ def split_files(data: str) -> dict[str, Path]:
         if found:
             return found
     raise FileNotFoundError(f"--data {data!r}: no such file, and no {data}.{{train,cal,test}}.jsonl (or .csv, .tsv, "
-                            ".json, or gzipped)")
+                            ".json, gzipped, .parquet or .arrow)")
 
 
 def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:

@@ -1,6 +1,7 @@
 """Rows of a labeled data file, as :mod:`guardrails.offline.labeled` reads them: JSONL, CSV, TSV or a JSON array of
-objects, any of them gzipped; each row named by its place (``file:line``, ``file[i]`` in a JSON array) for errors.
-What the rows' fields mean is :mod:`guardrails.offline.labeled`'s business."""
+objects, any of them gzipped, and Parquet or Arrow (a Hugging Face dataset's files) where pyarrow is installed; each
+row named by its place (``file:line``; ``file[i]`` in a JSON array or a table) for errors. What the rows' fields
+mean is :mod:`guardrails.offline.labeled`'s business."""
 
 from __future__ import annotations
 
@@ -8,15 +9,52 @@ import json
 from pathlib import Path
 from typing import Any
 
-BINARY_FORMATS = {".parquet": "read_parquet", ".xlsx": "read_excel", ".xls": "read_excel", ".arrow": "read_feather",
-                  ".feather": "read_feather"}
+ARROW_FORMATS = {".parquet": "read_parquet", ".arrow": "read_feather", ".feather": "read_feather"}
+"""Table formats read through pyarrow (the ``data`` extra): Parquet, and Arrow IPC files or streams (``.arrow``: a
+``datasets`` ``save_to_disk`` shard; ``.feather``). The values map is pandas' reader, for the conversion the error
+names where pyarrow is missing."""
+BINARY_FORMATS = {".xlsx": "read_excel", ".xls": "read_excel"}
 """Table formats read only through pandas (not a dependency): the error names the one-line conversion."""
+
+
+def _convert_hint(p: Path, reader: str) -> str:
+    return (f"python -c \"import pandas as pd; pd.{reader}('{p}')"
+            f".to_json('{p.with_suffix('.jsonl')}', orient='records', lines=True, force_ascii=False)\"")
+
+
+def arrow_rows(p: Path, raw: bytes, suffix: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a Parquet or Arrow table as dicts (nested lists and structs as Python lists and dicts), named
+    ``file[i]``."""
+    from guardrails.offline.labeled import CalibrationError
+
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise CalibrationError(
+            f"{p}: reading {suffix[1:]} files needs pyarrow: pip install 'sae-guardrails[data]' (or convert it "
+            f"once: {_convert_hint(p, ARROW_FORMATS[suffix])})") from None
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(pa.BufferReader(raw))
+        else:
+            import pyarrow.ipc as ipc
+
+            try:
+                table = ipc.open_file(pa.BufferReader(raw)).read_all()
+            except pa.ArrowInvalid:  # the stream format: what datasets' save_to_disk writes
+                table = ipc.open_stream(pa.BufferReader(raw)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise CalibrationError(f"{p}: not a readable {suffix[1:]} file ({exc})") from None
+    return [(f"{p}[{i}]", row) for i, row in enumerate(table.to_pylist())]
 
 
 def read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     """``(where, row)`` of each row, ``where`` being ``file:line`` (``file[i]`` in a JSON array): JSONL; CSV
-    (``.csv``) or TSV (``.tsv``), a header row then one row per record; or a ``.json`` file holding one array of
-    objects (a ``.json`` file of one object per line is JSONL); any of them gzipped (``.jsonl.gz``)."""
+    (``.csv``) or TSV (``.tsv``), a header row then one row per record; a ``.json`` file holding one array of
+    objects (a ``.json`` file of one object per line is JSONL); any of them gzipped (``.jsonl.gz``); or a Parquet or
+    Arrow table (``ARROW_FORMATS``, with pyarrow)."""
     from guardrails.offline.labeled import CalibrationError  # labeled.py imports this module
 
     suffix = p.suffix.lower()
@@ -28,11 +66,12 @@ def read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
         except (OSError, EOFError) as exc:
             raise CalibrationError(f"{p}: not gzip data ({exc})") from None
         suffix = Path(p.stem).suffix.lower()
+    if suffix in ARROW_FORMATS:
+        return arrow_rows(p, raw, suffix)
     if suffix in BINARY_FORMATS:
         raise CalibrationError(
-            f"{p}: {suffix[1:]} files are not read directly (data files are JSONL, CSV, TSV or a JSON array); "
-            f"convert it once: python -c \"import pandas as pd; pd.{BINARY_FORMATS[suffix]}('{p}')"
-            f".to_json('{p.with_suffix('.jsonl')}', orient='records', lines=True, force_ascii=False)\"")
+            f"{p}: {suffix[1:]} files are not read directly (data files are JSONL, CSV, TSV, a JSON array, Parquet "
+            f"or Arrow); convert it once: {_convert_hint(p, BINARY_FORMATS[suffix])}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
