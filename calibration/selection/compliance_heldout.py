@@ -89,6 +89,9 @@ def report(pol_path: Path, cut: str = "cut") -> dict[str, object]:
     held = np.isin([family(x) for x in src], HELD)  # the sources held out of every fit
     out["test_without_held_out_sources"] = rates(s[~held], y[~held], thr)
     out["held_out_sources_pooled"] = rates(s[held], y[held], thr)
+    # pyrit's human-rated answers pooled (every request harmful; only the answer differs), v0.3.14
+    pyrit = np.char.startswith(src.astype(str), "pyrit_") & (src != "pyrit_many_shot_llm_judged")
+    out["pyrit_human_rated_pooled"] = rates(s[pyrit], y[pyrit], thr)
     out["per_source"] = {so: rates(s[src == so], y[src == so], thr) for so in sorted(set(src))}
     trip = trip_tokens(pol_path, rule, "test", cut, thr)[(y == 1) & (s >= thr)]  # the flagged harmful answers
     lens = np.diff(test.offsets)[(y == 1) & (s >= thr)]
@@ -113,7 +116,7 @@ def main() -> None:
     for name, r in doc.items():
         print(f"== {name}: threshold (3% cal FPR, float32 caches) {r['threshold_float32']}")
         for key in ("test", "test_blocked_above", "test_without_held_out_sources", "held_out_sources_pooled",
-                    "tokens_read_when_tripped"):
+                    "pyrit_human_rated_pooled", "tokens_read_when_tripped"):
             if key not in r:
                 continue
             print(f"  {key:32s} {r[key]}")

@@ -300,7 +300,8 @@ def fit_compliance_gate() -> None:
     from guardrails.core.policy import Gate
     from guardrails.offline.scoring import gate_from_scores
 
-    pol_path = ROOT / "policies" / "harmful-compliance.yaml"
+    # COMPLIANCE_POLICY: gate the candidate that ``fit_shipped.py compliance`` wrote there (relative to the repo)
+    pol_path = ROOT / os.environ.get("COMPLIANCE_POLICY", "policies/harmful-compliance.yaml")
     # the gate rule already in the policy (v0.2.6's request probe, on whose scale the gate was chosen):
     # harmful-requests-probe.yaml has since moved to another probe file and threshold
     answers = Scorer(pol_path, rule="harmful-compliance")
