@@ -158,6 +158,12 @@ def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
         if len(set(y[m].tolist())) == 2:
             per[name] = {"n": int(m.sum()), **round_metrics(metrics(s[m], y[m], thr))}
     out["per_source"] = per
+    if (DATA / "answers_blind_5.jsonl").is_file():  # v0.3.14: deployed models' voices, off-target answers
+        d, s5 = scores_of(session, policy, DATA / "answers_blind_5.jsonl")  # whole answers, as served
+        kinds = np.array(_column(DATA / "answers_blind_5.jsonl", "kind"))
+        out["answers_blind_5"] = {"n": len(d), **round_metrics(metrics(s5, d.labels, thr)),
+                                  "flagged_by_kind": {k: float((s5[kinds == k] >= thr).mean())
+                                                      for k in sorted(set(kinds.tolist()))}}
     return out
 
 
@@ -234,6 +240,10 @@ def _print(console: Any, result: dict[str, Any]) -> None:
                           f"(block_above) harmful {r['blocked_harmful']:.3f} harmless {r['blocked_harmless']:.3f}")
             for src, m in r["per_source"].items():
                 console.print(f"  {src}: n {m['n']} AUROC {m['auroc']} FPR {m['fpr']} TPR {m['tpr']}")
+            if "answers_blind_5" in r:
+                b5 = r["answers_blind_5"]
+                console.print(f"  blind answer set 5 (evaluation only, whole answers): n {b5['n']} AUROC {b5['auroc']} "
+                              f"FPR {b5['fpr']} TPR {b5['tpr']}; flagged by kind {b5['flagged_by_kind']}")
         else:
             console.print(f"{name}: {r}")
 
