@@ -892,6 +892,32 @@ def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(sav
     assert " ".join(res.output.split()).endswith(f"--data {t['tmp'] / 'toy'} --max-response-chars 300")
 
 
+def test_cli_a_prefix_without_a_cal_split(saved_tiny) -> None:
+    """Public sets often ship train and test only: discover reads the train split and prints a calibrate command on
+    that file (its test sibling still reports); calibrate on the prefix fails naming the splits found and what to
+    pass, and so does discover on a prefix without a train split, never a KeyError."""
+    import shlex
+
+    t = saved_tiny
+    for split in ("train", "test"):
+        (t["tmp"] / f"pub.{split}.jsonl").write_bytes((t["tmp"] / f"toy.{split}.jsonl").read_bytes())
+    draft = t["tmp"] / "pub.yaml"
+    common = ["--layer", "1", "--sae", str(t["tmp"] / "sae"), "--model", str(t["model"])]
+    res = _cli(["discover", "--data", str(t["tmp"] / "pub"), *common, "--out", str(draft)])
+    assert res.exit_code == 0, res.output
+    printed = " ".join(res.output.split()).split("next: ", 1)[1]
+    assert printed.endswith(f"--data {shlex.quote(str(t['tmp'] / 'pub.train.jsonl'))}")
+    res = _cli([*shlex.split(printed)[1:], "--target-fpr", "0.1"])
+    assert res.exit_code == 0 and "in-sample" in res.output, res.output
+    res = _cli(["calibrate", "--policy", str(draft), "--data", str(t["tmp"] / "pub"), "--target-fpr", "0.1"])
+    out = " ".join(res.output.split())
+    assert res.exit_code != 0 and "no cal split, which calibrate fits thresholds on; add pub.cal.jsonl" in out, out
+    (t["tmp"] / "pub.train.jsonl").rename(t["tmp"] / "pub.cal.jsonl")
+    res = _cli(["discover", "--data", str(t["tmp"] / "pub"), *common])
+    out = " ".join(res.output.split())
+    assert res.exit_code != 0 and "no train split, which discover ranks features on" in out, out
+
+
 def test_cli_discover_then_calibrate_on_the_same_rows_warns(saved_tiny) -> None:
     """A draft remembers the rows its features were chosen on; calibrating (or evaluating) it on those very rows
     says the numbers are in-sample, and on a split prefix it does not."""

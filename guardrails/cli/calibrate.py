@@ -29,6 +29,7 @@ from guardrails.cli.session import (
     _split_provenance,
     model_for,
     split_files,
+    split_or_file,
 )
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.calibrate import CalibrationError
@@ -81,7 +82,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         raise CalibrationError("invariant_to changes how weights are fitted: it needs fit_weights")
     policy = Policy.from_path(policy_path)
     files = split_files(data_path)
-    cal = session.load(files.get("cal") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    cal = session.load(split_or_file(files, data_path, "cal", "calibrate fits thresholds on"), limit=limit,
+                       max_response_chars=max_response_chars)
     # a flag-only rule (a gate, a framing flag) keeps the threshold fitted to its own labels unless named
     rules = rules_that_decide(policy.rules, rule_id, policy_path)
     new_rules = {r.id: r for r in policy.rules}
@@ -129,8 +131,8 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
 
     @functools.cache
     def train_split() -> Any:  # read once, for every rule whose weights are fitted
-        return session.load(files.get("train") or files["file"], limit=train_limit or limit,
-                            max_response_chars=max_response_chars)
+        return session.load(split_or_file(files, data_path, "train", "--fit-weights fits weights on"),
+                            limit=train_limit or limit, max_response_chars=max_response_chars)
 
     for rule in rules:
         det = rule.detector
@@ -309,7 +311,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         policy: Annotated[str, typer.Option("--policy", "-p", help="Policy file or shipped name")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split prefix "
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV, JSON array (or "
+                                                "gzipped), Parquet or Arrow, or a split prefix "
                                                 "(thresholds on its cal split)")],
         target_fpr: Annotated[float | None, typer.Option(help="False-positive rate to fit (default: the rule's last "
                                                           "target, shipped 0.03; a new rule's 0.01)")] = None,

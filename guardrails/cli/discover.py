@@ -21,6 +21,7 @@ from guardrails.cli.session import (
     SystemOption,
     _scope_of_data,
     split_files,
+    split_or_file,
 )
 from guardrails.offline.labeled import DataFormat
 
@@ -33,7 +34,8 @@ def run_discover(session: Session, data_path: str, layer: int | None, sae_ref: s
     from guardrails.sae.model import SAE
 
     files = split_files(data_path)
-    data = session.load(files.get("train") or files["file"], limit=limit, max_response_chars=max_response_chars)
+    data = session.load(split_or_file(files, data_path, "train", "discover ranks features on"), limit=limit,
+                        max_response_chars=max_response_chars)
     sc = _scope_of_data(data, scope)
     sae = SAE.load(sae_ref, layer=layer)
     if layer is None:  # the layer the SAE file records (the bundled SAE's, a Qwen-Scope layer{n}.sae.pt's)
@@ -69,7 +71,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def discover(
-        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped), or a split "
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV, JSON array (or "
+                                                "gzipped), Parquet or Arrow, or a split "
                                                 "prefix (uses its train split)")],
         layer: Annotated[int | None, typer.Option(help="Layer the SAE reads (default: the layer its file records; "
                                                        "the bundled SAE's is 15)")] = None,
@@ -117,7 +120,9 @@ def register(app: typer.Typer) -> None:
 
             # the file is read the same way at the next step: its --columns/--positive/--label, --system and the
             # response cut again (the draft names its model, which calibrate then loads)
-            nxt = shlex.join(["guardrails", "calibrate", "--policy", str(out), "--data", data]
+            files = split_files(data)  # a prefix without a cal split: calibrate on the file discover read
+            cal_data = data if "file" in files or "cal" in files else str(files["train"])
+            nxt = shlex.join(["guardrails", "calibrate", "--policy", str(out), "--data", cal_data]
                              + (["--max-response-chars", str(max_response_chars)] if max_response_chars else []))
             nxt += f" {fmt.flags()}" if fmt is not None else ""
             nxt += f" --system {shlex.quote(system)}" if system else ""

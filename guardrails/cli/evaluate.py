@@ -177,7 +177,8 @@ def register(app: typer.Typer) -> None:
     def eval_(
         policy: Annotated[list[str], typer.Option("--policy", "-p", help="Policy file or shipped name (repeatable: "
                                                                          "policies side by side on the same rows)")],
-        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV or JSON array (or gzipped): {text,label} or "
+        data: Annotated[str, typer.Option(help="Labeled JSONL, CSV, TSV, JSON array (or "
+                                                "gzipped), Parquet or Arrow: {text,label} or "
                                                 "{prompt,response,label}")],
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,

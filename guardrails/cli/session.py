@@ -146,6 +146,22 @@ def split_files(data: str) -> dict[str, Path]:
                             ".json, gzipped, .parquet or .arrow)")
 
 
+def split_or_file(files: dict[str, Path], data: str, split: str, role: str) -> Path:
+    """The file ``--data`` gave, or its prefix's ``split`` file; a prefix without that split fails naming the splits
+    it has and what to pass instead (public sets often ship train and test only)."""
+    if split in files:
+        return files[split]
+    if "file" in files:
+        return files["file"]
+    from guardrails.offline.labeled import CalibrationError
+
+    found = ", ".join(f"{k} ({v.name})" for k, v in files.items())
+    other = next(iter(files.values()))
+    ext = next(e for e in sorted(SPLIT_SUFFIXES, key=len, reverse=True) if other.name.endswith(e))
+    raise CalibrationError(f"--data {data!r}: the prefix has the splits {found} and no {split} split, which {role}; "
+                           f"add {Path(data).name}.{split}{ext} or pass one file (--data {other})")
+
+
 def _scope_of_data(data: LabeledData, scope: str | None) -> Scope:
     if scope in ("input", "output"):
         return scope  # type: ignore[return-value]
