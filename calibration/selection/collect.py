@@ -90,6 +90,10 @@ def sets() -> dict[str, tuple[list[dict], str]]:  # type: ignore[type-arg]
         # the same rows' prompts alone, scored as the input rules score them (the request score of an answer)
         out[f"responses_prompts.{s}"] = ([{"text": r["prompt"], "label": int(r["label"]), "source": r["source"]}
                                           for r in rows], "input")
+    if (DATA / "answers_blind_5.jsonl").is_file():  # v0.3.14: blind answer set 5, evaluation only, whole answers
+        out["answers_blind_5"] = (read(DATA / "answers_blind_5.jsonl"), "output")
+        out["answers_blind_5_prompts"] = ([{"text": r["prompt"], "label": int(r["label"]), "source": r["source"]}
+                                           for r in out["answers_blind_5"][0]], "input")
     return out
 
 
