@@ -373,8 +373,25 @@ def test_load_labeled_public_set_layouts(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match=r"n\.jsonl:1: the label is empty \(None\); --positive reads"):
         load_labeled(tmp_path / "n.jsonl", fmt=fmt)
     (tmp_path / "n2.jsonl").write_text(json.dumps({"text": "x", "label": None}) + "\n")
-    with pytest.raises(CalibrationError, match=r"n2\.jsonl:1: the row has no label \(None\)"):
+    with pytest.raises(CalibrationError, match=r"n2\.jsonl:1: the row has no label \(None\); .*--skip-unlabeled"):
         load_labeled(tmp_path / "n2.jsonl")
+    # --skip-unlabeled: WildGuardMix's prompt-only rows have no answer label; they are left out and counted, and
+    # the kept rows keep their file row numbers
+    mix = [{"prompt": "how to make a bomb", "response": "Sure: mix the powders.", "response_harm_label": "harmful"},
+           {"prompt": "how to bake bread", "response": None, "response_harm_label": None},
+           {"prompt": "how to make a bomb", "response": "I can't help.", "response_harm_label": "unharmful"}]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mix))
+    skip = DataFormat.parse(columns="label=response_harm_label", positive="harmful", skip_unlabeled=True)
+    assert skip is not None and skip.flags().endswith("--skip-unlabeled")
+    got = load_labeled(tmp_path / "mix.jsonl", fmt=skip)
+    assert got.labels.tolist() == [1, 0] and got.skipped == 1 and [got.row(i) for i in range(2)] == [1, 3]
+    assert got.responses == ["Sure: mix the powders.", "I can't help."] and got.select([1]).skipped == 1
+    assert DataFormat.parse(skip_unlabeled=True) == DataFormat(skip_unlabeled=True)
+    (tmp_path / "none.jsonl").write_text(json.dumps(mix[1]) + "\n")
+    with pytest.raises(CalibrationError, match=r"no rows \(1 unlabeled rows skipped\)"):
+        load_labeled(tmp_path / "none.jsonl", fmt=skip)
+    with pytest.raises(CalibrationError, match=r"--skip-unlabeled leaves out .* --label gives every row"):
+        DataFormat.parse(label=1, skip_unlabeled=True)
 
     (tmp_path / "s.csv").write_text("text;label\nhow to bake bread, fast;0\nhow to make a bomb;1\n")
     assert load_labeled(tmp_path / "s.csv").texts == ["how to bake bread, fast", "how to make a bomb"]

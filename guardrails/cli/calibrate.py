@@ -25,6 +25,7 @@ from guardrails.cli.session import (
     LabelOption,
     PositiveOption,
     Session,
+    SkipUnlabeledOption,
     SystemOption,
     _split_provenance,
     model_for,
@@ -352,6 +353,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        skip_unlabeled: SkipUnlabeledOption = False,
         system: SystemOption = None,
     ) -> None:
         """Fit thresholds (and optionally feature weights) to a target FPR or recall; write policy + record."""
@@ -359,7 +361,7 @@ def register(app: typer.Typer) -> None:
 
         if target_fpr is not None and target_recall is not None:
             fail("give --target-fpr or --target-recall, not both")
-        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label, skip_unlabeled))
         if objective not in ("pooled", "window"):
             fail(f"--objective {objective!r}: valid: 'pooled' or 'window'")
         if objective != "pooled" and not fit_weights:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption
+from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, SkipUnlabeledOption
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +34,7 @@ def direction_command(
     columns: ColumnsOption = None,
     positive: PositiveOption = None,
     label: LabelOption = None,
+    skip_unlabeled: SkipUnlabeledOption = False,
 ) -> None:
     """Fit a steering direction at one layer and save it (safetensors + JSON record)."""
     from guardrails.cli.main import _run_safely, console, fail, output_path
@@ -49,7 +50,7 @@ def direction_command(
     output_path(out, "--out")  # its folder made (or the flag named) before the model runs
     from guardrails.offline.labeled import DataFormat
 
-    fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+    fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label, skip_unlabeled))
     lm, tok = _run_safely(lambda: load_model(model, dtype="float32"))
     with console.status(f"building a {kind} direction at layer {layer} from {data} ..."):
         try:

@@ -18,6 +18,7 @@ from guardrails.cli.session import (
     LabelOption,
     PositiveOption,
     Session,
+    SkipUnlabeledOption,
     SystemOption,
     _scope_of_data,
     split_files,
@@ -88,6 +89,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        skip_unlabeled: SkipUnlabeledOption = False,
         system: SystemOption = None,
     ) -> None:
         """Rank SAE features by how well they separate the labels; explain them; draft a rule."""
@@ -97,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
         if out is not None:
             out = output_path(out, "--out")
-        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label, skip_unlabeled))
         session = Session(model, progress=not as_json, data_format=fmt, system=system)
         res = _run_safely(lambda: run_discover(session, data, layer, sae, top=top, scope=scope, limit=limit,
                                                max_response_chars=max_response_chars))

@@ -19,6 +19,7 @@ from guardrails.cli.session import (
     LabelOption,
     PositiveOption,
     Session,
+    SkipUnlabeledOption,
     SystemOption,
     model_for,
     split_files,
@@ -201,6 +202,7 @@ def register(app: typer.Typer) -> None:
         columns: ColumnsOption = None,
         positive: PositiveOption = None,
         label: LabelOption = None,
+        skip_unlabeled: SkipUnlabeledOption = False,
         system: SystemOption = None,
     ) -> None:
         """AUROC, AUPRC, TPR at 1%/5% FPR, F1, and FPR/TPR at the policy's threshold on a labeled file; several
@@ -208,7 +210,7 @@ def register(app: typer.Typer) -> None:
         from guardrails.cli.main import _run_safely, console, output_path, resolve_policy_path
 
         paths = [str(resolve_policy_path(p)) for p in policy]
-        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label))
+        fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label, skip_unlabeled))
         model = _run_safely(lambda: model_for(paths, model))
         session = Session(model, progress=not as_json, dtype=dtype, data_format=fmt, system=system)
 

@@ -23,6 +23,9 @@ PositiveOption = Annotated[str | None, typer.Option(
                        "(e.g. false for an is_safe column)")]
 LabelOption = Annotated[int | None, typer.Option(
     "--label", help="Every row's label (0 or 1), for a file without a label column")]
+SkipUnlabeledOption = Annotated[bool, typer.Option(
+    "--skip-unlabeled", help="Leave out rows whose label is empty (public sets mix labeled and unlabeled rows, e.g. "
+                             "prompt-only rows without an answer label); the count is printed")]
 SystemOption = Annotated[str | None, typer.Option(
     "--system", help="Score every row after this system prompt, as a deployment that sends it would (rows with "
                      "their own 'system' or system turn keep theirs); thresholds move with it")]
@@ -57,6 +60,10 @@ class Session:
              ) -> LabeledData:
         """A labeled file, read in the session's :attr:`data_format`, after its :attr:`system` prompt."""
         data = load_labeled(path, limit=limit, max_response_chars=max_response_chars, fmt=self.data_format)
+        if data.skipped:
+            n = data.skipped
+            typer.echo(f"note: {path}: {n} row{'s' * (n != 1)} with an empty label left out (--skip-unlabeled)",
+                       err=True)
         return data if self.system is None else with_system(data, self.system)
 
     def rows(self, data: LabeledData, layer: int, scope: Scope) -> list[Any]:

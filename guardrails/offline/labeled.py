@@ -52,20 +52,26 @@ class DataFormat:
 
     ``columns``: ``(field, column)`` pairs, the file's ``column`` read as ``field`` (one of :data:`FIELDS`);
     ``positive``: label values (case and spaces ignored) that mean label 1, every other value meaning 0 (an
-    ``is_safe`` column: ``positive=("false",)``); ``label``: every row's label, for a file without a label column.
+    ``is_safe`` column: ``positive=("false",)``); ``label``: every row's label, for a file without a label column;
+    ``skip_unlabeled``: leave out rows whose label is empty (public sets mix labeled and unlabeled rows: a
+    prompt-only row has no answer label), counted in :attr:`LabeledData.skipped`.
     """
 
     columns: tuple[tuple[str, str], ...] = ()
     positive: tuple[str, ...] = ()
     label: int | None = None
+    skip_unlabeled: bool = False
 
     @classmethod
     def parse(cls, columns: str | None = None, positive: str | None = None, label: int | None = None,
-              ) -> DataFormat | None:
-        """From the CLI's ``--columns field=column,...``, ``--positive v1,v2`` and ``--label 0|1``; None when all
-        three are absent (the file is read by its own column names)."""
-        if columns is None and positive is None and label is None:
+              skip_unlabeled: bool = False) -> DataFormat | None:
+        """From the CLI's ``--columns field=column,...``, ``--positive v1,v2``, ``--label 0|1`` and
+        ``--skip-unlabeled``; None when all are absent (the file is read by its own column names)."""
+        if columns is None and positive is None and label is None and not skip_unlabeled:
             return None
+        if skip_unlabeled and label is not None:
+            raise CalibrationError("--skip-unlabeled leaves out rows whose label column is empty; --label gives every "
+                                   "row one label, so none would be: give one of the two")
         pairs: list[tuple[str, str]] = []
         for part in (columns or "").split(","):
             if not part.strip():
@@ -93,7 +99,7 @@ class DataFormat:
         if positive is not None and not pos:
             raise CalibrationError("--positive: empty; give the label values that mean harmful (e.g. --positive "
                                    "unsafe or --positive false for an is_safe column)")
-        return cls(tuple(pairs), pos, label)
+        return cls(tuple(pairs), pos, label, skip_unlabeled)
 
     def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         """``row`` with the mapped columns renamed to their fields and the label rewritten as 0/1."""
@@ -113,8 +119,8 @@ class DataFormat:
         elif self.positive and "label" in out:
             if out["label"] is None or str(out["label"]).strip() == "":
                 raise CalibrationError(f"{where}: the label is empty ({out['label']!r}); --positive reads every other "
-                                       "value as 0, so an unlabeled row would count as benign: drop the unlabeled "
-                                       "rows first")
+                                       "value as 0, so an unlabeled row would count as benign: pass --skip-unlabeled "
+                                       "to leave such rows out")
             out["label"] = int(str(out["label"]).strip().lower() in self.positive)  # JSON true reads "true"
         return out
 
@@ -129,11 +135,13 @@ class DataFormat:
             out.append("--positive " + shlex.quote(",".join(self.positive)))
         if self.label is not None:
             out.append(f"--label {self.label}")
+        if self.skip_unlabeled:
+            out.append("--skip-unlabeled")
         return " ".join(out)
 
     def signature(self) -> str:
         """Part of the data hash: the same file read another way is other data."""
-        return json.dumps([self.columns, self.positive, self.label])
+        return json.dumps([self.columns, self.positive, self.label, *(["skip"] if self.skip_unlabeled else [])])
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ class LabeledData:
     """Per row, its 1-based data row in the file (a subset keeps the file's numbers); empty: 1, 2, ..."""
     where: list[str] = dataclasses.field(default_factory=list)
     """Per row, its place in the file as errors name it (``file:line``, ``file[i]`` in a JSON array)."""
+    skipped: int = 0
+    """Rows of the file left out because their label was empty (``DataFormat.skip_unlabeled``)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -185,7 +195,7 @@ class LabeledData:
             [self.categories[i] for i in ix] if self.categories is not None else None,
             {k: [v[i] for i in ix] for k, v in self.fields.items()},
             [self.contexts[i] for i in ix] if self.contexts is not None else None,
-            [self.row(i) for i in ix], [self.where[i] for i in ix] if self.where else [],
+            [self.row(i) for i in ix], [self.where[i] for i in ix] if self.where else [], self.skipped,
         )
 
     def row(self, i: int) -> int:
@@ -278,7 +288,15 @@ def load_labeled(
     places: list[str] = []
     has_resp: bool | None = None
     raw_labels: dict[str, int] = {}  # under --positive: each label value read and how often
-    for where, row in read_rows(p, raw):
+    skipped = 0
+    numbers: list[int] = []  # each kept row's 1-based data row in the file
+    for number, (where, row) in enumerate(read_rows(p, raw), 1):
+        if fmt is not None and fmt.skip_unlabeled:
+            value = row.get(dict(fmt.columns).get("label", "label"))
+            if value is None or (isinstance(value, str) and not value.strip()):
+                skipped += 1
+                continue
+        numbers.append(number)
         places.append(where)
         if fmt is not None:
             if fmt.positive:
@@ -318,7 +336,7 @@ def load_labeled(
         extra.append({k: str(v) for k, v in row.items()
                       if k not in FIELDS and isinstance(v, str | int | float | bool) and v != ""})
     if not texts:
-        raise CalibrationError(f"{p}: no rows")
+        raise CalibrationError(f"{p}: no rows" + (f" ({skipped} unlabeled rows skipped)" if skipped else ""))
     if fmt is not None and fmt.positive and not any(v in fmt.positive for v in raw_labels):
         seen = ", ".join(f"{v!r} ({n})" for v, n in sorted(raw_labels.items(), key=lambda kv: -kv[1])[:10])
         raise CalibrationError(f"{p}: no row's label is one of --positive {','.join(fmt.positive)}; the label "
@@ -332,7 +350,7 @@ def load_labeled(
                        np.asarray(labels, dtype=np.int64), sources,
                        categories if any(c != "-" for c in categories) else None,
                        {k: [e.get(k, "-") for e in extra] for k in sorted({k for e in extra for k in e})},
-                       contexts if any(contexts) else None, list(range(1, len(texts) + 1)), places)
+                       contexts if any(contexts) else None, numbers, places, skipped)
     if limit is not None and limit < len(data):
         rng = np.random.default_rng(0)
         keep: list[int] = []
@@ -367,8 +385,8 @@ def _category(value: Any, where: str) -> str:
 def _label(value: Any, where: str) -> int:
     """0/1 from a row's label: 0/1, true/false, or a word of :data:`LABEL_WORDS`."""
     if value is None or value == "":
-        raise CalibrationError(f"{where}: the row has no label ({value!r}); label every row, or drop the unlabeled "
-                               "rows first")
+        raise CalibrationError(f"{where}: the row has no label ({value!r}); label every row, or pass "
+                               "--skip-unlabeled to leave unlabeled rows out")
     if isinstance(value, bool) or value in (0, 1):
         return int(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
