@@ -7,7 +7,9 @@ shipped gate rule's request probe scored over the reply tokens (``harm in the an
 combine them, each thresholded at 3% FPR on the cal split: a second cap ``min(gated, s * harm + o)`` with ``s, o``
 from the harmless cal answers and a slack of ``k`` standard deviations (``gate_from_scores``, as the request gate
 is fitted), and a logistic regression on the two scores fitted on the cal split. Scored on the response test split
-(per family) and blind answer set 5 (evaluation only; its off-target answers' flagged share).
+(per family) and blind answer set 5 (evaluation only; its off-target answers' flagged share). First, whether the
+opening decides: the served window's front is partial (the first reply tokens average what they have), so the gated
+score is recomputed over windows of at least ``m`` tokens (the whole reply when shorter).
 
     SELECTION_DTYPE=float32 python calibration/selection/collect.py --layers=12,15,18 responses_full.cal \\
         responses_prompts.cal responses_full.test responses_prompts.test answers_blind_5 answers_blind_5_prompts
@@ -34,6 +36,19 @@ POLICY = HERE.parents[1] / "policies" / "harmful-compliance.yaml"
 SETS = {"cal": ("responses_full.cal", "responses_prompts.cal"),
         "test": ("responses_full.test", "responses_prompts.test"),
         "blind5": ("answers_blind_5", "answers_blind_5_prompts")}
+
+
+def min_front(scorer: Scorer, d: Set, m: int) -> np.ndarray:
+    """Per row: the highest mean over the scorer's window, counting only windows of at least ``m`` tokens."""
+    tok, off, w = scorer.tokens(d), d.offsets, scorer.window
+    out = np.empty(len(off) - 1)
+    for i in range(len(out)):
+        t = tok[off[i]:off[i + 1]]
+        cs, end = np.r_[0.0, np.cumsum(t)], np.arange(1, len(t) + 1)
+        start = np.maximum(0, end - w)
+        means = (cs[end] - cs[start]) / (end - start)
+        out[i] = means[(end - start) >= min(m, len(t))].max()
+    return out
 
 
 def main() -> None:
@@ -68,6 +83,10 @@ def main() -> None:
           {k: (round(float(g5[kinds == k].mean()), 2), round(float(h5[kinds == k].mean()), 2))
            for k in sorted(set(kinds.tolist()))})
     report("shipped (gated)", gc, gt, g5)
+    for m in (4, 8, 16, 32):  # only windows of at least m reply tokens count
+        got_m = [np.minimum(min_front(answer, Set(SETS[k][0]), m), gate.scale * request.rows(Set(SETS[k][1]))
+                            + gate.offset) for k in ("cal", "test", "blind5")]
+        report(f"windows >= {m} tokens", *got_m)
     for k in (0.5, 1.0, 2.0, 3.0):
         s, o = gate_from_scores(gc, hc, dc.labels, k)
         report(f"second cap, slack {k:g}", np.minimum(gc, s * hc + o), np.minimum(gt, s * ht + o),
