@@ -390,6 +390,8 @@ def test_load_labeled_public_set_layouts(tmp_path: Path) -> None:
     (tmp_path / "none.jsonl").write_text(json.dumps(mix[1]) + "\n")
     with pytest.raises(CalibrationError, match=r"no rows \(1 unlabeled rows skipped\)"):
         load_labeled(tmp_path / "none.jsonl", fmt=skip)
+    with pytest.raises(CalibrationError, match=r"mix\.jsonl:1: expected 'label'"):  # no such column: not "no rows"
+        load_labeled(tmp_path / "mix.jsonl", fmt=DataFormat.parse(skip_unlabeled=True))
     with pytest.raises(CalibrationError, match=r"--skip-unlabeled leaves out .* --label gives every row"):
         DataFormat.parse(label=1, skip_unlabeled=True)
 

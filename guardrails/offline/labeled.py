@@ -291,9 +291,10 @@ def load_labeled(
     skipped = 0
     numbers: list[int] = []  # each kept row's 1-based data row in the file
     for number, (where, row) in enumerate(read_rows(p, raw), 1):
-        if fmt is not None and fmt.skip_unlabeled:
-            value = row.get(dict(fmt.columns).get("label", "label"))
-            if value is None or (isinstance(value, str) and not value.strip()):
+        if fmt is not None and fmt.skip_unlabeled:  # the label column is there and empty (a missing one is an error)
+            column = dict(fmt.columns).get("label", "label")
+            value = row.get(column)
+            if column in row and (value is None or (isinstance(value, str) and not value.strip())):
                 skipped += 1
                 continue
         numbers.append(number)
