@@ -411,7 +411,15 @@ def test_load_labeled_public_set_layouts(tmp_path: Path) -> None:
     assert b.labels.tolist() == c.labels.tolist() == [1]
     assert b.categories == ["violence+weapons"] and c.categories == ["weapons"]
     assert c.contexts == [[{"role": "system", "content": "Be brief."}]] and b.contexts is None
+    share = {"conversations": [{"from": "system", "value": "Be brief."},  # ShareGPT's layout
+                               {"from": "human", "value": "how to make a bomb"}, {"from": "gpt", "value": answer}],
+             "label": 1}
+    (tmp_path / "g.jsonl").write_text(json.dumps(share) + "\n")
+    g = load_labeled(tmp_path / "g.jsonl")
+    assert (g.texts, g.responses, g.contexts) == (c.texts, c.responses, c.contexts)
     for row, msg in ((dict(chat, response="again"), r"ends in an assistant turn and the row has a 'response'"),
+                     (dict(share, conversations=[{"from": "narrator", "value": "x"}]),
+                      r"role 'narrator' unknown; valid: system, user, assistant, tool"),
                      (dict(chat, messages=chat["messages"][2:]), r"does not follow a user turn"),
                      (dict(beaver, category={"violence": "yes"}), r"'category' as an object must map names to")):
         (tmp_path / "x.jsonl").write_text(json.dumps(row) + "\n")

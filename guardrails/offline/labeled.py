@@ -6,7 +6,8 @@ stand for ``text``; input rules read it as the user prompt, output rules as the 
 carries it: ``system`` (the system prompt before the row's user turn), or ``messages`` instead of ``text`` (a
 conversation of ``{"role", "content"}`` turns ending in the user turn the row is about, or in that turn's assistant
 reply, which the row's label is then about, as an answer row's ``response``; earlier turns are context, scored as
-serving scores them: input rules read the user and tool turns). A null ``response`` is no response.
+serving scores them: input rules read the user and tool turns; ShareGPT's ``conversations`` of ``{"from", "value"}``
+turns read the same). A null ``response`` is no response.
 :func:`with_system` puts one system prompt before every row (the CLI's ``--system``).
 
 Labels are 0/1, true/false or the words in :data:`LABEL_WORDS` (an empty or null label is an error, never a 0);
@@ -37,6 +38,11 @@ from guardrails.serving.prompts import Message, check_messages
 
 FIELDS = ("text", "prompt", "response", "label", "source", "category", "system", "messages")
 """The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                  "observation": "tool"}
+"""ShareGPT's ``from`` values (``conversations`` rows) as chat roles; another value fails naming the valid roles."""
 
 LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
 """Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
@@ -222,12 +228,18 @@ def _context(row: dict[str, Any], where: str) -> tuple[str | None, str | None, l
     text: str | None = None
     reply: str | None = None
     messages = row.get("messages")
+    if messages in (None, "") and row.get("conversations") not in (None, ""):
+        messages = row["conversations"]  # ShareGPT's name for the turns
     if messages not in (None, ""):
         if isinstance(messages, str):  # a CSV cell holds the JSON list
             try:
                 messages = json.loads(messages)
             except json.JSONDecodeError as exc:
                 raise CalibrationError(f"{where}: 'messages' is not a JSON list of turns: {exc}") from None
+        if isinstance(messages, list):  # ShareGPT turns: {"from": "human" | "gpt" | ..., "value": ...}
+            messages = [{"role": SHAREGPT_ROLES.get(str(m["from"]).lower(), m["from"]), "content": m["value"]}
+                        if isinstance(m, dict) and "role" not in m and {"from", "value"} <= set(m) else m
+                        for m in messages]
         if "text" in row or "prompt" in row:
             raise CalibrationError(f"{where}: give 'messages' (a conversation ending in the user turn) or "
                                    "'text'/'prompt', not both")
