@@ -246,3 +246,29 @@ def test_cli_report_errors(db: Path, args: list[str], message: str) -> None:
 def test_cli_report_missing_db(tmp_path: Path) -> None:
     res = runner.invoke(app, ["report", "1", "--db", str(tmp_path / "none.db")])
     assert res.exit_code == 2 and "not found" in res.output and "GUARDRAILS_AUDIT_DB" in res.output
+
+
+def test_tokens_of_a_character_split_over_several_show_it_whole() -> None:
+    """Byte-level BPE splits an emoji, an accent or a CJK character over tokens; decoded one at a time each shows
+    U+FFFD. The audit's per-token view and discover's examples show the character on the first of its tokens and
+    nothing on the rest, so the pieces still join into the text; a U+FFFD in the text itself is still shown."""
+    from guardrails.audit.records import _display_tokens
+    from guardrails.core.tokentext import token_pieces
+    from guardrails.offline.discover import _context
+    from tests.builders import bundled_tokenizer
+
+    def utf8(group):  # type: ignore[no-untyped-def]
+        return b"".join(group).decode("utf-8", errors="replace")
+
+    text = "héllo 👋 日本 ok"
+    raw = [bytes([b]) for b in text.encode()]
+    pieces = token_pieces(raw, utf8)
+    assert "".join(pieces) == text and pieces.count("👋") == 1
+    assert set(token_pieces([bytes([b]) for b in "\ufffd".encode()], utf8)) == {"\ufffd"}  # kept, never dropped
+    assert pieces[raw.index(b"\xf0"):raw.index(b"\xf0") + 4] == ["👋", "", "", ""]
+    tok = bundled_tokenizer()
+    ids = tok("naïve café 👋 日本語")["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case this is about
+    shown = _display_tokens(tok.convert_ids_to_tokens(ids), tok)
+    assert "".join(shown) == "naïve café 👋 日本語" and not any("\ufffd" in s for s in shown)
+    assert _context(shown, shown.index("")).endswith("[[ 👋]]")  # a feature firing on the emoji's second byte

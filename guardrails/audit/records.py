@@ -12,11 +12,12 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from guardrails.core.cascade import judge_name
+from guardrails.core.tokentext import token_pieces
 
 ACTIONS = ("block", "steer", "flag", "error", "allow")
 """Values of a record's ``action`` (the strongest of its decisions; ``allow`` when none fired)."""
@@ -101,19 +102,18 @@ def parse_since(value: str | datetime, now: datetime | None = None) -> str:
 
 
 def _display_tokens(tokens: list[str], tokenizer: Any) -> list[str]:
-    """Readable text of each token (byte-level BPE markers decoded)."""
-    out = []
-    for t in tokens:
-        s = None
-        if tokenizer is not None and t is not None:
+    """Readable text of each token (byte-level BPE markers decoded; a character split over several tokens shown
+    whole on the first of them, ``token_pieces``)."""
+
+    def text(group: Sequence[str]) -> str:
+        if tokenizer is not None and None not in group:
             try:
-                s = tokenizer.convert_tokens_to_string([t])
+                return str(tokenizer.convert_tokens_to_string(list(group)))
             except Exception:
-                s = None
-        if s is None:
-            s = str(t).replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
-        out.append(s)
-    return out
+                pass
+        return "".join(str(t).replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ") for t in group)
+
+    return token_pieces(tokens, text)
 
 
 def _summary_action(blocked: bool, steered: bool, decisions: list[dict[str, Any]]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
+from guardrails.core.tokentext import token_pieces
 from guardrails.serving.prompts import PromptLike
 
 
@@ -83,12 +84,14 @@ def scored_tokens(tokenizer: Any, prompts: Sequence[PromptLike], responses: Sequ
     out = []
     sc: Literal["input", "output"] = "output" if scope == "output" else "input"
     for ids, keep in scored_rows(tokenizer, prompts, responses, sc, chat=chat, max_tokens=MAX_TOKENS):
-        toks = [tokenizer.decode([t]) for t in ids]
+        toks = token_pieces(list(ids), lambda g: str(tokenizer.decode(list(g))))
         out.append([_context(toks, j) for j in keep])
     return out
 
 
 def _context(toks: list[str], j: int, before: int = 6) -> str:
+    while j > 0 and toks[j] == "":  # a later byte of a character split over tokens: show the whole character
+        j -= 1
     left = "".join(toks[max(0, j - before) : j]).replace("\n", "⏎")
     return f"{left[-40:]}[[{toks[j].replace(chr(10), '⏎')}]]"
 
