@@ -159,3 +159,24 @@ def test_paired_is_the_shipped_ensemble_with_a_probe_fitted_on_the_pairs() -> No
     assert meta["train_sha256"] == h.hexdigest()
     rows = [json.loads(x) for x in (REPO / "calibration/data/harmful_requests.train.jsonl").read_text().splitlines()]
     assert sum(r["source"].startswith("handwritten_pairs_") for r in rows) == 860
+
+
+def test_jailbreak_framing_probe_was_fitted_on_the_current_files() -> None:
+    """Every request policy's jailbreak-framing rule reads one probe; its metadata hashes the train splits it was
+    fitted on and the hand-written short framings it wraps requests in (v0.3.13), so editing either without
+    refitting (``fit_shipped.py jailbreak``) fails here."""
+    h = hashlib.sha256()
+    for name in ("harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl"):
+        h.update((REPO / "calibration" / "data" / name).read_bytes())
+    framings = REPO / "calibration" / "handwritten" / "experiments" / "short_framings.tsv"
+    weights = set()
+    for path in sorted((REPO / "policies").glob("harmful-requests*.yaml")):
+        pol = Policy.from_path(path)
+        rule = next((r for r in pol.rules if r.id == "jailbreak-framing"), None)
+        if rule is not None:
+            weights.add(pol.resolve(rule.detector.weights))  # type: ignore[union-attr]
+    assert len(weights) == 1, weights
+    with safe_open(str(weights.pop()), "np") as f:
+        meta = f.metadata()
+    assert meta["train_sha256"] == h.hexdigest()
+    assert meta["framings_sha256"] == hashlib.sha256(framings.read_bytes()).hexdigest()

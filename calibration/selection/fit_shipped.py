@@ -37,6 +37,9 @@ from guardrails.offline.calibrate import explain_direction  # noqa: E402
 TRAIN_SETS = tuple(os.environ.get("FIT_SETS", "requests.train,wrapped.train").split(","))
 
 
+FRAMINGS = "calibration/handwritten/experiments/short_framings.tsv"  # framing_rows.py's source (v0.3.13)
+
+
 def data_hash() -> str:
     h = hashlib.sha256()
     for f in ("harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl"):
@@ -345,10 +348,12 @@ def fit_jailbreak() -> None:
     lo, hi = float(sc[yc == 0].max()), float(sc[yc == 1].min())
     thr = round((lo + hi) / 2, 4)
     path = ROOT / os.environ.get("FRAMING_OUT", "calibration/probes/jailbreak-framing-probe.safetensors")
-    save_linear(path, coef, bias, {"method": "probe", "layer": "18", "objective": "maxwin L2 1e-2",
-                                   "train": "+".join(sets) + " (label: the row wraps its request in a template)",
-                                   "train_sha256": data_hash(), "cal_plain_max": f"{lo:.4f}",
-                                   "cal_wrapped_min": f"{hi:.4f}"})
+    meta = {"method": "probe", "layer": "18", "objective": "maxwin L2 1e-2",
+            "train": "+".join(sets) + " (label: the row wraps its request in a template)",
+            "train_sha256": data_hash(), "cal_plain_max": f"{lo:.4f}", "cal_wrapped_min": f"{hi:.4f}"}
+    if "framing.train" in sets:  # the hand-written short framings it wraps requests in (framing_rows.py)
+        meta["framings_sha256"] = hashlib.sha256((ROOT / FRAMINGS).read_bytes()).hexdigest()
+    save_linear(path, coef, bias, meta)
     pol_path = ROOT / os.environ.get("FRAMING_POLICY", "policies/harmful-requests-probe.yaml")
     pol = Policy.from_path(pol_path)
     base = pol.rules[0]
