@@ -34,8 +34,8 @@ from guardrails.cli.session import (
 )
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.calibrate import CalibrationError
+from guardrails.offline.dataformat import DataFormat
 from guardrails.offline.evaluate import round_up
-from guardrails.offline.labeled import DataFormat
 
 RECORDS = Path(__file__).resolve().parents[2] / "calibration" / "records"
 

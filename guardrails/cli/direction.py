@@ -48,7 +48,7 @@ def direction_command(
     if not data.is_file():
         fail(f"--data {str(data)!r} not found")
     output_path(out, "--out")  # its folder made (or the flag named) before the model runs
-    from guardrails.offline.labeled import DataFormat
+    from guardrails.offline.dataformat import DataFormat
 
     fmt = _run_safely(lambda: DataFormat.parse(columns, positive, label, skip_unlabeled))
     lm, tok = _run_safely(lambda: load_model(model, dtype="float32"))

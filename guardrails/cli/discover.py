@@ -24,7 +24,7 @@ from guardrails.cli.session import (
     split_files,
     split_or_file,
 )
-from guardrails.offline.labeled import DataFormat
+from guardrails.offline.dataformat import DataFormat
 
 
 def run_discover(session: Session, data_path: str, layer: int | None, sae_ref: str = "bundled", *, top: int = 20,

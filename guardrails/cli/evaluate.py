@@ -25,9 +25,9 @@ from guardrails.cli.session import (
     split_files,
 )
 from guardrails.core.semantics import rule_layer
+from guardrails.offline.dataformat import DataFormat
 from guardrails.offline.evaluate import MIN_GROUP_ROWS
 from guardrails.offline.evaluate import json_safe as _json_safe
-from guardrails.offline.labeled import DataFormat
 
 if TYPE_CHECKING:
     from guardrails.offline.calibrate import LabeledData

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from guardrails.offline.calibrate import LabeledData, Scope, residuals_at
-from guardrails.offline.labeled import DataFormat, load_labeled, with_system
+from guardrails.offline.dataformat import DataFormat
+from guardrails.offline.labeled import load_labeled, with_system
 
 # the options of every command that reads labeled data (discover, calibrate, eval, direction): a file in its own
 # layout
@@ -160,7 +161,7 @@ def split_or_file(files: dict[str, Path], data: str, split: str, role: str) -> P
         return files[split]
     if "file" in files:
         return files["file"]
-    from guardrails.offline.labeled import CalibrationError
+    from guardrails.core.errors import CalibrationError
 
     found = ", ".join(f"{k} ({v.name})" for k, v in files.items())
     other = next(iter(files.values()))

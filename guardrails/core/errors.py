@@ -20,3 +20,7 @@ class GuardrailViolation(GuardrailsError, RuntimeError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class CalibrationError(GuardrailsError, ValueError):
+    """Labeled data or a calibration request is invalid; the message names the file and row."""

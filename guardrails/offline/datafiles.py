@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from guardrails.core.errors import CalibrationError
+
 ARROW_FORMATS = {".parquet": "read_parquet", ".arrow": "read_feather", ".feather": "read_feather"}
 """Table formats read through pyarrow (the ``data`` extra): Parquet, and Arrow IPC files or streams (``.arrow``: a
 ``datasets`` ``save_to_disk`` shard; ``.feather``). The values map is pandas' reader, for the conversion the error
@@ -25,8 +27,6 @@ def _convert_hint(p: Path, reader: str) -> str:
 def arrow_rows(p: Path, raw: bytes, suffix: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a Parquet or Arrow table as dicts (nested lists and structs as Python lists and dicts), named
     ``file[i]``."""
-    from guardrails.offline.labeled import CalibrationError
-
     try:
         import pyarrow as pa
     except ImportError:
@@ -55,8 +55,6 @@ def read_rows(p: Path, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     (``.csv``) or TSV (``.tsv``), a header row then one row per record; a ``.json`` file holding one array of
     objects (a ``.json`` file of one object per line is JSONL); any of them gzipped (``.jsonl.gz``); or a Parquet or
     Arrow table (``ARROW_FORMATS``, with pyarrow)."""
-    from guardrails.offline.labeled import CalibrationError  # labeled.py imports this module
-
     suffix = p.suffix.lower()
     if suffix == ".gz":  # data.jsonl.gz, data.csv.gz: read as the name under .gz says
         import gzip

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from guardrails.core.errors import GuardrailsError
 from guardrails.offline.activations import PromptLike
-from guardrails.offline.labeled import DataFormat, load_labeled
+from guardrails.offline.dataformat import DataFormat
+from guardrails.offline.labeled import load_labeled
 
 Kind = Literal["contrastive", "diffmean", "probe"]
 KINDS: tuple[str, ...] = ("contrastive", "diffmean", "probe")

@@ -15,8 +15,9 @@ optional ``source`` and ``category`` fields feed the per-source and per-category
 names or a ``{name: true/false}`` object); any other scalar column can group ``eval --by``. Files may be gzipped.
 
 A file in another layout (a public set's own columns: ``Goal``, ``is_safe``, ``prompt_label`` ...) is read through a
-:class:`DataFormat`: which of its columns holds each field, which label values mean harmful, or one label for every
-row of a file that has none (a set of harmful requests only).
+:class:`DataFormat` (:mod:`guardrails.offline.dataformat`): which of its columns holds each field, which label values
+mean harmful, one label for every row of a file that has none (a set of harmful requests only), or unlabeled rows left
+out.
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.errors import GuardrailsError
+from guardrails.core.errors import CalibrationError as CalibrationError
 from guardrails.offline.datafiles import read_rows
+from guardrails.offline.dataformat import FIELDS as FIELDS
+from guardrails.offline.dataformat import DataFormat as DataFormat
 from guardrails.serving.prompts import Message, check_messages
-
-FIELDS = ("text", "prompt", "response", "label", "source", "category", "system", "messages")
-"""The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool", "function": "tool",
@@ -46,108 +46,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
 """Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
-
-
-class CalibrationError(GuardrailsError, ValueError):
-    """Labeled data or a calibration request is invalid; the message names the file and row."""
-
-
-@dataclass(frozen=True)
-class DataFormat:
-    """How to read a file whose columns are not named as :mod:`guardrails.offline.labeled` expects.
-
-    ``columns``: ``(field, column)`` pairs, the file's ``column`` read as ``field`` (one of :data:`FIELDS`);
-    ``positive``: label values (case and spaces ignored) that mean label 1, every other value meaning 0 (an
-    ``is_safe`` column: ``positive=("false",)``); ``label``: every row's label, for a file without a label column;
-    ``skip_unlabeled``: leave out rows whose label is empty (public sets mix labeled and unlabeled rows: a
-    prompt-only row has no answer label), counted in :attr:`LabeledData.skipped`.
-    """
-
-    columns: tuple[tuple[str, str], ...] = ()
-    positive: tuple[str, ...] = ()
-    label: int | None = None
-    skip_unlabeled: bool = False
-
-    @classmethod
-    def parse(cls, columns: str | None = None, positive: str | None = None, label: int | None = None,
-              skip_unlabeled: bool = False) -> DataFormat | None:
-        """From the CLI's ``--columns field=column,...``, ``--positive v1,v2``, ``--label 0|1`` and
-        ``--skip-unlabeled``; None when all are absent (the file is read by its own column names)."""
-        if columns is None and positive is None and label is None and not skip_unlabeled:
-            return None
-        if skip_unlabeled and label is not None:
-            raise CalibrationError("--skip-unlabeled leaves out rows whose label column is empty; --label gives every "
-                                   "row one label, so none would be: give one of the two")
-        pairs: list[tuple[str, str]] = []
-        for part in (columns or "").split(","):
-            if not part.strip():
-                continue
-            field, eq, column = (x.strip() for x in part.partition("="))
-            if not eq or not field or not column:
-                raise CalibrationError(f"--columns: {part.strip()!r} is not FIELD=COLUMN (e.g. --columns "
-                                       "text=Goal,label=is_safe)")
-            if field not in FIELDS:
-                raise CalibrationError(f"--columns: unknown field {field!r}; valid: {', '.join(FIELDS)}")
-            if field in dict(pairs):
-                raise CalibrationError(f"--columns: {field!r} is given twice")
-            pairs.append((field, column))
-        if columns is not None and not pairs:
-            raise CalibrationError("--columns: empty; give FIELD=COLUMN pairs (e.g. --columns text=Goal,label=is_safe)")
-        if label is not None and label not in (0, 1):
-            raise CalibrationError(f"--label must be 0 or 1 (every row's label), got {label}")
-        if label is not None and "label" in dict(pairs):
-            raise CalibrationError("--label gives every row one label; --columns label=... reads it from a column: "
-                                   "give one of the two")
-        if label is not None and positive is not None:
-            raise CalibrationError("--positive names the label column's harmful values; with --label there is no "
-                                   "label column to read")
-        pos = tuple(v.strip().lower() for v in (positive or "").split(",") if v.strip())
-        if positive is not None and not pos:
-            raise CalibrationError("--positive: empty; give the label values that mean harmful (e.g. --positive "
-                                   "unsafe or --positive false for an is_safe column)")
-        return cls(tuple(pairs), pos, label, skip_unlabeled)
-
-    def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
-        """``row`` with the mapped columns renamed to their fields and the label rewritten as 0/1."""
-        out = dict(row)
-        for field, column in self.columns:
-            if column not in row:
-                raise CalibrationError(f"{where}: no column {column!r} (--columns {field}={column}); the row has "
-                                       f"{sorted(row)}")
-            out.pop(field, None)  # the file's own column of that name gives way to the mapped one
-            out.pop(column, None)
-        out.update({field: row[column] for field, column in self.columns})
-        if self.label is not None:
-            if "label" in out:
-                raise CalibrationError(f"{where}: --label {self.label} gives every row one label, but the file has a "
-                                       "'label' column; drop --label, or map another column with --columns")
-            out["label"] = self.label
-        elif self.positive and "label" in out:
-            if out["label"] is None or str(out["label"]).strip() == "":
-                raise CalibrationError(f"{where}: the label is empty ({out['label']!r}); --positive reads every other "
-                                       "value as 0, so an unlabeled row would count as benign: pass --skip-unlabeled "
-                                       "to leave such rows out")
-            out["label"] = int(str(out["label"]).strip().lower() in self.positive)  # JSON true reads "true"
-        return out
-
-    def flags(self) -> str:
-        """The CLI flags that read a file this way (for a command line to copy)."""
-        import shlex
-
-        out = []
-        if self.columns:
-            out.append("--columns " + shlex.quote(",".join(f"{f}={c}" for f, c in self.columns)))
-        if self.positive:
-            out.append("--positive " + shlex.quote(",".join(self.positive)))
-        if self.label is not None:
-            out.append(f"--label {self.label}")
-        if self.skip_unlabeled:
-            out.append("--skip-unlabeled")
-        return " ".join(out)
-
-    def signature(self) -> str:
-        """Part of the data hash: the same file read another way is other data."""
-        return json.dumps([self.columns, self.positive, self.label, *(["skip"] if self.skip_unlabeled else [])])
 
 
 @dataclass(frozen=True)
@@ -303,17 +201,14 @@ def load_labeled(
     skipped = 0
     numbers: list[int] = []  # each kept row's 1-based data row in the file
     for number, (where, row) in enumerate(read_rows(p, raw), 1):
-        if fmt is not None and fmt.skip_unlabeled:  # the label column is there and empty (a missing one is an error)
-            column = dict(fmt.columns).get("label", "label")
-            value = row.get(column)
-            if column in row and (value is None or (isinstance(value, str) and not value.strip())):
-                skipped += 1
-                continue
+        if fmt is not None and fmt.unlabeled(row):
+            skipped += 1
+            continue
         numbers.append(number)
         places.append(where)
         if fmt is not None:
             if fmt.positive:
-                value = row.get(dict(fmt.columns).get("label", "label"))
+                value = row.get(fmt.label_column)
                 key_ = str(value).strip().lower()
                 raw_labels[key_] = raw_labels.get(key_, 0) + 1
             row = fmt.apply(row, where)
