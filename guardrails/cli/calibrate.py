@@ -76,7 +76,13 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         round_metrics,
         rules_that_decide,
     )
-    from guardrails.offline.records import DEFAULT_TARGET_FPR, make_record, recorded_target, write_record
+    from guardrails.offline.records import (
+        DEFAULT_TARGET_FPR,
+        features_from,
+        make_record,
+        recorded_target,
+        write_calibrated,
+    )
     from guardrails.offline.scoring import rule_text_scores
 
     if invariant_to and not fit_weights:
@@ -105,7 +111,7 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
                         "rules catch different things (a jailbreak framing rule beside a harm rule), pass --rule ID "
                         "to calibrate one and keep the others' thresholds")
     for r in rules:
-        source = _features_from(policy, r.id)
+        source = features_from(policy, r.id)
         if source and source.get("sha256") == cal.sha256:
             warnings.append(f"rule {r.id!r}: its features were chosen by `guardrails discover` on these same rows "
                             f"({source.get('data')}), so the cal metrics are in-sample; give a split prefix "
@@ -265,42 +271,11 @@ def run_calibrate(session: Session, policy_path: str, data_path: str, *, target_
         report["rules"][rule.id] = record
     if record_path is None and record_dir is not None:
         record_path = record_dir / f"{policy.name}.json"
-    shown = _shown(record_path) if record_path is not None else None
-    # rules not calibrated now keep their entries (in the policy and in the record they were written to)
-    ids = {r.id for r in policy.rules}
-    kept = {rid: e for rid, e in (policy.calibration or {}).items() if rid in ids and rid not in report["rules"]}
-    summary = {**kept, **{rid: {"threshold": r["threshold"], "target": r["target"], "data_sha256": r["data_sha256"],
-                                "date": r["date"],
-                                **({"system_prompts": r["context"]["system_prompts"]} if "context" in r else {}),
-                                **({"record": shown} if shown else {}),
-                                **({"features_from": f} if (f := _features_from(policy, rid)) else {})}
-                          for rid, r in report["rules"].items()}}
-    # relative file references name the same files from the output's folder (a copy written elsewhere)
-    policy = policy.model_copy(update={"calibration": summary or None}).rebased(out_path.resolve().parent)
-    text = f"# {policy.name}: calibrated with `guardrails calibrate`; " + \
-        (f"see {shown}\n" if shown else "no calibration record written\n") + policy.to_yaml()
-    Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
-    out_path.write_text(text, encoding="utf-8")
+    write_calibrated(policy, report, out_path, record_path)
     if record_path is not None:
-        write_record(record_path, report, set(kept))
         report["record"] = str(record_path)
     report["out"] = str(out_path)
     return report
-
-
-def _features_from(policy: Any, rule_id: str) -> dict[str, Any] | None:
-    """Where ``guardrails discover`` chose a rule's features (``{"data", "sha256"}``), as its draft recorded."""
-    entry = (policy.calibration or {}).get(rule_id)
-    got = entry.get("features_from") if isinstance(entry, dict) else None
-    return got if isinstance(got, dict) else None
-
-
-def _shown(path: Path) -> str:
-    """A record's path as a policy names it: relative to the working directory when under it."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 # -- the commands --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Calibration records: what a fitted threshold was fitted on (data, model, SAE files by sha256, metrics).
 
-A record is kept in the policy (``calibration:``) and in full under ``calibration/records/``; the SAE
-file hashes let a test (and a user) see when a policy's features belong to another SAE than the one shipped.
+A record is kept in the policy (``calibration:``, written with the policy by :func:`write_calibrated`) and in full
+under ``calibration/records/``; the SAE file hashes let a test (and a user) see when a policy's features belong to
+another SAE than the one shipped.
 """
 
 from __future__ import annotations
@@ -73,6 +74,44 @@ def write_record(path: Path, report: dict[str, Any], kept: set[str]) -> None:
     full.update({k: v for k, v in report.items() if k not in full})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+
+
+def write_calibrated(policy: Policy, report: dict[str, Any], out_path: Path, record_path: Path | None) -> None:
+    """Write the calibrated ``policy`` to ``out_path`` and ``report`` (``guardrails calibrate``'s) to ``record_path``:
+    the rules calibrated now get calibration entries from their records (threshold, target, data hash, the record's
+    path, where discover chose their features); the other rules keep theirs, in the policy and in the record file.
+    Relative file references are rebased to the output's folder, and the text is parsed back before it is written."""
+    shown = _shown(record_path) if record_path is not None else None
+    ids = {r.id for r in policy.rules}
+    kept = {rid: e for rid, e in (policy.calibration or {}).items() if rid in ids and rid not in report["rules"]}
+    summary = {**kept, **{rid: {"threshold": r["threshold"], "target": r["target"], "data_sha256": r["data_sha256"],
+                                "date": r["date"],
+                                **({"system_prompts": r["context"]["system_prompts"]} if "context" in r else {}),
+                                **({"record": shown} if shown else {}),
+                                **({"features_from": f} if (f := features_from(policy, rid)) else {})}
+                          for rid, r in report["rules"].items()}}
+    policy = policy.model_copy(update={"calibration": summary or None}).rebased(out_path.resolve().parent)
+    text = f"# {policy.name}: calibrated with `guardrails calibrate`; " + \
+        (f"see {shown}\n" if shown else "no calibration record written\n") + policy.to_yaml()
+    Policy.from_yaml(text, source=str(out_path), base_dir=out_path.resolve().parent)  # round trip before writing
+    out_path.write_text(text, encoding="utf-8")
+    if record_path is not None:
+        write_record(record_path, report, set(kept))
+
+
+def features_from(policy: Policy, rule_id: str) -> dict[str, Any] | None:
+    """Where ``guardrails discover`` chose a rule's features (``{"data", "sha256"}``), as its draft recorded."""
+    entry = (policy.calibration or {}).get(rule_id)
+    got = entry.get("features_from") if isinstance(entry, dict) else None
+    return got if isinstance(got, dict) else None
+
+
+def _shown(path: Path) -> str:
+    """A record's path as a policy names it: relative to the working directory when under it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _earlier_records(path: Path, policy_name: str, rule_ids: set[str]) -> dict[str, Any]:
