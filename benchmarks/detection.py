@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from guardrails.cli.session import Session  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
+from guardrails.core.semantics import scan_action_of  # noqa: E402
 from guardrails.offline.calibrate import load_labeled, rule_scope  # noqa: E402
 from guardrails.offline.evaluate import json_safe as _json_safe  # noqa: E402
 from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
@@ -143,6 +144,7 @@ def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
     rule = policy.rules[0]
     thr = float(rule.threshold)
     block = float(rule.steer.block_above) if rule.steer and rule.steer.block_above is not None else thr
+    scan_block = thr if scan_action_of(rule) == "block" else block
     test, s = scores_of(session, policy, DATA / "responses.test.jsonl", RESPONSE_LIMIT, RESPONSE_CHARS)
     y, src = test.labels, np.array(test.sources)
     out: dict[str, Any] = {"threshold": thr, "block_above": block, "n": len(test),
@@ -151,7 +153,12 @@ def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
                            "tpr_at_threshold": float((s[y == 1] >= thr).mean()),
                            "fpr_at_threshold": float((s[y == 0] >= thr).mean()),
                            "blocked_harmful": float((s[y == 1] >= block).mean()),
-                           "blocked_harmless": float((s[y == 0] >= block).mean())}
+                           "blocked_harmless": float((s[y == 0] >= block).mean()),
+                           # a scan (LangChain SAEGuard, the proxy, /v1/guard/check) cannot steer: it blocks at the
+                           # threshold under steer.scan_action: block (the default), else only at block_above
+                           "scan_action": scan_action_of(rule),
+                           "scan_blocked_harmful": float((s[y == 1] >= scan_block).mean()),
+                           "scan_blocked_harmless": float((s[y == 0] >= scan_block).mean())}
     per = {}
     for name in sorted(set(src)):
         m = src == name
@@ -237,7 +244,9 @@ def _print(console: Any, result: dict[str, Any]) -> None:
         elif "auroc" in r:
             console.print(f"{name}: AUROC {r['auroc']:.3f}; TPR@3%FPR (oracle) {r['tpr_at_3pct_fpr_oracle']:.3f}; "
                           f"at threshold TPR {r['tpr_at_threshold']:.3f} FPR {r['fpr_at_threshold']:.3f}; blocked "
-                          f"(block_above) harmful {r['blocked_harmful']:.3f} harmless {r['blocked_harmless']:.3f}")
+                          f"in generation (steered below block_above) harmful {r['blocked_harmful']:.3f} harmless "
+                          f"{r['blocked_harmless']:.3f}; blocked in a scan (scan_action {r['scan_action']}) harmful "
+                          f"{r['scan_blocked_harmful']:.3f} harmless {r['scan_blocked_harmless']:.3f}")
             for src, m in r["per_source"].items():
                 console.print(f"  {src}: n {m['n']} AUROC {m['auroc']} FPR {m['fpr']} TPR {m['tpr']}")
             if "answers_blind_5" in r:

@@ -120,3 +120,15 @@ def test_peers_quick_json_shape() -> None:
         assert lat[f"in-stream {mode}"]["latency_tokens"] == 1
         assert lat[f"in-stream {mode}"]["shown_after_harm"] == 0
     assert lat["torch-scan (post-hoc)"]["latency_tokens"] >= 1
+
+
+def test_output_scan_blocks_exactly_what_fires() -> None:
+    # the shipped output guard behind a hosted model (SAEGuard): a steer rule cannot steer there, so it blocks
+    proc = subprocess.run([sys.executable, str(BENCH / "output_scan.py"), "--limit", "24", "--by", "kind"],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 24 and out["mismatches"] == 0
+    harmful = out["groups"]["kind=harmful_answer"]
+    assert harmful["blocked"] > 0 and harmful["flagged"] == 0  # blocked, not passed with a flag
+    assert out["groups"]["kind=refusal"]["blocked"] == 0

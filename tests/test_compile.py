@@ -22,6 +22,8 @@ from guardrails.core.semantics import (
     decide_scan,
     escalate,
     is_block,
+    is_flag,
+    resolve_scan,
     scores_token,
     strongest_action,
     window_reference,
@@ -81,6 +83,16 @@ def test_semantics_by_hand() -> None:
     err = Decision("error", "e", math.nan, 1, 0, "input", resolution="block")
     assert strongest_action([Decision("flag", "f", 1, 1, 0, "input"), err]) == "block"
     assert is_block(Decision("error", "e", math.nan, 1, 0, "input", resolution="block"))
+    # a scan cannot steer: a steer decision there carries its rule's scan action (default block) as resolution
+    steer = Decision("steer", "s", 2.0, 1.0, 3, "output")
+    assert not is_block(steer) and not is_flag(steer) and strongest_action([steer]) == "steer"  # generation
+    blocked, = resolve_scan([steer], {})
+    flagged, = resolve_scan([steer], {"s": "flag"})
+    assert (blocked.action, blocked.resolution, flagged.resolution) == ("steer", "block", "flag")
+    assert is_block(blocked) and not is_flag(blocked) and strongest_action([blocked]) == "block"
+    assert is_flag(flagged) and not is_block(flagged) and strongest_action([flagged]) == "flag"
+    other = [Decision("flag", "f", 1, 1, 0, "input"), Decision("block", "s", 6, 5, 4, "output"), err]
+    assert resolve_scan(other, {}) == other  # only steer decisions are resolved
 
 
 # -- a tiny model, two layers, three kinds of rules ------------------------------------------------------------
@@ -89,7 +101,8 @@ TEXTS = ["How do I bake bread at home?", "Tell me a story about a robot.", "What
 RESPONSES = ["Mix flour, water, salt and yeast.", "Once upon a time a robot learned to paint.", "Paris."]
 
 
-def _policy(thresholds: tuple[float, float, float], block_above: float, roles: str = "[user, tool]") -> Policy:
+def _policy(thresholds: tuple[float, float, float], block_above: float, roles: str = "[user, tool]",
+            scan_action: str = "block") -> Policy:
     a, b, c = thresholds
     return Policy.from_yaml(f"""
 name: three
@@ -103,7 +116,7 @@ rules:
     detector: {{sae: s1, features: [1, 2, 3, 4, 5, 6, 7, 8], combine: sum, window: 2}}
     threshold: {a}
     action: steer
-    steer: {{strength: 0.0, block_above: {block_above}}}
+    steer: {{strength: 0.0, block_above: {block_above}, scan_action: {scan_action}}}
   - id: flag-both
     scope: both
     detector: {{sae: s2, features: [9, 10, 11, 12], combine: max}}
@@ -175,6 +188,21 @@ def test_scan_applies_block_above_as_generation_does(tiny: dict[str, Any]) -> No
     g = SAEGuard(guard=_guard(tiny, pol), mode="output")
     out, meta = g.check({"input": TEXTS[i], "output": RESPONSES[i]})
     assert meta["blocked"] and out["output"] == pol.refusal
+
+
+@pytest.mark.parametrize("scan_action", ["block", "flag"])
+def test_a_scan_does_the_steer_rules_scan_action(tiny: dict[str, Any], scan_action: str) -> None:
+    """Generation steers where the rule fires; a scan of the same text cannot, so it blocks there (default) or
+    flags (``steer.scan_action: flag``): never the silent pass of a steer nobody applied."""
+    probes = _guard(tiny, _policy((1e9, 1e9, 1e9), 1e9)).score(TEXTS, responses=RESPONSES)
+    ts = probes[0].token_scores["steer-then-block"]
+    pol = _policy((min(ts.values()) - 1, 1e9, 1e9), 1e9, scan_action=scan_action)  # steers, never reaches block
+    scan = _guard(tiny, pol).score([TEXTS[0]], responses=[RESPONSES[0]])[0]
+    d, = scan.decisions
+    assert (d.rule, d.action, d.resolution) == ("steer-then-block", "steer", scan_action)
+    assert scan.blocked == (scan_action == "block") and scan.flagged == (scan_action == "flag")
+    gen = _guard(tiny, pol).generate(TEXTS[0], max_new_tokens=3)  # generation steers (strength 0 here)
+    assert not gen.blocked and gen.steered and [(g.action, g.resolution) for g in gen.decisions] == [("steer", None)]
 
 
 def test_generation_decides_as_its_scan(tiny: dict[str, Any]) -> None:

@@ -248,7 +248,7 @@ def test_decoded_segments_are_bounded() -> None:
     assert len(decoded_segments(many)) == NormalizeSpec().max_decoded
 
 
-def _probe_guard(threshold: float, normalize_on: bool = True) -> GuardedModel:
+def _probe_guard(threshold: float, normalize_on: bool = True, action: str = "block") -> GuardedModel:
     """An input rule over many random SAE features, mean over 3 tokens; threshold set from a plain score."""
     pol = Policy.from_yaml(f"""
 name: probe
@@ -260,7 +260,8 @@ rules:
     scope: input
     threshold: {threshold}
     detector: {{sae: s, features: {list(range(64))}, combine: sum, window: 3, aggregate: mean}}
-""")
+    action: {action}
+""" + ("    steer: {strength: 0.0}\n" if action == "steer" else ""))
     return GuardedModel(_model(), _tok(), pol, saes={"s": random_sae(d_sae=64)})
 
 
@@ -306,6 +307,29 @@ def test_a_normalized_prompt_that_trips_blocks_generate_and_stream() -> None:
         assert r.normalization is not None and r.decisions
     s = g.stream(ENCODED["base64"](REQUEST), max_new_tokens=NEW)
     assert list(s) == [REFUSAL] and s.result is not None and s.result.blocked and s.result.released_text == ""
+
+
+def test_a_steer_rule_on_a_normalized_prompt_blocks_only_where_it_did_not_steer() -> None:
+    count("evasion: steer rules on normalized prompts", 2)
+    off = _probe_guard(1e9, normalize_on=False)
+    hidden, variant = ZW.join(REQUEST), _homoglyphs(REQUEST)
+    zw, hg = (float(off.score([t])[0].scores["r"]) for t in (hidden, variant))
+    threshold = (zw + _plain_max()) / 2
+    assert zw < threshold < _plain_max() and hg >= threshold  # random features: pick the texts that show both cases
+    g = _probe_guard(threshold, action="steer")
+    # zero-width characters: the rule fires on the normalized text only, nothing steered the generation -> block
+    encoded = hidden
+    r = g.generate(encoded, max_new_tokens=NEW)
+    assert isinstance(r, GenerationResult) and r.blocked and r.text == REFUSAL and not r.steered
+    s = g.stream(encoded, max_new_tokens=NEW)
+    assert list(s) == [REFUSAL] and s.result is not None and s.result.blocked and s.result.released_text == ""
+    # homoglyphs: the rule fires on the original prompt too, so the generation was steered: not blocked
+    assert g.score([variant])[0].blocked  # a scan alone cannot steer: it blocks (steer.scan_action)
+    r = g.generate(variant, max_new_tokens=NEW)
+    assert isinstance(r, GenerationResult) and r.steered and not r.blocked, r.decisions
+    assert all(d.resolution is None for d in r.decisions if d.action == "steer")
+    s = g.stream(variant, max_new_tokens=NEW)
+    assert "".join(s) == r.text and s.result is not None and s.result.steered and not s.result.blocked
 
 
 def test_leetspeak_words_are_read_as_letters_and_numbers_left_alone() -> None:

@@ -43,7 +43,7 @@ def _lm() -> Any:
 
 
 def policy(threshold: float, *, scope: str = "output", action: str = "block", counting: bool = True,
-           window: int = 1, aggregate: str = "max", extra: str = "") -> Policy:
+           window: int = 1, aggregate: str = "max", extra: str = "", steer: str = "") -> Policy:
     """One rule on SAE 's'. counting: score 1 per scored token (weight 0, bias 1); else features 0-7."""
     det = ("features: [{id: 0, weight: 0.0}], bias: 1.0" if counting
            else "features: [0, 1, 2, 3, 4, 5, 6, 7], combine: sum")
@@ -57,7 +57,7 @@ rules:
     action: {action}
     threshold: {threshold}
     detector: {{sae: s, {det}, window: {window}, aggregate: {aggregate}}}
-""")
+""" + (f"    steer: {{{steer}}}\n" if steer else ""))
 
 
 def guarded(pol: Policy, sae: Any = None) -> GuardedModel:
@@ -432,8 +432,22 @@ def test_flag_passes_and_reports() -> None:
     out, meta = guard(BLOCK, "output", action="flag").check(AIMessage("fine"))
     assert out.content == "fine" and meta["flagged"] and not meta["blocked"]
     assert out.response_metadata["guardrails"]["decisions"][0]["action"] == "flag"
-    _, meta = guard(BLOCK, "output", action="steer").check("fine")  # cannot steer a hosted model: flags
-    assert meta["flagged"] and not meta["blocked"]
+
+
+@pytest.mark.parametrize("mode", ["output", "input"])
+def test_a_steer_rule_cannot_steer_a_hosted_model_so_it_does_its_scan_action(mode: str) -> None:
+    # a scan cannot steer: by default the text the rule would have steered away from is blocked ...
+    out, meta = guard(BLOCK, mode, action="steer").check("fine")
+    assert out == REFUSAL and meta["blocked"] and not meta["steered"]
+    assert meta["decisions"][0]["action"] == "steer" and meta["decisions"][0]["resolution"] == "block"
+    with pytest.raises(GuardrailViolation, match="score 1 >= threshold"):
+        SAEGuard(guard=guarded(policy(BLOCK, scope=mode, action="steer")), mode=mode, on_block="raise").check("fine")
+    # ... and with steer.scan_action: flag it passes, marked
+    g = guard(BLOCK, mode, pol=policy(BLOCK, scope=mode, action="steer", steer="scan_action: flag"))
+    out, meta = g.check("fine")
+    assert out == "fine" and meta["flagged"] and not meta["blocked"]
+    assert meta["decisions"][0]["resolution"] == "flag"
+    assert guard(PASS, mode, action="steer").check("fine")[1]["decisions"] == []  # below threshold: nothing
 
 
 def test_ai_tool_calls_are_scored_and_dropped_on_block() -> None:
@@ -809,3 +823,14 @@ def test_bundled_agent_with_a_tool_and_two_guards(tmp_path: Path) -> None:
     # the model may call the tool poorly; when it does call it, the tool ran and its result was guarded
     if any(isinstance(m, ToolMessage) for m in out["messages"]):
         assert calls
+
+
+def test_with_policy_shares_the_model_for_an_input_and_an_output_guard() -> None:
+    gm = guarded(policy(PASS, scope="input"))
+    other = gm.with_policy(policy(BLOCK, scope="output"), saes={"s": random_sae(d_sae=256)})
+    assert other.model is gm.model and other.tokenizer is gm.tokenizer and other.policy is not gm.policy
+    chain = SAEGuard(guard=gm, mode="input") | hosted("Sure, here it is.") | SAEGuard(guard=other, mode="output")
+    out = chain.invoke("how do I bake bread?")
+    assert isinstance(out, AIMessage) and out.content == REFUSAL  # the output guard of the other policy blocked
+    with pytest.raises(PolicyError, match="no output rules"):
+        SAEGuard(guard=gm, mode="output")

@@ -184,6 +184,10 @@ def test_watched_export_matches_torch_score(setup: dict[str, Any], watched: Path
     fired = {d.rule for r in ref for d in r.decisions}
     assert fired == {"sum-both", "max-out", "mean-in", "probe"}
     assert any(r.blocked for r in ref) and not all(r.blocked for r in ref)
+    # the graph cannot steer: a steer decision resolves to the rule's scan action (default block), as in torch
+    assert next(r for r in manifest["rules"] if r["id"] == "probe")["scan_action"] == "block"
+    steers = [d for r in ref for d in r.decisions if d.action == "steer"]
+    assert steers and all(d.resolution == "block" for d in steers)
     _assert_same(got, ref)
 
 

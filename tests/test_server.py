@@ -27,6 +27,7 @@ from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the a
 
 from guardrails import GuardedModel, Policy  # noqa: E402
 from guardrails.core.cascade import JudgeSpec  # noqa: E402
+from guardrails.core.policy import Rule  # noqa: E402
 from guardrails.engine.hooks import hooks_on  # noqa: E402
 from guardrails.server import ServerConfig, create_app  # noqa: E402
 from tests.builders import qwen_scope_tensors, tiny_tokenizer, watch_policy, write_qwen_scope  # noqa: E402
@@ -579,21 +580,29 @@ def test_proxy_upstream_errors_become_openai_errors(proxied: Any) -> None:
     assert full.startswith(released) and len(released) < len(full)
 
 
-def test_proxy_never_forwards_a_blocked_input(guard: GuardedModel, lm: Any) -> None:
-    # an input rule that blocks every prompt: the upstream must never be called
-    pol = Policy.from_yaml(guard.policy.model_dump_json().replace('"scope":"output"', '"scope":"input"')
-                           .replace(f'"threshold":{guard.policy.rules[0].threshold}', '"threshold":-1e9'))
-    g = GuardedModel(lm("qwen3"), guard.tokenizer, pol)
-    up_app = _upstream_app({})
+def _through_proxy(g: GuardedModel, up_app: Any, check_answer: str | None = None) -> tuple[Any, list[Any], Any]:
+    """"hello" through a proxy guarded by ``g`` in front of ``up_app``: the answer, the streamed chunks and, given
+    ``check_answer``, its /v1/guard/check result as the answer to "hello"."""
     up = Served(up_app)
     px = Served(create_app(g, ServerConfig(upstream=up.url + "/v1")))
     try:
+        check = httpx.post(px.url + "/v1/guard/check", timeout=30, json={
+            "input": check_answer, "prompt": "hello", "scope": "output"}).json()["results"][0] if check_answer else None
         c = openai.OpenAI(base_url=px.url + "/v1", api_key="none", max_retries=0, timeout=60)
         r = c.chat.completions.create(model="m", messages=_chat("hello"))
         s = list(c.chat.completions.create(model="m", messages=_chat("hello"), stream=True))
     finally:
         px.close()
         up.close()
+    return r, s, check
+
+
+def test_proxy_never_forwards_a_blocked_input(guard: GuardedModel, lm: Any) -> None:
+    # an input rule that blocks every prompt: the upstream must never be called
+    pol = Policy.from_yaml(guard.policy.model_dump_json().replace('"scope":"output"', '"scope":"input"')
+                           .replace(f'"threshold":{guard.policy.rules[0].threshold}', '"threshold":-1e9'))
+    up_app = _upstream_app({})
+    r, s, _ = _through_proxy(GuardedModel(lm("qwen3"), guard.tokenizer, pol), up_app)
     assert r.choices[0].finish_reason == "content_filter" and r.choices[0].message.content == REFUSAL
     assert s[-1].choices[0].finish_reason == "content_filter"
     assert up_app.state.seen == []
@@ -637,3 +646,24 @@ def test_bundled_model_blocks_harmful_and_answers_benign() -> None:
     ref = g.generate(_chat("What is the capital of France?"), max_new_tokens=8, do_sample=False)
     assert benign.choices[0].message.content == ref.text
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == g.policy.refusal
+
+
+def test_a_steer_rule_blocks_in_scans_it_cannot_steer(guard: GuardedModel, lm: Any) -> None:
+    # the proxy and /v1/guard/check scan text another model wrote: a steer rule there does its scan action
+    # (default block), never the silent pass of a steer nobody applied; scan_action: flag lets it through, marked
+    rule = guard.policy.rules[0]
+    for scan_action, blocked in (("block", True), ("flag", False)):
+        steer = {"strength": 0.0, "scan_action": scan_action}
+        pol = guard.policy.model_copy(update={"rules": [Rule.model_validate(
+            {**rule.model_dump(exclude_none=True), "threshold": -1e9, "action": "steer", "steer": steer})]})
+        r, s, check = _through_proxy(GuardedModel(lm("qwen3"), guard.tokenizer, pol),
+                                     _upstream_app({"hello": "Sure, here it is."}), check_answer="Sure, here it is.")
+        assert check["blocked"] is blocked and check["flagged"] is not blocked
+        assert {(d["action"], d["resolution"]) for d in check["decisions"]} == {("steer", scan_action)}
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+        if blocked:
+            assert r.choices[0].finish_reason == "content_filter" and r.choices[0].message.content == REFUSAL
+            assert s[-1].choices[0].finish_reason == "content_filter" and streamed.endswith(REFUSAL)
+        else:
+            assert r.choices[0].message.content == "Sure, here it is." and streamed == "Sure, here it is."
+            assert r.model_extra["guardrails"]["flagged"] is True

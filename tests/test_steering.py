@@ -275,6 +275,8 @@ def test_schema_errors(tmp_path: Path) -> None:
         _policy(tmp_path, "  - {id: x, steer: {direction: DIR}}")
     with pytest.raises(PolicyError, match=r"steer\.direction: required"):
         _policy(tmp_path, "  - {id: x, always: true, steer: {method: add}}")
+    with pytest.raises(PolicyError, match=r"steering\[0\]\.steer\.scan_action: only for rules with action: steer"):
+        _policy(tmp_path, "  - {id: x, always: true, steer: {direction: DIR, scan_action: flag}}")
     with pytest.raises(PolicyError, match="duplicate id 'gate'"):
         _policy(tmp_path, "  - {id: gate, always: true, steer: {direction: DIR}}")
     with pytest.raises(PolicyError, match="unknown SAE id 'main'"):

@@ -116,8 +116,17 @@ def _display_tokens(tokens: list[str], tokenizer: Any) -> list[str]:
     return token_pieces(tokens, text)
 
 
+def _acted(d: dict[str, Any]) -> Any:
+    """What a recorded decision did: its action, or a scanned steer's resolution (a scan cannot steer)."""
+    return d["resolution"] if d.get("action") == "steer" and d.get("resolution") else d.get("action")
+
+
+def _flags(d: dict[str, Any]) -> bool:
+    return d.get("action") in ("flag", "error") or (d.get("action") == "steer" and d.get("resolution") == "flag")
+
+
 def _summary_action(blocked: bool, steered: bool, decisions: list[dict[str, Any]]) -> str:
-    acts = {d.get("action") for d in decisions}
+    acts = {_acted(d) for d in decisions}
     if blocked:
         return "block"
     if steered or "steer" in acts:
@@ -232,7 +241,7 @@ def build_generation_record(result: Any, guard: Any) -> dict[str, Any]:
                    "released": _text_field(result.released_text, redact)},
         "blocked": bool(result.blocked),
         "steered": bool(result.steered),
-        "flagged": any(d["action"] in ("flag", "error") for d in decisions),
+        "flagged": any(_flags(d) for d in decisions),
         "action": _summary_action(bool(result.blocked), bool(result.steered), decisions),
         "decisions": decisions,
         "errors": list(getattr(result, "errors", []) or []),
@@ -258,7 +267,7 @@ def build_scan_record(text_score: Any, guard: Any, text: str, kind: str) -> dict
         "output": {"text": None, "sha256": None, "released": {"text": None, "sha256": None}},
         "blocked": blocked,
         "steered": False,
-        "flagged": any(d["action"] in ("flag", "error") for d in decisions),
+        "flagged": any(_flags(d) for d in decisions),
         "action": _summary_action(blocked, False, decisions),
         "decisions": decisions,
         "errors": [],

@@ -339,6 +339,8 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
         pos = x.get("position")
         link = f'<a href="#t{_e(pos)}">{_e(pos)}</a>' if isinstance(pos, int) else _e(pos)
         extra = f" ({_e(x.get('reason'))}; on_error: {_e(x.get('resolution'))})" if x.get("action") == "error" else ""
+        if x.get("action") == "steer" and x.get("resolution"):  # a scan cannot steer: the rule's scan_action
+            extra = f" (in a scan: {_badge(str(x['resolution']))})"
         if x.get("escalated"):  # the cascade: a judge decided this band score
             why = x.get("judge_reason") if x.get("action") != "error" else None
             extra += (f" <span class=\"judge\">judge {_e(x.get('judge'))}: {_e(x.get('verdict'))} in "

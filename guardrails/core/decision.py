@@ -37,7 +37,8 @@ class Decision:
     reason: str | None = None
     """For errors: what went wrong."""
     resolution: str | None = None
-    """For errors: what on_error did (block, flag, allow)."""
+    """For errors: what on_error did (block, flag, allow). For a steer decision in a scan (text already written,
+    nothing to steer): what the rule did instead, its ``steer.scan_action`` (block or flag); None in generation."""
     role: str | None = None
     """Turn the token is in: system, user, tool or assistant (prompt turns), or assistant for output tokens."""
     category: str | None = None

@@ -104,6 +104,12 @@ class Steer(_Strict):
     features: list[StrictInt] | None = Field(default=None,
                                              description="SAE features to steer against; default: detector's")
     block_above: FiniteFloat | None = Field(default=None, description="Block instead when the score reaches this value")
+    scan_action: Literal["block", "flag"] = Field(
+        default="block",
+        description="What the rule does where it cannot steer, in a scan of text already written (GuardedModel.score, "
+        "the LangChain SAEGuard, the server's proxy mode and /v1/guard/check, the ONNX guard): block (default: "
+        "the text the rule would have steered away from is not let through) or flag (let it through, marked)",
+    )
 
 
 class SteerRule(_Strict):
@@ -123,6 +129,9 @@ class SteerRule(_Strict):
             raise ValueError("steer.features: only valid on a rule with an sae_features detector; use direction")
         if self.steer.direction is None:
             raise ValueError("steer.direction: required in steering: entries (a file or 'sae:<sae id>:<feature>')")
+        if "scan_action" in self.steer.model_fields_set:
+            raise ValueError("steer.scan_action: only for rules with action: steer (a steering: entry decides "
+                             "nothing a scan could block); remove it")
         return self
 
 

@@ -12,6 +12,8 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 - :func:`escalate` and :func:`threshold_of`: a steer rule's ``block_above`` turning it into a block;
 - :func:`on_error_of`, :func:`refusal_for`: what a failure does, what a block says;
 - :func:`is_block`, :func:`is_flag`, :func:`strongest_action`: predicates over decisions;
+- :func:`resolve_scan`, :func:`scan_action_of`: what a steer decision does in a scan (nothing can be steered there:
+  the rule's ``steer.scan_action``, default block);
 - :func:`scoped_rules`: a policy's rules for an input-only or output-only guard;
 - :func:`cascade_band`, :func:`judged_action`, :func:`judge_fields`: the cascade (a rule's uncertain band
   between ``threshold`` and ``escalate_above`` goes to a judge; :mod:`guardrails.core.cascade`).
@@ -19,8 +21,9 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -138,20 +141,43 @@ def refusal_for(policy: Policy, rule_id: str | None) -> str:
 
 
 def is_block(d: Decision) -> bool:
-    """A decision that stops the text: a block, or an error resolved as block."""
-    return d.action == "block" or (d.action == "error" and d.resolution == "block")
+    """A decision that stops the text: a block, an error resolved as block, or a steer in a scan resolved as block
+    (:func:`resolve_scan`)."""
+    return d.action == "block" or (d.action in ("error", "steer") and d.resolution == "block")
 
 
 def is_flag(d: Decision) -> bool:
-    """A decision that lets the text through but marks it: a flag, or an error (whatever it resolved to)."""
-    return d.action in ("flag", "error")
+    """A decision that lets the text through but marks it: a flag, an error (whatever it resolved to), or a steer
+    in a scan resolved as flag."""
+    return d.action in ("flag", "error") or (d.action == "steer" and d.resolution == "flag")
+
+
+def scan_action_of(rule: Rule | None) -> str:
+    """What ``rule``'s steer decision does in a scan, where nothing can be steered: its ``steer.scan_action``
+    (default block)."""
+    steer = rule.steer if rule is not None else None
+    return steer.scan_action if steer is not None else "block"
+
+
+def resolve_scan(decisions: Sequence[Decision], scan_actions: Mapping[str, str]) -> list[Decision]:
+    """``decisions`` of a scan (text already written) with each steer decision resolved: ``resolution`` is its
+    rule's scan action (``scan_actions[rule id]``, default block). The decision itself (rule, token, score, action)
+    stays what generation decides there; only what it does differs, since a scan cannot steer."""
+    return [dataclasses.replace(d, resolution=scan_actions.get(d.rule, "block"))
+            if d.action == "steer" and d.resolution is None else d for d in decisions]
 
 
 def strongest_action(decisions: Iterable[Decision]) -> str:
-    """``block`` > ``steer`` > ``flag`` > ``allow`` over ``decisions`` (errors count as their resolution)."""
+    """``block`` > ``steer`` > ``flag`` > ``allow`` over ``decisions`` (errors and scanned steers count as their
+    resolution)."""
     best = "allow"
     for d in decisions:
-        a = (d.resolution or "block") if d.action == "error" else d.action
+        if d.action == "error":
+            a = d.resolution or "block"
+        elif d.action == "steer" and d.resolution:
+            a = d.resolution
+        else:
+            a = d.action
         if ACTION_ORDER.get(a, 0) > ACTION_ORDER[best]:
             best = a
     return best
@@ -356,8 +382,10 @@ __all__ = [
     "judged_action",
     "on_error_of",
     "refusal_for",
+    "resolve_scan",
     "rule_layer",
     "rule_layers",
+    "scan_action_of",
     "scoped_rules",
     "score_only",
     "scores_token",

@@ -20,9 +20,10 @@ weighted ``sum``/``max``/``mean`` plus bias.
 jinja2 (chat template). It applies the same positions rules as :meth:`GuardedModel.score` (padding,
 position 0 and special tokens are not scored), scopes, windows, thresholds and actions, so its
 per-rule max scores and decisions match the torch text guard. Decisions carry no ``top_features``
-(the full SAE is not in the graph). Steer rules report their decisions but the graph does not steer:
-where a steer rule reads a shallower layer than other rules and fires, ``GuardedModel.score`` scores
-the deeper layers on steered activations and the ONNX guard on unsteered ones (the export warns).
+(the full SAE is not in the graph). Neither scan steers: a steer rule's decision does its
+``steer.scan_action`` (default block; the manifest carries it) as in :meth:`GuardedModel.score`, and where a
+steer rule reads a shallower layer than other rules and fires, both score the deeper layers on unsteered
+activations, which a generation would have steered (the export warns).
 Export code imports torch lazily, inside its functions.
 """
 

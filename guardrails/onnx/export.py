@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.semantics import on_error_of, rule_layer
+from guardrails.core.semantics import on_error_of, rule_layer, scan_action_of
 from guardrails.onnx.manifest import (
     CHECK_TEXTS,
     FORMAT,
@@ -210,6 +210,7 @@ def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
             "id": rule.id, "layer": layer, "scope": rule.scope, "threshold": float(rule.threshold),
             "action": rule.action, "window": det.window, "aggregate": det.aggregate,
             "block_above": rule.steer.block_above if rule.steer else None,
+            "scan_action": scan_action_of(rule),
             "message": rule.message, "on_error": on_error_of(pol, rule), "category": rule.category,
             "category_head": "not exported" if rule.categories is not None else None,
             **_cascade_manifest(pol, rule),
@@ -301,9 +302,9 @@ def export_onnx(
                          require_judges=False)  # the export compares scores; judges are bound where it is served
     steer_layers = [r["layer"] for r in _rules_manifest(pol)[0] if r["action"] == "steer"]
     if any(layer < guard.deepest for layer in steer_layers):
-        logger.warning("policy %r steers at layer(s) %s below layer %d: the ONNX guard does not steer, so its scores "
-                       "at deeper layers differ from GuardedModel.score once a steer rule fires", pol.name,
-                       steer_layers, guard.deepest)
+        logger.warning("policy %r steers at layer(s) %s below layer %d: scans (the ONNX guard, GuardedModel.score) "
+                       "do not steer, so once a steer rule fires their scores at deeper layers differ from a "
+                       "generation's", pol.name, steer_layers, guard.deepest)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     graph = build_scoring_graph(model, guard)

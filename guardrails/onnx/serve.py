@@ -34,7 +34,7 @@ from guardrails.core.decision import Decision, TextScore
 from guardrails.core.normalize import NormalizeSpec
 from guardrails.core.roles import Span, role_spans, roles_from_offsets
 from guardrails.core.scan_plan import merge_scan, plan_scan
-from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan, judge_fields
+from guardrails.core.semantics import ROLE_CODES, ROLES, RuleSpec, decide_scan, judge_fields, resolve_scan
 from guardrails.onnx.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -344,6 +344,7 @@ class OnnxGuard:
                 role=role, category=specs[e.rule].category, **(judge_fields(e.judge) if e.judge else {}),
             ))
         names = [ROLES[int(c)] if 0 <= int(c) < len(ROLES) else None for c in roles]
+        decisions = resolve_scan(decisions, {r["id"]: r.get("scan_action", "block") for r in self.rules})
         return TextScore(scores, token_scores, decisions, tokens, sorted(set(failed_layers.values())), names)
 
     @staticmethod

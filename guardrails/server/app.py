@@ -29,6 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("the server needs fastapi and uvicorn: pip install 'sae-guardrails[server]'") from exc
 
+from guardrails.core.semantics import is_block, is_flag
 from guardrails.server.config import ServerConfig
 from guardrails.server.local import (
     Kind,
@@ -306,10 +307,10 @@ def check_texts(guard: GuardedModel, req: GuardCheckRequest, cfg: ServerConfig) 
     out = []
     for text, ts in zip(texts, scores, strict=True):
         decisions = [d for d in ts.decisions if req.scope == "input" or d.scope == "output"]
-        blocked = any(d.action == "block" or d.resolution == "block" for d in decisions)
+        blocked = any(is_block(d) for d in decisions)
         if guard.audit is not None:
             guard.audit.record_scan(ts, guard, text, req.scope)
-        out.append({"blocked": blocked, "flagged": any(d.action in ("flag", "error") for d in decisions),
+        out.append({"blocked": blocked, "flagged": any(is_flag(d) for d in decisions),
                     "scores": dict(ts.scores), "decisions": [d.to_dict() for d in decisions],
                     "errors": list(ts.errors), "_decisions": decisions})
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from guardrails.core.semantics import is_block
+
 
 class Metrics:
     """Requests, blocks, flags, errors, latency and time-to-first-token histograms, live streams."""
@@ -32,9 +34,9 @@ class Metrics:
     def decisions(self, decisions: list[Any]) -> None:
         """Count the block / flag / error decisions of one answer or scan."""
         for d in decisions:
-            if d.action == "block" or d.resolution == "block":
+            if is_block(d):
                 self.blocks.labels(d.rule, d.scope).inc()
-            elif d.action == "flag":
+            elif d.action == "flag" or (d.action == "steer" and d.resolution == "flag"):
                 self.flags.labels(d.rule, d.scope).inc()
             if d.action == "error":
                 self.errors.labels("scoring").inc()

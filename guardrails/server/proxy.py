@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from guardrails.core.semantics import is_block, is_flag
 from guardrails.server.config import ServerConfig
 from guardrails.server.schemas import APIError, ChatCompletionRequest, clean
 
@@ -77,12 +78,12 @@ def scan(guard: GuardedModel, prompt: str, response: str | None, kind: str | Non
     decisions = [d for d in ts.decisions if response is None or d.scope == "output"]
     if kind is not None and guard.audit is not None:
         guard.audit.record_scan(ts, guard, response if response is not None else prompt, kind)
-    return decisions, any(d.action == "block" or d.resolution == "block" for d in decisions)
+    return decisions, any(is_block(d) for d in decisions)
 
 
 def _guard_field(guard: GuardedModel, decisions: list[Any], blocked: bool) -> dict[str, Any]:
     return {"policy": guard.policy.name, "mode": "proxy", "blocked": blocked,
-            "flagged": any(d.action in ("flag", "error") for d in decisions), "steered": False,
+            "flagged": any(is_flag(d) for d in decisions), "steered": False,
             "decisions": [d.to_dict() for d in decisions], "errors": []}
 
 

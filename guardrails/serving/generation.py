@@ -161,6 +161,16 @@ class GuardedModel:
         other.compiled = self.compiled.with_judges({**(judges or {}), **by_name})
         return other
 
+    def with_policy(self, policy: Policy | str | os.PathLike[str], *, saes: dict[str, SAE] | None = None,
+                    score_mode: str | None = None, audit: Any = None,
+                    judges: Mapping[str, Any] | None = None) -> GuardedModel:
+        """A guard with ``policy`` (a file or a shipped name) on this guard's model and tokenizer, nothing reloaded
+        but ``policy``'s SAEs and probes (or ``saes``, already loaded): e.g. an input guard with
+        ``harmful-requests`` and an output guard with ``harmful-compliance`` around one hosted model.
+        ``audit``: default this guard's store."""
+        return GuardedModel(self.model, self.tokenizer, policy, saes=saes, score_mode=score_mode, chat=self.chat,
+                            audit=audit if audit is not None else self.audit, judges=judges)
+
     def scoped(self, mode: Literal["input", "output"]) -> GuardedModel:
         """This guard with only its ``mode`` rules (``both`` rules rescoped), sharing model, tokenizer and tensors."""
         other = copy.copy(self)
@@ -330,7 +340,8 @@ class GuardedModel:
         unless ``chat=False``). With ``responses``, each response is appended as the assistant turn and
         its tokens are scored by output rules. The decisions are those generation would take at these
         tokens (``block_above`` included); a scan does not steer, so rules deeper than a firing steer
-        rule read unsteered activations here.
+        rule read unsteered activations here, and a steer decision does what its rule's ``steer.scan_action``
+        says (its ``resolution``: block by default, or flag).
         """
         items: list[Any] = [texts] if not is_batch(texts) else list(texts)
         resp: list[str | None] = list(responses) if responses is not None else [None] * len(items)

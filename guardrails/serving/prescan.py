@@ -4,7 +4,8 @@ Normalising the text the *model* reads would change what it generates (and the n
 that normalisation leaves unchanged, must stay byte-identical to an unguarded run). So ``generate`` and
 ``stream`` keep the original prompt for the model and, only when :func:`~guardrails.core.normalize.normalize`
 changes a prompt or finds an encoded segment in it, scan the normalized prompt and its decoded segments
-with :meth:`GuardedModel.score` first. A block there blocks the generation (nothing released); flags
+with :meth:`GuardedModel.score` first. A block there blocks the generation (nothing released), and so does a
+steer rule that fires there but did not steer the generation (its ``steer.scan_action``, default block); flags
 are added to the result's decisions; ``result.normalization`` records what was found. With
 ``normalize: false`` or an unchanged prompt nothing runs and nothing changes.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from guardrails.core.decision import Decision, TextScore
 from guardrails.core.scan_plan import plan_scan
+from guardrails.core.semantics import is_block
 
 if TYPE_CHECKING:
     from guardrails.serving.generation import GuardedModel
@@ -46,6 +48,14 @@ def _refusal(guard: GuardedModel, decisions: list[Decision]) -> str:
     return guard.policy.refusal
 
 
+def prescan_blocks(pre: TextScore, steered: set[str] | None) -> bool:
+    """Whether the pre-scan ``pre`` blocks a generation whose steer rules ``steered`` fired on the original prompt
+    (None: not known yet, before the prefill; steer hits then wait for it). A steer rule's hit on the normalized
+    prompt blocks (its ``steer.scan_action``) only where that rule did not steer the generation."""
+    return any(is_block(d) and not (d.action == "steer" and (steered is None or d.rule in steered))
+               for d in pre.decisions)
+
+
 def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: list[GenerationResult],
                   ) -> list[GenerationResult]:
     """Results with the pre-scan's verdicts applied (a block there withholds everything) and recorded."""
@@ -56,15 +66,20 @@ def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: lis
         if r.blocked or not ts.decisions:
             continue  # the original prompt already decided, or nothing fired on the normalized one either
         steps = ", ".join((ts.normalization or {}).get("steps", [])) or "decoded segments"
+        # a steer rule that also fired on the original prompt steered this generation: its scan decision is that
+        # steer, not the block a scan does where nothing was steered (steer.scan_action)
+        steered = {d.rule for d in r.decisions if d.action == "steer"}
         added = [Decision(**{**d.__dict__, "sequence": b, "position": -1, "output_index": None,
-                             "reason": d.reason or f"in the normalized prompt ({steps})"}) for d in ts.decisions]
+                             "reason": d.reason or f"in the normalized prompt ({steps})",
+                             **({"resolution": None} if d.action == "steer" and d.rule in steered else {})})
+                 for d in ts.decisions]
         r.decisions[:0] = added
-        if ts.blocked:
+        if prescan_blocks(ts, steered):
             r.blocked = True
-            r.text = _refusal(guard, added)
+            r.text = _refusal(guard, [d for d in added if is_block(d)])
             r.released_text = ""
             r.output_ids = []
     return results
 
 
-__all__ = ["apply_prescan", "prescan"]
+__all__ = ["apply_prescan", "prescan", "prescan_blocks"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardrails.core.decision import Decision
+from guardrails.core.semantics import is_block, is_flag
 
 
 @dataclass
@@ -53,11 +54,11 @@ class GenerationResult:
 
     @property
     def flagged(self) -> bool:
-        return any(d.action in ("flag", "error") for d in self.decisions)
+        return any(is_flag(d) for d in self.decisions)
 
     @property
     def block_decision(self) -> Decision | None:
-        return next((d for d in self.decisions if d.action == "block" or d.resolution == "block"), None)
+        return next((d for d in self.decisions if is_block(d)), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

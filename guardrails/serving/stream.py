@@ -19,7 +19,7 @@ import torch
 from guardrails.core.decision import TextScore
 from guardrails.engine.run import GuardRun
 from guardrails.serving.failsafe import apply_failure, result_or_on_error
-from guardrails.serving.prescan import apply_prescan, prescan
+from guardrails.serving.prescan import apply_prescan, prescan, prescan_blocks
 from guardrails.serving.prompts import GenerationArgs, PromptLike, check_prompts, is_batch
 from guardrails.serving.result import GenerationResult
 
@@ -73,7 +73,8 @@ class GuardedStream:
         released: list[list[int]] = [[]]
         failure: Exception | None = None
         pre = prescan(guard, [self._raw], self._chat)[0]  # normalized/decoded prompt, before any token
-        if pre is not None and pre.blocked:
+        pending = pre is not None and pre.blocked  # a steer hit there blocks unless the prefill steers that rule
+        if pre is not None and prescan_blocks(pre, None):
             self.result = guard._audit(apply_prescan(guard, [pre], [self._empty_result()])[0])
             yield self.result.text
             return
@@ -90,6 +91,12 @@ class GuardedStream:
                         if run is None:
                             raise  # nothing was scored yet: a bad prompt or argument is the caller's error
                         failure = exc  # after scoring: the policy's on_error decides, not the caller
+                        break
+                if pending:  # after the prefill, before any text: did the original prompt steer those rules?
+                    pending = False
+                    assert pre is not None
+                    if prescan_blocks(pre, {d.rule for d in run.decisions if d.action == "steer"}):
+                        released = [[]]
                         break
                 text = tok.decode(released[0], skip_special_tokens=True)
                 if text.endswith("\ufffd"):

@@ -104,8 +104,8 @@ class SAEGuard(RunnableSerializable[Any, Any]):
     On pass the input comes back unchanged (an ``AIMessage`` gains ``response_metadata["guardrails"]``);
     on block it is replaced by the refusal in the same type, or :class:`~guardrails.GuardrailViolation`
     is raised (``on_block="raise"``, default from the policy's ``raise_on_block``). A steer rule cannot
-    steer a model it does not run: here it flags. A scoring failure follows ``on_error`` (default
-    block): nothing unscored passes.
+    steer a model it does not run: here it does what its ``steer.scan_action`` says (default block; flag lets
+    the text through, marked). A scoring failure follows ``on_error`` (default block): nothing unscored passes.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)

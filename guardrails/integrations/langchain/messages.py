@@ -25,6 +25,7 @@ from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from guardrails import GuardrailViolation
 from guardrails.core.decision import Decision, TextScore
 from guardrails.core.policy import Policy
+from guardrails.core.semantics import is_block, is_flag
 from guardrails.serving.result import GenerationResult
 
 Turn = dict[str, str]
@@ -125,7 +126,7 @@ def guard_metadata(result: GenerationResult | TextScore, policy: Policy, **extra
     decisions = result.decisions
     return {
         "blocked": result.blocked,
-        "flagged": any(d.action in ("flag", "error") for d in decisions),
+        "flagged": any(is_flag(d) for d in decisions),
         "steered": bool(getattr(result, "steered", False)),
         "policy": policy.name,
         "policy_digest": policy.digest,
@@ -136,14 +137,14 @@ def guard_metadata(result: GenerationResult | TextScore, policy: Policy, **extra
 
 
 def violation(policy: Policy, decisions: list[Decision], result: Any, what: str) -> GuardrailViolation:
-    d = next((d for d in decisions if d.action == "block" or d.resolution == "block"), None)
+    d = next((d for d in decisions if is_block(d)), None)
     why = (f"rule {d.rule!r} at token {d.position} ({d.scope}): " + (
-        f"score {d.score:.4g} >= threshold {d.threshold:.4g}" if d.action == "block" else f"scoring failed: {d.reason}"
+        f"score {d.score:.4g} >= threshold {d.threshold:.4g}" if d.action != "error" else f"scoring failed: {d.reason}"
     )) if d else "blocked"
     return GuardrailViolation(f"policy {policy.name!r} blocked the {what}: {why}", result)
 
 
 def refusal_of(policy: Policy, decisions: list[Decision]) -> str:
-    d = next((d for d in decisions if d.action == "block" or d.resolution == "block"), None)
+    d = next((d for d in decisions if is_block(d)), None)
     rule = next((r for r in policy.rules if d is not None and r.id == d.rule), None)
     return (rule.message if rule and rule.message else None) or policy.refusal
