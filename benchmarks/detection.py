@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from guardrails.cli.session import Session  # noqa: E402
 from guardrails.core.policy import Policy  # noqa: E402
-from guardrails.core.semantics import scan_action_of  # noqa: E402
+from guardrails.core.semantics import scan_actions  # noqa: E402
 from guardrails.offline.calibrate import load_labeled, rule_scope  # noqa: E402
 from guardrails.offline.evaluate import json_safe as _json_safe  # noqa: E402
 from guardrails.offline.evaluate import metrics, round_metrics, tpr_at_fpr  # noqa: E402
@@ -144,7 +144,8 @@ def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
     rule = policy.rules[0]
     thr = float(rule.threshold)
     block = float(rule.steer.block_above) if rule.steer and rule.steer.block_above is not None else thr
-    scan_block = thr if scan_action_of(rule) == "block" else block
+    scan_action = scan_actions(policy).get(rule.id)
+    scan_block = thr if scan_action == "block" else block
     test, s = scores_of(session, policy, DATA / "responses.test.jsonl", RESPONSE_LIMIT, RESPONSE_CHARS)
     y, src = test.labels, np.array(test.sources)
     out: dict[str, Any] = {"threshold": thr, "block_above": block, "n": len(test),
@@ -156,7 +157,7 @@ def responses_report(session: Session, policy: Policy) -> dict[str, Any]:
                            "blocked_harmless": float((s[y == 0] >= block).mean()),
                            # a scan (LangChain SAEGuard, the proxy, /v1/guard/check) cannot steer: it blocks at the
                            # threshold under steer.scan_action: block (the default), else only at block_above
-                           "scan_action": scan_action_of(rule),
+                           "scan_action": scan_action,
                            "scan_blocked_harmful": float((s[y == 1] >= scan_block).mean()),
                            "scan_blocked_harmless": float((s[y == 0] >= scan_block).mean())}
     per = {}

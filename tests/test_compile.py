@@ -24,6 +24,7 @@ from guardrails.core.semantics import (
     is_block,
     is_flag,
     resolve_scan,
+    scan_actions,
     scores_token,
     strongest_action,
     window_reference,
@@ -92,7 +93,19 @@ def test_semantics_by_hand() -> None:
     assert is_block(blocked) and not is_flag(blocked) and strongest_action([blocked]) == "block"
     assert is_flag(flagged) and not is_block(flagged) and strongest_action([flagged]) == "flag"
     other = [Decision("flag", "f", 1, 1, 0, "input"), Decision("block", "s", 6, 5, 4, "output"), err]
-    assert resolve_scan(other, {}) == other  # only steer decisions are resolved
+    assert resolve_scan(other, {}) == other  # only steer decisions (and flags steering waits for) are resolved
+    trigger, = resolve_scan([other[0]], {"f": "block"})  # a flag that a steering: entry waits for
+    assert trigger.resolution == "block" and is_block(trigger) and not is_flag(trigger)
+    pol = Policy.from_dict({"name": "p", "rules": [
+        {"id": "s", "scope": "output", "detector": {"kind": "linear", "layer": 0, "weights": "w.safetensors"},
+         "threshold": 1.0, "action": "steer", "steer": {"scan_action": "flag"}},
+        {"id": "g", "scope": "input", "detector": {"kind": "linear", "layer": 0, "weights": "w.safetensors"},
+         "threshold": 1.0, "action": "flag"},
+        {"id": "f", "scope": "input", "detector": {"kind": "linear", "layer": 0, "weights": "w.safetensors"},
+         "threshold": 1.0, "action": "flag"}],
+        "steering": [{"id": "a", "when": "g", "steer": {"direction": "d.safetensors", "scan_action": "flag"}},
+                     {"id": "b", "when": "g", "steer": {"direction": "d.safetensors"}}]})
+    assert scan_actions(pol) == {"s": "flag", "g": "block"}  # g: the strongest of its entries'; f: a plain flag
 
 
 # -- a tiny model, two layers, three kinds of rules ------------------------------------------------------------

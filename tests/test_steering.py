@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import guardrails
-from guardrails import GuardedModel, Policy, PolicyError, Steer
+from guardrails import GenerationResult, GuardedModel, Policy, PolicyError, Steer
 from guardrails.engine.hooks import capture, hooks_on
 from guardrails.engine.steering import SteeringError, SteerVector, apply_steer
 from tests.builders import HIDDEN, random_sae, tiny_lm, tiny_tokenizer
@@ -248,6 +248,29 @@ def test_gated_entry_steers_only_flagged_rows(lm: Any, tok: Any, tmp_path: Path)
     assert got[fire] == want[fire] != plain[fire]
 
 
+@pytest.mark.parametrize("scan_action", ["", "block", "flag"])
+def test_a_scan_blocks_where_a_gated_entry_would_have_steered(lm: Any, tok: Any, tmp_path: Path,
+                                                              scan_action: str) -> None:
+    # a flag rule that steering waits for: generation steers; a scan (nothing to steer) does the entry's scan
+    # action, block by default, instead of passing the text with a flag
+    extra = f", scan_action: {scan_action}" if scan_action else ""
+    pol = _policy(tmp_path, f"""  - id: refuse
+    when: gate
+    steer: {{direction: DIR, method: add, strength: 1.5, relative_to: norm{extra}}}
+""", threshold=-1e9)
+    guard = GuardedModel(lm, tok, pol, chat=False)
+    gen = guard.generate(PROMPTS[0], max_new_tokens=NEW)
+    assert isinstance(gen, GenerationResult) and gen.steered and not gen.blocked
+    assert [(d.action, d.resolution) for d in gen.decisions] == [("flag", None)]
+    scan = guard.score([PROMPTS[0]], chat=False)[0]
+    want = scan_action or "block"
+    assert [(d.action, d.resolution) for d in scan.decisions] == [("flag", want)]
+    assert scan.blocked == (want == "block") and scan.flagged == (want == "flag")
+    plain = _policy(tmp_path, "  []", threshold=-1e9)  # no entry waits for the gate: its flag stays a flag
+    flagged = GuardedModel(lm, tok, plain, chat=False).score([PROMPTS[0]], chat=False)[0]
+    assert [(d.action, d.resolution) for d in flagged.decisions] == [("flag", None)] and not flagged.blocked
+
+
 def test_rule_steer_with_direction_and_layers(lm: Any, tok: Any, tmp_path: Path) -> None:
     d, w = _files(tmp_path)
     pol = Policy.from_yaml(f"""
@@ -275,7 +298,7 @@ def test_schema_errors(tmp_path: Path) -> None:
         _policy(tmp_path, "  - {id: x, steer: {direction: DIR}}")
     with pytest.raises(PolicyError, match=r"steer\.direction: required"):
         _policy(tmp_path, "  - {id: x, always: true, steer: {method: add}}")
-    with pytest.raises(PolicyError, match=r"steering\[0\]\.steer\.scan_action: only for rules with action: steer"):
+    with pytest.raises(PolicyError, match=r"steering\[0\]\.steer\.scan_action: only for entries with 'when"):
         _policy(tmp_path, "  - {id: x, always: true, steer: {direction: DIR, scan_action: flag}}")
     with pytest.raises(PolicyError, match="duplicate id 'gate'"):
         _policy(tmp_path, "  - {id: gate, always: true, steer: {direction: DIR}}")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from guardrails.core.cascade import judge_name
+from guardrails.core.semantics import acted
 from guardrails.core.tokentext import token_pieces
 
 ACTIONS = ("block", "steer", "flag", "error", "allow")
@@ -116,17 +117,13 @@ def _display_tokens(tokens: list[str], tokenizer: Any) -> list[str]:
     return token_pieces(tokens, text)
 
 
-def _acted(d: dict[str, Any]) -> Any:
-    """What a recorded decision did: its action, or a scanned steer's resolution (a scan cannot steer)."""
-    return d["resolution"] if d.get("action") == "steer" and d.get("resolution") else d.get("action")
-
-
 def _flags(d: dict[str, Any]) -> bool:
-    return d.get("action") in ("flag", "error") or (d.get("action") == "steer" and d.get("resolution") == "flag")
+    """A recorded decision that marks the text (:func:`~guardrails.core.semantics.is_flag` on the record)."""
+    return d.get("action") == "error" or acted(d.get("action"), d.get("resolution")) == "flag"
 
 
 def _summary_action(blocked: bool, steered: bool, decisions: list[dict[str, Any]]) -> str:
-    acts = {_acted(d) for d in decisions}
+    acts = {"error" if d.get("action") == "error" else acted(d.get("action"), d.get("resolution")) for d in decisions}
     if blocked:
         return "block"
     if steered or "steer" in acts:

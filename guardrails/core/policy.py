@@ -106,9 +106,10 @@ class Steer(_Strict):
     block_above: FiniteFloat | None = Field(default=None, description="Block instead when the score reaches this value")
     scan_action: Literal["block", "flag"] = Field(
         default="block",
-        description="What the rule does where it cannot steer, in a scan of text already written (GuardedModel.score, "
-        "the LangChain SAEGuard, the server's proxy mode and /v1/guard/check, the ONNX guard): block (default: "
-        "the text the rule would have steered away from is not let through) or flag (let it through, marked)",
+        description="What the rule (or, in a steering: entry with when:, its trigger rule) does where it cannot "
+        "steer, in a scan of text already written (GuardedModel.score, the LangChain SAEGuard, the server's proxy "
+        "mode and /v1/guard/check, the ONNX guard): block (default: the text it would have steered away from is not "
+        "let through) or flag (let it through, marked)",
     )
 
 
@@ -129,9 +130,9 @@ class SteerRule(_Strict):
             raise ValueError("steer.features: only valid on a rule with an sae_features detector; use direction")
         if self.steer.direction is None:
             raise ValueError("steer.direction: required in steering: entries (a file or 'sae:<sae id>:<feature>')")
-        if "scan_action" in self.steer.model_fields_set:
-            raise ValueError("steer.scan_action: only for rules with action: steer (a steering: entry decides "
-                             "nothing a scan could block); remove it")
+        if self.always and "scan_action" in self.steer.model_fields_set:
+            raise ValueError("steer.scan_action: only for entries with 'when: <rule id>' (what a scan does when that "
+                             "rule fires); an always-on entry has no trigger; remove it")
         return self
 
 

@@ -12,8 +12,8 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 - :func:`escalate` and :func:`threshold_of`: a steer rule's ``block_above`` turning it into a block;
 - :func:`on_error_of`, :func:`refusal_for`: what a failure does, what a block says;
 - :func:`is_block`, :func:`is_flag`, :func:`strongest_action`: predicates over decisions;
-- :func:`resolve_scan`, :func:`scan_action_of`: what a steer decision does in a scan (nothing can be steered there:
-  the rule's ``steer.scan_action``, default block);
+- :func:`scan_actions`, :func:`resolve_scan`, :func:`acted`: what would-be steering does in a scan (nothing can be
+  steered there: a steer rule's, or a ``steering: when:`` entry's, ``steer.scan_action``; default block);
 - :func:`scoped_rules`: a policy's rules for an input-only or output-only guard;
 - :func:`cascade_band`, :func:`judged_action`, :func:`judge_fields`: the cascade (a rule's uncertain band
   between ``threshold`` and ``escalate_above`` goes to a judge; :mod:`guardrails.core.cascade`).
@@ -141,43 +141,59 @@ def refusal_for(policy: Policy, rule_id: str | None) -> str:
 
 
 def is_block(d: Decision) -> bool:
-    """A decision that stops the text: a block, an error resolved as block, or a steer in a scan resolved as block
-    (:func:`resolve_scan`)."""
-    return d.action == "block" or (d.action in ("error", "steer") and d.resolution == "block")
+    """A decision that stops the text: a block, an error resolved as block, or (in a scan) a steer decision or a
+    steering trigger's flag resolved as block (:func:`resolve_scan`)."""
+    return d.action == "block" or (d.action in ("error", "steer", "flag") and d.resolution == "block")
 
 
 def is_flag(d: Decision) -> bool:
-    """A decision that lets the text through but marks it: a flag, an error (whatever it resolved to), or a steer
-    in a scan resolved as flag."""
-    return d.action in ("flag", "error") or (d.action == "steer" and d.resolution == "flag")
+    """A decision that lets the text through but marks it: a flag (unless a scan resolved it as block), an error
+    (whatever it resolved to), or a steer decision a scan resolved as flag."""
+    if d.action == "flag":
+        return d.resolution != "block"
+    return d.action == "error" or (d.action == "steer" and d.resolution == "flag")
 
 
-def scan_action_of(rule: Rule | None) -> str:
-    """What ``rule``'s steer decision does in a scan, where nothing can be steered: its ``steer.scan_action``
-    (default block)."""
-    steer = rule.steer if rule is not None else None
-    return steer.scan_action if steer is not None else "block"
+def acted(action: str | None, resolution: str | None) -> str | None:
+    """What a decision did: its action; an error's resolution (default block); in a scan, the resolution of a steer
+    decision or of a steering trigger's flag."""
+    if action == "error":
+        return resolution or "block"
+    if action in ("steer", "flag") and resolution:
+        return resolution
+    return action
 
 
-def resolve_scan(decisions: Sequence[Decision], scan_actions: Mapping[str, str]) -> list[Decision]:
-    """``decisions`` of a scan (text already written) with each steer decision resolved: ``resolution`` is its
-    rule's scan action (``scan_actions[rule id]``, default block). The decision itself (rule, token, score, action)
+def scan_actions(policy: Policy) -> dict[str, str]:
+    """Per rule id, what its decisions do in a scan, where nothing can be steered: a steer rule's
+    ``steer.scan_action``; a rule that ``steering:`` entries wait for (``when:``), the strongest of theirs (block
+    over flag). Rules not listed act as they say."""
+    out: dict[str, str] = {r.id: r.steer.scan_action for r in policy.rules if r.action == "steer" and r.steer}
+    for sr in policy.steering:
+        if sr.when is not None:
+            out[sr.when] = "block" if "block" in (sr.steer.scan_action, out.get(sr.when)) else sr.steer.scan_action
+    return out
+
+
+def resolve_scan(decisions: Sequence[Decision], actions: Mapping[str, str]) -> list[Decision]:
+    """``decisions`` of a scan (text already written) with what each would-be steering does there: a steer
+    decision, and a flag of a rule that ``steering:`` entries wait for, get ``resolution`` = ``actions[rule id]``
+    (:func:`scan_actions`; a steer rule missing there: block). The decision itself (rule, token, score, action)
     stays what generation decides there; only what it does differs, since a scan cannot steer."""
-    return [dataclasses.replace(d, resolution=scan_actions.get(d.rule, "block"))
-            if d.action == "steer" and d.resolution is None else d for d in decisions]
+    out = []
+    for d in decisions:
+        if d.resolution is None and (d.action == "steer" or (d.action == "flag" and d.rule in actions)):
+            d = dataclasses.replace(d, resolution=actions.get(d.rule, "block"))
+        out.append(d)
+    return out
 
 
 def strongest_action(decisions: Iterable[Decision]) -> str:
-    """``block`` > ``steer`` > ``flag`` > ``allow`` over ``decisions`` (errors and scanned steers count as their
-    resolution)."""
+    """``block`` > ``steer`` > ``flag`` > ``allow`` over ``decisions`` (errors and scan-resolved decisions count as
+    their resolution)."""
     best = "allow"
     for d in decisions:
-        if d.action == "error":
-            a = d.resolution or "block"
-        elif d.action == "steer" and d.resolution:
-            a = d.resolution
-        else:
-            a = d.action
+        a = acted(d.action, d.resolution) or "allow"
         if ACTION_ORDER.get(a, 0) > ACTION_ORDER[best]:
             best = a
     return best
@@ -372,6 +388,7 @@ __all__ = [
     "Role",
     "RuleSpec",
     "ScanEvent",
+    "acted",
     "cascade_band",
     "decide_scan",
     "escalate",
@@ -385,7 +402,7 @@ __all__ = [
     "resolve_scan",
     "rule_layer",
     "rule_layers",
-    "scan_action_of",
+    "scan_actions",
     "scoped_rules",
     "score_only",
     "scores_token",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrails.core.semantics import on_error_of, rule_layer, scan_action_of
+from guardrails.core.semantics import on_error_of, rule_layer, scan_actions
 from guardrails.onnx.manifest import (
     CHECK_TEXTS,
     FORMAT,
@@ -203,6 +203,7 @@ def _export_policy(pol: Any) -> Any:
 def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
 
     rules = []
+    actions = scan_actions(pol)
     for rule in pol.rules:
         det = rule.detector
         layer = rule_layer(pol, rule)
@@ -210,7 +211,7 @@ def _rules_manifest(pol: Any) -> tuple[list[dict[str, Any]], list[int]]:
             "id": rule.id, "layer": layer, "scope": rule.scope, "threshold": float(rule.threshold),
             "action": rule.action, "window": det.window, "aggregate": det.aggregate,
             "block_above": rule.steer.block_above if rule.steer else None,
-            "scan_action": scan_action_of(rule),
+            "scan_action": actions.get(rule.id),  # what its would-be steering does in a scan; None: its action
             "message": rule.message, "on_error": on_error_of(pol, rule), "category": rule.category,
             "category_head": "not exported" if rule.categories is not None else None,
             **_cascade_manifest(pol, rule),

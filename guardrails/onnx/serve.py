@@ -344,7 +344,8 @@ class OnnxGuard:
                 role=role, category=specs[e.rule].category, **(judge_fields(e.judge) if e.judge else {}),
             ))
         names = [ROLES[int(c)] if 0 <= int(c) < len(ROLES) else None for c in roles]
-        decisions = resolve_scan(decisions, {r["id"]: r.get("scan_action", "block") for r in self.rules})
+        decisions = resolve_scan(decisions, {r["id"]: r.get("scan_action") or "block" for r in self.rules
+                                             if r.get("scan_action") or r["action"] == "steer"})
         return TextScore(scores, token_scores, decisions, tokens, sorted(set(failed_layers.values())), names)
 
     @staticmethod

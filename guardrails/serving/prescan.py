@@ -48,11 +48,17 @@ def _refusal(guard: GuardedModel, decisions: list[Decision]) -> str:
     return guard.policy.refusal
 
 
+def fired(decisions: Sequence[Decision]) -> set[str]:
+    """Rules that fired with a steer or a flag in a generation (a flag that ``steering:`` entries wait for steers)."""
+    return {d.rule for d in decisions if d.action in ("steer", "flag")}
+
+
 def prescan_blocks(pre: TextScore, steered: set[str] | None) -> bool:
-    """Whether the pre-scan ``pre`` blocks a generation whose steer rules ``steered`` fired on the original prompt
-    (None: not known yet, before the prefill; steer hits then wait for it). A steer rule's hit on the normalized
-    prompt blocks (its ``steer.scan_action``) only where that rule did not steer the generation."""
-    return any(is_block(d) and not (d.action == "steer" and (steered is None or d.rule in steered))
+    """Whether the pre-scan ``pre`` blocks a generation whose rules ``steered`` (:func:`fired`) fired on the original
+    prompt (None: not known yet, before the prefill; would-be steering then waits for it). Would-be steering on the
+    normalized prompt (a steer rule's hit, a steering trigger's flag) blocks (its ``steer.scan_action``) only where
+    that rule did not fire, and so steer, in the generation."""
+    return any(is_block(d) and not (d.action in ("steer", "flag") and (steered is None or d.rule in steered))
                for d in pre.decisions)
 
 
@@ -68,10 +74,10 @@ def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: lis
         steps = ", ".join((ts.normalization or {}).get("steps", [])) or "decoded segments"
         # a steer rule that also fired on the original prompt steered this generation: its scan decision is that
         # steer, not the block a scan does where nothing was steered (steer.scan_action)
-        steered = {d.rule for d in r.decisions if d.action == "steer"}
+        steered = fired(r.decisions)
         added = [Decision(**{**d.__dict__, "sequence": b, "position": -1, "output_index": None,
                              "reason": d.reason or f"in the normalized prompt ({steps})",
-                             **({"resolution": None} if d.action == "steer" and d.rule in steered else {})})
+                             **({"resolution": None} if d.action in ("steer", "flag") and d.rule in steered else {})})
                  for d in ts.decisions]
         r.decisions[:0] = added
         if prescan_blocks(ts, steered):
@@ -82,4 +88,4 @@ def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: lis
     return results
 
 
-__all__ = ["apply_prescan", "prescan", "prescan_blocks"]
+__all__ = ["apply_prescan", "fired", "prescan", "prescan_blocks"]

@@ -1,7 +1,8 @@
 """Scans on the Hugging Face path: one batch of prompts (and optional responses) through a single prefill that stops
 at the deepest watched layer, scored as generation would score these tokens (:meth:`GuardedModel.score` plans the
-batches, normalisation included). A scan cannot steer: a steer decision carries its rule's ``steer.scan_action``
-as its resolution (default block; :func:`~guardrails.core.semantics.resolve_scan`)."""
+batches, normalisation included). A scan cannot steer: a steer decision (and a flag that ``steering:`` entries wait
+for) carries the ``steer.scan_action`` as its resolution (default block;
+:func:`~guardrails.core.semantics.resolve_scan`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from guardrails.core.decision import TextScore
-from guardrails.core.semantics import ROLE_CODES, ROLES, resolve_scan, scan_action_of
+from guardrails.core.semantics import ROLE_CODES, ROLES, resolve_scan, scan_actions
 from guardrails.engine.hooks import StopForward, output_hooks, stop_after_layer
 from guardrails.engine.run import Decision, StepContext
 from guardrails.serving.judging import text_source
@@ -71,14 +72,14 @@ def score_batch(gm: GuardedModel, texts: list[PromptLike], responses: list[str |
     run.ctx = None
     run.resolve_escalations()  # the cascade's judges, outside the model's lock
     results = []
-    scan_actions = {r.id: scan_action_of(r) for r in gm.policy.rules}  # a scan cannot steer: steer rules' resolution
+    actions = scan_actions(gm.policy)  # a scan cannot steer: what would-be steering does instead
     for b, row in enumerate(rows):
         ts = run.token_scores(b)
         scores = {rid: (max(v.values()) if v else float("nan")) for rid, v in ts.items()}
         decisions = resolve_scan([
             Decision(**{**d.__dict__, "sequence": offset + b, "token": token_text(tok, row, d.position)})
             for d in sorted((d for d in run.decisions if d.sequence == b), key=lambda d: d.position)
-        ], scan_actions)
+        ], actions)
         names = [ROLES[c] if 0 <= c < len(ROLES) else None for c in role_rows[b]]
         results.append(TextScore(scores, ts, decisions, tok.convert_ids_to_tokens(row), list(run.errors), names))
     return results

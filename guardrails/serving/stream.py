@@ -19,7 +19,7 @@ import torch
 from guardrails.core.decision import TextScore
 from guardrails.engine.run import GuardRun
 from guardrails.serving.failsafe import apply_failure, result_or_on_error
-from guardrails.serving.prescan import apply_prescan, prescan, prescan_blocks
+from guardrails.serving.prescan import apply_prescan, fired, prescan, prescan_blocks
 from guardrails.serving.prompts import GenerationArgs, PromptLike, check_prompts, is_batch
 from guardrails.serving.result import GenerationResult
 
@@ -95,7 +95,7 @@ class GuardedStream:
                 if pending:  # after the prefill, before any text: did the original prompt steer those rules?
                     pending = False
                     assert pre is not None
-                    if prescan_blocks(pre, {d.rule for d in run.decisions if d.action == "steer"}):
+                    if prescan_blocks(pre, fired(run.decisions)):
                         released = [[]]
                         break
                 text = tok.decode(released[0], skip_special_tokens=True)
