@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,30 @@ def test_yaml_round_trip() -> None:
     assert again.digest == p.digest
     changed = Policy.from_yaml(_edit("threshold: 2.5", "threshold: 2.6"))
     assert changed.digest != p.digest
+
+
+
+SHIPPED = sorted(f.stem for f in (Path(__file__).resolve().parents[1] / "policies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_policy_round_trips_through_yaml(name: str) -> None:
+    # the vLLM worker and the audit trail read a policy back from to_yaml(): defaults written out (a steering
+    # entry's scan_action, an always-on one's included) must parse again to the same policy
+    p = Policy.from_path(name)
+    again = Policy.from_yaml(p.to_yaml(), base_dir=p.base_dir)
+    assert again == p and again.digest == p.digest
+
+
+@pytest.mark.parametrize("trigger", [{"always": True}, {"when": "gate"},
+                                     {"when": "gate", "steer": {"scan_action": "flag"}}])
+def test_steering_entries_round_trip_through_yaml(trigger: dict[str, Any]) -> None:
+    trigger = dict(trigger)
+    steer = {"direction": "d.safetensors", **trigger.pop("steer", {})}
+    q = Policy.from_dict({"name": "s", "rules": [{"id": "gate", "scope": "input", "threshold": 1.0, "action": "flag",
+                                                    "detector": {"kind": "linear", "layer": 0, "weights": "w"}}],
+                          "steering": [{"id": "e", **trigger, "steer": steer}]})
+    assert Policy.from_yaml(q.to_yaml()) == q
 
 
 def test_from_path_resolves_relative_paths(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ class SteerRule(_Strict):
             raise ValueError("steer.features: only valid on a rule with an sae_features detector; use direction")
         if self.steer.direction is None:
             raise ValueError("steer.direction: required in steering: entries (a file or 'sae:<sae id>:<feature>')")
-        if self.always and "scan_action" in self.steer.model_fields_set:
+        if self.always and self.steer.scan_action != "block":  # the default is written back by to_yaml: accept it
             raise ValueError("steer.scan_action: only for entries with 'when: <rule id>' (what a scan does when that "
                              "rule fires); an always-on entry has no trigger; remove it")
         return self

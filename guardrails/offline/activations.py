@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from guardrails.core.errors import CalibrationError
 from guardrails.engine.hooks import StopForward, capture, stop_after_layer
 from guardrails.serving.prompts import PromptLike  # a string (one user turn) or {"role", "content"} turns
 
@@ -75,8 +76,6 @@ def prompt_text(tokenizer: Any, text: PromptLike, chat: bool = True, spans: dict
     from guardrails.serving.prompts import render_prompt
 
     if not getattr(tokenizer, "chat_template", None):
-        from guardrails.offline.labeled import CalibrationError
-
         raise CalibrationError("a conversation (a row's 'system' or 'messages', or --system) needs a tokenizer with a "
                                "chat template; this model's tokenizer has none: give the rows as 'text' alone")
     return render_prompt(tokenizer, list(text), True, spans if spans is not None else {})
