@@ -419,3 +419,15 @@ def test_copy_positions_by_hand() -> None:
     assert copy_positions([7, 7, 7, 7, 7]) == [False, False, False, True]
     assert copy_positions([1, 2], n=2) == [False]
     assert copy_positions([]) == []
+
+
+def test_shipped_directions_load_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardrails.engine.steering import load_direction
+
+    monkeypatch.chdir(tmp_path)  # no such file here: the bare name is the shipped direction
+    d, meta = load_direction("refusal-l12")
+    same, _ = load_direction(Path(__file__).resolve().parents[1] / "calibration/directions/refusal-l12.safetensors")
+    assert torch.equal(d, same) and meta.get("layer") == "12"
+    assert torch.equal(load_direction("refusal-l12.safetensors")[0], same)
+    with pytest.raises(SteeringError, match=r"'nope' not found; .* shipped direction: .*french-l9.*refusal-l12"):
+        load_direction("nope")

@@ -37,4 +37,19 @@ def shipped_policy(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-__all__ = ["data_root", "policies_dir", "shipped_policies", "shipped_policy"]
+def shipped_direction(name: str) -> Path | None:
+    """A shipped steering direction by file name (``refusal-l12`` or ``refusal-l12.safetensors``), or None."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    folder = data_root() / "calibration" / "directions"
+    path = folder / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+    return path if path.is_file() else None
+
+
+def shipped_directions() -> list[str]:
+    """Names of the shipped steering directions (``refusal-l12``, ``french-l9``, ...)."""
+    folder = data_root() / "calibration" / "directions"
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+__all__ = ["data_root", "policies_dir", "shipped_direction", "shipped_directions", "shipped_policies", "shipped_policy"]

@@ -94,12 +94,19 @@ def unit_direction(direction: Tensor, d_model: int | None = None, *, where: str 
 
 
 def load_direction(path: str | os.PathLike[str]) -> tuple[Tensor, dict[str, str]]:
-    """Read a direction file (safetensors, tensor ``direction`` or ``weight``) and its metadata (layer...)."""
+    """Read a direction file (safetensors, tensor ``direction`` or ``weight``) and its metadata (layer...); a bare
+    name that is no file here is a shipped direction (``refusal-l12``, ``french-l9``, ...)."""
     from safetensors import safe_open
+
+    from guardrails._data import shipped_direction, shipped_directions
 
     p = Path(path)
     if not p.is_file():
-        raise SteeringError(f"direction file {str(p)!r} not found")
+        shipped = shipped_direction(str(path))
+        if shipped is None:
+            raise SteeringError(f"direction file {str(p)!r} not found; give a .safetensors file (guardrails "
+                                f"direction writes one) or a shipped direction: {', '.join(shipped_directions())}")
+        p = shipped
     try:
         with safe_open(str(p), framework="pt") as f:
             keys = list(f.keys())
