@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from guardrails.audit.report import render_record
 from guardrails.audit.store import (
     ACTIONS,
     GENESIS,
@@ -149,6 +150,22 @@ def test_scan_record(store: AuditStore) -> None:
     assert rec["trace"]["scores"]["pii"] == [None, 1.0, 2.5]
     with pytest.raises(ValueError, match="kind"):
         store.record_scan(ts, guard, "Tell me", "")
+
+
+@pytest.mark.parametrize("resolution", ["block", "flag"])
+def test_scan_record_of_a_steer_a_scan_could_not_apply(store: AuditStore, resolution: str) -> None:
+    # a scan cannot steer: the steer decision carries what the rule did instead (steer.scan_action)
+    guard = FakeGuard(make_policy())
+    d = Decision(action="steer", rule="harm", score=2.5, threshold=2.0, position=2, scope="input", token="Ġme",
+                 resolution=resolution)
+    ts = TextScore(scores={"harm": 2.5}, token_scores={"harm": {1: 1.0, 2: 2.5}}, decisions=[d],
+                   tokens=["<s>", "Tell", "Ġme"])
+    rec = store.get(store.record_scan(ts, guard, "Tell me", "output")).data
+    assert rec["action"] == resolution and rec["blocked"] == (resolution == "block")
+    assert rec["flagged"] == (resolution == "flag") and not rec["steered"]
+    assert rec["decisions"][0]["action"] == "steer" and rec["decisions"][0]["resolution"] == resolution
+    page = render_record(store.get(store.list()[0].id))
+    assert '(in a scan: <span class="badge"' in page and f">{resolution}</span>)" in page
 
 
 def test_list_filters(store: AuditStore) -> None:
