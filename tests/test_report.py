@@ -272,3 +272,24 @@ def test_tokens_of_a_character_split_over_several_show_it_whole() -> None:
     shown = _display_tokens(tok.convert_ids_to_tokens(ids), tok)
     assert "".join(shown) == "naïve café 👋 日本語" and not any("\ufffd" in s for s in shown)
     assert _context(shown, shown.index("")).endswith("[[ 👋]]")  # a feature firing on the emoji's second byte
+
+
+def test_the_later_pieces_of_a_split_character_stay_hoverable(tmp_path: Path) -> None:
+    # the character shows on its first token; its later tokens have no text of their own, but stay spans one can
+    # point at (a decision may sit on one), with a title saying what they are
+    from dataclasses import replace
+
+    from tests.builders import bundled_tokenizer
+
+    tok = bundled_tokenizer()
+    guard = FakeGuard(make_policy())
+    guard.tokenizer = tok  # type: ignore[attr-defined]
+    ids = tok("Tell me 👋 ok")["input_ids"]
+    result = replace(make_result(), tokens=tok.convert_ids_to_tokens(ids), prompt_length=len(ids), decisions=[],
+                     token_scores={"harm": {p: 0.1 for p in range(1, len(ids))}})
+    with AuditStore(tmp_path / "audit.db") as s:
+        page = Page(render_record(s.get(s.record(result, guard))))
+    joined = page.with_class("joined")
+    assert joined and all(page.span_text[a["id"]] == "" for a in joined)
+    assert all("later piece of the character" in a["title"] for a in joined)
+    assert "".join(page.span_text.values()) == "Tell me 👋 ok"

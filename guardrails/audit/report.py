@@ -47,6 +47,7 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 .tok.withheld { text-decoration: line-through; }
 .tok.selected { box-shadow: 0 0 0 3px #2563eb; }
 .tok.redacted { color: #9ca3af; }
+.tok.joined { display: inline-block; min-width: 4px; min-height: 1em; vertical-align: text-bottom; }
 .legend { display: flex; align-items: center; gap: 10px; flex-wrap: wrap; color: var(--muted); }
 .legend .bar { width: 220px; height: 12px; border-radius: 3px;
                background: linear-gradient(90deg, rgba(245,158,11,.08), rgba(245,158,11,.63)); }
@@ -251,6 +252,9 @@ def render_record(record: AuditRecord | Mapping[str, Any]) -> str:
             title.append("withheld from the caller")
         if redacted:
             classes.append("redacted")
+        if tokens is not None and not text:  # a later byte of a character shown whole on its first token
+            classes.append("joined")
+            title.append("a later piece of the character shown on the token before")
         attrs = (f' id="t{pos}" class="{" ".join(classes)}" data-pos="{pos}" data-text="{_e(text)}"'
                  f' data-scores="{_json_attr(tok_scores)}" data-features="{_json_attr(features.get(pos, []))}"'
                  f' title="{_e(chr(10).join(title))}"')
