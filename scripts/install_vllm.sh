@@ -36,7 +36,7 @@ fi
 import importlib.util, subprocess, sys
 needed = {"safetensors": "safetensors", "pydantic": "pydantic", "yaml": "PyYAML", "typer": "typer",
           "rich": "rich", "tqdm": "tqdm", "numpy": "numpy", "gguf": "gguf", "accelerate": "accelerate",
-          "huggingface_hub": "huggingface_hub", "pytest": "pytest",
+          "huggingface_hub": "huggingface_hub", "pytest": "pytest", "pytest_timeout": "pytest-timeout",
           # guardrails serve --engine vllm and its tests (vLLM brings these; checked anyway)
           "fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx", "prometheus_client": "prometheus_client",
           "openai": "openai"}

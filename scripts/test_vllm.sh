@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${GUARDRAILS_VLLM_VENV:-/opt/venvs/vllm}"
-if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import vllm, pytest_timeout" >/dev/null 2>&1; then
   bash scripts/install_vllm.sh
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
