@@ -149,6 +149,22 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
         assert got["worst_source"] in {"s0", "s1"}
         aurocs[rid] = got["auroc"]
     assert aurocs["low"] != aurocs["high"]  # the two rules really are scored on different activations
+    # a steer rule: the report says what firing means (steered in generation, blocked from block_above; a scan does
+    # its scan_action), with the share of each label reaching block_above
+    low = np.array([t.scores["low"] for t in served])
+    srt = np.sort(low)
+    above = float((srt[len(srt) // 2 - 1] + srt[len(srt) // 2]) / 2)  # between two rows: no row sits on the edge
+    steer_rule = {**rules[0], "action": "steer", "steer": {"strength": 0.0, "block_above": above}}
+    (tmp_path / "steer.yaml").write_text(yaml.safe_dump({"name": "steer", "rules": [steer_rule, rules[1]]}))
+    res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "steer.yaml"), "--data", str(data), "--rule",
+                                   "low", "--model", str(tmp_path / "model"), "--json"])
+    assert res.exit_code == 0, res.output
+    st = _json.loads(res.stdout.strip().splitlines()[-1])["steer"]
+    assert st["scan_action"] == "block" and st["block_above"] == above
+    assert st["blocked_in_generation"]["label_1"] == pytest.approx((low[d.labels == 1] >= above).mean(), abs=1e-6)
+    res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "steer.yaml"), "--data", str(data), "--rule",
+                                   "low", "--model", str(tmp_path / "model")])
+    assert "low steers" in res.output and "steer.scan_action: block" in " ".join(res.output.split())
     # a harmful-only file (a recall check): only TPR is defined, and the table says so; --rows makes its folder
     ones = tmp_path / "ones.jsonl"
     ones.write_text("".join(_json.dumps({"text": f"{w} {w}", "label": 1}) + "\n" for w in words[:6]))

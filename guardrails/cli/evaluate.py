@@ -137,6 +137,9 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
                          (e.get("data_sha256"), (e.get("features_from") or {}).get("sha256")))
     if fitted_here:  # the thresholds were fitted on these very rows
         out["in_sample"] = fitted_here
+    scored = next((r for r in policy.rules if r.id == rule_id), None)
+    if scored is not None and scored.action == "steer" and scored.steer is not None:  # what "fires" means here
+        out["steer"] = steer_report(scored, scores, data.labels)
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
     for field_name in by or []:
@@ -168,6 +171,21 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
 
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
                                          rule_scope(rule), window=rule.detector.window)
+    return out
+
+
+def steer_report(rule: Any, scores: Any, labels: Any) -> dict[str, Any]:
+    """A steer rule's firing, split by what it does: a generation steers from the threshold and blocks from
+    ``block_above`` (the shares of each label reaching it); a scan of text already written cannot steer and does the
+    rule's ``steer.scan_action`` from the threshold."""
+    above = rule.steer.block_above
+    out: dict[str, Any] = {"rule": rule.id, "threshold": float(rule.threshold), "block_above": above,
+                           "scan_action": rule.steer.scan_action}
+    if above is not None:
+        hit = np.nan_to_num(np.asarray(scores, dtype=float), nan=-np.inf) >= above
+        y = np.asarray(labels)
+        out["blocked_in_generation"] = {f"label_{k}": float(hit[y == k].mean()) if (y == k).any() else None
+                                        for k in (1, 0)}
     return out
 
 
@@ -268,6 +286,16 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
         only, rate = ("label 1", "TPR (the share that fires)") if res.get("positives") else ("label 0", "FPR")
         console.print(f"[yellow]note[/]: {who}every row is {only}: only {rate} is defined here; AUROC and the "
                       "rates at a fixed FPR need both labels")
+    if "steer" in res:
+        st = res["steer"]
+        gen = st.get("blocked_in_generation") or {}
+        blocked = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in gen.items() if v is not None)
+        console.print(f"{who}{st['rule']} steers: the rates above are the rows it fires on. A generation steers them "
+                      f"and blocks from block_above {st['block_above']}" + (f" ({blocked} of the rows)" if blocked
+                                                                             else "")
+                      + f"; a scan of text already written (SAEGuard, the proxy, /v1/guard/check) cannot steer and "
+                      f"{'blocks' if st['scan_action'] == 'block' else 'flags'} them (steer.scan_action: "
+                      f"{st['scan_action']})")
     if "cascade" in res:
         console.print(who + res["cascade"]["summary"])
     for rid, c in (res.get("category_naming") or {}).items():
