@@ -25,6 +25,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from guardrails.core.errors import GuardrailsError  # noqa: E402
 from guardrails.integrations.langchain import SAEGuard  # noqa: E402
 from guardrails.offline.labeled import load_labeled  # noqa: E402
 
@@ -39,10 +40,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-response-chars", type=int, default=2000, help="cut answers to this many characters")
     args = ap.parse_args(argv)
 
-    data = load_labeled(args.data, limit=args.limit, max_response_chars=args.max_response_chars)
-    if data.responses is None:
-        ap.error(f"--data {args.data}: no response column; the output guard scores answers")
-    guard = SAEGuard.from_policy(args.policy, mode="output")
+    try:
+        data = load_labeled(args.data, limit=args.limit, max_response_chars=args.max_response_chars)
+        if data.responses is None:
+            ap.error(f"--data {args.data}: no response column; the output guard scores answers")
+        guard = SAEGuard.from_policy(args.policy, mode="output")
+    except GuardrailsError as exc:  # a bad file, policy or model: the message names it
+        ap.error(str(exc))
     rules = {r.id: r for r in guard.policy.rules if r.scope == "output"}
     groups = data.fields.get(args.by) if args.by and args.by not in ("source", "category") else (
         data.sources if args.by == "source" else data.categories if args.by == "category" else None)
