@@ -6,8 +6,8 @@ microseconds, needs no network, and is fitted on the repository's training sourc
 probability cut chosen on the calibration split. It reads the text of the request (the judge's
 ``request.text``), never the prompt template. It is no claim about what an LLM judge would do.
 
-    python -m guardrails.offline.text_judge   # fit, pick the cut, write calibration/probes/text-judge.safetensors
-    judge = bundled_judge()                            # the committed artifact
+    python scripts/build_text_judge.py   # fit, pick the cut, write calibration/probes/text-judge.safetensors
+    judge = bundled_judge()                       # the committed artifact
     guard = GuardedModel(model, tok, policy, judges={"text-judge": judge})
 
 Saved as one ``.safetensors`` file (``idf`` and ``coef`` tensors; settings, vocabulary, cut, intercept and
@@ -179,10 +179,3 @@ def bundled_judge() -> TextJudge:
     """The committed judge (``calibration/probes/text-judge.safetensors``); use as ``--judge
     guardrails.offline.text_judge:bundled_judge()``."""
     return TextJudge.load(artifact_stem())
-
-
-if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[2] / "calibration" / "data"
-    j = fit([root / f for f in TRAIN_FILES], [root / f for f in CAL_FILES])
-    print(json.dumps({"wrote": str(j.save(artifact_stem())), "terms": len(j.vocabulary), "cut": j.cut,
-                      **{k: v for k, v in (j.meta or {}).items() if k.startswith("cal_")}}))
