@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from guardrails.core.cascade import judge_name
-from guardrails.core.semantics import acted
+from guardrails.core.outcomes import acted, flags
 from guardrails.core.tokentext import token_pieces
 
 ACTIONS = ("block", "steer", "flag", "error", "allow")
@@ -115,11 +115,6 @@ def _display_tokens(tokens: list[str], tokenizer: Any) -> list[str]:
         return "".join(str(t).replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ") for t in group)
 
     return token_pieces(tokens, text)
-
-
-def _flags(d: dict[str, Any]) -> bool:
-    """A recorded decision that marks the text (:func:`~guardrails.core.semantics.is_flag` on the record)."""
-    return d.get("action") == "error" or acted(d.get("action"), d.get("resolution")) == "flag"
 
 
 def _summary_action(blocked: bool, steered: bool, decisions: list[dict[str, Any]]) -> str:
@@ -238,7 +233,7 @@ def build_generation_record(result: Any, guard: Any) -> dict[str, Any]:
                    "released": _text_field(result.released_text, redact)},
         "blocked": bool(result.blocked),
         "steered": bool(result.steered),
-        "flagged": any(_flags(d) for d in decisions),
+        "flagged": any(flags(d.get("action"), d.get("resolution")) for d in decisions),
         "action": _summary_action(bool(result.blocked), bool(result.steered), decisions),
         "decisions": decisions,
         "errors": list(getattr(result, "errors", []) or []),
@@ -264,7 +259,7 @@ def build_scan_record(text_score: Any, guard: Any, text: str, kind: str) -> dict
         "output": {"text": None, "sha256": None, "released": {"text": None, "sha256": None}},
         "blocked": blocked,
         "steered": False,
-        "flagged": any(_flags(d) for d in decisions),
+        "flagged": any(flags(d.get("action"), d.get("resolution")) for d in decisions),
         "action": _summary_action(blocked, False, decisions),
         "decisions": decisions,
         "errors": [],

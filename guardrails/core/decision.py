@@ -83,13 +83,13 @@ class TextScore:
 
     @property
     def blocked(self) -> bool:
-        from guardrails.core.semantics import is_block
+        from guardrails.core.outcomes import is_block
 
         return any(is_block(d) for d in self.decisions)
 
     @property
     def flagged(self) -> bool:
-        from guardrails.core.semantics import is_flag
+        from guardrails.core.outcomes import is_flag
 
         return any(is_flag(d) for d in self.decisions)
 

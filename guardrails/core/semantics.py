@@ -11,9 +11,9 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 - :func:`gate_cap`: an output rule gated by an input rule's prompt score (``gate:``);
 - :func:`escalate` and :func:`threshold_of`: a steer rule's ``block_above`` turning it into a block;
 - :func:`on_error_of`, :func:`refusal_for`: what a failure does, what a block says;
-- :func:`is_block`, :func:`is_flag`, :func:`strongest_action`: predicates over decisions;
-- :func:`scan_actions`, :func:`resolve_scan`, :func:`acted`: what would-be steering does in a scan (nothing can be
-  steered there: a steer rule's, or a ``steering: when:`` entry's, ``steer.scan_action``; default block);
+- :func:`is_block`, :func:`is_flag`, :func:`strongest_action`, and what would-be steering does in a scan
+  (:func:`scan_actions`, :func:`resolve_scan`, :func:`acted`): what decisions do, in
+  :mod:`guardrails.core.outcomes` (re-exported here);
 - :func:`scoped_rules`: a policy's rules for an input-only or output-only guard;
 - :func:`cascade_band`, :func:`judged_action`, :func:`judge_fields`: the cascade (a rule's uncertain band
   between ``threshold`` and ``escalate_above`` goes to a judge; :mod:`guardrails.core.cascade`).
@@ -21,14 +21,19 @@ guard, calibration and ``guardrails eval``) asks these functions, so they cannot
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from guardrails.core.cascade import JudgeOutcome
-from guardrails.core.decision import Decision
+from guardrails.core.outcomes import ACTION_ORDER as ACTION_ORDER  # re-exported (what decisions do: outcomes.py)
+from guardrails.core.outcomes import acted as acted  # re-exported
+from guardrails.core.outcomes import is_block as is_block  # re-exported
+from guardrails.core.outcomes import is_flag as is_flag  # re-exported
+from guardrails.core.outcomes import resolve_scan as resolve_scan  # re-exported
+from guardrails.core.outcomes import scan_actions as scan_actions  # re-exported
+from guardrails.core.outcomes import strongest_action as strongest_action  # re-exported
 
 if TYPE_CHECKING:
     from guardrails.core.policy import Policy, Rule
@@ -37,8 +42,6 @@ Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 """Prompt roles, in the order of their integer codes (``ROLE_CODES``)."""
 ROLE_CODES: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
-ACTION_ORDER: dict[str, int] = {"allow": 0, "flag": 1, "steer": 2, "block": 3}
-"""Strength of an action, for :func:`strongest_action`."""
 
 
 def rule_layer(policy: Policy, rule: Rule) -> int:
@@ -138,65 +141,6 @@ def refusal_for(policy: Policy, rule_id: str | None) -> str:
     """The text a blocked caller gets: the blocking rule's ``message``, else the policy's refusal."""
     rule = next((r for r in policy.rules if r.id == rule_id), None)
     return (rule.message if rule is not None and rule.message else None) or policy.refusal
-
-
-def is_block(d: Decision) -> bool:
-    """A decision that stops the text: a block, an error resolved as block, or (in a scan) a steer decision or a
-    steering trigger's flag resolved as block (:func:`resolve_scan`)."""
-    return d.action == "block" or (d.action in ("error", "steer", "flag") and d.resolution == "block")
-
-
-def is_flag(d: Decision) -> bool:
-    """A decision that lets the text through but marks it: a flag (unless a scan resolved it as block), an error
-    (whatever it resolved to), or a steer decision a scan resolved as flag."""
-    if d.action == "flag":
-        return d.resolution != "block"
-    return d.action == "error" or (d.action == "steer" and d.resolution == "flag")
-
-
-def acted(action: str | None, resolution: str | None) -> str | None:
-    """What a decision did: its action; an error's resolution (default block); in a scan, the resolution of a steer
-    decision or of a steering trigger's flag."""
-    if action == "error":
-        return resolution or "block"
-    if action in ("steer", "flag") and resolution:
-        return resolution
-    return action
-
-
-def scan_actions(policy: Policy) -> dict[str, str]:
-    """Per rule id, what its decisions do in a scan, where nothing can be steered: a steer rule's
-    ``steer.scan_action``; a rule that ``steering:`` entries wait for (``when:``), the strongest of theirs (block
-    over flag). Rules not listed act as they say."""
-    out: dict[str, str] = {r.id: r.steer.scan_action for r in policy.rules if r.action == "steer" and r.steer}
-    for sr in policy.steering:
-        if sr.when is not None:
-            out[sr.when] = "block" if "block" in (sr.steer.scan_action, out.get(sr.when)) else sr.steer.scan_action
-    return out
-
-
-def resolve_scan(decisions: Sequence[Decision], actions: Mapping[str, str]) -> list[Decision]:
-    """``decisions`` of a scan (text already written) with what each would-be steering does there: a steer
-    decision, and a flag of a rule that ``steering:`` entries wait for, get ``resolution`` = ``actions[rule id]``
-    (:func:`scan_actions`; a steer rule missing there: block). The decision itself (rule, token, score, action)
-    stays what generation decides there; only what it does differs, since a scan cannot steer."""
-    out = []
-    for d in decisions:
-        if d.resolution is None and (d.action == "steer" or (d.action == "flag" and d.rule in actions)):
-            d = dataclasses.replace(d, resolution=actions.get(d.rule, "block"))
-        out.append(d)
-    return out
-
-
-def strongest_action(decisions: Iterable[Decision]) -> str:
-    """``block`` > ``steer`` > ``flag`` > ``allow`` over ``decisions`` (errors and scan-resolved decisions count as
-    their resolution)."""
-    best = "allow"
-    for d in decisions:
-        a = acted(d.action, d.resolution) or "allow"
-        if ACTION_ORDER.get(a, 0) > ACTION_ORDER[best]:
-            best = a
-    return best
 
 
 def cascade_band(threshold: float, escalate_above: float | None, score: float) -> Literal["pass", "judge", "act"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardrails.core.semantics import is_block
+from guardrails.core.outcomes import flags, is_block
 
 
 class Metrics:
@@ -36,7 +36,7 @@ class Metrics:
         for d in decisions:
             if is_block(d):
                 self.blocks.labels(d.rule, d.scope).inc()
-            elif d.action == "flag" or (d.action == "steer" and d.resolution == "flag"):
+            elif d.action != "error" and flags(d.action, d.resolution):  # errors are counted below
                 self.flags.labels(d.rule, d.scope).inc()
             if d.action == "error":
                 self.errors.labels("scoring").inc()
