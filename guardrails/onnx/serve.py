@@ -173,6 +173,9 @@ class OnnxGuard:
         self._template = _ChatTemplate(template, tok.get("special_tokens", {})) if template else None
         self.rules: list[dict[str, Any]] = self.manifest["rules"]
         self.order: list[int] = self.manifest["evaluation_order"]
+        self.scan_actions: dict[str, str] = {r["id"]: r.get("scan_action") or "block" for r in self.rules
+                                             if r.get("scan_action") or r["action"] == "steer"}
+        """What would-be steering does in this scan (``semantics.scan_actions``; manifests before it: block)."""
         self.policy_name: str = self.manifest["policy"]["name"]
         roles = self.manifest["policy"].get("input_roles", ["user", "tool"])
         self.input_roles = frozenset(ROLE_CODES[r] for r in roles)
@@ -344,8 +347,7 @@ class OnnxGuard:
                 role=role, category=specs[e.rule].category, **(judge_fields(e.judge) if e.judge else {}),
             ))
         names = [ROLES[int(c)] if 0 <= int(c) < len(ROLES) else None for c in roles]
-        decisions = resolve_scan(decisions, {r["id"]: r.get("scan_action") or "block" for r in self.rules
-                                             if r.get("scan_action") or r["action"] == "steer"})
+        decisions = resolve_scan(decisions, self.scan_actions)
         return TextScore(scores, token_scores, decisions, tokens, sorted(set(failed_layers.values())), names)
 
     @staticmethod
