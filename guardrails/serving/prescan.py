@@ -12,6 +12,7 @@ are added to the result's decisions; ``result.normalization`` records what was f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,13 +54,18 @@ def fired(decisions: Sequence[Decision]) -> set[str]:
     return {d.rule for d in decisions if d.action in ("steer", "flag")}
 
 
+def as_steered(decisions: Sequence[Decision], steered: set[str] | None) -> list[Decision]:
+    """The pre-scan's ``decisions`` for a generation whose rules ``steered`` (:func:`fired`; None: not known yet,
+    before the prefill: all of them) fired on the original prompt: their would-be steering on the normalized prompt
+    (a steer rule's hit, a steering trigger's flag) is that steering, not a scan's block (resolution cleared); the
+    others keep their ``steer.scan_action``."""
+    return [dataclasses.replace(d, resolution=None)
+            if d.action in ("steer", "flag") and (steered is None or d.rule in steered) else d for d in decisions]
+
+
 def prescan_blocks(pre: TextScore, steered: set[str] | None) -> bool:
-    """Whether the pre-scan ``pre`` blocks a generation whose rules ``steered`` (:func:`fired`) fired on the original
-    prompt (None: not known yet, before the prefill; would-be steering then waits for it). Would-be steering on the
-    normalized prompt (a steer rule's hit, a steering trigger's flag) blocks (its ``steer.scan_action``) only where
-    that rule did not fire, and so steer, in the generation."""
-    return any(is_block(d) and not (d.action in ("steer", "flag") and (steered is None or d.rule in steered))
-               for d in pre.decisions)
+    """Whether the pre-scan ``pre`` blocks a generation whose rules ``steered`` fired (:func:`as_steered`)."""
+    return any(is_block(d) for d in as_steered(pre.decisions, steered))
 
 
 def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: list[GenerationResult],
@@ -72,15 +78,11 @@ def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: lis
         if r.blocked or not ts.decisions:
             continue  # the original prompt already decided, or nothing fired on the normalized one either
         steps = ", ".join((ts.normalization or {}).get("steps", [])) or "decoded segments"
-        # a steer rule that also fired on the original prompt steered this generation: its scan decision is that
-        # steer, not the block a scan does where nothing was steered (steer.scan_action)
-        steered = fired(r.decisions)
-        added = [Decision(**{**d.__dict__, "sequence": b, "position": -1, "output_index": None,
-                             "reason": d.reason or f"in the normalized prompt ({steps})",
-                             **({"resolution": None} if d.action in ("steer", "flag") and d.rule in steered else {})})
-                 for d in ts.decisions]
+        added = [dataclasses.replace(d, sequence=b, position=-1, output_index=None,
+                                     reason=d.reason or f"in the normalized prompt ({steps})")
+                 for d in as_steered(ts.decisions, fired(r.decisions))]
         r.decisions[:0] = added
-        if prescan_blocks(ts, steered):
+        if any(is_block(d) for d in added):
             r.blocked = True
             r.text = _refusal(guard, [d for d in added if is_block(d)])
             r.released_text = ""
@@ -88,4 +90,4 @@ def apply_prescan(guard: GuardedModel, pre: list[TextScore | None], results: lis
     return results
 
 
-__all__ = ["apply_prescan", "fired", "prescan", "prescan_blocks"]
+__all__ = ["apply_prescan", "as_steered", "fired", "prescan", "prescan_blocks"]
