@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from guardrails.audit.store import ACTIONS, AuditRecord
+from guardrails.core.outcomes import blocks
 
 ACTION_COLORS = {"block": "#dc2626", "steer": "#7c3aed", "flag": "#d97706", "error": "#6b7280", "allow": "#16a34a"}
 OVER_COLOR = "rgba(220, 38, 38, 0.78)"
@@ -218,8 +219,7 @@ def render_record(record: AuditRecord | Mapping[str, Any]) -> str:
             if x.get("top_features") and pos not in features:
                 features[pos] = x["top_features"]
 
-    blocked_at = next((x.get("position") for x in decisions if x.get("action") == "block"
-                       or x.get("resolution") == "block"), None)
+    blocked_at = next((x.get("position") for x in decisions if blocks(x.get("action"), x.get("resolution"))), None)
     spans: list[str] = []
     for pos in range(n):
         text = "▪" if tokens is None else str(tokens[pos]) if pos < len(tokens) else ""
@@ -343,7 +343,7 @@ def _decision_table(decisions: list[dict[str, Any]]) -> str:
         pos = x.get("position")
         link = f'<a href="#t{_e(pos)}">{_e(pos)}</a>' if isinstance(pos, int) else _e(pos)
         extra = f" ({_e(x.get('reason'))}; on_error: {_e(x.get('resolution'))})" if x.get("action") == "error" else ""
-        if x.get("action") == "steer" and x.get("resolution"):  # a scan cannot steer: the rule's scan_action
+        if x.get("action") in ("steer", "flag") and x.get("resolution"):  # would-be steering in a scan: scan_action
             extra = f" (in a scan: {_badge(str(x['resolution']))})"
         if x.get("escalated"):  # the cascade: a judge decided this band score
             why = x.get("judge_reason") if x.get("action") != "error" else None
