@@ -184,6 +184,8 @@ def test_load_labeled_errors(tmp_path: Path) -> None:
         load_labeled(_write(tmp_path / "no_label.jsonl", [{"prompt": "a"}]))
     with pytest.raises(CalibrationError, match=r"word.jsonl:1: label must be 0 or 1 \(or true/false, harmful/benign"):
         load_labeled(_write(tmp_path / "word.jsonl", [{"text": "a", "label": "maybe"}]))
+    with pytest.raises(CalibrationError, match=r"got 'yes'; if 'yes' means harmful, pass --positive yes"):
+        load_labeled(_write(tmp_path / "yes.jsonl", [{"text": "a", "label": "yes"}]))
     with pytest.raises(CalibrationError, match=r"empty.jsonl:2: 'text' must be a non-empty string"):
         load_labeled(_write(tmp_path / "empty.jsonl", [{"text": "a", "label": 0}, {"text": " ", "label": 1}]))
     (tmp_path / "bad.csv").write_text('text,label\n"a,0\n')
@@ -199,10 +201,10 @@ def test_load_labeled_forms(tmp_path: Path) -> None:
     from guardrails.offline.calibrate import CalibrationError
 
     rows = [{"prompt": "How do I bake bread?", "label": "benign"}, {"prompt": "Hurt someone", "label": "Harmful"},
-            {"prompt": "x", "label": True}, {"prompt": "y", "label": "0"}]
+            {"prompt": "x", "label": True}, {"prompt": "y", "label": "0"}, {"prompt": "z", "label": "unharmful"}]
     d = load_labeled(_write(tmp_path / "p.jsonl", rows))
     assert d.texts[:2] == ["How do I bake bread?", "Hurt someone"] and d.responses is None
-    assert d.labels.tolist() == [0, 1, 1, 0]
+    assert d.labels.tolist() == [0, 1, 1, 0, 0]  # WildGuardMix's words too
     (tmp_path / "d.csv").write_text('text,label,source,category\n"Bake, then cool",safe,s1,\n'
                                     'Make a weapon,unsafe,s2,weapons\n\n', encoding="utf-8")
     (tmp_path / "extra.csv").write_text("text,label\nBake, then cool,0\n")
@@ -249,7 +251,10 @@ def test_data_format_reads_a_file_in_its_own_layout(tmp_path: Path) -> None:
                       ((None, None, 2), "--label must be 0 or 1"),
                       (("label=y", None, 1), "give one of the two"),
                       ((None, "unsafe", 1), "no label column"),
-                      ((None, " , ", None), "--positive: empty")):
+                      ((None, " , ", None), "--positive: empty"),
+                      (("label=is_safe", None, None), r"label=is_safe: the column's name says a row is safe.*"
+                                                      r"--positive false"),
+                      (("label=isBenign", None, None), "--positive false")):
         with pytest.raises(CalibrationError, match=msg):
             DataFormat.parse(*args)
     with pytest.raises(CalibrationError, match=r"jbb.csv:2: no column 'Gaol' \(--columns text=Gaol\); the row has "

@@ -89,3 +89,17 @@ def test_explain_finds_planted_token_and_draft_rule() -> None:
     from guardrails.core.policy import Policy
 
     Policy.from_dict({"name": "d", "saes": {"main": {"path": "x", "layer": 1}}, "rules": [rule]})  # valid YAML shape
+
+
+def test_explain_shows_a_repeated_text_once() -> None:
+    sae = random_sae(d_model=16, d_sae=32, k=32, architecture="relu")
+    direction = sae.W_enc.data[9] / sae.W_enc.data[9].norm()
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 16, generator=g) * 0.1
+    base[1] += 20 * direction
+    other = torch.randn(4, 16, generator=g) * 0.1
+    other[3] += 10 * direction
+    rows = [base.clone(), base.clone(), base.clone(), other]  # one text three times, then another
+    ctx = [["a", "b", "c", "d"]] * 3 + [["w", "x", "y", "z"]]
+    got = explain(sae, rows, ctx, [9], n=3)[9]
+    assert [w for _, w in got] == ["b", "z"]  # the repeated text once, then the next distinct context

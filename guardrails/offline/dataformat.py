@@ -6,6 +6,7 @@ What the fields then mean is :mod:`guardrails.offline.labeled`'s business."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,12 @@ from guardrails.core.errors import CalibrationError
 
 FIELDS = ("text", "prompt", "response", "label", "source", "category", "system", "messages")
 """The fields a row can have by name (:class:`DataFormat` maps a file's own columns onto them)."""
+
+
+def _says_safe(column: str) -> bool:
+    """A label column whose name says the row is safe (``is_safe``, ``benign``, ``harmless``): its 1 means label 0."""
+    words = re.split(r"[^a-z]+", re.sub(r"([a-z])([A-Z])", r"\1_\2", column).lower())
+    return any(w in ("safe", "benign", "harmless", "unharmful", "innocuous", "ok", "acceptable") for w in words)
 
 
 def _empty(value: Any) -> bool:
@@ -69,6 +76,11 @@ class DataFormat:
         if label is not None and positive is not None:
             raise CalibrationError("--positive names the label column's harmful values; with --label there is no "
                                    "label column to read")
+        mapped = dict(pairs).get("label")
+        if mapped is not None and positive is None and _says_safe(mapped):
+            raise CalibrationError(
+                f"--columns label={mapped}: the column's name says a row is safe, so its true/1/yes would read as "
+                f"harmful; give the values that mean harmful: --positive false (or --positive no, 0)")
         pos = tuple(v.strip().lower() for v in (positive or "").split(",") if v.strip())
         if positive is not None and not pos:
             raise CalibrationError("--positive: empty; give the label values that mean harmful (e.g. --positive "

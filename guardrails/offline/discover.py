@@ -98,7 +98,7 @@ def _context(toks: list[str], j: int, before: int = 6) -> str:
 
 def explain(sae: Any, rows: list[Tensor], contexts: list[list[str]], features: list[int], *, n: int = 5,
             batch_tokens: int = 4096) -> dict[int, list[tuple[float, str]]]:
-    """Top-``n`` (activation, token-in-context) per feature over all rows' tokens (one per text)."""
+    """Top-``n`` (activation, token-in-context) per feature over all rows' tokens (one per text, each context once)."""
     import torch
 
     best: dict[int, list[tuple[float, int, str]]] = {f: [] for f in features}
@@ -114,7 +114,20 @@ def explain(sae: Any, rows: list[Tensor], contexts: list[list[str]], features: l
             if v > 0:
                 where = ctx[int(pos[c])] if int(pos[c]) < len(ctx) else "?"
                 best[f].append((v, r_i, where))
-    return {f: [(round(v, 2), w) for v, _, w in sorted(b, key=lambda t: -t[0])[:n]] for f, b in best.items()}
+    return {f: _distinct(sorted(b, key=lambda t: -t[0]), n) for f, b in best.items()}
+
+
+def _distinct(ranked: list[tuple[float, int, str]], n: int) -> list[tuple[float, str]]:
+    """The first ``n`` of ``ranked`` with distinct contexts: a file that repeats a text shows it once."""
+    out: list[tuple[float, str]] = []
+    seen: set[str] = set()
+    for v, _, where in ranked:
+        if where not in seen:
+            seen.add(where)
+            out.append((round(v, 2), where))
+            if len(out) == n:
+                break
+    return out
 
 
 def draft_rule(stats: list[FeatureStats], *, n_features: int = 5, threshold: float = 0.0, window: int = 4,

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "observation": "tool"}
 """ShareGPT's ``from`` values (``conversations`` rows) as chat roles; another value fails naming the valid roles."""
 
-LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0}
+LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0,
+               "unharmful": 0, "harmless": 0}
 """Label spellings a data file may use besides 0/1 and JSON true/false (case and spaces ignored)."""
 
 
@@ -306,5 +308,7 @@ def _label(value: Any, where: str) -> int:
             number = None
         if number in (0.0, 1.0):
             return int(number)
+    hint = (f"; if {value!r} means harmful, pass --positive {shlex.quote(str(value).strip())} (every other value "
+            "then reads as 0)") if isinstance(value, str) and value.strip() else ""
     raise CalibrationError(f"{where}: label must be 0 or 1 (or true/false, {'/'.join(list(LABEL_WORDS)[4:])}), "
-                           f"got {value!r}")
+                           f"got {value!r}{hint}")
