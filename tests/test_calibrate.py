@@ -517,6 +517,12 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert res.exit_code == 0, res.output
     again = json.loads(res.stdout.strip().splitlines()[-1])
     assert {k: again[k] for k in ("auroc", "fpr", "tpr", "n")} == {k: got[k] for k in ("auroc", "fpr", "tpr", "n")}
+    assert "baselines_note" not in got  # toy.test.jsonl has its train split beside it
+    # a file without a train split: only the keyword baseline can run, and the output says why the others did not
+    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),
+                "--columns", "text=Question,label=flag", "--positive", "bad", "--baselines"])
+    assert res.exit_code == 0, res.output
+    assert "only the keyword baseline ran" in res.output and "--train FILE" in res.output
     res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"])])
     assert res.exit_code == 2 and "--columns text=COLUMN,label=COLUMN" in res.output
     res = _cli(["calibrate", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),

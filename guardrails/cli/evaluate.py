@@ -171,6 +171,10 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
 
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
                                          rule_scope(rule), window=rule.detector.window)
+        if tr is None:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
+            out["baselines_note"] = ("only the keyword baseline ran: the probe and DiffMean baselines are fitted on a "
+                                     f"train split, and {Path(data_path).name} has none beside it "
+                                     "(<prefix>.train.jsonl next to <prefix>.test.jsonl); give --train FILE")
     return out
 
 
@@ -282,6 +286,8 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
         console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {', '.join(res['in_sample'])} were "
                       "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
                       "policy never saw")
+    if res.get("baselines_note"):
+        console.print(f"[yellow]note[/]: {who}{res['baselines_note']}")
     if not res.get("positives") or not res.get("negatives"):
         only, rate = ("label 1", "TPR (the share that fires)") if res.get("positives") else ("label 0", "FPR")
         console.print(f"[yellow]note[/]: {who}every row is {only}: only {rate} is defined here; AUROC and the "
