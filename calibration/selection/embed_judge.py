@@ -19,6 +19,10 @@ threshold + hi)`` decided by the judge.
         --policy harmful-requests --rule harmful-request --data calibration/data/$f.jsonl \
         --rows /tmp/ej/${f#harmful_requests.}.csv --json > /dev/null; done   # the test split's: /tmp/ej/test.csv
     python calibration/selection/embed_judge.py --default-rows /tmp/ej
+
+``--answers``: the same kind of head as an answer judge, over the answer's embedding (its first 2,000 characters; the
+model reads 256 tokens) or the request's and the answer's side by side, fitted on ``responses.train``, the cut at 3%
+FPR on ``responses.cal``; AUROC on the test split, per held-out family, and on blind answer set 5.
 """
 
 from __future__ import annotations
@@ -120,7 +124,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--C", default="0.1,0.3,1,3,10")
     ap.add_argument("--default-rows", type=Path, help="guardrails eval --rows files of harmful-requests")
+    ap.add_argument("--answers", action="store_true", help="the answer judge instead")
     args = ap.parse_args()
+    if args.answers:
+        answers()
+        return
     from sklearn.linear_model import LogisticRegression
 
     train = [r for r in read(DATA / "harmful_requests.train.jsonl") if not r["source"].startswith("handwritten_pairs")]
@@ -201,6 +209,35 @@ def main() -> None:
         judge = {"test": ste, "cal": scal, "over_refusal": m.decision_function(xs["over_refusal"]),
                  "form_pairs": m.decision_function(xs["form_pairs"])}
         combine(args.default_rows, judge, cut, src)
+
+
+def answers() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    emb: list[Embedder] = []
+    files = {"train": "responses.train", "cal": "responses.cal", "test": "responses.test", "blind5": "answers_blind_5"}
+    rows = {k: read(DATA / f"{f}.jsonl") for k, f in files.items()}
+    pa = {k: (embedded(f"r{k}.p", [{"text": r["prompt"]} for r in rs], emb),
+              embedded(f"r{k}.a", [{"text": r["response"][:2000]} for r in rs], emb)) for k, rs in rows.items()}
+    y = {k: np.array([r["label"] for r in rs]) for k, rs in rows.items()}
+    src = np.array([r["source"] for r in rows["test"]])
+    families = ("pyrit_many_shot_llm_judged", "blind_responses_3", "blind_responses_4", "pyrit_harm_scored",
+                "bundled_answers_plain", "bundled_answers_prefill")
+    for feat in ("answer", "request and answer"):
+        def x(k: str, feat: str = feat) -> np.ndarray:
+            return pa[k][1] if feat == "answer" else np.c_[pa[k][0], pa[k][1]]
+
+        for c in (1.0, 10.0):
+            m = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(x("train"), y["train"])
+            s = {k: m.decision_function(x(k)) for k in rows}
+            cut = np.quantile(s["cal"][y["cal"] == 0], 0.97)
+            t, yt, b, yb = s["test"], y["test"], s["blind5"], y["blind5"]
+            line = (f"{feat:<18} C={c:<4} test {auroc(t[yt == 1], t[yt == 0]):.3f}, harmful "
+                    f"{(t[yt == 1] >= cut).mean():.3f} at {(t[yt == 0] >= cut).mean():.3f} of harmless")
+            for f in families:
+                k = src == f
+                line += f" | {f} {auroc(t[k & (yt == 1)], t[k & (yt == 0)]):.3f}"
+            print(line + f" | blind set 5 {auroc(b[yb == 1], b[yb == 0]):.3f}")
 
 
 def combine(rows_dir: Path, j: dict[str, np.ndarray], cut: float, src: np.ndarray) -> None:
