@@ -451,6 +451,22 @@ def test_text_judge_fit_save_load(tmp_path: Path) -> None:
         "harmful_requests.train.jsonl", "jailbreak_wrapped.train.jsonl"}
 
 
+def test_the_committed_text_judge_was_fitted_on_the_committed_splits() -> None:
+    """The shipped judge's record names the data it was fitted and cut on by hash: after the splits change, rerun
+    ``python scripts/build_text_judge.py`` (and the cascade sweep) so the file matches the command that makes it."""
+    import hashlib
+
+    from guardrails.offline.text_judge import bundled_judge
+
+    meta = bundled_judge().meta
+    assert meta is not None
+    data = Path(__file__).resolve().parents[1] / "calibration" / "data"
+    for part in ("train", "cal"):
+        for f in meta[part]:
+            got = hashlib.sha256((data / f["file"]).read_bytes()).hexdigest()
+            assert got == f["sha256"], f"{f['file']} changed since the text judge was fitted: rebuild it"
+
+
 def test_eval_cascade_metrics_equal_the_scan(lm: Any, tok: Any, sae_path: Path, tmp_path: Path) -> None:
     """``guardrails eval --judge`` (cached residuals, :func:`cascade_metrics`) counts what scans decide."""
     import json
