@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A new user's SAE-feature rule: ``guardrails discover``, then ``calibrate --fit-weights``, then ``eval``.
+"""A new user's SAE-feature rule: ``guardrails discover``, then ``calibrate`` (as drafted, then ``--fit-weights``),
+then ``eval``.
 
 Runs the CLI exactly as the README shows it, on the repo's request data (``calibration/data/harmful_requests``:
 features and weights from the train split, the threshold at 3% FPR on the cal split), for the two ways
@@ -55,6 +56,10 @@ def main() -> None:
     cli("discover", "--data", data, "--out", str(draft), "--json")
     fits = [("pooled", 16)] + [("window", int(n)) for n in args.counts.split(",")]
     policies: dict[str, str] = {}
+    # the draft as discover wrote it (its features summed with weight 1), calibrated as discover's hint says
+    as_drafted = out / "drafted.yaml"
+    cli("calibrate", "--policy", str(draft), "--data", data, "--target-fpr", "0.03", "--out", str(as_drafted), "--json")
+    policies["SAE, as drafted (5 features)"] = str(as_drafted)
     for objective, n in fits:
         name = f"{objective} {n}"
         path = out / f"{objective}{n}.yaml"

@@ -916,6 +916,8 @@ def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(sav
     printed = " ".join(res.output.split()).split("next: ", 1)[1]
     assert printed == (f"guardrails calibrate --policy {shlex.quote(str(draft))} --data {shlex.quote(str(own))} "
                        "--columns text=Goal,label=verdict --positive unsafe")
+    hint = " ".join(res.output.split())
+    assert "add --fit-weights to fit them" in hint and "with one file, weights and threshold come from the same" in hint
     res = _cli([*shlex.split(printed)[1:], "--target-fpr", "0.1", "--no-test"])
     assert res.exit_code == 0, res.output
     assert Policy.from_path(draft).model == str(t["model"])
@@ -928,6 +930,7 @@ def test_cli_discover_prints_a_next_command_that_reads_the_file_the_same_way(sav
                 str(t["model"]), "--out", str(draft), "--max-response-chars", "300"])
     assert res.exit_code == 0, res.output
     assert " ".join(res.output.split()).endswith(f"--data {t['tmp'] / 'toy'} --max-response-chars 300")
+    assert "add --fit-weights to fit them" in res.output and "on the train split" in " ".join(res.output.split())
 
 
 def test_cli_a_prefix_without_a_cal_split(saved_tiny) -> None:
