@@ -1215,3 +1215,16 @@ def test_window_fit_does_not_stall_on_a_shared_template_prefix(monkeypatch) -> N
     monkeypatch.undo()
     coef, bias = wf.fit_dense_window(x, off, y, np.ones(200), window=4, wd=1e-3, steps=40)
     assert roc_auc_score(y, served(coef, bias)) > 0.95
+
+
+def test_cli_row_limits_below_one_are_refused() -> None:
+    """``--limit 0`` used to read every row (0 was taken as 'no limit'); a count or a cut below one names the flag and
+    the bound before anything is loaded."""
+    for cmd in ("eval", "calibrate", "discover"):
+        for flag in ("--limit", "--max-response-chars"):
+            args = [cmd, "--data", "rows.jsonl", flag, "0"] + ([] if cmd == "discover" else ["--policy", "x"])
+            res = _cli(args)
+            out = " ".join(res.output.replace("│", " ").split())  # the error box wraps its lines
+            assert res.exit_code == 2 and f"Invalid value for '{flag}'" in out and "greater than or equal to 1" in out
+    res = _cli(["eval", "--policy", "x", "--data", "rows.jsonl", "--train-limit", "-3"])
+    assert res.exit_code == 2 and "--train-limit" in res.output

@@ -23,6 +23,7 @@ import typer
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
+    MaxResponseCharsOption,
     PositiveOption,
     Session,
     SkipUnlabeledOption,
@@ -300,12 +301,13 @@ def register(app: typer.Typer) -> None:
         = None,
         out: Annotated[str | None, typer.Option(help="Output policy (default: overwrite --policy)")] = None,
         model: Annotated[str | None, typer.Option(help="Model id or path (default: the policy's)")] = None,
-        limit: Annotated[int | None, typer.Option(help="Use at most this many rows per split (stratified)")] = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows per split (stratified)")]
+        = None,
         no_record: Annotated[bool, typer.Option(help="Do not write the calibration record")] = False,
         record: Annotated[str | None, typer.Option(help="Write the record here (default: <out>.record.json next to "
                                                    "the output policy)")] = None,
-        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
-        train_limit: Annotated[int | None, typer.Option(help="Rows of the train/test splits (default: --limit)")]
+        max_response_chars: MaxResponseCharsOption = None,
+        train_limit: Annotated[int | None, typer.Option(min=1, help="Rows of the train/test splits (default: --limit)")]
         = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object")] = False,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,

@@ -30,7 +30,7 @@ def direction_command(
     model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or path; default: bundled")] = None,
     pool: Annotated[str, typer.Option("--pool", help="diffmean/probe: last or mean prompt token")] = "last",
     holdout: Annotated[int, typer.Option("--holdout", help="Every N-th row (prompt) held out to measure; 0: none")] = 5,
-    limit: Annotated[int | None, typer.Option("--limit", help="Stratified subset of this many rows")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Stratified subset of this many rows")] = None,
     columns: ColumnsOption = None,
     positive: PositiveOption = None,
     label: LabelOption = None,

@@ -16,6 +16,7 @@ import typer
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
+    MaxResponseCharsOption,
     PositiveOption,
     Session,
     SkipUnlabeledOption,
@@ -83,8 +84,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Model id or path (default: bundled)")] = "bundled",
         scope: Annotated[str | None, typer.Option(help="input or output (default: output if rows have responses)")]
         = None,
-        limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
-        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows (stratified)")] = None,
+        max_response_chars: MaxResponseCharsOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         columns: ColumnsOption = None,
         positive: PositiveOption = None,

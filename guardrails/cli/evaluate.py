@@ -17,6 +17,7 @@ import typer
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
+    MaxResponseCharsOption,
     PositiveOption,
     Session,
     SkipUnlabeledOption,
@@ -208,10 +209,10 @@ def register(app: typer.Typer) -> None:
         train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: sibling)")] = None,
         rule: Annotated[str | None, typer.Option(help="Score one rule (default: all, max margin)")] = None,
         model: Annotated[str | None, typer.Option(help="Model id or path (default: the policy's)")] = None,
-        limit: Annotated[int | None, typer.Option(help="Use at most this many rows (stratified)")] = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows (stratified)")] = None,
         intervals: Annotated[bool, typer.Option(help="Bootstrap 95% intervals")] = False,
-        max_response_chars: Annotated[int | None, typer.Option(help="Cut responses to this many characters")] = None,
-        train_limit: Annotated[int | None, typer.Option(help="Rows of the baselines' train split")] = None,
+        max_response_chars: MaxResponseCharsOption = None,
+        train_limit: Annotated[int | None, typer.Option(min=1, help="Rows of the baselines' train split")] = None,
         by: Annotated[list[str] | None, typer.Option(help="Also per group: source, category or any other column "
                                                           "(repeatable)")] = None,
         dtype: Annotated[str | None, typer.Option(help="Model weights dtype (default float32, as served)")] = None,

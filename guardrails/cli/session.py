@@ -27,6 +27,8 @@ LabelOption = Annotated[int | None, typer.Option(
 SkipUnlabeledOption = Annotated[bool, typer.Option(
     "--skip-unlabeled", help="Leave out rows whose label is empty (public sets mix labeled and unlabeled rows, e.g. "
                              "prompt-only rows without an answer label); the count is printed")]
+MaxResponseCharsOption = Annotated[int | None, typer.Option(
+    "--max-response-chars", min=1, help="Cut responses to this many characters")]
 SystemOption = Annotated[str | None, typer.Option(
     "--system", help="Score every row after this system prompt, as a deployment that sends it would (rows with "
                      "their own 'system' or system turn keep theirs); thresholds move with it")]
