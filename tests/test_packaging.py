@@ -55,6 +55,24 @@ def test_strict_variant_is_the_default_with_its_framing_rule_blocking() -> None:
         default.model_dump(exclude={"rules", "name", "description", "base_dir"})
 
 
+def test_every_shipped_calibration_has_a_record_with_held_out_metrics() -> None:
+    """Issue 10's calibration record per shipped policy: the record each calibrated rule names carries the data it
+    was fitted on by hash, the sources its test split holds out whole, and the test split's metrics per source with
+    bootstrap intervals, for the threshold the policy ships."""
+    for name in SHIPPED:
+        policy = Policy.from_path(name)
+        thresholds = {r.id: r.threshold for r in policy.rules}
+        for rule_id, entry in (policy.calibration or {}).items():
+            record = json.loads((ROOT / entry["record"]).read_text(encoding="utf-8"))["rules"][rule_id]
+            assert record["threshold"] == thresholds[rule_id] == entry["threshold"], (name, rule_id)
+            assert len(record["data_sha256"]) == 64 and len(record["train_data"]["sha256"]) == 64, (name, rule_id)
+            assert record["sources_held_out"], (name, rule_id)
+            test = record["metrics"]["test"]
+            assert "auroc" in test["ci95"], (name, rule_id)
+            held = [s for s in record["sources_held_out"] if s in test["per_source"]]
+            assert held and all("ci95" in test["per_source"][s] for s in held), (name, rule_id)
+
+
 def test_unknown_policy_name_lists_the_shipped_ones(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"shipped policies.*harmful-requests"):
         Policy.from_path("harmful-requestz")
