@@ -8,7 +8,7 @@ surface form (``form``, as ``build_data.py`` assigns it) feeds the fit's row wei
 ``written_form``.
 
     SELECTION_DTYPE=float32 python calibration/selection/extra_rows.py \
-        calibration/handwritten/experiments/train_tense.tsv tense.train [--kinds harmful]
+        calibration/handwritten/experiments/train_tense.tsv tense.train [--kinds harmful] [--drop-near-eval]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "calibration"))
 sys.path.insert(0, str(ROOT / "calibration" / "selection"))
 sys.path.insert(0, str(ROOT))
 
-from build_data import form_of, norm  # noqa: E402
+from build_data import NEAR_DUPLICATE, _words, form_of, norm  # noqa: E402
 from collect import cache_rows, read  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
@@ -35,11 +35,49 @@ def taken_texts() -> set[str]:
     return {norm(r["text"]) for f in files for r in read(f)}
 
 
-def read_rows(path: Path, kinds: set[str]) -> list[dict[str, object]]:
+def eval_word_sets() -> list[frozenset[str]]:
+    """The word sets of every evaluation-side request text: the test split, the over-refusal set, the form pairs, the
+    wrapped test split and the reserved sets (where built)."""
+    files = [DATA / "harmful_requests.test.jsonl", DATA / "over_refusal.jsonl", DATA / "form_pairs.jsonl",
+             DATA / "jailbreak_wrapped.test.jsonl", *sorted((DATA / "reserved_eval").glob("*.jsonl"))]
+    return [w for f in files if f.is_file() for r in read(f) if (w := _words(str(r["text"])))]
+
+
+def near_eval(texts: list[str], held: list[frozenset[str]], share: float = NEAR_DUPLICATE) -> set[int]:
+    """Indices of ``texts`` whose word set shares ``share`` of the union (Jaccard) with an evaluation text's."""
+    index: dict[str, list[int]] = {}
+    for i, ws in enumerate(held):
+        for w in ws:
+            index.setdefault(w, []).append(i)
+    out = set()
+    for n, t in enumerate(texts):
+        ws = _words(t)
+        shared: dict[int, int] = {}
+        for w in ws:
+            for i in index.get(w, ()):
+                shared[i] = shared.get(i, 0) + 1
+        if any(k / len(ws | held[i]) >= share for i, k in shared.items()):
+            out.add(n)
+    return out
+
+
+def read_rows(path: Path, kinds: set[str], drop_near: bool = False) -> list[dict[str, object]]:
+    """The TSV's rows of ``kinds``; ``drop_near``: leave out each pair (a harmful row and the contrast twin after it)
+    of which either row shares half its words with an evaluation row (``build_data.NEAR_DUPLICATE``)."""
     taken = taken_texts()
     rows: list[dict[str, object]] = []
-    for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not ln.strip() or ln.startswith("#"):
+    lines = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if ln.strip() and not ln.startswith("#")]
+    near: set[int] = set()
+    if drop_near:
+        hits = near_eval([ln.split("\t")[-1] for _, ln in lines], eval_word_sets())
+        pair = [0] * len(lines)  # each contrast row belongs to the harmful row before it
+        for i, (_, ln) in enumerate(lines):
+            pair[i] = i if ln.startswith("harmful") or i == 0 else pair[i - 1]
+        near = {i for i in range(len(lines)) if pair[i] in {pair[h] for h in hits}}
+        print(f"left out {len(near)} rows: {len(hits)} share half their words with an evaluation row, with twins")
+    for i, (n, ln) in enumerate(lines):
+        if i in near:
             continue
         parts = ln.split("\t")
         if len(parts) != 4 or parts[0] not in ("harmful", "contrast"):
@@ -60,8 +98,10 @@ def main() -> None:
     ap.add_argument("name", help="the selection set to write (e.g. tense.train)")
     ap.add_argument("--kinds", default="harmful,contrast", help="row kinds to keep (default: both)")
     ap.add_argument("--layers", default="15,18,27", help="layers to cache (the SAE's 15 and the probe's 18, 27)")
+    ap.add_argument("--drop-near-eval", action="store_true",
+                    help="leave out pairs with a row sharing half its words with an evaluation row (v0.3.16)")
     args = ap.parse_args()
-    rows = read_rows(args.tsv, set(args.kinds.split(",")))
+    rows = read_rows(args.tsv, set(args.kinds.split(",")), drop_near=args.drop_near_eval)
     print(f"{len(rows)} rows ({sum(int(r['label']) for r in rows)} harmful)")
     print(cache_rows(args.name, rows, layers=tuple(int(x) for x in args.layers.split(","))))
 
