@@ -165,6 +165,16 @@ def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypa
     res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "steer.yaml"), "--data", str(data), "--rule",
                                    "low", "--model", str(tmp_path / "model")])
     assert "low steers" in res.output and "steer.scan_action: block" in " ".join(res.output.split())
+    # a policy whose only rule steers says the same without --rule (harmful-compliance is one)
+    (tmp_path / "steer1.yaml").write_text(yaml.safe_dump({"name": "steer1", "rules": [steer_rule]}))
+    res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "steer1.yaml"), "--data", str(data), "--model",
+                                   str(tmp_path / "model"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert _json.loads(res.stdout.strip().splitlines()[-1])["steer"] == st
+    res = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "steer.yaml"), "--data", str(data), "--model",
+                                   str(tmp_path / "model"), "--json"])
+    both = _json.loads(res.stdout.strip().splitlines()[-1])  # the other rule flags: the steer rule alone decides
+    assert both["score"] == "rule low" and both["steer"] == st
     # a harmful-only file (a recall check): only TPR is defined, and the table says so; --rows makes its folder
     ones = tmp_path / "ones.jsonl"
     ones.write_text("".join(_json.dumps({"text": f"{w} {w}", "label": 1}) + "\n" for w in words[:6]))

@@ -27,7 +27,7 @@ from guardrails.cli.session import (
 )
 from guardrails.core.semantics import rule_layer
 from guardrails.offline.dataformat import DataFormat
-from guardrails.offline.evaluate import MIN_GROUP_ROWS
+from guardrails.offline.evaluate import MIN_GROUP_ROWS, rules_that_decide
 from guardrails.offline.evaluate import json_safe as _json_safe
 
 if TYPE_CHECKING:
@@ -138,8 +138,11 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
                          (e.get("data_sha256"), (e.get("features_from") or {}).get("sha256")))
     if fitted_here:  # the thresholds were fitted on these very rows
         out["in_sample"] = fitted_here
-    scored = next((r for r in policy.rules if r.id == rule_id), None)
-    if scored is not None and scored.action == "steer" and scored.steer is not None:  # what "fires" means here
+    # the one rule the score is of (--rule, or a policy whose only deciding rule it is): a steer rule's rates need
+    # saying what "fires" means
+    chosen = rules_that_decide(policy.rules, rule_id, f"policy {policy.name!r}")
+    scored = chosen[0] if len(chosen) == 1 else None
+    if scored is not None and scored.action == "steer" and scored.steer is not None:
         out["steer"] = steer_report(scored, scores, data.labels)
     if intervals:
         out["ci95"] = bootstrap_intervals(scores, data.labels, thr)
