@@ -957,29 +957,37 @@ VOICE_ANSWERS = "experiments/train_answers_voices_*.tsv"
 NEAR_DUPLICATE = 0.5
 
 
-def _words(text: str) -> frozenset[str]:
+def word_set(text: str) -> frozenset[str]:
+    """A text's words, lower-cased: what near-duplicate checks compare."""
     return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
 
 
-def near_duplicates(rows: list[ResponseRow], held: list[ResponseRow]) -> set[int]:
-    """Indices of ``rows`` whose prompt or reply shares ``NEAR_DUPLICATE`` of its word set (Jaccard) with the prompt
-    or reply of a ``held`` row (an inverted index over words keeps this fast)."""
-    texts = [w for r in held for w in (_words(r.prompt), _words(r.response)) if w]
+def near_word_sets(rows: list[list[frozenset[str]]], held: list[frozenset[str]],
+                   share: float = NEAR_DUPLICATE) -> set[int]:
+    """Indices of ``rows`` (each a list of word sets: a prompt's and a reply's, or one text's) of which a word set
+    shares ``share`` of the union (Jaccard) with a ``held`` word set (an inverted index over words keeps this fast)."""
     index: dict[str, list[int]] = {}
-    for i, ws in enumerate(texts):
+    for i, ws in enumerate(held):
         for w in ws:
             index.setdefault(w, []).append(i)
     out = set()
-    for n, r in enumerate(rows):
-        for ws in (_words(r.prompt), _words(r.response)):
+    for n, sets in enumerate(rows):
+        for ws in sets:
             shared: dict[int, int] = {}
             for w in ws:
                 for i in index.get(w, ()):
                     shared[i] = shared.get(i, 0) + 1
-            if any(k / len(ws | texts[i]) >= NEAR_DUPLICATE for i, k in shared.items()):
+            if any(k / len(ws | held[i]) >= share for i, k in shared.items()):
                 out.add(n)
                 break
     return out
+
+
+def near_duplicates(rows: list[ResponseRow], held: list[ResponseRow]) -> set[int]:
+    """Indices of ``rows`` whose prompt or reply shares ``NEAR_DUPLICATE`` of its word set (Jaccard) with the prompt
+    or reply of a ``held`` row."""
+    texts = [w for r in held for w in (word_set(r.prompt), word_set(r.response)) if w]
+    return near_word_sets([[word_set(r.prompt), word_set(r.response)] for r in rows], texts)
 
 
 def train_answers(src: Sources, pattern: str = "train_answers_*.tsv") -> list[ResponseRow]:

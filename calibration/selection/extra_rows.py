@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "calibration"))
 sys.path.insert(0, str(ROOT / "calibration" / "selection"))
 sys.path.insert(0, str(ROOT))
 
-from build_data import NEAR_DUPLICATE, _words, form_of, norm  # noqa: E402
+from build_data import form_of, near_word_sets, norm, word_set  # noqa: E402
 from collect import cache_rows, read  # noqa: E402
 
 DATA = ROOT / "calibration" / "data"
@@ -40,25 +40,7 @@ def eval_word_sets() -> list[frozenset[str]]:
     wrapped test split and the reserved sets (where built)."""
     files = [DATA / "harmful_requests.test.jsonl", DATA / "over_refusal.jsonl", DATA / "form_pairs.jsonl",
              DATA / "jailbreak_wrapped.test.jsonl", *sorted((DATA / "reserved_eval").glob("*.jsonl"))]
-    return [w for f in files if f.is_file() for r in read(f) if (w := _words(str(r["text"])))]
-
-
-def near_eval(texts: list[str], held: list[frozenset[str]], share: float = NEAR_DUPLICATE) -> set[int]:
-    """Indices of ``texts`` whose word set shares ``share`` of the union (Jaccard) with an evaluation text's."""
-    index: dict[str, list[int]] = {}
-    for i, ws in enumerate(held):
-        for w in ws:
-            index.setdefault(w, []).append(i)
-    out = set()
-    for n, t in enumerate(texts):
-        ws = _words(t)
-        shared: dict[int, int] = {}
-        for w in ws:
-            for i in index.get(w, ()):
-                shared[i] = shared.get(i, 0) + 1
-        if any(k / len(ws | held[i]) >= share for i, k in shared.items()):
-            out.add(n)
-    return out
+    return [w for f in files if f.is_file() for r in read(f) if (w := word_set(str(r["text"])))]
 
 
 def read_rows(path: Path, kinds: set[str], drop_near: bool = False) -> list[dict[str, object]]:
@@ -70,7 +52,7 @@ def read_rows(path: Path, kinds: set[str], drop_near: bool = False) -> list[dict
              if ln.strip() and not ln.startswith("#")]
     near: set[int] = set()
     if drop_near:
-        hits = near_eval([ln.split("\t")[-1] for _, ln in lines], eval_word_sets())
+        hits = near_word_sets([[word_set(ln.split("\t")[-1])] for _, ln in lines], eval_word_sets())
         pair = [0] * len(lines)  # each contrast row belongs to the harmful row before it
         for i, (_, ln) in enumerate(lines):
             pair[i] = i if ln.startswith("harmful") or i == 0 else pair[i - 1]
