@@ -63,7 +63,7 @@ def summary(policy: str) -> dict[str, float]:
         out[f"{tag} harmful blocked"] = float(fired[src == harm].mean())
         out[f"{tag} twins blocked"] = float(fired[src == twin].mean())
         for c in ("misinformation", "hate_harassment"):
-            h, t = (src == harm) & (cat == c), src == twin
+            h = (src == harm) & (cat == c)
             if h.any():
                 out[f"{tag}, {c}, harmful blocked"] = float(fired[h].mean())
     out["benign frame rows blocked"] = float(fired[src == "handwritten_benign_frames"].mean())
