@@ -518,11 +518,26 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     again = json.loads(res.stdout.strip().splitlines()[-1])
     assert {k: again[k] for k in ("auroc", "fpr", "tpr", "n")} == {k: got[k] for k in ("auroc", "fpr", "tpr", "n")}
     assert "baselines_note" not in got  # toy.test.jsonl has its train split beside it
-    # a file without a train split: only the keyword baseline can run, and the output says why the others did not
-    res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),
-                "--columns", "text=Question,label=flag", "--positive", "bad", "--baselines"])
+    # a file without a train split (an independent set): the probe and DiffMean baselines are fitted on the train
+    # split the rule's calibration record names, the rows the rule was fitted beside, and the output says so
+    own_args = ["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),
+                "--columns", "text=Question,label=flag", "--positive", "bad", "--baselines"]
+    res = _cli([*own_args, "--json"])
     assert res.exit_code == 0, res.output
-    assert "only the keyword baseline ran" in res.output and "--train FILE" in res.output
+    indep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert Path(indep["baselines_train"]["path"]).resolve() == (t["tmp"] / "toy.train.jsonl").resolve()
+    assert "calibration record" in indep["baselines_train"]["from"] and "baselines_note" not in indep
+    aurocs = [{k: v["auroc"] for k, v in r["baselines"].items()} for r in (indep, got)]
+    assert aurocs[0] == aurocs[1]  # the same train rows as the sibling split's: the same baselines
+    # a record whose train split changed since (another sha256): only the keyword baseline runs, and the output
+    # says why the others did not and how to give one
+    rec = json.loads(record.read_text())
+    rec["rules"]["r"]["train_data"]["sha256"] = "0" * 64
+    record.write_text(json.dumps(rec))
+    res = _cli(own_args)
+    assert res.exit_code == 0, res.output
+    assert "only the keyword baseline ran" in res.output and "has changed since" in " ".join(res.output.split())
+    assert "--train FILE" in res.output
     res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"])])
     assert res.exit_code == 2 and "--columns text=COLUMN,label=COLUMN" in res.output
     res = _cli(["calibrate", "--policy", str(out), "--data", str(t["tmp"] / "own.jsonl"), "--model", str(t["model"]),
@@ -561,6 +576,26 @@ def test_cli_recalibrating_keeps_the_rules_target(saved_tiny) -> None:
 
     assert recorded_target(Policy.from_path(resolve_policy_path("harmful-requests")), "harmful-request",
                            Path(__file__).resolve().parents[1]) == {"fpr": 0.03}
+
+
+def test_recorded_train_split_of_a_shipped_rule(tmp_path) -> None:
+    """``eval --baselines`` on a file with no train split beside it fits on the split the rule's record names: for a
+    shipped rule the repository's train file, checked by sha256; a record naming a file that is not here gives the
+    reason instead of a path, and a rule with no record gives neither."""
+    from guardrails.cli.main import resolve_policy_path
+    from guardrails.offline.records import recorded_train
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = Policy.from_path(resolve_policy_path("harmful-requests"))
+    path, why = recorded_train(shipped, "harmful-request", root)
+    assert why is None and path == root / "calibration" / "data" / "harmful_requests.train.jsonl"
+    record = json.loads((root / "calibration" / "records" / "harmful-requests.json").read_text())
+    record["rules"]["harmful-request"]["train_data"]["path"] = "calibration/data/gone.train.jsonl"
+    (tmp_path / "rec.json").write_text(json.dumps(record))
+    moved = shipped.model_copy(update={"calibration": {"harmful-request": {"record": str(tmp_path / "rec.json")}}})
+    path, why = recorded_train(moved, "harmful-request", root)
+    assert path is None and "gone.train.jsonl" in why and "is not here" in why
+    assert recorded_train(shipped.model_copy(update={"calibration": None}), "harmful-request", root) == (None, None)
 
 
 def test_eval_compares_policies_on_the_same_rows(saved_tiny, monkeypatch) -> None:

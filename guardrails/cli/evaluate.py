@@ -169,8 +169,17 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         out["cascade"] = cascade_metrics(guard, lambda r: rule_rows(rows, policy, r), data, judge, rule_id)
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
-        train = train_path or str(split_files(data_path).get("train") or "")
-        tr = session.load(train, limit=train_limit, max_response_chars=max_response_chars) if train else None
+        train, why = train_path or str(split_files(data_path).get("train") or ""), None
+        if not train:  # an independent file: the baselines fit on what the rule was fitted on, as its record names
+            from guardrails._data import data_root
+            from guardrails.offline.records import recorded_train
+
+            found, why = recorded_train(policy, rule.id, data_root())
+            if found is not None:
+                train = str(found)
+                out["baselines_train"] = {"path": train, "from": f"the calibration record of rule {rule.id!r}"}
+        tr = session.load(train, limit=train_limit, max_response_chars=max_response_chars,
+                          by_name="baselines_train" in out) if train else None
         from guardrails.cli.baselines import run_baselines
 
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
@@ -178,7 +187,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         if tr is None:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
             out["baselines_note"] = ("only the keyword baseline ran: the probe and DiffMean baselines are fitted on a "
                                      f"train split, and {Path(data_path).name} has none beside it "
-                                     "(<prefix>.train.jsonl next to <prefix>.test.jsonl); give --train FILE")
+                                     "(<prefix>.train.jsonl next to <prefix>.test.jsonl)"
+                                     + (f"; {why}" if why else "") + "; give --train FILE")
     return out
 
 
@@ -292,6 +302,10 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
                       "policy never saw")
     if res.get("baselines_note"):
         console.print(f"[yellow]note[/]: {who}{res['baselines_note']}")
+    if res.get("baselines_train"):
+        bt = res["baselines_train"]
+        console.print(f"[dim]{who}the probe and DiffMean baselines were fitted on {bt['path']}, the train split "
+                      f"that {bt['from']} names; --train FILE fits them on other rows[/]")
     if not res.get("positives") or not res.get("negatives"):
         only, rate = ("label 1", "TPR (the share that fires)") if res.get("positives") else ("label 0", "FPR")
         console.print(f"[yellow]note[/]: {who}every row is {only}: only {rate} is defined here; AUROC and the "

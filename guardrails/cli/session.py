@@ -60,9 +60,11 @@ class Session:
         return self._lm, self._tok
 
     def load(self, path: str | Path, *, limit: int | None = None, max_response_chars: int | None = None,
-             ) -> LabeledData:
-        """A labeled file, read in the session's :attr:`data_format`, after its :attr:`system` prompt."""
-        data = load_labeled(path, limit=limit, max_response_chars=max_response_chars, fmt=self.data_format)
+             by_name: bool = False) -> LabeledData:
+        """A labeled file, read in the session's :attr:`data_format` (``by_name``: in this repository's layout, for
+        a file the user did not write), after its :attr:`system` prompt."""
+        data = load_labeled(path, limit=limit, max_response_chars=max_response_chars,
+                            fmt=None if by_name else self.data_format)
         if data.skipped:
             n = data.skipped
             typer.echo(f"note: {path}: {n} row{'s' * (n != 1)} with an empty label left out (--skip-unlabeled)",

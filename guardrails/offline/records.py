@@ -130,6 +130,28 @@ DEFAULT_TARGET_FPR = 0.01
 """The target of a rule calibrated for the first time without ``--target-fpr`` / ``--target-recall``."""
 
 
+def _record_entry(policy: Policy, rule_id: str, roots: list[Path]) -> tuple[dict[str, Any], Path] | None:
+    """A rule's entry in the record file its calibration entry names, and the folder the record was found from
+    (the first of ``roots`` under which the record's relative path exists); None without one."""
+    entry = (policy.calibration or {}).get(rule_id)
+    if not isinstance(entry, dict) or not isinstance(entry.get("record"), str):
+        return None
+    for base in roots:
+        path = base / entry["record"]
+        if path.is_file():
+            try:
+                got = json.loads(path.read_text(encoding="utf-8"))["rules"][rule_id]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            return (got, base) if isinstance(got, dict) else None
+    return None
+
+
+def _roots(policy: Policy, root: Path | None) -> list[Path]:
+    """Where a policy's record paths are looked up: the working directory, the policy's folder, ``root``."""
+    return [Path.cwd(), Path(policy.base_dir or "."), *([root] if root else [])]
+
+
 def recorded_target(policy: Policy, rule_id: str, root: Path | None = None) -> dict[str, float] | None:
     """The target (``{"fpr": x}`` or ``{"recall": x}``) a rule was last calibrated to: its entry in the policy's
     ``calibration``, else the record file that entry names (policies calibrated before v0.3.13), looked up from the
@@ -139,16 +161,30 @@ def recorded_target(policy: Policy, rule_id: str, root: Path | None = None) -> d
     if not isinstance(entry, dict):
         return None
     target = entry.get("target")
-    if target is None and isinstance(entry.get("record"), str):
-        for base in (Path.cwd(), Path(policy.base_dir or "."), *([root] if root else [])):
-            path = base / entry["record"]
-            if path.is_file():
-                try:
-                    target = json.loads(path.read_text(encoding="utf-8"))["rules"][rule_id]["target"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    target = None
-                break
+    if target is None and (found := _record_entry(policy, rule_id, _roots(policy, root))) is not None:
+        target = found[0].get("target")
     if (isinstance(target, dict) and len(target) == 1 and next(iter(target)) in ("fpr", "recall")
             and isinstance(v := next(iter(target.values())), int | float) and 0 <= v <= 1):
         return {str(k): float(x) for k, x in target.items()}
     return None
+
+
+def recorded_train(policy: Policy, rule_id: str, root: Path | None = None) -> tuple[Path | None, str | None]:
+    """The train split a rule's calibration record names (``train_data``: the file the rule's detector was fitted
+    on, beside the cal split), looked up as :func:`recorded_target` looks up the record and then from the folder the
+    record was found from: ``(path, None)`` when the file is there with the recorded sha256; ``(None, why)`` when the
+    record names one that is missing or changed; ``(None, None)`` when no record names one."""
+    found = _record_entry(policy, rule_id, _roots(policy, root))
+    train = found[0].get("train_data") if found else None
+    if not found or not isinstance(train, dict) or not isinstance(train.get("path"), str):
+        return None, None
+    name, want = train["path"], train.get("sha256")
+    for base in dict.fromkeys((found[1], Path.cwd())):
+        path = base / name
+        if path.is_file():
+            if want and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+                return None, (f"the train split its calibration record names, {path}, has changed since "
+                              f"(sha256 {want[:12]}...)")
+            return path, None
+    return None, (f"the train split its calibration record names, {name} (sha256 {str(want)[:12]}...), is not here "
+                  "(the data files live in the source tree, not the wheel)")
