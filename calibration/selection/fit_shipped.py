@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--probe-wd", type=float, default=1e-2, help="maxwin: L2 on the standardised weights")
     ap.add_argument("--probe-bag", type=int, default=1,
                     help="maxwin: average this many fits on bootstrap resamples of the rows (a linear probe still)")
+    ap.add_argument("--probe-dro", type=float, default=0.0,
+                    help="maxwin: group DRO step size over the source families (maxwin.dro_refit; 0: off)")
+    ap.add_argument("--probe-dro-rounds", type=int, default=3, help="maxwin: group DRO refits")
     ap.add_argument("--probe-hard", type=float, default=1.0,
                     help="maxwin: weight multiplier of the hand-written hard benign rows (maxwin.row_weights)")
     ap.add_argument("--probe-anchor", action="store_true",
@@ -151,6 +154,10 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
             wb = w_rows if args.probe_bag == 1 else w_rows * np.random.default_rng(b).poisson(1.0, len(w_rows))
             fits.append(maxwin.fit(pool.x, pool.offsets, pool.y, wb, window=args.probe_window, wd=args.probe_wd,
                                    steps=40, anchor=(coef, bias) if args.probe_anchor else None))
+            if args.probe_dro:  # group DRO over the source families (maxwin.dro_refit)
+                fits[-1] = maxwin.dro_refit(pool.x, pool.offsets, pool.y, wb, pool.family, *fits[-1],
+                                            eta=args.probe_dro, rounds=args.probe_dro_rounds,
+                                            window=args.probe_window, wd=args.probe_wd, steps=40)
         coef, bias = np.mean([c for c, _ in fits], axis=0), float(np.mean([b for _, b in fits]))
         if args.probe_bag > 1:
             meta = {**meta, "bagged": f"{args.probe_bag} fits on Poisson(1) bootstrap row weights, averaged"}
@@ -158,6 +165,8 @@ def fit_request_probe(args, sets, y, w, meta, sae) -> None:  # type: ignore[no-u
             coef = erasure.fold_weights(coef, bases)
         coef, extra = maxwin.split_layers(coef, layers)
         how = (f"logistic loss on the served max-of-rolling-means score, L2 {args.probe_wd}"
+               + (f", group DRO over source families (eta {args.probe_dro}, {args.probe_dro_rounds} refits)"
+                  if args.probe_dro else "")
                + (f" towards the ridge probe (C={args.probe_c})" if args.probe_anchor else "")
                + ("; AdvBench's sentence frames erased from the residuals (within-label directions)" if bases else ""))
     probe_path = ROOT / args.probe_out

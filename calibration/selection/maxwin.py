@@ -167,6 +167,9 @@ def cmd_cv(args: argparse.Namespace) -> None:
                              for layer in args.layers]
                     erasure.project_blocks(xt, bases)
                 coef, bias = fit(xt, ot, pool.y[tr], w[tr], window=args.window, wd=wd, steps=args.steps)
+                if args.dro:  # group DRO over the training families: the worst-fitted families weigh more
+                    coef, bias = dro_refit(xt, ot, pool.y[tr], w[tr], pool.family[tr], coef, bias, eta=args.dro,
+                                           rounds=args.dro_rounds, window=args.window, wd=wd, steps=args.steps)
                 if bases:
                     coef = erasure.fold_weights(coef, bases)
             xh, oh = pool.subset(~tr)
@@ -187,12 +190,39 @@ def cmd_cv(args: argparse.Namespace) -> None:
         plain_crit, _, plain_worst = criterion(plain_per)
         harm = pool.y == 1
         print(f"{args.kind} L{'+'.join(map(str, args.layers))} W={args.window} wd={wd} hard={args.hard}"
-              f"{' erase=frame2' if args.erase else ''}: "
+              f"{' erase=frame2' if args.erase else ''}{f' dro={args.dro}x{args.dro_rounds}' if args.dro else ''}: "
               f"crit {crit:.3f} mean {mean:.3f} worst {worst} {per[worst]:.3f} "
               f"oof TPR@3% {float((oof[harm] >= 0.97).mean()):.3f} FPR {float((oof[~harm] >= 0.97).mean()):.3f} "
               f"[without AdvBench rows as opponents: crit {plain_crit:.3f} worst {plain_worst} "
               f"{plain_per[plain_worst]:.3f}] | "
               + " ".join(f"{k}={v:.3f}/{flagged[k]:.2f}" for k, v in per.items()), flush=True)
+
+
+def dro_refit(xt: np.ndarray, ot: np.ndarray, y: np.ndarray, w: np.ndarray, fam: np.ndarray, coef: np.ndarray,
+              bias: float, *, eta: float, rounds: int, window: int, wd: float, steps: int,
+              ) -> tuple[np.ndarray, float]:
+    """Group DRO by exponentiated gradient over source families (Sagawa et al. 2020, the online form run in
+    rounds): after each fit, each family's multiplier grows by ``exp(eta x its mean logistic loss of the served row
+    score)``, the rows are reweighted (each label's mass kept) and the probe refitted, ``rounds`` times."""
+    groups = sorted(set(fam))
+    log_q = {g: 0.0 for g in groups}
+    for r in range(rounds):
+        s = score(xt, ot, coef, bias, window)
+        loss = np.logaddexp(0.0, -(2 * y - 1) * s)
+        for g in groups:
+            m = fam == g
+            log_q[g] += eta * float((loss[m] * w[m]).sum() / w[m].sum())
+        top = max(log_q.values())
+        mult = np.array([np.exp(log_q[g] - top) for g in fam])
+        w2 = w * mult
+        for lab in (0, 1):  # each label keeps its mass
+            m = y == lab
+            w2[m] *= w[m].sum() / w2[m].sum()
+        print(f"  dro round {r + 1}: heaviest families "
+              + ", ".join(f"{g} x{np.exp(log_q[g] - top):.2f}" for g in sorted(groups, key=lambda g: -log_q[g])[:4]),
+              flush=True)
+        coef, bias = fit(xt, ot, y, w2, window=window, wd=wd, steps=steps)
+    return coef, bias
 
 
 def family_aurocs(oof: np.ndarray, y: np.ndarray, family: np.ndarray, exclude: np.ndarray | None = None,
@@ -259,6 +289,9 @@ def main() -> None:
     ap.add_argument("--contexts", choices=["none", "eval", "train"], default="none",
                     help="eval: also score the held-out rows in deployment contexts (the ctx.<set> caches of "
                          "contexts.py); train: fit on every training row bare and in its context as well")
+    ap.add_argument("--dro", type=float, default=0.0,
+                    help="group DRO step size eta over the training families (0: off; dro_refit)")
+    ap.add_argument("--dro-rounds", type=int, default=3, help="refits of group DRO")
     ap.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
                     help="grouped family folds (FOLDS) instead of one fold per family")
     args = ap.parse_args()
