@@ -10,8 +10,11 @@ from guardrails.offline.calibrate import LabeledData, Scope
 
 
 def run_baselines(session: Session, data: LabeledData, train: LabeledData | None, layer: int, scope: Scope, *,
-                  window: int = 1) -> dict[str, Any]:
-    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``)."""
+                  window: int = 1, cal: LabeledData | None = None,
+                  target: dict[str, float] | None = None) -> dict[str, Any]:
+    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``). Their thresholds are
+    fitted as the rule's are: on ``cal`` at ``target`` (``{"fpr": x}`` or ``{"recall": x}``, the rule's calibration
+    target); without ``cal``, on ``train`` at 1% FPR."""
     import tempfile
 
     from guardrails.offline.baselines import (
@@ -37,17 +40,19 @@ def run_baselines(session: Session, data: LabeledData, train: LabeledData | None
         out["keyword"] = round_metrics(metrics(kw, data.labels, 0.5))
     if train is None:
         return out
+    from guardrails.offline.calibrate import fit_threshold
+
     tr_rows = session.rows(train, layer, scope)
     rows = session.rows(data, layer, scope)
+    thr_data = cal if cal is not None else train
+    thr_rows = session.rows(cal, layer, scope) if cal is not None else tr_rows
+    goal = {f"target_{k}": v for k, v in (target if cal is not None and target else {"fpr": 0.01}).items()}
     with tempfile.TemporaryDirectory() as tmp:
         for method, fit in (("probe", fit_probe), ("diffmean", fit_diffmean)):
             w, b = fit(tr_rows, train.labels)
             path = save_linear(Path(tmp) / f"{method}.safetensors", w, b)
             guard = session.guard(linear_policy(path, layer, scope, method=method, window=window))
-            tr_scores = text_scores(guard, "linear", tr_rows)
-            from guardrails.offline.calibrate import fit_threshold
-
-            thr = fit_threshold(tr_scores, train.labels, target_fpr=0.01)
+            thr = fit_threshold(text_scores(guard, "linear", thr_rows), thr_data.labels, **goal)
             s = text_scores(guard, "linear", rows)
             out[f"{method}(L{layer}, window {window})"] = round_metrics(metrics(s, data.labels, thr))
     return out

@@ -170,20 +170,31 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
     if baselines:
         rule = next(r for r in policy.rules if rule_id is None or r.id == rule_id)
         train, why = train_path or str(split_files(data_path).get("train") or ""), None
-        if not train:  # an independent file: the baselines fit on what the rule was fitted on, as its record names
-            from guardrails._data import data_root
-            from guardrails.offline.records import recorded_train
+        from guardrails._data import data_root
+        from guardrails.offline.records import DEFAULT_TARGET_FPR, recorded_target, recorded_train
 
+        if not train:  # an independent file: the baselines fit on what the rule was fitted on, as its record names
             found, why = recorded_train(policy, rule.id, data_root())
             if found is not None:
                 train = str(found)
                 out["baselines_train"] = {"path": train, "from": f"the calibration record of rule {rule.id!r}"}
         tr = session.load(train, limit=train_limit, max_response_chars=max_response_chars,
                           by_name="baselines_train" in out) if train else None
+        # the baselines' thresholds as the rule's: on the cal split beside their train split, at the rule's target
+        cal_path = split_files(train).get("cal") if train else None
+        cal = session.load(cal_path, max_response_chars=max_response_chars,
+                           by_name="baselines_train" in out) if cal_path is not None else None
         from guardrails.cli.baselines import run_baselines
 
+        recorded = recorded_target(policy, rule.id, data_root())
+        target = recorded or {"fpr": DEFAULT_TARGET_FPR}
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
-                                         rule_scope(rule), window=rule.detector.window)
+                                         rule_scope(rule), window=rule.detector.window, cal=cal, target=target)
+        if tr is not None:
+            goal = ", ".join(f"{k.upper() if k == 'fpr' else k} {v:g}" for k, v in target.items())
+            whose = "the rule's calibration target" if recorded else "the target of a rule never calibrated"
+            out["baselines_thresholds"] = (f"fitted on {cal_path} at {goal} ({whose})" if cal is not None
+                                           else f"fitted on {train} at FPR 0.01 (no cal split beside it)")
         if tr is None:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
             out["baselines_note"] = ("only the keyword baseline ran: the probe and DiffMean baselines are fitted on a "
                                      f"train split, and {Path(data_path).name} has none beside it "
@@ -302,6 +313,8 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
                       "policy never saw")
     if res.get("baselines_note"):
         console.print(f"[yellow]note[/]: {who}{res['baselines_note']}")
+    if res.get("baselines_thresholds"):
+        console.print(f"[dim]{who}baseline thresholds {res['baselines_thresholds']}[/]")
     if res.get("baselines_train"):
         bt = res["baselines_train"]
         console.print(f"[dim]{who}the probe and DiffMean baselines were fitted on {bt['path']}, the train split "
