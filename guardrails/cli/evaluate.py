@@ -230,7 +230,8 @@ def register(app: typer.Typer) -> None:
                                                 "{prompt,response,label}")],
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         baselines: Annotated[bool, typer.Option(help="Also keyword, probe and DiffMean baselines")] = False,
-        train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: sibling)")] = None,
+        train: Annotated[str | None, typer.Option(help="Train split for the baselines (default: the sibling, "
+                                                       "else the one the rule's record names)")] = None,
         rule: Annotated[str | None, typer.Option(help="Score one rule (default: all, max margin)")] = None,
         model: Annotated[str | None, typer.Option(help="Model id or path (default: the policy's)")] = None,
         limit: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows (stratified)")] = None,
