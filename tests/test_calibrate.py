@@ -508,7 +508,8 @@ def test_cli_calibrate_then_eval(saved_tiny) -> None:
     assert "in_sample" not in got  # the test split: rows the threshold never saw
     # the baselines' thresholds are fitted as the rule's: on the cal split at the rule's target (FPR 0.1 here), so on
     # that split no fitted baseline fires on more than 10% of the label-0 rows
-    assert "toy.cal.jsonl" in got["baselines_thresholds"] and "FPR 0.1 (the rule's" in got["baselines_thresholds"]
+    assert "toy.cal.jsonl" in got["baselines_thresholds"] and "FPR 0.1 on" in got["baselines_thresholds"]
+    assert "the rule's target" in got["baselines_thresholds"]
     res = _cli(["eval", "--policy", str(out), "--data", str(t["tmp"] / "toy.cal.jsonl"), "--json", "--baselines",
                 "--model", str(t["model"])])
     on_cal = json.loads(res.stdout.strip().splitlines()[-1])["baselines"]

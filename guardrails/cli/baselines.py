@@ -8,13 +8,15 @@ from typing import Any
 from guardrails.cli.session import Session
 from guardrails.offline.calibrate import LabeledData, Scope
 
+TRAIN_TARGET = {"fpr": 0.01}
+"""The baselines' threshold target without a cal split: 1% FPR on their own train rows (in-sample)."""
+
 
 def run_baselines(session: Session, data: LabeledData, train: LabeledData | None, layer: int, scope: Scope, *,
                   window: int = 1, cal: LabeledData | None = None,
-                  target: dict[str, float] | None = None) -> dict[str, Any]:
-    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``). Their thresholds are
-    fitted as the rule's are: on ``cal`` at ``target`` (``{"fpr": x}`` or ``{"recall": x}``, the rule's calibration
-    target); without ``cal``, on ``train`` at 1% FPR."""
+                  target: dict[str, float] = TRAIN_TARGET) -> dict[str, Any]:
+    """Keyword, probe and DiffMean baselines on ``data`` (the last two fitted on ``train``), their thresholds fitted
+    at ``target`` (``{"fpr": x}`` or ``{"recall": x}``) on ``cal``, else on ``train``."""
     import tempfile
 
     from guardrails.offline.baselines import (
@@ -46,7 +48,7 @@ def run_baselines(session: Session, data: LabeledData, train: LabeledData | None
     rows = session.rows(data, layer, scope)
     thr_data = cal if cal is not None else train
     thr_rows = session.rows(cal, layer, scope) if cal is not None else tr_rows
-    goal = {f"target_{k}": v for k, v in (target if cal is not None and target else {"fpr": 0.01}).items()}
+    goal = {f"target_{k}": v for k, v in target.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for method, fit in (("probe", fit_probe), ("diffmean", fit_diffmean)):
             w, b = fit(tr_rows, train.labels)

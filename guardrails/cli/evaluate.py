@@ -178,23 +178,26 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
             if found is not None:
                 train = str(found)
                 out["baselines_train"] = {"path": train, "from": f"the calibration record of rule {rule.id!r}"}
+        ours = "baselines_train" in out  # our train file: read in this repository's layout, not --columns
         tr = session.load(train, limit=train_limit, max_response_chars=max_response_chars,
-                          by_name="baselines_train" in out) if train else None
+                          by_name=ours) if train else None
         # the baselines' thresholds as the rule's: on the cal split beside their train split, at the rule's target
         cal_path = split_files(train).get("cal") if train else None
         cal = session.load(cal_path, max_response_chars=max_response_chars,
-                           by_name="baselines_train" in out) if cal_path is not None else None
-        from guardrails.cli.baselines import run_baselines
+                           by_name=ours) if cal_path is not None else None
+        from guardrails.cli.baselines import TRAIN_TARGET, run_baselines
 
         recorded = recorded_target(policy, rule.id, data_root())
-        target = recorded or {"fpr": DEFAULT_TARGET_FPR}
+        if cal is None:
+            target, where = TRAIN_TARGET, f"{train} (no cal split beside it)"
+        else:
+            target = recorded or {"fpr": DEFAULT_TARGET_FPR}
+            where = f"{cal_path} ({'the rule' if recorded else 'a rule never calibrated'}'s target)"
         out["baselines"] = run_baselines(session, data, tr, rule_layer(policy, rule),
                                          rule_scope(rule), window=rule.detector.window, cal=cal, target=target)
         if tr is not None:
             goal = ", ".join(f"{k.upper() if k == 'fpr' else k} {v:g}" for k, v in target.items())
-            whose = "the rule's calibration target" if recorded else "the target of a rule never calibrated"
-            out["baselines_thresholds"] = (f"fitted on {cal_path} at {goal} ({whose})" if cal is not None
-                                           else f"fitted on {train} at FPR 0.01 (no cal split beside it)")
+            out["baselines_thresholds"] = f"fitted at {goal} on {where}"
         if tr is None:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
             out["baselines_note"] = ("only the keyword baseline ran: the probe and DiffMean baselines are fitted on a "
                                      f"train split, and {Path(data_path).name} has none beside it "
