@@ -778,6 +778,40 @@ def test_rebased_rewrites_only_local_references(tmp_path) -> None:
     assert pol.rebased(tmp_path / "a") is pol
 
 
+def test_cli_tables_show_rich_markup_in_the_users_data_literally(saved_tiny) -> None:
+    """Row text, group and category names, rule ids and paths from the user's files are shown as written: ``[/x]``
+    in a row raised rich's ``MarkupError`` (a traceback) in discover's examples and eval's --errors/--by tables."""
+    t = saved_tiny
+    folder = t["tmp"] / "d[red]"
+    folder.mkdir()
+    words = ["[/kill]", "[bold]x", "[link=http://e]y[/link]", "[/]", "fox", "robot", "bread", "dog"]
+    rows = [{"text": f"{words[i % 8]} {words[(i * 3) % 8]} [/c]", "label": int(i % 2 == 0),
+             "source": "[/src]" if i % 3 else "[red]s", "category": "[/cat]" if i % 2 == 0 else None}
+            for i in range(40)]
+    for split, part in (("train", rows[:20]), ("cal", rows[20:30]), ("test", rows[30:])):
+        _write(folder / f"h[bold].{split}.jsonl", part)
+    draft = folder / "p[/b].yaml"
+    common = ["--model", str(t["model"])]
+    res = _cli(["discover", "--data", str(folder / "h[bold]"), "--layer", "1", "--sae", str(t["tmp"] / "sae"),
+                "--top", "8", "--out", str(draft), *common])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "[/kil" in res.output and "d[red]/p[/b].yaml; next:" in res.output  # the tiny tokenizer splits "[/kill]"
+    res = _cli(["discover", "--data", str(folder / "h[bold]"), "--layer", "1", "--sae", str(t["tmp"] / "sae"), *common])
+    assert res.exit_code == 0 and "next: add --out FILE" in res.output, res.output  # without --out: the way on
+    text = draft.read_text().replace("id: discovered", "id: '[/r]x'")
+    draft.write_text(text)
+    out = folder / "o[/].yaml"
+    res = _cli(["calibrate", "--policy", str(draft), "--data", str(folder / "h[bold]"), "--target-fpr", "0.2",
+                "--out", str(out), *common])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "rule [/r]x" in res.output and "o[/].yaml" in res.output
+    res = _cli(["eval", "--policy", str(out), "--data", str(folder / "h[bold].test.jsonl"), "--errors", "3",
+                "--by", "source", "--by", "category", *common])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    for shown in ("[/src]", "[red]s", "[/cat]", "[/c]", "h[bold].test.jsonl", "[/r]x"):
+        assert shown in res.output, shown
+
+
 def test_cli_discover_writes_draft(saved_tiny) -> None:
     t = saved_tiny
     out = t["tmp"] / "draft.yaml"

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from guardrails.cli.safe import markup
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
@@ -367,14 +368,14 @@ def register(app: typer.Typer) -> None:
             return
         for rid, r in rep["rules"].items():
             m = r["metrics"]
-            line = f"rule [bold]{rid}[/]: threshold {r['threshold']:.4f}  cal FPR {m['cal']['fpr']:.3f} " \
+            line = f"rule [bold]{markup(rid)}[/]: threshold {r['threshold']:.4f}  cal FPR {m['cal']['fpr']:.3f} " \
                    f"TPR {m['cal']['tpr']:.3f}"
             if "test" in m:
                 line += f"  | test AUROC {m['test']['auroc']}, FPR {m['test']['fpr']:.3f}, TPR {m['test']['tpr']:.3f}"
             console.print(line)
         if rep.get("target_from_policy"):
-            console.print(f"target: {', '.join(rep['target_from_policy'])}, as the policy was calibrated before "
-                          "(--target-fpr or --target-recall to change it)")
+            console.print(f"target: {markup(', '.join(rep['target_from_policy']))}, as the policy was calibrated "
+                          "before (--target-fpr or --target-recall to change it)")
         for w in rep.get("warnings", []):
-            console.print(f"[yellow]warning[/]: {w}")
-        console.print(f"wrote {rep['out']}")
+            console.print(f"[yellow]warning[/]: {markup(w)}")
+        console.print(f"wrote {markup(rep['out'])}")

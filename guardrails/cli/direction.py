@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from guardrails.cli.safe import markup
 from guardrails.cli.session import ColumnsOption, LabelOption, PositiveOption, SkipUnlabeledOption
 
 
@@ -63,5 +64,5 @@ def direction_command(
     r = d.record
     sep = "not measured" if r.heldout_auroc is None else (
         f"held-out AUROC {r.heldout_auroc:.3f}, gap {r.heldout_gap:.3f} x norm (n={r.n_heldout})")
-    console.print(f"wrote {path} and {record}: {r.kind} at layer {r.layer}, {r.n_positive}+{r.n_negative} rows, "
-                  f"residual norm {r.residual_norm:.1f}; {sep}", highlight=False)
+    console.print(f"wrote {markup(path)} and {markup(record)}: {r.kind} at layer {r.layer}, "
+                  f"{r.n_positive}+{r.n_negative} rows, residual norm {r.residual_norm:.1f}; {sep}", highlight=False)

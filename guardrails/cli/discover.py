@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from guardrails.cli.safe import cell, markup
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
@@ -112,12 +113,16 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table("rank", "feature", "AUROC", "fires (1)", "fires (0)", "mean diff", "top tokens in context",
-                  title=f"{res['data']}: {res['rows']} rows, {res['scope']} tokens, layer {res['layer']}")
+                  title=f"{markup(res['data'])}: {res['rows']} rows, {res['scope']} tokens, layer {res['layer']}")
         for i, f in enumerate(res["features"], 1):
             ex = "\n".join(f"{v:.1f} {w}" for v, w in f["examples"])
             t.add_row(str(i), str(f["feature"]), f"{f['auroc']:.3f}", f"{f['freq_pos']:.0%}", f"{f['freq_neg']:.0%}",
-                      f"{f['mean_diff']:.2f}", ex)
+                      f"{f['mean_diff']:.2f}", cell(ex, keep_newlines=True))
         console.print(t)
+        if out is None:  # the table alone ends a new user's first step with no way on: name it
+            n = len(res["policy"]["rules"][0]["detector"]["features"])
+            console.print(f"next: add --out FILE to write a draft policy of the top {n} features, then calibrate it "
+                          "(the command is printed)", soft_wrap=True)
         if out is not None:
             import shlex
 
@@ -136,4 +141,4 @@ def register(app: typer.Typer) -> None:
                           "weights over many features, the shipped SAE rule's recipe)"
                           + (" on the train split" if "train" in files else "; with one file, weights and threshold "
                              "come from the same rows"), soft_wrap=True)
-            console.print(f"draft policy written to {out}; next: {nxt}", soft_wrap=True)
+            console.print(f"draft policy written to {markup(out)}; next: {markup(nxt)}", soft_wrap=True)

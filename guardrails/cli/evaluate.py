@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from guardrails.cli.safe import cell, markup
 from guardrails.cli.session import (
     ColumnsOption,
     LabelOption,
@@ -283,17 +284,17 @@ def register(app: typer.Typer) -> None:
                                            "at its own threshold)")
         # a narrow terminal folds a long policy name instead of cutting it ("harmful-req…" named two policies alike)
         t = Table(Column("detector", overflow="fold"), "AUROC", "AUPRC", "TPR@1%FPR", "TPR@5%FPR", "F1", "FPR", "TPR",
-                  title=title)
+                  title=markup(title))
         names = [r["policy"] for r in results]
         # two policies of one name (a calibrated copy): the file tells them apart
         shown = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
         for res, name in zip(results, shown, strict=True):
-            t.add_row(f"policy {name}", *(_fmt(res.get(k)) for k in cols))
+            t.add_row(cell(f"policy {name}"), *(_fmt(res.get(k)) for k in cols))
             for name, m in (res.get("baselines") or {}).items():
-                t.add_row(name if len(results) == 1 else f"  {name}", *(_fmt(m.get(k)) for k in cols))
+                t.add_row(cell(name if len(results) == 1 else f"  {name}"), *(_fmt(m.get(k)) for k in cols))
         console.print(t)
         for res, name, rows_out in zip(results, shown, row_files, strict=True):
-            _print_details(console, res, by or [], rows_out, who=f"{name}: " if len(results) > 1 else "")
+            _print_details(console, res, by or [], rows_out, who=markup(f"{name}: ") if len(results) > 1 else "")
 
 
 def _row_files(rows: str | None, paths: list[str]) -> list[str | None]:
@@ -308,21 +309,23 @@ def _row_files(rows: str | None, paths: list[str]) -> list[str | None]:
 
 def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str | None, *, who: str) -> None:
     """Everything after the main table for one policy's result (``who``: its name before each line when several
-    policies are shown): warnings, cascade, groups, errors, the rows file."""
-    from rich.table import Table
+    policies are shown, markup-escaped): warnings, cascade, groups, errors, the rows file. Every other piece of text
+    that comes from the user's files (paths, rule ids, row text, group and category names) is escaped: a row holding
+    ``[/x]`` is shown, never parsed as rich markup (it raised ``MarkupError``)."""
+    from rich.table import Column, Table
 
     if res.get("in_sample"):
-        console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {', '.join(res['in_sample'])} were "
-                      "fitted on this file (same sha256): these numbers are in-sample; evaluate on rows the "
-                      "policy never saw")
+        fitted = markup(", ".join(res["in_sample"]))
+        console.print(f"[yellow]warning[/]: {who}the thresholds (or features) of {fitted} were fitted on this file "
+                      "(same sha256): these numbers are in-sample; evaluate on rows the policy never saw")
     if res.get("baselines_note"):
-        console.print(f"[yellow]note[/]: {who}{res['baselines_note']}")
+        console.print(f"[yellow]note[/]: {who}{markup(res['baselines_note'])}")
     if res.get("baselines_thresholds"):
-        console.print(f"[dim]{who}baseline thresholds {res['baselines_thresholds']}[/]")
+        console.print(f"[dim]{who}baseline thresholds {markup(res['baselines_thresholds'])}[/]")
     if res.get("baselines_train"):
         bt = res["baselines_train"]
-        console.print(f"[dim]{who}the probe and DiffMean baselines were fitted on {bt['path']}, the train split "
-                      f"that {bt['from']} names; --train FILE fits them on other rows[/]")
+        console.print(f"[dim]{who}the probe and DiffMean baselines were fitted on {markup(bt['path'])}, the train "
+                      f"split that {markup(bt['from'])} names; --train FILE fits them on other rows[/]")
     if not res.get("positives") or not res.get("negatives"):
         only, rate = ("label 1", "TPR (the share that fires)") if res.get("positives") else ("label 0", "FPR")
         console.print(f"[yellow]note[/]: {who}every row is {only}: only {rate} is defined here; AUROC and the "
@@ -331,34 +334,34 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
         st = res["steer"]
         gen = st.get("blocked_in_generation") or {}
         blocked = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in gen.items() if v is not None)
-        console.print(f"{who}{st['rule']} steers: the rates above are the rows it fires on. A generation steers them "
-                      f"and blocks from block_above {st['block_above']}" + (f" ({blocked} of the rows)" if blocked
-                                                                             else "")
+        of_rows = f" ({blocked} of the rows)" if blocked else ""
+        console.print(f"{who}{markup(st['rule'])} steers: the rates above are the rows it fires on. A generation "
+                      f"steers them and blocks from block_above {st['block_above']}{of_rows}"
                       + f"; a scan of text already written (SAEGuard, the proxy, /v1/guard/check) cannot steer and "
                       f"{'blocks' if st['scan_action'] == 'block' else 'flags'} them (steer.scan_action: "
                       f"{st['scan_action']})")
     if "cascade" in res:
-        console.print(who + res["cascade"]["summary"])
+        console.print(who + markup(res["cascade"]["summary"]))
     for rid, c in (res.get("category_naming") or {}).items():
         named = "-" if c["named"] is None else f"{c['named']:.0%}"
         right = "-" if c["right_of_named"] is None else f"{c['right_of_named']:.0%}"
-        console.print(f"{who}categories ({rid}): fired on {c['fired']} of {c['rows']} label-1 rows with a category; "
-                      f"named one on {named} of those, the labelled one on {right} of the named")
+        console.print(f"{who}categories ({markup(rid)}): fired on {c['fired']} of {c['rows']} label-1 rows with a "
+                      f"category; named one on {named} of those, the labelled one on {right} of the named")
         if c.get("unknown"):
             shown = ", ".join(c["unknown"][:8]) + (", ..." if len(c["unknown"]) > 8 else "")
-            console.print(f"[yellow]note[/]: {who}the file's categories {shown} are not labels the head names, so they "
-                          f"never count as right; its labels: {', '.join(c['labels'])}")
+            console.print(f"[yellow]note[/]: {who}the file's categories {markup(shown)} are not labels the head names, "
+                          f"so they never count as right; its labels: {markup(', '.join(c['labels']))}")
     for field_name in by:
-        g = Table(field_name, "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
-                  title=f"{who}by {field_name} (single-label groups ranked against the other label's rows outside "
-                        f"the group); worst: {res.get(f'worst_{field_name}')}")
+        g = Table(Column(cell(field_name)), "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
+                  title=f"{who}by {markup(field_name)} (single-label groups ranked against the other label's rows "
+                        f"outside the group); worst: {markup(res.get(f'worst_{field_name}'))}")
         for name, m in res[f"by_{field_name}"].items():
-            g.add_row(name, str(m["n"]), str(m["positives"]), str(m["negatives"]),
+            g.add_row(cell(name), str(m["n"]), str(m["positives"]), str(m["negatives"]),
                       *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
         console.print(g)
         if res.get(f"left_out_{field_name}"):
             small = ", ".join(f"{k} ({v})" for k, v in res[f"left_out_{field_name}"].items())
-            console.print(f"not reported (under {MIN_GROUP_ROWS} rows): {small}")
+            console.print(f"{who}not reported (under {MIN_GROUP_ROWS} rows): {markup(small)}")
     for kind, title in (("false_positives", "label 0, fires"), ("false_negatives", "label 1, does not fire")):
         found = (res.get("errors") or {}).get(kind)
         if found:
@@ -367,11 +370,11 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
                       title=f"{who}{kind.replace('_', ' ')} ({title}; threshold {res['threshold']:.4g})")
             for r in found:
                 text = r["text"] if "response" not in r else f"{r['text']} -> {r['response']}"
-                e.add_row(_place(r), f"{r['score']:.3f}", text[:160],
-                          *([str(r["category"])] if "category" in r else []))
+                e.add_row(_place(r), f"{r['score']:.3f}", cell(text[:160]),
+                          *([cell(r["category"])] if "category" in r else []))
             console.print(e)
     if rows:
-        console.print(f"{who}per-row scores written to {rows}")
+        console.print(f"{who}per-row scores written to {markup(rows)}")
 
 
 def _fmt(v: Any) -> str:

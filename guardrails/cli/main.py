@@ -294,7 +294,7 @@ def train_sae(
                                 {"layer": L, "corpus": str(corpus), "collected_tokens": len(x)})
         console.print(
             f"layer {L}: FVU {report.fvu:.4f} (PCA-{k}: {report.pca_fvu:.4f}), "
-            f"dead {report.dead_fraction:.2%} -> {path}"
+            f"dead {report.dead_fraction:.2%} -> {markup(path)}"
         )
 
 

@@ -23,6 +23,7 @@ def export_onnx_command(
 ) -> None:
     """Export the model cut at the deepest watched layer plus the policy's scoring head to ONNX."""
     from guardrails.cli.main import _run_safely, console, fail, resolve_policy_path
+    from guardrails.cli.safe import markup
     from guardrails.core.policy import Policy
     from guardrails.onnx.export import OnnxGuardError, export_onnx
     from guardrails.serving.models import load_model
@@ -47,7 +48,7 @@ def export_onnx_command(
         steps.update(task, completed=1, total=1)
     parity = "not checked" if report.parity is None else f"max relative difference {report.parity:.1e}"
     console.print(
-        f"[green]exported[/] {report.folder}: layers 0..{report.cut_after_layer}, {report.score_mode} mode, "
+        f"[green]exported[/] {markup(report.folder)}: layers 0..{report.cut_after_layer}, {report.score_mode} mode, "
         f"{report.onnx_bytes / 1e6:.1f} MB, {report.seconds:.0f} s; parity with torch: {parity}"
     )
-    console.print(f"serve it with: guardrails.onnx.OnnxGuard.load({str(report.folder)!r}).score(texts)")
+    console.print(f"serve it with: guardrails.onnx.OnnxGuard.load({markup(repr(str(report.folder)))}).score(texts)")

@@ -57,6 +57,7 @@ def serve_command(
     /v1/models, /v1/guard/check, /healthz, /metrics); with --upstream, guard another server instead;
     with --engine vllm, generate inside a guarded vLLM engine."""
     from guardrails.cli.main import _load_guard, _run_safely, err_console, fail
+    from guardrails.cli.safe import markup
 
     try:
         import uvicorn
@@ -80,7 +81,7 @@ def serve_command(
         if score_mode is not None:
             fail("--score-mode applies to --engine hf only (vLLM scores with the policy's own mode)")
     if not _loopback(host) and not api_key:
-        err_console.print(f"[bold yellow]warning:[/] binding {host} without an API key: anyone who can reach "
+        err_console.print(f"[bold yellow]warning:[/] binding {markup(host)} without an API key: anyone who can reach "
                           "this port can use the model (set --api-key or GUARDRAILS_API_KEY)", highlight=False)
     if threads is not None:
         import torch
@@ -100,8 +101,8 @@ def serve_command(
         return
     app = create_app(guard, config)
     mode = f"proxy for {upstream}" if upstream else f"local, engine {engine}"
-    err_console.print(f"serving policy [bold]{guard.policy.name}[/] as model '{model_name}' ({mode}) on "
-                      f"http://{host}:{port}/v1", highlight=False)
+    err_console.print(f"serving policy [bold]{markup(guard.policy.name)}[/] as model {markup(repr(model_name))} "
+                      f"({markup(mode)}) on http://{markup(host)}:{port}/v1", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
