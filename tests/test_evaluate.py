@@ -84,6 +84,22 @@ def test_grouped_metrics_single_label_groups_ranked_against_the_other_side() -> 
     assert worst_group(per) == min(per, key=lambda k: per[k]["auroc"])
 
 
+def test_worst_group_of_a_one_label_file_is_ranked_by_its_rate() -> None:
+    """A file of harmful rows only (`eval --label 1 --by source`) has no AUROC: the worst source is the one the guard
+    blocks least (it printed "worst:" and nothing); benign rows only: the one it blocks most."""
+    from guardrails.offline.evaluate import grouped_metrics, worst_of
+
+    s = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.3])
+    g = ["a", "a", "b", "b", "c", "c"]
+    harmful = grouped_metrics(s, np.ones(6), g, 0.5, min_rows=2)
+    assert worst_of(harmful) == ("c", "tpr")  # fires on a 2/2, b 1/2, c 0/2
+    benign = grouped_metrics(s, np.zeros(6), g, 0.5, min_rows=2)
+    assert worst_of(benign) == ("a", "fpr")
+    y = np.array([1, 0, 1, 0, 1, 0])
+    assert worst_of(grouped_metrics(s, y, g, 0.5, min_rows=2))[1] == "auroc"
+    assert worst_of({}) is None
+
+
 def test_eval_scores_two_same_scope_rules_on_their_own_layers(tmp_path, monkeypatch) -> None:
     """Two input rules at layers 1 and 3: eval of each rule equals the serving score of that rule."""
     import json as _json

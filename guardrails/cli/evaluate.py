@@ -110,7 +110,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         rule_row_keys,
         rule_rows,
         small_groups,
-        worst_group,
+        worst_of,
     )
 
     if errors < 0:
@@ -152,7 +152,8 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         assert groups is not None  # checked above
         per = grouped_metrics(scores, data.labels, groups, thr)
         out[f"by_{field_name}"] = per
-        out[f"worst_{field_name}"] = worst_group(per)
+        worst = worst_of(per)
+        out[f"worst_{field_name}"], out[f"worst_{field_name}_by"] = worst if worst is not None else (None, None)
         out[f"left_out_{field_name}"] = small_groups(groups)
     if data.categories is not None:  # rules[].categories: does the head name the labelled category?
         from guardrails.offline.evaluate import category_naming
@@ -354,7 +355,7 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
     for field_name in by:
         g = Table(Column(cell(field_name)), "n", "label 1", "label 0", "AUROC", "FPR", "TPR",
                   title=f"{who}by {markup(field_name)} (single-label groups ranked against the other label's rows "
-                        f"outside the group); worst: {markup(res.get(f'worst_{field_name}'))}")
+                        f"outside the group); worst: {_worst(res, field_name)}")
         for name, m in res[f"by_{field_name}"].items():
             g.add_row(cell(name), str(m["n"]), str(m["positives"]), str(m["negatives"]),
                       *(_fmt(m.get(k)) for k in ("auroc", "fpr", "tpr")))
@@ -375,6 +376,13 @@ def _print_details(console: Any, res: dict[str, Any], by: list[str], rows: str |
             console.print(e)
     if rows:
         console.print(f"{who}per-row scores written to {markup(rows)}")
+
+
+def _worst(res: dict[str, Any], field_name: str) -> str:
+    """``name (metric)``, markup-escaped, or ``-`` where no group could be ranked."""
+    name, by = res.get(f"worst_{field_name}"), res.get(f"worst_{field_name}_by")
+    how = {"auroc": "lowest AUROC", "tpr": "lowest TPR", "fpr": "highest FPR"}.get(str(by), str(by))
+    return "-" if name is None else markup(f"{name} ({how})")
 
 
 def _fmt(v: Any) -> str:

@@ -216,6 +216,16 @@ def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") 
     return min(vals, key=lambda k: vals[k]) if vals else None
 
 
+def worst_of(per_group: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The worst group and the metric that ranks it: the lowest AUROC; in a file of one label, where no group has an
+    AUROC, the lowest TPR (harmful rows only) or the highest FPR (benign rows only)."""
+    for key in ("auroc", "tpr"):
+        if (name := worst_group(per_group, key)) is not None:
+            return name, key
+    fpr = {k: float(v["fpr"]) for k, v in per_group.items() if isinstance(v.get("fpr"), float)}
+    return (max(fpr, key=lambda k: fpr[k]), "fpr") if fpr else None
+
+
 def round_metrics(m: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else
                 (None if isinstance(v, float) else v)) for k, v in m.items()}
