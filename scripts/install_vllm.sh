@@ -41,7 +41,7 @@ needed = {"safetensors": "safetensors", "pydantic": "pydantic", "yaml": "PyYAML"
           "fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx", "prometheus_client": "prometheus_client",
           "openai": "openai"}
 missing = [pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None]
-if missing:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *missing])
+if missing:  # sae-guardrails is in this venv without its dependency list: pip would list those as an ERROR
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-warn-conflicts", *missing])
 EOF
 "$VPY" -c "import vllm, guardrails.vllm; print('vllm', vllm.__version__, 'ready in', '$VENV')"
