@@ -69,6 +69,23 @@ def test_overhead_quick_json_shape() -> None:
 
 
 @pytest.mark.model
+@pytest.mark.model
+def test_operating_points_quick_json_shape() -> None:
+    """The shipped point and the two moved thresholds come from the same scores: the best recall within the
+    over-refusal budget is at least the shipped one wherever the shipped threshold is within it."""
+    out = _run("operating_points.py")
+    assert out["benchmark"] == "operating_points" and len(out["held_out_sources"]) == 4
+    (rep,) = out["policies"]
+    assert rep["policy"] == "harmful-requests" and rep["n_harmful"] == 8 and rep["n_over_refusal"] == 8
+    best, cost = rep["best_recall_within_budget"], rep["over_refusal_at_target_recall"]
+    for v in (rep["auroc"], rep["shipped"]["recall"], rep["shipped"]["over_refusal"], best["recall"],
+              cost["over_refusal"]):
+        assert 0.0 <= v <= 1.0
+    assert rep["target_met_by_some_threshold"] == (best["recall"] >= cost["target_recall"])
+    if rep["shipped"]["over_refusal"] <= best["max_over_refusal"]:  # the shipped threshold is one of those allowed
+        assert best["recall"] >= rep["shipped"]["recall"]
+
+
 def test_context_shift_quick_json_shape() -> None:
     """The request guard under each deployment context: the bare request changes no decision against itself; every
     context scores the same rows."""

@@ -84,6 +84,21 @@ def test_grouped_metrics_single_label_groups_ranked_against_the_other_side() -> 
     assert worst_group(per) == min(per, key=lambda k: per[k]["auroc"])
 
 
+def test_fpr_at_tpr_mirrors_tpr_at_fpr() -> None:
+    """What a recall target costs: the lowest FPR of any threshold that keeps at least that share of positives."""
+    from guardrails.offline.evaluate import fpr_at_tpr, tpr_at_fpr
+
+    pos = np.array([0.9, 0.8, 0.7, 0.6, 0.2])
+    neg = np.array([0.75, 0.5, 0.4, 0.3, 0.1, 0.0, -0.1, -0.2, -0.3, -0.4])
+    s, y = np.r_[pos, neg], np.r_[np.ones(5), np.zeros(10)]
+    assert fpr_at_tpr(s, y, 0.4) == 0.0  # threshold 0.8: two of five, no negative
+    assert fpr_at_tpr(s, y, 0.6) == pytest.approx(0.1)  # 0.7: the 0.75 negative fires
+    assert fpr_at_tpr(s, y, 0.8) == pytest.approx(0.1)  # 0.6
+    assert fpr_at_tpr(s, y, 1.0) == pytest.approx(0.4)  # 0.2: 0.75, 0.5, 0.4 and 0.3 fire
+    assert tpr_at_fpr(s, y, 0.1) == pytest.approx(0.8) and tpr_at_fpr(s, y, 0.0) == pytest.approx(0.4)
+    assert np.isnan(fpr_at_tpr(pos, np.ones(5), 0.5))
+
+
 def test_worst_group_of_a_one_label_file_is_ranked_by_its_rate() -> None:
     """A file of harmful rows only (`eval --label 1 --by source`) has no AUROC: the worst source is the one the guard
     blocks least (it printed "worst:" and nothing); benign rows only: the one it blocks most."""

@@ -39,6 +39,18 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
     return float((pos >= thr).mean())
 
 
+def fpr_at_tpr(scores: np.ndarray, labels: np.ndarray, tpr: float) -> float:
+    """Lowest FPR over thresholds whose TPR (share of positives with score >= threshold) is >= ``tpr``: what a recall
+    target costs in false positives (``tpr_at_fpr``'s mirror)."""
+    s, y = _clean(scores), np.asarray(labels)
+    pos = np.sort(s[y == 1])[::-1]
+    neg = s[y == 0]
+    if len(neg) == 0 or len(pos) == 0:
+        return math.nan
+    needed = max(1, math.ceil(tpr * len(pos) - 1e-9))
+    return float((neg >= pos[needed - 1]).mean())
+
+
 def rates_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
     """FPR, TPR, precision and F1 of "score >= threshold" (NaN scores never fire)."""
     s = np.asarray(scores, dtype=np.float64)
