@@ -128,3 +128,39 @@ def test_generation_result_repr_is_short() -> None:
                          policy="pol")
     text = repr(r)
     assert len(text) < 200 and text.startswith("GenerationResult(blocked,") and "['harm']" in text
+
+
+def test_progress_bars_redraw_rarely_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal (a CI log, ``> log 2>&1``) a bar redraws at most every LOG_INTERVAL_S seconds (it wrote about
+    300 copies of an activation pass's bar); on a terminal, or where the caller or TQDM_MININTERVAL says, tqdm's
+    own setting stands."""
+    import io
+
+    from guardrails.offline import progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    bar = progress.progress_bar(total=1000, disable=False, file=log)
+    assert bar.mininterval == progress.LOG_INTERVAL_S
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert log.getvalue().count("\r") <= 3  # the first draw and the last, not one per 0.1 s
+
+    def interval(**kw: object) -> float:
+        bar = progress.progress_bar(total=1, disable=False, file=io.StringIO(), **kw)
+        bar.close()
+        return float(bar.mininterval)
+
+    assert interval(mininterval=0.5) == 0.5  # the caller's
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")  # tqdm reads it at import: here, ours is not applied over it
+    assert interval() != progress.LOG_INTERVAL_S
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert interval() == 0.1  # a terminal: tqdm's default

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from guardrails.core.errors import CalibrationError
 from guardrails.engine.hooks import StopForward, capture, stop_after_layer
+from guardrails.offline.progress import progress_bar
 from guardrails.serving.prompts import PromptLike  # a string (one user turn) or {"role", "content"} turns
 
 
@@ -147,7 +147,8 @@ def collect_residuals(
     tokenized = _tokenized(tokenizer, texts, responses, chat, max_tokens)
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     device = model.device if hasattr(model, "device") else torch.device("cpu")
-    bar = tqdm(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}", disable=not progress)
+    bar = progress_bar(total=len(texts), unit="text", desc=f"activations L{','.join(map(str, layers))}",
+                       disable=not progress)
     try:
         for start in range(0, len(texts), batch_size):
             chunk = tokenized[start : start + batch_size]

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from guardrails.engine.hooks import StopForward, decoder_layers, stop_after_layer
+from guardrails.offline.progress import progress_bar
 from guardrails.sae.model import SAE, SAEConfig
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def collect_activations(
 
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     n = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc="activations", disable=not progress)
+    bar = progress_bar(total=max_tokens, unit="tok", desc="activations", disable=not progress)
     it = iter(texts)
     try:
         for layer in layers:
@@ -191,7 +191,7 @@ def train_topk_sae(
     steps_per_epoch = len(train) // batch_size
     total = steps_per_epoch * epochs
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="step", desc=f"train SAE d_sae={d_sae} k={k}", disable=not progress)
+    bar = progress_bar(total=total, unit="step", desc=f"train SAE d_sae={d_sae} k={k}", disable=not progress)
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=g)
