@@ -84,6 +84,10 @@ def test_operating_points_quick_json_shape() -> None:
     assert rep["target_met_by_some_threshold"] == (best["recall"] >= cost["target_recall"])
     if rep["shipped"]["over_refusal"] <= best["max_over_refusal"]:  # the shipped threshold is one of those allowed
         assert best["recall"] >= rep["shipped"]["recall"]
+    out = _run("operating_points.py", "--answers")  # the output guard's target, on answers with their prompts
+    (rep,) = out["policies"]
+    assert out["answers"] is True and rep["policy"] == "harmful-compliance" and rep["n_harmless"] == 8
+    assert rep["harmless_at_target_recall"]["target_recall"] == 0.75 and 0.0 <= rep["shipped"]["harmless"] <= 1.0
 
 
 def test_context_shift_quick_json_shape() -> None:
