@@ -107,7 +107,6 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         metrics,
         policy_row_scores,
         round_metrics,
-        rule_row_keys,
         rule_rows,
         small_groups,
         worst_of,
@@ -126,12 +125,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
             raise ValueError(f"--by {field_name}: no row of {data.path} has a {field_name!r} field; add one per row "
                              f"(README, 'Labeled data') or leave out --by {field_name}")
     guard = session.guard(policy)
-    # one set of rows per (scope, layer): each rule scores its own layer(s); one forward pass per scope
-    keys = list(dict.fromkeys(key for r in policy.rules for key in rule_row_keys(policy, r)))
-    rows: dict[tuple[str, int], list[Any]] = {}
-    for scope in dict.fromkeys(k[0] for k in keys):
-        got = session.rows_at(data, [k[1] for k in keys if k[0] == scope], scope)  # type: ignore[arg-type]
-        rows.update({(scope, layer): r for layer, r in got.items()})
+    rows = session.policy_rows(data, policy)
     scores, thr, what = policy_row_scores(guard, rows, rule_id)
     out: dict[str, Any] = round_metrics(metrics(scores, data.labels, thr))
     out.update(policy=policy.name, policy_path=policy_path, score=what, data=data.path, score_mode=guard.score_mode)
@@ -200,7 +194,7 @@ def run_eval(session: Session, policy_path: str, data_path: str, *, rule_id: str
         if tr is not None:
             goal = ", ".join(f"{k.upper() if k == 'fpr' else k} {v:g}" for k, v in target.items())
             out["baselines_thresholds"] = f"fitted at {goal} on {where}"
-        if tr is None:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
+        else:  # the probe and DiffMean baselines are fitted: without rows to fit on only keywords ran
             out["baselines_note"] = ("only the keyword baseline ran: the probe and DiffMean baselines are fitted on a "
                                      f"train split, and {Path(data_path).name} has none beside it "
                                      "(<prefix>.train.jsonl next to <prefix>.test.jsonl)"

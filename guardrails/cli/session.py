@@ -84,6 +84,19 @@ class Session:
                 self._rows[(data.sha256, L, scope)] = got[L]
         return {L: self._rows[(data.sha256, L, scope)] for L in layers}
 
+    def policy_rows(self, data: LabeledData, policy: Any) -> dict[tuple[str, int], list[Any]]:
+        """Rows per ``(scope, layer)`` that the policy's rules read (:func:`guardrails.offline.evaluate.rule_row_keys`):
+        each rule scores its own layer(s); one forward pass per scope. What
+        :func:`guardrails.offline.evaluate.policy_row_scores` scores."""
+        from guardrails.offline.evaluate import rule_row_keys
+
+        keys = list(dict.fromkeys(key for r in policy.rules for key in rule_row_keys(policy, r)))
+        rows: dict[tuple[str, int], list[Any]] = {}
+        for scope in dict.fromkeys(k[0] for k in keys):
+            got = self.rows_at(data, [k[1] for k in keys if k[0] == scope], scope)  # type: ignore[arg-type]
+            rows.update({(scope, layer): r for layer, r in got.items()})
+        return rows
+
     def rule_rows(self, data: LabeledData, policy: Any, rule: Any, scope: Scope) -> Any:
         """``rows`` at the rule's layer, or ``{layer: rows}`` over a multi-layer rule's layers."""
         from guardrails.core.semantics import rule_layers
