@@ -222,20 +222,21 @@ def grouped_with_intervals(
     return per
 
 
-def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc") -> str | None:
-    """The group with the lowest ``key`` (groups where it is missing are skipped)."""
+def worst_group(per_group: Mapping[str, Mapping[str, Any]], key: str = "auroc", *, highest: bool = False
+                ) -> str | None:
+    """The group with the lowest ``key`` (the highest with ``highest``, for an error rate); groups where it is
+    missing are skipped."""
     vals: dict[str, float] = {k: float(v[key]) for k, v in per_group.items() if isinstance(v.get(key), float)}
-    return min(vals, key=lambda k: vals[k]) if vals else None
+    return (max if highest else min)(vals, key=lambda k: vals[k]) if vals else None
 
 
 def worst_of(per_group: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
     """The worst group and the metric that ranks it: the lowest AUROC; in a file of one label, where no group has an
     AUROC, the lowest TPR (harmful rows only) or the highest FPR (benign rows only)."""
-    for key in ("auroc", "tpr"):
-        if (name := worst_group(per_group, key)) is not None:
+    for key, highest in (("auroc", False), ("tpr", False), ("fpr", True)):
+        if (name := worst_group(per_group, key, highest=highest)) is not None:
             return name, key
-    fpr = {k: float(v["fpr"]) for k, v in per_group.items() if isinstance(v.get("fpr"), float)}
-    return (max(fpr, key=lambda k: fpr[k]), "fpr") if fpr else None
+    return None
 
 
 def round_metrics(m: dict[str, Any], digits: int = 4) -> dict[str, Any]:
