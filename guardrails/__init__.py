@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.3.18"
+__version__ = "0.3.19"
 
 _LAZY = {
     "SAE": "guardrails.sae.model",

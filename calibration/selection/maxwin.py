@@ -129,7 +129,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
     rows of the other label, and the share flagged at the 3% point. Criterion: mean of mean and worst AUROC."""
     train = args.train.split(",") if args.train else list(TRAIN)
     pool = Pool(train, args.layers)
-    ref = Pool(["requests.cal"], args.layers)  # the shipped threshold: 3% FPR on these benign rows
+    ref = Pool([args.ref], args.layers)  # the shipped threshold: 3% FPR on these benign rows
     ref_benign = ref.y == 0
     w = row_weights(pool, args.hard)
     pooled = (np.concatenate([s.mean_pooled(args.layers[0]) for s in pool.sets]) if args.kind == "ridge" else None)
@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--hard", type=float, default=1.0, help="weight multiplier of hand-written hard benign rows")
     ap.add_argument("--erase", action="store_true",
                     help="fit on residuals projected off the within-label frame directions (erasure.py, v0.3.5)")
+    ap.add_argument("--ref", default="requests.cal",
+                    help="cached set whose benign rows set each fold's 3%% point (default: requests.cal)")
     ap.add_argument("--train", default="", help="cached sets to cross-validate on, comma-separated (default: "
                                                  "requests.train,wrapped.train)")
     ap.add_argument("--contexts", choices=["none", "eval", "train"], default="none",
