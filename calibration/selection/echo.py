@@ -166,16 +166,7 @@ class SumScorer:
 
 
 def cmd_heldout(args: argparse.Namespace) -> None:
-    pool = Pool([f"echo.{n}" for n in TRAIN_SETS], list(LAYERS))
-    w = row_weights(pool, 1.0)
-    coef, bias = fit(pool.x, pool.offsets, pool.y, w, window=WINDOW, wd=args.wd, steps=args.steps)
-    cal = Set("echo.requests.cal")
-    cal_scores = EchoScorer(coef, bias, 0.0, "").rows(cal)
-    benign = np.sort(cal_scores[cal.labels == 0])
-    thr = float(np.quantile(benign, 0.97))
-    sc: EchoScorer | SumScorer = EchoScorer(coef, bias, thr, f"echo probe L18+27 wd={args.wd}")
-    print(f"echo threshold {thr:.4f} (3% of the echo cal split's benign rows); cal TPR "
-          f"{float((cal_scores[cal.labels == 1] >= thr).mean()):.3f}", flush=True)
+    sc: EchoScorer | SumScorer = fit_echo(args.wd, args.steps)
     if args.combo is None:
         heldout.Set = lambda n: Set(f"echo.{n}")  # type: ignore[assignment,misc]  # the report's sets, echoed
         load = heldout.Set
@@ -212,6 +203,64 @@ def cmd_heldout(args: argparse.Namespace) -> None:
                                               indent=1) + "\n")
 
 
+def fit_echo(wd: float, steps: int) -> EchoScorer:
+    """The echo probe fitted on the echoed train sets, its threshold at 3% of the echo cal split's benign rows."""
+    pool = Pool([f"echo.{n}" for n in TRAIN_SETS], list(LAYERS))
+    coef, bias = fit(pool.x, pool.offsets, pool.y, row_weights(pool, 1.0), window=WINDOW, wd=wd, steps=steps)
+    cal = Set("echo.requests.cal")
+    r = EchoScorer(coef, bias, 0.0, "").rows(cal)
+    thr = float(np.quantile(r[cal.labels == 0], 0.97))
+    print(f"echo threshold {thr:.4f} (3% of the echo cal split's benign rows); cal TPR "
+          f"{float((r[cal.labels == 1] >= thr).mean()):.3f}", flush=True)
+    return EchoScorer(coef, bias, thr, f"echo probe L18+27 wd={wd}")
+
+
+class BandScorer:
+    """The cascade of 6 in ``echo_v0319.log``: the bare policy's row score ``s``; ``s < lo`` passes, ``s >= hi``
+    blocks, in between the echo probe decides at its threshold. Rows score 1 (blocked) or 0; ``escalated`` counts
+    the rows that needed the echo pass."""
+
+    def __init__(self, echo: EchoScorer, policy: Path, lo_fpr: float, hi_fpr: float) -> None:
+        self.base, self.echo, self.window, self.threshold = heldout.Scorer(policy), echo, WINDOW, 0.5
+        cal = PairSet("requests.cal")
+        ben = self.base.rows(cal.bare)[cal.labels == 0]
+        self.lo, self.hi = float(np.quantile(ben, 1 - lo_fpr)), float(np.quantile(ben, 1 - hi_fpr))
+        self.name = (f"{self.base.name}, band [{self.lo:.3f}, {self.hi:.3f}) (cal FPR {lo_fpr:.0%} .. {hi_fpr:.0%}) "
+                     f"judged by the echo probe at {echo.threshold:.3f}")
+        self.escalated: dict[str, float] = {}
+
+    def rows(self, s: PairSet) -> np.ndarray:
+        b = self.base.rows(s.bare)
+        band = (b >= self.lo) & (b < self.hi)
+        e = self.echo.rows(s.echo)
+        self.escalated[s.bare.name] = float(band.mean())
+        return ((b >= self.hi) | (band & (e >= self.echo.threshold))).astype(np.float64)
+
+
+def cmd_band(args: argparse.Namespace) -> None:
+    echo = fit_echo(args.wd, args.steps)
+    sc = BandScorer(echo, Path(args.policy), args.lo_fpr, args.hi_fpr)
+    cal = PairSet("requests.cal")
+    got = sc.rows(cal)
+    print(f"{sc.name}\ncal: TPR {got[cal.labels == 1].mean():.3f} FPR {got[cal.labels == 0].mean():.3f}, "
+          f"escalated {sc.escalated['requests.cal']:.3f}", flush=True)
+    heldout.Set = PairSet  # type: ignore[assignment,misc]
+    rep = heldout.report(sc)  # type: ignore[arg-type]
+    shipped = json.loads((ROOT / "benchmarks" / "results" / "detection_heldout.float32.json").read_text())
+    default = shipped.get("harmful-requests/harmful-request", {}).get("sets", {})
+    print(f"{'set':62s} {'n':>5} | cascade blocked | default blocked")
+    for k, v in rep.items():
+        d = default.get(k, {})
+        print(f"  {k:60s} {v['n']:>5} | {v['blocked']:.3f}           | {d.get('blocked', float('nan')):.3f}",
+              flush=True)
+    print("rows escalated (the echo pass ran): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sc.escalated.items()), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"name": sc.name, "band": [sc.lo, sc.hi], "echo_threshold":
+                                               echo.threshold, "escalated": sc.escalated, "sets": rep}, indent=1)
+                                   + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -233,9 +282,18 @@ def main() -> None:
     h.add_argument("--policy", default=str(heldout.PROBE_POLICY),
                    help="the bare member of --combo (default: harmful-requests-probe; harmful-requests needs the "
                         "sets cached at layer 15 too: collect --bare --layers 15)")
+    b = sub.add_parser("band", help="the echo probe as the judge of a policy's uncertain band (a cascade)")
+    b.add_argument("--wd", type=float, default=1e-3)
+    b.add_argument("--steps", type=int, default=40)
+    b.add_argument("--policy", default="policies/harmful-requests.yaml")
+    b.add_argument("--lo-fpr", type=float, default=0.10, help="the band's lower edge: the policy's cal FPR there")
+    b.add_argument("--hi-fpr", type=float, default=0.01, help="the band's upper edge: the policy's cal FPR there")
+    b.add_argument("--json", default="")
     args = ap.parse_args()
     if args.cmd == "collect":
         cmd_collect(args.sets, args.bare, tuple(int(v) for v in args.layers.split(",")))
+    elif args.cmd == "band":
+        cmd_band(args)
     elif args.cmd == "cv":
         cmd_cv(args)
     else:
