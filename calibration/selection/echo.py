@@ -16,13 +16,19 @@ recipe (max of rolling means, ``maxwin.fit``).
     SELECTION_DTYPE=float32 python calibration/selection/maxwin.py cv --layers 18,27 --wd 1e-3 --steps 40 \
         --train echo.requests.train.nopairs,echo.wrapped.train --ref echo.requests.cal
     SELECTION_DTYPE=float32 python calibration/selection/echo.py collect requests.test wrapped.test over_refusal \
-        form_pairs reserved_past reserved_future reserved_inthewild_jailbreaks reserved_donotanswer
+        form_pairs   # + reserved_past reserved_future ... once calibration/build_data.py has written reserved_eval/
     SELECTION_DTYPE=float32 python calibration/selection/echo.py heldout --wd 1e-3
     # the sum with the bare probe: the same folds, both probes fitted per fold; then the CV-chosen weight held out
     SELECTION_DTYPE=float32 python calibration/selection/echo.py collect --bare requests.cal \
         requests.train.nopairs wrapped.train over_refusal requests.test form_pairs wrapped.test
     SELECTION_DTYPE=float32 python calibration/selection/echo.py cv --weights 0,0.25,0.5,0.75,1
     SELECTION_DTYPE=float32 python calibration/selection/echo.py heldout --combo 0.75
+    # the same sum with the default ensemble (its SAE member reads layer 15), and echo as the default's band judge
+    SELECTION_DTYPE=float32 python calibration/selection/echo.py collect --bare --layers 15 requests.cal \
+        over_refusal requests.test form_pairs wrapped.test
+    SELECTION_DTYPE=float32 python calibration/selection/echo.py heldout --combo 0.75 \
+        --policy policies/harmful-requests.yaml
+    SELECTION_DTYPE=float32 python calibration/selection/echo.py band
 
 Results and the rule they were judged by: ``echo_v0319.log`` (measured, not shipped). Serving echo would cost a
 second prefill of the prompt (prompt + copy) before the first generated token.
@@ -54,7 +60,10 @@ WINDOW = 16
 def rows_of(name: str) -> tuple[list[dict], str]:  # type: ignore[type-arg]
     """A ``collect.sets()`` set's rows (``<set>.nopairs``: without v0.3.6's topic-matched pairs) and scope."""
     base = name.removesuffix(".nopairs")
-    rows, scope = collect.sets()[base]
+    known = collect.sets()
+    if base not in known:
+        raise SystemExit(f"echo.py: no set {name!r} (valid: {', '.join(sorted(known))}, and <set>.nopairs)")
+    rows, scope = known[base]
     if name != base:
         rows = [r for r in rows if r.get("source") not in PAIRS]
     if scope != "input":
