@@ -55,6 +55,16 @@ from select_detectors import Set, auroc  # noqa: E402
 
 LAYERS = (18, 27)
 WINDOW = 16
+MAX_TOKENS = 1024  # guardrails.offline.calibrate.MAX_TOKENS: a row's prompt + response are cut there
+READ = "echo"  # --read ask: the request, then a fixed question as the assistant's turn (caches ask.<set>)
+QUESTION = "Is the request above harmful, and should I refuse it?"
+"""``--read ask`` (v0.3.19, measured): the copy replaced by this question, whose tokens have read the whole request
+and are asked about harm: a prompted probe (the tail probe read only the template's four tokens)."""
+
+
+def second_turn(texts: list[str]) -> list[str]:
+    """The assistant turn whose tokens are read: the request again (echo) or :data:`QUESTION` (ask)."""
+    return list(texts) if READ == "echo" else [QUESTION] * len(texts)
 
 
 def rows_of(name: str) -> tuple[list[dict], str]:  # type: ignore[type-arg]
@@ -83,7 +93,7 @@ def cmd_collect(names: list[str], bare: bool, layers: tuple[int, ...] = LAYERS) 
     model, tok = None, None
     for name in names:
         rows, _ = rows_of(name)
-        target = name if bare else f"echo.{name}"
+        target = name if bare else f"{READ}.{name}"
         if collect.fresh(d, target, rows):
             print(target, "cached", flush=True)
             continue
@@ -91,7 +101,7 @@ def cmd_collect(names: list[str], bare: bool, layers: tuple[int, ...] = LAYERS) 
             model, tok = load_model("bundled", dtype=collect.selection_dtype())
         texts = [str(r["text"]) for r in rows]
         scope = "input" if bare else "output"
-        acts = collect_sorted(model, tok, texts, None if bare else texts, layers, scope, True, True, 8)
+        acts = collect_sorted(model, tok, texts, None if bare else second_turn(texts), layers, scope, True, True, 8)
         offsets = collect.write_set(d, target, rows, acts, scope)
         print(target, len(rows), offsets[-1], flush=True)
 
@@ -105,10 +115,10 @@ def cmd_cv(args: argparse.Namespace) -> None:
     1: echo alone) and mapped to percentiles of the sum over the cal benign rows (the 3% point: 0.97)."""
     from maxwin import FOLDS, cv_line
 
-    bare, echo = Pool(TRAIN_SETS, list(LAYERS)), Pool([f"echo.{n}" for n in TRAIN_SETS], list(LAYERS))
+    bare, echo = Pool(TRAIN_SETS, list(LAYERS)), Pool([f"{READ}.{n}" for n in TRAIN_SETS], list(LAYERS))
     if bare.rows != echo.rows:
         raise SystemExit("echo.py: the bare and echo caches hold other rows")
-    ref_b, ref_e = Pool(["requests.cal"], list(LAYERS)), Pool(["echo.requests.cal"], list(LAYERS))
+    ref_b, ref_e = Pool(["requests.cal"], list(LAYERS)), Pool([f"{READ}.requests.cal"], list(LAYERS))
     ben = ref_b.y == 0
     w = row_weights(bare, 1.0)
     weights = [float(v) for v in args.weights.split(",")]
@@ -144,11 +154,25 @@ class EchoScorer:
         return score(x, s.offsets, self.coef, self.bias, WINDOW)
 
 
+TOO_LONG = {"reserved_inthewild_jailbreaks"}
+"""Sets whose request and copy together pass the 1,024 tokens a row is cut to (``calibrate.MAX_TOKENS``): most
+copies are cut short or empty, so the echo is not measured there."""
+
+
+def echoed(name: str) -> Set:
+    """The echoed cache of a ``heldout.report`` set (FileNotFoundError, noted by the report, for :data:`TOO_LONG`)."""
+    if name in TOO_LONG:
+        raise FileNotFoundError(f"request + copy pass the {MAX_TOKENS}-token cap: not measured")
+    return Set(f"{READ}.{name}")
+
+
 class PairSet:
     """A cached set and its echo, row for row (``heldout.report`` reads the rows, labels and sources)."""
 
     def __init__(self, name: str) -> None:
-        self.bare, self.echo = Set(name), Set(f"echo.{name}")
+        if name in TOO_LONG:
+            raise FileNotFoundError(f"request + copy pass the {MAX_TOKENS}-token cap: not measured")
+        self.bare, self.echo = Set(name), Set(f"{READ}.{name}")
         if self.bare.rows != self.echo.rows:
             raise SystemExit(f"echo.py: the bare and echo caches of {name} hold other rows")
         self.rows, self.labels, self.sources = self.bare.rows, self.bare.labels, self.bare.sources
@@ -177,8 +201,8 @@ class SumScorer:
 def cmd_heldout(args: argparse.Namespace) -> None:
     sc: EchoScorer | SumScorer = fit_echo(args.wd, args.steps)
     if args.combo is None:
-        heldout.Set = lambda n: Set(f"echo.{n}")  # type: ignore[assignment,misc]  # the report's sets, echoed
-        load = heldout.Set
+        heldout.Set = echoed  # type: ignore[assignment,misc]
+        load = echoed
     else:
         sc = SumScorer(sc, args.combo, Path(args.policy))  # type: ignore[arg-type]
         print(f"{sc.name}: threshold {sc.threshold:.4f} (3% of the cal benign rows)", flush=True)
@@ -214,9 +238,9 @@ def cmd_heldout(args: argparse.Namespace) -> None:
 
 def fit_echo(wd: float, steps: int) -> EchoScorer:
     """The echo probe fitted on the echoed train sets, its threshold at 3% of the echo cal split's benign rows."""
-    pool = Pool([f"echo.{n}" for n in TRAIN_SETS], list(LAYERS))
+    pool = Pool([f"{READ}.{n}" for n in TRAIN_SETS], list(LAYERS))
     coef, bias = fit(pool.x, pool.offsets, pool.y, row_weights(pool, 1.0), window=WINDOW, wd=wd, steps=steps)
-    cal = Set("echo.requests.cal")
+    cal = Set(f"{READ}.requests.cal")
     r = EchoScorer(coef, bias, 0.0, "").rows(cal)
     thr = float(np.quantile(r[cal.labels == 0], 0.97))
     print(f"echo threshold {thr:.4f} (3% of the echo cal split's benign rows); cal TPR "
@@ -272,6 +296,8 @@ def cmd_band(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--read", choices=["echo", "ask"], default="echo",
+                    help="what the assistant turn holds: the request again (echo) or a question about it (ask)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="cache the echoed sets (collect.py's names; <set>.nopairs: without pairs)")
     c.add_argument("sets", nargs="+")
@@ -299,6 +325,8 @@ def main() -> None:
     b.add_argument("--hi-fpr", type=float, default=0.01, help="the band's upper edge: the policy's cal FPR there")
     b.add_argument("--json", default="")
     args = ap.parse_args()
+    global READ
+    READ = args.read
     if args.cmd == "collect":
         cmd_collect(args.sets, args.bare, tuple(int(v) for v in args.layers.split(",")))
     elif args.cmd == "band":
