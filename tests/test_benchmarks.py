@@ -123,6 +123,13 @@ def test_context_shift_rejects_unknown_or_unanchored_contexts(bad: str) -> None:
     assert "'bare' first" in proc.stderr
 
 
+def test_detection_rejects_a_misspelt_policy_before_loading_the_model() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "detection.py"), "--policies", "harmful-request"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "detection.py: --policies:" in proc.stderr and "harmful-requests-sae" in proc.stderr  # the valid names
+
+
 @pytest.mark.model
 @pytest.mark.slow
 def test_peers_quick_json_shape() -> None:
