@@ -57,6 +57,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def load_policy(value: str, flag: str = "--policy") -> Any:
+    """The policy a benchmark flag names (a file, or a shipped policy by name), loaded; a misspelt or invalid one
+    exits with ``<script>: <flag>: <why>`` naming the shipped policies, not a traceback."""
+    from guardrails.core.errors import GuardrailsError
+    from guardrails.core.policy import Policy
+
+    try:
+        return Policy.from_path(value)
+    except GuardrailsError as exc:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {flag}: {exc}") from None
+
+
 def pin_threads(n: int) -> None:
     """Fix torch's thread count so runs are comparable (the interop pool can only be set once)."""
     torch.set_num_threads(n)

@@ -40,16 +40,15 @@ CACHE = ROOT / "benchmarks" / "results" / "cascade_scores.json"
 
 def score(policy_name: str, dtype: str | None, limit: int | None, out: Path) -> dict[str, Any]:
     """Per-row windowed token scores of the policy's first rule on every eval set (cached to ``out``)."""
+    import _util
     import torch
 
-    from guardrails.cli.main import resolve_policy_path
     from guardrails.cli.session import Session
-    from guardrails.core.policy import Policy
     from guardrails.offline.calibrate import load_labeled, rule_scope
     from guardrails.offline.scoring import token_scores
 
     torch.set_num_threads(2)
-    policy = Policy.from_path(resolve_policy_path(policy_name))
+    policy = _util.load_policy(policy_name)
     rule = policy.rules[0]
     session = Session("bundled", progress=False, dtype=dtype)
     sets: dict[str, Any] = {}

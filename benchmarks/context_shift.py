@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from guardrails import GuardedModel, Policy
+    from guardrails import GuardedModel
     from guardrails.serving.models import load_model
 
-    policies = [Policy.from_path(p) for p in (args.policy or ["harmful-requests"])]
+    policies = [_util.load_policy(p) for p in (args.policy or ["harmful-requests"])]
     lm, tok = load_model(policies[0].model, dtype=args.dtype)
     chosen = ANSWER_SETS if args.answers else SETS
     sets = {name: (rows_of(f, src, lab, args.per_set), lab) for name, (f, src, lab) in chosen.items()}

@@ -189,14 +189,11 @@ def main() -> None:
 
     console = Console(stderr=True)
     sys.path.insert(0, str(ROOT / "calibration" / "selection"))
+    import _util
     import eval_subsets  # the capped subsets are derived files (git-ignored): write them from the splits
 
-    from guardrails.core.errors import GuardrailsError
-
-    try:  # a misspelt name fails here, naming the shipped policies, before anything is written or loaded
-        policies = {name: Policy.from_path(ROOT / "policies" / f"{name}.yaml") for name in args.policies}
-    except GuardrailsError as exc:
-        raise SystemExit(f"detection.py: --policies: {exc}") from None
+    # a misspelt name fails here, naming the shipped policies, before anything is written or loaded
+    policies = {name: _util.load_policy(name, "--policies") for name in args.policies}
     eval_subsets.main()
     session = Session("bundled", progress=True, dtype=args.dtype)
     result: dict[str, Any] = {}

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--limit must be at least 1")
     _util.pin_threads(args.threads)
 
-    policies = [Policy.from_path(p) for p in (args.policy or ["harmful-compliance" if args.answers
-                                                                 else "harmful-requests"])]
+    policies = [_util.load_policy(p) for p in (args.policy or ["harmful-compliance" if args.answers
+                                                                  else "harmful-requests"])]
     if args.answers:
         answers = load_labeled(DATA / "responses.test.jsonl")
         harmful, over = subset(answers, 1, None, args.limit), subset(answers, 0, None, args.limit)

@@ -138,13 +138,12 @@ def main() -> None:
     max_tokens = args.max_tokens or (4 if args.quick else 24)
     levels = [int(x) for x in (args.levels or ("1,4" if args.quick else "1,4,16")).split(",")]
 
-    from guardrails.cli.main import resolve_policy_path
-    from guardrails.core.policy import Policy
     from guardrails.server import ServerConfig, create_app
     from guardrails.serving.generation import GuardedModel
 
+    policy = _util.load_policy(args.policy)  # a misspelt name fails before the model loads
     model, tok = _util.load_bundled()
-    guard = GuardedModel(model, tok, Policy.from_path(resolve_policy_path(args.policy)))
+    guard = GuardedModel(model, tok, policy)
     variants = {"guarded": guard, "unguarded": _unguarded(guard)}
     servers = {name: _Served(create_app(g, ServerConfig(max_batch=16, gather_ms=5))) for name, g in variants.items()}
     results: dict[int, dict[str, list[dict[str, Any]]]] = {c: {v: [] for v in variants} for c in levels}

@@ -123,11 +123,15 @@ def test_context_shift_rejects_unknown_or_unanchored_contexts(bad: str) -> None:
     assert "'bare' first" in proc.stderr
 
 
-def test_detection_rejects_a_misspelt_policy_before_loading_the_model() -> None:
-    proc = subprocess.run([sys.executable, str(BENCH / "detection.py"), "--policies", "harmful-request"],
+@pytest.mark.parametrize(("script", "flag"), [("detection.py", "--policies"), ("operating_points.py", "--policy"),
+                                             ("context_shift.py", "--policy"), ("serving.py", "--policy"),
+                                             ("cascade.py", "--policy")])
+def test_a_misspelt_policy_fails_naming_the_shipped_ones_before_the_model_loads(script: str, flag: str) -> None:
+    args = ["score"] if script == "cascade.py" else []
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, flag, "harmful-request"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "detection.py: --policies:" in proc.stderr and "harmful-requests-sae" in proc.stderr  # the valid names
+    assert f"{script}: {flag}:" in proc.stderr and "harmful-requests-sae" in proc.stderr  # the valid names
 
 
 @pytest.mark.model
