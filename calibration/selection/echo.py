@@ -170,9 +170,7 @@ class PairSet:
     """A cached set and its echo, row for row (``heldout.report`` reads the rows, labels and sources)."""
 
     def __init__(self, name: str) -> None:
-        if name in TOO_LONG:
-            raise FileNotFoundError(f"request + copy pass the {MAX_TOKENS}-token cap: not measured")
-        self.bare, self.echo = Set(name), Set(f"{READ}.{name}")
+        self.bare, self.echo = Set(name), echoed(name)
         if self.bare.rows != self.echo.rows:
             raise SystemExit(f"echo.py: the bare and echo caches of {name} hold other rows")
         self.rows, self.labels, self.sources = self.bare.rows, self.bare.labels, self.bare.sources
@@ -188,7 +186,6 @@ class SumScorer:
         ben = cal.labels == 0
         rb, re_ = self.probe.rows(cal.bare), echo.rows(cal.echo)
         self.stats = (float(rb[ben].mean()), float(rb[ben].std()), float(re_[ben].mean()), float(re_[ben].std()))
-        self.threshold = 0.0
         self.threshold = float(np.quantile(self.rows(cal)[ben], 0.97))
         self.name = f"{self.probe.name} + echo probe (weight {weight} on echo)"
 
@@ -196,6 +193,19 @@ class SumScorer:
         mb, sb, me, se = self.stats
         return ((1 - self.weight) * (self.probe.rows(s.bare) - mb) / sb
                 + self.weight * (self.echo.rows(s.echo) - me) / se)
+
+
+def shipped_sets(policy_rule: str) -> dict[str, dict]:  # type: ignore[type-arg]
+    """A shipped policy's per-set figures in ``detection_heldout.float32.json`` (``heldout.py``'s report of it)."""
+    shipped = json.loads((ROOT / "benchmarks" / "results" / "detection_heldout.float32.json").read_text())
+    return dict(shipped.get(policy_rule, {}).get("sets", {}))
+
+
+def cell(r: dict) -> str:  # type: ignore[type-arg]
+    """A report entry as "fired / AUROC" ("-" where the set was not scored)."""
+    if not r:
+        return "-"
+    return f"{r['blocked']:.3f}" + (f" / {r['auroc']:.3f}" if "auroc" in r else "")
 
 
 def cmd_heldout(args: argparse.Namespace) -> None:
@@ -209,15 +219,10 @@ def cmd_heldout(args: argparse.Namespace) -> None:
         heldout.Set = PairSet  # type: ignore[assignment,misc]
         load = PairSet
     rep = heldout.report(sc)  # type: ignore[arg-type]
-    shipped = json.loads((ROOT / "benchmarks" / "results" / "detection_heldout.float32.json").read_text())
-    control = shipped.get("harmful-requests-probe/harmful-request", {}).get("sets", {})
-    default = shipped.get("harmful-requests/harmful-request", {}).get("sets", {})
+    control = shipped_sets("harmful-requests-probe/harmful-request")
+    default = shipped_sets("harmful-requests/harmful-request")
     print(f"{'set':62s} {'n':>5} | {'this':18s} | probe alone (v0.3.2) | default ensemble   (fired / AUROC)")
     for k, v in rep.items():
-        def cell(r: dict) -> str:  # type: ignore[type-arg]
-            if not r:
-                return "-"
-            return f"{r['blocked']:.3f}" + (f" / {r['auroc']:.3f}" if "auroc" in r else "")
         print(f"  {k:60s} {v['n']:>5} | {cell(v):18s} | {cell(control.get(k, {})):20s} | {cell(default.get(k, {}))}",
               flush=True)
     test, over = load("requests.test"), load("over_refusal")
@@ -279,8 +284,7 @@ def cmd_band(args: argparse.Namespace) -> None:
           f"escalated {sc.escalated['requests.cal']:.3f}", flush=True)
     heldout.Set = PairSet  # type: ignore[assignment,misc]
     rep = heldout.report(sc)  # type: ignore[arg-type]
-    shipped = json.loads((ROOT / "benchmarks" / "results" / "detection_heldout.float32.json").read_text())
-    default = shipped.get("harmful-requests/harmful-request", {}).get("sets", {})
+    default = shipped_sets("harmful-requests/harmful-request")
     print(f"{'set':62s} {'n':>5} | cascade blocked | default blocked")
     for k, v in rep.items():
         d = default.get(k, {})
