@@ -53,6 +53,8 @@ from contexts import PAIRS  # noqa: E402
 from maxwin import Pool, fit, row_weights, score  # noqa: E402
 from select_detectors import Set, auroc  # noqa: E402
 
+from guardrails.offline.evaluate import fpr_at_tpr, tpr_at_fpr  # noqa: E402
+
 LAYERS = (18, 27)
 WINDOW = 16
 MAX_TOKENS = 1024  # guardrails.offline.calibrate.MAX_TOKENS: a row's prompt + response are cut there
@@ -231,11 +233,10 @@ def cmd_heldout(args: argparse.Namespace) -> None:
     pos = s[np.isin(src, heldout.HELD_OUT_HARMFUL) & (test.labels == 1)]
     neg = sc.rows(over)  # type: ignore[arg-type]
     t = sc.threshold
-    best = max([float((pos >= c).mean()) for c in np.r_[neg, np.inf] if float((neg >= c).mean()) <= 0.03])
-    t85 = float(np.quantile(pos, 0.15))
+    both, y = np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))]  # as benchmarks/operating_points.py
     print(f"operating points (four sources vs over-refusal set): AUROC {auroc(pos, neg):.3f}; at the threshold "
           f"{float((pos >= t).mean()):.3f} / {float((neg >= t).mean()):.3f}; best within 3% over-refusal "
-          f"{best:.3f}; over-refusal at 85% blocked {float((neg >= t85).mean()):.3f}", flush=True)
+          f"{tpr_at_fpr(both, y, 0.03):.3f}; over-refusal at 85% blocked {fpr_at_tpr(both, y, 0.85):.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"name": sc.name, "threshold": t, "wd": args.wd, "sets": rep},
                                               indent=1) + "\n")
